@@ -1,0 +1,582 @@
+"""Actors, their refs, and the task that runs one incarnation of an actor.
+
+Theory of operation: an actor lives in a *cell* that outlasts its restarts: the cell
+holds the path, the mailbox, the counters and the monitors; the ``Actor`` object and the
+trio task that runs it make up one *incarnation*. A supervisor starts each incarnation
+in its own nursery and is told when it ends; the runner catches every ``Exception`` so
+that one actor's crash never cancels its siblings. A ref points at the cell, so it stays
+valid across restarts and only goes dead when the actor ends for good.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import outcome
+import trio
+
+from ._errors import ActorCrashed, ActorStopped, AskTimeout
+from ._exit import NORMAL, SHUTDOWN, Exit, ExitKind, Failure
+from ._mailbox import Mailbox, Overflow
+from ._restart import DEFAULT_WORKER_SHUTDOWN, ChildSpec
+from ._snapshot import ActorSnapshot, ActorState, SupervisorInfo
+
+if TYPE_CHECKING:
+    from ._system import ActorSystem
+
+DEFAULT_ASK_TIMEOUT = 5.0
+FAILURES_KEPT = 5
+
+
+class Actor:
+    """Base class of all actors: private state, a bounded mailbox, one message at a time.
+
+    Subclass it and override ``receive``; optionally ``started`` and ``stopping``.
+    The runtime sets ``ref`` before ``started`` runs. Class attributes declare the
+    mailbox: ``mailbox_capacity`` (default 1000) and ``overflow`` (default
+    ``Overflow.BACKPRESSURE``).
+    """
+
+    mailbox_capacity: ClassVar[int] = 1000
+    overflow: ClassVar[Overflow] = Overflow.BACKPRESSURE
+    _is_supervisor: ClassVar[bool] = False
+    _cell: _Cell
+
+    @property
+    def ref(self) -> ActorRef:
+        """This actor's own ref, to hand to others."""
+        return self._cell.ref
+
+    @property
+    def path(self) -> str:
+        return self._cell.path
+
+    @property
+    def system(self) -> ActorSystem:
+        return self._cell.system
+
+    async def started(self) -> None:
+        """Called once per incarnation before the first message. Raising here is a crash."""
+
+    async def receive(self, message: Any) -> Any:
+        """Handle one message. The return value is the reply to an ``ask``.
+
+        Raising is a crash: the actor ends and its supervisor decides what comes next;
+        an ask being handled fails with ``ActorCrashed``.
+        """
+        raise TypeError(f"{type(self).__name__} does not handle {type(message).__name__}")
+
+    async def stopping(self, exit: Exit) -> None:
+        """Called when the incarnation ends, unless it was killed: release resources here."""
+
+    def stop(self) -> None:
+        """End this actor normally once the current message is handled."""
+        self._cell.stop_requested = True
+
+    def monitor(self, ref: ActorRef) -> Monitor:
+        """Watch ``ref``: when it ends for good, a ``Down`` message arrives in ``receive``.
+
+        A restart is not an end. Watching an actor that already ended delivers ``Down``
+        at once. The monitor is dropped when this actor ends for good.
+        """
+        return ref._cell.add_monitor(self._cell)
+
+    def _lifetime(self) -> Any:
+        return _NO_RESOURCES
+
+    async def _system_message(self, item: Any) -> Exit | None:
+        cell = self._cell
+        if item.__class__ is _Stop:
+            return SHUTDOWN if item.incarnation is cell.incarnation else None
+        if item.__class__ is Down:
+            await self.receive(item)
+            cell.handled += 1
+            return None
+        raise TypeError(f"{cell.path} got an unexpected system message {item!r}")
+
+    def _introspect(self) -> tuple[tuple[ActorSnapshot, ...], SupervisorInfo | None]:
+        return (), None
+
+    async def _serve(self) -> Exit:
+        cell = self._cell
+        mailbox = cell.mailbox
+        receive = self.receive
+        while not cell.stop_requested:
+            item = await mailbox.get()
+            if item.__class__ is tuple:
+                message, reply = item
+                if reply is None:
+                    await receive(message)
+                else:
+                    try:
+                        result = await receive(message)
+                    except Exception as error:
+                        reply.crashed(cell.path, error)
+                        raise
+                    reply.succeed(result)
+                cell.handled += 1
+            else:
+                exit = await self._system_message(item)
+                if exit is not None:
+                    return exit
+        return NORMAL
+
+
+class _NoResources:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+
+_NO_RESOURCES = _NoResources()
+
+
+@dataclass(frozen=True)
+class Down:
+    """Sent to a monitoring actor when the actor behind ``ref`` ended for good."""
+
+    ref: ActorRef
+    exit: Exit
+
+
+class _Stop:
+    __slots__ = ("incarnation",)
+
+    def __init__(self, incarnation: _Incarnation) -> None:
+        self.incarnation = incarnation
+
+
+class ChildExited:
+    """System message to a supervisor: one incarnation of a child ended."""
+
+    __slots__ = ("incarnation",)
+
+    def __init__(self, incarnation: _Incarnation) -> None:
+        self.incarnation = incarnation
+
+
+class Control:
+    """System message to a supervisor: start, terminate or restart a child."""
+
+    __slots__ = ("operation", "argument", "reply")
+
+    def __init__(self, operation: str, argument: Any, reply: Reply) -> None:
+        self.operation = operation
+        self.argument = argument
+        self.reply = reply
+
+
+class Reply:
+    """The pending answer to one ask; resolved at most once, by the receiving actor."""
+
+    __slots__ = ("_task", "_outcome")
+
+    def __init__(self) -> None:
+        self._task: trio.lowlevel.Task | None = None
+        self._outcome: outcome.Outcome | None = None
+
+    def succeed(self, value: Any) -> None:
+        self._resolve(outcome.Value(value))
+
+    def fail(self, error: BaseException) -> None:
+        self._resolve(outcome.Error(error))
+
+    def crashed(self, path: str, error: BaseException) -> None:
+        crash = ActorCrashed(path, error)
+        crash.__cause__ = error
+        self.fail(crash)
+
+    def _resolve(self, result: outcome.Outcome) -> None:
+        if self._outcome is not None:
+            return
+        self._outcome = result
+        task = self._task
+        if task is not None:
+            self._task = None
+            trio.lowlevel.reschedule(task)
+
+    async def wait(self) -> Any:
+        if self._outcome is None:
+            self._task = trio.lowlevel.current_task()
+
+            def abort(_: Any) -> trio.lowlevel.Abort:
+                self._task = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        assert self._outcome is not None
+        return self._outcome.unwrap()
+
+
+class ActorRef:
+    """The only handle others hold on an actor. Valid across restarts; dead once it stopped."""
+
+    __slots__ = ("_cell",)
+
+    def __init__(self, cell: _Cell) -> None:
+        self._cell = cell
+
+    @property
+    def path(self) -> str:
+        return self._cell.path
+
+    @property
+    def alive(self) -> bool:
+        """False once the actor ended for good."""
+        return self._cell.exit is None
+
+    async def tell(self, message: Any) -> None:
+        """Send ``message`` without waiting for it to be handled.
+
+        Returns as soon as the message is in the mailbox. On a full mailbox the
+        receiver's overflow policy applies: backpressure waits for room, drop drops and
+        counts, fail raises ``MailboxFull``. A message to a stopped actor is counted as a
+        dead letter and otherwise ignored.
+        """
+        await self._cell.mailbox.put((message, None))
+
+    def tell_nowait(self, message: Any) -> None:
+        """Like ``tell``, but never waits: a full backpressure mailbox raises ``MailboxFull``."""
+        self._cell.mailbox.put_nowait((message, None))
+
+    async def ask(self, message: Any, *, timeout: float = DEFAULT_ASK_TIMEOUT) -> Any:
+        """Send ``message`` and wait for the value the receiver's ``receive`` returns.
+
+        Raises:
+            AskTimeout: no reply within ``timeout`` seconds (waiting for mailbox room
+                included).
+            ActorCrashed: the receiver raised while handling this message.
+            ActorStopped: the receiver ended for good before handling it.
+            MailboxFull: the mailbox is full and its policy is drop or fail.
+        """
+        reply = Reply()
+        with trio.move_on_after(timeout):
+            await self._cell.mailbox.put((message, reply))
+            return await reply.wait()
+        raise AskTimeout(self._cell.path, timeout)
+
+    def snapshot(self) -> ActorSnapshot:
+        """The actor (and, for a supervisor, its subtree) as data, now."""
+        return self._cell.snapshot()
+
+    def kill(self, reason: str = "killed") -> None:
+        """Cancel the actor's current run at once; its supervisor sees it as killed."""
+        self._cell.kill(reason)
+
+    async def join(self) -> Exit:
+        """Wait until the actor ended for good; return how it ended."""
+        await self._cell.ended.wait()
+        assert self._cell.exit is not None
+        return self._cell.exit
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ActorRef) and other._cell is self._cell
+
+    def __hash__(self) -> int:
+        return id(self._cell)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._cell.path}>"
+
+
+class SupervisorRef(ActorRef):
+    """A ref to a supervisor, with OTP's child management calls.
+
+    Each call waits up to ``timeout`` seconds (default: as long as it takes, since
+    starting and stopping children run user code with deadlines of their own).
+    """
+
+    __slots__ = ()
+
+    async def start_child(self, spec: ChildSpec, *, timeout: float = math.inf) -> ActorRef:
+        """Start a new child and return its ref once its ``started`` hook returned.
+
+        Raises:
+            ValueError: a child with that name exists.
+            ActorCrashed: the child failed to start (it is not kept).
+            ActorStopped: the supervisor is gone.
+        """
+        result: ActorRef = await self._control("start", spec, timeout)
+        return result
+
+    async def terminate_child(self, name: str, *, timeout: float = math.inf) -> Exit:
+        """Stop a child in order and remove it; return how it ended.
+
+        Raises ``LookupError`` for an unknown name.
+        """
+        result: Exit = await self._control("terminate", name, timeout)
+        return result
+
+    async def restart_child(self, name: str, *, timeout: float = math.inf) -> ActorRef:
+        """Stop a child in order and start it again (counted as a restart).
+
+        Raises ``LookupError`` for an unknown name.
+        """
+        result: ActorRef = await self._control("restart", name, timeout)
+        return result
+
+    def which_children(self) -> tuple[ActorSnapshot, ...]:
+        """Snapshots of the children, in start order."""
+        return self.snapshot().children
+
+    async def _control(self, operation: str, argument: Any, timeout: float) -> Any:
+        reply = Reply()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not self._cell.mailbox.put_system(Control(operation, argument, reply)):
+            raise ActorStopped(self.path)
+        with trio.move_on_after(timeout):
+            return await reply.wait()
+        raise AskTimeout(self.path, timeout)
+
+
+class Monitor:
+    """A watch of one actor by another; ``cancel`` ends it."""
+
+    __slots__ = ("target", "watcher")
+
+    def __init__(self, target: _Cell, watcher: _Cell) -> None:
+        self.target = target
+        self.watcher = watcher
+
+    def cancel(self) -> None:
+        self.target.monitors.discard(self)
+        self.watcher.monitoring.discard(self)
+
+
+class _Incarnation:
+    __slots__ = (
+        "cell",
+        "scope",
+        "done",
+        "exit",
+        "handled",
+        "started_at",
+        "kill_reason",
+        "stop_requested",
+    )
+
+    def __init__(self, cell: _Cell) -> None:
+        self.cell = cell
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+        self.exit: Exit | None = None
+        # Set once the supervisor has dealt with this incarnation's end, so that a late
+        # ChildExited for it is ignored.
+        self.handled = False
+        self.started_at: float | None = None
+        self.kill_reason = ""
+        self.stop_requested = False
+
+
+class _Cell:
+    __slots__ = (
+        "name",
+        "path",
+        "spec",
+        "parent",
+        "system",
+        "mailbox",
+        "ref",
+        "actor",
+        "actor_class",
+        "incarnation",
+        "state",
+        "stop_requested",
+        "handled",
+        "restarts",
+        "consecutive_failures",
+        "failures",
+        "monitors",
+        "monitoring",
+        "exit",
+        "ended",
+    )
+
+    def __init__(self, spec: ChildSpec, parent: _Cell | None, system: ActorSystem) -> None:
+        self.name = spec.name
+        self.path = f"{parent.path if parent else ''}/{spec.name}"
+        self.spec = spec
+        self.parent = parent
+        self.system = system
+        self.mailbox = Mailbox(self.path, system.dead_letters)
+        self.ref: ActorRef = ActorRef(self)
+        self.actor: Actor | None = None
+        self.actor_class = ""
+        self.incarnation: _Incarnation | None = None
+        self.state = ActorState.STARTING
+        self.stop_requested = False
+        self.handled = 0
+        self.restarts = 0
+        self.consecutive_failures = 0
+        self.failures: deque[Failure] = deque(maxlen=FAILURES_KEPT)
+        self.monitors: set[Monitor] = set()
+        self.monitoring: set[Monitor] = set()
+        self.exit: Exit | None = None
+        self.ended = trio.Event()
+        system._register(self)
+
+    def new_incarnation(self) -> _Incarnation:
+        self.incarnation = incarnation = _Incarnation(self)
+        self.stop_requested = False
+        return incarnation
+
+    def shutdown_deadline(self) -> float:
+        if self.spec.shutdown is not None:
+            return self.spec.shutdown
+        actor_class = self.actor.__class__ if self.actor is not None else None
+        if actor_class is not None and actor_class._is_supervisor:
+            return math.inf
+        return DEFAULT_WORKER_SHUTDOWN
+
+    def kill(self, reason: str) -> None:
+        incarnation = self.incarnation
+        if incarnation is not None and not incarnation.done.is_set():
+            incarnation.kill_reason = reason
+            incarnation.scope.cancel()
+
+    def add_monitor(self, watcher: _Cell) -> Monitor:
+        monitor = Monitor(self, watcher)
+        if self.exit is not None:
+            watcher.mailbox.put_system(Down(self.ref, self.exit))
+        else:
+            self.monitors.add(monitor)
+            watcher.monitoring.add(monitor)
+        return monitor
+
+    def finish(self, exit: Exit) -> None:
+        """End this actor for good: forget it, fail what waits on it, tell its watchers."""
+        if self.exit is not None:
+            return
+        self.exit = exit
+        self.state = ActorState.STOPPED
+        self.actor = None
+        self.system._forget(self)
+        user, system = self.mailbox.close()
+        for _message, reply in user:
+            if reply is None:
+                self.system.dead_letters.count += 1
+            else:
+                reply.fail(ActorStopped(self.path))
+        for item in system:
+            if item.__class__ is Control:
+                item.reply.fail(ActorStopped(self.path))
+        for monitor in list(self.monitoring):
+            monitor.cancel()
+        down = Down(self.ref, exit)
+        for monitor in list(self.monitors):
+            monitor.watcher.mailbox.put_system(down)
+            monitor.cancel()
+        self.ended.set()
+
+    def record_failure(self, exit: Exit) -> None:
+        self.failures.append(Failure.of(exit, trio.current_time()))
+
+    def snapshot(self) -> ActorSnapshot:
+        actor = self.actor
+        children: tuple[ActorSnapshot, ...] = ()
+        supervisor = None
+        if actor is not None:
+            children, supervisor = actor._introspect()
+        incarnation = self.incarnation
+        uptime = 0.0
+        if (
+            self.state is ActorState.RUNNING
+            and incarnation is not None
+            and incarnation.started_at is not None
+        ):
+            uptime = trio.current_time() - incarnation.started_at
+        return ActorSnapshot(
+            path=self.path,
+            name=self.name,
+            actor_class=self.actor_class,
+            state=self.state,
+            mailbox_depth=len(self.mailbox),
+            mailbox_capacity=self.mailbox.capacity,
+            overflow=self.mailbox.overflow.value,
+            messages_handled=self.handled,
+            messages_dropped=self.mailbox.dropped,
+            restarts=self.restarts,
+            uptime=uptime,
+            failures=tuple(self.failures),
+            children=children,
+            supervisor=supervisor,
+        )
+
+
+async def run_incarnation(
+    incarnation: _Incarnation,
+    delay: float,
+    task_status: trio.TaskStatus[Exit | None] = trio.TASK_STATUS_IGNORED,
+) -> bool:
+    """Run one incarnation of a cell's actor to its end, then report the end to the parent.
+
+    ``task_status.started`` gets None once the actor's ``started`` hook returned, or the
+    ``Exit`` if the incarnation ended before that. Returns whether it had started.
+    """
+    cell = incarnation.cell
+    exit: Exit | None = None
+    reported_start = False
+    actor: Actor | None = None
+    try:
+        with incarnation.scope:
+            if delay > 0:
+                cell.state = ActorState.RESTARTING
+                await trio.sleep(delay)
+            cell.state = ActorState.STARTING
+            try:
+                actor = cell.spec.start()
+                if not isinstance(actor, Actor):
+                    raise TypeError(
+                        f"the start function of {cell.path} returned {actor!r}, not an Actor"
+                    )
+                actor._cell = cell
+                actor_class = actor.__class__
+                if actor_class._is_supervisor and cell.ref.__class__ is ActorRef:
+                    cell.ref = SupervisorRef(cell)
+                cell.mailbox.configure(actor_class.mailbox_capacity, actor_class.overflow)
+                cell.actor = actor
+                cell.actor_class = actor_class.__qualname__
+                incarnation.started_at = trio.current_time()
+                async with actor._lifetime():
+                    try:
+                        await actor.started()
+                        cell.state = ActorState.RUNNING
+                        task_status.started(None)
+                        reported_start = True
+                        exit = await actor._serve()
+                    except Exception as error:
+                        exit = Exit(ExitKind.CRASHED, error)
+                    if cell.state is not ActorState.STOPPING:
+                        cell.state = ActorState.STOPPING
+                    try:
+                        await actor.stopping(exit)
+                    except Exception as error:
+                        if exit.kind is not ExitKind.CRASHED:
+                            exit = Exit(ExitKind.CRASHED, error)
+            except Exception as error:
+                exit = Exit(ExitKind.CRASHED, error)
+        if incarnation.scope.cancelled_caught:
+            if actor is None and incarnation.stop_requested:
+                exit = SHUTDOWN
+            else:
+                exit = Exit(ExitKind.KILLED, detail=incarnation.kill_reason or "cancelled")
+    finally:
+        if exit is None:
+            exit = Exit(ExitKind.KILLED, detail="cancelled with its parent")
+        incarnation.exit = exit
+        cell.actor = None
+        if cell.exit is None:
+            cell.state = ActorState.RESTARTING
+        if exit.abnormal:
+            cell.record_failure(exit)
+        incarnation.done.set()
+        if not reported_start:
+            task_status.started(exit)
+        if cell.parent is not None:
+            cell.parent.mailbox.put_system(ChildExited(incarnation))
+    return reported_start

@@ -1,0 +1,63 @@
+"""How an actor ended, and what introspection keeps of its failures."""
+
+from __future__ import annotations
+
+import enum
+import traceback
+from dataclasses import dataclass
+
+
+class ExitKind(enum.Enum):
+    """How an actor's run ended.
+
+    - ``NORMAL``: the actor stopped itself (``Actor.stop``).
+    - ``SHUTDOWN``: its supervisor (or the system) stopped it in order.
+    - ``CRASHED``: it raised an exception.
+    - ``KILLED``: it was cancelled: it missed its shutdown deadline, or someone killed it
+      on purpose (``ActorRef.kill``).
+    """
+
+    NORMAL = "normal"
+    SHUTDOWN = "shutdown"
+    CRASHED = "crashed"
+    KILLED = "killed"
+
+
+@dataclass(frozen=True)
+class Exit:
+    """The reason an actor's run ended: its kind, and the error or a detail when there is one."""
+
+    kind: ExitKind
+    error: BaseException | None = None
+    detail: str = ""
+
+    @property
+    def abnormal(self) -> bool:
+        return self.kind in (ExitKind.CRASHED, ExitKind.KILLED)
+
+    def __str__(self) -> str:
+        if self.error is not None:
+            return f"{self.kind.value}: {self.error!r}"
+        if self.detail:
+            return f"{self.kind.value}: {self.detail}"
+        return self.kind.value
+
+
+NORMAL = Exit(ExitKind.NORMAL)
+SHUTDOWN = Exit(ExitKind.SHUTDOWN)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One abnormal end of an actor, kept for introspection."""
+
+    time: float
+    kind: ExitKind
+    reason: str
+    traceback: str
+
+    @classmethod
+    def of(cls, exit: Exit, time: float) -> Failure:
+        error = exit.error
+        text = "".join(traceback.format_exception(error)) if error is not None else ""
+        return cls(time=time, kind=exit.kind, reason=str(exit), traceback=text)

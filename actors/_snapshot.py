@@ -1,0 +1,70 @@
+"""Introspection as data: frozen snapshots of actors and supervisors."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ._exit import Failure
+
+
+class ActorState(enum.Enum):
+    """Where an actor is in its life.
+
+    ``STARTING`` (its ``started`` hook runs), ``RUNNING``, ``RESTARTING`` (waiting out a
+    backoff before the next start), ``STOPPING`` (asked to stop, finishing), ``STOPPED``
+    (ended for good; its ref only answers ``ActorStopped`` and dead letters).
+    """
+
+    STARTING = "starting"
+    RUNNING = "running"
+    RESTARTING = "restarting"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class SupervisorInfo:
+    strategy: str
+    intensity: int
+    period: float
+
+
+@dataclass(frozen=True)
+class ActorSnapshot:
+    """One actor at one moment.
+
+    ``uptime`` is the age of its current run (0 when not running); ``failures`` are its
+    most recent abnormal ends, oldest first; ``children`` are set for supervisors, in
+    start order; ``supervisor`` holds a supervisor's flags and is None for workers.
+    """
+
+    path: str
+    name: str
+    actor_class: str
+    state: ActorState
+    mailbox_depth: int
+    mailbox_capacity: int
+    overflow: str
+    messages_handled: int
+    messages_dropped: int
+    restarts: int
+    uptime: float
+    failures: tuple[Failure, ...]
+    children: tuple[ActorSnapshot, ...] = ()
+    supervisor: SupervisorInfo | None = None
+
+    @property
+    def kind(self) -> str:
+        return "actor" if self.supervisor is None else "supervisor"
+
+    @property
+    def last_failure(self) -> Failure | None:
+        return self.failures[-1] if self.failures else None
+
+    def walk(self) -> Iterator[ActorSnapshot]:
+        """This snapshot and all below it, depth first, in start order."""
+        yield self
+        for child in self.children:
+            yield from child.walk()

@@ -1,0 +1,249 @@
+"""Supervisors: actors that start, watch, restart and stop other actors, as in Erlang/OTP.
+
+Theory of operation: a supervisor runs its children in a nursery of its own; each
+child's runner catches the child's crash and sends the supervisor a ``ChildExited``
+system message. The supervisor handles those one at a time with the pure decisions of
+``_restart`` (restart or not, which group, intensity, backoff) and carries them out.
+Children start in order and stop in reverse. When the intensity is exceeded the
+supervisor raises ``RestartIntensityExceeded``: it crashes, stops its children on the
+way out, and its own supervisor decides what comes next.
+
+A supervisor's control requests (start, terminate, restart a child) travel as system
+messages, ahead of its ordinary mailbox, so a subclass is free to use ``receive`` for
+its own messages. Dynamic children are not kept across a restart of the supervisor
+itself: a restarted supervisor starts with the children it was built with.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from ._actor import (
+    Actor,
+    ActorRef,
+    ChildExited,
+    Control,
+    _Cell,
+    _Incarnation,
+    _Stop,
+    run_incarnation,
+)
+from ._errors import ActorCrashed, RestartIntensityExceeded
+from ._exit import Exit, ExitKind
+from ._restart import (
+    DEFAULT_WORKER_SHUTDOWN,
+    ChildSpec,
+    Restart,
+    RestartWindow,
+    Strategy,
+    SupervisorFlags,
+    restart_group,
+    should_restart,
+)
+from ._snapshot import ActorSnapshot, ActorState, SupervisorInfo
+
+
+class Supervisor(Actor):
+    """An actor whose job is to keep its children running.
+
+    Args:
+        children: the child specs started, in order, whenever the supervisor starts.
+        flags: strategy, restart intensity and period, backoff (see ``SupervisorFlags``).
+    """
+
+    _is_supervisor = True
+
+    def __init__(
+        self, children: Iterable[ChildSpec] = (), flags: SupervisorFlags = SupervisorFlags()
+    ) -> None:
+        self.flags = flags
+        self._initial_children = tuple(children)
+        names = [spec.name for spec in self._initial_children]
+        if len(set(names)) != len(names):
+            raise ValueError(f"child names must be unique: {names}")
+        self._children: dict[str, _Cell] = {}
+        self._window = RestartWindow(flags.intensity, flags.period)
+        self._random = random.Random()
+        self._nursery: trio.Nursery | None = None
+
+    @asynccontextmanager
+    async def _lifetime(self) -> AsyncIterator[None]:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    try:
+                        for spec in self._initial_children:
+                            await self._start_new_child(spec)
+                    except Exception:
+                        await self._stop_all_children()
+                        raise
+                    yield
+                    await self._stop_all_children()
+                except BaseException:
+                    nursery.cancel_scope.cancel()
+                    raise
+                nursery.cancel_scope.cancel()
+        finally:
+            # Whatever is still here did not stop in order (this supervisor was killed,
+            # or a child failed to start): it ended with the nursery.
+            for cell in list(self._children.values()):
+                incarnation = cell.incarnation
+                exit = incarnation.exit if incarnation and incarnation.exit else None
+                cell.finish(exit or Exit(ExitKind.KILLED, detail="its supervisor ended"))
+            self._children.clear()
+
+    async def _system_message(self, item: Any) -> Exit | None:
+        if item.__class__ is ChildExited:
+            await self._child_exited(item.incarnation)
+            return None
+        if item.__class__ is Control:
+            await self._control(item)
+            return None
+        return await super()._system_message(item)
+
+    def _introspect(self) -> tuple[tuple[ActorSnapshot, ...], SupervisorInfo | None]:
+        children = tuple(cell.snapshot() for cell in self._children.values())
+        flags = self.flags
+        return children, SupervisorInfo(flags.strategy.value, flags.intensity, flags.period)
+
+    async def _start_new_child(self, spec: ChildSpec) -> ActorRef:
+        if not isinstance(spec, ChildSpec):
+            raise TypeError(f"expected a ChildSpec, not {spec!r}")
+        if spec.name in self._children:
+            raise ValueError(f"{self.path} already has a child named {spec.name!r}")
+        cell = _Cell(spec, parent=self._cell, system=self._cell.system)
+        self._children[spec.name] = cell
+        incarnation = cell.new_incarnation()
+        assert self._nursery is not None
+        failed: Exit | None = await self._nursery.start(run_incarnation, incarnation, 0.0)
+        if failed is not None:
+            incarnation.handled = True
+            self._remove(cell, failed)
+            error = failed.error or RuntimeError(str(failed))
+            crash = ActorCrashed(cell.path, error)
+            raise crash from error
+        return cell.ref
+
+    async def _child_exited(self, incarnation: _Incarnation) -> None:
+        cell = incarnation.cell
+        if (
+            incarnation.handled
+            or cell.incarnation is not incarnation
+            or self._children.get(cell.name) is not cell
+        ):
+            return
+        incarnation.handled = True
+        exit = incarnation.exit
+        assert exit is not None
+        if not should_restart(cell.spec.restart, exit.kind):
+            self._remove(cell, exit)
+            return
+        now = trio.current_time()
+        if not self._window.allow(now):
+            raise RestartIntensityExceeded(self.path, self.flags.intensity, self.flags.period)
+        delay = self._backoff_delay(cell, incarnation, now)
+        group = restart_group(self.flags.strategy, tuple(self._children), cell.name)
+        if self.flags.strategy is Strategy.ONE_FOR_ONE:
+            self._restart_soon(cell, delay)
+            return
+        siblings = [self._children[name] for name in group if name != cell.name]
+        for sibling in reversed(siblings):
+            stopped = await self._stop_child(sibling)
+            if sibling.spec.restart is Restart.TEMPORARY:
+                self._remove(sibling, stopped)
+        if delay > 0:
+            await trio.sleep(delay)
+        for name in group:
+            member = self._children.get(name)
+            if member is not None:
+                await self._restart_now(member)
+
+    def _backoff_delay(self, cell: _Cell, incarnation: _Incarnation, now: float) -> float:
+        backoff = self.flags.backoff
+        started_at = incarnation.started_at
+        if started_at is not None and now - started_at >= backoff.reset_after:
+            cell.consecutive_failures = 0
+        cell.consecutive_failures += 1
+        return backoff.delay(cell.consecutive_failures, self._random.random())
+
+    def _restart_soon(self, cell: _Cell, delay: float) -> None:
+        cell.restarts += 1
+        assert self._nursery is not None
+        self._nursery.start_soon(run_incarnation, cell.new_incarnation(), delay)
+
+    async def _restart_now(self, cell: _Cell) -> None:
+        cell.restarts += 1
+        assert self._nursery is not None
+        await self._nursery.start(run_incarnation, cell.new_incarnation(), 0.0)
+
+    async def _stop_child(self, cell: _Cell) -> Exit:
+        """Stop one child in order: ask, wait its deadline, cancel, wait again, abandon."""
+        incarnation = cell.incarnation
+        assert incarnation is not None
+        incarnation.handled = True
+        if incarnation.done.is_set():
+            assert incarnation.exit is not None
+            return incarnation.exit
+        cell.state = ActorState.STOPPING
+        deadline = cell.shutdown_deadline()
+        if cell.actor is None:
+            incarnation.stop_requested = True
+            incarnation.scope.cancel()
+        elif deadline > 0:
+            cell.mailbox.put_system(_Stop(incarnation))
+            with trio.move_on_after(deadline):
+                await incarnation.done.wait()
+        if not incarnation.done.is_set():
+            incarnation.kill_reason = f"missed its shutdown deadline of {deadline:g} s"
+            incarnation.scope.cancel()
+            with trio.move_on_after(deadline if deadline > 0 else DEFAULT_WORKER_SHUTDOWN):
+                await incarnation.done.wait()
+        if incarnation.exit is None:
+            return Exit(ExitKind.KILLED, detail="abandoned: still running after cancellation")
+        return incarnation.exit
+
+    async def _stop_all_children(self) -> None:
+        for cell in reversed(list(self._children.values())):
+            self._remove(cell, await self._stop_child(cell))
+
+    def _remove(self, cell: _Cell, exit: Exit) -> None:
+        if self._children.get(cell.name) is cell:
+            del self._children[cell.name]
+        cell.finish(exit)
+
+    def _child(self, name: str) -> _Cell:
+        try:
+            return self._children[name]
+        except KeyError:
+            raise LookupError(f"{self.path} has no child named {name!r}") from None
+
+    async def _terminate_child(self, name: str) -> Exit:
+        cell = self._child(name)
+        exit = await self._stop_child(cell)
+        self._remove(cell, exit)
+        return exit
+
+    async def _restart_child(self, name: str) -> ActorRef:
+        cell = self._child(name)
+        await self._stop_child(cell)
+        await self._restart_now(cell)
+        return cell.ref
+
+    async def _control(self, request: Control) -> None:
+        handler = {
+            "start": self._start_new_child,
+            "terminate": self._terminate_child,
+            "restart": self._restart_child,
+        }[request.operation]
+        try:
+            result = await handler(request.argument)
+        except (ValueError, LookupError, TypeError, ActorCrashed) as error:
+            request.reply.fail(error)
+        else:
+            request.reply.succeed(result)

@@ -1,0 +1,145 @@
+"""The actor system: the root supervisor, the registry of live actors by path."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+from ._actor import ActorRef, SupervisorRef, _Cell, _Incarnation, _Stop, run_incarnation
+from ._errors import ActorCrashed, ActorError, ActorStopped
+from ._exit import Exit, ExitKind
+from ._mailbox import DeadLetters
+from ._restart import ChildSpec, SupervisorFlags, validate_name
+from ._snapshot import ActorSnapshot
+from ._supervisor import Supervisor
+
+DEFAULT_SHUTDOWN_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class SystemStatistics:
+    """Counts for the whole system: live actors and messages told to stopped ones."""
+
+    actors: int
+    dead_letters: int
+
+
+class ActorSystem:
+    """A tree of actors under one root supervisor, with lookup by path.
+
+    Made by ``open_system``; not constructed directly.
+    """
+
+    def __init__(self, name: str) -> None:
+        validate_name(name)
+        self.name = name
+        self.dead_letters = DeadLetters()
+        self._registry: dict[str, _Cell] = {}
+        self._root: _Cell | None = None
+
+    @property
+    def root(self) -> SupervisorRef:
+        """The root supervisor, at path ``/<name>``."""
+        assert self._root is not None
+        ref = self._root.ref
+        assert isinstance(ref, SupervisorRef)
+        return ref
+
+    async def spawn(self, spec: ChildSpec) -> ActorRef:
+        """Start a child of the root supervisor; see ``SupervisorRef.start_child``."""
+        return await self.root.start_child(spec)
+
+    def lookup(self, path: str) -> ActorRef | None:
+        """The live actor at ``path`` (e.g. ``/broker/sessions/abc``), or None."""
+        cell = self._registry.get(path)
+        return cell.ref if cell is not None else None
+
+    def snapshot(self) -> ActorSnapshot:
+        """The whole tree as data, from the root."""
+        assert self._root is not None
+        return self._root.snapshot()
+
+    def statistics(self) -> SystemStatistics:
+        return SystemStatistics(actors=len(self._registry), dead_letters=self.dead_letters.count)
+
+    def _register(self, cell: _Cell) -> None:
+        self._registry[cell.path] = cell
+
+    def _forget(self, cell: _Cell) -> None:
+        if self._registry.get(cell.path) is cell:
+            del self._registry[cell.path]
+
+    async def _run_root(
+        self, incarnation: _Incarnation, task_status: trio.TaskStatus[Exit | None]
+    ) -> None:
+        # Shielded: when the body of open_system is cancelled, the tree is still stopped
+        # in order, children in reverse, by the shutdown in open_system's finally.
+        with trio.CancelScope(shield=True):
+            started = await run_incarnation(incarnation, 0.0, task_status=task_status)
+        exit = incarnation.exit
+        assert exit is not None
+        incarnation.cell.finish(exit)
+        if started and exit.abnormal and not incarnation.handled:
+            if exit.kind is ExitKind.CRASHED and isinstance(exit.error, Exception):
+                raise exit.error
+            raise ActorError(f"the root supervisor {incarnation.cell.path} ended: {exit}")
+
+    async def _shutdown(self, timeout: float) -> None:
+        assert self._root is not None
+        incarnation = self._root.incarnation
+        assert incarnation is not None
+        incarnation.handled = True
+        if not incarnation.done.is_set():
+            self._root.mailbox.put_system(_Stop(incarnation))
+            with trio.move_on_after(timeout):
+                await incarnation.done.wait()
+        if not incarnation.done.is_set():
+            incarnation.kill_reason = f"missed the system's shutdown deadline of {timeout:g} s"
+            incarnation.scope.cancel()
+            await incarnation.done.wait()
+
+
+@asynccontextmanager
+async def open_system(
+    name: str = "system",
+    *,
+    children: Iterable[ChildSpec] = (),
+    flags: SupervisorFlags = SupervisorFlags(),
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+) -> AsyncIterator[ActorSystem]:
+    """Run an actor system for the duration of the ``async with`` block.
+
+    The root supervisor ``/<name>`` starts ``children`` in order with ``flags``. Leaving
+    the block (normally, by an exception, or by cancellation) stops the whole tree in
+    order, children in reverse, within ``shutdown_timeout`` seconds; whatever is still
+    running then is cancelled. If the root supervisor itself fails (its restart
+    intensity was exceeded), the block is cancelled and the failure is raised from it.
+
+    Raises:
+        ActorCrashed: a child failed to start.
+    """
+    if not shutdown_timeout >= 0 or math.isnan(shutdown_timeout):
+        raise ValueError("shutdown_timeout must be >= 0")
+    children = tuple(children)
+    system = ActorSystem(name)
+    root = _Cell(
+        ChildSpec(name, lambda: Supervisor(children, flags)), parent=None, system=system
+    )
+    system._root = root
+    async with trio.open_nursery() as nursery:
+        incarnation = root.new_incarnation()
+        failed: Exit | None = await nursery.start(system._run_root, incarnation)
+        if failed is not None:
+            error = failed.error
+            if isinstance(error, ActorCrashed):
+                raise error
+            raise ActorCrashed(root.path, error or ActorStopped(root.path))
+        try:
+            yield system
+        finally:
+            with trio.CancelScope(shield=True):
+                await system._shutdown(shutdown_timeout)

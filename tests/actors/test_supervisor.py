@@ -1,0 +1,347 @@
+"""Supervisors with Erlang/OTP semantics, on trio's virtual clock."""
+
+import math
+
+import pytest
+import trio
+
+from actors import (
+    Actor,
+    ActorCrashed,
+    ActorState,
+    Backoff,
+    ChildSpec,
+    ExitKind,
+    Restart,
+    RestartIntensityExceeded,
+    Strategy,
+    Supervisor,
+    SupervisorFlags,
+)
+
+from .conftest import Recorder, recorder
+
+
+def supervisor_spec(name, children, **flags) -> ChildSpec:
+    return ChildSpec(name, lambda: Supervisor(children, SupervisorFlags(**flags)))
+
+
+def events(log, kind):
+    return [name for name, event in log if event == kind]
+
+
+async def test_children_start_in_order_and_stop_in_reverse(autojump_clock, system, log):
+    children = [recorder(name, log) for name in "abc"]
+    group = await system.spawn(supervisor_spec("group", children))
+    assert events(log, "started") == ["a", "b", "c"]
+    await system.root.terminate_child("group")
+    assert events(log, "stopping:shutdown") == ["c", "b", "a"]
+    assert not group.alive
+    assert system.lookup("/test/group/a") is None
+
+
+async def test_one_for_one_restarts_only_the_failed_child(autojump_clock, system, log):
+    children = [recorder(name, log) for name in "abc"]
+    await system.spawn(supervisor_spec("group", children, intensity=5))
+    await system.lookup("/test/group/b").tell("crash")
+    await trio.sleep(1)
+    assert events(log, "started") == ["a", "b", "c", "b"]
+    assert events(log, "stopping:shutdown") == []
+
+
+async def test_one_for_all_restarts_every_child_in_order(autojump_clock, system, log):
+    children = [recorder(name, log) for name in "abc"]
+    await system.spawn(
+        supervisor_spec("group", children, strategy=Strategy.ONE_FOR_ALL, intensity=5)
+    )
+    log.clear()
+    await system.lookup("/test/group/b").tell("crash")
+    await trio.sleep(1)
+    assert events(log, "stopping:shutdown") == ["c", "a"]
+    assert events(log, "started") == ["a", "b", "c"]
+
+
+async def test_rest_for_one_restarts_the_failed_child_and_those_after_it(
+    autojump_clock, system, log
+):
+    children = [recorder(name, log) for name in "abcd"]
+    await system.spawn(
+        supervisor_spec("group", children, strategy=Strategy.REST_FOR_ONE, intensity=5)
+    )
+    log.clear()
+    await system.lookup("/test/group/b").tell("crash")
+    await trio.sleep(1)
+    assert events(log, "stopping:shutdown") == ["d", "c"]
+    assert events(log, "started") == ["b", "c", "d"]
+
+
+async def test_temporary_siblings_are_not_restarted_with_the_group(autojump_clock, system, log):
+    children = [recorder("a", log), recorder("temporary", log, restart=Restart.TEMPORARY)]
+    group = await system.spawn(
+        supervisor_spec("group", children, strategy=Strategy.ONE_FOR_ALL, intensity=5)
+    )
+    await system.lookup("/test/group/a").tell("crash")
+    await trio.sleep(1)
+    assert [child.name for child in group.which_children()] == ["a"]
+
+
+async def test_transient_child_ending_normally_is_removed(autojump_clock, system, log):
+    ref = await system.spawn(recorder("t", log, restart=Restart.TRANSIENT))
+    await ref.tell("stop")
+    assert (await ref.join()).kind is ExitKind.NORMAL
+    assert [child.name for child in system.root.which_children()] == []
+
+
+async def test_permanent_child_ending_normally_is_restarted(autojump_clock, system, log):
+    ref = await system.spawn(recorder("p", log))
+    await ref.tell("stop")
+    await trio.sleep(1)
+    assert ref.alive and ref.snapshot().restarts == 1
+
+
+async def test_exceeding_the_intensity_escalates_to_the_parent(autojump_clock, system, log):
+    group = await system.spawn(
+        ChildSpec(
+            "group",
+            lambda: Supervisor([recorder("worker", log)], SupervisorFlags(intensity=2, period=5)),
+            restart=Restart.TEMPORARY,
+        )
+    )
+    worker = system.lookup("/test/group/worker")
+    for _ in range(3):
+        await worker.tell("crash")
+        await trio.sleep(0.1)
+    exit = await group.join()
+    assert exit.kind is ExitKind.CRASHED
+    assert isinstance(exit.error, RestartIntensityExceeded)
+    assert "more than 2 restart(s) within 5 s" in str(exit.error)
+    assert not worker.alive
+    assert system.lookup("/test/group/worker") is None
+
+
+async def test_an_escalated_supervisor_is_restarted_with_fresh_children(
+    autojump_clock, system, log
+):
+    group = await system.spawn(
+        ChildSpec(
+            "group",
+            lambda: Supervisor([recorder("worker", log)], SupervisorFlags(intensity=0)),
+        )
+    )
+    worker = system.lookup("/test/group/worker")
+    await worker.tell("crash")
+    await trio.sleep(1)
+    assert group.alive and group.snapshot().restarts == 1
+    assert not worker.alive
+    fresh = system.lookup("/test/group/worker")
+    assert fresh is not None and fresh != worker
+    assert await fresh.ask("hello") == "hello"
+
+
+async def test_restarts_spread_beyond_the_period_are_fine(autojump_clock, system, log):
+    group = await system.spawn(
+        supervisor_spec("group", [recorder("worker", log)], intensity=1, period=5)
+    )
+    for _ in range(5):
+        await system.lookup("/test/group/worker").tell("crash")
+        await trio.sleep(6)
+    assert group.alive
+    assert system.lookup("/test/group/worker").snapshot().restarts == 5
+
+
+async def test_backoff_waits_exponentially_on_the_virtual_clock(autojump_clock, system):
+    starts, crashes = [], []
+
+    class Failing(Actor):
+        async def started(self):
+            starts.append(trio.current_time())
+
+        async def receive(self, message):
+            crashes.append(trio.current_time())
+            raise RuntimeError("fails")
+
+    backoff = Backoff(initial=1.0, maximum=4.0, multiplier=2.0, jitter=0.0, reset_after=60)
+    await system.spawn(
+        supervisor_spec(
+            "group", [ChildSpec("failing", Failing)], intensity=100, period=60, backoff=backoff
+        )
+    )
+    failing = system.lookup("/test/group/failing")
+    for _ in range(5):
+        await failing.tell("go")
+        await trio.sleep(10)
+    waits = [start - crash for crash, start in zip(crashes, starts[1:])]
+    assert waits == pytest.approx([1.0, 2.0, 4.0, 4.0, 4.0])
+
+
+async def test_backoff_starts_over_after_a_long_run(autojump_clock, system):
+    starts, crashes = [], []
+
+    class Failing(Actor):
+        async def started(self):
+            starts.append(trio.current_time())
+
+        async def receive(self, message):
+            crashes.append(trio.current_time())
+            raise RuntimeError("fails")
+
+    backoff = Backoff(initial=1.0, maximum=4.0, jitter=0.0, reset_after=30)
+    await system.spawn(
+        supervisor_spec(
+            "group", [ChildSpec("failing", Failing)], intensity=100, period=60, backoff=backoff
+        )
+    )
+    failing = system.lookup("/test/group/failing")
+    for pause in (5, 5, 40, 5):
+        await failing.tell("go")
+        await trio.sleep(pause)
+    waits = [start - crash for crash, start in zip(crashes, starts[1:])]
+    assert waits == pytest.approx([1.0, 2.0, 4.0, 1.0])
+
+
+async def test_a_child_in_backoff_is_shown_restarting(autojump_clock, system, log):
+    backoff = Backoff(initial=30.0, maximum=30.0, jitter=0.0)
+    await system.spawn(
+        supervisor_spec("group", [recorder("w", log)], intensity=5, backoff=backoff)
+    )
+    worker = system.lookup("/test/group/w")
+    await worker.tell("crash")
+    await trio.sleep(1)
+    assert worker.snapshot().state is ActorState.RESTARTING
+    await trio.sleep(30)
+    assert worker.snapshot().state is ActorState.RUNNING
+    assert await worker.ask("back") == "back"
+
+
+async def test_a_child_in_backoff_can_be_terminated(autojump_clock, system, log):
+    backoff = Backoff(initial=30.0, maximum=30.0, jitter=0.0)
+    group = await system.spawn(
+        supervisor_spec("group", [recorder("w", log)], intensity=5, backoff=backoff)
+    )
+    await system.lookup("/test/group/w").tell("crash")
+    await trio.sleep(1)
+    exit = await group.terminate_child("w")
+    assert exit.kind is ExitKind.SHUTDOWN
+
+
+class Stubborn(Actor):
+    """Ignores stop requests while handling a message; optionally ignores cancellation."""
+
+    def __init__(self, shielded: bool) -> None:
+        self.shielded = shielded
+
+    async def receive(self, message):
+        with trio.CancelScope(shield=self.shielded):
+            await trio.sleep(3600)
+
+
+async def test_shutdown_deadline_then_cancel(autojump_clock, system):
+    ref = await system.spawn(ChildSpec("stubborn", lambda: Stubborn(False), shutdown=2.0))
+    await ref.tell("busy")
+    await trio.sleep(0.1)
+    start = trio.current_time()
+    exit = await system.root.terminate_child("stubborn")
+    assert exit.kind is ExitKind.KILLED
+    assert "missed its shutdown deadline of 2 s" in exit.detail
+    assert trio.current_time() - start == pytest.approx(2.0, abs=0.01)
+
+
+async def test_brutal_kill_with_shutdown_zero(autojump_clock, system):
+    ref = await system.spawn(ChildSpec("stubborn", lambda: Stubborn(False), shutdown=0))
+    await ref.tell("busy")
+    await trio.sleep(0.1)
+    start = trio.current_time()
+    exit = await system.root.terminate_child("stubborn")
+    assert exit.kind is ExitKind.KILLED
+    assert trio.current_time() - start < 0.01
+
+
+async def test_a_child_ignoring_cancellation_is_abandoned(autojump_clock, system):
+    ref = await system.spawn(ChildSpec("stubborn", lambda: Stubborn(True), shutdown=1.0))
+    await ref.tell("busy")
+    await trio.sleep(0.1)
+    exit = await system.root.terminate_child("stubborn")
+    assert exit.kind is ExitKind.KILLED
+    assert "abandoned" in exit.detail
+    assert not ref.alive
+
+
+async def test_dynamic_children_come_and_go(autojump_clock, system, log):
+    sessions = await system.spawn(supervisor_spec("sessions", []))
+    refs = [await sessions.start_child(recorder(f"s{n}", log)) for n in range(10)]
+    assert [ref.path for ref in refs] == [f"/test/sessions/s{n}" for n in range(10)]
+    for ref in refs[::2]:
+        await sessions.terminate_child(ref.path.rsplit("/", 1)[1])
+    assert [child.name for child in sessions.which_children()] == ["s1", "s3", "s5", "s7", "s9"]
+    assert system.statistics().actors == 1 + 1 + 5
+
+
+async def test_start_child_refuses_duplicates_and_unknown_names(autojump_clock, system, log):
+    await system.spawn(recorder("a", log))
+    with pytest.raises(ValueError, match="already has a child named 'a'"):
+        await system.spawn(recorder("a", log))
+    with pytest.raises(LookupError):
+        await system.root.terminate_child("nobody")
+    with pytest.raises(LookupError):
+        await system.root.restart_child("nobody")
+    with pytest.raises(TypeError):
+        await system.root.start_child("not a spec")
+    assert system.root.alive
+
+
+async def test_restart_child_starts_a_fresh_incarnation(autojump_clock, system, log):
+    ref = await system.spawn(recorder("a", log))
+    again = await system.root.restart_child("a")
+    assert again is ref
+    assert events(log, "started") == ["a", "a"]
+    assert events(log, "stopping:shutdown") == ["a"]
+    assert ref.snapshot().restarts == 1
+
+
+async def test_supervisor_snapshot_shows_the_tree(autojump_clock, system, log):
+    await system.spawn(
+        supervisor_spec("group", [recorder("a", log), recorder("b", log)], intensity=3)
+    )
+    tree = system.snapshot()
+    assert [node.path for node in tree.walk()] == [
+        "/test",
+        "/test/group",
+        "/test/group/a",
+        "/test/group/b",
+    ]
+    group = tree.children[0]
+    assert group.kind == "supervisor"
+    assert group.supervisor.strategy == "one_for_one"
+    assert group.supervisor.intensity == 3
+
+
+async def test_a_supervisor_that_cannot_start_its_children_fails_to_start(
+    autojump_clock, system
+):
+    class Broken(Actor):
+        async def started(self):
+            raise ValueError("broken child")
+
+    log = []
+    with pytest.raises(ActorCrashed):
+        await system.spawn(
+            supervisor_spec("group", [recorder("first", log), ChildSpec("broken", Broken)])
+        )
+    # The child that had started was stopped again, in order.
+    assert events(log, "stopping:shutdown") == ["first"]
+    assert system.lookup("/test/group/first") is None
+
+
+async def test_supervisor_shutdown_waits_for_grandchildren(autojump_clock, system, log):
+    inner = supervisor_spec("inner", [recorder("leaf", log)])
+    await system.spawn(supervisor_spec("outer", [inner]))
+    await system.root.terminate_child("outer")
+    assert events(log, "stopping:shutdown") == ["leaf"]
+    assert system.statistics().actors == 1
+
+
+async def test_supervisor_default_shutdown_is_infinite(autojump_clock, system):
+    ref = await system.spawn(supervisor_spec("group", []))
+    assert ref._cell.shutdown_deadline() == math.inf
+    worker = await system.spawn(ChildSpec("worker", Recorder))
+    assert worker._cell.shutdown_deadline() == 5.0
