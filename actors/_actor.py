@@ -11,7 +11,6 @@ valid across restarts and only goes dead when the actor ends for good.
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -270,9 +269,15 @@ class ActorRef:
 
     async def join(self) -> Exit:
         """Wait until the actor ended for good; return how it ended."""
-        await self._cell.ended.wait()
-        assert self._cell.exit is not None
-        return self._cell.exit
+        cell = self._cell
+        if cell.exit is None:
+            if cell.ended is None:
+                cell.ended = trio.Event()
+            await cell.ended.wait()
+        else:
+            await trio.lowlevel.checkpoint()
+        assert cell.exit is not None
+        return cell.exit
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ActorRef) and other._cell is self._cell
@@ -344,8 +349,10 @@ class Monitor:
         self.watcher = watcher
 
     def cancel(self) -> None:
-        self.target.monitors.discard(self)
-        self.watcher.monitoring.discard(self)
+        if self.target.monitors is not None:
+            self.target.monitors.discard(self)
+        if self.watcher.monitoring is not None:
+            self.watcher.monitoring.discard(self)
 
 
 class _Incarnation:
@@ -413,11 +420,13 @@ class _Cell:
         self.handled = 0
         self.restarts = 0
         self.consecutive_failures = 0
-        self.failures: deque[Failure] = deque(maxlen=FAILURES_KEPT)
-        self.monitors: set[Monitor] = set()
-        self.monitoring: set[Monitor] = set()
+        # Made on first use: most actors are never watched, never fail and never joined,
+        # and a hundred thousand idle actors should not pay for empty containers.
+        self.failures: tuple[Failure, ...] = ()
+        self.monitors: set[Monitor] | None = None
+        self.monitoring: set[Monitor] | None = None
         self.exit: Exit | None = None
-        self.ended = trio.Event()
+        self.ended: trio.Event | None = None
         system._register(self)
 
     def new_incarnation(self) -> _Incarnation:
@@ -444,6 +453,10 @@ class _Cell:
         if self.exit is not None:
             watcher.mailbox.put_system(Down(self.ref, self.exit))
         else:
+            if self.monitors is None:
+                self.monitors = set()
+            if watcher.monitoring is None:
+                watcher.monitoring = set()
             self.monitors.add(monitor)
             watcher.monitoring.add(monitor)
         return monitor
@@ -465,16 +478,19 @@ class _Cell:
         for item in system:
             if item.__class__ is Control:
                 item.reply.fail(ActorStopped(self.path))
-        for monitor in list(self.monitoring):
+        for monitor in list(self.monitoring or ()):
             monitor.cancel()
-        down = Down(self.ref, exit)
-        for monitor in list(self.monitors):
-            monitor.watcher.mailbox.put_system(down)
-            monitor.cancel()
-        self.ended.set()
+        if self.monitors:
+            down = Down(self.ref, exit)
+            for monitor in list(self.monitors):
+                monitor.watcher.mailbox.put_system(down)
+                monitor.cancel()
+        if self.ended is not None:
+            self.ended.set()
 
     def record_failure(self, exit: Exit) -> None:
-        self.failures.append(Failure.of(exit, trio.current_time()))
+        recent = self.failures[-(FAILURES_KEPT - 1) :] if FAILURES_KEPT > 1 else ()
+        self.failures = (*recent, Failure.of(exit, trio.current_time()))
 
     def snapshot(self) -> ActorSnapshot:
         actor = self.actor
@@ -502,7 +518,7 @@ class _Cell:
             messages_dropped=self.mailbox.dropped,
             restarts=self.restarts,
             uptime=uptime,
-            failures=tuple(self.failures),
+            failures=self.failures,
             children=children,
             supervisor=supervisor,
         )
@@ -548,6 +564,8 @@ async def run_incarnation(
                         cell.state = ActorState.RUNNING
                         task_status.started(None)
                         reported_start = True
+                        # Let go of the start-up nursery trio keeps behind task_status.
+                        task_status = trio.TASK_STATUS_IGNORED
                         exit = await actor._serve()
                     except Exception as error:
                         exit = Exit(ExitKind.CRASHED, error)

@@ -35,10 +35,13 @@ class AskTimeout(ActorError, TimeoutError):
 
 
 class ActorCrashed(ActorError):
-    """The receiver raised while handling the request; ``__cause__`` is what it raised."""
+    """The receiver raised while handling the request (or while starting, for a start
+    request); ``__cause__`` and ``error`` are what it raised."""
 
-    def __init__(self, path: str, error: BaseException) -> None:
-        super().__init__(f"{path} crashed handling the request: {error!r}")
+    def __init__(
+        self, path: str, error: BaseException, activity: str = "handling the request"
+    ) -> None:
+        super().__init__(f"{path} crashed {activity}: {error!r}")
         self.path = path
         self.error = error
 

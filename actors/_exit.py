@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class ExitKind(enum.Enum):
@@ -49,15 +49,29 @@ SHUTDOWN = Exit(ExitKind.SHUTDOWN)
 
 @dataclass(frozen=True)
 class Failure:
-    """One abnormal end of an actor, kept for introspection."""
+    """One abnormal end of an actor, kept for introspection.
+
+    The traceback is captured without source lines when the failure happens and only
+    formatted when someone reads it: a crash must not cost its supervisor's restart
+    time, and the exception's frames (and their locals) are not kept alive.
+    """
 
     time: float
     kind: ExitKind
     reason: str
-    traceback: str
+    _captured: traceback.TracebackException | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def of(cls, exit: Exit, time: float) -> Failure:
         error = exit.error
-        text = "".join(traceback.format_exception(error)) if error is not None else ""
-        return cls(time=time, kind=exit.kind, reason=str(exit), traceback=text)
+        captured = None
+        if error is not None:
+            captured = traceback.TracebackException.from_exception(error, lookup_lines=False)
+        return cls(time=time, kind=exit.kind, reason=str(exit), _captured=captured)
+
+    @property
+    def traceback(self) -> str:
+        """The formatted traceback of the error, or "" when the end had no error."""
+        if self._captured is None:
+            return ""
+        return "".join(self._captured.format())

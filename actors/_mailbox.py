@@ -63,7 +63,8 @@ class Mailbox:
         self.dropped = 0
         self.closed = False
         self._user: deque[tuple[Any, Any]] = deque()
-        self._system: deque[Any] = deque()
+        # System messages are few and rare: a list is a fraction of an empty deque's size.
+        self._system: list[Any] = []
         self._reader: trio.lowlevel.Task | None = None
         self._senders = trio.lowlevel.ParkingLot()
         self._dead_letters = dead_letters
@@ -124,9 +125,9 @@ class Mailbox:
         else:
             await trio.lowlevel.cancel_shielded_checkpoint()
         if self._system:
-            return self._system.popleft()
+            return self._system.pop(0)
         item = self._user.popleft()
-        if len(self._user) < self.capacity:
+        if self._senders:
             self._senders.unpark()
         return item
 

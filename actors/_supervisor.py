@@ -73,6 +73,10 @@ class Supervisor(Actor):
 
     @asynccontextmanager
     async def _lifetime(self) -> AsyncIterator[None]:
+        # An exception raised inside a trio nursery comes out wrapped in an exception
+        # group; a child's start failure is kept aside and raised after the nursery so
+        # that the supervisor's crash reason is the failure itself.
+        start_failure: Exception | None = None
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -80,23 +84,24 @@ class Supervisor(Actor):
                     try:
                         for spec in self._initial_children:
                             await self._start_new_child(spec)
-                    except Exception:
+                    except Exception as error:
+                        start_failure = error
                         await self._stop_all_children()
-                        raise
-                    yield
-                    await self._stop_all_children()
-                except BaseException:
+                    else:
+                        yield
+                        await self._stop_all_children()
+                finally:
                     nursery.cancel_scope.cancel()
-                    raise
-                nursery.cancel_scope.cancel()
         finally:
-            # Whatever is still here did not stop in order (this supervisor was killed,
-            # or a child failed to start): it ended with the nursery.
+            # Whatever is still here did not stop in order (this supervisor was killed):
+            # it ended with the nursery.
             for cell in list(self._children.values()):
                 incarnation = cell.incarnation
                 exit = incarnation.exit if incarnation and incarnation.exit else None
                 cell.finish(exit or Exit(ExitKind.KILLED, detail="its supervisor ended"))
             self._children.clear()
+        if start_failure is not None:
+            raise start_failure
 
     async def _system_message(self, item: Any) -> Exit | None:
         if item.__class__ is ChildExited:
@@ -126,8 +131,7 @@ class Supervisor(Actor):
             incarnation.handled = True
             self._remove(cell, failed)
             error = failed.error or RuntimeError(str(failed))
-            crash = ActorCrashed(cell.path, error)
-            raise crash from error
+            raise ActorCrashed(cell.path, error, "starting") from error
         return cell.ref
 
     async def _child_exited(self, incarnation: _Incarnation) -> None:
@@ -148,10 +152,11 @@ class Supervisor(Actor):
         if not self._window.allow(now):
             raise RestartIntensityExceeded(self.path, self.flags.intensity, self.flags.period)
         delay = self._backoff_delay(cell, incarnation, now)
-        group = restart_group(self.flags.strategy, tuple(self._children), cell.name)
         if self.flags.strategy is Strategy.ONE_FOR_ONE:
+            # The common case, with thousands of siblings: no need to list them.
             self._restart_soon(cell, delay)
             return
+        group = restart_group(self.flags.strategy, tuple(self._children), cell.name)
         siblings = [self._children[name] for name in group if name != cell.name]
         for sibling in reversed(siblings):
             stopped = await self._stop_child(sibling)

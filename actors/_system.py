@@ -40,6 +40,7 @@ class ActorSystem:
         self.dead_letters = DeadLetters()
         self._registry: dict[str, _Cell] = {}
         self._root: _Cell | None = None
+        self._failure: Exception | None = None
 
     @property
     def root(self) -> SupervisorRef:
@@ -74,7 +75,10 @@ class ActorSystem:
             del self._registry[cell.path]
 
     async def _run_root(
-        self, incarnation: _Incarnation, task_status: trio.TaskStatus[Exit | None]
+        self,
+        incarnation: _Incarnation,
+        system_scope: trio.CancelScope,
+        task_status: trio.TaskStatus[Exit | None],
     ) -> None:
         # Shielded: when the body of open_system is cancelled, the tree is still stopped
         # in order, children in reverse, by the shutdown in open_system's finally.
@@ -85,8 +89,10 @@ class ActorSystem:
         incarnation.cell.finish(exit)
         if started and exit.abnormal and not incarnation.handled:
             if exit.kind is ExitKind.CRASHED and isinstance(exit.error, Exception):
-                raise exit.error
-            raise ActorError(f"the root supervisor {incarnation.cell.path} ended: {exit}")
+                self._failure = exit.error
+            else:
+                self._failure = ActorError(f"the root supervisor ended: {exit}")
+            system_scope.cancel()
 
     async def _shutdown(self, timeout: float) -> None:
         assert self._root is not None
@@ -132,14 +138,20 @@ async def open_system(
     system._root = root
     async with trio.open_nursery() as nursery:
         incarnation = root.new_incarnation()
-        failed: Exit | None = await nursery.start(system._run_root, incarnation)
-        if failed is not None:
-            error = failed.error
-            if isinstance(error, ActorCrashed):
-                raise error
-            raise ActorCrashed(root.path, error or ActorStopped(root.path))
-        try:
-            yield system
-        finally:
-            with trio.CancelScope(shield=True):
-                await system._shutdown(shutdown_timeout)
+        failed: Exit | None = await nursery.start(
+            system._run_root, incarnation, nursery.cancel_scope
+        )
+        if failed is None:
+            try:
+                yield system
+            finally:
+                with trio.CancelScope(shield=True):
+                    await system._shutdown(shutdown_timeout)
+    # Raised out here, not inside the nursery, so callers see the error itself rather
+    # than an exception group around it.
+    if failed is not None:
+        if isinstance(failed.error, ActorCrashed):
+            raise failed.error
+        raise ActorCrashed(root.path, failed.error or ActorStopped(root.path), "starting")
+    if system._failure is not None:
+        raise system._failure

@@ -1,0 +1,104 @@
+"""The actor system: lookup, the registry, the root supervisor, shutdown."""
+
+import pytest
+import trio
+
+from actors import (
+    Actor,
+    ActorCrashed,
+    ActorState,
+    ChildSpec,
+    ExitKind,
+    Restart,
+    RestartIntensityExceeded,
+    Supervisor,
+    SupervisorFlags,
+    open_system,
+)
+
+from .conftest import recorder
+
+
+async def test_lookup_by_path_and_the_registry_forgets_the_dead(autojump_clock, system, log):
+    ref = await system.spawn(recorder("r", log, restart=Restart.TEMPORARY))
+    assert system.lookup("/test/r") is ref
+    assert system.lookup("/test") is system.root
+    assert system.lookup("/test/nobody") is None
+    await ref.tell("stop")
+    await ref.join()
+    assert system.lookup("/test/r") is None
+    assert system.statistics().actors == 1
+
+
+async def test_the_root_starts_its_children_in_order(autojump_clock, log):
+    children = [recorder(name, log) for name in "abc"]
+    async with open_system("app", children=children) as system:
+        assert [child.path for child in system.root.which_children()] == [
+            "/app/a",
+            "/app/b",
+            "/app/c",
+        ]
+    assert [name for name, event in log if event == "stopping:shutdown"] == ["c", "b", "a"]
+
+
+async def test_a_child_failing_to_start_fails_open_system(autojump_clock):
+    class Broken(Actor):
+        async def started(self):
+            raise ValueError("cannot start")
+
+    with pytest.raises(ActorCrashed):
+        async with open_system("app", children=[ChildSpec("broken", Broken)]):
+            pytest.fail("the body must not run")
+
+
+async def test_root_failure_cancels_the_body_and_raises(autojump_clock, log):
+    reached_the_end = False
+    with pytest.raises(RestartIntensityExceeded):
+        async with open_system(
+            "app", children=[recorder("w", log)], flags=SupervisorFlags(intensity=0)
+        ) as system:
+            await system.lookup("/app/w").tell("crash")
+            await trio.sleep(3600)
+            reached_the_end = True
+    assert not reached_the_end
+
+
+async def test_cancelling_the_body_still_stops_the_tree_in_order(autojump_clock, log):
+    with trio.move_on_after(5):
+        async with open_system("app", children=[recorder(n, log) for n in "ab"]):
+            await trio.sleep_forever()
+    assert [name for name, event in log if event == "stopping:shutdown"] == ["b", "a"]
+
+
+async def test_shutdown_timeout_cancels_what_does_not_stop(autojump_clock):
+    class Stubborn(Actor):
+        async def receive(self, message):
+            await trio.sleep_forever()
+
+    start = trio.current_time()
+    async with open_system(
+        "app",
+        children=[ChildSpec("s", Stubborn, shutdown=3600)],
+        shutdown_timeout=2,
+    ) as system:
+        worker = system.lookup("/app/s")
+        await worker.tell("busy")
+        await trio.sleep(0)
+    assert trio.current_time() - start == pytest.approx(2, abs=0.01)
+    assert (await worker.join()).kind is ExitKind.KILLED
+
+
+async def test_snapshot_of_the_whole_tree(autojump_clock, system, log):
+    await system.spawn(ChildSpec("group", lambda: Supervisor([recorder("leaf", log)])))
+    tree = system.snapshot()
+    assert tree.path == "/test" and tree.kind == "supervisor"
+    assert [node.state for node in tree.walk()] == [ActorState.RUNNING] * 3
+
+
+def test_system_rejects_a_bad_name():
+    async def main():
+        async with open_system("a/b"):
+            pass
+
+    with pytest.raises(ValueError):
+        trio.run(main)
