@@ -149,54 +149,49 @@ async def test_restarts_spread_beyond_the_period_are_fine(autojump_clock, system
     assert system.lookup("/test/group/worker").snapshot().restarts == 5
 
 
-async def test_backoff_waits_exponentially_on_the_virtual_clock(autojump_clock, system):
+class Failing(Actor):
+    """Fails on every message; records when each incarnation started and crashed."""
+
+    def __init__(self, starts: list, crashes: list) -> None:
+        self.starts = starts
+        self.crashes = crashes
+
+    async def started(self):
+        self.starts.append(trio.current_time())
+
+    async def receive(self, message):
+        self.crashes.append(trio.current_time())
+        raise RuntimeError("fails")
+
+
+async def waits_between_crash_and_restart(system, backoff, pauses) -> list[float]:
     starts, crashes = [], []
-
-    class Failing(Actor):
-        async def started(self):
-            starts.append(trio.current_time())
-
-        async def receive(self, message):
-            crashes.append(trio.current_time())
-            raise RuntimeError("fails")
-
-    backoff = Backoff(initial=1.0, maximum=4.0, multiplier=2.0, jitter=0.0, reset_after=60)
-    await system.spawn(
-        supervisor_spec(
-            "group", [ChildSpec("failing", Failing)], intensity=100, period=60, backoff=backoff
-        )
-    )
+    child = ChildSpec("failing", lambda: Failing(starts, crashes))
+    await system.spawn(supervisor_spec("group", [child], intensity=100, period=60, backoff=backoff))
     failing = system.lookup("/test/group/failing")
-    for _ in range(5):
+    for pause in pauses:
         await failing.tell("go")
-        await trio.sleep(10)
-    waits = [start - crash for crash, start in zip(crashes, starts[1:])]
+        await trio.sleep(pause)
+    return [start - crash for crash, start in zip(crashes, starts[1:])]
+
+
+async def test_backoff_waits_exponentially_on_the_virtual_clock(autojump_clock, system):
+    backoff = Backoff(initial=1.0, maximum=4.0, multiplier=2.0, jitter=0.0, reset_after=60)
+    waits = await waits_between_crash_and_restart(system, backoff, [10] * 5)
     assert waits == pytest.approx([1.0, 2.0, 4.0, 4.0, 4.0])
 
 
 async def test_backoff_starts_over_after_a_long_run(autojump_clock, system):
-    starts, crashes = [], []
-
-    class Failing(Actor):
-        async def started(self):
-            starts.append(trio.current_time())
-
-        async def receive(self, message):
-            crashes.append(trio.current_time())
-            raise RuntimeError("fails")
-
     backoff = Backoff(initial=1.0, maximum=4.0, jitter=0.0, reset_after=30)
-    await system.spawn(
-        supervisor_spec(
-            "group", [ChildSpec("failing", Failing)], intensity=100, period=60, backoff=backoff
-        )
-    )
-    failing = system.lookup("/test/group/failing")
-    for pause in (5, 5, 40, 5):
-        await failing.tell("go")
-        await trio.sleep(pause)
-    waits = [start - crash for crash, start in zip(crashes, starts[1:])]
+    waits = await waits_between_crash_and_restart(system, backoff, [5, 5, 40, 5])
     assert waits == pytest.approx([1.0, 2.0, 4.0, 1.0])
+
+
+async def test_backoff_jitter_spreads_restarts_within_bounds(autojump_clock, system):
+    backoff = Backoff(initial=1.0, maximum=100.0, multiplier=1.0, jitter=0.5, reset_after=60)
+    waits = await waits_between_crash_and_restart(system, backoff, [10] * 20)
+    assert all(1.0 <= wait <= 1.5 for wait in waits)
+    assert len({round(wait, 6) for wait in waits}) > 1
 
 
 async def test_a_child_in_backoff_is_shown_restarting(autojump_clock, system, log):
