@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from actors import bridge
+from actors import Actor, ChildSpec, bridge, open_system
 from actors._errors import ActorStopped, MailboxFull
 
 
@@ -447,21 +447,34 @@ async def send_text(channel, text: str) -> None:
     channel.send(text)
 
 
-def test_aiortc_data_channel_works_under_run() -> None:
-    async def main() -> object:
-        with trio.fail_after(20):
-            offerer = await bridge.call_asyncio(create_peer_connection)
-            answerer = await bridge.call_asyncio(create_peer_connection)
-            try:
-                mailbox = RecordingMailbox()
-                channel = await bridge.call_asyncio(
-                    open_data_channel, offerer, answerer, bridge.post_to(mailbox)
-                )
-                await bridge.call_asyncio(send_text, channel, "hello from the offerer")
-                return await mailbox.receive_channel.receive()
-            finally:
-                with trio.fail_after(5, shield=True):
-                    await bridge.call_asyncio(offerer.close)
-                    await bridge.call_asyncio(answerer.close)
+class Inbox(Actor):
+    """A real actor that hands each message it receives to the test."""
 
-    assert bridge.run(main) == "hello from the offerer"
+    def __init__(self, send_channel: trio.MemorySendChannel) -> None:
+        self.send_channel = send_channel
+
+    async def receive(self, message: object) -> None:
+        await self.send_channel.send(message)
+
+
+def test_aiortc_data_channel_messages_reach_an_actor_under_run() -> None:
+    async def main() -> list[object]:
+        send_channel, receive_channel = trio.open_memory_channel(10)
+        with trio.fail_after(20):
+            async with open_system("test") as system:
+                inbox = await system.spawn(ChildSpec("inbox", lambda: Inbox(send_channel)))
+                offerer = await bridge.call_asyncio(create_peer_connection)
+                answerer = await bridge.call_asyncio(create_peer_connection)
+                try:
+                    channel = await bridge.call_asyncio(
+                        open_data_channel, offerer, answerer, bridge.post_to(inbox)
+                    )
+                    for text in ("hello", "from", "the offerer"):
+                        await bridge.call_asyncio(send_text, channel, text)
+                    return [await receive_channel.receive() for _ in range(3)]
+                finally:
+                    with trio.fail_after(5, shield=True):
+                        await bridge.call_asyncio(offerer.close)
+                        await bridge.call_asyncio(answerer.close)
+
+    assert bridge.run(main) == ["hello", "from", "the offerer"]
