@@ -1,0 +1,117 @@
+"""Placement: which tower gets a new session. A core without I/O.
+
+Theory of operation: every tower reports its load (sessions, capacity) at least once a
+second; a tower not heard from within ``stale_after`` seconds (default 3) is not
+chosen, nor is a draining tower or a full one. Among the rest, two are drawn at random
+and the less loaded wins ("power of two choices", as LiveKit places rooms): nearly as
+even as always taking the least loaded tower, without every broker piling onto the same
+one between two reports. A session placed since a tower's last report counts against
+that tower until its next report, so a burst of arrivals spreads out.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Collection
+from dataclasses import dataclass
+
+DEFAULT_STALE_AFTER = 3.0
+
+
+@dataclass(frozen=True)
+class TowerLoad:
+    """One load report from a tower."""
+
+    tower: str
+    sessions: int
+    capacity: int
+    draining: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.tower:
+            raise ValueError("a load report names its tower")
+        if self.sessions < 0 or self.capacity < 0:
+            raise ValueError(f"{self.tower}: sessions and capacity cannot be negative")
+
+
+@dataclass
+class _Standing:
+    load: TowerLoad
+    reported_at: float
+    placed_since_report: int = 0
+
+    @property
+    def sessions(self) -> int:
+        return self.load.sessions + self.placed_since_report
+
+    @property
+    def share_used(self) -> float:
+        return self.sessions / self.load.capacity if self.load.capacity else math.inf
+
+
+class Placement:
+    """Chooses towers for new sessions from the towers' load reports.
+
+    Args:
+        stale_after: seconds after its last report a tower stops being chosen.
+        chooser: the source of randomness (a seeded ``random.Random`` in tests).
+    """
+
+    def __init__(
+        self, *, stale_after: float = DEFAULT_STALE_AFTER, chooser: random.Random | None = None
+    ) -> None:
+        if not stale_after > 0:
+            raise ValueError("stale_after must be > 0 seconds")
+        self.stale_after = stale_after
+        self._chooser = chooser or random.Random()
+        self._towers: dict[str, _Standing] = {}
+
+    def report(self, load: TowerLoad, now: float) -> None:
+        """Record a tower's load as of ``now``; it replaces what was known before."""
+        self._towers[load.tower] = _Standing(load, now)
+
+    def forget(self, tower: str) -> None:
+        """The tower is gone (down, decommissioned): never choose it again until it reports."""
+        self._towers.pop(tower, None)
+
+    def ready(self, now: float, exclude: Collection[str] = ()) -> list[str]:
+        """Towers that may take a session now: fresh, not draining, not full, not excluded."""
+        return [
+            name
+            for name, standing in self._towers.items()
+            if name not in exclude
+            and now - standing.reported_at < self.stale_after
+            and not standing.load.draining
+            and standing.sessions < standing.load.capacity
+        ]
+
+    def choose(self, now: float, exclude: Collection[str] = ()) -> str | None:
+        """Place one session: the less loaded of two ready towers drawn at random.
+
+        ``exclude`` names towers the session must not go to (e.g. the one it is being
+        repaired away from). Returns None when no tower is ready. The chosen tower's
+        count goes up by one until its next report.
+        """
+        candidates = self.ready(now, exclude)
+        if not candidates:
+            return None
+        if len(candidates) == 1:
+            chosen = candidates[0]
+        else:
+            first, second = self._chooser.sample(candidates, 2)
+            first_share = self._towers[first].share_used
+            second_share = self._towers[second].share_used
+            chosen = first if first_share <= second_share else second
+        self._towers[chosen].placed_since_report += 1
+        return chosen
+
+    def used_share(self, now: float) -> float:
+        """Sessions over capacity across fresh, non-draining towers (0 when there are none)."""
+        fresh = [
+            standing
+            for standing in self._towers.values()
+            if now - standing.reported_at < self.stale_after and not standing.load.draining
+        ]
+        capacity = sum(standing.load.capacity for standing in fresh)
+        return sum(standing.sessions for standing in fresh) / capacity if capacity else 0.0

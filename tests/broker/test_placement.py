@@ -1,0 +1,95 @@
+"""Placement, called directly: load reports in, a tower out."""
+
+import random
+from collections import Counter
+
+import pytest
+
+from broker.placement import Placement, TowerLoad
+
+
+def placement_with(*loads, now=0.0, seed=1) -> Placement:
+    placement = Placement(chooser=random.Random(seed))
+    for load in loads:
+        placement.report(load, now)
+    return placement
+
+
+def test_no_tower_no_placement():
+    assert Placement().choose(now=0.0) is None
+
+
+def test_the_only_ready_tower_is_chosen():
+    placement = placement_with(TowerLoad("a", 5, 10))
+    assert placement.choose(now=1.0) == "a"
+
+
+def test_the_less_loaded_of_two_wins():
+    placement = placement_with(TowerLoad("busy", 9, 10), TowerLoad("idle", 1, 10))
+    assert {placement.choose(now=0.5) for _ in range(5)} == {"idle"}
+
+
+def test_load_is_compared_as_a_share_of_capacity():
+    placement = placement_with(TowerLoad("big", 50, 1000), TowerLoad("small", 5, 10))
+    assert placement.choose(now=0.0) == "big"
+
+
+def test_towers_not_heard_from_for_three_seconds_are_not_chosen():
+    placement = placement_with(TowerLoad("old", 0, 10), now=0.0)
+    placement.report(TowerLoad("fresh", 9, 10), now=2.5)
+    assert placement.choose(now=2.9) == "old"
+    assert placement.ready(now=3.0) == ["fresh"]
+    assert placement.choose(now=3.0) == "fresh"
+
+
+def test_draining_full_and_excluded_towers_are_not_chosen():
+    placement = placement_with(
+        TowerLoad("draining", 0, 10, draining=True),
+        TowerLoad("full", 10, 10),
+        TowerLoad("broken", 0, 10),
+        TowerLoad("ok", 8, 10),
+    )
+    assert placement.ready(now=0.0, exclude={"broken"}) == ["ok"]
+    assert placement.choose(now=0.0, exclude={"broken"}) == "ok"
+
+
+def test_sessions_placed_since_the_last_report_count():
+    placement = placement_with(TowerLoad("a", 0, 2))
+    assert [placement.choose(now=0.0) for _ in range(3)] == ["a", "a", None]
+    placement.report(TowerLoad("a", 1, 2), now=0.5)
+    assert placement.choose(now=0.6) == "a"
+
+
+def test_a_burst_spreads_over_towers():
+    towers = [TowerLoad(f"t{n}", 0, 1000) for n in range(4)]
+    placement = placement_with(*towers)
+    counts = Counter(placement.choose(now=0.0) for _ in range(400))
+    assert set(counts) == {"t0", "t1", "t2", "t3"}
+    assert max(counts.values()) - min(counts.values()) <= 2
+
+
+def test_forgotten_towers_are_not_chosen():
+    placement = placement_with(TowerLoad("gone", 0, 10), TowerLoad("here", 9, 10))
+    placement.forget("gone")
+    placement.forget("never-known")
+    assert placement.choose(now=0.0) == "here"
+
+
+def test_used_share_counts_fresh_serving_towers():
+    placement = placement_with(TowerLoad("a", 3, 10), TowerLoad("b", 4, 10))
+    placement.report(TowerLoad("draining", 10, 10, draining=True), now=0.0)
+    assert placement.used_share(now=1.0) == pytest.approx(0.35)
+    assert placement.used_share(now=10.0) == 0.0
+
+
+@pytest.mark.parametrize(
+    "arguments", [{"tower": "", "sessions": 0, "capacity": 1}, {"tower": "a", "sessions": -1, "capacity": 1}]
+)
+def test_load_reports_are_checked(arguments):
+    with pytest.raises(ValueError):
+        TowerLoad(**arguments)
+
+
+def test_stale_after_must_be_positive():
+    with pytest.raises(ValueError):
+        Placement(stale_after=0)
