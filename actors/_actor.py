@@ -112,8 +112,14 @@ class Actor:
                 else:
                     try:
                         result = await receive(message)
-                    except Exception as error:
-                        reply.crashed(cell.path, error)
+                    except BaseException as error:
+                        if isinstance(error, Exception):
+                            reply.crashed(cell.path, error)
+                        else:
+                            # Killed mid-request: the asker learns now, not at its deadline.
+                            reply.fail(
+                                ActorCrashed(cell.path, error, "handling the request (cancelled)")
+                            )
                         raise
                     reply.succeed(result)
                 cell.handled += 1
@@ -543,6 +549,10 @@ async def run_incarnation(
             if delay > 0:
                 cell.state = ActorState.RESTARTING
                 await trio.sleep(delay)
+            else:
+                # A stop or kill that came before this runner first ran ends it here,
+                # before a fresh actor is built and started under cancellation.
+                await trio.lowlevel.checkpoint_if_cancelled()
             cell.state = ActorState.STARTING
             try:
                 actor = cell.spec.start()
@@ -587,11 +597,13 @@ async def run_incarnation(
         if exit is None:
             exit = Exit(ExitKind.KILLED, detail="cancelled with its parent")
         incarnation.exit = exit
-        cell.actor = None
-        if cell.exit is None:
-            cell.state = ActorState.RESTARTING
-        if exit.abnormal:
-            cell.record_failure(exit)
+        # An abandoned incarnation that ends late must not touch its successor's state.
+        if cell.incarnation is incarnation:
+            cell.actor = None
+            if cell.exit is None:
+                cell.state = ActorState.RESTARTING
+            if exit.abnormal:
+                cell.record_failure(exit)
         incarnation.done.set()
         if not reported_start:
             task_status.started(exit)

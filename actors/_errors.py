@@ -12,6 +12,14 @@
 from __future__ import annotations
 
 
+def safe_repr(error: BaseException) -> str:
+    """``repr(error)``, or a stand-in when the error's own ``__repr__`` fails."""
+    try:
+        return repr(error)
+    except Exception:
+        return f"<{type(error).__qualname__} (repr failed)>"
+
+
 class ActorError(Exception):
     """Base class of every error raised by the actor runtime."""
 
@@ -41,7 +49,7 @@ class ActorCrashed(ActorError):
     def __init__(
         self, path: str, error: BaseException, activity: str = "handling the request"
     ) -> None:
-        super().__init__(f"{path} crashed {activity}: {error!r}")
+        super().__init__(f"{path} crashed {activity}: {safe_repr(error)}")
         self.path = path
         self.error = error
 

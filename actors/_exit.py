@@ -6,6 +6,8 @@ import enum
 import traceback
 from dataclasses import dataclass, field
 
+from ._errors import safe_repr
+
 
 class ExitKind(enum.Enum):
     """How an actor's run ended.
@@ -37,7 +39,7 @@ class Exit:
 
     def __str__(self) -> str:
         if self.error is not None:
-            return f"{self.kind.value}: {self.error!r}"
+            return f"{self.kind.value}: {safe_repr(self.error)}"
         if self.detail:
             return f"{self.kind.value}: {self.detail}"
         return self.kind.value

@@ -182,10 +182,13 @@ class Supervisor(Actor):
         assert self._nursery is not None
         self._nursery.start_soon(run_incarnation, cell.new_incarnation(), delay)
 
-    async def _restart_now(self, cell: _Cell) -> None:
+    async def _restart_now(self, cell: _Cell) -> Exit | None:
         cell.restarts += 1
         assert self._nursery is not None
-        await self._nursery.start(run_incarnation, cell.new_incarnation(), 0.0)
+        failed: Exit | None = await self._nursery.start(
+            run_incarnation, cell.new_incarnation(), 0.0
+        )
+        return failed
 
     async def _stop_child(self, cell: _Cell) -> Exit:
         """Stop one child in order: ask, wait its deadline, cancel, wait again, abandon."""
@@ -237,7 +240,11 @@ class Supervisor(Actor):
     async def _restart_child(self, name: str) -> ActorRef:
         cell = self._child(name)
         await self._stop_child(cell)
-        await self._restart_now(cell)
+        failed = await self._restart_now(cell)
+        if failed is not None:
+            # Its ChildExited is still queued and decides, as for any crash, what next.
+            error = failed.error or RuntimeError(str(failed))
+            raise ActorCrashed(cell.path, error, "restarting") from error
         return cell.ref
 
     async def _control(self, request: Control) -> None:
@@ -250,5 +257,8 @@ class Supervisor(Actor):
             result = await handler(request.argument)
         except (ValueError, LookupError, TypeError, ActorCrashed) as error:
             request.reply.fail(error)
+        except BaseException as error:
+            request.reply.crashed(self.path, error)
+            raise
         else:
             request.reply.succeed(result)
