@@ -579,8 +579,7 @@ async def run_incarnation(
                         exit = await actor._serve()
                     except Exception as error:
                         exit = Exit(ExitKind.CRASHED, error)
-                    if cell.state is not ActorState.STOPPING:
-                        cell.state = ActorState.STOPPING
+                    cell.state = ActorState.STOPPING
                     try:
                         await actor.stopping(exit)
                     except Exception as error:
