@@ -11,6 +11,8 @@ valid across restarts and only goes dead when the actor ends for good.
 from __future__ import annotations
 
 import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -36,12 +38,14 @@ class Actor:
     Subclass it and override ``receive``; optionally ``started`` and ``stopping``.
     The runtime sets ``ref`` before ``started`` runs. Class attributes declare the
     mailbox: ``mailbox_capacity`` (default 1000) and ``overflow`` (default
-    ``Overflow.BACKPRESSURE``).
+    ``Overflow.BACKPRESSURE``); ``runs_tasks = True`` lets it ``start_soon`` tasks.
     """
 
     mailbox_capacity: ClassVar[int] = 1000
     overflow: ClassVar[Overflow] = Overflow.BACKPRESSURE
+    runs_tasks: ClassVar[bool] = False
     _is_supervisor: ClassVar[bool] = False
+    _nursery: trio.Nursery | None = None
     _cell: _Cell
 
     @property
@@ -83,8 +87,43 @@ class Actor:
         """
         return ref._cell.add_monitor(self._cell)
 
+    def start_soon(self, function: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Run ``function(*args)`` as a task that belongs to this incarnation.
+
+        For the I/O an actor waits on besides its mailbox (a socket's reader, a child
+        process, a timer). The task is cancelled when the incarnation ends; if it raises,
+        the actor crashes with that error, as if ``receive`` had raised it. Only actors
+        whose class sets ``runs_tasks = True`` may call it: the others pay for no nursery.
+        """
+        nursery = self._nursery
+        if nursery is None:
+            raise RuntimeError(
+                f"{type(self).__name__} must set runs_tasks = True to call start_soon"
+            )
+        nursery.start_soon(self._run_task, function, args, self._cell.incarnation)
+
+    async def _run_task(
+        self, function: Callable[..., Awaitable[object]], args: tuple, incarnation: Any
+    ) -> None:
+        try:
+            await function(*args)
+        except Exception as error:
+            self._cell.mailbox.put_system(_TaskFailed(incarnation, error))
+
     def _lifetime(self) -> Any:
+        if self.runs_tasks:
+            return self._task_nursery()
         return _NO_RESOURCES
+
+    @asynccontextmanager
+    async def _task_nursery(self) -> AsyncIterator[None]:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                yield
+            finally:
+                self._nursery = None
+                nursery.cancel_scope.cancel()
 
     async def _system_message(self, item: Any) -> Exit | None:
         cell = self._cell
@@ -93,6 +132,10 @@ class Actor:
         if item.__class__ is Down:
             await self.receive(item)
             cell.handled += 1
+            return None
+        if item.__class__ is _TaskFailed:
+            if item.incarnation is cell.incarnation:
+                raise item.error
             return None
         raise TypeError(f"{cell.path} got an unexpected system message {item!r}")
 
@@ -154,6 +197,14 @@ class _Stop:
 
     def __init__(self, incarnation: _Incarnation) -> None:
         self.incarnation = incarnation
+
+
+class _TaskFailed:
+    __slots__ = ("incarnation", "error")
+
+    def __init__(self, incarnation: _Incarnation, error: Exception) -> None:
+        self.incarnation = incarnation
+        self.error = error
 
 
 class ChildExited:

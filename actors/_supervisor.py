@@ -103,6 +103,16 @@ class Supervisor(Actor):
         if start_failure is not None:
             raise start_failure
 
+    async def escalate(self, child: str, exit: Exit) -> bool:
+        """Decide what happens when restarting ``child`` would exceed the restart intensity.
+
+        The default is OTP's: give up by raising ``RestartIntensityExceeded``, so that this
+        supervisor crashes and its own supervisor decides. A subclass that can do better
+        itself (a session moving to another tower) returns True to restart the child
+        under a fresh restart window, or False to leave it ended and removed.
+        """
+        raise RestartIntensityExceeded(self.path, self.flags.intensity, self.flags.period)
+
     async def _system_message(self, item: Any) -> Exit | None:
         if item.__class__ is ChildExited:
             await self._child_exited(item.incarnation)
@@ -150,7 +160,11 @@ class Supervisor(Actor):
             return
         now = trio.current_time()
         if not self._window.allow(now):
-            raise RestartIntensityExceeded(self.path, self.flags.intensity, self.flags.period)
+            if not await self.escalate(cell.name, exit):
+                self._remove(cell, exit)
+                return
+            self._window = RestartWindow(self.flags.intensity, self.flags.period)
+            self._window.allow(now)
         delay = self._backoff_delay(cell, incarnation, now)
         if self.flags.strategy is Strategy.ONE_FOR_ONE:
             # The common case, with thousands of siblings: no need to list them.

@@ -340,3 +340,84 @@ async def test_supervisor_default_shutdown_is_infinite(autojump_clock, system):
     assert ref._cell.shutdown_deadline() == math.inf
     worker = await system.spawn(ChildSpec("worker", Recorder))
     assert worker._cell.shutdown_deadline() == 5.0
+
+
+class Mover(Supervisor):
+    """Moves its child somewhere else once, then lets it go."""
+
+    def __init__(self, log, children, flags) -> None:
+        super().__init__(children, flags)
+        self.log = log
+        self.moves = 0
+
+    async def escalate(self, child, exit) -> bool:
+        self.moves += 1
+        self.log.append(("escalated", child, exit.kind.value))
+        return self.moves == 1
+
+
+async def test_escalate_lets_a_subclass_restart_under_a_fresh_window_or_give_up(
+    autojump_clock, system, log
+):
+    flags = SupervisorFlags(intensity=1, period=60)
+    spec = ChildSpec("mover", lambda: Mover(log, [recorder("w", log)], flags))
+    mover = await system.spawn(spec)
+    worker = system.lookup(mover.path + "/w")
+    for _ in range(2):
+        await worker.tell("crash")
+        await trio.sleep(1)
+    assert ("escalated", "w", "crashed") in log
+    assert mover.snapshot().children[0].restarts == 2
+    for _ in range(2):
+        await worker.tell("crash")
+        await trio.sleep(1)
+    assert [entry for entry in log if entry[0] == "escalated"] == [("escalated", "w", "crashed")] * 2
+    assert mover.alive and mover.snapshot().children == ()
+
+
+class Ticker(Actor):
+    runs_tasks = True
+
+    def __init__(self, log) -> None:
+        self.log = log
+
+    async def started(self) -> None:
+        self.start_soon(self.tick)
+
+    async def tick(self) -> None:
+        for count in range(3):
+            await trio.sleep(1)
+            self.log.append(("tick", count))
+        raise RuntimeError("the ticker broke")
+
+    async def receive(self, message):
+        self.log.append(message)
+
+
+async def test_a_task_runs_with_its_incarnation_and_its_failure_crashes_the_actor(
+    autojump_clock, system, log
+):
+    ticker = await system.spawn(ChildSpec("ticker", lambda: Ticker(log), restart=Restart.TEMPORARY))
+    await ticker.tell("hello")
+    exit = await ticker.join()
+    assert exit.kind is ExitKind.CRASHED and str(exit.error) == "the ticker broke"
+    assert log == ["hello", ("tick", 0), ("tick", 1), ("tick", 2)]
+
+
+async def test_tasks_end_with_the_incarnation(autojump_clock, system, log):
+    ticker = await system.spawn(ChildSpec("ticker", lambda: Ticker(log), restart=Restart.TEMPORARY))
+    await trio.sleep(1.5)
+    ticker.kill("enough")
+    await ticker.join()
+    await trio.sleep(10)
+    assert log == [("tick", 0)]
+
+
+async def test_start_soon_needs_runs_tasks(autojump_clock, system, log):
+    class Plain(Actor):
+        async def receive(self, message):
+            self.start_soon(trio.sleep, 1)
+
+    plain = await system.spawn(ChildSpec("plain", Plain, restart=Restart.TEMPORARY))
+    with pytest.raises(ActorCrashed, match="runs_tasks"):
+        await plain.ask("go")
