@@ -1,0 +1,1 @@
+"""The tower agent: the WebRTC peer for many sessions at once."""

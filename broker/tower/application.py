@@ -1,0 +1,438 @@
+"""The asyncio side of a tower's peer: one session's RTCPeerConnection and its application.
+
+Theory of operation: the tower's actors live in trio; aiortc lives in asyncio. An actor
+calls :func:`answer_offer` through ``actors.bridge.call_asyncio`` and gets a
+:class:`TowerPeer` back. From then on everything per message stays here: the session
+application (echo by default) answers data-channel messages itself, and the heartbeat
+task pings the client on its ``heartbeat`` channel. Only control events cross back to
+trio, as :class:`PeerEvent` values handed to a plain synchronous callback (in production
+``actors.bridge.post_to(actor_ref)``), each kind at most once and none after
+:meth:`TowerPeer.close`.
+
+The heartbeat (PROTOCOL.md, "Data channels"): once the client's ``heartbeat`` channel is
+open the tower sends ``ping <n>`` every ``heartbeat_interval`` seconds and the client
+sends the same text back. The silence clock starts when the connection becomes
+connected, so a client that never opens the channel is caught as surely as one that
+stops answering: nothing heard on the channel for ``heartbeat_timeout`` seconds means
+the peer is silent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiortc import (
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+from aiortc.rtcicetransport import parse_stun_turn_uri
+from aiortc.sdp import SessionDescription, candidate_from_sdp
+
+__all__ = [
+    "APPLICATIONS",
+    "HEARTBEAT_LABEL",
+    "Application",
+    "EchoApplication",
+    "PeerEvent",
+    "TowerPeer",
+    "answer_offer",
+    "rtc_configuration",
+]
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_LABEL = "heartbeat"
+
+_ICE_SERVER_KEYS = frozenset({"urls", "username", "credential"})
+
+
+class Application(Protocol):
+    """A session application: what the tower does with a connected session's data
+    channels (later also media tracks)."""
+
+    def channel_opened(self, channel: RTCDataChannel) -> None:
+        """Take over a data channel, other than ``heartbeat``, that the client opened.
+
+        Called from aiortc's event emitter with the channel already open; an exception
+        raised here is logged and otherwise ignored.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release whatever the application holds; called once, before the peer
+        connection closes."""
+        ...
+
+
+class EchoApplication:
+    """The default application: sends every message (text or bytes) back on the channel
+    it came from, in order."""
+
+    def __init__(self) -> None:
+        self._closed = False
+
+    def channel_opened(self, channel: RTCDataChannel) -> None:
+        """Echo every message received on ``channel`` until :meth:`close`."""
+
+        def echo(message: str | bytes) -> None:
+            if not self._closed and channel.readyState == "open":
+                channel.send(message)
+
+        channel.on("message", echo)
+
+    async def close(self) -> None:
+        """Stop echoing; the channels themselves close with the peer connection."""
+        self._closed = True
+
+
+APPLICATIONS: dict[str, Callable[[], Application]] = {"echo": EchoApplication}
+
+
+@dataclass(frozen=True)
+class PeerEvent:
+    """Something the trio side must know about a session's peer connection.
+
+    Attributes:
+        kind: ``"connected"``, ``"failed"``, ``"closed"`` (by the client or the
+            network, never by :meth:`TowerPeer.close`) or ``"silent"`` (no heartbeat
+            answer within the timeout).
+        detail: A short human-readable explanation, e.g. ``"no heartbeat answer for
+            5 s"``; empty when the kind says it all.
+    """
+
+    kind: str
+    detail: str = ""
+
+
+def rtc_configuration(ice_servers: Sequence[Mapping[str, Any]] = ()) -> RTCConfiguration:
+    """Build the explicit RTCConfiguration a tower's peer connection uses.
+
+    An empty list really means no STUN or TURN server: aiortc's own default (used when
+    ``iceServers`` is left as ``None``) contacts ``stun.l.google.com``, which on a
+    closed network delays every answer by seconds.
+
+    Args:
+        ice_servers: Mappings like ``{"urls": "turn:turn.example.net:3478",
+            "username": ..., "credential": ...}``; ``urls`` is a string or a list of
+            strings, ``username`` and ``credential`` are optional.
+
+    Returns:
+        An RTCConfiguration whose ``iceServers`` is a list (possibly empty).
+
+    Raises:
+        ValueError: An entry lacks ``urls``, has unknown keys, values of the wrong type
+            or a URL that is not a valid ``stun:``, ``stuns:``, ``turn:`` or ``turns:``
+            URL.
+    """
+    servers = []
+    for index, entry in enumerate(ice_servers):
+        unknown = set(entry) - _ICE_SERVER_KEYS
+        if unknown:
+            raise ValueError(f"ICE server {index}: unknown keys {sorted(unknown)}")
+        urls = entry.get("urls")
+        url_list = [urls] if isinstance(urls, str) else urls
+        if not isinstance(url_list, list) or not url_list:
+            raise ValueError(f"ICE server {index}: 'urls' must be a URL or a list of URLs")
+        for url in url_list:
+            if not isinstance(url, str):
+                raise ValueError(f"ICE server {index}: every URL must be a string")
+            try:
+                parse_stun_turn_uri(url)
+            except ValueError as error:
+                raise ValueError(f"ICE server {index}: {url!r} is not usable: {error}") from None
+        username = entry.get("username")
+        credential = entry.get("credential")
+        for name, value in (("username", username), ("credential", credential)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"ICE server {index}: {name!r} must be a string")
+        servers.append(RTCIceServer(urls=urls, username=username, credential=credential))
+    return RTCConfiguration(iceServers=servers)
+
+
+class TowerPeer:
+    """One session's RTCPeerConnection on the tower, its application and its heartbeat.
+
+    Made by :func:`answer_offer`; not meant to be constructed directly.
+
+    Attributes:
+        answer_sdp: The SDP answer for the client, with all of the tower's candidates
+            (aiortc gathers them all before answering).
+    """
+
+    answer_sdp: str
+
+    def __init__(
+        self,
+        configuration: RTCConfiguration,
+        *,
+        application: Application,
+        on_event: Callable[[PeerEvent], None],
+        heartbeat_interval: float,
+        heartbeat_timeout: float,
+    ) -> None:
+        self.answer_sdp = ""
+        self._configuration = configuration
+        self._connection = RTCPeerConnection(configuration)
+        self._application = application
+        self._on_event = on_event
+        self._heartbeat_interval = heartbeat_interval
+        self._heartbeat_timeout = heartbeat_timeout
+        self._reported: set[str] = set()
+        self._closed = False
+        self._closing: asyncio.Task[None] | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._heartbeat_channel: RTCDataChannel | None = None
+        self._heartbeat_opened = asyncio.Event()
+        self._last_heard = 0.0
+        self._pings_sent = 0
+        self._last_ping_sent_at = 0.0
+        self._round_trip: float | None = None
+        self._connection.on("connectionstatechange", self._connection_state_changed)
+        self._connection.on("datachannel", self._channel_opened)
+
+    @property
+    def configuration(self) -> RTCConfiguration:
+        """The configuration the peer connection was made with (its ICE servers)."""
+        return self._configuration
+
+    @property
+    def heartbeat_round_trip(self) -> float | None:
+        """Seconds between the latest answered ``ping`` and its answer; ``None`` until
+        the first answer."""
+        return self._round_trip
+
+    async def add_candidate(
+        self, candidate: str, sdp_mid: str | None, sdp_mline_index: int | None
+    ) -> None:
+        """Add an ICE candidate the client trickled after its offer.
+
+        Candidates arriving after :meth:`close` are ignored: they race with the close
+        on the signaling path and are nobody's fault.
+
+        Args:
+            candidate: The candidate attribute, with or without the ``candidate:`` (or
+                ``a=candidate:``) prefix; ``""`` marks the end of the candidates.
+            sdp_mid: The media section's ``mid`` the candidate belongs to.
+            sdp_mline_index: The media section's index the candidate belongs to.
+
+        Raises:
+            ValueError: The candidate does not parse, or names no media section.
+        """
+        if self._closed:
+            return
+        text = candidate.strip()
+        for prefix in ("a=", "candidate:"):
+            text = text.removeprefix(prefix)
+        if not text:
+            await self._connection.addIceCandidate(None)
+            return
+        try:
+            parsed = candidate_from_sdp(text)
+        except (AssertionError, IndexError, ValueError):
+            raise ValueError(f"not an ICE candidate: {candidate[:200]!r}") from None
+        if sdp_mid is None and sdp_mline_index is None:
+            raise ValueError("an ICE candidate needs sdp_mid or sdp_mline_index")
+        parsed.sdpMid = sdp_mid
+        parsed.sdpMLineIndex = sdp_mline_index
+        await self._connection.addIceCandidate(parsed)
+
+    async def _answer(self, offer_sdp: str) -> str:
+        try:
+            await self._connection.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+        except Exception as error:
+            raise ValueError(f"the offer was not accepted: {error}") from None
+        await self._connection.setLocalDescription(await self._connection.createAnswer())
+        return self._connection.localDescription.sdp
+
+    async def close(self) -> None:
+        """Stop the heartbeat, close the application and the peer connection.
+
+        Idempotent and safe to call concurrently: every call returns once the peer is
+        fully closed. No event is reported once this has been called. Cancelling a
+        caller does not interrupt the closing itself.
+        """
+        self._closed = True
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
+        self._stop_heartbeat()
+        if self._heartbeat_task is not None:
+            await asyncio.wait({self._heartbeat_task})
+        await _close_application(self._application)
+        await self._connection.close()
+
+    def _report(self, event: PeerEvent) -> None:
+        if self._closed or event.kind in self._reported:
+            return
+        self._reported.add(event.kind)
+        # The callback runs inside aiortc's event emitter or the heartbeat task; an
+        # exception escaping it would break either.
+        try:
+            self._on_event(event)
+        except Exception as error:
+            logger.warning(
+                "peer event callback raised %s on a %r event", type(error).__name__, event.kind
+            )
+
+    def _connection_state_changed(self) -> None:
+        if self._closed:
+            return
+        state = self._connection.connectionState
+        if state == "connected":
+            self._report(PeerEvent("connected"))
+            if self._heartbeat_task is None:
+                self._heartbeat_task = asyncio.ensure_future(self._keep_heartbeat())
+        elif state == "failed":
+            # The failure is the news; a "silent" on top of it would only be noise.
+            self._stop_heartbeat()
+            self._report(PeerEvent("failed", "connection state failed"))
+        elif state == "closed":
+            self._stop_heartbeat()
+            self._report(PeerEvent("closed"))
+
+    def _channel_opened(self, channel: RTCDataChannel) -> None:
+        if self._closed:
+            return
+        if channel.label == HEARTBEAT_LABEL:
+            self._heartbeat_channel = channel
+            channel.on("message", self._heartbeat_answered)
+            self._heartbeat_opened.set()
+            return
+        # An exception escaping here would surface in aiortc's SCTP receive path.
+        try:
+            self._application.channel_opened(channel)
+        except Exception as error:
+            logger.warning(
+                "session application failed to take a channel: %s", type(error).__name__
+            )
+
+    def _heartbeat_answered(self, message: str | bytes) -> None:
+        now = asyncio.get_running_loop().time()
+        self._last_heard = now
+        if message == f"ping {self._pings_sent}":
+            self._round_trip = now - self._last_ping_sent_at
+
+    def _stop_heartbeat(self) -> None:
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+
+    async def _keep_heartbeat(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._last_heard = loop.time()
+        next_ping = self._last_heard
+        while True:
+            now = loop.time()
+            silent_at = self._last_heard + self._heartbeat_timeout
+            if now >= silent_at:
+                self._report(
+                    PeerEvent("silent", f"no heartbeat answer for {self._heartbeat_timeout:g} s")
+                )
+                return
+            channel = self._heartbeat_channel
+            if channel is None or channel.readyState != "open":
+                # Cleared only while no open channel is known, so a channel opening
+                # during the wait (or a new one after the old closed) wakes us at once.
+                self._heartbeat_opened.clear()
+                try:
+                    await asyncio.wait_for(self._heartbeat_opened.wait(), silent_at - now)
+                except TimeoutError:
+                    pass
+                continue
+            if now >= next_ping:
+                self._pings_sent += 1
+                self._last_ping_sent_at = now
+                channel.send(f"ping {self._pings_sent}")
+                next_ping += self._heartbeat_interval
+                if next_ping <= now:
+                    # After a stalled loop, shift the cadence rather than catch up in a burst.
+                    next_ping = now + self._heartbeat_interval
+            await asyncio.sleep(min(next_ping, silent_at) - now)
+
+
+async def _close_application(application: Application) -> None:
+    try:
+        await application.close()
+    except Exception as error:
+        # A broken application must not keep the peer connection (and its ports) open.
+        logger.warning("session application failed to close: %s", type(error).__name__)
+
+
+def _check_offer(offer_sdp: str) -> None:
+    try:
+        description = SessionDescription.parse(offer_sdp)
+    except Exception as error:
+        raise ValueError(f"the offer is not valid SDP ({type(error).__name__})") from None
+    if not description.media:
+        raise ValueError("the offer is not valid SDP: it has no media sections")
+    for index, media in enumerate(description.media):
+        if media.dtls is None:
+            raise ValueError(f"the offer's media section {index} has no a=setup attribute")
+        if media.dtls.role != "auto":
+            # RFC 8842: an offerer must say actpass; active or passive is an answer's.
+            raise ValueError(
+                f"not an offer: media section {index} has a=setup other than actpass "
+                "(is this an answer?)"
+            )
+
+
+async def answer_offer(
+    offer_sdp: str,
+    *,
+    ice_servers: Sequence[Mapping[str, Any]] = (),
+    application: Application,
+    on_event: Callable[[PeerEvent], None],
+    heartbeat_interval: float = 1.0,
+    heartbeat_timeout: float = 5.0,
+) -> TowerPeer:
+    """Answer a client's offer with a new peer connection running ``application``.
+
+    The returned peer owns ``application``: :meth:`TowerPeer.close` closes it, and so
+    does this function when it fails.
+
+    Args:
+        offer_sdp: The client's SDP offer.
+        ice_servers: STUN/TURN servers, see :func:`rtc_configuration`; none by default.
+        application: What to do with the client's data channels other than
+            ``heartbeat``.
+        on_event: Called synchronously with each :class:`PeerEvent`, at most once per
+            kind and never after :meth:`TowerPeer.close`; exceptions it raises are
+            logged and swallowed.
+        heartbeat_interval: Seconds between two pings on the heartbeat channel.
+        heartbeat_timeout: Seconds without a heartbeat answer, counted from the
+            connection becoming connected, before the peer is reported silent.
+
+    Returns:
+        The running peer; send its ``answer_sdp`` to the client.
+
+    Raises:
+        ValueError: ``offer_sdp`` does not parse, is not an offer or cannot be
+            accepted, or ``ice_servers`` is malformed. Nothing is left running.
+    """
+    try:
+        configuration = rtc_configuration(ice_servers)
+        _check_offer(offer_sdp)
+    except ValueError:
+        await _close_application(application)
+        raise
+    peer = TowerPeer(
+        configuration,
+        application=application,
+        on_event=on_event,
+        heartbeat_interval=heartbeat_interval,
+        heartbeat_timeout=heartbeat_timeout,
+    )
+    try:
+        peer.answer_sdp = await peer._answer(offer_sdp)
+    except BaseException:
+        await peer.close()
+        raise
+    return peer

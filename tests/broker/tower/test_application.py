@@ -1,0 +1,404 @@
+"""The tower's peer against a real aiortc client in the same process, on plain asyncio.
+
+pytest runs in trio mode, so these tests are sync functions that run their scenario with
+``asyncio.run``: the tower's peer lives in asyncio, as it does in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+
+from broker.tower import application as tower_application
+from broker.tower.application import (
+    APPLICATIONS,
+    EchoApplication,
+    PeerEvent,
+    TowerPeer,
+    answer_offer,
+    rtc_configuration,
+)
+
+INTERVAL = 0.2
+TIMEOUT = 1.0
+# Generous: loaded CI machines stall; a healthy run is far below these.
+DEADLINE = 10.0
+WAIT = 5.0
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    async def bounded() -> None:
+        async with asyncio.timeout(DEADLINE):
+            await scenario()
+
+    asyncio.run(bounded())
+
+
+class Events:
+    """Records the tower's PeerEvents and lets a test wait for one kind."""
+
+    def __init__(self) -> None:
+        self.seen: list[PeerEvent] = []
+        self._arrived: dict[str, asyncio.Event] = {}
+
+    def __call__(self, event: PeerEvent) -> None:
+        self.seen.append(event)
+        self._flag(event.kind).set()
+
+    def kinds(self) -> list[str]:
+        return [event.kind for event in self.seen]
+
+    async def wait_for(self, kind: str) -> PeerEvent:
+        async with asyncio.timeout(WAIT):
+            await self._flag(kind).wait()
+        return next(event for event in self.seen if event.kind == kind)
+
+    def _flag(self, kind: str) -> asyncio.Event:
+        return self._arrived.setdefault(kind, asyncio.Event())
+
+
+class Client:
+    """A browser stand-in: opens "heartbeat" and "echo" and answers pings if told to."""
+
+    def __init__(self, *, open_heartbeat: bool = True) -> None:
+        self.connection = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.answering = True
+        self.pings: list[str] = []
+        self.echoed: list[str | bytes] = []
+        self.echo_opened = asyncio.Event()
+        self.closed = asyncio.Event()
+        self._ping_arrived = asyncio.Event()
+        self._echo_arrived = asyncio.Event()
+        if open_heartbeat:
+            heartbeat = self.connection.createDataChannel("heartbeat")
+            heartbeat.on("message", lambda message: self._pinged(heartbeat, message))
+        self.echo = self.connection.createDataChannel("echo")
+        self.echo.on("open", self.echo_opened.set)
+        self.echo.on("message", self._echo_received)
+        self.connection.on("connectionstatechange", self._state_changed)
+
+    async def offer(self) -> str:
+        await self.connection.setLocalDescription(await self.connection.createOffer())
+        return self.connection.localDescription.sdp
+
+    async def accept(self, answer_sdp: str) -> None:
+        await self.connection.setRemoteDescription(RTCSessionDescription(answer_sdp, "answer"))
+
+    async def wait_for_pings(self, count: int) -> None:
+        async with asyncio.timeout(WAIT):
+            while len(self.pings) < count:
+                self._ping_arrived.clear()
+                await self._ping_arrived.wait()
+
+    async def wait_for_echoes(self, count: int) -> None:
+        async with asyncio.timeout(WAIT):
+            while len(self.echoed) < count:
+                self._echo_arrived.clear()
+                await self._echo_arrived.wait()
+
+    def _pinged(self, channel, message: str) -> None:
+        self.pings.append(message)
+        self._ping_arrived.set()
+        if self.answering:
+            channel.send(message)
+
+    def _echo_received(self, message: str | bytes) -> None:
+        self.echoed.append(message)
+        self._echo_arrived.set()
+
+    def _state_changed(self) -> None:
+        if self.connection.connectionState == "closed":
+            self.closed.set()
+
+
+@asynccontextmanager
+async def session(
+    client: Client | None = None, *, on_event: Callable[[PeerEvent], None] | None = None, **options
+) -> AsyncIterator[tuple[Client, TowerPeer, Events]]:
+    """A tower peer answering a client, connected; both are closed on the way out."""
+    client = client or Client()
+    events = Events()
+    options.setdefault("heartbeat_interval", INTERVAL)
+    options.setdefault("heartbeat_timeout", TIMEOUT)
+    peer = await answer_offer(
+        await client.offer(),
+        application=EchoApplication(),
+        on_event=on_event or events,
+        **options,
+    )
+    try:
+        await client.accept(peer.answer_sdp)
+        async with asyncio.timeout(WAIT):
+            await client.echo_opened.wait()
+        yield client, peer, events
+    finally:
+        await peer.close()
+        await client.connection.close()
+
+
+def test_echo_returns_text_and_bytes_in_order():
+    sent = [f"message {n}" if n % 2 else f"bytes {n}".encode() for n in range(100)]
+
+    async def scenario():
+        async with session() as (client, _, _):
+            for message in sent:
+                client.echo.send(message)
+            await client.wait_for_echoes(len(sent))
+            assert client.echoed == sent
+
+    run(scenario)
+
+
+def test_the_default_application_is_echo():
+    assert APPLICATIONS["echo"] is EchoApplication
+
+
+def test_pings_arrive_numbered_and_answers_are_timed():
+    async def scenario():
+        async with session() as (client, peer, events):
+            await client.wait_for_pings(3)
+            assert client.pings[:3] == ["ping 1", "ping 2", "ping 3"]
+            assert peer.heartbeat_round_trip is not None
+            assert peer.heartbeat_round_trip >= 0
+            assert events.kinds() == ["connected"]
+
+    run(scenario)
+
+
+def test_connected_is_reported_once():
+    async def scenario():
+        async with session() as (client, _, events):
+            await events.wait_for("connected")
+            # Keep the connection busy for a while: more traffic, still one report.
+            await client.wait_for_pings(2)
+            assert events.seen == [PeerEvent("connected")]
+
+    run(scenario)
+
+
+def test_a_client_that_stops_answering_is_declared_silent_once():
+    async def scenario():
+        async with session() as (client, _, events):
+            await client.wait_for_pings(1)
+            client.answering = False
+            silent = await events.wait_for("silent")
+            assert silent.detail == "no heartbeat answer for 1 s"
+            assert events.kinds() == ["connected", "silent"]
+
+    run(scenario)
+
+
+def test_a_client_without_a_heartbeat_channel_is_declared_silent():
+    async def scenario():
+        async with session(Client(open_heartbeat=False)) as (_, _, events):
+            await events.wait_for("silent")
+            assert events.kinds() == ["connected", "silent"]
+
+    run(scenario)
+
+
+def test_a_client_closing_its_side_is_reported_as_closed():
+    async def scenario():
+        async with session() as (client, _, events):
+            await client.connection.close()
+            await events.wait_for("closed")
+            assert events.kinds() == ["connected", "closed"]
+
+    run(scenario)
+
+
+def test_close_is_idempotent_and_silences_all_events():
+    async def scenario():
+        client = Client()
+        client.answering = False
+        async with session(client, heartbeat_timeout=0.3) as (_, peer, events):
+            await peer.close()
+            await asyncio.gather(peer.close(), peer.close())
+            await peer.close()
+            async with asyncio.timeout(WAIT):
+                await client.closed.wait()
+            # Well past the heartbeat timeout: a running heartbeat would have spoken.
+            await asyncio.sleep(0.6)
+            assert events.kinds() == ["connected"]
+            await peer.add_candidate("", None, 0)
+
+    run(scenario)
+
+
+def test_an_on_event_that_raises_breaks_nothing(caplog):
+    def broken(event: PeerEvent) -> None:
+        raise RuntimeError("the actor is gone")
+
+    async def scenario():
+        async with session(on_event=broken) as (client, _, _):
+            client.echo.send("still here")
+            await client.wait_for_echoes(1)
+            assert client.echoed == ["still here"]
+
+    with caplog.at_level(logging.WARNING, logger=tower_application.__name__):
+        run(scenario)
+    assert "RuntimeError" in caplog.text
+    assert "the actor is gone" not in caplog.text
+
+
+@pytest.fixture
+def made_connections(monkeypatch) -> list[tuple[RTCPeerConnection, RTCConfiguration | None]]:
+    """Every peer connection the tower makes, with the configuration it was given."""
+    made: list[tuple[RTCPeerConnection, RTCConfiguration | None]] = []
+
+    class RecordedConnection(RTCPeerConnection):
+        def __init__(self, configuration: RTCConfiguration | None = None) -> None:
+            super().__init__(configuration)
+            made.append((self, configuration))
+
+    monkeypatch.setattr(tower_application, "RTCPeerConnection", RecordedConnection)
+    return made
+
+
+class RecordingApplication(EchoApplication):
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+        await super().close()
+
+
+async def _offer_from_a_client() -> str:
+    client = Client()
+    try:
+        return await client.offer()
+    finally:
+        await client.connection.close()
+
+
+def _without_ice_password(offer: str) -> str:
+    return "".join(line for line in offer.splitlines(True) if not line.startswith("a=ice-pwd"))
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        (lambda offer: "garbage", "no media sections"),
+        (lambda offer: "", "no media sections"),
+        (lambda offer: "m=application\r\n", "not valid SDP"),
+        (_without_ice_password, "not accepted"),
+    ],
+    ids=["garbage", "empty", "broken media line", "no ICE password"],
+)
+def test_a_bad_offer_raises_and_leaves_nothing_running(made_connections, spoil, message):
+    async def scenario():
+        offer = spoil(await _offer_from_a_client())
+        application = RecordingApplication()
+        events = Events()
+        with pytest.raises(ValueError, match=message):
+            await answer_offer(offer, application=application, on_event=events)
+        assert application.closed
+        assert all(connection.signalingState == "closed" for connection, _ in made_connections)
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+        assert events.seen == []
+
+    run(scenario)
+
+
+def test_an_answer_is_not_an_offer():
+    async def scenario():
+        client = Client()
+        other = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        try:
+            await other.setRemoteDescription(
+                RTCSessionDescription(await client.offer(), "offer")
+            )
+            await other.setLocalDescription(await other.createAnswer())
+            with pytest.raises(ValueError, match="not an offer"):
+                await answer_offer(
+                    other.localDescription.sdp,
+                    application=EchoApplication(),
+                    on_event=Events(),
+                )
+        finally:
+            await other.close()
+            await client.connection.close()
+
+    run(scenario)
+
+
+def test_trickled_candidates_are_parsed_and_garbage_is_refused():
+    async def scenario():
+        async with session() as (client, peer, _):
+            candidate = next(
+                line.removeprefix("a=")
+                for line in client.connection.localDescription.sdp.splitlines()
+                if line.startswith("a=candidate:")
+            )
+            await peer.add_candidate(candidate, "0", 0)
+            await peer.add_candidate(candidate.removeprefix("candidate:"), None, 0)
+            for garbage in ("candidate:garbage", "1 1 udp notanumber 192.0.2.1 9 typ host"):
+                with pytest.raises(ValueError, match="not an ICE candidate"):
+                    await peer.add_candidate(garbage, "0", 0)
+            with pytest.raises(ValueError, match="sdp_mid or sdp_mline_index"):
+                await peer.add_candidate(candidate, None, None)
+            await peer.add_candidate("", "0", 0)
+
+    run(scenario)
+
+
+def test_no_ice_servers_by_default_so_no_public_stun_is_contacted(made_connections):
+    async def scenario():
+        async with session() as (_, peer, _):
+            # None would make aiortc fall back to stun.l.google.com.
+            [(_, configuration)] = made_connections
+            assert configuration is not None
+            assert configuration.iceServers == []
+            assert peer.configuration is configuration
+            candidates = [
+                line for line in peer.answer_sdp.splitlines() if line.startswith("a=candidate:")
+            ]
+            assert candidates
+            assert all(" typ host" in line for line in candidates)
+
+    run(scenario)
+
+
+def test_ice_servers_become_an_rtc_configuration():
+    configuration = rtc_configuration(
+        [
+            {"urls": "stun:stun.example.net:3478"},
+            {
+                "urls": ["turn:turn.example.net:3478?transport=tcp"],
+                "username": "tower",
+                "credential": "secret",
+            },
+        ]
+    )
+    assert configuration.iceServers == [
+        RTCIceServer(urls="stun:stun.example.net:3478"),
+        RTCIceServer(
+            urls=["turn:turn.example.net:3478?transport=tcp"],
+            username="tower",
+            credential="secret",
+        ),
+    ]
+    assert rtc_configuration().iceServers == []
+
+
+@pytest.mark.parametrize(
+    "servers",
+    [
+        [{}],
+        [{"urls": []}],
+        [{"urls": "http://example.net"}],
+        [{"urls": "stun:example.net", "password": "x"}],
+        [{"urls": "turn:example.net", "username": 7}],
+    ],
+    ids=["no urls", "empty urls", "not stun or turn", "unknown key", "non-string username"],
+)
+def test_malformed_ice_servers_are_refused(servers):
+    with pytest.raises(ValueError, match="ICE server 0"):
+        rtc_configuration(servers)
