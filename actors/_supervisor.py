@@ -16,6 +16,7 @@ itself: a restarted supervisor starts with the children it was built with.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -46,6 +47,8 @@ from ._restart import (
     should_restart,
 )
 from ._snapshot import ActorSnapshot, ActorState, SupervisorInfo
+
+logger = logging.getLogger("actors")
 
 
 class Supervisor(Actor):
@@ -155,6 +158,8 @@ class Supervisor(Actor):
         incarnation.handled = True
         exit = incarnation.exit
         assert exit is not None
+        if exit.abnormal:
+            logger.warning("%s %s", cell.path, exit, exc_info=exit.error)
         if not should_restart(cell.spec.restart, exit.kind):
             self._remove(cell, exit)
             return
@@ -163,8 +168,8 @@ class Supervisor(Actor):
             if not await self.escalate(cell.name, exit):
                 self._remove(cell, exit)
                 return
+            # The escalated restart starts afresh: it is not counted against the new window.
             self._window = RestartWindow(self.flags.intensity, self.flags.period)
-            self._window.allow(now)
         delay = self._backoff_delay(cell, incarnation, now)
         if self.flags.strategy is Strategy.ONE_FOR_ONE:
             # The common case, with thousands of siblings: no need to list them.

@@ -1,10 +1,13 @@
-"""The ``broker`` command."""
+"""The ``broker`` command: ``serve`` runs the broker, ``tower run`` a tower agent."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 
@@ -15,7 +18,31 @@ def build_parser() -> argparse.ArgumentParser:
         description="Session broker for real-time WebRTC sessions.",
     )
     parser.add_argument("--version", action="version", version=f"broker {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the broker with its local towers")
+    serve.add_argument("--config", type=Path, help="a TOML file of settings (see README)")
+    serve.add_argument("--state-dir", type=Path, help="where credentials are kept")
+    serve.add_argument("--host", help="the address to listen on (default 127.0.0.1)")
+    serve.add_argument("--https-port", type=int, help="default 8443; 0 picks a free port")
+    serve.add_argument("--http-port", type=int, help="default 8080; 0 picks a free port")
+    serve.add_argument("--towers", type=int, dest="local_towers",
+                       help="local tower agents (default: one per core, at least two)")
+    serve.add_argument("--ready-json", action="store_true",
+                       help="announce the broker as one JSON line instead of text")
+
+    tower = commands.add_parser("tower", help="tower agent commands")
+    tower_commands = tower.add_subparsers(dest="tower_command", metavar="COMMAND")
+    run = tower_commands.add_parser("run", help="run a tower agent")
+    run.add_argument("--name", required=True)
+    run.add_argument("--listen", required=True, help="HOST:PORT of the communication server")
+    run.add_argument("--certificate", type=Path, required=True)
+    run.add_argument("--key", type=Path, required=True)
+    run.add_argument("--ca", type=Path, required=True, help="the broker's CA certificate")
+    run.add_argument("--capacity", type=int, default=500)
+    run.add_argument("--heartbeat-interval", type=float, default=1.0)
+    run.add_argument("--heartbeat-timeout", type=float, default=5.0)
+    run.add_argument("--load-interval", type=float, default=1.0)
     return parser
 
 
@@ -23,9 +50,97 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``broker`` command line; returns the process exit status."""
     parser = build_parser()
     arguments = parser.parse_args(argv)
-    if arguments.command is None:
-        parser.print_help(sys.stderr)
+    if arguments.command == "serve":
+        return _serve(arguments)
+    if arguments.command == "tower" and arguments.tower_command == "run":
+        return _tower_run(arguments)
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
+    )
+    # Every ICE check at INFO would drown what the broker says.
+    logging.getLogger("aioice").setLevel(logging.WARNING)
+
+
+def _serve(arguments: argparse.Namespace) -> int:
+    from actors import bridge
+
+    from .config import ConfigError, load_settings
+    from .serve import serve_broker
+
+    try:
+        settings = load_settings(
+            arguments.config,
+            state_dir=arguments.state_dir,
+            host=arguments.host,
+            https_port=arguments.https_port,
+            http_port=arguments.http_port,
+            local_towers=arguments.local_towers,
+        )
+    except ConfigError as error:
+        print(f"broker: {error}", file=sys.stderr)
         return 2
+    _logging()
+
+    def announce(bound, files) -> None:
+        origin = bound.https_origin
+        if arguments.ready_json:
+            print(json.dumps({
+                "url": origin + "/",
+                "http_url": f"http://{bound.public_host}:{bound.http_port}/",
+                "api_key": files.api_key,
+                "state_dir": str(files.directory),
+                "certificate": str(files.https_certificate),
+            }), flush=True)
+            return
+        print(
+            f"Session broker {__version__} is running.\n"
+            f"  open      {origin}/\n"
+            f"  API key   {files.api_key}\n"
+            f"  state     {files.directory}\n"
+            f"  HTTPS certificate (self-signed): {files.https_certificate}\n"
+            f"  towers    {bound.local_towers} local agents\n"
+            "Ctrl-C stops the broker and its towers.",
+            flush=True,
+        )
+
+    try:
+        bridge.run(serve_broker, settings, announce)
+    except bridge.Interrupted:
+        print("broker: stopped", file=sys.stderr)
+    return 0
+
+
+def _tower_run(arguments: argparse.Namespace) -> int:
+    from actors import bridge
+
+    from .tower.agent import AgentSettings, run_agent
+    from .tower.peer import PeerSettings
+
+    host, _, port = arguments.listen.rpartition(":")
+    if not host or not port.isdigit():
+        print("broker tower run: --listen is HOST:PORT", file=sys.stderr)
+        return 2
+    _logging()
+    settings = AgentSettings(
+        name=arguments.name,
+        host=host,
+        port=int(port),
+        certificate=arguments.certificate,
+        key=arguments.key,
+        ca=arguments.ca,
+        capacity=arguments.capacity,
+        load_interval=arguments.load_interval,
+        peer=PeerSettings(arguments.heartbeat_interval, arguments.heartbeat_timeout),
+    )
+    try:
+        bridge.run(run_agent, settings)
+    except bridge.Interrupted:
+        pass
     return 0
 
 

@@ -75,6 +75,14 @@ class Placement:
         """The tower is gone (down, decommissioned): never choose it again until it reports."""
         self._towers.pop(tower, None)
 
+    def load_of(self, tower: str) -> TowerLoad | None:
+        """The tower's last report, counting sessions placed on it since."""
+        standing = self._towers.get(tower)
+        if standing is None:
+            return None
+        load = standing.load
+        return TowerLoad(load.tower, standing.sessions, load.capacity, load.draining)
+
     def ready(self, now: float, exclude: Collection[str] = ()) -> list[str]:
         """Towers that may take a session now: fresh, not draining, not full, not excluded."""
         return [

@@ -1,0 +1,256 @@
+"""A Python client of the broker that speaks only the documented protocol (PROTOCOL.md).
+
+``BrokerClient`` makes the HTTPS API calls; ``open_session`` opens the signaling
+WebSocket and a peer connection, and follows the broker's repairs on its own: on
+``reoffer`` it closes its peer connection, makes a new one and offers again. It runs as
+trio code under ``actors.bridge.run``; the peer connection itself lives on the asyncio
+side (``client_peer``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import h11
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+
+from actors.bridge import call_asyncio
+
+from .client_peer import ClientPeer, new_peer
+
+
+class ApiError(Exception):
+    """The broker answered with an error (see the table in PROTOCOL.md)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class SessionGrant:
+    """What ``POST /v1/sessions`` returned."""
+
+    id: str
+    tower: str
+    signaling_url: str
+    token: str
+    ice_servers: tuple[dict[str, Any], ...]
+
+
+class BrokerClient:
+    """The broker's HTTPS API.
+
+    Args:
+        url: the broker's HTTPS origin, e.g. ``https://127.0.0.1:8443``.
+        api_key: the bearer key for session requests.
+        ssl_context: trusts the broker's certificate (for the embedded broker, a context
+            that loads its self-signed certificate).
+    """
+
+    def __init__(self, url: str, api_key: str, ssl_context: ssl.SSLContext) -> None:
+        parts = urlsplit(url)
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 443
+        self.api_key = api_key
+        self.ssl_context = ssl_context
+
+    async def request(
+        self, method: str, path: str, body: Any = None, *, api_key: str | None = None,
+        raw_body: bytes | None = None,
+    ) -> tuple[int, Any]:
+        """One HTTP/1.1 request; returns the status and the decoded JSON body (or text)."""
+        data = raw_body if raw_body is not None else (
+            b"" if body is None else json.dumps(body).encode())
+        headers = [("host", f"{self.host}:{self.port}"), ("connection", "close"),
+                   ("content-length", str(len(data)))]
+        key = self.api_key if api_key is None else api_key
+        if key:
+            headers.append(("authorization", f"Bearer {key}"))
+        if data:
+            headers.append(("content-type", "application/json"))
+        stream = await trio.open_ssl_over_tcp_stream(
+            self.host, self.port, ssl_context=self.ssl_context
+        )
+        async with stream:
+            connection = h11.Connection(h11.CLIENT)
+            await stream.send_all(connection.send(h11.Request(
+                method=method, target=path, headers=headers)))
+            await stream.send_all(connection.send(h11.Data(data=data)))
+            await stream.send_all(connection.send(h11.EndOfMessage()))
+            status, payload = 0, b""
+            while True:
+                event = connection.next_event()
+                if event is h11.NEED_DATA:
+                    connection.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    payload += event.data
+                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    break
+        if not payload:
+            return status, None
+        try:
+            return status, json.loads(payload)
+        except ValueError:
+            return status, payload.decode(errors="replace")
+
+    async def _call(self, method: str, path: str, body: Any = None) -> Any:
+        status, payload = await self.request(method, path, body)
+        if status >= 400:
+            error = (payload or {}).get("error", {}) if isinstance(payload, dict) else {}
+            raise ApiError(status, error.get("code", "unknown"), error.get("message", ""))
+        return payload
+
+    async def create_session(self, application: str = "echo") -> SessionGrant:
+        created = await self._call("POST", "/v1/sessions", {"application": application})
+        return SessionGrant(
+            id=created["id"],
+            tower=created["tower"],
+            signaling_url=created["signaling_url"],
+            token=created["token"],
+            ice_servers=tuple(created["ice_servers"]),
+        )
+
+    async def get_session(self, session_id: str) -> dict[str, Any]:
+        return await self._call("GET", f"/v1/sessions/{session_id}")
+
+    async def delete_session(self, session_id: str) -> None:
+        await self._call("DELETE", f"/v1/sessions/{session_id}")
+
+    async def new_token(self, session_id: str) -> dict[str, Any]:
+        return await self._call("POST", f"/v1/sessions/{session_id}/tokens")
+
+
+@dataclass
+class ClientSession:
+    """A live session seen from the client: its frames, its state, its peer."""
+
+    grant: SessionGrant
+    websocket: WebSocketConnection
+    answer_heartbeats: bool = True
+    frames: list[dict[str, Any]] = field(default_factory=list)
+    state: str = ""
+    negotiation: int = 0
+    peer: ClientPeer | None = None
+    peers_made: int = 0
+    _changed: trio.Event = field(default_factory=trio.Event)
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.websocket.send_message(json.dumps(frame))
+
+    async def wait_for(self, predicate, timeout: float) -> dict[str, Any]:
+        """Wait for a received frame matching ``predicate``; returns it.
+
+        Raises:
+            trio.TooSlowError: none within ``timeout`` seconds.
+        """
+        seen = 0
+        with trio.fail_after(timeout):
+            while True:
+                for frame in self.frames[seen:]:
+                    if predicate(frame):
+                        return frame
+                seen = len(self.frames)
+                await self._changed.wait()
+
+    async def wait_state(self, state: str, timeout: float = 15.0, *, after: int = 0) -> None:
+        """Wait until the broker says the session is in ``state`` (at negotiation > after)."""
+        await self.wait_for(
+            lambda frame: frame.get("type") == "state" and frame["state"] == state
+            and frame["negotiation"] > after,
+            timeout,
+        )
+
+    async def echo(self, payload: str | bytes, timeout: float = 10.0) -> float:
+        """One echo round trip on the data channel, in seconds."""
+        with trio.fail_after(timeout):
+            peer = self.peer
+            assert peer is not None
+            await call_asyncio(peer.wait_open)
+            return await call_asyncio(peer.echo, payload)
+
+    async def _offer(self) -> None:
+        if self.peer is not None:
+            await call_asyncio(self.peer.close)
+        self.peer = await call_asyncio(
+            functools.partial(new_peer, self.grant.ice_servers,
+                              answer_heartbeats=self.answer_heartbeats)
+        )
+        self.peers_made += 1
+        sdp = await call_asyncio(self.peer.offer)
+        await self.send({"type": "offer", "sdp": sdp})
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                text = await self.websocket.get_message()
+            except ConnectionClosed:
+                self._record({"type": "disconnected"})
+                return
+            frame = json.loads(text)
+            self._record(frame)
+            kind = frame.get("type")
+            if kind == "state":
+                self.state = frame["state"]
+                if frame["negotiation"] > self.negotiation:
+                    first = self.negotiation == 0
+                    self.negotiation = frame["negotiation"]
+                    if first and self.state == "negotiating":
+                        await self._offer()
+            elif kind == "reoffer":
+                self.negotiation = frame["negotiation"]
+                await self._offer()
+            elif kind == "answer" and self.peer is not None:
+                if frame["negotiation"] == self.negotiation:
+                    await call_asyncio(self.peer.accept, frame["sdp"])
+
+    def _record(self, frame: dict[str, Any]) -> None:
+        self.frames.append(frame)
+        self._changed.set()
+        self._changed = trio.Event()
+
+
+@asynccontextmanager
+async def open_session(
+    grant: SessionGrant,
+    ssl_context: ssl.SSLContext,
+    *,
+    answer_heartbeats: bool = True,
+    offer: bool = True,
+) -> AsyncIterator[ClientSession]:
+    """Connect to a session's signaling socket and negotiate; repairs are followed.
+
+    Args:
+        offer: False connects without negotiating (to test the signaling socket).
+    """
+    async with open_websocket_url(grant.signaling_url, ssl_context=ssl_context) as websocket:
+        session = ClientSession(grant, websocket, answer_heartbeats)
+        if not offer:
+            session.negotiation = 1 << 30
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session._follow)
+            try:
+                yield session
+            finally:
+                nursery.cancel_scope.cancel()
+                if session.peer is not None:
+                    with trio.CancelScope(shield=True):
+                        await call_asyncio(session.peer.close)
+
+
+def trusting(certificate_file: str) -> ssl.SSLContext:
+    """A client TLS context that trusts exactly this (self-signed) certificate."""
+    context = ssl.create_default_context(cafile=certificate_file)
+    return context

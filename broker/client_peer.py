@@ -1,0 +1,92 @@
+"""The asyncio side of the Python client: one aiortc peer connection to a tower.
+
+It opens the data channels PROTOCOL.md asks for (``heartbeat``, answered at once, and
+the application's ``echo``), makes the offer, takes the answer, and measures echo
+round trips. The client's trio side (``broker.client``) drives it through the bridge;
+the per-message path (heartbeat answers, echoes) stays here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.sdp import candidate_from_sdp
+
+HEARTBEAT_LABEL = "heartbeat"
+ECHO_LABEL = "echo"
+
+
+class ClientPeer:
+    """A client's peer connection for one negotiation.
+
+    Args:
+        ice_servers: what the broker returned with the session.
+        answer_heartbeats: False makes a client that goes silent once connected.
+    """
+
+    def __init__(
+        self, ice_servers: Sequence[Mapping[str, Any]] = (), *, answer_heartbeats: bool = True
+    ) -> None:
+        servers = [RTCIceServer(**server) for server in ice_servers]
+        self.connection = RTCPeerConnection(RTCConfiguration(iceServers=servers))
+        self.answer_heartbeats = answer_heartbeats
+        self.pings = 0
+        self.heartbeat = self.connection.createDataChannel(HEARTBEAT_LABEL)
+        self.echo_channel = self.connection.createDataChannel(ECHO_LABEL)
+        self._opened = asyncio.Event()
+        self._replies: asyncio.Queue[str | bytes] = asyncio.Queue()
+        self.heartbeat.on("message", self._on_heartbeat)
+        self.echo_channel.on("open", self._opened.set)
+        self.echo_channel.on("message", self._replies.put_nowait)
+
+    def _on_heartbeat(self, message: str | bytes) -> None:
+        self.pings += 1
+        if self.answer_heartbeats and self.heartbeat.readyState == "open":
+            self.heartbeat.send(message)
+
+    async def offer(self) -> str:
+        """Make the offer, with all candidates gathered (aiortc does not trickle)."""
+        await self.connection.setLocalDescription(await self.connection.createOffer())
+        return self.connection.localDescription.sdp
+
+    async def accept(self, answer_sdp: str) -> None:
+        await self.connection.setRemoteDescription(
+            RTCSessionDescription(sdp=answer_sdp, type="answer")
+        )
+
+    async def add_candidate(self, candidate: str, sdp_mid: str, sdp_mline_index: int) -> None:
+        parsed = candidate_from_sdp(candidate.removeprefix("candidate:"))
+        parsed.sdpMid, parsed.sdpMLineIndex = sdp_mid, sdp_mline_index
+        await self.connection.addIceCandidate(parsed)
+
+    async def wait_open(self) -> None:
+        """Until the echo channel is open."""
+        await self._opened.wait()
+
+    async def echo(self, payload: str | bytes) -> float:
+        """Send ``payload`` on the echo channel; returns the round trip in seconds.
+
+        Raises:
+            ValueError: what came back is not what was sent.
+        """
+        started = time.perf_counter()
+        self.echo_channel.send(payload)
+        reply = await self._replies.get()
+        elapsed = time.perf_counter() - started
+        if reply != payload:
+            raise ValueError("the echo differs from what was sent")
+        return elapsed
+
+    async def close(self) -> None:
+        await self.connection.close()
+
+
+async def new_peer(
+    ice_servers: Sequence[Mapping[str, Any]] = (), *, answer_heartbeats: bool = True
+) -> ClientPeer:
+    """A ``ClientPeer`` made on the asyncio side (for ``call_asyncio``)."""
+    return ClientPeer(ice_servers, answer_heartbeats=answer_heartbeats)

@@ -1,0 +1,167 @@
+"""The broker's settings: every knob, its default, and what a wrong value is told.
+
+The embedded default needs no file at all. A TOML file (``broker serve --config FILE``)
+overrides any field by name; an unknown field or a value of the wrong type or range is
+refused with a message naming the field, before anything starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """The configuration is wrong; the message names the field and what is expected."""
+
+
+def default_state_dir() -> Path:
+    """``$XDG_STATE_HOME/session-broker``, or ``~/.local/state/session-broker``."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "session-broker"
+
+
+def default_tower_count() -> int:
+    """One local tower agent per CPU core, at least two."""
+    return max(2, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the broker and its local towers are configured with.
+
+    Times are seconds. Ports may be 0 (any free port; the broker prints what it got).
+    """
+
+    state_dir: Path = field(default_factory=default_state_dir)
+    host: str = "127.0.0.1"
+    # The name browsers use for the broker; also the host of the signaling URLs.
+    public_host: str = "127.0.0.1"
+    https_port: int = 8443
+    http_port: int = 8080
+    # Strict-Transport-Security max-age on HTTPS responses; 0 sends no HSTS header.
+    hsts_max_age: int = 31_536_000
+    # Origins a browser's signaling WebSocket may come from; empty means the broker's own.
+    allowed_origins: tuple[str, ...] = ()
+    # STUN/TURN servers handed to clients and towers; none unless configured.
+    ice_servers: tuple[dict[str, Any], ...] = ()
+    local_towers: int = field(default_factory=default_tower_count)
+    tower_capacity: int = 500
+    max_sessions_per_key: int = 50
+    token_lifetime: float = 60.0
+    negotiation_deadline: float = 10.0
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 5.0
+    # Negotiation retries on one tower within negotiation_restart_period, then re-placement.
+    negotiation_restarts: int = 2
+    negotiation_restart_period: float = 60.0
+    # Towers a session may be placed on in all before it fails.
+    placements_per_session: int = 2
+    # A tower link silent for this long (no load report) is considered lost.
+    tower_silence: float = 3.0
+    tower_load_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("https_port", "http_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"{name} must be a port number (0-65535), not {port}")
+        for name in (
+            "token_lifetime",
+            "negotiation_deadline",
+            "heartbeat_interval",
+            "heartbeat_timeout",
+            "negotiation_restart_period",
+            "tower_silence",
+            "tower_load_interval",
+        ):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be a positive number of seconds")
+        for name in ("local_towers", "negotiation_restarts", "hsts_max_age"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} cannot be negative")
+        for name in ("tower_capacity", "max_sessions_per_key", "placements_per_session"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ConfigError("heartbeat_timeout must be longer than heartbeat_interval")
+        if self.tower_silence <= self.tower_load_interval:
+            raise ConfigError("tower_silence must be longer than tower_load_interval")
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            raise ConfigError(f"host must be an IP address to listen on, not {self.host!r}")
+        for server in self.ice_servers:
+            if not isinstance(server, dict) or not isinstance(server.get("urls"), (str, list)):
+                raise ConfigError(f"each of ice_servers needs 'urls', not {server!r}")
+
+    @property
+    def https_origin(self) -> str:
+        return f"https://{self.public_host}:{self.https_port}"
+
+    def with_ports(self, https_port: int, http_port: int) -> Settings:
+        """These settings with the ports actually bound (when 0 was asked for)."""
+        return dataclasses.replace(self, https_port=https_port, http_port=http_port)
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from a TOML file (optional), then ``overrides`` (from the command line).
+
+    Raises:
+        ConfigError: the file does not parse, names an unknown field, or a value is
+            of the wrong type or out of range.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as file:
+                values = tomllib.load(file)
+        except OSError as error:
+            raise ConfigError(f"cannot read {path}: {error.strerror}") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path} is not valid TOML: {error}") from None
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    return settings_from_mapping(values)
+
+
+def settings_from_mapping(values: dict[str, Any]) -> Settings:
+    """Build and check ``Settings`` from plain values, converting where TOML cannot say."""
+    known = {item.name: item for item in dataclasses.fields(Settings)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+    converted: dict[str, Any] = {}
+    defaults = Settings.__dataclass_fields__
+    for name, value in values.items():
+        expected = defaults[name].type
+        converted[name] = _convert(name, str(expected), value)
+    return Settings(**converted)
+
+
+def _convert(name: str, expected: str, value: Any) -> Any:
+    if expected == "Path":
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"{name} must be a path")
+        return Path(value).expanduser()
+    if expected == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, not {value!r}")
+        return value
+    if expected == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, not {value!r}")
+        return float(value)
+    if expected == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, not {value!r}")
+        return value
+    if expected.startswith("tuple"):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, not {value!r}")
+        return tuple(value)
+    raise ConfigError(f"{name} cannot be set")

@@ -1,0 +1,454 @@
+"""The browsers' endpoint: the HTTPS API, the signaling WebSocket, and the 301 from HTTP.
+
+Theory of operation: one ASGI application served by hypercorn's trio worker on two
+listeners: HTTPS (TLS 1.2+, HTTP/1.1 and HTTP/2) and plain HTTP, whose every request is
+answered with ``301`` to the same path on the HTTPS origin. The application is a thin
+translation: it checks credentials and input (``signaling``), then asks the session
+actors; it holds no session state besides which API key owns which session.
+
+A signaling connection gets a bounded outbox that its session writes frames into; a
+writer task sends them, and the reader turns the client's frames into messages for the
+session. Bad frames are answered with an error frame; only the errors PROTOCOL.md calls
+fatal close the connection, and none of them touch the session.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import json
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qs
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from actors import Actor, ActorCrashed, ActorRef, ActorStopped, ActorSystem, AskTimeout
+from actors import SupervisorRef
+from .config import Settings
+from .metrics import SessionCounters, render
+from .sessions import (
+    CLIENT_OUTBOX_SIZE,
+    AttachClient,
+    CloseSession,
+    DetachClient,
+    Describe,
+    Session,
+    new_session_id,
+    session_spec,
+)
+from .signaling import RateLimit, SignalingError, SignalingTokens, parse_client_frame
+from .towers import TowerDirectory
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+MAX_BODY_BYTES = 16 * 1024
+APPLICATIONS = ("echo",)
+_SESSION_PATH = re.compile(r"^/v1/sessions/(s-[0-9a-f]{16})(/tokens|/signaling)?$")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+class BrokerApi:
+    """The ASGI application."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        api_keys: tuple[str, ...],
+        tokens: SignalingTokens,
+        towers: TowerDirectory,
+        system: ActorSystem,
+        counters: SessionCounters,
+    ) -> None:
+        self.settings = settings
+        self.api_keys = api_keys
+        self.tokens = tokens
+        self.towers = towers
+        self.system = system
+        self.counters = counters
+        self.owners: dict[str, str] = {}
+        self.sessions_of: dict[str, set[str]] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+        elif scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+
+    # HTTP.
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["scheme"] == "http":
+            await self._redirect(scope, send)
+            return
+        headers = {"cache-control": "no-store"}
+        try:
+            status, body = await self._route(scope, receive)
+        except ApiError as error:
+            status = error.status
+            body = {"error": {"code": error.code, "message": error.message}}
+            headers.update(error.headers)
+        if isinstance(body, str):
+            await _respond(send, status, body.encode(), "text/plain; version=0.0.4",
+                           self._secure_headers(headers))
+        elif body is None:
+            await _respond(send, status, b"", None, self._secure_headers(headers))
+        else:
+            await _respond(send, status, json.dumps(body).encode(), "application/json",
+                           self._secure_headers(headers))
+
+    def _secure_headers(self, headers: dict[str, str]) -> dict[str, str]:
+        headers["x-content-type-options"] = "nosniff"
+        if self.settings.hsts_max_age:
+            headers["strict-transport-security"] = f"max-age={self.settings.hsts_max_age}"
+        return headers
+
+    async def _redirect(self, scope: Scope, send: Send) -> None:
+        # The target is built from our own name, never the request's Host header.
+        location = self.settings.https_origin + scope["raw_path"].decode("latin-1")
+        if scope.get("query_string"):
+            location += "?" + scope["query_string"].decode("latin-1")
+        await _respond(send, 301, b"", None, {"location": location})
+
+    async def _route(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
+        method, path = scope["method"], scope["path"]
+        if path == "/healthz":
+            _allow(method, "GET")
+            ready = self.towers.ready_count()
+            return (200 if ready else 503), {
+                "status": "ok" if ready else "no_tower", "towers_ready": ready}
+        if path == "/metrics":
+            _allow(method, "GET")
+            return 200, self.metrics()
+        if path == "/v1/sessions":
+            _allow(method, "POST")
+            key = self._authenticate(scope)
+            options = await _read_json(receive)
+            return 201, await self._create(key, options)
+        match = _SESSION_PATH.match(path)
+        if match is None or match.group(2) == "/signaling":
+            raise ApiError(404, "not_found", f"there is nothing at {path[:100]}")
+        session_id, action = match.group(1), match.group(2)
+        if action == "/tokens":
+            _allow(method, "POST")
+            self._owned(self._authenticate(scope), session_id)
+            return 201, self._token(session_id)
+        _allow(method, "GET", "DELETE")
+        ref = self._owned(self._authenticate(scope), session_id)
+        if method == "GET":
+            return 200, await _ask(ref, Describe())
+        await _ask(ref, CloseSession("deleted through the API"))
+        return 204, None
+
+    def _authenticate(self, scope: Scope) -> str:
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, key = value.decode("latin-1").partition(" ")
+                if scheme.lower() == "bearer":
+                    for known in self.api_keys:
+                        if hmac.compare_digest(key.strip().encode(), known.encode()):
+                            return known
+        raise ApiError(401, "unauthorized", "a valid API key is needed (Authorization: Bearer)",
+                       {"www-authenticate": "Bearer"})
+
+    def _session(self, session_id: str) -> ActorRef | None:
+        return self.system.lookup(f"/broker/sessions/session:{session_id}")
+
+    def _owned(self, key: str, session_id: str) -> ActorRef:
+        ref = self._session(session_id)
+        if ref is None or self.owners.get(session_id) != key:
+            self._forget(session_id)
+            raise ApiError(404, "not_found", f"there is no session {session_id}")
+        return ref
+
+    def _forget(self, session_id: str) -> None:
+        key = self.owners.pop(session_id, None)
+        if key is not None:
+            self.sessions_of.get(key, set()).discard(session_id)
+
+    async def _create(self, key: str, options: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(options) - {"application"})
+        if unknown:
+            raise ApiError(400, "bad_request", f"unknown field(s): {', '.join(unknown)[:80]}")
+        application = options.get("application", "echo")
+        if application not in APPLICATIONS:
+            raise ApiError(400, "bad_request", f"application must be one of {list(APPLICATIONS)}")
+        mine = self.sessions_of.setdefault(key, set())
+        for session_id in [s for s in mine if self._session(s) is None]:
+            self._forget(session_id)
+        if len(mine) >= self.settings.max_sessions_per_key:
+            raise ApiError(429, "too_many_sessions",
+                           f"this API key already has {len(mine)} live sessions")
+        tower = self.towers.choose()
+        if tower is None:
+            raise ApiError(503, "no_tower", "no tower is ready to take a session; retry later")
+        session_id = new_session_id()
+        session = Session(session_id, key, application, tower.name, self.towers,
+                          self.settings, self.counters)
+        sessions = self.system.lookup("/broker/sessions")
+        assert isinstance(sessions, SupervisorRef)
+        try:
+            await sessions.start_child(session_spec(session))
+        except ActorCrashed as error:
+            raise ApiError(503, "no_tower", f"the session could not start: {error.error}")
+        self.owners[session_id] = key
+        mine.add(session_id)
+        created = {"id": session_id, **session.describe()}
+        created.update(self._token(session_id))
+        created["ice_servers"] = list(self.settings.ice_servers)
+        del created["negotiation"], created["placements"], created["reason"], created["age"]
+        return created
+
+    def _token(self, session_id: str) -> dict[str, Any]:
+        token = self.tokens.issue(session_id, trio.current_time())
+        return {
+            "signaling_url": f"wss://{self.settings.public_host}:{self.settings.https_port}"
+            f"/v1/sessions/{session_id}/signaling?token={token}",
+            "token": token,
+            "token_expires_in": self.settings.token_lifetime,
+        }
+
+    def metrics(self) -> str:
+        now = trio.current_time()
+        ready = set(self.towers.placement.ready(now))
+        towers = {}
+        for connection in self.towers:
+            standing = self.towers.placement.load_of(connection.name)
+            sessions = standing.sessions if standing else 0
+            draining = standing.draining if standing else False
+            state = "draining" if draining else "ready" if connection.name in ready else "stale"
+            towers[connection.name] = (state, sessions)
+        return render(self.counters, towers, self.system.snapshot())
+
+    # The signaling WebSocket.
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        event = await receive()
+        if event["type"] != "websocket.connect":
+            return
+        if scope["scheme"] != "wss":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await send({"type": "websocket.accept"})
+        lock = trio.Lock()
+
+        async def send_frame(frame: dict[str, Any]) -> None:
+            async with lock:
+                await send({"type": "websocket.send", "text": json.dumps(frame)})
+
+        async def close(code: int) -> None:
+            async with lock:
+                await send({"type": "websocket.close", "code": code})
+
+        try:
+            session = self._signaling_session(scope)
+            outbox, frames = trio.open_memory_channel[dict[str, Any]](CLIENT_OUTBOX_SIZE)
+            try:
+                await session.ask(AttachClient(outbox))
+            except (ActorStopped, AskTimeout):
+                raise SignalingError("session_not_found", "the session has ended") from None
+        except SignalingError as error:
+            await send_frame(error.frame())
+            await close(error.close_code)
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write, frames, send_frame, close, nursery.cancel_scope)
+                await self._read(receive, session, send_frame, close)
+                nursery.cancel_scope.cancel()
+        finally:
+            try:
+                session.tell_nowait(DetachClient(outbox))
+            except ActorStopped:
+                pass
+
+    def _signaling_session(self, scope: Scope) -> ActorRef:
+        match = _SESSION_PATH.match(scope["path"])
+        if match is None or match.group(2) != "/signaling":
+            raise SignalingError("session_not_found", "this is not a session's signaling URL")
+        origin = _header(scope, b"origin")
+        if origin is not None and origin not in self._allowed_origins():
+            raise SignalingError("origin_not_allowed", f"origin {origin[:100]} is not allowed")
+        session_id = match.group(1)
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        token = (query.get("token") or [""])[0]
+        self.tokens.check(token, session_id, trio.current_time())
+        session = self._session(session_id)
+        if session is None:
+            raise SignalingError("session_not_found", "the session has ended")
+        return session
+
+    def _allowed_origins(self) -> tuple[str, ...]:
+        return self.settings.allowed_origins or (self.settings.https_origin,)
+
+    async def _write(self, frames, send_frame, close, scope: trio.CancelScope) -> None:
+        close_code = 1000
+        async for frame in frames:
+            await send_frame(frame)
+            if frame.get("type") == "error" and frame.get("fatal"):
+                close_code = SignalingError(frame["code"], "").close_code
+        # The session closed the outbox: it ended, or another connection replaced this one.
+        await close(close_code)
+        scope.cancel()
+
+    async def _read(self, receive: Receive, session: ActorRef, send_frame, close) -> None:
+        limit = RateLimit()
+        while True:
+            event = await receive()
+            if event["type"] == "websocket.disconnect":
+                return
+            data = event.get("text")
+            if data is None:
+                data = event.get("bytes") or b""
+            try:
+                if not limit.allow(trio.current_time()):
+                    raise SignalingError("rate_limited", "more than 100 frames within a second")
+                message = parse_client_frame(data)
+            except SignalingError as error:
+                await send_frame(error.frame())
+                if error.fatal:
+                    await close(error.close_code)
+                    return
+                continue
+            try:
+                await session.tell(message)
+            except ActorStopped:
+                return
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _allow(method: str, *allowed: str) -> None:
+    if method not in allowed:
+        raise ApiError(405, "method_not_allowed", f"{method[:10]} is not allowed here",
+                       {"allow": ", ".join(allowed)})
+
+
+async def _ask(ref: ActorRef, message: object) -> Any:
+    try:
+        return await ref.ask(message)
+    except ActorStopped:
+        raise ApiError(404, "not_found", "the session has ended") from None
+    except AskTimeout:
+        raise ApiError(503, "busy", "the session did not answer in time") from None
+
+
+async def _read_json(receive: Receive) -> dict[str, Any]:
+    body = b""
+    while True:
+        event = await receive()
+        body += event.get("body", b"")
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, "payload_too_large", f"bodies are at most {MAX_BODY_BYTES} bytes")
+        if not event.get("more_body"):
+            break
+    if not body.strip():
+        return {}
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "bad_request", "the body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, "bad_request", "the body is a JSON object")
+    return value
+
+
+async def _respond(
+    send: Send, status: int, body: bytes, content_type: str | None, headers: dict[str, str]
+) -> None:
+    raw = [(name.encode(), value.encode()) for name, value in headers.items()]
+    if content_type is not None:
+        raw.append((b"content-type", content_type.encode()))
+    raw.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        event = await receive()
+        if event["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif event["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+class Endpoint(Actor):
+    """Serves ``BrokerApi`` on the HTTPS and HTTP listeners.
+
+    ``on_listening`` gets the settings with the ports actually bound (ports given as 0
+    are chosen by the system), once both listeners are up.
+    """
+
+    runs_tasks = True
+
+    def __init__(
+        self,
+        settings: Settings,
+        api_keys: tuple[str, ...],
+        tokens: SignalingTokens,
+        towers: TowerDirectory,
+        counters: SessionCounters,
+        certificate: str,
+        key: str,
+        on_listening: Callable[[Settings], None],
+    ) -> None:
+        self.settings = settings
+        self.api_keys = api_keys
+        self.tokens = tokens
+        self.towers = towers
+        self.counters = counters
+        self.certificate = certificate
+        self.key = key
+        self.on_listening = on_listening
+
+    def config(self) -> Config:
+        settings = self.settings
+        config = Config()
+        config.bind = [f"{settings.host}:{settings.https_port}"]
+        config.insecure_bind = [f"{settings.host}:{settings.http_port}"]
+        config.certfile = self.certificate
+        config.keyfile = self.key
+        config.include_server_header = False
+        # Frames past our own 64 KiB limit get a documented error; hypercorn's cut is a
+        # last line of defence far above it.
+        config.websocket_max_message_size = 1024 * 1024
+        config.keep_alive_max_requests = 1_000_000
+        config.accesslog = None
+        return config
+
+    async def started(self) -> None:
+        listening = trio.Event()
+        self.start_soon(self._run, listening)
+        await listening.wait()
+
+    async def _run(self, listening: trio.Event) -> None:
+        app = BrokerApi(self.settings, self.api_keys, self.tokens, self.towers, self.system,
+                        self.counters)
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(functools.partial(serve, app, self.config(), mode="asgi"))
+            ports = {bind.split("://")[0]: int(bind.rsplit(":", 1)[1]) for bind in binds}
+            app.settings = self.settings.with_ports(ports["https"], ports["http"])
+            self.on_listening(app.settings)
+            listening.set()

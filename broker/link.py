@@ -1,0 +1,120 @@
+"""What the broker and a tower say to each other over their mutual-TLS WebSocket.
+
+Every frame is one binary WebSocket message: a registered message below, msgpack in the
+runtime's versioned envelope (``actors.Codec``). The tower speaks first (``TowerHello``)
+and then reports its load every ``load_interval`` seconds; those reports are also the
+link's heartbeat. A frame that does not decode is answered with ``LinkError``, counted,
+and otherwise ignored: one bad frame never closes the link.
+
+Session messages name the session and the negotiation number, so a late answer or state
+from an earlier negotiation of the same session is recognised and dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from actors import Codec
+
+LINK_VERSION = 1
+# An SDP offer with many candidates is a few KiB; ten times the largest seen is plenty.
+MAX_FRAME_BYTES = 256 * 1024
+
+codec = Codec(version=LINK_VERSION, max_frame_bytes=MAX_FRAME_BYTES)
+
+
+# Tower to broker.
+
+
+@codec.message("tower.hello")
+@dataclass(frozen=True)
+class TowerHello:
+    """The first frame on a link: who the tower is and what it can take."""
+
+    tower: str
+    capacity: int
+    agent_version: str
+
+
+@codec.message("tower.load")
+@dataclass(frozen=True)
+class TowerLoadReport:
+    """Sessions open on the tower now; also the link's heartbeat."""
+
+    sessions: int
+    capacity: int
+    draining: bool = False
+
+
+@codec.message("peer.answer")
+@dataclass(frozen=True)
+class PeerAnswer:
+    session: str
+    negotiation: int
+    sdp: str
+
+
+@codec.message("peer.rejected")
+@dataclass(frozen=True)
+class PeerRejected:
+    """The tower could not use what it was sent (an offer or candidate that does not parse)."""
+
+    session: str
+    negotiation: int
+    code: str
+    message: str
+
+
+@codec.message("peer.state")
+@dataclass(frozen=True)
+class PeerState:
+    """A peer connection reached ``connected``, or ended: ``failed``, ``silent``, ``closed``."""
+
+    session: str
+    negotiation: int
+    state: str
+    detail: str = ""
+
+
+@codec.message("link.error")
+@dataclass(frozen=True)
+class LinkError:
+    """The other side sent a frame that could not be used."""
+
+    message: str
+
+
+# Broker to tower.
+
+
+@codec.message("peer.open")
+@dataclass(frozen=True)
+class OpenPeer:
+    """Answer this offer with a fresh peer connection running ``application``."""
+
+    session: str
+    negotiation: int
+    offer: str
+    application: str
+    ice_servers: tuple[Any, ...] = ()
+
+
+@codec.message("peer.candidate")
+@dataclass(frozen=True)
+class AddCandidate:
+    session: str
+    negotiation: int
+    candidate: str
+    sdp_mid: str | None = None
+    sdp_mline_index: int | None = None
+
+
+@codec.message("peer.close")
+@dataclass(frozen=True)
+class ClosePeer:
+    session: str
+    negotiation: int
+
+
+SessionMessage = PeerAnswer | PeerRejected | PeerState

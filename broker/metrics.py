@@ -1,0 +1,114 @@
+"""The broker's metrics, in the Prometheus text format (version 0.0.4).
+
+Counters are kept by the actors that see the events (``SessionCounters``); gauges are
+read when scraped, from the towers' directory and the actor system's own snapshot, so
+there is no second source of truth to drift.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+from actors import ActorSnapshot
+
+from .lifecycle import FailureReason, SessionState
+
+
+class SessionCounters:
+    """What sessions count as they live: by state now, and totals."""
+
+    def __init__(self) -> None:
+        self.by_state: Counter[SessionState] = Counter()
+        self.created = 0
+        self.negotiations = 0
+        self.failed = 0
+        self.failures: Counter[FailureReason] = Counter()
+
+    def session_started(self, state: SessionState) -> None:
+        self.created += 1
+        self.by_state[state] += 1
+
+    def moved(self, old: SessionState, new: SessionState) -> None:
+        if old is not new:
+            self.by_state[old] -= 1
+            self.by_state[new] += 1
+
+    def session_ended(self, state: SessionState) -> None:
+        self.by_state[state] -= 1
+
+    def negotiation_started(self) -> None:
+        self.negotiations += 1
+
+    def negotiation_failed(self, reason: FailureReason) -> None:
+        self.failures[reason] += 1
+
+    def session_failed(self) -> None:
+        self.failed += 1
+
+    def live(self) -> int:
+        return sum(count for state, count in self.by_state.items() if not state.ended)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _family(name: str, kind: str, help_text: str, samples: Iterable[tuple[str, float]]) -> str:
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    for labels, value in samples:
+        lines.append(f"{name}{labels} {value:g}")
+    return "\n".join(lines)
+
+
+def render(
+    counters: SessionCounters,
+    towers: dict[str, tuple[str, int]],
+    tree: ActorSnapshot,
+) -> str:
+    """The metrics page.
+
+    Args:
+        counters: the sessions' counters.
+        towers: each linked tower's state (``ready``, ``draining``, ``stale``) and sessions.
+        tree: a snapshot of the whole actor system.
+    """
+    actors = list(tree.walk())
+    depths = [actor.mailbox_depth for actor in actors]
+    tower_states = Counter(state for state, _sessions in towers.values())
+    families = [
+        _family(
+            "broker_sessions", "gauge", "Live sessions by state.",
+            ((f'{{state="{state.value}"}}', counters.by_state[state]) for state in SessionState
+             if not state.ended),
+        ),
+        _family("broker_sessions_created_total", "counter", "Sessions created.",
+                [("", counters.created)]),
+        _family("broker_sessions_failed_total", "counter", "Sessions that failed for good.",
+                [("", counters.failed)]),
+        _family("broker_negotiations_total", "counter", "Negotiations started.",
+                [("", counters.negotiations)]),
+        _family(
+            "broker_negotiation_failures_total", "counter", "Negotiations that failed, by reason.",
+            ((f'{{reason="{reason.value}"}}', counters.failures[reason])
+             for reason in FailureReason),
+        ),
+        _family(
+            "broker_towers", "gauge", "Linked towers by state.",
+            ((f'{{state="{state}"}}', tower_states[state])
+             for state in ("ready", "draining", "stale")),
+        ),
+        _family(
+            "broker_tower_sessions", "gauge", "Sessions each tower reported.",
+            ((f'{{tower="{_escape(name)}"}}', sessions)
+             for name, (_state, sessions) in sorted(towers.items())),
+        ),
+        _family("broker_actor_restarts_total", "counter", "Actor restarts, all actors alive.",
+                [("", sum(actor.restarts for actor in actors))]),
+        _family("broker_actors", "gauge", "Actors alive.", [("", len(actors))]),
+        _family("broker_mailbox_depth_max", "gauge", "The deepest mailbox.",
+                [("", max(depths, default=0))]),
+        _family("broker_mailbox_depth_total", "gauge", "Messages waiting in all mailboxes.",
+                [("", sum(depths))]),
+    ]
+    return "\n".join(families) + "\n"

@@ -1,0 +1,438 @@
+"""Sessions as actors: a session supervises one negotiation at a time, and repairs it.
+
+Theory of operation: ``session:<id>`` is a supervisor with one transient child,
+``negotiation``. The session owns the lifecycle (``SessionLifecycle``), the client's
+signaling connection and the tower it is placed on; a negotiation owns one attempt at
+connecting the client to that tower: it sends the client's offer and candidates to the
+tower, relays the answer, and fails (crashes) when its deadline passes before the peer
+connects, when the tower reports the peer failed or silent, or when the tower's link
+goes away. The session's supervision restarts it, with backoff, as a new negotiation
+(the client is asked to re-offer). When the restarts on one tower are used up
+(``escalate``) or the tower is gone, the session moves to another tower; when it has
+used its placements, it fails and tells the client why.
+
+Messages from the tower are routed by session id straight to the current negotiation;
+it tells its session what the client must hear.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from actors import (
+    Actor,
+    ActorRef,
+    Backoff,
+    ChildSpec,
+    Exit,
+    Restart,
+    Supervisor,
+    SupervisorFlags,
+)
+
+from .config import Settings
+from .lifecycle import (
+    FailureReason,
+    ForwardCandidate,
+    ForwardOffer,
+    SendToClient,
+    SessionLifecycle,
+    SessionState,
+    error_frame,
+)
+from .link import AddCandidate, ClosePeer, OpenPeer, PeerAnswer, PeerRejected, PeerState
+from .metrics import SessionCounters
+from .towers import TowerConnection, TowerDirectory, TowerGone
+
+CLIENT_OUTBOX_SIZE = 64
+
+
+def new_session_id() -> str:
+    return "s-" + secrets.token_hex(8)
+
+
+class NegotiationFailed(Exception):
+    """A negotiation ended without (or after losing) a connected peer."""
+
+    def __init__(self, reason: FailureReason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+        self.reason = reason
+        self.detail = detail
+
+
+# What the endpoint tells a session.
+
+
+@dataclass(frozen=True)
+class AttachClient:
+    """A signaling connection for this session; frames for it go into ``outbox``."""
+
+    outbox: trio.MemorySendChannel[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class DetachClient:
+    outbox: trio.MemorySendChannel[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ClientOffer:
+    sdp: str
+
+
+@dataclass(frozen=True)
+class ClientCandidate:
+    candidate: str
+    sdp_mid: str | None
+    sdp_mline_index: int | None
+
+
+@dataclass(frozen=True)
+class CloseSession:
+    why: str
+
+
+@dataclass(frozen=True)
+class Describe:
+    """Asks a session for what ``GET /v1/sessions/{id}`` shows."""
+
+
+# What a negotiation tells its session.
+
+
+@dataclass(frozen=True)
+class Answered:
+    number: int
+    sdp: str
+
+
+@dataclass(frozen=True)
+class Rejected:
+    number: int
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Connected:
+    number: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    number: int
+    reason: FailureReason
+    detail: str
+
+
+class Session(Supervisor):
+    """One browser session: its lifecycle, its client, and its current negotiation."""
+
+    def __init__(
+        self,
+        session_id: str,
+        api_key: str,
+        application: str,
+        tower: str,
+        towers: TowerDirectory,
+        settings: Settings,
+        counters: SessionCounters,
+    ) -> None:
+        flags = SupervisorFlags(
+            intensity=settings.negotiation_restarts,
+            period=settings.negotiation_restart_period,
+            backoff=Backoff(initial=0.1, maximum=2.0, reset_after=settings.heartbeat_timeout),
+        )
+        super().__init__([ChildSpec("negotiation", self._negotiation, Restart.TRANSIENT)], flags)
+        self.session_id = session_id
+        self.api_key = api_key
+        self.application = application
+        self.towers = towers
+        self.settings = settings
+        self.counters = counters
+        self.lifecycle = SessionLifecycle(tower, settings.placements_per_session)
+        self.created_at = trio.current_time()
+        self.client: trio.MemorySendChannel[dict[str, Any]] | None = None
+        self.negotiations = 0
+        self.negotiation: ActorRef | None = None
+        self.counted_state = self.lifecycle.state
+        self.counting = False
+
+    def _negotiation(self) -> Negotiation:
+        # The start function of the child: the session's own code, run when its
+        # supervision starts a negotiation, so the tower is settled before it runs.
+        self.negotiations += 1
+        tower = self._begin(self.negotiations)
+        if self.counting:
+            self._count_state()
+        return Negotiation(self.ref, self.session_id, self.negotiations, self.application,
+                           tower, self.settings)
+
+    @property
+    def state(self) -> SessionState:
+        return self.lifecycle.state
+
+    async def started(self) -> None:
+        self.negotiation = self.system.lookup(f"{self.path}/negotiation")
+        self.counters.session_started(self.counted_state)
+        self.counting = True
+        self._count_state()
+
+    async def receive(self, message: Any) -> Any:
+        try:
+            return await self._handle(message)
+        finally:
+            self._count_state()
+
+    def _count_state(self) -> None:
+        # The live-sessions gauge follows the lifecycle: counted at each change.
+        state = self.lifecycle.state
+        if state is not self.counted_state:
+            self.counters.moved(self.counted_state, state)
+            self.counted_state = state
+
+    async def _handle(self, message: Any) -> Any:
+        lifecycle = self.lifecycle
+        if isinstance(message, ClientOffer):
+            return await self._carry_out(lifecycle.offer(message.sdp))
+        if isinstance(message, ClientCandidate):
+            return await self._carry_out(
+                lifecycle.candidate(message.candidate, message.sdp_mid, message.sdp_mline_index)
+            )
+        if isinstance(message, Answered):
+            return await self._carry_out(lifecycle.answer(message.number, message.sdp))
+        if isinstance(message, Rejected):
+            return await self._carry_out(
+                lifecycle.offer_rejected(message.number, message.code, message.message)
+            )
+        if isinstance(message, Connected):
+            return await self._carry_out(lifecycle.connected(message.number))
+        if isinstance(message, Failed):
+            self.counters.negotiation_failed(message.reason)
+            return await self._carry_out(
+                lifecycle.negotiation_failed(message.number, message.reason, message.detail)
+            )
+        if isinstance(message, AttachClient):
+            return self._attach(message.outbox)
+        if isinstance(message, DetachClient):
+            if self.client is message.outbox:
+                self.client = None
+            return None
+        if isinstance(message, CloseSession):
+            await self._carry_out(lifecycle.close(message.why))
+            return self._end()
+        if isinstance(message, Describe):
+            return self.describe()
+        raise TypeError(f"a session does not handle {type(message).__name__}")
+
+    def _begin(self, number: int) -> TowerConnection | None:
+        lifecycle = self.lifecycle
+        if lifecycle.state.ended:
+            return None
+        tower = self.towers.get(lifecycle.tower)
+        if tower is None or lifecycle.move_requested:
+            tower = self._move()
+            if tower is None:
+                return None
+        decisions = lifecycle.negotiation_started(number)
+        self.counters.negotiation_started()
+        self._send_all(decisions)
+        return tower
+
+    def _move(self) -> TowerConnection | None:
+        lifecycle = self.lifecycle
+        if not lifecycle.may_move():
+            self._fail("no placements left")
+            return None
+        tower = self.towers.choose(exclude=frozenset(lifecycle.towers_tried))
+        if tower is None:
+            self._fail("no other tower is ready")
+            return None
+        lifecycle.placed(tower.name)
+        return tower
+
+    def _fail(self, why: str) -> None:
+        self._send_all(self.lifecycle.give_up(why))
+        self.counters.session_failed()
+        self._end()
+
+    def _end(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        self.stop()
+
+    async def escalate(self, child: str, exit: Exit) -> bool:
+        if self.lifecycle.restarts_used_up():
+            return True
+        self._fail("the restarts on each tower were used up")
+        return False
+
+    def _attach(self, outbox: trio.MemorySendChannel[dict[str, Any]]) -> dict[str, Any]:
+        if self.client is not None:
+            _send(self.client, error_frame(
+                "replaced", "another signaling connection took over this session", fatal=True
+            ))
+            self.client.close()
+        self.client = outbox
+        state = self.lifecycle.state_frame()
+        _send(outbox, state)
+        return state
+
+    async def _carry_out(self, decisions: list) -> None:
+        for decision in decisions:
+            if isinstance(decision, SendToClient):
+                self._send_client(decision.frame)
+            elif self.negotiation is not None:
+                await self.negotiation.tell(decision)
+
+    def _send_all(self, decisions: list) -> None:
+        for decision in decisions:
+            if isinstance(decision, SendToClient):
+                self._send_client(decision.frame)
+
+    def _send_client(self, frame: dict[str, Any]) -> None:
+        if self.client is not None and not _send(self.client, frame):
+            # A client too slow to take its frames loses its connection, not the session.
+            self.client.close()
+            self.client = None
+
+    def describe(self) -> dict[str, Any]:
+        lifecycle = self.lifecycle
+        return {
+            "id": self.session_id,
+            "state": lifecycle.state.value,
+            "tower": lifecycle.tower,
+            "negotiation": lifecycle.negotiation,
+            "placements": len(lifecycle.towers_tried),
+            "reason": lifecycle.reason,
+            "age": round(trio.current_time() - self.created_at, 3),
+        }
+
+    async def stopping(self, exit: Exit) -> None:
+        if not self.lifecycle.state.ended:
+            self._send_all(self.lifecycle.close("the broker is shutting down"))
+        self.counters.session_ended(self.counted_state)
+        if self.client is not None:
+            self.client.close()
+
+
+def _send(outbox: trio.MemorySendChannel[dict[str, Any]], frame: dict[str, Any]) -> bool:
+    try:
+        outbox.send_nowait(frame)
+    except trio.WouldBlock:
+        return False
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    return True
+
+
+class Negotiation(Actor):
+    """One attempt at connecting the client to the session's tower."""
+
+    runs_tasks = True
+
+    def __init__(
+        self,
+        session: ActorRef,
+        session_id: str,
+        number: int,
+        application: str,
+        tower: TowerConnection | None,
+        settings: Settings,
+    ) -> None:
+        self.session = session
+        self.session_id = session_id
+        self.number = number
+        self.application = application
+        self.tower = tower
+        self.settings = settings
+        self.connected = False
+        self.deadline: trio.CancelScope | None = None
+
+    async def started(self) -> None:
+        if self.tower is None:
+            # The session has ended instead (it had nowhere left to go).
+            self.stop()
+            return
+        self.tower.route(self.session_id, self.ref)
+        self.start_soon(self._watch_deadline)
+        self.start_soon(self._watch_tower, self.tower)
+
+    async def receive(self, message: Any) -> None:
+        if self.tower is None or getattr(message, "negotiation", self.number) != self.number:
+            return
+        if isinstance(message, ForwardOffer):
+            await self._send(OpenPeer(self.session_id, self.number, message.sdp,
+                                      self.application, tuple(self.settings.ice_servers)))
+        elif isinstance(message, ForwardCandidate):
+            await self._send(AddCandidate(self.session_id, self.number, message.candidate,
+                                          message.sdp_mid, message.sdp_mline_index))
+        elif isinstance(message, PeerAnswer):
+            await self.session.tell(Answered(self.number, message.sdp))
+        elif isinstance(message, PeerRejected):
+            await self.session.tell(Rejected(self.number, message.code, message.message))
+        elif isinstance(message, PeerState):
+            await self._peer_state(message)
+        else:
+            raise TypeError(f"a negotiation does not handle {type(message).__name__}")
+
+    async def _peer_state(self, message: PeerState) -> None:
+        if message.state == "connected":
+            self.connected = True
+            if self.deadline is not None:
+                self.deadline.cancel()
+            await self.session.tell(Connected(self.number))
+            return
+        reason = FailureReason.SILENT if message.state == "silent" else FailureReason.PEER_FAILED
+        await self._fail(reason, message.detail or f"the peer connection {message.state}")
+
+    async def _watch_deadline(self) -> None:
+        deadline = self.settings.negotiation_deadline
+        with trio.CancelScope() as self.deadline:
+            await trio.sleep(deadline)
+            if not self.connected:
+                await self._fail(FailureReason.DEADLINE, f"not connected within {deadline:g} s")
+
+    async def _watch_tower(self, tower: TowerConnection) -> None:
+        await tower.closed.wait()
+        await self._fail(FailureReason.TOWER_LOST, f"{tower.name} went away")
+
+    async def _send(self, message: object) -> None:
+        assert self.tower is not None
+        try:
+            await self.tower.send(message)
+        except TowerGone:
+            await self._fail(FailureReason.TOWER_LOST, f"{self.tower.name} went away")
+
+    async def _fail(self, reason: FailureReason, detail: str) -> None:
+        await self.session.tell(Failed(self.number, reason, detail))
+        raise NegotiationFailed(reason, detail)
+
+    async def stopping(self, exit: Exit) -> None:
+        tower = self.tower
+        if tower is None:
+            return
+        tower.unroute(self.session_id, self.ref)
+        if not tower.closed.is_set():
+            with trio.move_on_after(1):
+                try:
+                    await tower.send(ClosePeer(self.session_id, self.number))
+                except TowerGone:
+                    pass
+
+
+def session_spec(session: Session) -> ChildSpec:
+    """A session under ``sessions``: temporary, as its repairs are its own business."""
+    return ChildSpec(f"session:{session.session_id}", lambda: session, Restart.TEMPORARY)
+
+
+def sessions_spec() -> ChildSpec:
+    return ChildSpec(
+        "sessions",
+        lambda: Supervisor((), SupervisorFlags(intensity=1_000_000, period=1)),
+    )

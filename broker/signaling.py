@@ -1,0 +1,198 @@
+"""The browser's signaling protocol: frames in, checked; credentials; errors. No I/O.
+
+A client's frame is parsed into one of the session's messages or a ``SignalingError``
+carrying the documented error code (PROTOCOL.md) and whether the connection must close.
+The signaling token is an HMAC over the session id and an expiry: the broker keeps no
+table of tokens, and a token for one session is worthless for another.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from aiortc.sdp import SessionDescription
+
+from .sessions import ClientCandidate, ClientOffer, CloseSession
+
+MAX_FRAME_BYTES = 64 * 1024
+MAX_FRAMES_PER_SECOND = 100
+# Close codes: 4000 + the HTTP status the error resembles.
+CLOSE_CODES = {
+    "invalid_token": 4401,
+    "origin_not_allowed": 4403,
+    "session_not_found": 4404,
+    "replaced": 4409,
+    "frame_too_large": 4413,
+    "rate_limited": 4429,
+}
+
+
+@dataclass(frozen=True)
+class SignalingError(Exception):
+    """A client's frame or connection the broker refuses, with the documented code."""
+
+    code: str
+    message: str
+
+    @property
+    def fatal(self) -> bool:
+        return self.code in CLOSE_CODES
+
+    @property
+    def close_code(self) -> int:
+        return CLOSE_CODES.get(self.code, 1000)
+
+    def frame(self) -> dict[str, Any]:
+        return {"type": "error", "code": self.code, "message": self.message, "fatal": self.fatal}
+
+
+ClientMessage = ClientOffer | ClientCandidate | CloseSession
+
+
+def parse_client_frame(data: str | bytes) -> ClientMessage:
+    """Turn one client frame into a session message.
+
+    Raises:
+        SignalingError: with ``binary_frame``, ``frame_too_large``, ``malformed_json``,
+            ``unknown_type``, ``invalid_message`` or ``invalid_sdp``.
+    """
+    if isinstance(data, bytes):
+        if len(data) > MAX_FRAME_BYTES:
+            raise SignalingError("frame_too_large", f"frames are at most {MAX_FRAME_BYTES} bytes")
+        raise SignalingError("binary_frame", "only text frames carrying JSON are spoken here")
+    if len(data) > MAX_FRAME_BYTES:
+        raise SignalingError("frame_too_large", f"frames are at most {MAX_FRAME_BYTES} bytes")
+    try:
+        frame = json.loads(data)
+    except (ValueError, RecursionError):
+        raise SignalingError("malformed_json", "the frame is not valid JSON") from None
+    if not isinstance(frame, dict):
+        raise SignalingError("malformed_json", "a frame is a JSON object")
+    kind = frame.get("type")
+    if kind == "offer":
+        _expect_fields(frame, {"type", "sdp"})
+        sdp = _field(frame, "sdp", str)
+        check_offer_sdp(sdp)
+        return ClientOffer(sdp)
+    if kind == "candidate":
+        _expect_fields(frame, {"type", "candidate", "sdpMid", "sdpMLineIndex",
+                               "usernameFragment"})
+        candidate = _field(frame, "candidate", str, nullable=True) or ""
+        sdp_mid = _field(frame, "sdpMid", str, nullable=True, required=False)
+        index = _field(frame, "sdpMLineIndex", int, nullable=True, required=False)
+        if len(candidate) > 1024:
+            raise SignalingError("invalid_message", "a candidate is at most 1024 characters")
+        return ClientCandidate(candidate, sdp_mid, index)
+    if kind == "close":
+        _expect_fields(frame, {"type"})
+        return CloseSession("closed by the client")
+    if not isinstance(kind, str):
+        raise SignalingError("invalid_message", "a frame needs a string 'type'")
+    raise SignalingError("unknown_type", f"there is no message type {kind[:40]!r}")
+
+
+def check_offer_sdp(sdp: str) -> None:
+    """Refuse an SDP offer that cannot be negotiated.
+
+    Raises:
+        SignalingError: ``invalid_sdp``, saying what is wrong.
+    """
+    if not sdp.startswith("v=0"):
+        raise SignalingError("invalid_sdp", "an SDP starts with 'v=0'")
+    try:
+        description = SessionDescription.parse(sdp)
+    except Exception as error:  # the parser's failures have no common type
+        raise SignalingError("invalid_sdp", f"the SDP does not parse: {error}") from None
+    if not description.media:
+        raise SignalingError("invalid_sdp", "the SDP has no media or data section")
+    for media in description.media:
+        if media.kind == "application" and not media.dtls:
+            raise SignalingError("invalid_sdp", "the data section has no DTLS fingerprint")
+        if not media.ice.usernameFragment or not media.ice.password:
+            raise SignalingError("invalid_sdp", "a section has no ICE credentials")
+
+
+def _expect_fields(frame: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(frame) - allowed)
+    if unknown:
+        raise SignalingError("invalid_message", f"unexpected field(s): {', '.join(unknown)[:80]}")
+
+
+def _field(
+    frame: dict[str, Any], name: str, kind: type, *, nullable: bool = False,
+    required: bool = True,
+) -> Any:
+    if name not in frame:
+        if required:
+            raise SignalingError("invalid_message", f"the field {name!r} is missing")
+        return None
+    value = frame[name]
+    if value is None and nullable:
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise SignalingError("invalid_message", f"the field {name!r} must be a {kind.__name__}")
+    return value
+
+
+class RateLimit:
+    """A token bucket: ``rate`` frames per second, bursts up to ``rate``."""
+
+    def __init__(self, rate: float = MAX_FRAMES_PER_SECOND) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.updated: float | None = None
+
+    def allow(self, now: float) -> bool:
+        if self.updated is not None:
+            self.tokens = min(self.rate, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+class SignalingTokens:
+    """Short-lived signaling tokens bound to one session."""
+
+    def __init__(self, secret: bytes, lifetime: float) -> None:
+        if len(secret) < 32:
+            raise ValueError("the token secret must have at least 32 bytes")
+        self.secret = secret
+        self.lifetime = lifetime
+
+    def issue(self, session_id: str, now: float) -> str:
+        expiry = struct.pack(">d", now + self.lifetime)
+        body = _b64(expiry)
+        return f"{body}.{_b64(self._mac(session_id, expiry))}"
+
+    def check(self, token: str, session_id: str, now: float) -> None:
+        """Raises ``SignalingError("invalid_token")`` unless the token opens this session."""
+        try:
+            body, mac = token.split(".")
+            expiry = _unb64(body)
+            given = _unb64(mac)
+            (expires_at,) = struct.unpack(">d", expiry)
+        except (ValueError, struct.error):
+            raise SignalingError("invalid_token", "the signaling token is malformed") from None
+        if not hmac.compare_digest(given, self._mac(session_id, expiry)):
+            raise SignalingError("invalid_token", "the signaling token is not for this session")
+        if now > expires_at:
+            raise SignalingError("invalid_token", "the signaling token has expired")
+
+    def _mac(self, session_id: str, expiry: bytes) -> bytes:
+        return hmac.new(self.secret, session_id.encode() + b"\0" + expiry, hashlib.sha256).digest()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))

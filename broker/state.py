@@ -1,0 +1,94 @@
+"""The broker's state directory: credentials made on first start and reused after.
+
+    <state dir>/                    0700
+      api-key                       the API key for creating sessions
+      token-secret                  signs signaling tokens
+      https/certificate.pem, key.pem    self-signed, for localhost and 127.0.0.1
+      ca/ca.pem, ca-key.pem         the development CA that signs tower certificates
+      broker/certificate.pem, key.pem   the broker's client identity on tower links
+      towers/<name>/certificate.pem, key.pem, ca.pem   a local tower's credentials
+
+Every file is written 0600. Local towers' certificates are short-lived and made anew at
+every start; everything else is kept.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from .pki import (
+    CertificateAuthority,
+    generate_key_and_csr,
+    self_signed_server_certificate,
+    write_secret,
+)
+from .towers import TowerFiles
+
+
+@dataclass(frozen=True)
+class BrokerFiles:
+    directory: Path
+    api_key: str
+    token_secret: bytes
+    https_certificate: Path
+    https_key: Path
+    ca_certificate: Path
+    client_certificate: Path
+    client_key: Path
+
+
+def _read_or_make(path: Path, make: callable) -> bytes:
+    if path.exists():
+        return path.read_bytes()
+    data = make()
+    write_secret(path, data)
+    return data
+
+
+def prepare(directory: Path) -> tuple[BrokerFiles, CertificateAuthority]:
+    """Make (or reuse) everything the broker needs in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    api_key = _read_or_make(
+        directory / "api-key", lambda: ("bk_" + secrets.token_urlsafe(24)).encode()
+    ).decode().strip()
+    token_secret = _read_or_make(directory / "token-secret", lambda: secrets.token_bytes(32))
+    https = directory / "https"
+    if not (https / "certificate.pem").exists() or not (https / "key.pem").exists():
+        key, certificate = self_signed_server_certificate()
+        write_secret(https / "key.pem", key)
+        write_secret(https / "certificate.pem", certificate)
+    authority = CertificateAuthority.load_or_create(directory / "ca")
+    client = directory / "broker"
+    if not (client / "certificate.pem").exists() or not (client / "key.pem").exists():
+        key, certificate = authority.issue("broker", client_only=True)
+        write_secret(client / "key.pem", key)
+        write_secret(client / "certificate.pem", certificate)
+    files = BrokerFiles(
+        directory=directory,
+        api_key=api_key,
+        token_secret=token_secret,
+        https_certificate=https / "certificate.pem",
+        https_key=https / "key.pem",
+        ca_certificate=directory / "ca" / "ca.pem",
+        client_certificate=client / "certificate.pem",
+        client_key=client / "key.pem",
+    )
+    return files, authority
+
+
+def prepare_local_tower(
+    directory: Path, authority: CertificateAuthority, name: str, address: str
+) -> TowerFiles:
+    """A local tower's key (made for it, as a remote tower makes its own) and certificate."""
+    tower = directory / "towers" / name
+    key, csr = generate_key_and_csr(name)
+    certificate = authority.sign_tower_csr(
+        csr, expected_name=name, lifetime=timedelta(hours=24), addresses=[address]
+    )
+    write_secret(tower / "key.pem", key)
+    write_secret(tower / "certificate.pem", certificate)
+    write_secret(tower / "ca.pem", authority.certificate_pem)
+    return TowerFiles(tower / "certificate.pem", tower / "key.pem", tower / "ca.pem")

@@ -1,0 +1,124 @@
+"""One session's peer on a tower: an actor owning the aiortc peer connection.
+
+The peer connection itself, the session application and the heartbeat live on the
+asyncio side (``application``); this actor starts them through the bridge, hears their
+events (connected, failed, closed, silent) through its mailbox, and reports to the
+broker. A peer serves one negotiation: a new negotiation of the same session gets a
+fresh peer. Whatever way the actor ends, even killed, its peer connection is closed.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from actors import Actor
+from actors.bridge import call_asyncio, post_to
+
+from ..link import AddCandidate, OpenPeer, PeerAnswer, PeerRejected, PeerState
+from .application import APPLICATIONS, PeerEvent, TowerPeer, answer_offer
+
+Send = Callable[[object], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class PeerSettings:
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 5.0
+
+
+class Peer(Actor):
+    """The tower's end of one negotiation of one session."""
+
+    runs_tasks = True
+
+    def __init__(self, request: OpenPeer, send: Send, settings: PeerSettings) -> None:
+        self.request = request
+        self.session = request.session
+        self.negotiation = request.negotiation
+        self.send = send
+        self.settings = settings
+        self.tower_peer: TowerPeer | None = None
+        self.early_candidates: list[AddCandidate] = []
+        self.ended = False
+
+    async def started(self) -> None:
+        self.start_soon(self._live)
+
+    async def _live(self) -> None:
+        request = self.request
+        factory = APPLICATIONS.get(request.application)
+        if factory is None:
+            await self._reject("unknown_application", f"no application {request.application!r}")
+            return
+        answer = functools.partial(
+            answer_offer,
+            request.offer,
+            ice_servers=request.ice_servers,
+            application=factory(),
+            on_event=post_to(self.ref),
+            heartbeat_interval=self.settings.heartbeat_interval,
+            heartbeat_timeout=self.settings.heartbeat_timeout,
+        )
+        try:
+            self.tower_peer = await call_asyncio(answer)
+        except ValueError as error:
+            await self._reject("invalid_sdp", str(error))
+            return
+        try:
+            await self.send(PeerAnswer(self.session, self.negotiation, self.tower_peer.answer_sdp))
+            for candidate in self.early_candidates:
+                await self._add_candidate(candidate)
+            self.early_candidates.clear()
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await call_asyncio(self.tower_peer.close)
+
+    async def receive(self, message: object) -> None:
+        if isinstance(message, PeerEvent):
+            await self._event(message)
+        elif isinstance(message, AddCandidate):
+            if self.tower_peer is None:
+                self.early_candidates.append(message)
+            else:
+                await self._add_candidate(message)
+        elif isinstance(message, _End):
+            self.stop()
+        else:
+            raise TypeError(f"a peer does not handle {type(message).__name__}")
+
+    async def _event(self, event: PeerEvent) -> None:
+        if self.ended:
+            return
+        await self.send(PeerState(self.session, self.negotiation, event.kind, event.detail))
+        if event.kind != "connected":
+            self.ended = True
+            self.stop()
+
+    async def _add_candidate(self, message: AddCandidate) -> None:
+        assert self.tower_peer is not None
+        add = functools.partial(
+            self.tower_peer.add_candidate,
+            message.candidate,
+            message.sdp_mid,
+            message.sdp_mline_index,
+        )
+        try:
+            await call_asyncio(add)
+        except ValueError as error:
+            await self.send(
+                PeerRejected(self.session, self.negotiation, "invalid_message", str(error))
+            )
+
+    async def _reject(self, code: str, message: str) -> None:
+        await self.send(PeerRejected(self.session, self.negotiation, code, message))
+        self.ended = True
+        await self.ref.tell(_End())
+
+
+class _End:
+    """Sent by the peer to itself: its task is done with it."""

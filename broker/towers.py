@@ -1,0 +1,350 @@
+"""The broker's side of its towers: links over mutual TLS, the directory, local agents.
+
+Theory of operation: each tower has a ``tower:<name>`` supervisor. Its ``link`` actor
+dials the tower's communication server (a WebSocket over mutual TLS: the broker shows
+its client certificate, the tower's certificate must name the tower and be issued by
+the broker's CA), waits for ``TowerHello``, then reads frames until the link breaks or
+the tower stays silent for ``tower_silence`` seconds. While a link is up its
+``TowerConnection`` is in the ``TowerDirectory``, where sessions find towers: placement
+reads the load reports, negotiations send their offers and get their answers routed
+back by session id. When a link ends, its connection's ``closed`` event fires and every
+negotiation on it fails at once ("tower lost"); the link actor crashes and its
+supervisor reconnects with backoff.
+
+A local tower (the embedded default) also has an ``agent`` actor before the link, which
+runs ``broker tower run`` as a child process and restarts it when it dies
+(``rest_for_one``: a new agent process means a new link).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
+
+from actors import Actor, ActorRef, Backoff, ChildSpec, MailboxFull, Strategy, Supervisor
+from actors import ActorStopped, DecodeError, SupervisorFlags
+
+from .config import Settings
+from .link import (
+    MAX_FRAME_BYTES,
+    LinkError,
+    PeerAnswer,
+    PeerRejected,
+    PeerState,
+    TowerHello,
+    TowerLoadReport,
+    codec,
+)
+from .placement import Placement, TowerLoad
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0
+AGENT_START_TIMEOUT = 30.0
+AGENT_STOP_TIMEOUT = 3.0
+
+
+class TowerGone(Exception):
+    """The tower's link is closed; nothing more can be sent to it."""
+
+
+class TowerLinkLost(Exception):
+    """The link to a tower broke or went silent."""
+
+
+class AgentExited(Exception):
+    """A local tower agent process ended."""
+
+
+class TowerConnection:
+    """One live link to a tower: send to it, and route its session messages back."""
+
+    def __init__(self, name: str, websocket: WebSocketConnection, hello: TowerHello) -> None:
+        self.name = name
+        self.capacity = hello.capacity
+        self.closed = trio.Event()
+        self.undeliverable = 0
+        self._websocket = websocket
+        self._routes: dict[str, ActorRef] = {}
+
+    async def send(self, message: object) -> None:
+        """Send one message to the tower. Raises ``TowerGone`` once the link is closed."""
+        if self.closed.is_set():
+            raise TowerGone(f"{self.name} is gone")
+        try:
+            await self._websocket.send_message(codec.encode(message))
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            raise TowerGone(f"{self.name} is gone") from None
+
+    def route(self, session: str, ref: ActorRef) -> None:
+        """Deliver the tower's messages about ``session`` to ``ref`` from now on."""
+        self._routes[session] = ref
+
+    def unroute(self, session: str, ref: ActorRef) -> None:
+        if self._routes.get(session) == ref:
+            del self._routes[session]
+
+    def deliver(self, message: PeerAnswer | PeerRejected | PeerState) -> None:
+        ref = self._routes.get(message.session)
+        if ref is None:
+            # A peer's last words after its negotiation ended: expected, not an error.
+            self.undeliverable += 1
+            return
+        try:
+            ref.tell_nowait(message)
+        except (MailboxFull, ActorStopped):
+            self.undeliverable += 1
+
+
+class TowerDirectory:
+    """The towers linked right now, and placement over their load reports."""
+
+    def __init__(self, stale_after: float) -> None:
+        self._connections: dict[str, TowerConnection] = {}
+        self.placement = Placement(stale_after=stale_after)
+
+    def get(self, name: str) -> TowerConnection | None:
+        return self._connections.get(name)
+
+    def __iter__(self):
+        return iter(list(self._connections.values()))
+
+    def __len__(self) -> int:
+        return len(self._connections)
+
+    def connected(self, connection: TowerConnection) -> None:
+        self._connections[connection.name] = connection
+
+    def disconnected(self, connection: TowerConnection) -> None:
+        connection.closed.set()
+        if self._connections.get(connection.name) is connection:
+            del self._connections[connection.name]
+            self.placement.forget(connection.name)
+
+    def report(self, name: str, report: TowerLoadReport) -> None:
+        if name in self._connections:
+            load = TowerLoad(name, report.sessions, report.capacity, report.draining)
+            self.placement.report(load, trio.current_time())
+
+    def choose(self, exclude: frozenset[str] = frozenset()) -> TowerConnection | None:
+        """A linked tower for a new session (two choices), or None if none is ready."""
+        name = self.placement.choose(trio.current_time(), exclude=exclude)
+        return None if name is None else self._connections.get(name)
+
+    def ready_count(self) -> int:
+        return len(self.placement.ready(trio.current_time()))
+
+
+@dataclass
+class TowerAddress:
+    """Where a tower's communication server listens (a local agent fills it in)."""
+
+    host: str = ""
+    port: int = 0
+
+
+class TowerLink(Actor):
+    """The broker's end of one tower's link."""
+
+    runs_tasks = True
+
+    def __init__(
+        self,
+        name: str,
+        address: TowerAddress,
+        directory: TowerDirectory,
+        tls: ssl.SSLContext,
+        settings: Settings,
+    ) -> None:
+        self.name = name
+        self.address = address
+        self.directory = directory
+        self.tls = tls
+        self.settings = settings
+        self.bad_frames = 0
+
+    async def started(self) -> None:
+        self.start_soon(self._run)
+
+    async def _run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            websocket = await self._connect(nursery)
+            hello = await self._hello(websocket)
+            connection = TowerConnection(self.name, websocket, hello)
+            self.directory.connected(connection)
+            try:
+                await self._read(websocket, connection)
+            finally:
+                self.directory.disconnected(connection)
+                nursery.cancel_scope.cancel()
+
+    async def _connect(self, nursery: trio.Nursery) -> WebSocketConnection:
+        host, port = self.address.host, self.address.port
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                stream = await trio.open_tcp_stream(host, port)
+                # The tower's certificate must name the tower, whatever its address.
+                tls_stream = trio.SSLStream(stream, self.tls, server_hostname=self.name)
+                await tls_stream.do_handshake()
+                return await wrap_client_stream(
+                    nursery, tls_stream, self.name, "/link", max_message_size=MAX_FRAME_BYTES
+                )
+        except trio.TooSlowError:
+            raise TowerLinkLost(f"{self.name}: no link within {CONNECT_TIMEOUT:g} s") from None
+        except (OSError, trio.BrokenResourceError) as error:
+            raise TowerLinkLost(f"{self.name}: cannot link to {host}:{port}: {error}") from None
+
+    async def _hello(self, websocket: WebSocketConnection) -> TowerHello:
+        with trio.move_on_after(self.settings.tower_silence):
+            hello = codec.decode(await websocket.get_message())
+            if not isinstance(hello, TowerHello) or hello.tower != self.name:
+                raise TowerLinkLost(f"{self.name}: expected its hello, got {hello!r}")
+            return hello
+        raise TowerLinkLost(f"{self.name}: no hello within {self.settings.tower_silence:g} s")
+
+    async def _read(self, websocket: WebSocketConnection, connection: TowerConnection) -> None:
+        silence = self.settings.tower_silence
+        while True:
+            with trio.move_on_after(silence) as waiting:
+                try:
+                    data = await websocket.get_message()
+                except ConnectionClosed as closed:
+                    raise TowerLinkLost(f"{self.name}: link closed ({closed.reason})") from None
+            if waiting.cancelled_caught:
+                raise TowerLinkLost(f"{self.name}: silent for {silence:g} s")
+            try:
+                message = codec.decode(data)
+            except DecodeError as error:
+                self.bad_frames += 1
+                await connection.send(LinkError(str(error)))
+                continue
+            if isinstance(message, TowerLoadReport):
+                self.directory.report(self.name, message)
+            elif isinstance(message, (PeerAnswer, PeerRejected, PeerState)):
+                connection.deliver(message)
+            elif isinstance(message, LinkError):
+                logger.warning("%s refused a frame: %s", self.name, message.message)
+            else:
+                self.bad_frames += 1
+
+
+@dataclass(frozen=True)
+class TowerFiles:
+    """A local tower's credentials, made by the broker's CA in the state directory."""
+
+    certificate: Path
+    key: Path
+    ca: Path
+
+
+class LocalTowerAgent(Actor):
+    """Runs a local tower agent as a child process; its end is this actor's crash."""
+
+    runs_tasks = True
+
+    def __init__(
+        self, name: str, files: TowerFiles, address: TowerAddress, settings: Settings
+    ) -> None:
+        self.name = name
+        self.files = files
+        self.address = address
+        self.settings = settings
+        self.pid: int | None = None
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "broker", "tower", "run",
+            "--name", self.name,
+            "--listen", f"{self.settings.host}:0",
+            "--certificate", str(self.files.certificate),
+            "--key", str(self.files.key),
+            "--ca", str(self.files.ca),
+            "--capacity", str(self.settings.tower_capacity),
+            "--heartbeat-interval", str(self.settings.heartbeat_interval),
+            "--heartbeat-timeout", str(self.settings.heartbeat_timeout),
+            "--load-interval", str(self.settings.tower_load_interval),
+        ]  # fmt: skip
+
+    async def started(self) -> None:
+        ready = trio.Event()
+        self.start_soon(self._run, ready)
+        with trio.fail_after(AGENT_START_TIMEOUT):
+            await ready.wait()
+
+    async def _run(self, ready: trio.Event) -> None:
+        # stdin stays open and unused: the agent exits when it reads end-of-file, which
+        # is what happens if this process dies without stopping it.
+        process = await trio.lowlevel.open_process(
+            self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        self.pid = process.pid
+        try:
+            assert process.stdout is not None
+            line = await _read_line(process.stdout)
+            parts = line.split()
+            if len(parts) != 3 or parts[0] != "ready":
+                raise AgentExited(f"{self.name}: the agent said {line!r} instead of ready")
+            self.address.host, self.address.port = parts[1], int(parts[2])
+            ready.set()
+            status = await process.wait()
+            raise AgentExited(f"{self.name}: the agent process ended with status {status}")
+        finally:
+            with trio.CancelScope(shield=True):
+                await _stop_process(process)
+
+
+async def _read_line(stream: trio.abc.ReceiveStream) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = await stream.receive_some(1)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
+async def _stop_process(process: trio.Process) -> None:
+    if process.returncode is not None:
+        return
+    process.terminate()
+    with trio.move_on_after(AGENT_STOP_TIMEOUT):
+        await process.wait()
+        return
+    process.kill()
+    await process.wait()
+
+
+def local_tower_spec(
+    name: str,
+    files: TowerFiles,
+    directory: TowerDirectory,
+    tls: ssl.SSLContext,
+    settings: Settings,
+) -> ChildSpec:
+    """The ``tower:<name>`` supervisor of a local tower: its agent process, then its link."""
+    address = TowerAddress()
+    children = [
+        ChildSpec("agent", lambda: LocalTowerAgent(name, files, address, settings)),
+        ChildSpec("link", lambda: TowerLink(name, address, directory, tls, settings)),
+    ]
+    flags = SupervisorFlags(
+        strategy=Strategy.REST_FOR_ONE,
+        intensity=5,
+        period=30,
+        backoff=Backoff(initial=0.2, maximum=5),
+    )
+    return ChildSpec(f"tower:{name}", lambda: Supervisor(children, flags))
+
+
+def towers_spec(specs: Callable[[], list[ChildSpec]]) -> ChildSpec:
+    """The ``towers`` supervisor: one child per tower; a failing tower is retried alone."""
+    flags = SupervisorFlags(intensity=1000, period=60, backoff=Backoff(initial=1, maximum=30))
+    return ChildSpec("towers", lambda: Supervisor(specs(), flags))
