@@ -106,6 +106,16 @@ class Supervisor(Actor):
         if start_failure is not None:
             raise start_failure
 
+    def forget_restarts(self) -> None:
+        """Start counting restarts (and backoff) afresh, as if none had happened yet.
+
+        For a subclass whose child is about to start over somewhere new (a session
+        placed on another tower): the old place's failures say nothing about the new.
+        """
+        self._window = RestartWindow(self.flags.intensity, self.flags.period)
+        for cell in self._children.values():
+            cell.consecutive_failures = 0
+
     async def escalate(self, child: str, exit: Exit) -> bool:
         """Decide what happens when restarting ``child`` would exceed the restart intensity.
 
@@ -169,7 +179,7 @@ class Supervisor(Actor):
                 self._remove(cell, exit)
                 return
             # The escalated restart starts afresh: it is not counted against the new window.
-            self._window = RestartWindow(self.flags.intensity, self.flags.period)
+            self.forget_restarts()
         delay = self._backoff_delay(cell, incarnation, now)
         if self.flags.strategy is Strategy.ONE_FOR_ONE:
             # The common case, with thousands of siblings: no need to list them.

@@ -253,6 +253,7 @@ class Session(Supervisor):
             self._fail("no other tower is ready")
             return None
         lifecycle.placed(tower.name)
+        self.forget_restarts()
         return tower
 
     def _fail(self, why: str) -> None:

@@ -421,3 +421,30 @@ async def test_start_soon_needs_runs_tasks(autojump_clock, system, log):
     plain = await system.spawn(ChildSpec("plain", Plain, restart=Restart.TEMPORARY))
     with pytest.raises(ActorCrashed, match="runs_tasks"):
         await plain.ask("go")
+
+
+class Forgetful(Supervisor):
+    async def receive(self, message):
+        if message == "forget":
+            self.forget_restarts()
+
+
+async def test_forget_restarts_gives_a_fresh_restart_window(autojump_clock, system, log):
+    flags = SupervisorFlags(intensity=1, period=60)
+    spec = ChildSpec(
+        "forgetful", lambda: Forgetful([recorder("w", log)], flags), restart=Restart.TEMPORARY
+    )
+    forgetful = await system.spawn(spec)
+    worker = system.lookup(forgetful.path + "/w")
+    for _ in range(3):
+        await worker.tell("crash")
+        await trio.sleep(1)
+        await forgetful.tell("forget")
+        await trio.sleep(1)
+    assert forgetful.alive and forgetful.snapshot().children[0].restarts == 3
+    await worker.tell("crash")
+    await trio.sleep(1)
+    await worker.tell("crash")
+    await trio.sleep(1)
+    exit = await forgetful.join()
+    assert isinstance(exit.error, RestartIntensityExceeded)

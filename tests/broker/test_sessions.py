@@ -1,0 +1,551 @@
+"""Session and Negotiation actors as thin shells, on trio's virtual clock.
+
+The tower side is played in memory: each fake tower is a real ``TowerConnection`` over a
+socket that records the link messages the broker sends, and the test speaks for the
+tower by delivering ``PeerAnswer`` and ``PeerState`` to the connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from actors import ActorRef, ActorSystem, SupervisorRef, open_system
+from broker.config import Settings
+from broker.link import (
+    AddCandidate,
+    ClosePeer,
+    OpenPeer,
+    PeerAnswer,
+    PeerState,
+    TowerHello,
+    TowerLoadReport,
+    codec,
+)
+from broker.metrics import SessionCounters
+from broker.sessions import (
+    AttachClient,
+    ClientCandidate,
+    ClientOffer,
+    CloseSession,
+    Describe,
+    Session,
+    session_spec,
+    sessions_spec,
+)
+from broker.towers import TowerConnection, TowerDirectory
+
+ICE_SERVERS = ({"urls": "stun:stun.example.org:3478"},)
+OFFER = "v=0 offer"
+ANSWER = "v=0 answer"
+
+
+class RecordingSocket:
+    """The broker's end of a tower link: decodes and keeps every frame sent to the tower."""
+
+    def __init__(self) -> None:
+        self.received: list[Any] = []
+
+    async def send_message(self, data: bytes) -> None:
+        self.received.append(codec.decode(data))
+
+
+@dataclass
+class FakeTower:
+    name: str
+    socket: RecordingSocket
+    connection: TowerConnection
+
+    def got(self, kind: type, session: str | None = None) -> list[Any]:
+        """The messages of type ``kind`` the tower got (about ``session``, if given)."""
+        return [
+            message
+            for message in self.socket.received
+            if isinstance(message, kind) and (session is None or message.session == session)
+        ]
+
+    def answer(self, session: str, negotiation: int, sdp: str = ANSWER) -> None:
+        self.connection.deliver(PeerAnswer(session, negotiation, sdp))
+
+    def peer(self, session: str, negotiation: int, state: str, detail: str = "") -> None:
+        self.connection.deliver(PeerState(session, negotiation, state, detail))
+
+
+@dataclass
+class Client:
+    """A signaling connection as the session sees it: an outbox, read by the test."""
+
+    session_id: str
+    ref: ActorRef
+    frames: trio.MemoryReceiveChannel[dict[str, Any]]
+    seen: list[dict[str, Any]] = field(default_factory=list)
+
+    async def new_frames(self) -> list[dict[str, Any]]:
+        """The frames that arrived since the last call, once the actors are idle."""
+        await trio.testing.wait_all_tasks_blocked()
+        frames = []
+        while True:
+            try:
+                frames.append(self.frames.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        self.seen.extend(frames)
+        return frames
+
+    async def wait_for_repair(self) -> dict[str, Any]:
+        """Read frames until the session asks for a new offer or fails; return that frame."""
+        with trio.fail_after(300):
+            async for frame in self.frames:
+                self.seen.append(frame)
+                if frame["type"] == "reoffer" or frame.get("state") == "failed":
+                    return frame
+        raise AssertionError("the outbox was closed before a reoffer or a failure")
+
+    @property
+    def closed(self) -> bool:
+        """Whether the session let go of this outbox (closed its send side)."""
+        return self.frames.statistics().open_send_channels == 0
+
+    async def tell(self, message: Any) -> None:
+        await self.ref.tell(message)
+        await trio.testing.wait_all_tasks_blocked()
+
+
+@dataclass
+class Broker:
+    system: ActorSystem
+    directory: TowerDirectory
+    settings: Settings
+    counters: SessionCounters
+    towers: dict[str, FakeTower]
+
+    async def open_session(
+        self, session_id: str = "s-1", tower: str = "tower-1", outbox_size: int = 64
+    ) -> Client:
+        """Start a session as the endpoint does and attach a client to it."""
+        session = Session(session_id, "key", "echo", tower, self.directory, self.settings,
+                          self.counters)
+        sessions = self.system.lookup("/broker/sessions")
+        assert isinstance(sessions, SupervisorRef)
+        ref = await sessions.start_child(session_spec(session))
+        assert ref.path == f"/broker/sessions/session:{session_id}"
+        outbox, frames = trio.open_memory_channel[dict[str, Any]](outbox_size)
+        await ref.ask(AttachClient(outbox))
+        return Client(session_id, ref, frames)
+
+    def session(self, session_id: str) -> ActorRef | None:
+        return self.system.lookup(f"/broker/sessions/session:{session_id}")
+
+    def lose(self, name: str) -> None:
+        self.directory.disconnected(self.towers[name].connection)
+
+
+def short_settings(tmp_path) -> Settings:
+    return Settings(
+        state_dir=tmp_path,
+        negotiation_deadline=10,
+        heartbeat_timeout=5,
+        negotiation_restarts=2,
+        negotiation_restart_period=60,
+        placements_per_session=2,
+        ice_servers=ICE_SERVERS,
+    )
+
+
+async def _report_load(directory: TowerDirectory, names: list[str]) -> None:
+    # The load reports are the towers' heartbeat: without them a tower goes stale.
+    while True:
+        for name in names:
+            directory.report(name, TowerLoadReport(0, 100))
+        await trio.sleep(1)
+
+
+@asynccontextmanager
+async def running_broker(tmp_path) -> AsyncIterator[Broker]:
+    """The broker's sessions supervisor, with two fake towers ready in its directory."""
+    directory = TowerDirectory(stale_after=3.0)
+    towers = {}
+    for name in ("tower-1", "tower-2"):
+        socket = RecordingSocket()
+        connection = TowerConnection(name, socket, TowerHello(name, 100, "test"))
+        directory.connected(connection)
+        towers[name] = FakeTower(name, socket, connection)
+    async with open_system("broker", children=[sessions_spec()]) as system:
+        broker = Broker(system, directory, short_settings(tmp_path), SessionCounters(), towers)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_report_load, directory, list(towers))
+            yield broker
+            nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def broker(tmp_path):
+    async with running_broker(tmp_path) as broker:
+        yield broker
+
+
+def state(frame: dict[str, Any]) -> tuple[str, int, str]:
+    assert frame["type"] == "state", frame
+    return frame["state"], frame["negotiation"], frame["tower"]
+
+
+async def offer(client: Client, tower: FakeTower, negotiation: int) -> OpenPeer:
+    await client.tell(ClientOffer(OFFER))
+    opened = tower.got(OpenPeer, client.session_id)[-1]
+    assert opened.negotiation == negotiation
+    return opened
+
+
+async def connect(client: Client, tower: FakeTower, negotiation: int) -> None:
+    """Offer, answer, connected: negotiation ``negotiation`` comes up on ``tower``."""
+    await offer(client, tower, negotiation)
+    tower.answer(client.session_id, negotiation)
+    tower.peer(client.session_id, negotiation, "connected")
+    frames = await client.new_frames()
+    assert [frame["type"] for frame in frames] == ["answer", "state"]
+    assert state(frames[1]) == ("connected", negotiation, tower.name)
+
+
+async def fail_current(broker: Broker, client: Client, how: str = "peer") -> int:
+    """Make the session's current negotiation fail on its tower; return its number.
+
+    ``how`` is ``"peer"`` (the tower's peer fails after the offer) or ``"deadline"``
+    (the offer gets no answer). Returns once the session asked for a new offer or failed.
+    """
+    described = await client.ref.ask(Describe())
+    assert described["state"] == "negotiating", described
+    negotiation, tower = described["negotiation"], broker.towers[described["tower"]]
+    await offer(client, tower, negotiation)
+    if how == "peer":
+        tower.peer(client.session_id, negotiation, "failed", "ICE failed")
+    await client.wait_for_repair()
+    return negotiation
+
+
+def negotiations_at(tower: FakeTower, session: str = "s-1") -> list[int]:
+    return [message.negotiation for message in tower.got(OpenPeer, session)]
+
+
+async def test_happy_path_relays_offer_and_answer_until_connected(autojump_clock, broker):
+    tower = broker.towers["tower-1"]
+    client = await broker.open_session()
+    assert await client.new_frames() == [
+        {"type": "state", "state": "negotiating", "negotiation": 1, "tower": "tower-1",
+         "reason": ""},
+    ]
+
+    opened = await offer(client, tower, 1)
+    assert opened == OpenPeer("s-1", 1, OFFER, "echo", ICE_SERVERS)
+    assert await client.new_frames() == []
+
+    tower.answer("s-1", 1)
+    assert await client.new_frames() == [{"type": "answer", "negotiation": 1, "sdp": ANSWER}]
+    tower.peer("s-1", 1, "connected")
+    assert await client.new_frames() == [
+        {"type": "state", "state": "connected", "negotiation": 1, "tower": "tower-1",
+         "reason": ""},
+    ]
+
+    described = await client.ref.ask(Describe())
+    assert described["state"] == "connected"
+    assert described["placements"] == 1
+    assert described["negotiation"] == 1
+    assert described["tower"] == "tower-1"
+
+
+async def test_candidates_must_follow_the_offer(autojump_clock, broker):
+    tower = broker.towers["tower-1"]
+    client = await broker.open_session()
+    await client.new_frames()
+
+    await client.tell(ClientCandidate("candidate:1 1 udp 1 192.0.2.1 9 typ host", "0", 0))
+    [error] = await client.new_frames()
+    assert error["type"] == "error"
+    assert error["code"] == "unexpected_message"
+    assert error["fatal"] is False
+    assert tower.got(AddCandidate) == []
+
+    await offer(client, tower, 1)
+    await client.tell(ClientCandidate("candidate:1 1 udp 1 192.0.2.1 9 typ host", "0", 0))
+    await client.tell(ClientCandidate("", None, None))
+    assert tower.got(AddCandidate) == [
+        AddCandidate("s-1", 1, "candidate:1 1 udp 1 192.0.2.1 9 typ host", "0", 0),
+        AddCandidate("s-1", 1, "", None, None),
+    ]
+    assert await client.new_frames() == []
+
+
+async def test_a_negotiation_past_its_deadline_is_repaired(autojump_clock, broker):
+    tower = broker.towers["tower-1"]
+    client = await broker.open_session()
+    await client.new_frames()
+    await offer(client, tower, 1)
+    tower.answer("s-1", 1)
+    assert [frame["type"] for frame in await client.new_frames()] == ["answer"]
+
+    await trio.sleep(9.9)
+    assert await client.new_frames() == []
+    await trio.sleep(1)
+    repairing, negotiating, reoffer = await client.new_frames()
+    assert state(repairing) == ("repairing", 1, "tower-1")
+    assert "deadline" in repairing["reason"]
+    assert state(negotiating) == ("negotiating", 2, "tower-1")
+    assert reoffer["type"] == "reoffer"
+    assert reoffer["negotiation"] == 2
+    assert "deadline" in reoffer["reason"]
+    assert tower.got(ClosePeer) == [ClosePeer("s-1", 1)]
+
+    tower.answer("s-1", 1, "v=0 late")
+    assert await client.new_frames() == []
+    await offer(client, tower, 2)
+    tower.answer("s-1", 2)
+    assert await client.new_frames() == [{"type": "answer", "negotiation": 2, "sdp": ANSWER}]
+
+
+async def test_restarts_used_up_on_one_tower_move_the_session(autojump_clock, broker):
+    first, second = broker.towers["tower-1"], broker.towers["tower-2"]
+    client = await broker.open_session()
+    for _ in range(3):
+        await fail_current(broker, client)
+    frames = client.seen
+    assert [state(frame) for frame in frames if frame["type"] == "state"] == [
+        ("negotiating", 1, "tower-1"),
+        ("repairing", 1, "tower-1"),
+        ("negotiating", 2, "tower-1"),
+        ("repairing", 2, "tower-1"),
+        ("negotiating", 3, "tower-1"),
+        ("repairing", 3, "tower-1"),
+        ("negotiating", 4, "tower-2"),
+    ]
+    assert frames[-1] == {"type": "reoffer", "negotiation": 4,
+                          "reason": "peer_failed: ICE failed"}
+    assert negotiations_at(first) == [1, 2, 3]
+    assert first.got(ClosePeer) == [ClosePeer("s-1", n) for n in (1, 2, 3)]
+    assert second.got(OpenPeer) == []
+
+    await offer(client, second, 4)
+    described = await client.ref.ask(Describe())
+    assert (described["state"], described["tower"], described["placements"]) == (
+        "negotiating", "tower-2", 2
+    )
+
+
+async def test_past_its_placements_a_session_fails(autojump_clock, broker):
+    first, second = broker.towers["tower-1"], broker.towers["tower-2"]
+    client = await broker.open_session()
+    for _ in range(6):
+        last = await fail_current(broker, client, "deadline")
+    await client.ref.join()
+    assert broker.session("s-1") is None
+
+    await client.new_frames()
+    failed = client.seen[-1]
+    assert state(failed) == ("failed", 6, "tower-2")
+    assert failed["reason"] == (
+        "the restarts on each tower were used up"
+        " (last failure: deadline: not connected within 10 s)"
+    )
+    assert client.closed
+    # Each tower had its first negotiation and the two retries the restart intensity allows.
+    assert negotiations_at(first) == [1, 2, 3]
+    assert negotiations_at(second) == [4, 5, 6]
+    assert second.got(ClosePeer)[-1] == ClosePeer("s-1", last)
+    assert broker.counters.failed == 1
+    assert broker.counters.live() == 0
+
+
+async def test_a_lost_tower_moves_the_session_at_once(autojump_clock, broker):
+    first, second = broker.towers["tower-1"], broker.towers["tower-2"]
+    client = await broker.open_session()
+    await client.new_frames()
+    await connect(client, first, 1)
+
+    broker.lose("tower-1")
+    [repairing] = await client.new_frames()
+    assert state(repairing) == ("repairing", 1, "tower-1")
+    assert repairing["reason"].startswith("tower_lost")
+    await trio.sleep(0.5)
+    negotiating, reoffer = await client.new_frames()
+    assert state(negotiating) == ("negotiating", 2, "tower-2")
+    assert reoffer["type"] == "reoffer"
+    assert reoffer["negotiation"] == 2
+
+    await connect(client, second, 2)
+    assert negotiations_at(first) == [1]
+    assert negotiations_at(second) == [2]
+    assert first.got(ClosePeer) == []
+    described = await client.ref.ask(Describe())
+    assert (described["state"], described["tower"], described["placements"]) == (
+        "connected", "tower-2", 2
+    )
+
+
+async def test_a_lost_tower_with_no_other_ready_fails_the_session(autojump_clock, broker):
+    client = await broker.open_session()
+    await client.new_frames()
+    await connect(client, broker.towers["tower-1"], 1)
+
+    broker.lose("tower-2")
+    broker.lose("tower-1")
+    failed = await client.wait_for_repair()
+    assert state(failed) == ("failed", 1, "tower-1")
+    assert failed["reason"] == (
+        "no other tower is ready (last failure: tower_lost: tower-1 went away)"
+    )
+    await client.ref.join()
+    assert broker.session("s-1") is None
+    assert client.closed
+    assert broker.counters.failed == 1
+    assert broker.counters.live() == 0
+
+
+async def test_a_session_moved_off_a_lost_tower_gets_its_retries_there(autojump_clock, broker):
+    first, second = broker.towers["tower-1"], broker.towers["tower-2"]
+    client = await broker.open_session()
+    await fail_current(broker, client)
+    await connect(client, first, 2)
+    broker.lose("tower-1")
+    await client.wait_for_repair()
+    assert state(client.seen[-3]) == ("repairing", 2, "tower-1")
+    assert state(client.seen[-2]) == ("negotiating", 3, "tower-2")
+
+    for _ in range(3):
+        await fail_current(broker, client)
+        if client.seen[-1].get("state") == "failed":
+            break
+    # The protocol: retried on the same tower up to the restart intensity (2), then the
+    # session moves on; the new tower is owed its own retries.
+    assert negotiations_at(second) == [3, 4, 5]
+
+
+async def test_a_silent_peer_is_repaired_with_a_reoffer(autojump_clock, broker):
+    tower = broker.towers["tower-1"]
+    client = await broker.open_session()
+    await client.new_frames()
+    await connect(client, tower, 1)
+    await trio.sleep(30)
+    assert await client.new_frames() == []
+
+    tower.peer("s-1", 1, "silent", "no heartbeat for 5 s")
+    [repairing] = await client.new_frames()
+    assert state(repairing) == ("repairing", 1, "tower-1")
+    assert repairing["reason"] == "silent: no heartbeat for 5 s"
+    await trio.sleep(0.5)
+    negotiating, reoffer = await client.new_frames()
+    assert state(negotiating) == ("negotiating", 2, "tower-1")
+    assert reoffer == {"type": "reoffer", "negotiation": 2,
+                       "reason": "silent: no heartbeat for 5 s"}
+    assert tower.got(ClosePeer) == [ClosePeer("s-1", 1)]
+    await connect(client, tower, 2)
+
+
+async def test_a_second_client_replaces_the_first(autojump_clock, broker):
+    tower = broker.towers["tower-1"]
+    first = await broker.open_session()
+    await first.new_frames()
+    await connect(first, tower, 1)
+
+    outbox, frames = trio.open_memory_channel[dict[str, Any]](64)
+    await first.ref.ask(AttachClient(outbox))
+    second = Client("s-1", first.ref, frames)
+    [replaced] = await first.new_frames()
+    assert replaced["type"] == "error"
+    assert replaced["code"] == "replaced"
+    assert replaced["fatal"] is True
+    assert first.closed
+    assert await second.new_frames() == [
+        {"type": "state", "state": "connected", "negotiation": 1, "tower": "tower-1",
+         "reason": ""},
+    ]
+    assert not second.closed
+
+    tower.peer("s-1", 1, "failed")
+    assert [state(frame) for frame in await second.new_frames()] == [("repairing", 1, "tower-1")]
+    assert await first.new_frames() == []
+
+
+async def test_closing_a_session_ends_it(autojump_clock, broker):
+    tower = broker.towers["tower-1"]
+    client = await broker.open_session()
+    await client.new_frames()
+    await connect(client, tower, 1)
+
+    await client.tell(CloseSession("closed by the client"))
+    assert await client.new_frames() == [
+        {"type": "state", "state": "closed", "negotiation": 1, "tower": "tower-1",
+         "reason": "closed by the client"},
+    ]
+    assert client.closed
+    assert broker.session("s-1") is None
+    assert tower.got(ClosePeer) == [ClosePeer("s-1", 1)]
+    assert broker.counters.failed == 0
+    assert broker.counters.live() == 0
+
+
+async def test_the_live_sessions_gauge_follows_the_session(autojump_clock, broker):
+    tower = broker.towers["tower-1"]
+
+    def by_state() -> dict[str, int]:
+        return {key.value: count for key, count in broker.counters.by_state.items() if count}
+
+    client = await broker.open_session()
+    await client.new_frames()
+    assert by_state() == {"negotiating": 1}
+    await connect(client, tower, 1)
+    assert by_state() == {"connected": 1}
+    tower.peer("s-1", 1, "silent")
+    await trio.testing.wait_all_tasks_blocked()
+    assert by_state() == {"repairing": 1}
+    await trio.sleep(0.5)
+    assert by_state() == {"negotiating": 1}
+    await client.tell(CloseSession("deleted through the API"))
+    assert broker.counters.live() == 0
+
+
+async def test_a_failing_session_leaves_a_connected_one_alone(autojump_clock, broker):
+    tower = broker.towers["tower-1"]
+    steady = await broker.open_session("s-steady")
+    await steady.new_frames()
+    await connect(steady, tower, 1)
+    failing = await broker.open_session("s-failing")
+
+    with trio.fail_after(120):
+        await failing.ref.join()
+    assert broker.session("s-failing") is None
+    await failing.new_frames()
+    assert state(failing.seen[-1])[0] == "failed"
+    assert failing.closed
+    assert {frame["negotiation"] for frame in failing.seen} == set(range(1, 7))
+
+    assert await steady.new_frames() == []
+    assert [frame["type"] for frame in steady.seen] == ["state", "answer", "state"]
+    assert not steady.closed
+    described = await steady.ref.ask(Describe())
+    assert (described["state"], described["negotiation"], described["placements"]) == (
+        "connected", 1, 1
+    )
+    assert tower.got(ClosePeer, "s-steady") == []
+    assert len(tower.got(OpenPeer, "s-steady")) == 1
+
+
+async def test_a_client_too_slow_to_read_loses_its_outbox(autojump_clock, broker):
+    tower = broker.towers["tower-1"]
+    client = await broker.open_session(outbox_size=1)
+    await offer(client, tower, 1)
+    tower.answer("s-1", 1)
+    tower.peer("s-1", 1, "connected")
+    await trio.testing.wait_all_tasks_blocked()
+    assert client.closed
+    assert [frame["type"] for frame in await client.new_frames()] == ["state"]
+
+    described = await client.ref.ask(Describe())
+    assert described["state"] == "connected"
+    assert client.ref.alive
+    await client.tell(ClientCandidate("", None, None))
+    assert tower.got(AddCandidate) == [AddCandidate("s-1", 1, "", None, None)]
