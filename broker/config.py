@@ -96,8 +96,11 @@ class Settings:
             ipaddress.ip_address(self.host)
         except ValueError:
             raise ConfigError(f"host must be an IP address to listen on, not {self.host!r}")
+        if not all(isinstance(origin, str) for origin in self.allowed_origins):
+            raise ConfigError(f"allowed_origins must be strings, not {self.allowed_origins!r}")
         for server in self.ice_servers:
-            if not isinstance(server, dict) or not isinstance(server.get("urls"), (str, list)):
+            urls = server.get("urls") if isinstance(server, dict) else None
+            if not (isinstance(urls, str) or _strings(urls)):
                 raise ConfigError(f"each of ice_servers needs 'urls', not {server!r}")
 
     @property
@@ -107,6 +110,11 @@ class Settings:
     def with_ports(self, https_port: int, http_port: int) -> Settings:
         """These settings with the ports actually bound (when 0 was asked for)."""
         return dataclasses.replace(self, https_port=https_port, http_port=http_port)
+
+
+def _strings(value: Any) -> bool:
+    """Whether ``value`` is a non-empty list of strings."""
+    return isinstance(value, list) and bool(value) and all(isinstance(url, str) for url in value)
 
 
 def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
@@ -123,7 +131,7 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
                 values = tomllib.load(file)
         except OSError as error:
             raise ConfigError(f"cannot read {path}: {error.strerror}") from None
-        except tomllib.TOMLDecodeError as error:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise ConfigError(f"{path} is not valid TOML: {error}") from None
     values.update({key: value for key, value in overrides.items() if value is not None})
     return settings_from_mapping(values)

@@ -14,6 +14,7 @@ most ``max_placements`` towers.
 
     negotiating --connected--> connected
     negotiating, connected --failed--> repairing --started--> negotiating
+    connected --started--> negotiating     (a negotiation killed without a word)
     any but failed/closed --given up--> failed
     any but failed/closed --closed--> closed
 """
@@ -55,6 +56,7 @@ _TRANSITIONS: dict[SessionState, dict[str, SessionState]] = {
         "closed": SessionState.CLOSED,
     },
     SessionState.CONNECTED: {
+        "started": SessionState.NEGOTIATING,
         "failed": SessionState.REPAIRING,
         "given_up": SessionState.FAILED,
         "closed": SessionState.CLOSED,
@@ -123,6 +125,9 @@ class SessionLifecycle:
         if self.state.ended or number <= self.negotiation:
             return []
         first = self.negotiation == 0
+        if not first and self.state is not SessionState.REPAIRING:
+            # The last negotiation ended without a failure being reported (it was killed).
+            self.reason = "the negotiation was restarted"
         self.negotiation = number
         self.offer_taken = False
         self._move("started")

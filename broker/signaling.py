@@ -33,7 +33,9 @@ CLOSE_CODES = {
 }
 
 
-@dataclass(frozen=True)
+# Not frozen: Python itself assigns to an exception's attributes (``__traceback__`` in
+# contextlib, the fields when unpickling).
+@dataclass(eq=False)
 class SignalingError(Exception):
     """A client's frame or connection the broker refuses, with the documented code."""
 
@@ -66,7 +68,7 @@ def parse_client_frame(data: str | bytes) -> ClientMessage:
         if len(data) > MAX_FRAME_BYTES:
             raise SignalingError("frame_too_large", f"frames are at most {MAX_FRAME_BYTES} bytes")
         raise SignalingError("binary_frame", "only text frames carrying JSON are spoken here")
-    if len(data) > MAX_FRAME_BYTES:
+    if len(data) > MAX_FRAME_BYTES or len(data.encode(errors="surrogatepass")) > MAX_FRAME_BYTES:
         raise SignalingError("frame_too_large", f"frames are at most {MAX_FRAME_BYTES} bytes")
     try:
         frame = json.loads(data)
@@ -112,7 +114,7 @@ def check_offer_sdp(sdp: str) -> None:
     if not description.media:
         raise SignalingError("invalid_sdp", "the SDP has no media or data section")
     for media in description.media:
-        if media.kind == "application" and not media.dtls:
+        if media.kind == "application" and not (media.dtls and media.dtls.fingerprints):
             raise SignalingError("invalid_sdp", "the data section has no DTLS fingerprint")
         if not media.ice.usernameFragment or not media.ice.password:
             raise SignalingError("invalid_sdp", "a section has no ICE credentials")
@@ -195,4 +197,8 @@ def _b64(data: bytes) -> str:
 
 
 def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    # The decoder skips stray characters and spare bits: only the one spelling is accepted.
+    if _b64(data) != text:
+        raise ValueError("not the canonical encoding")
+    return data
