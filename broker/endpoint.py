@@ -48,6 +48,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 MAX_BODY_BYTES = 16 * 1024
+CLOSE_DRAIN_TIMEOUT = 2.0
 APPLICATIONS = ("echo",)
 _SESSION_PATH = re.compile(r"^/v1/sessions/(s-[0-9a-f]{16})(/tokens|/signaling)?$")
 
@@ -265,10 +266,12 @@ class BrokerApi:
         except SignalingError as error:
             await send_frame(error.frame())
             await close(error.close_code)
+            await _drain(receive)
             return
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._write, frames, send_frame, close, nursery.cancel_scope)
+                # The session's state frame goes out before any answer to the client.
+                await nursery.start(self._write, frames, send_frame, close, nursery.cancel_scope)
                 await self._read(receive, session, send_frame, close)
                 nursery.cancel_scope.cancel()
         finally:
@@ -296,13 +299,19 @@ class BrokerApi:
     def _allowed_origins(self) -> tuple[str, ...]:
         return self.settings.allowed_origins or (self.settings.https_origin,)
 
-    async def _write(self, frames, send_frame, close, scope: trio.CancelScope) -> None:
+    async def _write(
+        self, frames, send_frame, close, scope: trio.CancelScope,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         close_code = 1000
         async for frame in frames:
             await send_frame(frame)
+            task_status.started()
+            task_status = trio.TASK_STATUS_IGNORED
             if frame.get("type") == "error" and frame.get("fatal"):
                 close_code = SignalingError(frame["code"], "").close_code
         # The session closed the outbox: it ended, or another connection replaced this one.
+        task_status.started()
         await close(close_code)
         scope.cancel()
 
@@ -323,12 +332,21 @@ class BrokerApi:
                 await send_frame(error.frame())
                 if error.fatal:
                     await close(error.close_code)
+                    await _drain(receive)
                     return
                 continue
             try:
                 await session.tell(message)
             except ActorStopped:
                 return
+
+
+async def _drain(receive: Receive) -> None:
+    """Read what the client sent before our close, so its close reply is seen and the
+    connection ends now rather than at the client's disconnect timeout."""
+    with trio.move_on_after(CLOSE_DRAIN_TIMEOUT):
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

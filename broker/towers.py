@@ -48,6 +48,7 @@ from .placement import Placement, TowerLoad
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
+CLOSE_TIMEOUT = 1.0
 AGENT_START_TIMEOUT = 30.0
 AGENT_STOP_TIMEOUT = 3.0
 
@@ -184,6 +185,8 @@ class TowerLink(Actor):
                 await self._read(websocket, connection)
             finally:
                 self.directory.disconnected(connection)
+                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                    await websocket.aclose()
                 nursery.cancel_scope.cancel()
 
     async def _connect(self, nursery: trio.Nursery) -> WebSocketConnection:

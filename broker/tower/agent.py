@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 BROKER_NAME = "broker"
 HANDSHAKE_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 1.0
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,8 @@ class CommunicationServer(Actor):
                     self.current = None
                     with trio.CancelScope(shield=True):
                         await self._close_all_peers()
-                        await websocket.aclose()
+                        with trio.move_on_after(CLOSE_TIMEOUT):
+                            await websocket.aclose()
 
     async def _report_load(self) -> None:
         while True:
