@@ -1,0 +1,33 @@
+"""The session benchmark runs end to end and reports every figure (no timing is asserted
+here: these machines are shared and noisy)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def test_quick_run_prints_one_json_object_with_every_figure():
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.sessions", "--quick", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    figures = json.loads(result.stdout)
+    assert [level["concurrency"] for level in figures["levels"]] == [1, 10]
+    for level in figures["levels"]:
+        for path in ("broker", "floor"):
+            measured = level[path]
+            assert measured["samples"] == level["concurrency"] * level["rounds"], path
+            for key in ("p50_ms", "p95_ms", "p99_ms"):
+                assert measured[key] > 0, (level["concurrency"], path, key)
+            assert measured["p50_ms"] <= measured["p95_ms"] <= measured["p99_ms"]
+        for key in ("ratio_p50", "ratio_p95", "ratio_p99"):
+            assert level[key] > 0, (level["concurrency"], key)
+        assert isinstance(level["target_met"], bool)
+    assert figures["stopped_cleanly"] == {"broker": True, "floor": True}
