@@ -5,10 +5,13 @@ channel, at the 50th, 95th and 99th percentile, with 1, 10 and 50 sessions start
 the same moment (each timed on its own), along two paths:
 
 - broker: the embedded broker (``python -m broker serve ... --towers 2``) in its own
-  process with its two tower agents. The clock starts just before ``POST /v1/sessions``
-  and stops when the first echo comes back; in between, ``BrokerClient.create_session``
-  (HTTPS), ``open_session`` (WSS signaling, offer, answer), ``wait_state("connected")``
-  and ``ClientSession.echo``.
+  process with its two tower agents. The clock starts just before the client's peer
+  connection is made and stops when the first echo comes back; in between,
+  ``broker.client.start_session``: the offer, ``POST /v1/sessions`` carrying it and
+  returning the tower's answer, the WSS signaling socket opening while ICE runs, and
+  ``ClientSession.echo``. Each session is one simulated browser that has loaded the page
+  before its user asks for a session: its HTTPS connection is open and it has fetched
+  the ICE servers (``GET /v1/ice-servers``) before the clock starts.
 - floor: ``benchmarks.echo_floor``, a plain asyncio program in its own process that
   answers an offer POSTed over plain HTTP with a new aiortc peer connection echoing
   every data-channel message; no TLS, no WebSocket, no actors. The clock starts just
@@ -54,7 +57,7 @@ import trio
 
 from actors import bridge
 from actors.bridge import call_asyncio
-from broker.client import BrokerClient, open_session, trusting
+from broker.client import BrokerClient, start_session, trusting
 from broker.client_peer import new_peer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,18 +215,23 @@ class BrokerPath:
     def __init__(self, url: str, api_key: str, certificate: str) -> None:
         self.ssl_context = trusting(certificate)
         self.client = BrokerClient(url, api_key, self.ssl_context)
+        self.client_url, self.api_key = url, api_key
         self.opened: list[str] = []
 
     async def session(self, durations: list[float], all_echoed: Countdown) -> None:
+        # Each session is one browser that has loaded the page: its connection to the
+        # origin is open and it knows the ICE servers before its user clicks "start".
+        client = BrokerClient(self.client_url, self.api_key, self.ssl_context)
+        await client.ice_servers()
         started = time.perf_counter()
-        grant = await self.client.create_session()
-        self.opened.append(grant.id)
-        async with open_session(grant, self.ssl_context) as session:
-            await session.wait_state("connected", timeout=SESSION_TIMEOUT)
+        async with start_session(client) as session:
+            self.opened.append(session.grant.id)
             await session.echo(PAYLOAD, timeout=SESSION_TIMEOUT)
             durations.append(time.perf_counter() - started)
+            await session.wait_state("connected", timeout=SESSION_TIMEOUT)
             await all_echoed.arrive_and_wait()
-            await self.client.delete_session(grant.id)
+            await client.delete_session(session.grant.id)
+        await client.aclose()
 
     async def wait_for_towers(self, count: int) -> None:
         """Until the broker's ``/healthz`` reports ``count`` towers ready."""

@@ -46,6 +46,7 @@ class SessionGrant:
     signaling_url: str
     token: str
     ice_servers: tuple[dict[str, Any], ...]
+    answer: str | None = None
 
 
 class BrokerClient:
@@ -64,6 +65,9 @@ class BrokerClient:
         self.port = parts.port or 443
         self.api_key = api_key
         self.ssl_context = ssl_context
+        # Idle kept-alive connections, as a browser keeps its connection to the origin.
+        self._idle: list[_HttpConnection] = []
+        self._ice_servers: tuple[dict[str, Any], ...] | None = None
 
     async def request(
         self, method: str, path: str, body: Any = None, *, api_key: str | None = None,
@@ -72,39 +76,42 @@ class BrokerClient:
         """One HTTP/1.1 request; returns the status and the decoded JSON body (or text)."""
         data = raw_body if raw_body is not None else (
             b"" if body is None else json.dumps(body).encode())
-        headers = [("host", f"{self.host}:{self.port}"), ("connection", "close"),
-                   ("content-length", str(len(data)))]
+        headers = [("host", f"{self.host}:{self.port}"), ("content-length", str(len(data)))]
         key = self.api_key if api_key is None else api_key
         if key:
             headers.append(("authorization", f"Bearer {key}"))
         if data:
             headers.append(("content-type", "application/json"))
-        stream = await trio.open_ssl_over_tcp_stream(
-            self.host, self.port, ssl_context=self.ssl_context
-        )
-        async with stream:
-            connection = h11.Connection(h11.CLIENT)
-            await stream.send_all(connection.send(h11.Request(
-                method=method, target=path, headers=headers)))
-            await stream.send_all(connection.send(h11.Data(data=data)))
-            await stream.send_all(connection.send(h11.EndOfMessage()))
-            status, payload = 0, b""
-            while True:
-                event = connection.next_event()
-                if event is h11.NEED_DATA:
-                    connection.receive_data(await stream.receive_some(65536))
-                elif isinstance(event, h11.Response):
-                    status = event.status_code
-                elif isinstance(event, h11.Data):
-                    payload += event.data
-                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                    break
+        request = h11.Request(method=method, target=path, headers=headers)
+        while self._idle:
+            connection = self._idle.pop()
+            try:
+                status, payload = await connection.exchange(request, data)
+                break
+            except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+                # The server closed it while idle: try the next one, or a new one.
+                await trio.aclose_forcefully(connection.stream)
+        else:
+            stream = await trio.open_ssl_over_tcp_stream(
+                self.host, self.port, ssl_context=self.ssl_context
+            )
+            connection = _HttpConnection(stream)
+            status, payload = await connection.exchange(request, data)
+        if connection.reusable():
+            self._idle.append(connection)
+        else:
+            await trio.aclose_forcefully(connection.stream)
         if not payload:
             return status, None
         try:
             return status, json.loads(payload)
         except ValueError:
             return status, payload.decode(errors="replace")
+
+    async def aclose(self) -> None:
+        """Close the kept-alive connections."""
+        while self._idle:
+            await trio.aclose_forcefully(self._idle.pop().stream)
 
     async def _call(self, method: str, path: str, body: Any = None) -> Any:
         status, payload = await self.request(method, path, body)
@@ -113,15 +120,30 @@ class BrokerClient:
             raise ApiError(status, error.get("code", "unknown"), error.get("message", ""))
         return payload
 
-    async def create_session(self, application: str = "echo") -> SessionGrant:
-        created = await self._call("POST", "/v1/sessions", {"application": application})
+    async def create_session(
+        self, application: str = "echo", offer: str | None = None
+    ) -> SessionGrant:
+        """``POST /v1/sessions``; with ``offer``, the grant carries the tower's answer."""
+        body: dict[str, Any] = {"application": application}
+        if offer is not None:
+            body["offer"] = offer
+        created = await self._call("POST", "/v1/sessions", body)
         return SessionGrant(
             id=created["id"],
             tower=created["tower"],
             signaling_url=created["signaling_url"],
             token=created["token"],
             ice_servers=tuple(created["ice_servers"]),
+            answer=created.get("answer"),
         )
+
+    async def ice_servers(self) -> tuple[dict[str, Any], ...]:
+        """``GET /v1/ice-servers``, once: what a peer needs before it can offer."""
+        if self._ice_servers is None:
+            self._ice_servers = tuple(
+                (await self._call("GET", "/v1/ice-servers"))["ice_servers"]
+            )
+        return self._ice_servers
 
     async def get_session(self, session_id: str) -> dict[str, Any]:
         return await self._call("GET", f"/v1/sessions/{session_id}")
@@ -133,9 +155,45 @@ class BrokerClient:
         return await self._call("POST", f"/v1/sessions/{session_id}/tokens")
 
 
+class _HttpConnection:
+    def __init__(self, stream: trio.SSLStream) -> None:
+        self.stream = stream
+        self.h11 = h11.Connection(h11.CLIENT)
+
+    async def exchange(self, request: h11.Request, data: bytes) -> tuple[int, bytes]:
+        connection, stream = self.h11, self.stream
+        await stream.send_all(connection.send(request) + connection.send(h11.Data(data=data))
+                              + connection.send(h11.EndOfMessage()))
+        status, payload = 0, b""
+        while True:
+            event = connection.next_event()
+            if event is h11.NEED_DATA:
+                chunk = await stream.receive_some(65536)
+                if not chunk and status == 0:
+                    raise trio.BrokenResourceError("the connection closed before a response")
+                connection.receive_data(chunk)
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                payload += event.data
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                return status, payload
+
+    def reusable(self) -> bool:
+        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+            self.h11.start_next_cycle()
+            return True
+        return False
+
+
 @dataclass
 class ClientSession:
-    """A live session seen from the client: its frames, its state, its peer."""
+    """A live session seen from the client: its frames, its state, its peer.
+
+    The protocol's one rule for a client: offer whenever the broker is negotiating a
+    negotiation this client has not offered for yet (its ``state`` frame on connect, or
+    a ``reoffer``), with a fresh peer connection; take the answer of the last offer.
+    """
 
     grant: SessionGrant
     websocket: WebSocketConnection
@@ -143,6 +201,7 @@ class ClientSession:
     frames: list[dict[str, Any]] = field(default_factory=list)
     state: str = ""
     negotiation: int = 0
+    offered: int = 0
     peer: ClientPeer | None = None
     peers_made: int = 0
     _changed: trio.Event = field(default_factory=trio.Event)
@@ -181,7 +240,7 @@ class ClientSession:
             await call_asyncio(peer.wait_open)
             return await call_asyncio(peer.echo, payload)
 
-    async def _offer(self) -> None:
+    async def _offer(self, negotiation: int) -> None:
         if self.peer is not None:
             await call_asyncio(self.peer.close)
         self.peer = await call_asyncio(
@@ -189,6 +248,7 @@ class ClientSession:
                               answer_heartbeats=self.answer_heartbeats)
         )
         self.peers_made += 1
+        self.offered = negotiation
         sdp = await call_asyncio(self.peer.offer)
         await self.send({"type": "offer", "sdp": sdp})
 
@@ -204,16 +264,14 @@ class ClientSession:
             kind = frame.get("type")
             if kind == "state":
                 self.state = frame["state"]
-                if frame["negotiation"] > self.negotiation:
-                    first = self.negotiation == 0
-                    self.negotiation = frame["negotiation"]
-                    if first and self.state == "negotiating":
-                        await self._offer()
-            elif kind == "reoffer":
+                self.negotiation = max(self.negotiation, frame["negotiation"])
+                if self.state == "negotiating" and frame["negotiation"] > self.offered:
+                    await self._offer(frame["negotiation"])
+            elif kind == "reoffer" and frame["negotiation"] > self.offered:
                 self.negotiation = frame["negotiation"]
-                await self._offer()
+                await self._offer(frame["negotiation"])
             elif kind == "answer" and self.peer is not None:
-                if frame["negotiation"] == self.negotiation:
+                if frame["negotiation"] == self.offered:
                     await call_asyncio(self.peer.accept, frame["sdp"])
 
     def _record(self, frame: dict[str, Any]) -> None:
@@ -229,16 +287,21 @@ async def open_session(
     *,
     answer_heartbeats: bool = True,
     offer: bool = True,
+    peer: ClientPeer | None = None,
 ) -> AsyncIterator[ClientSession]:
     """Connect to a session's signaling socket and negotiate; repairs are followed.
 
     Args:
-        offer: False connects without negotiating (to test the signaling socket).
+        offer: False connects without ever offering (to test the signaling socket).
+        peer: a peer that already offered for negotiation 1 in the ``POST`` (its
+            answer, if the grant has one, is taken here).
     """
     async with open_websocket_url(grant.signaling_url, ssl_context=ssl_context) as websocket:
         session = ClientSession(grant, websocket, answer_heartbeats)
         if not offer:
-            session.negotiation = 1 << 30
+            session.offered = 1 << 30
+        if peer is not None:
+            session.peer, session.offered, session.peers_made = peer, 1, 1
         async with trio.open_nursery() as nursery:
             nursery.start_soon(session._follow)
             try:
@@ -248,6 +311,32 @@ async def open_session(
                 if session.peer is not None:
                     with trio.CancelScope(shield=True):
                         await call_asyncio(session.peer.close)
+
+
+@asynccontextmanager
+async def start_session(
+    client: BrokerClient, *, application: str = "echo", answer_heartbeats: bool = True
+) -> AsyncIterator[ClientSession]:
+    """Create a session with the offer in the ``POST`` and follow it: the quickest way in.
+
+    The peer connection starts connecting as soon as the ``POST`` returns with the answer;
+    the signaling socket opens meanwhile.
+    """
+    ice_servers = await client.ice_servers()
+    peer = await call_asyncio(
+        functools.partial(new_peer, ice_servers, answer_heartbeats=answer_heartbeats)
+    )
+    try:
+        grant = await client.create_session(application, offer=await call_asyncio(peer.offer))
+        if grant.answer is not None:
+            await call_asyncio(peer.accept, grant.answer)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await call_asyncio(peer.close)
+        raise
+    async with open_session(grant, client.ssl_context, answer_heartbeats=answer_heartbeats,
+                            peer=peer) as session:
+        yield session
 
 
 def trusting(certificate_file: str) -> ssl.SSLContext:

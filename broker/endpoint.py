@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import logging
 import json
 import re
 from collections.abc import Awaitable, Callable
@@ -28,11 +29,13 @@ from hypercorn.trio import serve
 
 from actors import Actor, ActorCrashed, ActorRef, ActorStopped, ActorSystem, AskTimeout
 from actors import SupervisorRef
+from . import __version__
 from .config import Settings
 from .metrics import SessionCounters, render
 from .sessions import (
     CLIENT_OUTBOX_SIZE,
     AttachClient,
+    ClientOffer,
     CloseSession,
     DetachClient,
     Describe,
@@ -40,7 +43,13 @@ from .sessions import (
     new_session_id,
     session_spec,
 )
-from .signaling import RateLimit, SignalingError, SignalingTokens, parse_client_frame
+from .signaling import (
+    RateLimit,
+    SignalingError,
+    SignalingTokens,
+    check_offer_sdp,
+    parse_client_frame,
+)
 from .towers import TowerDirectory
 
 Scope = dict[str, Any]
@@ -128,6 +137,11 @@ class BrokerApi:
 
     async def _route(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
         method, path = scope["method"], scope["path"]
+        if path == "/":
+            _allow(method, "GET")
+            return 200, {"service": "session broker", "version": __version__,
+                         "sessions": "/v1/sessions", "health": "/healthz",
+                         "metrics": "/metrics"}
         if path == "/healthz":
             _allow(method, "GET")
             ready = self.towers.ready_count()
@@ -136,6 +150,10 @@ class BrokerApi:
         if path == "/metrics":
             _allow(method, "GET")
             return 200, self.metrics()
+        if path == "/v1/ice-servers":
+            _allow(method, "GET")
+            self._authenticate(scope)
+            return 200, {"ice_servers": list(self.settings.ice_servers)}
         if path == "/v1/sessions":
             _allow(method, "POST")
             key = self._authenticate(scope)
@@ -183,12 +201,20 @@ class BrokerApi:
             self.sessions_of.get(key, set()).discard(session_id)
 
     async def _create(self, key: str, options: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(options) - {"application"})
+        unknown = sorted(set(options) - {"application", "offer"})
         if unknown:
             raise ApiError(400, "bad_request", f"unknown field(s): {', '.join(unknown)[:80]}")
         application = options.get("application", "echo")
         if application not in APPLICATIONS:
             raise ApiError(400, "bad_request", f"application must be one of {list(APPLICATIONS)}")
+        offer = options.get("offer")
+        if offer is not None:
+            if not isinstance(offer, str):
+                raise ApiError(400, "bad_request", "offer must be an SDP string")
+            try:
+                check_offer_sdp(offer)
+            except SignalingError as error:
+                raise ApiError(400, error.code, error.message) from None
         mine = self.sessions_of.setdefault(key, set())
         for session_id in [s for s in mine if self._session(s) is None]:
             self._forget(session_id)
@@ -209,11 +235,30 @@ class BrokerApi:
             raise ApiError(503, "no_tower", f"the session could not start: {error.error}")
         self.owners[session_id] = key
         mine.add(session_id)
-        created = {"id": session_id, **session.describe()}
+        created = {"id": session_id, "state": session.state.value, "tower": tower.name}
         created.update(self._token(session_id))
         created["ice_servers"] = list(self.settings.ice_servers)
-        del created["negotiation"], created["placements"], created["reason"], created["age"]
+        if offer is not None:
+            created["answer"] = await self._answer(session_id, offer)
         return created
+
+    async def _answer(self, session_id: str, offer: str) -> str | None:
+        """Hand the offer to the new session and wait for the tower's answer."""
+        reply, answers = trio.open_memory_channel[dict[str, Any]](1)
+        ref = self._session(session_id)
+        if ref is None:
+            return None
+        with answers:
+            await ref.tell(ClientOffer(offer, reply))
+            with trio.move_on_after(self.settings.negotiation_deadline):
+                async for frame in answers:
+                    if frame["type"] == "answer":
+                        return frame["sdp"]
+                    # The tower refused the offer: a session nobody can use is ended.
+                    ref.tell_nowait(CloseSession(f"the offer was refused: {frame['message']}"))
+                    raise ApiError(400, frame["code"], frame["message"])
+        # No answer in time: it will come on the signaling socket.
+        return None
 
     def _token(self, session_id: str) -> dict[str, Any]:
         token = self.tokens.issue(session_id, trio.current_time())
@@ -454,6 +499,8 @@ class Endpoint(Actor):
         config.websocket_max_message_size = 1024 * 1024
         config.keep_alive_max_requests = 1_000_000
         config.accesslog = None
+        # Through the logging module once, not also on hypercorn's own stderr handler.
+        config.errorlog = logging.getLogger("hypercorn.error")
         return config
 
     async def started(self) -> None:

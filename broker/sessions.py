@@ -81,7 +81,11 @@ class DetachClient:
 
 @dataclass(frozen=True)
 class ClientOffer:
+    """The client's offer. With ``reply``, the answer (or an error frame) goes there, for
+    the HTTP request that carried the offer, instead of onto the signaling socket."""
+
     sdp: str
+    reply: trio.MemorySendChannel[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,7 @@ class Session(Supervisor):
         self.negotiation: ActorRef | None = None
         self.counted_state = self.lifecycle.state
         self.counting = False
+        self.answer_reply: tuple[int, trio.MemorySendChannel[dict[str, Any]]] | None = None
 
     def _negotiation(self) -> Negotiation:
         # The start function of the child: the session's own code, run when its
@@ -198,7 +203,14 @@ class Session(Supervisor):
     async def _handle(self, message: Any) -> Any:
         lifecycle = self.lifecycle
         if isinstance(message, ClientOffer):
-            return await self._carry_out(lifecycle.offer(message.sdp))
+            decisions = lifecycle.offer(message.sdp)
+            if message.reply is not None:
+                if isinstance(decisions[0], ForwardOffer):
+                    self.answer_reply = (lifecycle.negotiation, message.reply)
+                else:
+                    _send(message.reply, decisions.pop(0).frame)
+                    message.reply.close()
+            return await self._carry_out(decisions)
         if isinstance(message, ClientCandidate):
             return await self._carry_out(
                 lifecycle.candidate(message.candidate, message.sdp_mid, message.sdp_mline_index)
@@ -297,6 +309,21 @@ class Session(Supervisor):
                 self._send_client(decision.frame)
 
     def _send_client(self, frame: dict[str, Any]) -> None:
+        if self.answer_reply is not None:
+            negotiation, reply = self.answer_reply
+            if frame.get("type") in ("answer", "error") and negotiation == self.lifecycle.negotiation:
+                # The answer to an offer that came over HTTP goes back the same way.
+                self.answer_reply = None
+                delivered = _send(reply, frame)
+                reply.close()
+                if delivered:
+                    return
+            elif frame.get("type") == "state" and frame["negotiation"] != negotiation:
+                self.answer_reply = None
+                reply.close()
+        self._send_to_socket(frame)
+
+    def _send_to_socket(self, frame: dict[str, Any]) -> None:
         if self.client is not None and not _send(self.client, frame):
             # A client too slow to take its frames loses its connection, not the session.
             self.client.close()
@@ -325,10 +352,8 @@ class Session(Supervisor):
 def _send(outbox: trio.MemorySendChannel[dict[str, Any]], frame: dict[str, Any]) -> bool:
     try:
         outbox.send_nowait(frame)
-    except trio.WouldBlock:
+    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
         return False
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
     return True
 
 

@@ -314,6 +314,13 @@ def test_a_second_connection_replaces_the_first(broker, new_grant):
     run(main)
 
 
+def test_the_ice_servers_need_the_api_key_too(broker):
+    status, _, body = http(broker, "GET", "/v1/ice-servers")
+    assert status == 401 and error_code(body) == "unauthorized"
+    status, _, body = http(broker, "GET", "/v1/ice-servers", headers=auth(broker))
+    assert status == 200 and json.loads(body) == {"ice_servers": []}
+
+
 def test_the_healthy_session_never_noticed(broker, healthy):
     status, _, body = http(broker, "GET", f"/v1/sessions/{healthy.id}", headers=auth(broker))
     assert status == 200

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 
+import pytest
 import trio
 from trio_websocket import open_websocket_url
 
 from actors import bridge
-from broker.client import ApiError, open_session, trusting
+from broker.client import ApiError, open_session, start_session, trusting
 from broker.client_peer import new_peer
 
 from .conftest import wait_for_towers
@@ -184,5 +186,49 @@ def test_a_silent_client_is_declared_silent_and_asked_to_reoffer(broker):
             assert repairing["reason"].startswith("silent")
             await session.wait_for(lambda f: f["type"] == "reoffer", 10)
             assert (await client.get_session(grant.id))["id"] == grant.id
+
+    run(main)
+
+
+def test_an_offer_in_the_post_is_answered_in_the_response(broker):
+    wait_for_towers(broker, 2)
+
+    async def main():
+        client = broker.client()
+        assert await client.ice_servers() == ()
+        async with start_session(client) as session:
+            assert session.grant.answer.startswith("v=0")
+            await session.echo("first")
+            await session.wait_state("connected")
+            # The answer came with the POST, never again on the signaling socket.
+            assert not [f for f in session.frames if f["type"] == "answer"]
+            assert session.peers_made == 1
+            await client.delete_session(session.grant.id)
+        with pytest.raises(ApiError) as refused:
+            await client.create_session(offer="v=0\r\nnot an offer")
+        assert (refused.value.status, refused.value.code) == (400, "invalid_sdp")
+        await client.aclose()
+
+    run(main)
+
+
+def test_a_client_that_connects_late_offers_for_the_negotiation_it_missed(broker):
+    """The broker repaired a session while its client was away: the state frame on
+    connecting tells the client which negotiation to offer for."""
+    wait_for_towers(broker, 2)
+
+    async def main():
+        client = broker.client()
+        grant = await client.create_session()
+        # Nobody offers within the deadline: the broker restarts the negotiation.
+        with trio.fail_after(15):
+            while (await client.get_session(grant.id))["negotiation"] < 2:
+                await trio.sleep(0.2)
+        fresh = await client.new_token(grant.id)
+        late = dataclasses.replace(grant, signaling_url=fresh["signaling_url"])
+        async with open_session(late, trusting(broker.certificate)) as session:
+            await session.wait_state("connected", after=1)
+            await session.echo("made it")
+            assert session.offered >= 2 and session.peers_made == 1
 
     run(main)
