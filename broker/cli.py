@@ -99,7 +99,7 @@ def _serve(arguments: argparse.Namespace) -> int:
             return
         print(
             f"Session broker {__version__} is running.\n"
-            f"  open      {origin}/\n"
+            f"  open      {origin}/#key={files.api_key}\n"
             f"  API key   {files.api_key}\n"
             f"  state     {files.directory}\n"
             f"  HTTPS certificate (self-signed): {files.https_certificate}\n"
@@ -135,7 +135,9 @@ def _tower_run(arguments: argparse.Namespace) -> int:
         ca=arguments.ca,
         capacity=arguments.capacity,
         load_interval=arguments.load_interval,
-        peer=PeerSettings(arguments.heartbeat_interval, arguments.heartbeat_timeout),
+        peer=PeerSettings(
+            arguments.heartbeat_interval, arguments.heartbeat_timeout, tower=arguments.name
+        ),
     )
     try:
         bridge.run(run_agent, settings)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import importlib.resources
 import logging
 import json
 import re
@@ -29,7 +30,6 @@ from hypercorn.trio import serve
 
 from actors import Actor, ActorCrashed, ActorRef, ActorStopped, ActorSystem, AskTimeout
 from actors import SupervisorRef
-from . import __version__
 from .config import Settings
 from .metrics import SessionCounters, render
 from .sessions import (
@@ -56,9 +56,26 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
+# The browser side: the client module at a stable URL, and the demo page.
+_STATIC = importlib.resources.files("broker") / "static"
+STATIC_FILES = {
+    url: ((_STATIC / name).read_bytes(), content_type)
+    for url, name, content_type in (
+        ("/", "index.html", "text/html; charset=utf-8"),
+        ("/demo.js", "demo.js", "text/javascript; charset=utf-8"),
+        ("/demo.css", "demo.css", "text/css; charset=utf-8"),
+        ("/client/broker-client.js", "broker-client.js", "text/javascript; charset=utf-8"),
+    )
+    if (_STATIC / name).is_file()
+}
+PAGE_POLICY = (
+    "default-src 'self'; connect-src 'self' wss:; media-src 'self' blob: mediastream:; "
+    "img-src 'self' data:; style-src 'self'; script-src 'self'; object-src 'none'; "
+    "base-uri 'none'; frame-ancestors 'none'"
+)
 MAX_BODY_BYTES = 16 * 1024
 CLOSE_DRAIN_TIMEOUT = 2.0
-APPLICATIONS = ("echo",)
+APPLICATIONS = ("echo", "demo")
 _SESSION_PATH = re.compile(r"^/v1/sessions/(s-[0-9a-f]{16})(/tokens|/signaling)?$")
 
 
@@ -106,6 +123,13 @@ class BrokerApi:
         if scope["scheme"] == "http":
             await self._redirect(scope, send)
             return
+        page = STATIC_FILES.get(scope["path"])
+        if page is not None and scope["method"] in ("GET", "HEAD"):
+            content, content_type = page
+            headers = self._secure_headers({"cache-control": "no-cache",
+                                            "content-security-policy": PAGE_POLICY})
+            await _respond(send, 200, content, content_type, headers)
+            return
         headers = {"cache-control": "no-store"}
         try:
             status, body = await self._route(scope, receive)
@@ -137,11 +161,6 @@ class BrokerApi:
 
     async def _route(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
         method, path = scope["method"], scope["path"]
-        if path == "/":
-            _allow(method, "GET")
-            return 200, {"service": "session broker", "version": __version__,
-                         "sessions": "/v1/sessions", "health": "/healthz",
-                         "metrics": "/metrics"}
         if path == "/healthz":
             _allow(method, "GET")
             ready = self.towers.ready_count()

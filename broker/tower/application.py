@@ -26,14 +26,18 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiortc import (
+    MediaStreamTrack,
     RTCConfiguration,
     RTCDataChannel,
+    RTCIceCandidate,
     RTCIceServer,
     RTCPeerConnection,
     RTCSessionDescription,
 )
 from aiortc.rtcicetransport import parse_stun_turn_uri
 from aiortc.sdp import SessionDescription, candidate_from_sdp
+
+from .media import SyntheticVideoTrack
 
 __all__ = [
     "APPLICATIONS",
@@ -54,8 +58,20 @@ _ICE_SERVER_KEYS = frozenset({"urls", "username", "credential"})
 
 
 class Application(Protocol):
-    """A session application: what the tower does with a connected session's data
-    channels (later also media tracks)."""
+    """A session application: what the tower does with a session's data channels, and
+    the media it sends.
+
+    Applications are made by the factories in ``APPLICATIONS``, called with the
+    keyword arguments ``session`` (the session id) and ``tower`` (the tower's name).
+    """
+
+    def media(self, kinds: frozenset[str]) -> Sequence[MediaStreamTrack]:
+        """The tracks to send, given the kinds of media the client offered to receive.
+
+        Called once, before the answer is made. An application that sends nothing
+        returns no tracks, and then costs no encoding.
+        """
+        ...
 
     def channel_opened(self, channel: RTCDataChannel) -> None:
         """Take over a data channel, other than ``heartbeat``, that the client opened.
@@ -75,8 +91,13 @@ class EchoApplication:
     """The default application: sends every message (text or bytes) back on the channel
     it came from, in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, session: str = "", tower: str = "") -> None:
+        self.session = session
+        self.tower = tower
         self._closed = False
+
+    def media(self, kinds: frozenset[str]) -> Sequence[MediaStreamTrack]:
+        return ()
 
     def channel_opened(self, channel: RTCDataChannel) -> None:
         """Echo every message received on ``channel`` until :meth:`close`."""
@@ -92,7 +113,19 @@ class EchoApplication:
         self._closed = True
 
 
-APPLICATIONS: dict[str, Callable[[], Application]] = {"echo": EchoApplication}
+class DemoApplication(EchoApplication):
+    """Echo, plus a live synthetic video stream for a client that asks for video."""
+
+    def media(self, kinds: frozenset[str]) -> Sequence[MediaStreamTrack]:
+        if "video" not in kinds:
+            return ()
+        return (SyntheticVideoTrack(self.session, self.tower),)
+
+
+APPLICATIONS: dict[str, Callable[..., Application]] = {
+    "echo": EchoApplication,
+    "demo": DemoApplication,
+}
 
 
 @dataclass(frozen=True)
@@ -194,6 +227,7 @@ class TowerPeer:
         self._pings_sent = 0
         self._last_ping_sent_at = 0.0
         self._round_trip: float | None = None
+        self._background: set[asyncio.Future[None]] = set()
         self._connection.on("connectionstatechange", self._connection_state_changed)
         self._connection.on("datachannel", self._channel_opened)
 
@@ -241,15 +275,41 @@ class TowerPeer:
             raise ValueError("an ICE candidate needs sdp_mid or sdp_mline_index")
         parsed.sdpMid = sdp_mid
         parsed.sdpMLineIndex = sdp_mline_index
+        if parsed.ip.endswith(".local"):
+            self._add_in_background(parsed)
+            return
         await self._connection.addIceCandidate(parsed)
 
     async def _answer(self, offer_sdp: str) -> str:
+        offer_sdp, later = _set_mdns_candidates_aside(offer_sdp)
         try:
             await self._connection.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
         except Exception as error:
             raise ValueError(f"the offer was not accepted: {error}") from None
+        kinds = frozenset(
+            transceiver.kind for transceiver in self._connection.getTransceivers()
+            if transceiver.direction in ("recvonly", "sendrecv")
+        )
+        for track in self._application.media(kinds):
+            self._connection.addTrack(track)
         await self._connection.setLocalDescription(await self._connection.createAnswer())
+        for candidate in later:
+            self._add_in_background(candidate)
         return self._connection.localDescription.sdp
+
+    def _add_in_background(self, candidate: RTCIceCandidate | None) -> None:
+        # Resolving a browser's mDNS host name takes from 100 ms to a timeout of over a
+        # second; the peer-reflexive candidate from the browser's first check needs no
+        # resolving, so the answer and the checks never wait for it.
+        task = asyncio.ensure_future(self._add_quietly(candidate))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _add_quietly(self, candidate: RTCIceCandidate | None) -> None:
+        try:
+            await self._connection.addIceCandidate(candidate)
+        except Exception as error:
+            logger.info("a remote candidate was not added: %s", type(error).__name__)
 
     async def close(self) -> None:
         """Stop the heartbeat, close the application and the peer connection.
@@ -364,6 +424,42 @@ async def _close_application(application: Application) -> None:
     except Exception as error:
         # A broken application must not keep the peer connection (and its ports) open.
         logger.warning("session application failed to close: %s", type(error).__name__)
+
+
+def _set_mdns_candidates_aside(offer_sdp: str) -> tuple[str, list[RTCIceCandidate | None]]:
+    """The offer without its mDNS (``.local``) host candidates, and those candidates.
+
+    aiortc resolves every remote candidate before ``setRemoteDescription`` returns, so
+    a browser's mDNS names (Chromium's default) would hold the answer back. The offer's
+    end-of-candidates goes aside with them: it must follow them, not precede them.
+    """
+    description = SessionDescription.parse(offer_sdp)
+    later: list[RTCIceCandidate | None] = []
+    lines = []
+    index = -1
+    set_aside_in_section = False
+    for line in offer_sdp.splitlines():
+        if line.startswith("m="):
+            index += 1
+            set_aside_in_section = False
+        if line.startswith("a=candidate:") and ".local " in line:
+            candidate = candidate_from_sdp(line[len("a=candidate:"):])
+            candidate.sdpMLineIndex = index
+            candidate.sdpMid = _mid_of(description, index)
+            later.append(candidate)
+            set_aside_in_section = True
+            continue
+        if line == "a=end-of-candidates" and set_aside_in_section:
+            later.append(None)
+            continue
+        lines.append(line)
+    if not later:
+        return offer_sdp, []
+    return "\r\n".join(lines) + "\r\n", later
+
+
+def _mid_of(description: SessionDescription, index: int) -> str | None:
+    return description.media[index].rtp.muxId if index >= 0 else None
 
 
 def _check_offer(offer_sdp: str) -> None:

@@ -28,6 +28,7 @@ Send = Callable[[object], Awaitable[None]]
 class PeerSettings:
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 5.0
+    tower: str = ""
 
 
 class Peer(Actor):
@@ -58,7 +59,7 @@ class Peer(Actor):
             answer_offer,
             request.offer,
             ice_servers=request.ice_servers,
-            application=factory(),
+            application=factory(session=self.session, tower=self.settings.tower),
             on_event=post_to(self.ref),
             heartbeat_interval=self.settings.heartbeat_interval,
             heartbeat_timeout=self.settings.heartbeat_timeout,

@@ -21,3 +21,22 @@ ensure_venv() {
         touch "$stamp"
     fi
 }
+
+# Debian packages the tests drive for real (a browser):
+# installed when missing and running as root; otherwise the tests that need them say so.
+ensure_debian_packages() {
+    local missing=()
+    local package
+    for package in "$@"; do
+        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
+            || missing+=("$package")
+    done
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
+        echo "not installed (needs root and apt-get): ${missing[*]}" >&2
+        return 0
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        "${missing[@]}" >/dev/null
+}

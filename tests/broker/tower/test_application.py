@@ -402,3 +402,62 @@ def test_ice_servers_become_an_rtc_configuration():
 def test_malformed_ice_servers_are_refused(servers):
     with pytest.raises(ValueError, match="ICE server 0"):
         rtc_configuration(servers)
+
+
+MDNS_OFFER = (
+    "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0\r\n"
+    "m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\n"
+    "a=sctp-port:5000\r\na=setup:actpass\r\na=ice-ufrag:abcd\r\n"
+    "a=ice-pwd:abcdefghijklmnopqrstuvwx\r\na=fingerprint:sha-256 AA:BB\r\n"
+    "a=candidate:1 1 udp 2113937151 3b1e1c1a-6a5e-4b1e-9d8c-0f1e2d3c4b5a.local 54321 typ host\r\n"
+    "a=candidate:2 1 udp 2113937151 192.0.2.9 54322 typ host\r\n"
+    "a=end-of-candidates\r\n"
+)
+
+
+def test_mdns_candidates_and_the_end_of_candidates_after_them_are_set_aside():
+    offer, later = tower_application._set_mdns_candidates_aside(MDNS_OFFER)
+    assert ".local" not in offer and "end-of-candidates" not in offer
+    assert "192.0.2.9 54322" in offer
+    [mdns, end] = later
+    assert mdns.ip.endswith(".local") and mdns.port == 54321
+    assert (mdns.sdpMid, mdns.sdpMLineIndex) == ("0", 0)
+    assert end is None
+
+
+def test_an_offer_without_mdns_candidates_is_left_alone():
+    plain = MDNS_OFFER.replace(
+        "a=candidate:1 1 udp 2113937151 3b1e1c1a-6a5e-4b1e-9d8c-0f1e2d3c4b5a.local 54321 "
+        "typ host\r\n", "")
+    assert tower_application._set_mdns_candidates_aside(plain) == (plain, [])
+
+
+def test_an_offer_whose_only_candidate_is_mdns_is_answered_without_waiting_for_it():
+    """Resolving the name would hold the answer for the mDNS timeout; the answer must not
+    wait for it (the browser's first check brings a peer-reflexive candidate instead)."""
+
+    async def scenario():
+        client = Client()
+        offer = await client.offer()
+        lines = [line for line in offer.split("\r\n") if not line.startswith("a=candidate:")]
+        index = lines.index("a=end-of-candidates")
+        lines.insert(index, "a=candidate:9 1 udp 2113937151 "
+                            "0b1e1c1a-6a5e-4b1e-9d8c-0f1e2d3c4b5a.local 9 typ host")
+        peer = await answer_offer("\r\n".join(lines), application=EchoApplication(),
+                                  on_event=Events())
+        # The answer is out while the name is still being resolved, in the background.
+        still_resolving = len(peer._background)
+        await peer.close()
+        await client.connection.close()
+        assert peer.answer_sdp.startswith("v=0") and still_resolving == 2
+
+    run(scenario)
+
+
+def test_the_demo_application_sends_video_only_to_a_client_that_asks_for_it():
+    demo = APPLICATIONS["demo"](session="s-1", tower="tower-1")
+    assert demo.media(frozenset()) == ()
+    [track] = demo.media(frozenset({"video"}))
+    assert track.kind == "video"
+    first, later = track.draw(0), track.draw(30)
+    assert first.size == (320, 240) and first.tobytes() != later.tobytes()
