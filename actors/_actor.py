@@ -45,7 +45,9 @@ class Actor:
     overflow: ClassVar[Overflow] = Overflow.BACKPRESSURE
     runs_tasks: ClassVar[bool] = False
     _is_supervisor: ClassVar[bool] = False
-    _nursery: trio.Nursery | None = None
+    _tasks: trio.Nursery | None = None
+    _task_scopes: set[trio.CancelScope] = frozenset()  # type: ignore[assignment]
+    _tasks_ended: trio.Event | None = None
     _cell: _Cell
 
     @property
@@ -91,24 +93,66 @@ class Actor:
         """Run ``function(*args)`` as a task that belongs to this incarnation.
 
         For the I/O an actor waits on besides its mailbox (a socket's reader, a child
-        process, a timer). The task is cancelled when the incarnation ends; if it raises,
-        the actor crashes with that error, as if ``receive`` had raised it. Only actors
-        whose class sets ``runs_tasks = True`` may call it: the others pay for no nursery.
+        process, a timer). The task is cancelled when the incarnation ends, before
+        ``stopping`` runs; if it raises, the actor crashes with that error, as if
+        ``receive`` had raised it. Only actors whose class sets ``runs_tasks = True`` may
+        start tasks: the others pay for no nursery.
         """
-        nursery = self._nursery
-        if nursery is None:
-            raise RuntimeError(
-                f"{type(self).__name__} must set runs_tasks = True to call start_soon"
-            )
-        nursery.start_soon(self._run_task, function, args, self._cell.incarnation)
+        self._task_nursery_or_raise().start_soon(
+            self._run_task, function, args, self._cell.incarnation
+        )
+
+    async def start(self, function: Callable[..., Awaitable[object]], *args: object) -> Any:
+        """Start a task as ``start_soon`` does, and wait until it says it is ready.
+
+        ``function`` is called with a ``task_status`` keyword argument and calls
+        ``task_status.started(value)`` once ready (as with ``trio.Nursery.start``);
+        ``value`` is returned. An error before that is raised here, so a task started
+        from ``started`` that cannot get going fails the actor's start; an error after
+        that crashes the actor.
+        """
+        return await self._task_nursery_or_raise().start(
+            self._run_task, function, args, self._cell.incarnation
+        )
+
+    def _task_nursery_or_raise(self) -> trio.Nursery:
+        if self._tasks is None:
+            raise RuntimeError(f"{type(self).__name__} must set runs_tasks = True to start tasks")
+        return self._tasks
 
     async def _run_task(
-        self, function: Callable[..., Awaitable[object]], args: tuple, incarnation: Any
+        self,
+        function: Callable[..., Awaitable[object]],
+        args: tuple,
+        incarnation: Any,
+        task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        reporting = None if task_status is trio.TASK_STATUS_IGNORED else _Reporting(task_status)
+        scope = trio.CancelScope()
+        self._task_scopes.add(scope)
         try:
-            await function(*args)
+            with scope:
+                if reporting is None:
+                    await function(*args)
+                else:
+                    await function(*args, task_status=reporting)
         except Exception as error:
+            if reporting is not None and not reporting.reported:
+                raise
             self._cell.mailbox.put_system(_TaskFailed(incarnation, error))
+        finally:
+            self._task_scopes.discard(scope)
+            if not self._task_scopes and self._tasks_ended is not None:
+                self._tasks_ended.set()
+
+    async def _end_tasks(self) -> None:
+        """Cancel this incarnation's tasks and wait until they have ended."""
+        if not self._task_scopes:
+            return
+        self._tasks_ended = trio.Event()
+        for scope in self._task_scopes:
+            scope.cancel()
+        await self._tasks_ended.wait()
 
     def _lifetime(self) -> Any:
         if self.runs_tasks:
@@ -117,12 +161,13 @@ class Actor:
 
     @asynccontextmanager
     async def _task_nursery(self) -> AsyncIterator[None]:
+        self._task_scopes = set()
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
+            self._tasks = nursery
             try:
                 yield
             finally:
-                self._nursery = None
+                self._tasks = None
                 nursery.cancel_scope.cancel()
 
     async def _system_message(self, item: Any) -> Exit | None:
@@ -197,6 +242,20 @@ class _Stop:
 
     def __init__(self, incarnation: _Incarnation) -> None:
         self.incarnation = incarnation
+
+
+class _Reporting:
+    """A task's status that remembers whether the task said it was ready."""
+
+    __slots__ = ("status", "reported")
+
+    def __init__(self, status: trio.TaskStatus[Any]) -> None:
+        self.status = status
+        self.reported = False
+
+    def started(self, value: Any = None) -> None:
+        self.reported = True
+        self.status.started(value)
 
 
 class _TaskFailed:
@@ -631,6 +690,7 @@ async def run_incarnation(
                     except Exception as error:
                         exit = Exit(ExitKind.CRASHED, error)
                     cell.state = ActorState.STOPPING
+                    await actor._end_tasks()
                     try:
                         await actor.stopping(exit)
                     except Exception as error:

@@ -749,8 +749,11 @@ class Codec:
 
         Raises:
             DecodeError: the frame is not one this codec accepts; this is the only
-                exception any bytes can cause.
+                exception any bytes can cause, and a frame that is not bytes (a
+                WebSocket text frame, say) is refused the same way.
         """
+        if not isinstance(frame, (bytes, bytearray, memoryview)):
+            raise DecodeError(f"a frame is bytes, not {type(frame).__name__}")
         size = frame.nbytes if type(frame) is memoryview else len(frame)
         if size > self._max_frame_bytes:
             raise DecodeError(f"frame of {size} bytes is over the limit of {self._max_frame_bytes}")

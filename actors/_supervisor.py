@@ -169,7 +169,10 @@ class Supervisor(Actor):
         exit = incarnation.exit
         assert exit is not None
         if exit.abnormal:
-            logger.warning("%s %s", cell.path, exit, exc_info=exit.error)
+            # One line per failure; the traceback is in the actor's snapshot, and in the
+            # log at debug level: clients can make negotiations fail at will.
+            logger.warning("%s %s", cell.path, exit)
+            logger.debug("%s failed", cell.path, exc_info=exit.error)
         if not should_restart(cell.spec.restart, exit.kind):
             self._remove(cell, exit)
             return

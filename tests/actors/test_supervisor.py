@@ -448,3 +448,49 @@ async def test_forget_restarts_gives_a_fresh_restart_window(autojump_clock, syst
     await trio.sleep(1)
     exit = await forgetful.join()
     assert isinstance(exit.error, RestartIntensityExceeded)
+
+
+class Listener(Actor):
+    runs_tasks = True
+
+    def __init__(self, log, fail_before_ready=False) -> None:
+        self.log = log
+        self.fail_before_ready = fail_before_ready
+
+    async def started(self) -> None:
+        self.port = await self.start(self.listen)
+        self.log.append(("listening", self.port))
+
+    async def listen(self, task_status) -> None:
+        await trio.sleep(1)
+        if self.fail_before_ready:
+            raise OSError("address already in use")
+        task_status.started(8443)
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.log.append("task ended")
+
+    async def receive(self, message):
+        return self.port
+
+    async def stopping(self, exit) -> None:
+        self.log.append("stopping")
+
+
+async def test_start_returns_what_the_task_reports_and_tasks_end_before_stopping(
+    autojump_clock, system, log
+):
+    listener = await system.spawn(
+        ChildSpec("listener", lambda: Listener(log), restart=Restart.TEMPORARY))
+    assert await listener.ask("port") == 8443
+    await system.root.terminate_child("listener")
+    assert log == [("listening", 8443), "task ended", "stopping"]
+
+
+async def test_a_task_failing_before_it_is_ready_fails_the_start(autojump_clock, system, log):
+    with pytest.raises(ActorCrashed, match="address already in use"):
+        await system.spawn(ChildSpec(
+            "listener", lambda: Listener(log, fail_before_ready=True),
+            restart=Restart.TEMPORARY))
+    assert log == ["stopping"]
