@@ -67,7 +67,7 @@ def _logging() -> None:
 
 
 def _serve(arguments: argparse.Namespace) -> int:
-    from actors import bridge
+    from actors import ActorCrashed, bridge
 
     from .config import ConfigError, load_settings
     from .serve import serve_broker
@@ -112,6 +112,10 @@ def _serve(arguments: argparse.Namespace) -> int:
         bridge.run(serve_broker, settings, announce)
     except bridge.Interrupted:
         print("broker: stopped", file=sys.stderr)
+    except ActorCrashed as crash:
+        print(f"broker: {crash.path.rsplit('/', 1)[-1]} failed to start: {crash.error}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

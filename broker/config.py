@@ -13,11 +13,49 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+from aiortc.rtcicetransport import parse_stun_turn_uri
 
 
 class ConfigError(ValueError):
     """The configuration is wrong; the message names the field and what is expected."""
+
+
+_ICE_SERVER_KEYS = frozenset({"urls", "username", "credential"})
+
+
+def check_ice_servers(ice_servers: Sequence[Any]) -> None:
+    """Refuse STUN/TURN server entries a peer connection could not use.
+
+    Each entry is a mapping with ``urls`` (a ``stun:``, ``stuns:``, ``turn:`` or
+    ``turns:`` URL, or a non-empty list of them) and optionally ``username`` and
+    ``credential`` (strings).
+
+    Raises:
+        ValueError: naming the entry and what is wrong with it.
+    """
+    for index, entry in enumerate(ice_servers):
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"ICE server {index} is not a table of urls, username, credential")
+        unknown = set(entry) - _ICE_SERVER_KEYS
+        if unknown:
+            raise ValueError(f"ICE server {index}: unknown keys {sorted(unknown)}")
+        urls = entry.get("urls")
+        url_list = [urls] if isinstance(urls, str) else urls
+        if not isinstance(url_list, list) or not url_list:
+            raise ValueError(f"ICE server {index}: 'urls' must be a URL or a list of URLs")
+        for url in url_list:
+            if not isinstance(url, str):
+                raise ValueError(f"ICE server {index}: every URL must be a string")
+            try:
+                parse_stun_turn_uri(url)
+            except ValueError as error:
+                raise ValueError(f"ICE server {index}: {url!r} is not usable: {error}") from None
+        for name in ("username", "credential"):
+            if entry.get(name) is not None and not isinstance(entry[name], str):
+                raise ValueError(f"ICE server {index}: {name!r} must be a string")
 
 
 def default_state_dir() -> Path:
@@ -98,23 +136,19 @@ class Settings:
             raise ConfigError(f"host must be an IP address to listen on, not {self.host!r}")
         if not all(isinstance(origin, str) for origin in self.allowed_origins):
             raise ConfigError(f"allowed_origins must be strings, not {self.allowed_origins!r}")
-        for server in self.ice_servers:
-            urls = server.get("urls") if isinstance(server, dict) else None
-            if not (isinstance(urls, str) or _strings(urls)):
-                raise ConfigError(f"each of ice_servers needs 'urls', not {server!r}")
+        try:
+            check_ice_servers(self.ice_servers)
+        except ValueError as error:
+            raise ConfigError(f"ice_servers: {error}") from None
 
     @property
     def https_origin(self) -> str:
-        return f"https://{self.public_host}:{self.https_port}"
+        port = "" if self.https_port == 443 else f":{self.https_port}"
+        return f"https://{self.public_host}{port}"
 
     def with_ports(self, https_port: int, http_port: int) -> Settings:
         """These settings with the ports actually bound (when 0 was asked for)."""
         return dataclasses.replace(self, https_port=https_port, http_port=http_port)
-
-
-def _strings(value: Any) -> bool:
-    """Whether ``value`` is a non-empty list of strings."""
-    return isinstance(value, list) and bool(value) and all(isinstance(url, str) for url in value)
 
 
 def load_settings(path: Path | None = None, **overrides: Any) -> Settings:

@@ -22,7 +22,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 import trio
 from hypercorn.config import Config
@@ -39,11 +39,14 @@ from .sessions import (
     CloseSession,
     DetachClient,
     Describe,
+    SESSIONS_PATH,
     Session,
     new_session_id,
+    session_name,
     session_spec,
 )
 from .signaling import (
+    MAX_FRAMES_PER_SECOND,
     RateLimit,
     SignalingError,
     SignalingTokens,
@@ -75,6 +78,7 @@ PAGE_POLICY = (
 )
 MAX_BODY_BYTES = 16 * 1024
 CLOSE_DRAIN_TIMEOUT = 2.0
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost"})
 APPLICATIONS = ("echo", "demo")
 _SESSION_PATH = re.compile(r"^/v1/sessions/(s-[0-9a-f]{16})(/tokens|/signaling)?$")
 
@@ -106,8 +110,7 @@ class BrokerApi:
         self.towers = towers
         self.system = system
         self.counters = counters
-        self.owners: dict[str, str] = {}
-        self.sessions_of: dict[str, set[str]] = {}
+        self.metrics_page: tuple[float, str] = (-1.0, "")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -184,13 +187,17 @@ class BrokerApi:
         session_id, action = match.group(1), match.group(2)
         if action == "/tokens":
             _allow(method, "POST")
-            self._owned(self._authenticate(scope), session_id)
+            await self._describe(self._authenticate(scope), session_id)
             return 201, self._token(session_id)
         _allow(method, "GET", "DELETE")
-        ref = self._owned(self._authenticate(scope), session_id)
+        key = self._authenticate(scope)
         if method == "GET":
-            return 200, await _ask(ref, Describe())
-        await _ask(ref, CloseSession("deleted through the API"))
+            return 200, await self._describe(key, session_id)
+        closed = await _ask(
+            self._session(session_id), CloseSession("deleted through the API", key)
+        )
+        if not closed:
+            raise ApiError(404, "not_found", f"there is no session {session_id}")
         return 204, None
 
     def _authenticate(self, scope: Scope) -> str:
@@ -205,19 +212,14 @@ class BrokerApi:
                        {"www-authenticate": "Bearer"})
 
     def _session(self, session_id: str) -> ActorRef | None:
-        return self.system.lookup(f"/broker/sessions/session:{session_id}")
+        return self.system.lookup(f"{SESSIONS_PATH}/{session_name(session_id)}")
 
-    def _owned(self, key: str, session_id: str) -> ActorRef:
-        ref = self._session(session_id)
-        if ref is None or self.owners.get(session_id) != key:
-            self._forget(session_id)
+    async def _describe(self, key: str, session_id: str) -> dict[str, Any]:
+        """The session, if it exists and belongs to ``key`` (the session knows its key)."""
+        described = await _ask(self._session(session_id), Describe(key))
+        if described is None:
             raise ApiError(404, "not_found", f"there is no session {session_id}")
-        return ref
-
-    def _forget(self, session_id: str) -> None:
-        key = self.owners.pop(session_id, None)
-        if key is not None:
-            self.sessions_of.get(key, set()).discard(session_id)
+        return described
 
     async def _create(self, key: str, options: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(options) - {"application", "offer"})
@@ -234,26 +236,26 @@ class BrokerApi:
                 check_offer_sdp(offer)
             except SignalingError as error:
                 raise ApiError(400, error.code, error.message) from None
-        mine = self.sessions_of.setdefault(key, set())
-        for session_id in [s for s in mine if self._session(s) is None]:
-            self._forget(session_id)
-        if len(mine) >= self.settings.max_sessions_per_key:
+        live = self.counters.by_key[key]
+        if live >= self.settings.max_sessions_per_key:
             raise ApiError(429, "too_many_sessions",
-                           f"this API key already has {len(mine)} live sessions")
+                           f"this API key already has {live} live sessions")
         tower = self.towers.choose()
         if tower is None:
             raise ApiError(503, "no_tower", "no tower is ready to take a session; retry later")
         session_id = new_session_id()
         session = Session(session_id, key, application, tower.name, self.towers,
                           self.settings, self.counters)
-        sessions = self.system.lookup("/broker/sessions")
+        sessions = self.system.lookup(SESSIONS_PATH)
         assert isinstance(sessions, SupervisorRef)
+        # Counted before the wait, so concurrent requests cannot all pass the limit; the
+        # session gives its count back when it ends.
+        self.counters.by_key[key] += 1
         try:
             await sessions.start_child(session_spec(session))
         except ActorCrashed as error:
+            self.counters.by_key[key] -= 1
             raise ApiError(503, "no_tower", f"the session could not start: {error.error}")
-        self.owners[session_id] = key
-        mine.add(session_id)
         created = {"id": session_id, "state": session.state.value, "tower": tower.name}
         created.update(self._token(session_id))
         created["ice_servers"] = list(self.settings.ice_servers)
@@ -282,14 +284,24 @@ class BrokerApi:
     def _token(self, session_id: str) -> dict[str, Any]:
         token = self.tokens.issue(session_id, trio.current_time())
         return {
-            "signaling_url": f"wss://{self.settings.public_host}:{self.settings.https_port}"
-            f"/v1/sessions/{session_id}/signaling?token={token}",
+            "signaling_url": "wss" + self.settings.https_origin.removeprefix("https")
+            + f"/v1/sessions/{session_id}/signaling?token={token}",
             "token": token,
             "token_expires_in": self.settings.token_lifetime,
         }
 
     def metrics(self) -> str:
+        """The metrics page, made at most once a second: anyone may ask for it, and it
+        walks every actor."""
         now = trio.current_time()
+        made_at, page = self.metrics_page
+        if now - made_at < 1.0:
+            return page
+        page = self._render_metrics(now)
+        self.metrics_page = (now, page)
+        return page
+
+    def _render_metrics(self, now: float) -> str:
         ready = set(self.towers.placement.ready(now))
         towers = {}
         for connection in self.towers:
@@ -311,14 +323,20 @@ class BrokerApi:
             return
         await send({"type": "websocket.accept"})
         lock = trio.Lock()
+        closed = False
 
+        # Reader and writer both send; once either has closed, the other's sends are moot.
         async def send_frame(frame: dict[str, Any]) -> None:
             async with lock:
-                await send({"type": "websocket.send", "text": json.dumps(frame)})
+                if not closed:
+                    await send({"type": "websocket.send", "text": json.dumps(frame)})
 
         async def close(code: int) -> None:
+            nonlocal closed
             async with lock:
-                await send({"type": "websocket.close", "code": code})
+                if not closed:
+                    closed = True
+                    await send({"type": "websocket.close", "code": code})
 
         try:
             session = self._signaling_session(scope)
@@ -349,7 +367,7 @@ class BrokerApi:
         if match is None or match.group(2) != "/signaling":
             raise SignalingError("session_not_found", "this is not a session's signaling URL")
         origin = _header(scope, b"origin")
-        if origin is not None and origin not in self._allowed_origins():
+        if origin is not None and _origin(origin) not in self._allowed_origins():
             raise SignalingError("origin_not_allowed", f"origin {origin[:100]} is not allowed")
         session_id = match.group(1)
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
@@ -360,8 +378,15 @@ class BrokerApi:
             raise SignalingError("session_not_found", "the session has ended")
         return session
 
-    def _allowed_origins(self) -> tuple[str, ...]:
-        return self.settings.allowed_origins or (self.settings.https_origin,)
+    def _allowed_origins(self) -> set[tuple[str, str, int]]:
+        settings = self.settings
+        if settings.allowed_origins:
+            return {_origin(origin) for origin in settings.allowed_origins}
+        hosts = {settings.public_host}
+        if settings.public_host in LOOPBACK_NAMES:
+            # The development certificate is for both names; a browser may use either.
+            hosts |= LOOPBACK_NAMES
+        return {("https", host, settings.https_port) for host in hosts}
 
     async def _write(
         self, frames, send_frame, close, scope: trio.CancelScope,
@@ -390,7 +415,8 @@ class BrokerApi:
                 data = event.get("bytes") or b""
             try:
                 if not limit.allow(trio.current_time()):
-                    raise SignalingError("rate_limited", "more than 100 frames within a second")
+                    raise SignalingError(
+                        "rate_limited", f"more than {MAX_FRAMES_PER_SECOND} frames a second")
                 message = parse_client_frame(data)
             except SignalingError as error:
                 await send_frame(error.frame())
@@ -413,6 +439,17 @@ async def _drain(receive: Receive) -> None:
             pass
 
 
+def _origin(origin: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of an origin, with the scheme's default port filled in."""
+    parts = urlsplit(origin.strip().lower())
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    default = {"https": 443, "http": 80}.get(parts.scheme, -1)
+    return parts.scheme, parts.hostname or "", default if port is None else port
+
+
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:
@@ -426,7 +463,9 @@ def _allow(method: str, *allowed: str) -> None:
                        {"allow": ", ".join(allowed)})
 
 
-async def _ask(ref: ActorRef, message: object) -> Any:
+async def _ask(ref: ActorRef | None, message: object) -> Any:
+    if ref is None:
+        raise ApiError(404, "not_found", "there is no such session")
     try:
         return await ref.ask(message)
     except ActorStopped:
@@ -523,16 +562,23 @@ class Endpoint(Actor):
         return config
 
     async def started(self) -> None:
-        listening = trio.Event()
-        self.start_soon(self._run, listening)
-        await listening.wait()
+        await self.start(self._serve_forever)
 
-    async def _run(self, listening: trio.Event) -> None:
+    async def _serve_forever(self, task_status: trio.TaskStatus[None]) -> None:
         app = BrokerApi(self.settings, self.api_keys, self.tokens, self.towers, self.system,
                         self.counters)
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(functools.partial(serve, app, self.config(), mode="asgi"))
+            try:
+                binds = await nursery.start(
+                    functools.partial(serve, app, self.config(), mode="asgi")
+                )
+            except OSError as error:
+                raise OSError(
+                    error.errno, f"cannot listen on {self.settings.host} "
+                    f"(ports {self.settings.https_port}, {self.settings.http_port}): "
+                    f"{error.strerror}"
+                ) from None
             ports = {bind.split("://")[0]: int(bind.rsplit(":", 1)[1]) for bind in binds}
             app.settings = self.settings.with_ports(ports["https"], ports["http"])
             self.on_listening(app.settings)
-            listening.set()
+            task_status.started()

@@ -96,6 +96,10 @@ class ForwardCandidate:
 Decision = SendToClient | ForwardOffer | ForwardCandidate
 
 
+# The tower's codes for an offer it cannot answer (others are about a candidate).
+OFFER_REFUSALS = frozenset({"invalid_sdp", "unknown_application"})
+
+
 def error_frame(code: str, message: str, *, fatal: bool = False) -> dict[str, Any]:
     return {"type": "error", "code": code, "message": message, "fatal": fatal}
 
@@ -162,10 +166,17 @@ class SessionLifecycle:
         return [ForwardCandidate(self.negotiation, candidate, sdp_mid, sdp_mline_index)]
 
     def offer_rejected(self, number: int, code: str, message: str) -> list[Decision]:
-        """The tower could not use the offer: the client may send a corrected one."""
-        if number != self.negotiation or self.state is not SessionState.NEGOTIATING:
+        """The tower could not use what the client sent.
+
+        A refused offer may be sent again, corrected; a refused candidate leaves the
+        offer (and the candidates that worked) as they are.
+        """
+        if number != self.negotiation or self.state.ended:
             return []
-        self.offer_taken = False
+        if code in OFFER_REFUSALS:
+            if self.state is not SessionState.NEGOTIATING:
+                return []
+            self.offer_taken = False
         return [SendToClient(error_frame(code, message))]
 
     def answer(self, number: int, sdp: str) -> list[Decision]:

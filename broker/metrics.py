@@ -24,6 +24,8 @@ class SessionCounters:
         self.negotiations = 0
         self.failed = 0
         self.failures: Counter[FailureReason] = Counter()
+        # Live sessions by API key: taken when a session is created, given back at its end.
+        self.by_key: Counter[str] = Counter()
 
     def session_started(self, state: SessionState) -> None:
         self.created += 1

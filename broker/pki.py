@@ -50,6 +50,10 @@ _RSA_BITS = 2048
 _RSA_PUBLIC_EXPONENT = 65537
 
 
+# The common name of the broker's own client certificate on tower links.
+BROKER_NAME = "broker"
+
+
 class CertificateError(Exception):
     """A certificate signing request or certificate that is refused; the message says why."""
 
@@ -288,9 +292,10 @@ class CertificateAuthority:
         The request must be well formed, signed by the key it carries, name the tower
         ``expected_name`` as its subject common name, and carry an ECDSA P-256 key or an
         RSA key of at least 2048 bits. Extensions the request asks for are ignored: the
-        certificate gets the name, addresses and usages decided here. It is valid for
-        both ends of a tower link (server and client authentication), from five minutes
-        ago (clock skew) for ``lifetime``, but never beyond the authority's own expiry.
+        certificate gets the name, addresses and usages decided here. It authenticates a
+        server only (the tower's end of its link; the broker dials), so no tower can pose
+        as the broker to another, and it is valid from five minutes ago (clock skew) for
+        ``lifetime``, but never beyond the authority's own expiry.
 
         Args:
             csr_pem: the request, PEM-encoded.
@@ -304,10 +309,13 @@ class CertificateAuthority:
         Raises:
             CertificateError: the request cannot be parsed, its signature is not valid,
                 it names another tower, or its key is of a type or size refused.
+            ValueError: ``expected_name`` is the broker's own name.
             ValueError: ``expected_name`` is empty or not a valid DNS name, an address is
                 not an IP address, or ``lifetime`` is not positive.
         """
         _check_name(expected_name)
+        if expected_name == BROKER_NAME:
+            raise ValueError(f"{BROKER_NAME!r} is the broker's name; no tower may have it")
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
         except ValueError:
@@ -340,7 +348,7 @@ class CertificateAuthority:
             expected_name,
             ip_addresses=ip_addresses,
             lifetime=lifetime,
-            extended_usages=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+            extended_usages=[ExtendedKeyUsageOID.SERVER_AUTH],
         )
         return certificate.public_bytes(serialization.Encoding.PEM)
 

@@ -11,6 +11,7 @@ first, then sessions close their peers, then the tower agents stop.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -42,8 +43,10 @@ async def serve_broker(settings: Settings, announce: Callable[[Settings, BrokerF
     tower_specs = []
     for number in range(1, settings.local_towers + 1):
         name = f"tower-{number}"
-        tower_files = prepare_local_tower(files.directory, authority, name, settings.host)
-        tower_specs.append(local_tower_spec(name, tower_files, towers, link_tls, settings))
+        credentials = functools.partial(
+            prepare_local_tower, files.directory, authority, name, settings.host
+        )
+        tower_specs.append(local_tower_spec(name, credentials, towers, link_tls, settings))
     listening: list[Settings] = []
 
     def make_endpoint() -> Endpoint:

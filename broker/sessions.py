@@ -97,12 +97,18 @@ class ClientCandidate:
 
 @dataclass(frozen=True)
 class CloseSession:
+    """Ends the session; with ``api_key``, only if it is the session's (replies a bool)."""
+
     why: str
+    api_key: str | None = None
 
 
 @dataclass(frozen=True)
 class Describe:
-    """Asks a session for what ``GET /v1/sessions/{id}`` shows."""
+    """Asks a session for what ``GET /v1/sessions/{id}`` shows, or None if the session
+    is not ``api_key``'s."""
+
+    api_key: str
 
 
 # What a negotiation tells its session.
@@ -235,10 +241,13 @@ class Session(Supervisor):
                 self.client = None
             return None
         if isinstance(message, CloseSession):
+            if message.api_key is not None and message.api_key != self.api_key:
+                return False
             await self._carry_out(lifecycle.close(message.why))
-            return self._end()
+            self._end()
+            return True
         if isinstance(message, Describe):
-            return self.describe()
+            return self.describe() if message.api_key == self.api_key else None
         raise TypeError(f"a session does not handle {type(message).__name__}")
 
     def _begin(self, number: int) -> TowerConnection | None:
@@ -345,6 +354,7 @@ class Session(Supervisor):
         if not self.lifecycle.state.ended:
             self._send_all(self.lifecycle.close("the broker is shutting down"))
         self.counters.session_ended(self.counted_state)
+        self.counters.by_key[self.api_key] -= 1
         if self.client is not None:
             self.client.close()
 
@@ -452,9 +462,16 @@ class Negotiation(Actor):
                     pass
 
 
+SESSIONS_PATH = "/broker/sessions"
+
+
+def session_name(session_id: str) -> str:
+    return f"session:{session_id}"
+
+
 def session_spec(session: Session) -> ChildSpec:
     """A session under ``sessions``: temporary, as its repairs are its own business."""
-    return ChildSpec(f"session:{session.session_id}", lambda: session, Restart.TEMPORARY)
+    return ChildSpec(session_name(session.session_id), lambda: session, Restart.TEMPORARY)
 
 
 def sessions_spec() -> ChildSpec:

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import json
+import secrets
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,8 @@ from .sessions import ClientCandidate, ClientOffer, CloseSession
 
 MAX_FRAME_BYTES = 64 * 1024
 MAX_FRAMES_PER_SECOND = 100
+# More media sections than any offer has; an index past it names nothing.
+MAX_SECTIONS = 1024
 # Close codes: 4000 + the HTTP status the error resembles.
 CLOSE_CODES = {
     "invalid_token": 4401,
@@ -105,6 +108,8 @@ def check_offer_sdp(sdp: str) -> None:
     Raises:
         SignalingError: ``invalid_sdp``, saying what is wrong.
     """
+    if not is_encodable(sdp):
+        raise SignalingError("invalid_sdp", "the SDP is not valid Unicode")
     if not sdp.startswith("v=0"):
         raise SignalingError("invalid_sdp", "an SDP starts with 'v=0'")
     try:
@@ -139,7 +144,20 @@ def _field(
         return None
     if not isinstance(value, kind) or isinstance(value, bool):
         raise SignalingError("invalid_message", f"the field {name!r} must be a {kind.__name__}")
+    if isinstance(value, int) and not 0 <= value < MAX_SECTIONS:
+        raise SignalingError("invalid_message", f"the field {name!r} is out of range")
+    if isinstance(value, str) and not is_encodable(value):
+        raise SignalingError("invalid_message", f"the field {name!r} is not valid Unicode")
     return value
+
+
+def is_encodable(text: str) -> bool:
+    """False for text JSON can carry but UTF-8 cannot (lone surrogates, from escapes)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class RateLimit:
@@ -161,35 +179,54 @@ class RateLimit:
 
 
 class SignalingTokens:
-    """Short-lived signaling tokens bound to one session."""
+    """Short-lived, single-use signaling tokens bound to one session.
+
+    A token is ``<expiry and nonce>.<MAC>``: the broker keeps no table of the tokens it
+    issued, only of the ones used, until they expire, so a token seen once (in a
+    browser's history, a proxy's log) cannot open a second connection.
+    """
 
     def __init__(self, secret: bytes, lifetime: float) -> None:
         if len(secret) < 32:
             raise ValueError("the token secret must have at least 32 bytes")
         self.secret = secret
         self.lifetime = lifetime
+        self.spent: dict[bytes, float] = {}
+        self.pruned_at = 0.0
 
     def issue(self, session_id: str, now: float) -> str:
-        expiry = struct.pack(">d", now + self.lifetime)
-        body = _b64(expiry)
-        return f"{body}.{_b64(self._mac(session_id, expiry))}"
+        body = struct.pack(">d", now + self.lifetime) + secrets.token_bytes(8)
+        return f"{_b64(body)}.{_b64(self._mac(session_id, body))}"
 
     def check(self, token: str, session_id: str, now: float) -> None:
-        """Raises ``SignalingError("invalid_token")`` unless the token opens this session."""
+        """Use the token to open this session's signaling connection.
+
+        Raises:
+            SignalingError: ``invalid_token``, unless the token is well formed, for this
+                session, not expired and not used before.
+        """
         try:
-            body, mac = token.split(".")
-            expiry = _unb64(body)
-            given = _unb64(mac)
-            (expires_at,) = struct.unpack(">d", expiry)
+            encoded_body, encoded_mac = token.split(".")
+            body = _unb64(encoded_body)
+            given = _unb64(encoded_mac)
+            (expires_at,) = struct.unpack(">d", body[:8])
+            if len(body) != 16:
+                raise ValueError("a token body is 16 bytes")
         except (ValueError, struct.error):
             raise SignalingError("invalid_token", "the signaling token is malformed") from None
-        if not hmac.compare_digest(given, self._mac(session_id, expiry)):
+        if not hmac.compare_digest(given, self._mac(session_id, body)):
             raise SignalingError("invalid_token", "the signaling token is not for this session")
         if now > expires_at:
             raise SignalingError("invalid_token", "the signaling token has expired")
+        if given in self.spent:
+            raise SignalingError("invalid_token", "the signaling token was already used")
+        if now - self.pruned_at > self.lifetime:
+            self.spent = {mac: expiry for mac, expiry in self.spent.items() if expiry >= now}
+            self.pruned_at = now
+        self.spent[given] = expires_at
 
-    def _mac(self, session_id: str, expiry: bytes) -> bytes:
-        return hmac.new(self.secret, session_id.encode() + b"\0" + expiry, hashlib.sha256).digest()
+    def _mac(self, session_id: str, body: bytes) -> bytes:
+        return hmac.new(self.secret, session_id.encode() + b"\0" + body, hashlib.sha256).digest()
 
 
 def _b64(data: bytes) -> str:

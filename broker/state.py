@@ -16,16 +16,31 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from .pki import (
+    BROKER_NAME,
     CertificateAuthority,
+    CertificateError,
+    certificate_expiry,
     generate_key_and_csr,
     self_signed_server_certificate,
     write_secret,
 )
 from .towers import TowerFiles
+
+
+# The broker's client certificate is made anew when it has less than this left.
+CLIENT_RENEWAL = timedelta(days=30)
+
+
+def _valid_for(certificate: Path, margin: timedelta) -> bool:
+    try:
+        expiry = certificate_expiry(certificate.read_bytes())
+    except (OSError, CertificateError):
+        return False
+    return expiry - datetime.now(timezone.utc) > margin
 
 
 @dataclass(frozen=True)
@@ -62,8 +77,10 @@ def prepare(directory: Path) -> tuple[BrokerFiles, CertificateAuthority]:
         write_secret(https / "certificate.pem", certificate)
     authority = CertificateAuthority.load_or_create(directory / "ca")
     client = directory / "broker"
-    if not (client / "certificate.pem").exists() or not (client / "key.pem").exists():
-        key, certificate = authority.issue("broker", client_only=True)
+    if not _valid_for(client / "certificate.pem", CLIENT_RENEWAL) or not (
+        client / "key.pem"
+    ).exists():
+        key, certificate = authority.issue(BROKER_NAME, client_only=True)
         write_secret(client / "key.pem", key)
         write_secret(client / "certificate.pem", certificate)
     files = BrokerFiles(

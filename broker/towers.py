@@ -48,6 +48,7 @@ from .placement import Placement, TowerLoad
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
+SEND_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 1.0
 AGENT_START_TIMEOUT = 30.0
 AGENT_STOP_TIMEOUT = 3.0
@@ -77,13 +78,22 @@ class TowerConnection:
         self._routes: dict[str, ActorRef] = {}
 
     async def send(self, message: object) -> None:
-        """Send one message to the tower. Raises ``TowerGone`` once the link is closed."""
+        """Send one message to the tower.
+
+        Raises:
+            TowerGone: the link is closed, or so congested that a frame waited
+                ``SEND_TIMEOUT`` seconds (then the link is as good as gone for a
+                negotiation with a deadline).
+        """
         if self.closed.is_set():
             raise TowerGone(f"{self.name} is gone")
         try:
-            await self._websocket.send_message(codec.encode(message))
+            with trio.fail_after(SEND_TIMEOUT):
+                await self._websocket.send_message(codec.encode(message))
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             raise TowerGone(f"{self.name} is gone") from None
+        except trio.TooSlowError:
+            raise TowerGone(f"{self.name} took over {SEND_TIMEOUT:g} s to take a frame") from None
 
     def route(self, session: str, ref: ActorRef) -> None:
         """Deliver the tower's messages about ``session`` to ``ref`` from now on."""
@@ -176,18 +186,32 @@ class TowerLink(Actor):
         self.start_soon(self._run)
 
     async def _run(self) -> None:
+        # The link's end is raised after the nursery, so the crash reason is the error
+        # itself rather than an exception group around it.
+        lost: TowerLinkLost | None = None
         async with trio.open_nursery() as nursery:
-            websocket = await self._connect(nursery)
-            hello = await self._hello(websocket)
-            connection = TowerConnection(self.name, websocket, hello)
-            self.directory.connected(connection)
             try:
-                await self._read(websocket, connection)
-            finally:
-                self.directory.disconnected(connection)
-                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
-                    await websocket.aclose()
-                nursery.cancel_scope.cancel()
+                await self._link(nursery)
+            except TowerLinkLost as error:
+                lost = error
+            nursery.cancel_scope.cancel()
+        if lost is not None:
+            raise lost
+
+    async def _link(self, nursery: trio.Nursery) -> None:
+        websocket = await self._connect(nursery)
+        try:
+            hello = await self._hello(websocket)
+        except DecodeError as error:
+            raise TowerLinkLost(f"{self.name}: its hello did not decode: {error}") from None
+        connection = TowerConnection(self.name, websocket, hello)
+        self.directory.connected(connection)
+        try:
+            await self._read(websocket, connection)
+        finally:
+            self.directory.disconnected(connection)
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                await websocket.aclose()
 
     async def _connect(self, nursery: trio.Nursery) -> WebSocketConnection:
         host, port = self.address.host, self.address.port
@@ -249,15 +273,23 @@ class TowerFiles:
 
 
 class LocalTowerAgent(Actor):
-    """Runs a local tower agent as a child process; its end is this actor's crash."""
+    """Runs a local tower agent as a child process; its end is this actor's crash.
+
+    ``credentials`` makes the tower's key and a fresh short-lived certificate; it is
+    called at every start, so a restarted agent never runs on an expired certificate.
+    """
 
     runs_tasks = True
 
     def __init__(
-        self, name: str, files: TowerFiles, address: TowerAddress, settings: Settings
+        self,
+        name: str,
+        credentials: Callable[[], TowerFiles],
+        address: TowerAddress,
+        settings: Settings,
     ) -> None:
         self.name = name
-        self.files = files
+        self.credentials = credentials
         self.address = address
         self.settings = settings
         self.pid: int | None = None
@@ -277,12 +309,10 @@ class LocalTowerAgent(Actor):
         ]  # fmt: skip
 
     async def started(self) -> None:
-        ready = trio.Event()
-        self.start_soon(self._run, ready)
-        with trio.fail_after(AGENT_START_TIMEOUT):
-            await ready.wait()
+        self.files = self.credentials()
+        await self.start(self._run)
 
-    async def _run(self, ready: trio.Event) -> None:
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         # stdin stays open and unused: the agent exits when it reads end-of-file, which
         # is what happens if this process dies without stopping it.
         process = await trio.lowlevel.open_process(
@@ -291,13 +321,20 @@ class LocalTowerAgent(Actor):
         self.pid = process.pid
         try:
             assert process.stdout is not None
-            line = await _read_line(process.stdout)
+            line = "(nothing)"
+            with trio.move_on_after(AGENT_START_TIMEOUT):
+                line = await _read_line(process.stdout)
             parts = line.split()
             if len(parts) != 3 or parts[0] != "ready":
-                raise AgentExited(f"{self.name}: the agent said {line!r} instead of ready")
+                raise AgentExited(f"{self.name}: the agent said {line!r} within "
+                                  f"{AGENT_START_TIMEOUT:g} s, not ready")
             self.address.host, self.address.port = parts[1], int(parts[2])
-            ready.set()
-            status = await process.wait()
+            task_status.started()
+            async with trio.open_nursery() as nursery:
+                # Whatever it prints later must not fill the pipe and block it.
+                nursery.start_soon(_discard, process.stdout)
+                status = await process.wait()
+                nursery.cancel_scope.cancel()
             raise AgentExited(f"{self.name}: the agent process ended with status {status}")
         finally:
             with trio.CancelScope(shield=True):
@@ -314,6 +351,11 @@ async def _read_line(stream: trio.abc.ReceiveStream) -> str:
     return data.decode(errors="replace").strip()
 
 
+async def _discard(stream: trio.abc.ReceiveStream) -> None:
+    while await stream.receive_some(65536):
+        pass
+
+
 async def _stop_process(process: trio.Process) -> None:
     if process.returncode is not None:
         return
@@ -327,7 +369,7 @@ async def _stop_process(process: trio.Process) -> None:
 
 def local_tower_spec(
     name: str,
-    files: TowerFiles,
+    credentials: Callable[[], TowerFiles],
     directory: TowerDirectory,
     tls: ssl.SSLContext,
     settings: Settings,
@@ -335,7 +377,7 @@ def local_tower_spec(
     """The ``tower:<name>`` supervisor of a local tower: its agent process, then its link."""
     address = TowerAddress()
     children = [
-        ChildSpec("agent", lambda: LocalTowerAgent(name, files, address, settings)),
+        ChildSpec("agent", lambda: LocalTowerAgent(name, credentials, address, settings)),
         ChildSpec("link", lambda: TowerLink(name, address, directory, tls, settings)),
     ]
     flags = SupervisorFlags(

@@ -15,6 +15,7 @@ stdin reaches end-of-file (its parent, a local broker, is gone) or on SIGINT/SIG
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_st
 from actors import (
     Actor,
     ActorRef,
+    ActorStopped,
+    MailboxFull,
     ChildSpec,
     DecodeError,
     Restart,
@@ -41,16 +44,17 @@ from ..link import (
     ClosePeer,
     LinkError,
     OpenPeer,
+    PeerRejected,
     TowerHello,
     TowerLoadReport,
     codec,
 )
-from ..pki import server_ssl_context
+from ..pki import BROKER_NAME, server_ssl_context
 from .peer import Peer, PeerSettings
 
 logger = logging.getLogger(__name__)
 
-BROKER_NAME = "broker"
+
 HANDSHAKE_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 1.0
 
@@ -84,14 +88,13 @@ class Uplink:
             pass
 
 
-class PeerDirectory:
-    """The live peer of each session on this tower."""
+@dataclass(frozen=True)
+class PeerEntry:
+    """The live peer of one session, and the broker connection that opened it."""
 
-    def __init__(self) -> None:
-        self.peers: dict[str, tuple[int, ActorRef]] = {}
-
-    def __len__(self) -> int:
-        return len(self.peers)
+    negotiation: int
+    ref: ActorRef
+    opened_by: object
 
 
 class CommunicationServer(Actor):
@@ -99,31 +102,42 @@ class CommunicationServer(Actor):
 
     runs_tasks = True
 
-    def __init__(self, settings: AgentSettings, listening: trio.Event) -> None:
+    def __init__(self, settings: AgentSettings, listeners: list[trio.SocketListener]) -> None:
         self.settings = settings
-        self.listening = listening
+        # Opened once by the agent, so a restarted server keeps the port the broker knows.
+        self.listeners = listeners
         self.uplink = Uplink()
-        self.directory = PeerDirectory()
-        self.current: trio.CancelScope | None = None
-        self.port = 0
+        self.peers_by_session: dict[str, PeerEntry] = {}
+        self.connection_scope: trio.CancelScope | None = None
+        self.opened = 0
 
     async def started(self) -> None:
         peers = self.system.lookup(f"/{self.settings.name}/peers")
         assert isinstance(peers, SupervisorRef)
         self.peers = peers
-        tls = server_ssl_context(
+        self.tls = server_ssl_context(
             self.settings.certificate, self.settings.key, client_ca_file=self.settings.ca
         )
-        listeners = await trio.open_tcp_listeners(self.settings.port, host=self.settings.host)
-        self.port = listeners[0].socket.getsockname()[1]
-        self.tls = tls
-        self.start_soon(self._listen, listeners)
-        self.listening.set()
+        self.start_soon(self._listen)
 
-    async def _listen(self, listeners: list[trio.SocketListener]) -> None:
+    async def _listen(self) -> None:
         async with trio.open_nursery() as nursery:
-            for listener in listeners:
-                nursery.start_soon(trio.serve_listeners, self._handle_stream, [listener])
+            for listener in self.listeners:
+                nursery.start_soon(self._accept, listener)
+
+    async def _accept(self, listener: trio.SocketListener) -> None:
+        while True:
+            stream = await listener.accept()
+            self.start_soon(self._handle_stream_safely, stream)
+
+    async def _handle_stream_safely(self, stream: trio.SocketStream) -> None:
+        # Whatever one connection does wrong ends that connection, never the server.
+        try:
+            await self._handle_stream(stream)
+        except Exception as error:
+            logger.warning("%s: a link failed: %r", self.settings.name, error)
+        finally:
+            await trio.aclose_forcefully(stream)
 
     async def _handle_stream(self, stream: trio.SocketStream) -> None:
         tls_stream = trio.SSLStream(stream, self.tls, server_side=True)
@@ -131,7 +145,7 @@ class CommunicationServer(Actor):
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 await tls_stream.do_handshake()
         except (trio.TooSlowError, trio.BrokenResourceError) as error:
-            logger.warning("%s: refused a link: %s", self.settings.name, error)
+            logger.warning("%s: refused a link: %r", self.settings.name, error.__cause__ or error)
             await trio.aclose_forcefully(tls_stream)
             return
         if _common_name(tls_stream.getpeercert()) != BROKER_NAME:
@@ -140,16 +154,19 @@ class CommunicationServer(Actor):
             await trio.aclose_forcefully(tls_stream)
             return
         async with trio.open_nursery() as nursery:
-            request = await wrap_server_stream(nursery, tls_stream, max_message_size=MAX_FRAME_BYTES)
-            websocket = await request.accept()
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                request = await wrap_server_stream(
+                    nursery, tls_stream, max_message_size=MAX_FRAME_BYTES
+                )
+                websocket = await request.accept()
             await self._serve_broker(websocket)
             nursery.cancel_scope.cancel()
 
     async def _serve_broker(self, websocket: WebSocketConnection) -> None:
-        if self.current is not None:
-            self.current.cancel()
+        if self.connection_scope is not None:
+            self.connection_scope.cancel()
         with trio.CancelScope() as scope:
-            self.current = scope
+            self.connection_scope = scope
             self.uplink.websocket = websocket
             try:
                 await self.uplink.send(TowerHello(self.settings.name, self.settings.capacity,
@@ -159,18 +176,19 @@ class CommunicationServer(Actor):
                     await self._read(websocket)
                     nursery.cancel_scope.cancel()
             finally:
+                # The broker gave those sessions up with this connection (it moves them
+                # elsewhere), whether the connection broke or a new one replaced it.
+                self._close_peers_opened_by(websocket)
                 if self.uplink.websocket is websocket:
                     self.uplink.websocket = None
-                    self.current = None
-                    with trio.CancelScope(shield=True):
-                        await self._close_all_peers()
-                        with trio.move_on_after(CLOSE_TIMEOUT):
-                            await websocket.aclose()
+                    self.connection_scope = None
+                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                    await websocket.aclose()
 
     async def _report_load(self) -> None:
         while True:
             await self.uplink.send(
-                TowerLoadReport(len(self.directory), self.settings.capacity)
+                TowerLoadReport(len(self.peers_by_session), self.settings.capacity)
             )
             await trio.sleep(self.settings.load_interval)
 
@@ -186,22 +204,28 @@ class CommunicationServer(Actor):
                 await self.uplink.send(LinkError(str(error)))
                 continue
             if isinstance(message, OpenPeer):
-                await self._open(message)
+                await self._open(message, websocket)
             elif isinstance(message, AddCandidate):
-                entry = self.directory.peers.get(message.session)
-                if entry is not None and entry[0] == message.negotiation:
-                    entry[1].tell_nowait(message)
+                entry = self.peers_by_session.get(message.session)
+                if entry is not None and entry.negotiation == message.negotiation:
+                    try:
+                        entry.ref.tell_nowait(message)
+                    except (MailboxFull, ActorStopped):
+                        await self.uplink.send(PeerRejected(
+                            message.session, message.negotiation, "invalid_message",
+                            "too many candidates at once"))
             elif isinstance(message, ClosePeer):
-                await self._close(message.session, message.negotiation)
+                self._close(message.session, message.negotiation)
             else:
                 await self.uplink.send(LinkError(f"a tower does not take {type(message).__name__}"))
 
-    async def _open(self, request: OpenPeer) -> None:
-        previous = self.directory.peers.get(request.session)
+    async def _open(self, request: OpenPeer, opened_by: object) -> None:
+        previous = self.peers_by_session.get(request.session)
         if previous is not None:
-            await self._close(request.session, previous[0])
-        name = f"peer:{request.session}:{request.negotiation}"
-        directory = self.directory
+            self._close(request.session, previous.negotiation)
+        self.opened += 1
+        # Unique even when a refused offer's peer is still on its way out.
+        name = f"peer:{request.session}:{request.negotiation}:{self.opened}"
 
         def make() -> Peer:
             return Peer(request, self.uplink.send, self.settings.peer)
@@ -211,27 +235,34 @@ class CommunicationServer(Actor):
         except ValueError as error:
             await self.uplink.send(LinkError(f"cannot open {name}: {error}"))
             return
-        directory.peers[request.session] = (request.negotiation, ref)
-        self.start_soon(self._forget_when_done, request.session, request.negotiation, ref)
+        entry = PeerEntry(request.negotiation, ref, opened_by)
+        self.peers_by_session[request.session] = entry
+        self.start_soon(self._forget_when_done, request.session, entry)
 
-    async def _forget_when_done(self, session: str, negotiation: int, ref: ActorRef) -> None:
-        await ref.join()
-        if self.directory.peers.get(session) == (negotiation, ref):
-            del self.directory.peers[session]
+    async def _forget_when_done(self, session: str, entry: PeerEntry) -> None:
+        await entry.ref.join()
+        if self.peers_by_session.get(session) is entry:
+            del self.peers_by_session[session]
 
-    async def _close(self, session: str, negotiation: int) -> None:
-        entry = self.directory.peers.get(session)
-        if entry is None or entry[0] != negotiation:
+    def _close(self, session: str, negotiation: int) -> None:
+        entry = self.peers_by_session.get(session)
+        if entry is None or entry.negotiation != negotiation:
             return
-        del self.directory.peers[session]
+        del self.peers_by_session[session]
+        # In a task of its own: closing a peer connection can take a while, and the
+        # link's other sessions must not wait behind it.
+        self.start_soon(self._terminate, entry.ref.path.rsplit("/", 1)[1])
+
+    async def _terminate(self, name: str) -> None:
         try:
-            await self.peers.terminate_child(entry[1].path.rsplit("/", 1)[1])
+            await self.peers.terminate_child(name)
         except LookupError:
             pass
 
-    async def _close_all_peers(self) -> None:
-        for session, (negotiation, _ref) in list(self.directory.peers.items()):
-            await self._close(session, negotiation)
+    def _close_peers_opened_by(self, connection: object) -> None:
+        for session, entry in list(self.peers_by_session.items()):
+            if entry.opened_by is connection:
+                self._close(session, entry.negotiation)
 
 
 def _common_name(certificate: dict | None) -> str:
@@ -244,31 +275,23 @@ def _common_name(certificate: dict | None) -> str:
 
 async def run_agent(settings: AgentSettings) -> None:
     """Run a tower agent until its stdin closes or it is cancelled."""
-    listening = trio.Event()
+    listeners = await trio.open_tcp_listeners(settings.port, host=settings.host)
+    port = listeners[0].socket.getsockname()[1]
     peers_flags = SupervisorFlags(intensity=1_000_000, period=1)
-    holder: dict[str, CommunicationServer] = {}
-
-    def make_server() -> CommunicationServer:
-        holder["server"] = server = CommunicationServer(settings, listening)
-        return server
-
     children = [
         ChildSpec("peers", lambda: Supervisor((), peers_flags)),
-        ChildSpec("link", make_server),
+        ChildSpec("link", lambda: CommunicationServer(settings, listeners)),
     ]
     async with open_system(settings.name, children=children):
-        await listening.wait()
-        print(f"ready {settings.host} {holder['server'].port}", flush=True)
+        print(f"ready {settings.host} {port}", flush=True)
         await _wait_for_end_of_input()
 
 
 async def _wait_for_end_of_input() -> None:
-    stdin = trio.lowlevel.FdStream(sys.stdin.fileno())
-    try:
-        while await stdin.receive_some(1024):
+    # A duplicate: FdStream closes the descriptor it is given, and 0 is sys.stdin's.
+    async with trio.lowlevel.FdStream(os.dup(sys.stdin.fileno())) as stdin:
+        try:
+            while await stdin.receive_some(1024):
+                pass
+        except (OSError, trio.BrokenResourceError):
             pass
-    except (OSError, trio.BrokenResourceError):
-        pass
-    finally:
-        # The descriptor belongs to sys.stdin; FdStream would otherwise close it.
-        stdin._fd_holder.fd = -1

@@ -34,9 +34,9 @@ from aiortc import (
     RTCPeerConnection,
     RTCSessionDescription,
 )
-from aiortc.rtcicetransport import parse_stun_turn_uri
 from aiortc.sdp import SessionDescription, candidate_from_sdp
 
+from ..config import check_ice_servers
 from .media import SyntheticVideoTrack
 
 __all__ = [
@@ -53,8 +53,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_LABEL = "heartbeat"
+MAX_MDNS_CANDIDATES = 16
 
-_ICE_SERVER_KEYS = frozenset({"urls", "username", "credential"})
 
 
 class Application(Protocol):
@@ -164,28 +164,13 @@ def rtc_configuration(ice_servers: Sequence[Mapping[str, Any]] = ()) -> RTCConfi
             or a URL that is not a valid ``stun:``, ``stuns:``, ``turn:`` or ``turns:``
             URL.
     """
-    servers = []
-    for index, entry in enumerate(ice_servers):
-        unknown = set(entry) - _ICE_SERVER_KEYS
-        if unknown:
-            raise ValueError(f"ICE server {index}: unknown keys {sorted(unknown)}")
-        urls = entry.get("urls")
-        url_list = [urls] if isinstance(urls, str) else urls
-        if not isinstance(url_list, list) or not url_list:
-            raise ValueError(f"ICE server {index}: 'urls' must be a URL or a list of URLs")
-        for url in url_list:
-            if not isinstance(url, str):
-                raise ValueError(f"ICE server {index}: every URL must be a string")
-            try:
-                parse_stun_turn_uri(url)
-            except ValueError as error:
-                raise ValueError(f"ICE server {index}: {url!r} is not usable: {error}") from None
-        username = entry.get("username")
-        credential = entry.get("credential")
-        for name, value in (("username", username), ("credential", credential)):
-            if value is not None and not isinstance(value, str):
-                raise ValueError(f"ICE server {index}: {name!r} must be a string")
-        servers.append(RTCIceServer(urls=urls, username=username, credential=credential))
+    check_ice_servers(ice_servers)
+    servers = [
+        RTCIceServer(
+            urls=entry["urls"], username=entry.get("username"), credential=entry.get("credential")
+        )
+        for entry in ice_servers
+    ]
     return RTCConfiguration(iceServers=servers)
 
 
@@ -228,6 +213,9 @@ class TowerPeer:
         self._last_ping_sent_at = 0.0
         self._round_trip: float | None = None
         self._background: set[asyncio.Future[None]] = set()
+        # Each mDNS name costs a multicast query on the tower's network: a few per
+        # session are real (one per interface), more are someone's flood.
+        self._mdns_candidates = 0
         self._connection.on("connectionstatechange", self._connection_state_changed)
         self._connection.on("datachannel", self._channel_opened)
 
@@ -276,6 +264,9 @@ class TowerPeer:
         parsed.sdpMid = sdp_mid
         parsed.sdpMLineIndex = sdp_mline_index
         if parsed.ip.endswith(".local"):
+            if self._mdns_candidates >= MAX_MDNS_CANDIDATES:
+                raise ValueError(f"more than {MAX_MDNS_CANDIDATES} mDNS candidates")
+            self._mdns_candidates += 1
             self._add_in_background(parsed)
             return
         await self._connection.addIceCandidate(parsed)
@@ -293,7 +284,8 @@ class TowerPeer:
         for track in self._application.media(kinds):
             self._connection.addTrack(track)
         await self._connection.setLocalDescription(await self._connection.createAnswer())
-        for candidate in later:
+        for candidate in later[: MAX_MDNS_CANDIDATES + 1]:
+            self._mdns_candidates += candidate is not None
             self._add_in_background(candidate)
         return self._connection.localDescription.sdp
 

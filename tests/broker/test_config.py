@@ -247,7 +247,7 @@ def test_a_file_overrides_settings_by_name(tmp_path):
         """)
     settings = load_settings(path)
     assert settings.host == "0.0.0.0"
-    assert settings.https_origin == "https://broker.example:443"
+    assert settings.https_origin == "https://broker.example"  # browsers omit :443
     assert settings.negotiation_deadline == 15.0
     assert settings.heartbeat_timeout == 2.5
     assert settings.allowed_origins == ("https://app.example",)

@@ -525,3 +525,12 @@ def test_a_negotiation_killed_while_connected_starts_over_with_a_reoffer():
     assert state["state"] == "negotiating" and state["negotiation"] == 2
     assert reoffer["reason"] == "the negotiation was restarted"
     assert lifecycle.offer(OFFER) == [ForwardOffer(2, OFFER)]
+
+
+def test_a_refused_candidate_leaves_the_offer_taken():
+    lifecycle = offered()
+    assert error_codes(lifecycle.offer_rejected(1, "invalid_message", "not a candidate")) == [
+        "invalid_message"]
+    assert lifecycle.candidate("candidate:1 1 udp 1 192.0.2.1 9 typ host", "0", 0) == [
+        ForwardCandidate(1, "candidate:1 1 udp 1 192.0.2.1 9 typ host", "0", 0)]
+    assert error_codes(lifecycle.offer(OFFER)) == ["unexpected_message"]

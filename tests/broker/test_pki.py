@@ -146,9 +146,9 @@ def test_a_tower_request_is_signed(authority, key_type):
         ipaddress.ip_address("10.0.0.7"),
         ipaddress.ip_address("fd00::7"),
     ]
+    # A tower only ever serves its end of the link: it cannot pose as a client.
     assert list(extension(certificate, x509.ExtendedKeyUsage)) == [
-        ExtendedKeyUsageOID.SERVER_AUTH,
-        ExtendedKeyUsageOID.CLIENT_AUTH,
+        ExtendedKeyUsageOID.SERVER_AUTH
     ]
     assert not extension(certificate, x509.BasicConstraints).ca
     assert extension(certificate, x509.KeyUsage).key_encipherment == (key_type == "rsa")
@@ -372,3 +372,9 @@ def test_a_client_that_imports_the_development_certificate_trusts_it(tmp_path):
     client_context = client_ssl_context(certificate_file)
     for host in ("localhost", "127.0.0.1"):
         assert handshake(server_context, client_context, host) == (b"ping", b"pong")
+
+
+def test_no_tower_may_be_named_as_the_broker(authority):
+    _key, csr = generate_key_and_csr("broker")
+    with pytest.raises(ValueError, match="broker's name"):
+        authority.sign_tower_csr(csr, expected_name="broker")

@@ -218,7 +218,7 @@ async def fail_current(broker: Broker, client: Client, how: str = "peer") -> int
     ``how`` is ``"peer"`` (the tower's peer fails after the offer) or ``"deadline"``
     (the offer gets no answer). Returns once the session asked for a new offer or failed.
     """
-    described = await client.ref.ask(Describe())
+    described = await client.ref.ask(Describe("key"))
     assert described["state"] == "negotiating", described
     negotiation, tower = described["negotiation"], broker.towers[described["tower"]]
     await offer(client, tower, negotiation)
@@ -252,7 +252,7 @@ async def test_happy_path_relays_offer_and_answer_until_connected(autojump_clock
          "reason": ""},
     ]
 
-    described = await client.ref.ask(Describe())
+    described = await client.ref.ask(Describe("key"))
     assert described["state"] == "connected"
     assert described["placements"] == 1
     assert described["negotiation"] == 1
@@ -330,7 +330,7 @@ async def test_restarts_used_up_on_one_tower_move_the_session(autojump_clock, br
     assert second.got(OpenPeer) == []
 
     await offer(client, second, 4)
-    described = await client.ref.ask(Describe())
+    described = await client.ref.ask(Describe("key"))
     assert (described["state"], described["tower"], described["placements"]) == (
         "negotiating", "tower-2", 2
     )
@@ -380,7 +380,7 @@ async def test_a_lost_tower_moves_the_session_at_once(autojump_clock, broker):
     assert negotiations_at(first) == [1]
     assert negotiations_at(second) == [2]
     assert first.got(ClosePeer) == []
-    described = await client.ref.ask(Describe())
+    described = await client.ref.ask(Describe("key"))
     assert (described["state"], described["tower"], described["placements"]) == (
         "connected", "tower-2", 2
     )
@@ -526,7 +526,7 @@ async def test_a_failing_session_leaves_a_connected_one_alone(autojump_clock, br
     assert await steady.new_frames() == []
     assert [frame["type"] for frame in steady.seen] == ["state", "answer", "state"]
     assert not steady.closed
-    described = await steady.ref.ask(Describe())
+    described = await steady.ref.ask(Describe("key"))
     assert (described["state"], described["negotiation"], described["placements"]) == (
         "connected", 1, 1
     )
@@ -544,7 +544,7 @@ async def test_a_client_too_slow_to_read_loses_its_outbox(autojump_clock, broker
     assert client.closed
     assert [frame["type"] for frame in await client.new_frames()] == ["state"]
 
-    described = await client.ref.ask(Describe())
+    described = await client.ref.ask(Describe("key"))
     assert described["state"] == "connected"
     assert client.ref.alive
     await client.tell(ClientCandidate("", None, None))

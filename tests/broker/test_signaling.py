@@ -404,9 +404,23 @@ def tokens() -> SignalingTokens:
 
 
 def test_a_token_opens_its_session_until_it_expires(tokens):
+    tokens.check(tokens.issue(SESSION, now=1000.0), SESSION, now=1000.0)
+    tokens.check(tokens.issue(SESSION, now=1000.0), SESSION, now=1060.0)
+
+
+def test_a_token_opens_one_connection_only(tokens):
     token = tokens.issue(SESSION, now=1000.0)
     tokens.check(token, SESSION, now=1000.0)
-    tokens.check(token, SESSION, now=1060.0)
+    with pytest.raises(SignalingError) as caught:
+        tokens.check(token, SESSION, now=1001.0)
+    assert caught.value.code == "invalid_token" and "already used" in caught.value.message
+    assert tokens.issue(SESSION, now=1000.0) != token
+
+
+def test_used_tokens_are_forgotten_once_expired(tokens):
+    for second in range(200):
+        tokens.check(tokens.issue(SESSION, now=float(second)), SESSION, now=float(second))
+    assert len(tokens.spent) <= 2 * tokens.lifetime + 1
 
 
 def test_an_expired_token_is_refused(tokens):

@@ -46,12 +46,15 @@ class RunningBroker:
         return pids
 
 
-def start_broker(tmp_path: Path, towers: int = 2, **settings: object) -> RunningBroker:
+def start_broker(
+    tmp_path: Path, towers: int = 2, https_port: int = 0, **settings: object
+) -> RunningBroker:
     config = tmp_path / "broker.toml"
     config.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in settings.items()))
     process = subprocess.Popen(
         [sys.executable, "-m", "broker", "serve", "--config", str(config),
-         "--state-dir", str(tmp_path / "state"), "--https-port", "0", "--http-port", "0",
+         "--state-dir", str(tmp_path / "state"), "--https-port", str(https_port),
+         "--http-port", "0",
          "--towers", str(towers), "--ready-json"],
         stdout=subprocess.PIPE,
         stderr=open(tmp_path / "broker.log", "wb"),

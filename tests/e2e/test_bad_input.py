@@ -211,10 +211,12 @@ def test_signaling_tokens_are_checked(broker, new_grant):
         await trio.sleep(2.5)
         frames, close = await _first_frames(grant.signaling_url, certificate)
         assert frames[0]["code"] == "invalid_token" and "expired" in frames[0]["message"]
-        # A fresh token opens it again.
+        # A fresh token opens it again, once.
         fresh = await broker.client().new_token(grant.id)
         frames, close = await _first_frames(fresh["signaling_url"], certificate)
         assert frames[0]["type"] == "state"
+        frames, close = await _first_frames(fresh["signaling_url"], certificate)
+        assert frames[0]["code"] == "invalid_token" and "already used" in frames[0]["message"]
 
     run(main)
 
@@ -228,6 +230,11 @@ def test_a_foreign_origin_is_refused_and_the_own_origin_accepted(broker, new_gra
                                             origin="https://evil.example")
         assert frames[0]["code"] == "origin_not_allowed" and close == 4403
         frames, _ = await _first_frames(grant.signaling_url, certificate, origin=broker.url)
+        assert frames[0]["type"] == "state"
+        # Both names of the development certificate are the broker's own origin.
+        fresh = await broker.client().new_token(grant.id)
+        frames, _ = await _first_frames(fresh["signaling_url"], certificate,
+                                        origin=broker.url.replace("127.0.0.1", "localhost"))
         assert frames[0]["type"] == "state"
 
     run(main)
@@ -303,7 +310,8 @@ def test_a_second_connection_replaces_the_first(broker, new_grant):
     async def main():
         async with open_websocket_url(grant.signaling_url, ssl_context=certificate) as first:
             assert json.loads(await first.get_message())["type"] == "state"
-            frames, _ = await _first_frames(grant.signaling_url, certificate)
+            fresh = await broker.client().new_token(grant.id)
+            frames, _ = await _first_frames(fresh["signaling_url"], certificate)
             assert frames[0]["type"] == "state"
             replaced = json.loads(await first.get_message())
             assert replaced["code"] == "replaced" and replaced["fatal"] is True

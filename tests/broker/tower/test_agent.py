@@ -1,0 +1,376 @@
+"""The tower agent's communication server against its broker and against peers that are not.
+
+Each test runs a real agent process (``python -m broker tower run``) with credentials made
+here, and speaks to it over real TCP and TLS as the broker does. The scenarios are sync
+functions run with ``actors.bridge.run``, so an aiortc client can live on the asyncio side
+when one is needed.
+"""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
+
+from actors import bridge
+from broker.client_peer import new_peer
+from broker.link import (
+    MAX_FRAME_BYTES,
+    ClosePeer,
+    LinkError,
+    OpenPeer,
+    PeerAnswer,
+    PeerRejected,
+    PeerState,
+    TowerHello,
+    TowerLoadReport,
+    codec,
+)
+from broker.pki import (
+    CertificateAuthority,
+    client_ssl_context,
+    generate_key_and_csr,
+    write_secret,
+)
+
+TOWER = "tower-9"
+LOAD_INTERVAL = 0.2
+# Functional deadlines only: generous, so a loaded machine does not fail a healthy agent.
+DEADLINE = 15.0
+
+
+def run(main: Callable, *args: object) -> object:
+    return bridge.run(main, *args, handle_signals=False)
+
+
+@dataclass(frozen=True)
+class Identity:
+    certificate: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """The tower's files, and the client identities the tests present to it."""
+
+    ca: Path
+    tower: Identity
+    broker: Identity
+    stranger_broker: Identity
+    other_tower: Identity
+
+    def context(self, identity: Identity | None) -> ssl.SSLContext:
+        """A client context that trusts the tower's CA and shows ``identity``, if any."""
+        if identity is None:
+            return client_ssl_context(self.ca)
+        return client_ssl_context(self.ca, identity.certificate, identity.key)
+
+
+def _write_identity(directory: Path, key: bytes, certificate: bytes) -> Identity:
+    write_secret(directory / "key.pem", key)
+    write_secret(directory / "certificate.pem", certificate)
+    return Identity(directory / "certificate.pem", directory / "key.pem")
+
+
+@pytest.fixture(scope="module")
+def credentials(tmp_path_factory) -> Credentials:
+    directory = tmp_path_factory.mktemp("credentials")
+    authority = CertificateAuthority.create()
+    write_secret(directory / "ca.pem", authority.certificate_pem)
+    key, csr = generate_key_and_csr(TOWER)
+    certificate = authority.sign_tower_csr(csr, TOWER, addresses=["127.0.0.1"])
+    tower = _write_identity(directory / "tower", key, certificate)
+    broker = _write_identity(directory / "broker", *authority.issue("broker", client_only=True))
+    # Named "broker" too, but by an authority the tower does not trust.
+    stranger = CertificateAuthority.create("another broker's CA")
+    stranger_broker = _write_identity(
+        directory / "stranger", *stranger.issue("broker", client_only=True)
+    )
+    # The right authority, the wrong holder: another tower's certificate can authenticate
+    # a client too, but it is not the broker's.
+    other_key, other_csr = generate_key_and_csr("tower-7")
+    other_certificate = authority.sign_tower_csr(other_csr, "tower-7", addresses=["127.0.0.1"])
+    other_tower = _write_identity(directory / "other-tower", other_key, other_certificate)
+    return Credentials(directory / "ca.pem", tower, broker, stranger_broker, other_tower)
+
+
+@dataclass
+class RunningAgent:
+    process: subprocess.Popen
+    host: str
+    port: int
+    log: Path
+
+
+@pytest.fixture
+def agent(credentials, tmp_path) -> Iterator[RunningAgent]:
+    log = tmp_path / "agent.log"
+    with open(log, "wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "broker", "tower", "run", "--name", TOWER,
+             "--listen", "127.0.0.1:0",
+             "--certificate", str(credentials.tower.certificate),
+             "--key", str(credentials.tower.key),
+             "--ca", str(credentials.ca),
+             "--load-interval", str(LOAD_INTERVAL)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+        )
+    try:
+        line = process.stdout.readline().decode().split()
+        assert line[:1] == ["ready"], (line, log.read_text()[-3000:])
+        yield RunningAgent(process, line[1], int(line[2]), log)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+        process.stdout.close()
+        process.stdin.close()
+
+
+@asynccontextmanager
+async def open_link(agent: RunningAgent, context: ssl.SSLContext
+                    ) -> AsyncIterator[WebSocketConnection]:
+    """The broker's end of a link: TCP, TLS naming the tower, then the WebSocket."""
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(DEADLINE):
+            stream = await trio.open_tcp_stream(agent.host, agent.port)
+            tls_stream = trio.SSLStream(stream, context, server_hostname=TOWER)
+            await tls_stream.do_handshake()
+            websocket = await wrap_client_stream(
+                nursery, tls_stream, TOWER, "/link", max_message_size=MAX_FRAME_BYTES
+            )
+        try:
+            yield websocket
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await websocket.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def receive(websocket: WebSocketConnection, kind: type, timeout: float = DEADLINE,
+                  *, where: Callable[[object], bool] = lambda message: True) -> object:
+    """The next message of type ``kind`` (matching ``where``); load reports in between are
+    skipped."""
+    with trio.fail_after(timeout):
+        while True:
+            message = codec.decode(await websocket.get_message())
+            if isinstance(message, kind) and where(message):
+                return message
+            if not isinstance(message, TowerLoadReport):
+                raise AssertionError(f"expected {kind.__name__}, got {message!r}")
+
+
+UPGRADE_REQUEST = (
+    b"GET /link HTTP/1.1\r\nHost: tower-9\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+async def assert_refused(agent: RunningAgent, context: ssl.SSLContext) -> None:
+    """Try to link with ``context``; fail unless the agent refuses.
+
+    The upgrade request is written by hand: trio-websocket's client waits forever for a
+    handshake on a stream that breaks before it.
+    """
+    received = b""
+    with trio.fail_after(DEADLINE):
+        stream = await trio.open_tcp_stream(agent.host, agent.port)
+        tls_stream = trio.SSLStream(stream, context, server_hostname=TOWER)
+        try:
+            # With TLS 1.3 the client's side of the handshake may finish before the
+            # server has looked at the client's certificate: the refusal then arrives on
+            # the first read.
+            await tls_stream.do_handshake()
+            await tls_stream.send_all(UPGRADE_REQUEST)
+            while chunk := await tls_stream.receive_some(4096):
+                received += chunk
+        except trio.BrokenResourceError:
+            pass
+        finally:
+            await trio.aclose_forcefully(tls_stream)
+    assert not received, f"the agent took the link and said {received[:200]!r}"
+
+
+async def say_hello(agent: RunningAgent, context: ssl.SSLContext) -> TowerHello:
+    async with open_link(agent, context) as websocket:
+        return await receive(websocket, TowerHello)
+
+
+def test_the_broker_gets_the_towers_hello_then_load_reports(agent, credentials):
+    async def main():
+        async with open_link(agent, credentials.context(credentials.broker)) as link:
+            with trio.fail_after(DEADLINE):
+                hello = codec.decode(await link.get_message())
+                assert isinstance(hello, TowerHello)
+                assert hello.tower == TOWER and hello.capacity == 500 and hello.agent_version
+                reports = [codec.decode(await link.get_message()) for _ in range(3)]
+            assert reports == [TowerLoadReport(sessions=0, capacity=500)] * 3
+
+    run(main)
+
+
+@pytest.mark.parametrize("identity", ["none", "stranger_broker", "other_tower"])
+def test_a_client_that_is_not_the_broker_is_refused_and_the_agent_stays_up(
+    agent, credentials, identity
+):
+    chosen = None if identity == "none" else getattr(credentials, identity)
+
+    async def main():
+        await assert_refused(agent, credentials.context(chosen))
+        # Twice: a refusal leaves the server as it was.
+        await assert_refused(agent, credentials.context(chosen))
+        hello = await say_hello(agent, credentials.context(credentials.broker))
+        assert hello.tower == TOWER
+
+    run(main)
+    assert agent.process.poll() is None
+    assert agent.log.read_text().count("refused a link") == 2
+
+
+def test_a_client_that_speaks_no_tls_is_dropped_and_the_agent_stays_up(agent, credentials):
+    async def main():
+        with trio.fail_after(DEADLINE):
+            stream = await trio.open_tcp_stream(agent.host, agent.port)
+            await stream.send_all(b"GET /link HTTP/1.1\r\nHost: tower-9\r\n\r\n")
+            try:
+                while await stream.receive_some(4096):
+                    pass
+            except trio.BrokenResourceError:
+                pass
+            await stream.aclose()
+        hello = await say_hello(agent, credentials.context(credentials.broker))
+        assert hello.tower == TOWER
+
+    run(main)
+    assert agent.process.poll() is None
+    assert agent.log.read_text().count("refused a link") == 1
+
+
+def test_bad_frames_are_answered_with_link_errors_and_the_link_stays_open(agent, credentials):
+    async def main():
+        async with open_link(agent, credentials.context(credentials.broker)) as link:
+            await receive(link, TowerHello)
+            await link.send_message(b"\x00\x01 not msgpack at all \xff")
+            assert isinstance(await receive(link, LinkError), LinkError)
+            await link.send_message(codec.encode(TowerHello("broker", 1, "0")))
+            wrong = await receive(link, LinkError)
+            assert "TowerHello" in wrong.message
+            await link.send_message(codec.encode(OpenPeer("s-1", 1, "v=0\r\ngarbage", "echo")))
+            rejected = await receive(link, PeerRejected)
+            assert (rejected.session, rejected.negotiation) == ("s-1", 1)
+            assert rejected.code == "invalid_sdp"
+            await link.send_message(codec.encode(OpenPeer("s-2", 1, "v=0\r\n", "no-such-app")))
+            rejected = await receive(link, PeerRejected)
+            assert (rejected.session, rejected.code) == ("s-2", "unknown_application")
+
+    run(main)
+    assert agent.process.poll() is None
+
+
+def test_an_offer_is_answered_counted_in_the_load_and_closed(agent, credentials):
+    async def main():
+        peer = await bridge.call_asyncio(new_peer)
+        try:
+            offer = await bridge.call_asyncio(peer.offer)
+            async with open_link(agent, credentials.context(credentials.broker)) as link:
+                await receive(link, TowerHello)
+                await link.send_message(codec.encode(OpenPeer("s-1", 1, offer, "echo")))
+                answer = await receive(link, PeerAnswer)
+                assert (answer.session, answer.negotiation) == ("s-1", 1)
+                assert answer.sdp.startswith("v=0")
+                await bridge.call_asyncio(peer.accept, answer.sdp)
+                state = await receive(link, PeerState, where=lambda m: m.session == "s-1")
+                assert (state.negotiation, state.state) == (1, "connected")
+                with trio.fail_after(DEADLINE):
+                    await bridge.call_asyncio(peer.wait_open)
+                    await bridge.call_asyncio(peer.echo, "over the tower")
+                await receive(link, TowerLoadReport, where=lambda m: m.sessions == 1)
+                # A close for another negotiation of the session is not this peer's.
+                await link.send_message(codec.encode(ClosePeer("s-1", 2)))
+                with trio.fail_after(DEADLINE):
+                    await bridge.call_asyncio(peer.echo, "still open")
+                await link.send_message(codec.encode(ClosePeer("s-1", 1)))
+                await receive(link, TowerLoadReport, where=lambda m: m.sessions == 0)
+        finally:
+            with trio.CancelScope(shield=True):
+                await bridge.call_asyncio(peer.close)
+
+    run(main)
+
+
+def test_a_text_frame_is_answered_with_a_link_error_and_the_link_stays_open(agent, credentials):
+    async def main():
+        async with open_link(agent, credentials.context(credentials.broker)) as link:
+            await receive(link, TowerHello)
+            await link.send_message("a text frame")
+            await receive(link, LinkError)
+            await link.send_message(codec.encode(OpenPeer("s-1", 1, "v=0\r\ngarbage", "echo")))
+            assert (await receive(link, PeerRejected)).code == "invalid_sdp"
+        hello = await say_hello(agent, credentials.context(credentials.broker))
+        assert hello.tower == TOWER
+
+    run(main)
+
+
+def test_a_broker_gone_before_the_upgrade_is_answered_leaves_the_agent_serving(
+    agent, credentials
+):
+    async def main():
+        context = credentials.context(credentials.broker)
+        # Whether the agent answers before it notices the broker is gone is up to its
+        # scheduler, so the broker leaves that way many times.
+        for _ in range(20):
+            try:
+                with trio.fail_after(DEADLINE):
+                    stream = await trio.open_tcp_stream(agent.host, agent.port)
+                    tls_stream = trio.SSLStream(stream, context, server_hostname=TOWER)
+                    await tls_stream.do_handshake()
+                    await tls_stream.send_all(UPGRADE_REQUEST)
+                    await trio.aclose_forcefully(tls_stream)
+            except (OSError, trio.BrokenResourceError):
+                break
+        hello = await say_hello(agent, context)
+        assert hello.tower == TOWER
+
+    run(main)
+    assert agent.process.poll() is None
+
+
+def test_a_new_broker_connection_replaces_the_old_and_closes_its_peers(agent, credentials):
+    async def main():
+        context = credentials.context(credentials.broker)
+        peer = await bridge.call_asyncio(new_peer)
+        try:
+            offer = await bridge.call_asyncio(peer.offer)
+            async with open_link(agent, context) as old:
+                await receive(old, TowerHello)
+                await old.send_message(codec.encode(OpenPeer("s-1", 1, offer, "echo")))
+                await bridge.call_asyncio(peer.accept, (await receive(old, PeerAnswer)).sdp)
+                await receive(old, PeerState, where=lambda m: m.state == "connected")
+                await receive(old, TowerLoadReport, where=lambda m: m.sessions == 1)
+                async with open_link(agent, context) as new:
+                    await receive(new, TowerHello)
+                    with trio.fail_after(DEADLINE):
+                        with pytest.raises(ConnectionClosed):
+                            while True:
+                                await old.get_message()
+                    # The old connection's peers go with it, at once.
+                    await receive(new, TowerLoadReport, 5.0, where=lambda m: m.sessions == 0)
+        finally:
+            with trio.CancelScope(shield=True):
+                await bridge.call_asyncio(peer.close)
+
+    run(main)
+
+
+def test_the_agent_exits_when_its_stdin_closes(agent):
+    agent.process.stdin.close()
+    assert agent.process.wait(DEADLINE) == 0
