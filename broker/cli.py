@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .config import Settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,10 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--certificate", type=Path, required=True)
     run.add_argument("--key", type=Path, required=True)
     run.add_argument("--ca", type=Path, required=True, help="the broker's CA certificate")
-    run.add_argument("--capacity", type=int, default=500)
-    run.add_argument("--heartbeat-interval", type=float, default=1.0)
-    run.add_argument("--heartbeat-timeout", type=float, default=5.0)
-    run.add_argument("--load-interval", type=float, default=1.0)
+    run.add_argument("--capacity", type=int, default=Settings.tower_capacity)
+    run.add_argument("--heartbeat-interval", type=float, default=Settings.heartbeat_interval)
+    run.add_argument("--heartbeat-timeout", type=float, default=Settings.heartbeat_timeout)
+    run.add_argument("--load-interval", type=float, default=Settings.tower_load_interval)
     return parser
 
 

@@ -31,6 +31,7 @@ from hypercorn.trio import serve
 from actors import Actor, ActorCrashed, ActorRef, ActorStopped, ActorSystem, AskTimeout
 from actors import SupervisorRef
 from .config import Settings
+from .link import APPLICATIONS
 from .metrics import SessionCounters, render
 from .sessions import (
     CLIENT_OUTBOX_SIZE,
@@ -79,7 +80,6 @@ PAGE_POLICY = (
 MAX_BODY_BYTES = 16 * 1024
 CLOSE_DRAIN_TIMEOUT = 2.0
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost"})
-APPLICATIONS = ("echo", "demo")
 _SESSION_PATH = re.compile(r"^/v1/sessions/(s-[0-9a-f]{16})(/tokens|/signaling)?$")
 
 

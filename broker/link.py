@@ -23,6 +23,12 @@ MAX_FRAME_BYTES = 256 * 1024
 
 codec = Codec(version=LINK_VERSION, max_frame_bytes=MAX_FRAME_BYTES)
 
+# How long either end waits for the other's close handshake before dropping the link.
+CLOSE_TIMEOUT = 1.0
+
+# The session applications every tower runs (``broker.tower.application.APPLICATIONS``).
+APPLICATIONS = ("echo", "demo")
+
 
 # Tower to broker.
 

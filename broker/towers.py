@@ -34,6 +34,7 @@ from actors import ActorStopped, DecodeError, SupervisorFlags
 
 from .config import Settings
 from .link import (
+    CLOSE_TIMEOUT,
     MAX_FRAME_BYTES,
     LinkError,
     PeerAnswer,
@@ -49,7 +50,6 @@ logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
 SEND_TIMEOUT = 5.0
-CLOSE_TIMEOUT = 1.0
 AGENT_START_TIMEOUT = 30.0
 AGENT_STOP_TIMEOUT = 3.0
 

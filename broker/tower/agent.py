@@ -38,7 +38,9 @@ from actors import (
 )
 
 from .. import __version__
+from ..config import Settings
 from ..link import (
+    CLOSE_TIMEOUT,
     MAX_FRAME_BYTES,
     AddCandidate,
     ClosePeer,
@@ -56,7 +58,6 @@ logger = logging.getLogger(__name__)
 
 
 HANDSHAKE_TIMEOUT = 10.0
-CLOSE_TIMEOUT = 1.0
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,8 @@ class AgentSettings:
     certificate: Path
     key: Path
     ca: Path
-    capacity: int = 500
-    load_interval: float = 1.0
+    capacity: int = Settings.tower_capacity
+    load_interval: float = Settings.tower_load_interval
     peer: PeerSettings = PeerSettings()
 
 

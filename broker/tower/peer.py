@@ -18,6 +18,7 @@ import trio
 from actors import Actor
 from actors.bridge import call_asyncio, post_to
 
+from ..config import Settings
 from ..link import AddCandidate, OpenPeer, PeerAnswer, PeerRejected, PeerState
 from .application import APPLICATIONS, PeerEvent, TowerPeer, answer_offer
 
@@ -26,8 +27,8 @@ Send = Callable[[object], Awaitable[None]]
 
 @dataclass(frozen=True)
 class PeerSettings:
-    heartbeat_interval: float = 1.0
-    heartbeat_timeout: float = 5.0
+    heartbeat_interval: float = Settings.heartbeat_interval
+    heartbeat_timeout: float = Settings.heartbeat_timeout
     tower: str = ""
 
 

@@ -461,3 +461,9 @@ def test_the_demo_application_sends_video_only_to_a_client_that_asks_for_it():
     assert track.kind == "video"
     first, later = track.draw(0), track.draw(30)
     assert first.size == (320, 240) and first.tobytes() != later.tobytes()
+
+
+def test_the_broker_offers_exactly_the_applications_towers_run():
+    from broker.link import APPLICATIONS as OFFERED
+
+    assert set(OFFERED) == set(APPLICATIONS)
