@@ -25,6 +25,11 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import trio
+import h2.settings
+import hypercorn.protocol
+import hypercorn.protocol.h2
+import hypercorn.trio.run
+import hypercorn.trio.tcp_server
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
@@ -55,6 +60,8 @@ from .signaling import (
     parse_client_frame,
 )
 from .towers import TowerDirectory
+
+logger = logging.getLogger(__name__)
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -513,6 +520,40 @@ async def _lifespan(receive: Receive, send: Send) -> None:
         elif event["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+class _ContainedTCPServer(hypercorn.trio.tcp_server.TCPServer):
+    """hypercorn's connection, whose failure ends that connection only.
+
+    hypercorn runs each connection as a task of the whole server, so an error in one
+    would stop them all; one such error is known (pgjones/hypercorn#329: a frame on an
+    HTTP/2 stream already closed) and a client can provoke it at will.
+    """
+
+    async def run(self) -> None:
+        try:
+            await super().run()
+        except Exception as error:
+            logger.warning("an HTTP connection failed: %r", error)
+
+
+class _H2WithoutWebSockets(hypercorn.protocol.h2.H2Protocol):
+    """HTTP/2 without RFC 8441 WebSockets, whose stream handling has that bug: browsers
+    open the signaling socket over HTTP/1.1 instead."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connection.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                code: value for code, value in self.connection.local_settings.items()
+                if code != h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL
+            },
+        )
+
+
+hypercorn.trio.run.TCPServer = _ContainedTCPServer  # type: ignore[misc]
+hypercorn.protocol.H2Protocol = _H2WithoutWebSockets  # type: ignore[misc]
 
 
 class Endpoint(Actor):
