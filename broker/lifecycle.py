@@ -177,7 +177,7 @@ class SessionLifecycle:
             if self.state is not SessionState.NEGOTIATING:
                 return []
             self.offer_taken = False
-        return [SendToClient(error_frame(code, message))]
+        return [SendToClient({**error_frame(code, message), "negotiation": number})]
 
     def answer(self, number: int, sdp: str) -> list[Decision]:
         if number != self.negotiation or self.state is not SessionState.NEGOTIATING:

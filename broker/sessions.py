@@ -172,6 +172,7 @@ class Session(Supervisor):
         self.counted_state = self.lifecycle.state
         self.counting = False
         self.answer_reply: tuple[int, trio.MemorySendChannel[dict[str, Any]]] | None = None
+        self.unsent_answer: dict[str, Any] | None = None
 
     def _negotiation(self) -> Negotiation:
         # The start function of the child: the session's own code, run when its
@@ -303,6 +304,10 @@ class Session(Supervisor):
         self.client = outbox
         state = self.lifecycle.state_frame()
         _send(outbox, state)
+        answer, self.unsent_answer = self.unsent_answer, None
+        if answer is not None and answer["negotiation"] == self.lifecycle.negotiation:
+            # It came while nobody was there to take it (the HTTP request had given up).
+            _send(outbox, answer)
         return state
 
     async def _carry_out(self, decisions: list) -> None:
@@ -333,6 +338,8 @@ class Session(Supervisor):
         self._send_to_socket(frame)
 
     def _send_to_socket(self, frame: dict[str, Any]) -> None:
+        if self.client is None and frame.get("type") == "answer":
+            self.unsent_answer = frame
         if self.client is not None and not _send(self.client, frame):
             # A client too slow to take its frames loses its connection, not the session.
             self.client.close()

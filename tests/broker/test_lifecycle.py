@@ -143,7 +143,8 @@ def test_an_offer_after_the_end_is_refused(how):
 def test_a_rejected_offer_lets_the_client_offer_again():
     lifecycle = offered()
     decisions = lifecycle.offer_rejected(1, "invalid_sdp", "the tower cannot use it")
-    assert frames(decisions) == [error_frame("invalid_sdp", "the tower cannot use it")]
+    assert frames(decisions) == [
+        {**error_frame("invalid_sdp", "the tower cannot use it"), "negotiation": 1}]
     assert lifecycle.offer("v=0 corrected") == [ForwardOffer(1, "v=0 corrected")]
 
 

@@ -35,6 +35,7 @@ from broker.sessions import (
     ClientOffer,
     CloseSession,
     Describe,
+    DetachClient,
     Session,
     session_spec,
     sessions_spec,
@@ -549,3 +550,29 @@ async def test_a_client_too_slow_to_read_loses_its_outbox(autojump_clock, broker
     assert client.ref.alive
     await client.tell(ClientCandidate("", None, None))
     assert tower.got(AddCandidate) == [AddCandidate("s-1", 1, "", None, None)]
+
+
+async def test_an_answer_nobody_was_there_to_take_comes_with_the_next_attach(
+    autojump_clock, broker
+):
+    tower = broker.towers["tower-1"]
+    client = await broker.open_session()
+    gone, _ = trio.open_memory_channel(64)
+    await client.ref.ask(AttachClient(gone))
+    await client.tell(DetachClient(gone))
+    await offer(client, tower, 1)
+    tower.answer(client.session_id, 1)
+    await trio.testing.wait_all_tasks_blocked()
+    outbox, frames = trio.open_memory_channel(64)
+    await client.ref.ask(AttachClient(outbox))
+    await trio.testing.wait_all_tasks_blocked()
+    first, second = frames.receive_nowait(), frames.receive_nowait()
+    assert first["type"] == "state" and second["type"] == "answer"
+    assert second["negotiation"] == 1
+    # Only once: the next connection does not get it again.
+    again, later = trio.open_memory_channel(64)
+    await client.ref.ask(AttachClient(again))
+    await trio.testing.wait_all_tasks_blocked()
+    assert later.receive_nowait()["type"] == "state"
+    with pytest.raises(trio.WouldBlock):
+        later.receive_nowait()
