@@ -13,7 +13,6 @@ const HEARTBEAT_LABEL = "heartbeat";
 const APPLICATION_LABEL = "echo";
 const RECONNECT_FIRST_DELAY_MS = 500;
 const RECONNECT_MAX_DELAY_MS = 5000;
-const CLOSE_WAIT_MS = 2000;
 const ENDED_STATES = new Set(["failed", "closed"]);
 // The session is gone: no token or reconnection will bring it back.
 const GONE_CODES = new Set(["not_found", "session_not_found"]);
@@ -45,12 +44,10 @@ export class BrokerError extends Error {
 /** The broker's HTTPS API (PROTOCOL.md, "The HTTPS API"). */
 export class BrokerClient {
   /**
-   * @param {object} [options]
-   * @param {string} [options.origin] - the broker's HTTPS origin; the page's by default.
-   * @param {string|null} [options.apiKey] - the bearer key for session requests; null
-   *   for a page whose own backend creates sessions (see `openSession`).
-   * @param {number} [options.requestTimeout] - ms to wait for a response before giving
-   *   up with `unreachable` (a POST with an offer waits for the tower's answer).
+   * @param {{origin?: string, apiKey?: string|null, requestTimeout?: number}} [options] -
+   *   the broker's HTTPS origin (the page's by default); the bearer key (null when the
+   *   page's own backend makes sessions: `openSession`); ms to wait for any response
+   *   before `unreachable` (a POST with an offer waits for the tower's answer).
    */
   constructor({ origin = globalThis.location?.origin, apiKey = null, requestTimeout = 30000 } = {}) {
     this.origin = String(origin).replace(/\/+$/, "");
@@ -157,15 +154,12 @@ export class BrokerClient {
   }
 
   /**
-   * Follows a session whose grant was made elsewhere (the page's own backend): connects
-   * the signaling socket and offers when the broker asks.
-   * @param {object} grant - what `POST /v1/sessions` returned (`id`, `signaling_url`,
-   *   `ice_servers`, ...), made without an offer.
-   * @param {object} [options]
-   * @param {boolean} [options.video] - receive the application's video.
-   * @param {(sessionId: string) => Promise<{signaling_url: string}|string>} [options.getToken] -
-   *   a fresh signaling URL to reconnect with; without it the client's `apiKey` is used.
-   *   A `BrokerError` it throws with code `not_found` ends the session ("closed").
+   * Follows a session whose grant (made without an offer) came from elsewhere, such as
+   * the page's own backend: connects the signaling socket and offers when asked.
+   * @param {object} grant - what `POST /v1/sessions` returned.
+   * @param {{video?: boolean, getToken?: (sessionId: string) => Promise<{signaling_url: string}>}}
+   *   [options] - `getToken` gives a fresh signaling URL to reconnect with (else the
+   *   `apiKey` is used); a `BrokerError` `not_found` from it ends the session.
    * @returns {Session}
    */
   openSession(grant, { video = false, getToken } = {}) {
@@ -236,10 +230,10 @@ export class Session extends EventTarget {
     if (this._done) return;
     const socket = this._socket;
     if (socket?.readyState === WebSocket.OPEN) {
-      // The broker answers with state "closed" and closes the socket itself.
-      const closed = new Promise((resolve) => socket.addEventListener("close", resolve));
+      // The close frame follows the message in order, so the socket is closed from this
+      // side at once rather than by the broker: a server-side close of a WebSocket over
+      // HTTP/2 is what hypercorn 0.18 mishandles (a KeyError that drops the connection).
       socket.send(JSON.stringify({ type: "close" }));
-      await Promise.race([closed, new Promise((resolve) => setTimeout(resolve, CLOSE_WAIT_MS))]);
     } else if (this.id && this._client.apiKey) {
       try {
         await this._client.deleteSession(this.id);
@@ -287,14 +281,9 @@ export class Session extends EventTarget {
       this.stream.addTrack(track);
       this._emit("track", { track, stream: this.stream });
     };
-    peerConnection.onicecandidate = ({ candidate }) => {
-      this._send({
-        type: "candidate",
-        candidate: candidate?.candidate ?? "",
-        sdpMid: candidate?.sdpMid ?? null,
-        sdpMLineIndex: candidate?.sdpMLineIndex ?? null,
-      }, generation);
-    };
+    peerConnection.onicecandidate = ({ candidate: found }) => this._send({ type: "candidate",
+      candidate: found?.candidate ?? "", sdpMid: found?.sdpMid ?? null,
+      sdpMLineIndex: found?.sdpMLineIndex ?? null }, generation);
     for (const track of this.stream.getTracks()) this.stream.removeTrack(track);
     this.peerConnection = peerConnection;
     this.channel = channel;

@@ -37,33 +37,27 @@ let phase = "idle"; // idle, placing, live, ending
 let startedAt = 0;
 const pendingEchoes = new Map(); // the `t` of a sent message -> its chat entry
 
+const GONE = "The session no longer exists on the broker.";
+const MESSAGES = {
+  unauthorized: () => "The broker refused this API key (401 unauthorized). Check the key: "
+    + "the broker prints it when it starts and keeps it in api-key in its state directory.",
+  too_many_sessions: () => "Too many sessions (429): this API key already has all the live "
+    + "sessions it may have. End one, or wait for one to end, and try again.",
+  no_tower: () => "No tower is ready to take a session (503). Try again in a moment.",
+  unreachable: (error) => `The broker cannot be reached. Is it running? (${error.message})`,
+  replaced: () => "Another signaling connection took over this session; this page stopped "
+    + "following it.",
+  session_not_found: () => GONE,
+  not_found: () => GONE,
+  origin_not_allowed: () => "The broker does not accept signaling from this page's origin.",
+  invalid_token: () => "The broker refused the signaling token.",
+  channel_not_open: () => "The data channel is not open (yet): wait for the session to connect.",
+};
+
 function describe(error) {
-  switch (error?.code) {
-    case "unauthorized":
-      return "The broker refused this API key (401 unauthorized). Check the key: the broker "
-        + "prints it when it starts and keeps it in api-key in its state directory.";
-    case "too_many_sessions":
-      return "Too many sessions (429): this API key already has all the live sessions it may "
-        + "have. End one, or wait for one to end, and try again.";
-    case "no_tower":
-      return "No tower is ready to take a session (503). Try again in a moment.";
-    case "unreachable":
-      return `The broker cannot be reached. Is it running? (${error.message})`;
-    case "replaced":
-      return "Another signaling connection took over this session; this page stopped following it.";
-    case "session_not_found":
-    case "not_found":
-      return "The session no longer exists on the broker.";
-    case "origin_not_allowed":
-      return "The broker does not accept signaling connections from this page's origin.";
-    case "invalid_token":
-      return "The broker refused the signaling token.";
-    case "channel_not_open":
-      return "The data channel is not open (yet): wait until the session is connected.";
-    default:
-      if (error?.code) return `${error.message} (${error.code})`;
-      return `Unexpected error: ${error?.message || error}`;
-  }
+  if (Object.hasOwn(MESSAGES, error?.code ?? "")) return MESSAGES[error.code](error);
+  if (error?.code) return `${error.message} (${error.code})`;
+  return `Unexpected error: ${error?.message || error}`;
 }
 
 function plainError(error) {
@@ -163,15 +157,18 @@ function sendChat(event) {
   view.chatInput.focus();
 }
 
+function parseJson(text) {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return null;
+  }
+}
+
 function receiveChat(data) {
   const now = performance.now();
   const text = typeof data === "string" ? data : `(${data.byteLength ?? data.size} bytes)`;
-  let message = null;
-  try {
-    message = JSON.parse(text);
-  } catch {
-    message = null;
-  }
+  const message = parseJson(text);
   if (typeof message?.t !== "number") {
     chatEntry("received", `received: ${text}`);
     return;
@@ -225,6 +222,7 @@ function follow(session) {
   });
   on("peerconnection", () => {
     log(`new peer connection (negotiation ${session.negotiation})`);
+    for (const entry of pendingEchoes.values()) entry.status.textContent = "lost in the repair";
     pendingEchoes.clear();
     renderControls();
     showVideo(session);
@@ -255,6 +253,8 @@ function follow(session) {
     showState(detail.state === "failed" ? "failed" : "closed", detail.reason);
     showSignaling("idle");
     show(view.notice, "");
+    view.video.srcObject = null;
+    view.videoPlaceholder.hidden = false;
     if (detail.state === "failed") show(view.error, `The session failed for good: ${detail.reason}`);
     log(`session ended: ${detail.reason}`, detail.state === "failed" ? "error" : "info");
     renderControls();
@@ -269,19 +269,18 @@ async function start() {
     view.key.focus();
     return;
   }
-  storeKey(apiKey);
+  storedKey(apiKey);
   phase = "placing";
   startedAt = performance.now();
   demo.timings.startToOpen = null;
   show(view.error, "");
   show(view.notice, "Asking the broker for a session…");
   view.sessionId.textContent = view.tower.textContent = view.negotiation.textContent = "—";
-  view.chatLog.replaceChildren();
   view.rtt.textContent = "—";
+  view.chatLog.replaceChildren();
   demo.roundTrips.length = 0;
   pendingEchoes.clear();
   showState("placing");
-  showSignaling("idle");
   renderControls();
   log("placing a session (application demo, with video)…");
   if (demo.client?.apiKey !== apiKey) demo.client = new BrokerClient({ apiKey });
@@ -324,29 +323,22 @@ async function end() {
   renderControls();
 }
 
-function storeKey(key) {
+// Storage may be disabled (then the key field alone holds the key).
+function storedKey(key) {
   try {
-    sessionStorage.setItem(KEY_STORAGE, key);
+    if (key) sessionStorage.setItem(KEY_STORAGE, key);
+    return sessionStorage.getItem(KEY_STORAGE);
   } catch {
-    // Storage may be disabled; the key field still holds the key.
+    return key ?? null;
   }
 }
 
 function takeKey() {
   const fragment = new URLSearchParams(location.hash.slice(1));
   const key = fragment.get("key");
-  if (key) {
-    storeKey(key);
-    // Keep the key out of the address bar, the history and anything copied from them.
-    history.replaceState(null, "", location.pathname + location.search);
-  }
-  let stored = null;
-  try {
-    stored = sessionStorage.getItem(KEY_STORAGE);
-  } catch {
-    stored = null;
-  }
-  view.key.value = key || stored || "";
+  // Keep the key out of the address bar, the history and anything copied from them.
+  if (key) history.replaceState(null, "", location.pathname + location.search);
+  view.key.value = storedKey(key) || "";
   return { autostart: Boolean(key) && fragment.has("autostart") };
 }
 

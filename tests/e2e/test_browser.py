@@ -1,0 +1,226 @@
+"""The browser side in a real Chromium (Debian's), at its default settings.
+
+mDNS host candidates stay on, as in users' browsers. Playwright drives
+``/usr/bin/chromium``; no browser is downloaded. A screenshot of the demo page with a
+live session is left in ``test-output/`` for a person to look at.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import start_broker, stop_broker, wait_for_towers
+
+CHROMIUM = Path("/usr/bin/chromium")
+OUTPUT = Path(__file__).resolve().parents[2] / "test-output"
+# What a root process on a closed network needs (FACTS.md); nothing that changes WebRTC.
+CHROMIUM_FLAGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--autoplay-policy=no-user-gesture-required",
+]
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="Debian's chromium is not installed (./scripts/test as root)"
+)
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def broker(tmp_path):
+    running = start_broker(tmp_path, negotiation_deadline=4.0, heartbeat_interval=0.5,
+                           heartbeat_timeout=2.0, token_lifetime=2.0)
+    wait_for_towers(running, 2)
+    yield running
+    stop_broker(running)
+
+
+@pytest.fixture
+def page(chromium):
+    context = chromium.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    yield page
+    context.close()
+
+
+def open_demo(page, broker, key=None):
+    page.goto(f"{broker.url}/#key={broker.api_key if key is None else key}")
+    page.wait_for_function("() => window.demo !== undefined")
+
+
+def start(page):
+    page.click("#start")
+    page.wait_for_function("() => document.querySelector('#state').textContent.includes('connected')")
+
+
+def video_frames_change(page) -> bool:
+    """Two frames of the video element, a little apart, differ (the picture is live)."""
+    grab = """() => {
+        const video = document.querySelector('#video');
+        const canvas = document.createElement('canvas');
+        canvas.width = video.videoWidth; canvas.height = video.videoHeight;
+        const context = canvas.getContext('2d');
+        context.drawImage(video, 0, 0);
+        return canvas.toDataURL('image/png');
+    }"""
+    page.wait_for_function(
+        "() => { const v = document.querySelector('#video');"
+        " return v.readyState >= 2 && v.videoWidth > 0 && !v.paused && v.currentTime > 0.3; }")
+    first = page.evaluate(grab)
+    page.wait_for_timeout(500)
+    return page.evaluate(grab) != first
+
+
+def chat(page, text: str) -> None:
+    page.fill("#chat-input", text)
+    page.click("#chat-send")
+    page.wait_for_function(
+        "text => document.querySelector('#chat-log').textContent.includes('echo: ' + text)",
+        arg=text)
+
+
+def test_the_demo_page_shows_a_live_session_with_video_and_echo(broker, page):
+    open_demo(page, broker)
+    start(page)
+    session_id = page.text_content("#session-id")
+    assert session_id.startswith("s-")
+    assert video_frames_change(page)
+    chat(page, "hello tower")
+    page.wait_for_function("() => /\\d/.test(document.querySelector('#rtt').textContent)")
+    opened = page.evaluate("() => window.demo.timings.pageLoadToOpen")
+    print(f"page load to data channel open: {opened:.0f} ms")
+    assert opened > 0
+    OUTPUT.mkdir(exist_ok=True)
+    page.screenshot(path=str(OUTPUT / "demo-page.png"), full_page=True)
+    page.click("#end")
+    page.wait_for_function("() => document.querySelector('#state').textContent.includes('closed')")
+
+
+def test_the_page_repairs_a_session_whose_tower_is_killed(broker, page):
+    open_demo(page, broker)
+    start(page)
+    session_id = page.text_content("#session-id")
+    tower = page.text_content("#tower").strip()
+    os.kill(broker.tower_pids()[tower], signal.SIGKILL)
+    killed = time.monotonic()
+    page.wait_for_function(
+        "() => window.demo.events.some(e => e.type === 'state' && e.detail.state === 'repairing')",
+        timeout=10_000)
+    page.wait_for_function(
+        "() => { const s = window.demo.session; return s.state === 'connected'"
+        " && s.negotiation > 1; }", timeout=10_000)
+    chat(page, "after the repair")
+    repaired_in = time.monotonic() - killed
+    print(f"repaired and echoing again {repaired_in:.1f} s after the kill")
+    assert page.text_content("#session-id") == session_id
+    assert page.text_content("#tower").strip() != tower
+    assert repaired_in < 10
+
+
+def test_ten_peer_connections_in_one_page_all_connect(broker, page):
+    open_demo(page, broker)
+    results = page.evaluate("""async () => {
+        const { BrokerClient } = await import('/client/broker-client.js');
+        const client = new BrokerClient({ apiKey: window.demo.client.apiKey });
+        const sessions = await Promise.all(Array.from({ length: 10 }, () =>
+            client.startSession({ application: 'echo' })));
+        const echoed = await Promise.all(sessions.map(session => new Promise(resolve => {
+            const go = () => {
+                session.addEventListener('message', e => resolve(e.detail.data), { once: true });
+                session.send('ping ' + session.id);
+            };
+            if (session.channel && session.channel.readyState === 'open') go();
+            else session.addEventListener('open', go, { once: true });
+        })));
+        const ids = sessions.map(s => s.id);
+        sessions.forEach(s => s.close());
+        return { ids, echoed };
+    }""")
+    assert len(set(results["ids"])) == 10
+    assert results["echoed"] == [f"ping {session_id}" for session_id in results["ids"]]
+
+
+def test_a_refused_api_key_is_shown_as_a_clear_message(broker, page):
+    open_demo(page, broker, key="bk_wrong")
+    page.click("#start")
+    page.wait_for_function("() => document.querySelector('#error').textContent.length > 0")
+    message = page.text_content("#error").lower()
+    assert "key" in message
+
+
+def test_an_expired_token_is_reported_and_the_client_gets_a_fresh_one(broker, page):
+    open_demo(page, broker)
+    outcome = page.evaluate("""async () => {
+        const { BrokerClient } = await import('/client/broker-client.js');
+        const client = new BrokerClient({ apiKey: window.demo.client.apiKey });
+        const grant = await client.createSession({ application: 'echo' });
+        await new Promise(resolve => setTimeout(resolve, 2500));  // past token_lifetime
+        const session = client.openSession(grant);
+        const errors = [];
+        session.addEventListener('error', e => errors.push(e.detail.error.code));
+        await new Promise((resolve, reject) => {
+            session.addEventListener('open', resolve, { once: true });
+            setTimeout(() => reject(new Error('never opened')), 15000);
+        });
+        session.close();
+        return { errors, state: session.state };
+    }""")
+    assert "invalid_token" in outcome["errors"]
+    assert outcome["state"] in ("connected", "closed")
+
+
+def test_a_session_that_fails_for_good_shows_its_reason(tmp_path, page):
+    broker = start_broker(tmp_path, towers=1, negotiation_deadline=3.0, heartbeat_interval=0.5,
+                          heartbeat_timeout=2.0, negotiation_restarts=0,
+                          placements_per_session=1)
+    try:
+        wait_for_towers(broker, 1)
+        open_demo(page, broker)
+        start(page)
+        tower_pid = broker.tower_pids()["tower-1"]
+        os.kill(tower_pid, signal.SIGSTOP)
+        try:
+            page.wait_for_function(
+                "() => document.querySelector('#state').textContent.includes('failed')",
+                timeout=15_000)
+        finally:
+            os.kill(tower_pid, signal.SIGCONT)
+        assert page.text_content("#error").strip() or page.text_content("#state")
+        reason = page.evaluate("() => window.demo.session.reason")
+        assert reason
+    finally:
+        stop_broker(broker)
+
+
+def test_a_broker_that_goes_away_and_comes_back_is_shown(tmp_path, page):
+    broker = start_broker(tmp_path, towers=2)
+    wait_for_towers(broker, 2)
+    open_demo(page, broker)
+    start(page)
+    stop_broker(broker)
+    page.wait_for_function(
+        "() => window.demo.events.some(e => e.type === 'signaling' && !e.detail.connected)")
+    port = broker.url.rsplit(":", 1)[1]
+    again = start_broker(tmp_path, towers=2, https_port=int(port))
+    try:
+        # The new broker does not know the old session: the page says it is gone.
+        page.wait_for_function(
+            "() => window.demo.events.some(e => e.type === 'closed')", timeout=20_000)
+        assert page.text_content("#error").strip()
+    finally:
+        stop_broker(again)
