@@ -12,6 +12,8 @@ from ._actor import ActorRef as ActorRef
 from ._actor import Down as Down
 from ._actor import Monitor as Monitor
 from ._actor import SupervisorRef as SupervisorRef
+from ._actor import Trace as Trace
+from ._actor import TracedMessage as TracedMessage
 from ._codec import Codec as Codec
 from ._errors import ActorCrashed as ActorCrashed
 from ._errors import ActorError as ActorError

@@ -6,11 +6,17 @@ trio task that runs it make up one *incarnation*. A supervisor starts each incar
 in its own nursery and is told when it ends; the runner catches every ``Exception`` so
 that one actor's crash never cancels its siblings. A ref points at the cell, so it stays
 valid across restarts and only goes dead when the actor ends for good.
+
+A trace is an operator's window on the messages an actor takes. It hangs off the cell, so
+it outlives restarts; the actor's loop records into it without ever waiting (a full
+buffer drops and counts), and an actor that nobody traces pays one attribute check per
+message.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import outcome
 import trio
 
-from ._errors import ActorCrashed, ActorStopped, AskTimeout
+from ._errors import ActorCrashed, ActorStopped, AskTimeout, safe_repr
 from ._exit import NORMAL, SHUTDOWN, Exit, ExitKind, Failure
 from ._mailbox import Mailbox, Overflow
 from ._restart import DEFAULT_WORKER_SHUTDOWN, ChildSpec
@@ -30,6 +36,8 @@ if TYPE_CHECKING:
 
 DEFAULT_ASK_TIMEOUT = 5.0
 FAILURES_KEPT = 5
+DEFAULT_TRACE_CAPACITY = 100
+SUMMARY_LENGTH = 200
 
 
 class Actor:
@@ -49,6 +57,15 @@ class Actor:
     _task_scopes: set[trio.CancelScope] = frozenset()  # type: ignore[assignment]
     _tasks_ended: trio.Event | None = None
     _cell: _Cell
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__module__.startswith("actors."):
+            taken = sorted(name for name in _RUNTIME_NAMES if name in vars(cls))
+            if taken:
+                raise TypeError(
+                    f"{cls.__qualname__} defines {', '.join(taken)}: the runtime's own names"
+                )
 
     @property
     def ref(self) -> ActorRef:
@@ -193,6 +210,8 @@ class Actor:
         receive = self.receive
         while not cell.stop_requested:
             item = await mailbox.get()
+            if cell.traces:
+                _record(cell, item)
             if item.__class__ is tuple:
                 message, reply = item
                 if reply is None:
@@ -218,6 +237,13 @@ class Actor:
         return NORMAL
 
 
+# What the runtime itself defines on Actor: a subclass that defined one would silently
+# replace the actor's own machinery (its mailbox loop, its tasks).
+_RUNTIME_NAMES = frozenset(
+    name for name in vars(Actor) if name.startswith("_") and not name.startswith("__")
+) | {"_children", "_window", "_random", "_nursery", "_initial_children"}
+
+
 class _NoResources:
     async def __aenter__(self) -> None:
         return None
@@ -235,6 +261,122 @@ class Down:
 
     ref: ActorRef
     exit: Exit
+
+
+@dataclass(frozen=True)
+class TracedMessage:
+    """One message an actor took from its mailbox, as a trace records it.
+
+    ``at`` is ``trio.current_time()`` when the actor took it; ``kind`` is ``"tell"``,
+    ``"ask"`` or ``"system"`` (a ``Down`` delivered to ``receive``); ``message_type`` is
+    the qualified name of the message's class; ``summary`` is its repr cut to at most 200
+    characters, or a stand-in when its ``__repr__`` fails.
+    """
+
+    at: float
+    path: str
+    kind: str
+    message_type: str
+    summary: str
+
+
+class Trace:
+    """A bounded stream of the messages one actor takes, made by ``ActorRef.trace``.
+
+    Use it as an async context manager and iterate it inside the block; it records from
+    the moment the block is entered and is removed from the actor when the block exits,
+    however it exits. Iteration ends once the actor ended for good (after what was
+    recorded before the end) or once the block exited. A restart does not end it.
+
+    Recording never makes the actor wait: when ``capacity`` messages are waiting to be
+    read, further ones are not recorded and are counted in ``dropped`` instead.
+    """
+
+    __slots__ = ("_cell", "capacity", "dropped", "_buffer", "_readers", "_state")
+
+    def __init__(self, cell: _Cell, capacity: int) -> None:
+        self._cell = cell
+        self.capacity = capacity
+        self.dropped = 0
+        self._buffer: deque[TracedMessage] = deque()
+        self._readers = trio.lowlevel.ParkingLot()
+        self._state = "new"
+
+    @property
+    def path(self) -> str:
+        """The path of the traced actor."""
+        return self._cell.path
+
+    async def __aenter__(self) -> Trace:
+        if self._state != "new":
+            raise RuntimeError("a trace can be entered only once")
+        # Before registering: a cancellation here must not leave a trace no exit removes.
+        await trio.lowlevel.checkpoint()
+        cell = self._cell
+        if cell.exit is None:
+            self._state = "open"
+            cell.traces = (*cell.traces, self)
+        else:
+            self._state = "ended"
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        # No checkpoint here: a cancelled tracer must still leave nothing behind.
+        cell = self._cell
+        if self in cell.traces:
+            cell.traces = tuple(trace for trace in cell.traces if trace is not self)
+        self._buffer.clear()
+        self._state = "closed"
+        self._readers.unpark_all()
+
+    def __aiter__(self) -> Trace:
+        return self
+
+    async def __anext__(self) -> TracedMessage:
+        if self._state == "new":
+            raise RuntimeError("enter the trace with 'async with' before iterating it")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._buffer or self._state != "open":
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        while not self._buffer and self._state == "open":
+            await self._readers.park()
+        if self._buffer:
+            return self._buffer.popleft()
+        raise StopAsyncIteration
+
+    def _end(self) -> None:
+        if self._state == "open":
+            self._state = "ended"
+            self._readers.unpark_all()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._cell.path} {self._state}, dropped {self.dropped}>"
+
+
+def _record(cell: _Cell, item: Any) -> None:
+    """Record a message the actor just took into each of its traces that has room."""
+    if item.__class__ is tuple:
+        message, reply = item
+        kind = "tell" if reply is None else "ask"
+    elif item.__class__ is Down:
+        message, kind = item, "system"
+    else:
+        return  # stop requests, child exits and the like never reach ``receive``
+    traced = None
+    for trace in cell.traces:
+        if len(trace._buffer) >= trace.capacity:
+            trace.dropped += 1
+            continue
+        if traced is None:
+            summary = safe_repr(message)
+            if len(summary) > SUMMARY_LENGTH:
+                summary = summary[: SUMMARY_LENGTH - 3] + "..."
+            traced = TracedMessage(
+                trio.current_time(), cell.path, kind, type(message).__qualname__, summary
+            )
+        trace._buffer.append(traced)
+        if trace._readers:
+            trace._readers.unpark_all()
 
 
 class _Stop:
@@ -383,6 +525,21 @@ class ActorRef:
         """Cancel the actor's current run at once; its supervisor sees it as killed."""
         self._cell.kill(reason)
 
+    def trace(self, capacity: int = DEFAULT_TRACE_CAPACITY) -> Trace:
+        """A trace of the messages this actor takes, to use with ``async with``.
+
+        ``capacity`` is how many recorded messages may wait to be read; beyond that the
+        trace drops and counts them, so a slow reader never slows the actor. Messages are
+        recorded when the actor takes them from its mailbox: ``tell``, ``ask`` and
+        ``Down``. Several traces of one actor may be open at once.
+
+        Raises:
+            ValueError: ``capacity`` is not a positive integer.
+        """
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"trace capacity must be a positive integer, not {capacity!r}")
+        return Trace(self._cell, capacity)
+
     async def join(self) -> Exit:
         """Wait until the actor ended for good; return how it ended."""
         cell = self._cell
@@ -518,6 +675,7 @@ class _Cell:
         "monitoring",
         "exit",
         "ended",
+        "traces",
     )
 
     def __init__(self, spec: ChildSpec, parent: _Cell | None, system: ActorSystem) -> None:
@@ -543,6 +701,9 @@ class _Cell:
         self.monitoring: set[Monitor] | None = None
         self.exit: Exit | None = None
         self.ended: trio.Event | None = None
+        # Replaced, never mutated, so the actor's loop may go through it while a trace
+        # is entered or exited.
+        self.traces: tuple[Trace, ...] = ()
         system._register(self)
 
     def new_incarnation(self) -> _Incarnation:
@@ -603,6 +764,9 @@ class _Cell:
                 monitor.cancel()
         if self.ended is not None:
             self.ended.set()
+        traces, self.traces = self.traces, ()
+        for trace in traces:
+            trace._end()
 
     def record_failure(self, exit: Exit) -> None:
         recent = self.failures[-(FAILURES_KEPT - 1) :] if FAILURES_KEPT > 1 else ()

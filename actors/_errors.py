@@ -12,12 +12,12 @@
 from __future__ import annotations
 
 
-def safe_repr(error: BaseException) -> str:
-    """``repr(error)``, or a stand-in when the error's own ``__repr__`` fails."""
+def safe_repr(value: object) -> str:
+    """``repr(value)``, or a stand-in when the value's own ``__repr__`` fails."""
     try:
-        return repr(error)
+        return repr(value)
     except Exception:
-        return f"<{type(error).__qualname__} (repr failed)>"
+        return f"<{type(value).__qualname__} (repr failed)>"
 
 
 class ActorError(Exception):

@@ -260,3 +260,11 @@ async def test_stopping_runs_after_a_crash_and_gets_the_reason(autojump_clock, s
     await ref.tell("crash")
     await ref.join()
     assert ("r", "stopping:crashed") in log
+
+
+def test_a_subclass_cannot_replace_the_runtime_s_own_methods():
+    with pytest.raises(TypeError, match="_serve"):
+
+        class Shadowing(Actor):
+            async def _serve(self):
+                return None

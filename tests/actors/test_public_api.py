@@ -32,6 +32,8 @@ PUBLIC = {
     "SupervisorInfo",
     "SupervisorRef",
     "SystemStatistics",
+    "Trace",
+    "TracedMessage",
     "open_system",
 }
 
