@@ -1,0 +1,1 @@
+"""The operators' introspection shell over SSH."""

@@ -1,0 +1,804 @@
+"""The operators' shell commands, driven against a real actor system on trio's virtual clock.
+
+The view is a real actor tree (``/broker`` with towers and sessions supervisors and a few
+workers), so every snapshot the shell formats is one the runtime made; towers and
+sessions are plain lists, and traces are scripted.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import aclosing
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from actors import (
+    Actor,
+    ActorRef,
+    ActorSystem,
+    ChildSpec,
+    Strategy,
+    Supervisor,
+    SupervisorFlags,
+    SupervisorRef,
+    open_system,
+)
+from broker.shell.commands import Output, Role, SessionView, Shell, Status, TowerView
+from broker.shell.server import LiveView
+from broker.towers import TowerDirectory
+
+EPOCH = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC, the wall clock at virtual time 0
+
+
+class Worker(Actor):
+    """Answers what it is asked; crashes on "crash"; "hold" keeps it busy until the gate opens."""
+
+    def __init__(self, gate: trio.Event) -> None:
+        self.gate = gate
+
+    async def receive(self, message: Any) -> Any:
+        if message == "crash":
+            raise RuntimeError("worker asked to crash")
+        if message == "hold":
+            await self.gate.wait()
+        return message
+
+
+@dataclass(frozen=True)
+class Ping:
+    number: int
+
+
+@dataclass(frozen=True)
+class Traced:
+    at: float
+    path: str
+    kind: str
+    message_type: str
+    summary: str
+
+
+class ScriptedTrace:
+    """A trace that plays a script: each step waits its delay, then yields its message.
+
+    After the last step it ends, as a trace does when its actor ends, or waits forever.
+    """
+
+    def __init__(
+        self, path: str, steps: list[tuple[float, str, Any]], *, ends: bool, dropped: int = 0
+    ) -> None:
+        self.path = path
+        self.steps = list(steps)
+        self.ends = ends
+        self.dropped = dropped
+        self.entered = False
+        self.exited = False
+
+    async def __aenter__(self) -> ScriptedTrace:
+        self.entered = True
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.exited = True
+
+    def __aiter__(self) -> ScriptedTrace:
+        return self
+
+    async def __anext__(self) -> Traced:
+        if not self.steps:
+            if self.ends:
+                raise StopAsyncIteration
+            await trio.sleep_forever()
+        delay, kind, message = self.steps.pop(0)
+        await trio.sleep(delay)
+        return Traced(trio.current_time(), self.path, kind, type(message).__name__, repr(message))
+
+
+CERTIFICATE_EXPIRES = datetime.fromtimestamp(EPOCH, UTC) + timedelta(days=30, hours=2)
+
+
+class SystemView(LiveView):
+    """The shell's own view over a real actor system; towers and sessions are given
+    lists, and traces are scripted."""
+
+    def __init__(self, system: ActorSystem) -> None:
+        super().__init__(system, TowerDirectory(stale_after=3.0))
+        self.tower_list = [
+            TowerView("tower-2", "draining", 0, 500, None, None),
+            TowerView("tower-1", "ready", 12, 500, 0.4, CERTIFICATE_EXPIRES),
+        ]
+        self.session_list = [
+            SessionView("s1", "connected", "tower-1", 1, 1, "", 12.5),
+            SessionView("s2", "failed", "", 3, 2, "no tower could take it", 125.0),
+            SessionView("s3", "connected", "tower-1", 2, 1, "", 3.0),
+        ]
+        self.drained: list[str] = []
+        self.traces: list[tuple[str, int]] = []
+        self.next_trace: ScriptedTrace | None = None
+
+    def towers(self) -> list[TowerView]:
+        return list(self.tower_list)
+
+    async def sessions(self) -> list[SessionView]:
+        await trio.lowlevel.checkpoint()
+        return list(self.session_list)
+
+    def actor_paths(self) -> list[str]:
+        self.refresh()
+        return super().actor_paths()
+
+    async def drain(self, tower: str) -> None:
+        if tower not in [view.name for view in self.tower_list]:
+            raise LookupError(tower)
+        self.drained.append(tower)
+
+    def trace(self, path: str, capacity: int) -> ScriptedTrace:
+        self._ref(path)
+        self.traces.append((path, capacity))
+        assert self.next_trace is not None
+        return self.next_trace
+
+
+@dataclass
+class Harness:
+    system: ActorSystem
+    view: SystemView
+    gate: trio.Event
+
+    def shell(self, role: Role = Role.ADMIN) -> Shell:
+        return Shell(self.view, role, clock=lambda: EPOCH + trio.current_time())
+
+    def ref(self, path: str) -> ActorRef:
+        ref = self.system.lookup(path)
+        assert ref is not None, path
+        return ref
+
+    async def clog(self, path: str, waiting: int) -> None:
+        """Keep the actor at ``path`` busy, with ``waiting`` messages in its mailbox."""
+        ref = self.ref(path)
+        await ref.tell("hold")
+        await trio.testing.wait_all_tasks_blocked()
+        for number in range(waiting):
+            await ref.tell(number)
+
+
+@pytest.fixture
+async def broker():
+    gate = trio.Event()
+
+    def worker(name: str) -> ChildSpec:
+        return ChildSpec(name, lambda: Worker(gate))
+
+    towers = ChildSpec(
+        "towers",
+        lambda: Supervisor(
+            [worker("tower-1"), worker("tower-2")], SupervisorFlags(intensity=10, period=5)
+        ),
+    )
+    sessions = ChildSpec(
+        "sessions",
+        lambda: Supervisor(
+            [worker("session:s1"), worker("session:s2")],
+            SupervisorFlags(Strategy.ONE_FOR_ONE, intensity=3, period=10),
+        ),
+    )
+    async with open_system(
+        "broker", children=[towers, sessions], flags=SupervisorFlags(intensity=100)
+    ) as system:
+        harness = Harness(system, SystemView(system), gate)
+        for _ in range(5):
+            await harness.ref("/broker/towers/tower-1").ask("ping")
+        for _ in range(2):
+            await harness.ref("/broker/sessions/session:s1").ask("ping")
+        yield harness
+        gate.set()
+
+
+def lines(output: Output) -> list[str]:
+    assert output.text.endswith("\n")
+    return output.text.splitlines()
+
+
+def parsed(output: Output) -> Any:
+    assert output.status == Status.OK, output.text
+    return json.loads(output.text)
+
+
+# tree
+
+
+async def test_tree_shows_the_supervision_tree_with_states_and_flags(autojump_clock, broker):
+    await broker.clog("/broker/sessions/session:s2", 2)
+    output = await broker.shell().run("tree")
+    assert output.status == Status.OK
+    assert lines(output) == [
+        "/broker (Supervisor, running)  [one_for_one, intensity 100 in 5s]",
+        "├── towers (Supervisor, running)  [one_for_one, intensity 10 in 5s]",
+        "│   ├── tower-1 (Worker, running)",
+        "│   └── tower-2 (Worker, running)",
+        "└── sessions (Supervisor, running)  [one_for_one, intensity 3 in 10s]",
+        "    ├── session:s1 (Worker, running)",
+        "    └── session:s2 (Worker, running)  mailbox 2/1000",
+    ]
+
+
+async def test_tree_depth_and_subtree(autojump_clock, broker):
+    shallow = await broker.shell().run("tree --depth 1")
+    assert lines(shallow) == [
+        "/broker (Supervisor, running)  [one_for_one, intensity 100 in 5s]",
+        "├── towers (Supervisor, running)  [one_for_one, intensity 10 in 5s]  +2 children",
+        "└── sessions (Supervisor, running)  [one_for_one, intensity 3 in 10s]  +2 children",
+    ]
+    subtree = await broker.shell().run("tree /broker/towers/")
+    assert lines(subtree) == [
+        "/broker/towers (Supervisor, running)  [one_for_one, intensity 10 in 5s]",
+        "├── tower-1 (Worker, running)",
+        "└── tower-2 (Worker, running)",
+    ]
+    root_only = await broker.shell().run("tree --depth=0")
+    assert lines(root_only) == [
+        "/broker (Supervisor, running)  [one_for_one, intensity 100 in 5s]  +2 children"
+    ]
+
+
+async def test_tree_json_is_the_nested_snapshot(autojump_clock, broker):
+    tree = parsed(await broker.shell().run("tree --json"))
+    assert tree["path"] == "/broker"
+    assert tree["supervisor"] == {"strategy": "one_for_one", "intensity": 100, "period": 5.0}
+    towers, sessions = tree["children"]
+    assert [child["path"] for child in towers["children"]] == [
+        "/broker/towers/tower-1",
+        "/broker/towers/tower-2",
+    ]
+    assert towers["children"][0]["messages_handled"] == 5
+    assert towers["children"][0]["supervisor"] is None
+    shallow = parsed(await broker.shell().run("tree /broker/sessions --depth 0 --json"))
+    assert shallow["path"] == "/broker/sessions"
+    assert shallow["child_count"] == 2 and shallow["children"] == []
+
+
+# ps and top
+
+
+async def test_ps_sorts_by_mailbox_depth_then_messages_handled(autojump_clock, broker):
+    await broker.clog("/broker/towers/tower-2", 3)
+    output = await broker.shell().run("ps")
+    assert output.status == Status.OK
+    assert lines(output) == [
+        "PATH                         CLASS       STATE    MAILBOX  HANDLED  RESTARTS  UPTIME",
+        "/broker/towers/tower-2       Worker      running   3/1000        0         0    0.0s",
+        "/broker/towers/tower-1       Worker      running   0/1000        5         0    0.0s",
+        "/broker/sessions/session:s1  Worker      running   0/1000        2         0    0.0s",
+        "/broker                      Supervisor  running   0/1000        0         0    0.0s",
+        "/broker/sessions             Supervisor  running   0/1000        0         0    0.0s",
+        "/broker/sessions/session:s2  Worker      running   0/1000        0         0    0.0s",
+        "/broker/towers               Supervisor  running   0/1000        0         0    0.0s",
+    ]
+
+
+async def test_ps_sort_and_limit(autojump_clock, broker):
+    await broker.clog("/broker/towers/tower-2", 3)
+    await broker.ref("/broker/sessions/session:s2").tell("crash")
+    await broker.ref("/broker/sessions/session:s2").ask("ping")
+    shell = broker.shell()
+
+    def paths(output: Output) -> list[str]:
+        return [line.split()[0] for line in lines(output)[1:]]
+
+    by_handled = await shell.run("ps --sort handled --limit 3")
+    assert paths(by_handled)[:3] == [
+        "/broker/towers/tower-1",
+        "/broker/sessions/session:s1",
+        "/broker/sessions/session:s2",
+    ]
+    assert lines(by_handled)[-1] == "3 of 7 actors shown; --limit shows more"
+    by_restarts = await shell.run("ps --sort=restarts --limit 1")
+    assert paths(by_restarts)[0] == "/broker/sessions/session:s2"
+    rows = parsed(await shell.run("ps --json --limit 2"))
+    assert [row["path"] for row in rows] == ["/broker/towers/tower-2", "/broker/towers/tower-1"]
+    assert rows[0]["mailbox_depth"] == 3 and rows[0]["mailbox_capacity"] == 1000
+    assert rows[1]["messages_handled"] == 5 and rows[1]["class"] == "Worker"
+
+
+async def test_top_refreshes_with_rates_on_the_virtual_clock(autojump_clock, broker):
+    shell = broker.shell()
+    tower = broker.ref("/broker/towers/tower-1")
+    start = trio.current_time()
+    frames = []
+    stream = shell.stream("top --count 2 --interval 0.5 --limit 2")
+    async with aclosing(stream):
+        async for frame in stream:
+            frames.append(frame)
+            for _ in range(10):
+                await tower.ask("ping")
+    assert stream.status == Status.OK
+    assert trio.current_time() - start == pytest.approx(0.5)
+    first, second = frames
+    assert first.splitlines() == [
+        "top at 22:13:20.000: refresh 1 of 2, every 0.5s",
+        "PATH                         CLASS   STATE    MAILBOX  HANDLED  RATE  RESTARTS  UPTIME",
+        "/broker/towers/tower-1       Worker  running   0/1000        5     -         0    0.0s",
+        "/broker/sessions/session:s1  Worker  running   0/1000        2     -         0    0.0s",
+        "2 of 7 actors shown; --limit shows more",
+    ]
+    assert second.splitlines()[:3] == [
+        "",
+        "top at 22:13:20.500: refresh 2 of 2, every 0.5s",
+        "PATH                         CLASS   STATE    MAILBOX  HANDLED    RATE  RESTARTS  UPTIME",
+    ]
+    assert second.splitlines()[3] == (
+        "/broker/towers/tower-1       Worker  running   0/1000       15  20.0/s         0    0.5s"
+    )
+
+
+async def test_top_json_and_its_bounds(autojump_clock, broker):
+    shell = broker.shell()
+    output = await shell.run("top --count 2 --interval 0.2 --sort rate --json")
+    first, second = [json.loads(line) for line in lines(output)]
+    assert first["refresh"] == 1 and first["at"] == "2023-11-14T22:13:20.000+00:00"
+    assert all(row["rate"] is None for row in first["actors"])
+    assert second["refresh"] == 2 and all(row["rate"] == 0.0 for row in second["actors"])
+    too_fast = await shell.run("top --interval 0.1")
+    assert too_fast.status == Status.USAGE
+    assert lines(too_fast)[0] == "top: --interval: must be at least 0.2 seconds, not 0.1"
+
+
+# inspect
+
+
+async def test_inspect_shows_a_real_failure_with_its_traceback(autojump_clock, broker):
+    tower = broker.ref("/broker/towers/tower-1")
+    await trio.sleep(2)
+    await tower.tell("crash")
+    await tower.ask("ping")  # answered by the restarted worker
+    await trio.sleep(3)
+    output = await broker.shell().run("inspect /broker/towers/tower-1")
+    assert output.status == Status.OK
+    text = lines(output)
+    assert text[:13] == [
+        "path              /broker/towers/tower-1",
+        "name              tower-1",
+        "class             Worker",
+        "kind              actor",
+        "state             running",
+        "mailbox           0 of 1000",
+        "overflow          backpressure",
+        "messages handled  6",
+        "messages dropped  0",
+        "restarts          1",
+        "uptime            3.0s",
+        "children          0",
+        "failures          1",
+    ]
+    assert text[13:16] == [
+        "",
+        "failure 1 of 1, 2023-11-14 22:13:22.000 UTC (3.0s ago):",
+        "  crashed: RuntimeError('worker asked to crash')",
+    ]
+    assert text[16] == "  Traceback (most recent call last):"
+    assert 'raise RuntimeError("worker asked to crash")' in [row.strip() for row in text]
+    assert text[-1] == "  RuntimeError: worker asked to crash"
+
+
+async def test_inspect_a_supervisor_and_as_json(autojump_clock, broker):
+    shell = broker.shell()
+    output = await shell.run("inspect /broker/sessions")
+    text = lines(output)
+    assert "supervisor        one_for_one, intensity 3 in 10s" in text
+    assert text[text.index("children:") :] == [
+        "children:",
+        "  NAME        CLASS   STATE    RESTARTS",
+        "  session:s1  Worker  running         0",
+        "  session:s2  Worker  running         0",
+    ]
+    session = broker.ref("/broker/sessions/session:s2")
+    await session.tell("crash")
+    await session.ask("ping")
+    document = parsed(await shell.run("inspect /broker/sessions/session:s2 --json"))
+    assert document["restarts"] == 1 and document["children"] == []
+    [failure] = document["failures"]
+    assert failure["kind"] == "crashed"
+    assert failure["reason"] == "crashed: RuntimeError('worker asked to crash')"
+    assert failure["at"] == "2023-11-14T22:13:20.000+00:00"
+    assert "RuntimeError: worker asked to crash" in failure["traceback"]
+    supervisor = parsed(await shell.run("inspect /broker/sessions --json"))
+    assert supervisor["children"] == ["session:s1", "session:s2"]
+    assert supervisor["supervisor"] == {"strategy": "one_for_one", "intensity": 3, "period": 10}
+
+
+# sessions, towers, stats, jobs
+
+
+async def test_sessions_table_filter_and_json(autojump_clock, broker):
+    shell = broker.shell()
+    output = await shell.run("sessions")
+    assert lines(output) == [
+        "ID  STATE      TOWER    NEGOTIATION  PLACEMENTS    AGE  REASON",
+        "s2  failed     -                  3           2  2m05s  no tower could take it",
+        "s1  connected  tower-1            1           1  12.5s  -",
+        "s3  connected  tower-1            2           1   3.0s  -",
+    ]
+    connected = await shell.run("sessions --state connected")
+    assert [line.split()[0] for line in lines(connected)[1:]] == ["s1", "s3"]
+    assert lines(await shell.run("sessions --state closed")) == ["no sessions closed"]
+    rows = parsed(await shell.run("sessions --state failed --json"))
+    assert rows == [
+        {
+            "id": "s2",
+            "state": "failed",
+            "tower": "",
+            "negotiation": 3,
+            "placements": 2,
+            "reason": "no tower could take it",
+            "age": 125.0,
+        }
+    ]
+    unknown_state = await shell.run("sessions --state sleepy")
+    assert unknown_state.status == Status.USAGE
+    broker.view.session_list = []
+    assert lines(await shell.run("sessions")) == ["no sessions"]
+    assert parsed(await shell.run("sessions --json")) == []
+
+
+async def test_text_from_the_system_cannot_drive_the_terminal(autojump_clock, broker):
+    broker.view.session_list = [SessionView("s9", "failed", "", 1, 1, "bad\x1b[2Jthing", 1.0)]
+    output = await broker.shell().run("sessions")
+    assert "\x1b" not in output.text
+    assert lines(output)[1].endswith("bad\\x1b[2Jthing")
+    assert parsed(await broker.shell().run("sessions --json"))[0]["reason"] == "bad\x1b[2Jthing"
+
+
+async def test_towers_table_and_json(autojump_clock, broker):
+    shell = broker.shell()
+    assert lines(await shell.run("towers")) == [
+        "NAME     STATE     SESSIONS  HEARTBEAT  CERTIFICATE EXPIRES",
+        "tower-1  ready       12/500   0.4s ago  2023-12-15 00:13 UTC (in 30d02h)",
+        "tower-2  draining     0/500          -  -",
+    ]
+    towers = parsed(await shell.run("towers --json"))
+    assert towers[0] == {
+        "name": "tower-1",
+        "state": "ready",
+        "sessions": 12,
+        "capacity": 500,
+        "heartbeat_age": 0.4,
+        "certificate_expires": "2023-12-15T00:13:20+00:00",
+        "certificate_expires_in": 30 * 86400 + 2 * 3600,
+    }
+    assert towers[1]["certificate_expires"] is None
+    broker.view.tower_list = [
+        TowerView("old", "stale", 0, 10, 9.0, datetime(2023, 11, 12, 22, 13, 20))
+    ]
+    assert lines(await shell.run("towers"))[1].endswith("2023-11-12 22:13 UTC (expired 2d00h ago)")
+    broker.view.tower_list = []
+    assert lines(await shell.run("towers")) == ["no towers"]
+
+
+async def test_stats_totals(autojump_clock, broker):
+    await broker.clog("/broker/towers/tower-2", 4)
+    shell = broker.shell()
+    assert lines(await shell.run("stats")) == [
+        "actors     7: 7 running",
+        "restarts   0",
+        "mailboxes  4 queued, deepest 4 at /broker/towers/tower-2",
+        "messages   7 handled, 0 dropped",
+        "sessions   3: 2 connected, 1 failed",
+        "towers     2: 1 draining, 1 ready",
+    ]
+    stats = parsed(await shell.run("stats --json"))
+    assert stats["actors"]["total"] == 7 and stats["actors"]["by_state"]["running"] == 7
+    assert stats["actors"]["by_state"]["restarting"] == 0
+    assert stats["mailbox"] == {"total": 4, "max": 4, "max_path": "/broker/towers/tower-2"}
+    assert stats["messages"] == {"handled": 7, "dropped": 0}
+    assert stats["sessions"] == {"total": 3, "by_state": {"connected": 2, "failed": 1}}
+    assert stats["towers"] == {"total": 2, "by_state": {"draining": 1, "ready": 1}}
+
+
+async def test_jobs(autojump_clock, broker):
+    shell = broker.shell()
+    assert await shell.run("jobs") == Output("no provisioning jobs\n")
+    assert parsed(await shell.run("jobs --json")) == []
+
+
+# trace
+
+
+def scripted(path: str, *steps: tuple[float, str, Any], ends: bool = False, dropped: int = 0):
+    return ScriptedTrace(path, list(steps), ends=ends, dropped=dropped)
+
+
+async def test_trace_prints_messages_and_stops_at_its_deadline(autojump_clock, broker):
+    path = "/broker/towers/tower-1"
+    trace = scripted(path, (1, "ask", Ping(1)), (0.5, "tell", Ping(2)), (20, "tell", Ping(3)))
+    broker.view.next_trace = trace
+    start = trio.current_time()
+    chunks = []
+    stream = broker.shell().stream(f"trace {path} --seconds 5")
+    async with aclosing(stream):
+        async for chunk in stream:
+            chunks.append(chunk)
+    assert trio.current_time() - start == pytest.approx(5)
+    assert chunks == [
+        "tracing /broker/towers/tower-1 for 5s, at most 1000 messages\n",
+        "22:13:21.000 ask Ping(number=1)\n",
+        "22:13:21.500 tell Ping(number=2)\n",
+        "-- 5s elapsed: 2 messages, 0 dropped\n",
+    ]
+    assert stream.status == Status.OK
+    assert broker.view.traces == [(path, 1000)]
+    assert trace.entered and trace.exited
+
+
+async def test_trace_ends_with_the_actor_and_counts_drops(autojump_clock, broker):
+    path = "/broker/sessions/session:s1"
+    broker.view.next_trace = scripted(path, (2, "ask", Ping(1)), ends=True, dropped=7)
+    start = trio.current_time()
+    output = await broker.shell().run(f"trace {path}")
+    assert trio.current_time() - start == pytest.approx(2)
+    assert lines(output)[1:] == [
+        "22:13:22.000 ask Ping(number=1)",
+        "-- /broker/sessions/session:s1 ended: 1 message, 7 dropped",
+    ]
+
+
+async def test_trace_limit_and_json(autojump_clock, broker):
+    path = "/broker/towers/tower-2"
+    steps = [(0.1, "tell", Ping(number)) for number in range(5)]
+    broker.view.next_trace = scripted(path, *steps)
+    limited = await broker.shell().run(f"trace {path} --limit 3")
+    assert lines(limited)[-1] == "-- limit of 3 reached: 3 messages, 0 dropped"
+    assert broker.view.traces[-1] == (path, 3)
+    broker.view.next_trace = scripted(path, (1, "tell", Ping(1)), dropped=2)
+    output = await broker.shell().run(f"trace {path} --seconds 2 --json")
+    event, end = [json.loads(line) for line in lines(output)]
+    assert event == {
+        "at": "2023-11-14T22:13:21.300+00:00",
+        "path": path,
+        "kind": "tell",
+        "message_type": "Ping",
+        "summary": "Ping(number=1)",
+    }
+    assert end == {"end": "deadline", "messages": 1, "dropped": 2}
+
+
+async def test_a_trace_left_early_is_closed(autojump_clock, broker):
+    path = "/broker/towers/tower-1"
+    trace = scripted(path, (1, "tell", Ping(1)), (1, "tell", Ping(2)))
+    broker.view.next_trace = trace
+    stream = broker.shell().stream(f"trace {path}")
+    async with aclosing(stream):
+        async for chunk in stream:
+            if "Ping" in chunk:
+                break
+    assert trace.exited
+    assert stream.status is None
+
+
+async def test_trace_refuses_bad_bounds_and_unknown_actors(autojump_clock, broker):
+    shell = broker.shell()
+    too_long = await shell.run("trace /broker --seconds 61")
+    assert too_long.status == Status.USAGE
+    assert lines(too_long)[0] == "trace: --seconds: must be from 0.1 to 60 seconds, not 61"
+    assert (await shell.run("trace /broker --limit 0")).status == Status.USAGE
+    assert await shell.run("trace /broker/nowhere") == Output(
+        "no actor at /broker/nowhere\n", Status.ERROR
+    )
+
+
+# admin commands
+
+
+async def test_kill_goes_through_the_view_and_the_supervisor_restarts(autojump_clock, broker):
+    shell = broker.shell()
+    output = await shell.run("kill /broker/sessions/session:s1 'operator test' now")
+    assert output == Output("killed /broker/sessions/session:s1: operator test now\n")
+    await broker.ref("/broker/sessions/session:s1").ask("ping")
+    tree = await shell.run("tree /broker/sessions")
+    assert "├── session:s1 (Worker, running)  restarts 1" in lines(tree)
+    document = parsed(await shell.run("inspect /broker/sessions/session:s1 --json"))
+    assert document["failures"][0]["reason"] == "killed: operator test now"
+    default = parsed(await shell.run("kill /broker/towers/tower-2 --json"))
+    assert default == {
+        "killed": "/broker/towers/tower-2",
+        "reason": "killed from the operators' shell",
+    }
+    assert await shell.run("kill /broker/nowhere") == Output(
+        "no actor at /broker/nowhere\n", Status.ERROR
+    )
+
+
+async def test_restart_and_drain(autojump_clock, broker):
+    shell = broker.shell()
+    assert await shell.run("restart /broker/towers/tower-2") == Output(
+        "restarted /broker/towers/tower-2\n"
+    )
+    assert broker.ref("/broker/towers/tower-2").snapshot().restarts == 1
+    assert await shell.run("restart /broker") == Output(
+        "cannot restart /broker: it has no supervisor\n", Status.ERROR
+    )
+    assert (await shell.run("restart /broker/nowhere")).status == Status.ERROR
+    assert await shell.run("drain tower-1") == Output(
+        "draining tower-1: it takes no new sessions\n"
+    )
+    assert parsed(await shell.run("drain tower-2 --json")) == {"draining": "tower-2"}
+    assert broker.view.drained == ["tower-1", "tower-2"]
+    assert await shell.run("drain tower-9") == Output("no tower named tower-9\n", Status.ERROR)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "kill /broker/towers/tower-1",
+        "restart /broker/towers/tower-1",
+        "drain tower-1",
+        "provision host-1",
+        "cancel job-1",
+        "scale 3",
+    ],
+)
+async def test_a_read_only_role_is_refused_admin_commands(autojump_clock, broker, line):
+    output = await broker.shell(Role.READ_ONLY).run(line)
+    command = line.split()[0]
+    assert output == Output(f"refused: {command!r} needs an admin key\n", Status.REFUSED)
+    assert broker.ref("/broker/towers/tower-1").snapshot().restarts == 0
+    assert broker.view.drained == []
+
+
+@pytest.mark.parametrize("command", ["provision host-1 --size big", "cancel", "scale 3"])
+async def test_without_a_host_inventory_provisioning_is_not_available(
+    autojump_clock, broker, command
+):
+    output = await broker.shell().run(command)
+    assert output == Output("not available: this broker has no host inventory\n", Status.ERROR)
+
+
+# the line itself
+
+
+async def test_unknown_commands_and_paths(autojump_clock, broker):
+    shell = broker.shell()
+    assert await shell.run("dance") == Output("unknown command 'dance'; try help\n", Status.USAGE)
+    for line in ("inspect /broker/nowhere", "tree /nowhere", "inspect broker"):
+        path = line.split()[1]
+        assert await shell.run(line) == Output(f"no actor at {path}\n", Status.ERROR)
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        ("ps --limit x", "ps: --limit: expected a whole number, not 'x'"),
+        ("ps --limit 0", "ps: --limit: must be at least 1, not 0"),
+        ("ps --sort size", "ps: --sort: expected one of depth, handled, restarts, not 'size'"),
+        ("ps --frobnicate", "ps: unknown option '--frobnicate'"),
+        ("ps --json=yes", "ps: --json takes no value"),
+        ("ps extra", "ps: unexpected argument 'extra'"),
+        ("tree --depth", "tree: --depth needs a value (N)"),
+        ("tree --depth -1", "tree: --depth: must be at least 0, not -1"),
+        ("inspect", "inspect: missing PATH"),
+        ("inspect /broker /broker/towers", "inspect: unexpected argument '/broker/towers'"),
+        ("top --count 0", "top: --count: must be at least 1, not 0"),
+        ("top --interval soon", "top: --interval: expected a number of seconds, not 'soon'"),
+        ("trace / --seconds nan", "trace: --seconds: must be from 0.1 to 60 seconds, not nan"),
+        ("drain", "drain: missing TOWER"),
+    ],
+)
+async def test_bad_arguments_print_the_error_and_the_usage(autojump_clock, broker, line, error):
+    output = await broker.shell().run(line)
+    assert output.status == Status.USAGE
+    command = line.split()[0]
+    first, usage = lines(output)
+    assert first == error
+    assert usage.startswith(f"usage: {command} ") and usage.endswith("[--json]")
+
+
+async def test_quoting(autojump_clock, broker):
+    shell = broker.shell()
+    assert await shell.run('kill "/broker/towers/tower-1') == Output(
+        "cannot split the line into words: no closing quotation\n", Status.USAGE
+    )
+    assert (await shell.run("ps \\")).status == Status.USAGE
+    assert not shell.is_streaming("trace '/broker")
+    quoted = await shell.run("kill '/broker/towers/tower-1' \"it hung\" -- --really")
+    assert quoted == Output("killed /broker/towers/tower-1: it hung --really\n")
+
+
+async def test_empty_lines_exit_and_help(autojump_clock, broker):
+    shell = broker.shell(Role.READ_ONLY)
+    assert await shell.run("") == Output("")
+    assert await shell.run("   ") == Output("")
+    assert await shell.run("exit") == Output("", Status.CLOSE)
+    assert await shell.run("quit") == Output("", -1)
+    listing = lines(await shell.run("help"))
+    assert listing[0] == "commands (* needs an admin key):"
+    assert "  tree       the live supervision tree, with states" in listing
+    assert " *kill       kill an actor; its supervisor decides what follows" in listing
+    usage = await shell.run("help trace")
+    assert lines(usage)[0] == "usage: trace PATH [--seconds N] [--limit M] [--json]"
+    assert await shell.run("trace --help") == usage
+    assert lines(await shell.run("help kill"))[0] == "usage: kill PATH [REASON...] [--json]"
+    commands = parsed(await shell.run("help --json"))
+    [kill] = [command for command in commands if command["name"] == "kill"]
+    assert kill["usage"] == "kill PATH [REASON...] [--json]" and kill["admin"]
+    assert [command["name"] for command in commands if command["streaming"]] == ["top", "trace"]
+    details = parsed(await shell.run("help ps --json"))
+    assert [option["name"] for option in details["options"]] == ["--sort", "--limit"]
+    assert await shell.run("help dance") == Output(
+        "unknown command 'dance'; try help\n", Status.USAGE
+    )
+
+
+async def test_streaming_and_plain_commands_through_both_entry_points(autojump_clock, broker):
+    shell = broker.shell()
+    assert shell.is_streaming("top --count 1")
+    assert shell.is_streaming("trace /broker")
+    assert not shell.is_streaming("tree")
+    assert not shell.is_streaming("help top")
+    assert not shell.is_streaming("")
+    stream = shell.stream("jobs")
+    assert [chunk async for chunk in stream] == ["no provisioning jobs\n"]
+    assert stream.status == Status.OK
+    refused = broker.shell(Role.READ_ONLY).stream("kill /broker")
+    assert [chunk async for chunk in refused] == ["refused: 'kill' needs an admin key\n"]
+    assert refused.status == Status.REFUSED
+    bad = shell.stream("trace /broker --limit lots")
+    assert len([chunk async for chunk in bad]) == 1
+    assert bad.status == Status.USAGE
+    one_frame = await shell.run("top --count 1 --limit 1")
+    assert lines(one_frame)[0] == "top at 22:13:20.000: refresh 1 of 1, every 1s"
+
+
+# completion
+
+
+async def test_completion(autojump_clock, broker):
+    shell = broker.shell()
+    everything = "cancel drain exit help inspect jobs kill provision ps quit restart scale"
+    assert shell.complete("") == (everything + " sessions stats top towers trace tree").split()
+    assert shell.complete("tr") == ["trace", "tree"]
+    assert shell.complete("inspect ") == ["/broker"]
+    assert shell.complete("inspect /") == ["/broker"]
+    assert shell.complete("inspect /broker") == ["/broker"]
+    assert shell.complete("inspect /broker/") == ["/broker/sessions", "/broker/towers"]
+    assert shell.complete("tree --depth 2 /broker/t") == ["/broker/towers"]
+    assert shell.complete("kill /broker/towers/") == [
+        "/broker/towers/tower-1",
+        "/broker/towers/tower-2",
+    ]
+    assert shell.complete("trace /broker/sessions/session:s") == [
+        "/broker/sessions/session:s1",
+        "/broker/sessions/session:s2",
+    ]
+    assert shell.complete("kill /broker/towers/tower-1 ") == []
+    assert shell.complete("inspect /broker ") == []
+    assert shell.complete("drain ") == ["tower-1", "tower-2"]
+    assert shell.complete("drain tower-2") == ["tower-2"]
+    assert shell.complete("help k") == ["kill"]
+    assert shell.complete("ps --") == ["--json", "--limit", "--sort"]
+    assert shell.complete("ps --sort ") == ["depth", "handled", "restarts"]
+    assert shell.complete("ps --sort=h") == ["--sort=handled"]
+    assert shell.complete("sessions --state c") == ["closed", "connected"]
+    assert shell.complete("dance ") == []
+    assert shell.complete('inspect "/bro') == []
+
+
+async def test_completion_quotes_and_follows_the_role(autojump_clock, broker):
+    gate = broker.gate
+    towers = broker.ref("/broker/towers")
+    assert isinstance(towers, SupervisorRef)
+    await towers.start_child(ChildSpec("tower 3", lambda: Worker(gate)))
+    shell = broker.shell(Role.READ_ONLY)
+    assert shell.complete("inspect /broker/towers/tower ") == []
+    assert shell.complete("inspect /broker/towers/tower") == [
+        "'/broker/towers/tower 3'",
+        "/broker/towers/tower-1",
+        "/broker/towers/tower-2",
+    ]
+    assert "kill" not in shell.complete("")
+    assert shell.complete("k") == []
+    assert shell.complete("kill /broker/") == []
+    assert shell.complete("help k") == ["kill"]
