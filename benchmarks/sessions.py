@@ -382,7 +382,8 @@ def run_all(levels: tuple[Level, ...]) -> dict[str, Any]:
         try:
             broker = start_server("broker", [
                 sys.executable, "-m", "broker", "serve", "--state-dir", str(work / "state"),
-                "--https-port", "0", "--http-port", "0", "--towers", str(TOWERS), "--ready-json",
+                "--https-port", "0", "--http-port", "0", "--shell-port", "0",
+                "--towers", str(TOWERS), "--ready-json",
             ], work / "broker.log")
             floor = start_server(
                 "floor", [sys.executable, "-m", "benchmarks.echo_floor"], work / "floor.log"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,10 +28,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="the address to listen on (default 127.0.0.1)")
     serve.add_argument("--https-port", type=int, help="default 8443; 0 picks a free port")
     serve.add_argument("--http-port", type=int, help="default 8080; 0 picks a free port")
+    serve.add_argument("--shell-port", type=int, help="default 8022; 0 picks a free port")
     serve.add_argument("--towers", type=int, dest="local_towers",
                        help="local tower agents (default: one per core, at least two)")
     serve.add_argument("--ready-json", action="store_true",
                        help="announce the broker as one JSON line instead of text")
+
+    shell = commands.add_parser(
+        "shell", help="open the operators' shell of the local broker (over ssh)"
+    )
+    shell.add_argument("--state-dir", type=Path, help="the broker's state directory")
+    shell.add_argument("--host", default="127.0.0.1")
+    shell.add_argument("line", nargs=argparse.REMAINDER,
+                       help="a command to run instead of the interactive shell")
 
     tower = commands.add_parser("tower", help="tower agent commands")
     tower_commands = tower.add_subparsers(dest="tower_command", metavar="COMMAND")
@@ -53,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     if arguments.command == "serve":
         return _serve(arguments)
+    if arguments.command == "shell":
+        return _shell(arguments)
     if arguments.command == "tower" and arguments.tower_command == "run":
         return _tower_run(arguments)
     parser.print_help(sys.stderr)
@@ -81,6 +93,7 @@ def _serve(arguments: argparse.Namespace) -> int:
             https_port=arguments.https_port,
             http_port=arguments.http_port,
             local_towers=arguments.local_towers,
+            shell_port=arguments.shell_port,
         )
     except ConfigError as error:
         print(f"broker: {error}", file=sys.stderr)
@@ -91,6 +104,7 @@ def _serve(arguments: argparse.Namespace) -> int:
         origin = bound.https_origin
         if arguments.ready_json:
             print(json.dumps({
+                "shell_port": bound.shell_port,
                 "url": origin + "/",
                 "http_url": f"http://{bound.public_host}:{bound.http_port}/",
                 "api_key": files.api_key,
@@ -105,6 +119,7 @@ def _serve(arguments: argparse.Namespace) -> int:
             f"  state     {files.directory}\n"
             f"  HTTPS certificate (self-signed): {files.https_certificate}\n"
             f"  towers    {bound.local_towers} local agents\n"
+            f"  shell     ssh -p {bound.shell_port} operator@{bound.host}  (or: broker shell)\n"
             "Ctrl-C stops the broker and its towers.",
             flush=True,
         )
@@ -117,6 +132,33 @@ def _serve(arguments: argparse.Namespace) -> int:
         print(f"broker: {crash.path.rsplit('/', 1)[-1]} failed to start: {crash.error}",
               file=sys.stderr)
         return 1
+    return 0
+
+
+def _shell(arguments: argparse.Namespace) -> int:
+    from .config import default_state_dir
+
+    shell = (arguments.state_dir or default_state_dir()) / "shell"
+    try:
+        port = int((shell / "port").read_text())
+        host_key = (shell / "host-key.pub").read_text().split()
+    except (OSError, ValueError, IndexError):
+        print(f"broker shell: no running broker found in {shell.parent}", file=sys.stderr)
+        return 2
+    known_hosts = shell / "known_hosts"
+    known_hosts.write_text(f"[{arguments.host}]:{port} {host_key[0]} {host_key[1]}\n")
+    known_hosts.chmod(0o600)
+    command = [
+        "ssh", "-q", "-p", str(port), "-i", str(shell / "operator-key"),
+        "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={known_hosts}",
+        "-o", "StrictHostKeyChecking=yes",
+        f"operator@{arguments.host}", *arguments.line,
+    ]
+    try:
+        os.execvp("ssh", command)
+    except OSError as error:
+        print(f"broker shell: cannot run ssh: {error.strerror}", file=sys.stderr)
+        return 2
     return 0
 
 

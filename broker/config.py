@@ -103,9 +103,15 @@ class Settings:
     # A tower link silent for this long (no load report) is considered lost.
     tower_silence: float = 3.0
     tower_load_interval: float = 1.0
+    # The operators' SSH shell (on ``host``); 0 picks a free port.
+    shell_port: int = 8022
+    # Authorized operator keys: [{key = "ssh-ed25519 AAAA...", role = "admin"}]; the role
+    # is "admin" or "read-only". With none configured, the user's own public keys
+    # (~/.ssh/*.pub, ~/.ssh/authorized_keys) are admin, as is the `broker shell` key.
+    shell_keys: tuple[dict[str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("https_port", "http_port"):
+        for name in ("https_port", "http_port", "shell_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{name} must be a port number (0-65535), not {port}")
@@ -136,6 +142,13 @@ class Settings:
             raise ConfigError(f"host must be an IP address to listen on, not {self.host!r}")
         if not all(isinstance(origin, str) for origin in self.allowed_origins):
             raise ConfigError(f"allowed_origins must be strings, not {self.allowed_origins!r}")
+        for entry in self.shell_keys:
+            if not isinstance(entry, Mapping) or not isinstance(entry.get("key"), str):
+                raise ConfigError(f"each of shell_keys needs 'key', not {entry!r}")
+            if entry.get("role", "read-only") not in ("admin", "read-only"):
+                raise ConfigError("a shell key's role is 'admin' or 'read-only'")
+            if len(entry["key"].split()) < 2:
+                raise ConfigError("a shell key is an OpenSSH public key: 'type base64'")
         try:
             check_ice_servers(self.ice_servers)
         except ValueError as error:

@@ -83,6 +83,11 @@ class Placement:
         load = standing.load
         return TowerLoad(load.tower, standing.sessions, load.capacity, load.draining)
 
+    def reported_at(self, tower: str) -> float | None:
+        """When the tower last reported, or None if it never did (or was forgotten)."""
+        standing = self._towers.get(tower)
+        return None if standing is None else standing.reported_at
+
     def ready(self, now: float, exclude: Collection[str] = ()) -> list[str]:
         """Towers that may take a session now: fresh, not draining, not full, not excluded."""
         return [

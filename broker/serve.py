@@ -3,7 +3,8 @@
     /broker                 one_for_one
     ├── towers              one_for_one; tower:<name> per tower (agent process, link)
     ├── sessions            one_for_one; session:<id> per session, each with its negotiation
-    └── endpoint            HTTPS + WSS for browsers, 301 from HTTP
+    ├── endpoint            HTTPS + WSS for browsers, 301 from HTTP
+    └── shell               the operators' SSH shell
 
 Children start in that order and stop in reverse: the endpoint stops taking requests
 first, then sessions close their peers, then the tower agents stop.
@@ -11,6 +12,7 @@ first, then sessions close their peers, then the tower agents stop.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable
@@ -25,7 +27,8 @@ from .metrics import SessionCounters
 from .pki import client_ssl_context
 from .sessions import sessions_spec
 from .signaling import SignalingTokens
-from .state import BrokerFiles, prepare, prepare_local_tower
+from .shell.server import ShellServer, authorized_keys
+from .state import BrokerFiles, prepare, prepare_local_tower, prepare_shell, user_public_keys
 from .towers import TowerDirectory, local_tower_spec, towers_spec
 
 logger = logging.getLogger(__name__)
@@ -53,12 +56,21 @@ async def serve_broker(settings: Settings, announce: Callable[[Settings, BrokerF
         return Endpoint(settings, (files.api_key,), tokens, towers, counters,
                         str(files.https_certificate), str(files.https_key), listening.append)
 
+    shell_files, operator_key = prepare_shell(files.directory)
+    own_keys = [] if settings.shell_keys else user_public_keys()
+    authorized = authorized_keys(settings.shell_keys, operator_key, own_keys)
+
+    def make_shell() -> ShellServer:
+        return ShellServer(settings.host, settings.shell_port, shell_files, authorized, towers)
+
     children = [
         towers_spec(lambda: tower_specs),
         sessions_spec(),
         ChildSpec("endpoint", make_endpoint),
+        ChildSpec("shell", make_shell),
     ]
     flags = SupervisorFlags(intensity=5, period=60, backoff=Backoff(initial=0.5, maximum=10))
     async with open_system("broker", children=children, flags=flags):
-        announce(listening[-1], files)
+        shell_port = int(shell_files.port_file.read_text())
+        announce(dataclasses.replace(listening[-1], shell_port=shell_port), files)
         await trio.sleep_forever()

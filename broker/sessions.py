@@ -106,9 +106,9 @@ class CloseSession:
 @dataclass(frozen=True)
 class Describe:
     """Asks a session for what ``GET /v1/sessions/{id}`` shows, or None if the session
-    is not ``api_key``'s."""
+    is not ``api_key``'s (None: the operators', who see every session)."""
 
-    api_key: str
+    api_key: str | None
 
 
 # What a negotiation tells its session.
@@ -248,7 +248,8 @@ class Session(Supervisor):
             self._end()
             return True
         if isinstance(message, Describe):
-            return self.describe() if message.api_key == self.api_key else None
+            mine = message.api_key is None or message.api_key == self.api_key
+            return self.describe() if mine else None
         raise TypeError(f"a session does not handle {type(message).__name__}")
 
     def _begin(self, number: int) -> TowerConnection | None:

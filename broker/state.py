@@ -28,6 +28,8 @@ from .pki import (
     self_signed_server_certificate,
     write_secret,
 )
+from .shell.server import ShellFiles
+from .shell.ssh import ensure_host_key, ensure_operator_key, read_public_keys
 from .towers import TowerFiles
 
 
@@ -109,3 +111,23 @@ def prepare_local_tower(
     write_secret(tower / "certificate.pem", certificate)
     write_secret(tower / "ca.pem", authority.certificate_pem)
     return TowerFiles(tower / "certificate.pem", tower / "key.pem", tower / "ca.pem")
+
+
+def prepare_shell(directory: Path) -> tuple[ShellFiles, str]:
+    """The shell's host key and the ``broker shell`` key (made once); returns the files
+    and the operator key's public half."""
+    shell = directory / "shell"
+    files = ShellFiles(
+        host_key=shell / "host-key",
+        operator_key=shell / "operator-key",
+        known_hosts=shell / "known_hosts",
+        port_file=shell / "port",
+    )
+    ensure_host_key(files.host_key)
+    return files, ensure_operator_key(files.operator_key)
+
+
+def user_public_keys() -> list[str]:
+    """The user's own public keys, authorized for the embedded default's shell."""
+    home = Path.home() / ".ssh"
+    return read_public_keys(sorted(home.glob("*.pub")) + [home / "authorized_keys"])

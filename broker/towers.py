@@ -24,6 +24,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import trio
@@ -69,9 +70,16 @@ class AgentExited(Exception):
 class TowerConnection:
     """One live link to a tower: send to it, and route its session messages back."""
 
-    def __init__(self, name: str, websocket: WebSocketConnection, hello: TowerHello) -> None:
+    def __init__(
+        self,
+        name: str,
+        websocket: WebSocketConnection,
+        hello: TowerHello,
+        certificate_expires: datetime | None = None,
+    ) -> None:
         self.name = name
         self.capacity = hello.capacity
+        self.certificate_expires = certificate_expires
         self.closed = trio.Event()
         self.undeliverable = 0
         self._websocket = websocket
@@ -121,6 +129,8 @@ class TowerDirectory:
     def __init__(self, stale_after: float) -> None:
         self._connections: dict[str, TowerConnection] = {}
         self.placement = Placement(stale_after=stale_after)
+        # Towers an operator drained: they keep their sessions and take no new ones.
+        self.draining: set[str] = set()
 
     def get(self, name: str) -> TowerConnection | None:
         return self._connections.get(name)
@@ -145,13 +155,19 @@ class TowerDirectory:
             load = TowerLoad(name, report.sessions, report.capacity, report.draining)
             self.placement.report(load, trio.current_time())
 
+    def drain(self, name: str) -> None:
+        """Take no new sessions on ``name``. Raises LookupError if it is not linked."""
+        if name not in self._connections:
+            raise LookupError(f"no tower {name} is linked")
+        self.draining.add(name)
+
     def choose(self, exclude: frozenset[str] = frozenset()) -> TowerConnection | None:
         """A linked tower for a new session (two choices), or None if none is ready."""
-        name = self.placement.choose(trio.current_time(), exclude=exclude)
+        name = self.placement.choose(trio.current_time(), exclude=exclude | self.draining)
         return None if name is None else self._connections.get(name)
 
     def ready_count(self) -> int:
-        return len(self.placement.ready(trio.current_time()))
+        return len(self.placement.ready(trio.current_time(), exclude=self.draining))
 
 
 @dataclass
@@ -181,6 +197,7 @@ class TowerLink(Actor):
         self.tls = tls
         self.settings = settings
         self.bad_frames = 0
+        self.certificate_expires: datetime | None = None
 
     async def started(self) -> None:
         self.start_soon(self._run)
@@ -204,7 +221,7 @@ class TowerLink(Actor):
             hello = await self._hello(websocket)
         except DecodeError as error:
             raise TowerLinkLost(f"{self.name}: its hello did not decode: {error}") from None
-        connection = TowerConnection(self.name, websocket, hello)
+        connection = TowerConnection(self.name, websocket, hello, self.certificate_expires)
         self.directory.connected(connection)
         try:
             await self._read(websocket, connection)
@@ -221,6 +238,7 @@ class TowerLink(Actor):
                 # The tower's certificate must name the tower, whatever its address.
                 tls_stream = trio.SSLStream(stream, self.tls, server_hostname=self.name)
                 await tls_stream.do_handshake()
+                self.certificate_expires = _expiry(tls_stream.getpeercert())
                 return await wrap_client_stream(
                     nursery, tls_stream, self.name, "/link", max_message_size=MAX_FRAME_BYTES
                 )
@@ -339,6 +357,12 @@ class LocalTowerAgent(Actor):
         finally:
             with trio.CancelScope(shield=True):
                 await _stop_process(process)
+
+
+def _expiry(certificate: dict | None) -> datetime | None:
+    if not certificate or "notAfter" not in certificate:
+        return None
+    return datetime.fromtimestamp(ssl.cert_time_to_seconds(certificate["notAfter"]), timezone.utc)
 
 
 async def _read_line(stream: trio.abc.ReceiveStream) -> str:

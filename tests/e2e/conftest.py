@@ -50,7 +50,8 @@ def start_broker(
     tmp_path: Path, towers: int = 2, https_port: int = 0, **settings: object
 ) -> RunningBroker:
     config = tmp_path / "broker.toml"
-    config.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in settings.items()))
+    settings.setdefault("shell_port", 0)
+    config.write_text("".join(f"{key} = {_toml(value)}\n" for key, value in settings.items()))
     process = subprocess.Popen(
         [sys.executable, "-m", "broker", "serve", "--config", str(config),
          "--state-dir", str(tmp_path / "state"), "--https-port", str(https_port),
@@ -66,6 +67,14 @@ def start_broker(
     ready = json.loads(line)
     return RunningBroker(process, ready["url"].rstrip("/"), ready["http_url"].rstrip("/"),
                          ready["api_key"], Path(ready["state_dir"]), ready["certificate"])
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key} = {_toml(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    return json.dumps(value)
 
 
 def stop_broker(broker: RunningBroker) -> list[psutil.Process]:

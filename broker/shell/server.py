@@ -1,0 +1,248 @@
+"""The operators' shell inside the broker: an actor that serves SSH sessions.
+
+Theory of operation: ``shell`` starts the asyncssh server (``broker.shell.ssh``) on the
+asyncio side; each session is posted back to this actor, which drives it from a task of
+its own: read a line, run it with a ``Shell`` (``broker.shell.commands``) over the live
+system, write the output. Streaming commands (``top``, ``trace``) run until they end or
+the operator presses a key. A session that goes away mid-command is cancelled, and its
+trace with it: nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from actors import Actor, ActorStopped, AskTimeout, SupervisorRef
+from actors.bridge import call_asyncio, post_to
+
+from ..pki import write_secret
+from ..sessions import SESSIONS_PATH, Describe
+from ..towers import TowerDirectory
+from . import ssh
+from .commands import Role, SessionView, Shell, TowerView
+
+logger = logging.getLogger(__name__)
+
+BANNER = "session broker shell: 'help' lists the commands, 'exit' leaves.\n"
+
+
+@dataclass(frozen=True)
+class ShellFiles:
+    host_key: Path
+    operator_key: Path
+    known_hosts: Path
+    port_file: Path
+
+
+class LiveView:
+    """The running broker, as the shell sees it (``BrokerView``)."""
+
+    def __init__(self, system: Any, towers: TowerDirectory) -> None:
+        self.system = system
+        self.towers_directory = towers
+        # Kept current by each session before it reads a line: tab completion runs
+        # outside trio and must not read the live tree itself.
+        self.paths: list[str] = []
+        self.tower_views: list[TowerView] = []
+
+    def tree(self) -> Any:
+        return self.system.snapshot()
+
+    def refresh(self) -> None:
+        """Take what tab completion will offer while the next line is typed."""
+        self.paths = [actor.path for actor in self.system.snapshot().walk()]
+        self.towers()
+
+    def actor_paths(self) -> list[str]:
+        return self.paths
+
+    def towers(self) -> list[TowerView]:
+        try:
+            now = trio.current_time()
+        except RuntimeError:
+            # Tab completion, outside trio: the towers as of the prompt.
+            return self.tower_views
+        self.tower_views = self._towers(now)
+        return self.tower_views
+
+    def _towers(self, now: float) -> list[TowerView]:
+        directory = self.towers_directory
+        ready = set(directory.placement.ready(now))
+        views = []
+        for connection in directory:
+            load = directory.placement.load_of(connection.name)
+            reported_at = directory.placement.reported_at(connection.name)
+            if connection.name in directory.draining or (load and load.draining):
+                state = "draining"
+            else:
+                state = "ready" if connection.name in ready else "stale"
+            views.append(TowerView(
+                name=connection.name,
+                state=state,
+                sessions=load.sessions if load else 0,
+                capacity=load.capacity if load else connection.capacity,
+                heartbeat_age=None if reported_at is None else now - reported_at,
+                certificate_expires=connection.certificate_expires,
+            ))
+        return sorted(views, key=lambda view: view.name)
+
+    async def sessions(self) -> list[SessionView]:
+        sessions = self.system.lookup(SESSIONS_PATH)
+        views = []
+        if not isinstance(sessions, SupervisorRef):
+            return views
+        for child in sessions.which_children():
+            ref = self.system.lookup(child.path)
+            if ref is None:
+                continue
+            try:
+                described = await ref.ask(Describe(None), timeout=1.0)
+            except (ActorStopped, AskTimeout):
+                continue
+            views.append(SessionView(
+                id=described["id"], state=described["state"], tower=described["tower"],
+                negotiation=described["negotiation"], placements=described["placements"],
+                reason=described["reason"], age=described["age"],
+            ))
+        return views
+
+    def _ref(self, path: str) -> Any:
+        ref = self.system.lookup(path)
+        if ref is None:
+            raise LookupError(f"no actor at {path}")
+        return ref
+
+    async def kill(self, path: str, reason: str) -> None:
+        self._ref(path).kill(reason)
+
+    async def restart(self, path: str) -> None:
+        self._ref(path)
+        parent_path, _, name = path.rstrip("/").rpartition("/")
+        parent = self.system.lookup(parent_path)
+        if not isinstance(parent, SupervisorRef):
+            raise ValueError(f"{path} has no supervisor to restart it")
+        await parent.restart_child(name, timeout=10)
+
+    async def drain(self, tower: str) -> None:
+        self.towers_directory.drain(tower)
+
+    def trace(self, path: str, capacity: int) -> Any:
+        return self._ref(path).trace(capacity=capacity)
+
+
+class ShellServer(Actor):
+    """The ``shell`` actor: the SSH server and the sessions it serves."""
+
+    runs_tasks = True
+
+    def __init__(
+        self, host: str, port: int, files: ShellFiles, authorized: dict[str, str],
+        towers: TowerDirectory,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.files = files
+        self.authorized = authorized
+        self.towers = towers
+        self.sessions = 0
+
+    async def started(self) -> None:
+        self.view = LiveView(self.system, self.towers)
+        self.port = await self.start(self._listen)
+
+    async def _listen(self, task_status: trio.TaskStatus[int]) -> None:
+        post = post_to(self.ref)
+        server = await call_asyncio(functools.partial(
+            ssh.start_server, self.host, self.port, self.files.host_key, self.authorized, post
+        ))
+        try:
+            port = server.get_port()
+            write_secret(self.files.port_file, f"{port}\n".encode())
+            task_status.started(port)
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await call_asyncio(ssh.close_server, server)
+
+    async def receive(self, message: Any) -> None:
+        if isinstance(message, ssh.OperatorSession):
+            self.sessions += 1
+            self.start_soon(self._drive, message)
+        else:
+            raise TypeError(f"the shell does not handle {type(message).__name__}")
+
+    async def _drive(self, session: ssh.OperatorSession) -> None:
+        role = Role(session.role)
+        shell = Shell(self.view, role)
+        status = 0
+        try:
+            if session.interactive:
+                await self._interact(session, shell)
+            else:
+                status = await self._run_line(session, shell, session.command or "")
+        except Exception as error:
+            logger.warning("a shell session failed: %r", error)
+            status = 1
+        finally:
+            with trio.CancelScope(shield=True):
+                await call_asyncio(session.finish, max(status, 0))
+
+    async def _interact(self, session: ssh.OperatorSession, shell: Shell) -> None:
+        await call_asyncio(session.write, BANNER)
+        while True:
+            self.view.refresh()
+            session.complete = shell.complete
+            await call_asyncio(session.write, "broker> ")
+            line = await call_asyncio(session.read_line)
+            if line is None:
+                return
+            if await self._run_line(session, shell, line) < 0:
+                return
+
+    async def _run_line(self, session: ssh.OperatorSession, shell: Shell, line: str) -> int:
+        if shell.is_streaming(line):
+            return await self._stream(session, shell, line)
+        output = await shell.run(line)
+        if output.status == 3:
+            logger.warning("shell: %s (%s, %s role) was refused: %r", session.username,
+                           session.peer, session.role, line[:200])
+        if output.text:
+            await call_asyncio(session.write, output.text)
+        return output.status
+
+    async def _stream(self, session: ssh.OperatorSession, shell: Shell, line: str) -> int:
+        stream = shell.stream(line)
+        try:
+            async with trio.open_nursery() as nursery:
+                if session.interactive:
+                    nursery.start_soon(self._stop_on_key, session, nursery.cancel_scope)
+                async for chunk in stream:
+                    await call_asyncio(session.write, chunk)
+                nursery.cancel_scope.cancel()
+        finally:
+            # Whatever the command holds (a trace) is let go now, however it ended.
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+        return stream.status or 0
+
+    async def _stop_on_key(self, session: ssh.OperatorSession, scope: trio.CancelScope) -> None:
+        await call_asyncio(session.wait_for_interrupt)
+        scope.cancel()
+
+
+def authorized_keys(
+    configured: tuple[dict[str, str], ...], operator_key: str, own_keys: list[str]
+) -> dict[str, str]:
+    """Each authorized key and its role: configured ones, the ``broker shell`` key and,
+    in the embedded default, the user's own keys (admin)."""
+    authorized = {key: "admin" for key in own_keys}
+    authorized[operator_key] = "admin"
+    for entry in configured:
+        authorized[entry["key"]] = entry.get("role", "read-only")
+    return authorized

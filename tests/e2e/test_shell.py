@@ -1,0 +1,170 @@
+"""The operators' shell through real SSH clients: asyncssh, and the system's ssh."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from .conftest import FAST_REPAIR, start_broker, stop_broker, wait_for_towers
+
+
+@pytest.fixture(scope="module")
+def read_only_key(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "read-only"
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    key.write_private_key(str(path))
+    key.write_public_key(str(path) + ".pub")
+    return path
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory, read_only_key):
+    public = (read_only_key.parent / "read-only.pub").read_text().strip()
+    running = start_broker(tmp_path_factory.mktemp("broker"), shell_port=0,
+                           shell_keys=[{"key": public, "role": "read-only"}], **FAST_REPAIR)
+    wait_for_towers(running, 2)
+    steady = subprocess.Popen(
+        [sys.executable, "-m", "tests.e2e.steady_client", running.url, running.api_key,
+         running.certificate],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    line = steady.stdout.readline().split()
+    assert line[:1] == ["connected"], line
+    running.steady_session = line[1]
+    yield running
+    steady.kill()
+    stop_broker(running)
+
+
+def shell_port(broker) -> int:
+    return int((broker.state_dir / "shell" / "port").read_text())
+
+
+def run(broker, *commands: str, key: Path | None = None) -> list[asyncssh.SSHCompletedProcess]:
+    """Each command over one SSH connection, as ``ssh broker-host COMMAND`` would."""
+    shell = broker.state_dir / "shell"
+    host_key = asyncssh.read_public_key(str(shell / "host-key.pub"))
+
+    async def main():
+        known = asyncssh.import_known_hosts(
+            f"[127.0.0.1]:{shell_port(broker)} {host_key.export_public_key().decode()}")
+        async with asyncssh.connect(
+            "127.0.0.1", shell_port(broker), username="operator", known_hosts=known,
+            client_keys=[str(key or shell / "operator-key")],
+        ) as connection:
+            return [await connection.run(command) for command in commands]
+
+    return asyncio.run(main())
+
+
+def test_read_commands_show_the_live_system(broker):
+    tree, sessions, towers, stats, ps = run(
+        broker, "tree", "sessions --json", "towers --json", "stats --json", "ps --json")
+    assert tree.exit_status == 0
+    assert "/broker" in tree.stdout and f"session:{broker.steady_session}" in tree.stdout
+    listed = json.loads(sessions.stdout)
+    [steady] = [s for s in listed if s["id"] == broker.steady_session]
+    assert steady["state"] == "connected"
+    listed_towers = json.loads(towers.stdout)
+    assert sorted(t["name"] for t in listed_towers) == ["tower-1", "tower-2"]
+    assert all(t["state"] == "ready" and t["certificate_expires"] for t in listed_towers)
+    assert json.loads(stats.stdout)
+    assert json.loads(ps.stdout)
+
+
+def test_bad_input_gets_a_clear_answer(broker):
+    unknown, bad_path, bad_args = run(broker, "dance", "inspect /nowhere", "ps --limit x")
+    assert unknown.exit_status == 2 and "unknown command" in unknown.stdout
+    assert bad_path.exit_status == 1 and "/nowhere" in bad_path.stdout
+    assert bad_args.exit_status == 2
+
+
+def test_kill_on_a_negotiation_shows_the_restart(broker):
+    negotiation = f"/broker/sessions/session:{broker.steady_session}/negotiation"
+    killed, = run(broker, f"kill {negotiation} operator test")
+    assert killed.exit_status == 0, killed.stdout
+    inspected, tree = run(broker, f"inspect {negotiation} --json", "tree")
+    snapshot = json.loads(inspected.stdout)
+    assert snapshot["restarts"] >= 1
+    assert "operator test" in json.dumps(snapshot)
+
+
+def test_a_read_only_key_reads_but_may_not_act(broker, read_only_key):
+    tree, kill = run(broker, "tree", "kill /broker/endpoint", key=read_only_key)
+    assert tree.exit_status == 0
+    assert kill.exit_status == 3 and "refused" in kill.stdout
+    alive, = run(broker, "inspect /broker/endpoint --json")
+    assert json.loads(alive.stdout)["restarts"] == 0
+
+
+def test_an_unknown_key_is_refused(broker, tmp_path):
+    stranger = tmp_path / "stranger"
+    asyncssh.generate_private_key("ssh-ed25519").write_private_key(str(stranger))
+    with pytest.raises(asyncssh.PermissionDenied):
+        run(broker, "tree", key=stranger)
+
+
+def test_the_interactive_shell_completes_and_exits(broker):
+    shell = broker.state_dir / "shell"
+
+    async def main():
+        async with asyncssh.connect(
+            "127.0.0.1", shell_port(broker), username="operator", known_hosts=None,
+            client_keys=[str(shell / "operator-key")],
+        ) as connection:
+            process = await connection.create_process(term_type="xterm")
+            await asyncio.wait_for(process.stdout.readuntil("broker> "), 10)
+            process.stdin.write("tre\t\r")
+            output = await asyncio.wait_for(process.stdout.readuntil("broker> "), 10)
+            process.stdin.write("exit\r")
+            await asyncio.wait_for(process.wait(), 10)
+            return output
+
+    output = asyncio.run(main())
+    assert "/broker" in output
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="no ssh client (openssh-client)")
+def test_the_system_ssh_client_through_broker_shell(broker):
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "shell", "--state-dir", str(broker.state_dir), "tree"],
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "/broker" in result.stdout
+
+
+def test_trace_streams_the_messages_an_actor_receives(broker):
+    import ssl
+    import threading
+    import time
+    import urllib.request
+
+    session = f"/broker/sessions/session:{broker.steady_session}"
+    context = ssl.create_default_context(cafile=broker.certificate)
+    stop = threading.Event()
+
+    def ask_about_the_session():
+        request = urllib.request.Request(
+            f"{broker.url}/v1/sessions/{broker.steady_session}",
+            headers={"Authorization": f"Bearer {broker.api_key}"})
+        while not stop.is_set():
+            urllib.request.urlopen(request, context=context).read()
+            time.sleep(0.1)
+
+    asker = threading.Thread(target=ask_about_the_session)
+    asker.start()
+    try:
+        traced, = run(broker, f"trace {session} --seconds 2")
+    finally:
+        stop.set()
+        asker.join()
+    assert traced.exit_status == 0, traced.stdout
+    assert "Describe" in traced.stdout and " ask " in traced.stdout
