@@ -119,7 +119,8 @@ def _serve(arguments: argparse.Namespace) -> int:
             f"  state     {files.directory}\n"
             f"  HTTPS certificate (self-signed): {files.https_certificate}\n"
             f"  towers    {bound.local_towers} local agents\n"
-            f"  shell     ssh -p {bound.shell_port} operator@{bound.host}  (or: broker shell)\n"
+            f"  shell     ssh -p {bound.shell_port} operator@{bound.shell_host}"
+            "  (or: broker shell)\n"
             "Ctrl-C stops the broker and its towers.",
             flush=True,
         )

@@ -103,7 +103,9 @@ class Settings:
     # A tower link silent for this long (no load report) is considered lost.
     tower_silence: float = 3.0
     tower_load_interval: float = 1.0
-    # The operators' SSH shell (on ``host``); 0 picks a free port.
+    # The operators' SSH shell: its own address, so that a broker serving browsers on
+    # every interface does not offer its admin shell there too; port 0 picks a free one.
+    shell_host: str = "127.0.0.1"
     shell_port: int = 8022
     # Authorized operator keys: [{key = "ssh-ed25519 AAAA...", role = "admin"}]; the role
     # is "admin" or "read-only". With none configured, the user's own public keys
@@ -136,10 +138,13 @@ class Settings:
             raise ConfigError("heartbeat_timeout must be longer than heartbeat_interval")
         if self.tower_silence <= self.tower_load_interval:
             raise ConfigError("tower_silence must be longer than tower_load_interval")
-        try:
-            ipaddress.ip_address(self.host)
-        except ValueError:
-            raise ConfigError(f"host must be an IP address to listen on, not {self.host!r}")
+        for name in ("host", "shell_host"):
+            try:
+                ipaddress.ip_address(getattr(self, name))
+            except ValueError:
+                raise ConfigError(
+                    f"{name} must be an IP address to listen on, not {getattr(self, name)!r}"
+                ) from None
         if not all(isinstance(origin, str) for origin in self.allowed_origins):
             raise ConfigError(f"allowed_origins must be strings, not {self.allowed_origins!r}")
         for entry in self.shell_keys:

@@ -34,7 +34,9 @@ from .towers import TowerDirectory, local_tower_spec, towers_spec
 logger = logging.getLogger(__name__)
 
 
-async def serve_broker(settings: Settings, announce: Callable[[Settings, BrokerFiles], None]) -> None:
+async def serve_broker(
+    settings: Settings, announce: Callable[[Settings, BrokerFiles], None]
+) -> None:
     """Run the broker until cancelled; ``announce`` is called once it listens."""
     files, authority = prepare(settings.state_dir)
     towers = TowerDirectory(stale_after=settings.tower_silence)
@@ -61,7 +63,9 @@ async def serve_broker(settings: Settings, announce: Callable[[Settings, BrokerF
     authorized = authorized_keys(settings.shell_keys, operator_key, own_keys)
 
     def make_shell() -> ShellServer:
-        return ShellServer(settings.host, settings.shell_port, shell_files, authorized, towers)
+        return ShellServer(
+            settings.shell_host, settings.shell_port, shell_files, authorized, towers
+        )
 
     children = [
         towers_spec(lambda: tower_specs),

@@ -18,7 +18,7 @@ it tells its session what the client must hear.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -100,7 +100,8 @@ class CloseSession:
     """Ends the session; with ``api_key``, only if it is the session's (replies a bool)."""
 
     why: str
-    api_key: str | None = None
+    # Out of repr: operators trace messages, and a read-only one must not see keys.
+    api_key: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ class Describe:
     """Asks a session for what ``GET /v1/sessions/{id}`` shows, or None if the session
     is not ``api_key``'s (None: the operators', who see every session)."""
 
-    api_key: str | None
+    api_key: str | None = field(repr=False)
 
 
 # What a negotiation tells its session.
@@ -326,7 +327,8 @@ class Session(Supervisor):
     def _send_client(self, frame: dict[str, Any]) -> None:
         if self.answer_reply is not None:
             negotiation, reply = self.answer_reply
-            if frame.get("type") in ("answer", "error") and negotiation == self.lifecycle.negotiation:
+            current = negotiation == self.lifecycle.negotiation
+            if frame.get("type") in ("answer", "error") and current:
                 # The answer to an offer that came over HTTP goes back the same way.
                 self.answer_reply = None
                 delivered = _send(reply, frame)

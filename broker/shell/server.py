@@ -63,12 +63,10 @@ class LiveView:
         return self.paths
 
     def towers(self) -> list[TowerView]:
-        try:
-            now = trio.current_time()
-        except RuntimeError:
-            # Tab completion, outside trio: the towers as of the prompt.
+        if not trio.lowlevel.in_trio_task():
+            # Tab completion, on the asyncio side: the towers as of the prompt.
             return self.tower_views
-        self.tower_views = self._towers(now)
+        self.tower_views = self._towers(trio.current_time())
         return self.tower_views
 
     def _towers(self, now: float) -> list[TowerView]:
@@ -178,14 +176,15 @@ class ShellServer(Actor):
             raise TypeError(f"the shell does not handle {type(message).__name__}")
 
     async def _drive(self, session: ssh.OperatorSession) -> None:
-        role = Role(session.role)
-        shell = Shell(self.view, role)
         status = 0
         try:
+            shell = Shell(self.view, Role(session.role))
             if session.interactive:
                 await self._interact(session, shell)
             else:
                 status = await self._run_line(session, shell, session.command or "")
+        except ssh.SessionGone:
+            pass
         except Exception as error:
             logger.warning("a shell session failed: %r", error)
             status = 1
@@ -202,7 +201,16 @@ class ShellServer(Actor):
             line = await call_asyncio(session.read_line)
             if line is None:
                 return
-            if await self._run_line(session, shell, line) < 0:
+            try:
+                status = await self._run_line(session, shell, line)
+            except ssh.SessionGone:
+                raise
+            except Exception as error:
+                # One command's failure is that command's, not the session's.
+                logger.warning("shell command %r failed: %r", line[:200], error)
+                await call_asyncio(session.write, f"error: {error!r}\n")
+                continue
+            if status < 0:
                 return
 
     async def _run_line(self, session: ssh.OperatorSession, shell: Shell, line: str) -> int:
@@ -220,8 +228,9 @@ class ShellServer(Actor):
         stream = shell.stream(line)
         try:
             async with trio.open_nursery() as nursery:
-                if session.interactive:
-                    nursery.start_soon(self._stop_on_key, session, nursery.cancel_scope)
+                # Stopped by a key in a terminal; without one, when the client goes away.
+                watch = session.wait_for_interrupt if session.interactive else session.wait_closed
+                nursery.start_soon(self._stop_when, watch, nursery.cancel_scope)
                 async for chunk in stream:
                     await call_asyncio(session.write, chunk)
                 nursery.cancel_scope.cancel()
@@ -231,8 +240,8 @@ class ShellServer(Actor):
                 await stream.aclose()
         return stream.status or 0
 
-    async def _stop_on_key(self, session: ssh.OperatorSession, scope: trio.CancelScope) -> None:
-        await call_asyncio(session.wait_for_interrupt)
+    async def _stop_when(self, watch: Any, scope: trio.CancelScope) -> None:
+        await call_asyncio(watch)
         scope.cancel()
 
 

@@ -15,7 +15,14 @@ from typing import Any
 
 import asyncssh
 
+from ..pki import write_secret
+
 MAX_LINE = 4096
+CLOSE_TIMEOUT = 2.0
+
+
+class SessionGone(Exception):
+    """The operator's side of the session is closed: nothing more can be written."""
 
 
 class OperatorSession:
@@ -33,36 +40,57 @@ class OperatorSession:
         self.complete: Callable[[str], list[str]] = lambda line: []
 
     async def read_line(self) -> str | None:
-        """The next line typed, or None when the client closed its input."""
-        try:
-            line = await self.process.stdin.readline()
-        except (asyncssh.BreakReceived, asyncssh.SignalReceived):
-            return ""
-        except (asyncssh.TerminalSizeChanged):
-            return ""
-        except (asyncssh.DisconnectError, BrokenPipeError, ConnectionError):
-            return None
-        if line == "":
-            return None
-        return line.rstrip("\r\n")[:MAX_LINE]
+        """The next line typed, or None when the client closed its input.
+
+        Ctrl-C throws away the line being typed and gives an empty line.
+        """
+        while True:
+            try:
+                line = await self.process.stdin.readline()
+            except asyncssh.TerminalSizeChanged:
+                continue
+            except (asyncssh.BreakReceived, asyncssh.SignalReceived):
+                self.process.channel.clear_input()
+                await self.write("^C\n")
+                return ""
+            except (asyncssh.DisconnectError, BrokenPipeError, ConnectionError):
+                return None
+            if line == "":
+                return None
+            return line.rstrip("\r\n")[:MAX_LINE]
 
     async def wait_for_interrupt(self) -> None:
-        """Until the operator presses Ctrl-C (or sends anything, or goes away)."""
+        """Until the operator presses a key (Ctrl-C included) or goes away."""
+        channel = self.process.channel
+        # Out of line mode, so that one key is enough and is not echoed.
+        channel.set_line_mode(False)
         try:
-            await self.process.stdin.read(1)
-        except (asyncssh.BreakReceived, asyncssh.SignalReceived, asyncssh.TerminalSizeChanged):
-            pass
-        except (asyncssh.DisconnectError, BrokenPipeError, ConnectionError):
-            pass
+            while True:
+                try:
+                    await self.process.stdin.read(1)
+                    return
+                except asyncssh.TerminalSizeChanged:
+                    continue
+                except (asyncssh.BreakReceived, asyncssh.SignalReceived):
+                    return
+                except (asyncssh.DisconnectError, BrokenPipeError, ConnectionError):
+                    return
+        finally:
+            channel.set_line_mode(True)
+
+    async def wait_closed(self) -> None:
+        """Until the client closes the session (for a command run without a terminal)."""
+        await self.process.channel.wait_closed()
 
     async def write(self, text: str) -> None:
-        if self.interactive:
-            text = text.replace("\n", "\r\n")
+        """Write to the operator. Raises ``SessionGone`` once the session is closed."""
+        if self.process.is_closing():
+            raise SessionGone()
         try:
             self.process.stdout.write(text)
             await self.process.stdout.drain()
         except (asyncssh.DisconnectError, BrokenPipeError, ConnectionError):
-            pass
+            raise SessionGone() from None
 
     async def finish(self, status: int) -> None:
         if not self.process.is_closing():
@@ -86,7 +114,7 @@ async def start_server(
     host_key: Path,
     authorized: dict[str, str],
     on_session: Callable[[OperatorSession], None],
-) -> asyncssh.SSHAcceptor:
+) -> OperatorServer:
     """Listen for operators.
 
     Args:
@@ -100,10 +128,15 @@ async def start_server(
         The listening server; ``close()`` it to stop.
     """
     keys = {_key_id(text): role for text, role in authorized.items()}
+    connections: set[asyncssh.SSHServerConnection] = set()
 
     class Server(asyncssh.SSHServer):
         def connection_made(self, connection: asyncssh.SSHServerConnection) -> None:
             self.connection = connection
+            connections.add(connection)
+
+        def connection_lost(self, error: Exception | None) -> None:
+            connections.discard(self.connection)
 
         def begin_auth(self, username: str) -> bool:
             return True
@@ -119,13 +152,18 @@ async def start_server(
             return True
 
     async def handle(process: asyncssh.SSHServerProcess) -> None:
-        session = OperatorSession(process, process.get_extra_info("role"))
+        role = process.get_extra_info("role")
+        if role is None:
+            # Only a key validated above carries a role; anything else gets nothing.
+            process.exit(3)
+            return
+        session = OperatorSession(process, role)
         if session.interactive and process.channel.get_terminal_type():
             process.channel.register_key("\t", session._complete_key)
         on_session(session)
         await session.ended.wait()
 
-    return await asyncssh.create_server(
+    acceptor = await asyncssh.create_server(
         Server,
         host,
         port,
@@ -136,8 +174,23 @@ async def start_server(
         max_line_length=MAX_LINE,
         password_auth=False,
         kbdint_auth=False,
+        gss_host=None,
         x509_trusted_certs=None,
     )
+    return OperatorServer(acceptor, connections)
+
+
+class OperatorServer:
+    """The listening server and the connections it has accepted."""
+
+    def __init__(
+        self, acceptor: asyncssh.SSHAcceptor, connections: set[asyncssh.SSHServerConnection]
+    ) -> None:
+        self.acceptor = acceptor
+        self.connections = connections
+
+    def get_port(self) -> int:
+        return self.acceptor.get_port()
 
 
 def _key_id(text: str) -> str:
@@ -147,26 +200,21 @@ def _key_id(text: str) -> str:
 
 def ensure_host_key(path: Path) -> None:
     """Make the server's host key once; it is kept so operators' known_hosts stay true."""
-    if path.exists():
-        return
-    key = asyncssh.generate_private_key("ssh-ed25519")
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key.write_private_key(str(path))
-    path.chmod(0o600)
-    key.write_public_key(str(path) + ".pub")
-    Path(str(path) + ".pub").chmod(0o600)
+    if not path.exists():
+        _write_key_pair(path, asyncssh.generate_private_key("ssh-ed25519"))
 
 
 def ensure_operator_key(path: Path) -> str:
     """The key ``broker shell`` uses, made once; returns its public key text."""
     if not path.exists():
-        key = asyncssh.generate_private_key("ssh-ed25519", comment="broker shell")
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        key.write_private_key(str(path))
-        path.chmod(0o600)
-        key.write_public_key(str(path) + ".pub")
-        Path(str(path) + ".pub").chmod(0o600)
-    return asyncssh.read_public_key(str(path) + ".pub").export_public_key().decode()
+        _write_key_pair(path, asyncssh.generate_private_key("ssh-ed25519", comment="broker shell"))
+    return asyncssh.read_private_key(str(path)).export_public_key().decode()
+
+
+def _write_key_pair(path: Path, key: asyncssh.SSHKey) -> None:
+    # The public half first: a private key on disk is then always complete with its pair.
+    write_secret(Path(f"{path}.pub"), key.export_public_key())
+    write_secret(path, key.export_private_key())
 
 
 def read_public_keys(paths: Sequence[Path]) -> list[str]:
@@ -182,6 +230,12 @@ def read_public_keys(paths: Sequence[Path]) -> list[str]:
     return found
 
 
-async def close_server(server: asyncssh.SSHAcceptor) -> None:
-    server.close()
-    await server.wait_closed()
+async def close_server(server: OperatorServer) -> None:
+    """Stop listening and close every connection (authenticated or not)."""
+    server.acceptor.close()
+    for connection in list(server.connections):
+        connection.close()
+    try:
+        await asyncio.wait_for(server.acceptor.wait_closed(), CLOSE_TIMEOUT)
+    except asyncio.TimeoutError:
+        pass

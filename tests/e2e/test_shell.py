@@ -123,6 +123,12 @@ def test_the_interactive_shell_completes_and_exits(broker):
             await asyncio.wait_for(process.stdout.readuntil("broker> "), 10)
             process.stdin.write("tre\t\r")
             output = await asyncio.wait_for(process.stdout.readuntil("broker> "), 10)
+            # Ctrl-C throws the line being typed away.
+            process.stdin.write("dance\x03")
+            await asyncio.wait_for(process.stdout.readuntil("broker> "), 10)
+            process.stdin.write("\r")
+            after_interrupt = await asyncio.wait_for(process.stdout.readuntil("broker> "), 10)
+            assert "unknown command" not in after_interrupt
             process.stdin.write("exit\r")
             await asyncio.wait_for(process.wait(), 10)
             return output
@@ -168,3 +174,5 @@ def test_trace_streams_the_messages_an_actor_receives(broker):
         asker.join()
     assert traced.exit_status == 0, traced.stdout
     assert "Describe" in traced.stdout and " ask " in traced.stdout
+    # Messages carry API keys; a trace never shows them.
+    assert broker.api_key not in traced.stdout
