@@ -6,6 +6,8 @@ runtime knows nothing about WebRTC. ``actors.bridge`` runs it as a guest on an a
 loop; ``Codec`` carries messages between processes.
 """
 
+import logging as _logging
+
 from ._actor import DEFAULT_ASK_TIMEOUT as DEFAULT_ASK_TIMEOUT
 from ._actor import Actor as Actor
 from ._actor import ActorRef as ActorRef
@@ -38,3 +40,6 @@ from ._supervisor import Supervisor as Supervisor
 from ._system import ActorSystem as ActorSystem
 from ._system import SystemStatistics as SystemStatistics
 from ._system import open_system as open_system
+
+# A library logs; the program that uses it decides where that goes (none: nowhere).
+_logging.getLogger("actors").addHandler(_logging.NullHandler())

@@ -45,6 +45,8 @@ import trio
 
 from actors import Actor, ActorRef, ChildSpec, SupervisorFlags, open_system
 
+from ._report import print_rows, verdict
+
 try:
     import psutil
 except ImportError:  # psutil is a test dependency; /proc works on Linux without it
@@ -325,10 +327,6 @@ async def run_all(sizes: Sizes) -> dict[str, Any]:
 # Output
 
 
-def verdict(met: bool) -> str:
-    return "met" if met else "MISSED"
-
-
 def print_table(results: dict[str, Any], quick: bool) -> None:
     def number(value: float) -> str:
         return f"{value:,.0f}"
@@ -380,20 +378,7 @@ def print_table(results: dict[str, Any], quick: bool) -> None:
         ),
         ("crash to restarted, p99 (us)", microseconds(results["restart_p99_us"]), "", "", "", ""),
     ]
-    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
-    right_aligned = {1, 2, 3}
-
-    def line(cells: tuple[str, ...]) -> str:
-        padded = [
-            cell.rjust(width) if column in right_aligned else cell.ljust(width)
-            for column, (cell, width) in enumerate(zip(cells, widths))
-        ]
-        return "  ".join(padded).rstrip()
-
-    print(line(header))
-    print("  ".join("-" * width for width in widths).rstrip())
-    for row in rows:
-        print(line(row))
+    print_rows(header, rows)
     sizes = results["sizes"]
     print()
     print(f"python {results['python']}, trio {results['trio']}")

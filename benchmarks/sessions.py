@@ -60,6 +60,8 @@ from actors.bridge import call_asyncio
 from broker.client import BrokerClient, start_session, trusting
 from broker.client_peer import new_peer
 
+from ._report import print_rows, verdict
+
 ROOT = Path(__file__).resolve().parent.parent
 TOWERS = 2
 RATIO_TARGET = 1.25
@@ -436,10 +438,6 @@ def run_all(levels: tuple[Level, ...]) -> dict[str, Any]:
 # Output
 
 
-def verdict(met: bool) -> str:
-    return "met" if met else "not met"
-
-
 def print_table(results: dict[str, Any]) -> None:
     header = ("figure", "broker", "floor", "ratio", "target", "")
     rows = []
@@ -460,20 +458,7 @@ def print_table(results: dict[str, Any]) -> None:
                 target,
                 verdict_cell,
             ))
-    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
-    right_aligned = {1, 2, 3}
-
-    def line(cells: tuple[str, ...]) -> str:
-        padded = [
-            cell.rjust(width) if column in right_aligned else cell.ljust(width)
-            for column, (cell, width) in enumerate(zip(cells, widths))
-        ]
-        return "  ".join(padded).rstrip()
-
-    print(line(header))
-    print("  ".join("-" * width for width in widths).rstrip())
-    for row in rows:
-        print(line(row))
+    print_rows(header, rows)
     print()
     print(
         f"python {results['python']}, aiortc {results['aiortc']}, aioice {results['aioice']}, "

@@ -33,8 +33,16 @@ import hypercorn.trio.tcp_server
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from actors import Actor, ActorCrashed, ActorRef, ActorStopped, ActorSystem, AskTimeout
-from actors import SupervisorRef
+from actors import (
+    Actor,
+    ActorCrashed,
+    ActorRef,
+    ActorStopped,
+    ActorSystem,
+    AskTimeout,
+    MailboxFull,
+    SupervisorRef,
+)
 from .config import Settings
 from .link import APPLICATIONS
 from .metrics import SessionCounters, render
@@ -366,7 +374,8 @@ class BrokerApi:
         finally:
             try:
                 session.tell_nowait(DetachClient(outbox))
-            except ActorStopped:
+            except MailboxFull:
+                # The session then finds the outbox closed at its next frame.
                 pass
 
     def _signaling_session(self, scope: Scope) -> ActorRef:
@@ -432,10 +441,8 @@ class BrokerApi:
                     await _drain(receive)
                     return
                 continue
-            try:
-                await session.tell(message)
-            except ActorStopped:
-                return
+            # To a session that has ended, a dead letter; its writer closes the socket.
+            await session.tell(message)
 
 
 async def _drain(receive: Receive) -> None:
@@ -557,7 +564,8 @@ hypercorn.protocol.H2Protocol = _H2WithoutWebSockets  # type: ignore[misc]
 
 
 class Endpoint(Actor):
-    """Serves ``BrokerApi`` on the HTTPS and HTTP listeners.
+    """Serves the ``BrokerApi`` that ``make_app`` builds over this actor's system, on the
+    HTTPS and HTTP listeners.
 
     ``on_listening`` gets the settings with the ports actually bound (ports given as 0
     are chosen by the system), once both listeners are up.
@@ -567,26 +575,17 @@ class Endpoint(Actor):
 
     def __init__(
         self,
-        settings: Settings,
-        api_keys: tuple[str, ...],
-        tokens: SignalingTokens,
-        towers: TowerDirectory,
-        counters: SessionCounters,
+        make_app: Callable[[ActorSystem], BrokerApi],
         certificate: str,
         key: str,
         on_listening: Callable[[Settings], None],
     ) -> None:
-        self.settings = settings
-        self.api_keys = api_keys
-        self.tokens = tokens
-        self.towers = towers
-        self.counters = counters
+        self.make_app = make_app
         self.certificate = certificate
         self.key = key
         self.on_listening = on_listening
 
-    def config(self) -> Config:
-        settings = self.settings
+    def config(self, settings: Settings) -> Config:
         config = Config()
         config.bind = [f"{settings.host}:{settings.https_port}"]
         config.insecure_bind = [f"{settings.host}:{settings.http_port}"]
@@ -606,20 +605,20 @@ class Endpoint(Actor):
         await self.start(self._serve_forever)
 
     async def _serve_forever(self, task_status: trio.TaskStatus[None]) -> None:
-        app = BrokerApi(self.settings, self.api_keys, self.tokens, self.towers, self.system,
-                        self.counters)
+        app = self.make_app(self.system)
+        settings = app.settings
         async with trio.open_nursery() as nursery:
             try:
                 binds = await nursery.start(
-                    functools.partial(serve, app, self.config(), mode="asgi")
+                    functools.partial(serve, app, self.config(settings), mode="asgi")
                 )
             except OSError as error:
                 raise OSError(
-                    error.errno, f"cannot listen on {self.settings.host} "
-                    f"(ports {self.settings.https_port}, {self.settings.http_port}): "
+                    error.errno, f"cannot listen on {settings.host} "
+                    f"(ports {settings.https_port}, {settings.http_port}): "
                     f"{error.strerror}"
                 ) from None
             ports = {bind.split("://")[0]: int(bind.rsplit(":", 1)[1]) for bind in binds}
-            app.settings = self.settings.with_ports(ports["https"], ports["http"])
+            app.settings = settings.with_ports(ports["https"], ports["http"])
             self.on_listening(app.settings)
             task_status.started()

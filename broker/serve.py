@@ -19,10 +19,10 @@ from collections.abc import Callable
 
 import trio
 
-from actors import Backoff, ChildSpec, SupervisorFlags, open_system
+from actors import ActorSystem, Backoff, ChildSpec, SupervisorFlags, open_system
 
 from .config import Settings
-from .endpoint import Endpoint
+from .endpoint import BrokerApi, Endpoint
 from .metrics import SessionCounters
 from .pki import client_ssl_context
 from .sessions import sessions_spec
@@ -54,9 +54,12 @@ async def serve_broker(
         tower_specs.append(local_tower_spec(name, credentials, towers, link_tls, settings))
     listening: list[Settings] = []
 
+    def make_app(system: ActorSystem) -> BrokerApi:
+        return BrokerApi(settings, (files.api_key,), tokens, towers, system, counters)
+
     def make_endpoint() -> Endpoint:
-        return Endpoint(settings, (files.api_key,), tokens, towers, counters,
-                        str(files.https_certificate), str(files.https_key), listening.append)
+        return Endpoint(make_app, str(files.https_certificate), str(files.https_key),
+                        listening.append)
 
     shell_files, operator_key = prepare_shell(files.directory)
     own_keys = [] if settings.shell_keys else user_public_keys()

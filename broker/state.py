@@ -15,6 +15,7 @@ every start; everything else is kept.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -57,7 +58,7 @@ class BrokerFiles:
     client_key: Path
 
 
-def _read_or_make(path: Path, make: callable) -> bytes:
+def _read_or_make(path: Path, make: Callable[[], bytes]) -> bytes:
     if path.exists():
         return path.read_bytes()
     data = make()

@@ -31,7 +31,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
 
 from actors import Actor, ActorRef, Backoff, ChildSpec, MailboxFull, Strategy, Supervisor
-from actors import ActorStopped, DecodeError, SupervisorFlags
+from actors import DecodeError, SupervisorFlags
 
 from .config import Settings
 from .link import (
@@ -119,7 +119,7 @@ class TowerConnection:
             return
         try:
             ref.tell_nowait(message)
-        except (MailboxFull, ActorStopped):
+        except MailboxFull:
             self.undeliverable += 1
 
 

@@ -26,7 +26,6 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_st
 from actors import (
     Actor,
     ActorRef,
-    ActorStopped,
     MailboxFull,
     ChildSpec,
     DecodeError,
@@ -211,7 +210,7 @@ class CommunicationServer(Actor):
                 if entry is not None and entry.negotiation == message.negotiation:
                     try:
                         entry.ref.tell_nowait(message)
-                    except (MailboxFull, ActorStopped):
+                    except MailboxFull:
                         await self.uplink.send(PeerRejected(
                             message.session, message.negotiation, "invalid_message",
                             "too many candidates at once"))

@@ -69,6 +69,37 @@ def start_broker(
                          ready["api_key"], Path(ready["state_dir"]), ready["certificate"])
 
 
+@dataclass
+class SteadyClient:
+    """A session held by ``tests.e2e.steady_client`` in a process of its own."""
+
+    process: subprocess.Popen
+    id: str
+
+    def finish(self) -> dict:
+        """Stop it; returns its summary (echoes, failed echoes, negotiation, states)."""
+        self.process.stdin.close()
+        summary = json.loads(self.process.stdout.readline())
+        self.process.wait(10)
+        return summary
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+
+
+def start_steady_client(broker: RunningBroker) -> SteadyClient:
+    """A session that keeps echoing, connected once this returns."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.e2e.steady_client", broker.url, broker.api_key,
+         broker.certificate],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    line = process.stdout.readline().split()
+    assert line[:1] == ["connected"], line
+    return SteadyClient(process, line[1])
+
+
 def _toml(value: object) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{key} = {_toml(item)}" for key, item in value.items()) + "}"

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import json
 import ssl
-import subprocess
-import sys
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 
 import pytest
 import trio
@@ -21,7 +18,13 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 from actors import bridge
 from broker.client import trusting
 
-from .conftest import FAST_REPAIR, start_broker, stop_broker, wait_for_towers
+from .conftest import (
+    FAST_REPAIR,
+    start_broker,
+    start_steady_client,
+    stop_broker,
+    wait_for_towers,
+)
 
 SESSIONS_PER_KEY = 6
 
@@ -43,28 +46,9 @@ def broker(tmp_path_factory):
 @pytest.fixture(scope="module", autouse=True)
 def healthy(broker):
     """A session in a process of its own that stays connected while the tests misbehave."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.e2e.steady_client", broker.url, broker.api_key,
-         broker.certificate],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )
-    line = process.stdout.readline().split()
-    assert line[:1] == ["connected"], line
-    yield SteadyClient(process, line[1])
-    if process.poll() is None:
-        process.kill()
-
-
-@dataclass
-class SteadyClient:
-    process: subprocess.Popen
-    id: str
-
-    def finish(self) -> dict:
-        self.process.stdin.close()
-        summary = json.loads(self.process.stdout.readline())
-        self.process.wait(10)
-        return summary
+    steady = start_steady_client(broker)
+    yield steady
+    steady.kill()
 
 
 def http(broker, method, path, body=None, headers=None, url=None):

@@ -51,7 +51,9 @@ def broker(tmp_path):
 
 @pytest.fixture
 def page(chromium):
-    context = chromium.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 900})
+    context = chromium.new_context(
+        ignore_https_errors=True, viewport={"width": 1280, "height": 900}
+    )
     page = context.new_page()
     page.set_default_timeout(15_000)
     yield page
@@ -65,7 +67,8 @@ def open_demo(page, broker, key=None):
 
 def start(page):
     page.click("#start")
-    page.wait_for_function("() => document.querySelector('#state').textContent.includes('connected')")
+    page.wait_for_function(
+        "() => document.querySelector('#state').textContent.includes('connected')")
 
 
 def video_frames_change(page) -> bool:

@@ -12,7 +12,13 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from .conftest import FAST_REPAIR, start_broker, stop_broker, wait_for_towers
+from .conftest import (
+    FAST_REPAIR,
+    start_broker,
+    start_steady_client,
+    stop_broker,
+    wait_for_towers,
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +36,8 @@ def broker(tmp_path_factory, read_only_key):
     running = start_broker(tmp_path_factory.mktemp("broker"), shell_port=0,
                            shell_keys=[{"key": public, "role": "read-only"}], **FAST_REPAIR)
     wait_for_towers(running, 2)
-    steady = subprocess.Popen(
-        [sys.executable, "-m", "tests.e2e.steady_client", running.url, running.api_key,
-         running.certificate],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )
-    line = steady.stdout.readline().split()
-    assert line[:1] == ["connected"], line
-    running.steady_session = line[1]
+    steady = start_steady_client(running)
+    running.steady_session = steady.id
     yield running
     steady.kill()
     stop_broker(running)
