@@ -1,4 +1,6 @@
-"""The ``broker`` command: ``serve`` runs the broker, ``tower run`` a tower agent."""
+"""The ``broker`` command: ``serve`` runs the broker, ``shell`` opens its operators' shell,
+``ca`` shows and steers its certificate authority, ``tower run`` runs a tower agent and
+``tower csr`` makes a tower's key and signing request on the tower's own host."""
 
 from __future__ import annotations
 
@@ -44,16 +46,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     tower = commands.add_parser("tower", help="tower agent commands")
     tower_commands = tower.add_subparsers(dest="tower_command", metavar="COMMAND")
-    run = tower_commands.add_parser("run", help="run a tower agent")
-    run.add_argument("--name", required=True)
-    run.add_argument("--listen", required=True, help="HOST:PORT of the communication server")
-    run.add_argument("--certificate", type=Path, required=True)
-    run.add_argument("--key", type=Path, required=True)
-    run.add_argument("--ca", type=Path, required=True, help="the broker's CA certificate")
+    run = tower_commands.add_parser(
+        "run", help="run a tower agent: local (--listen ...) or behind NGINX (--config)"
+    )
+    run.add_argument("--config", type=Path,
+                     help="the agent's TOML settings, as provisioning writes them")
+    run.add_argument("--name")
+    run.add_argument("--listen", help="HOST:PORT of the communication server")
+    run.add_argument("--identity", type=Path, help="the tower's key and certificate (PEM)")
+    run.add_argument("--ca", type=Path, help="the broker's CA certificate")
     run.add_argument("--capacity", type=int, default=Settings.tower_capacity)
     run.add_argument("--heartbeat-interval", type=float, default=Settings.heartbeat_interval)
     run.add_argument("--heartbeat-timeout", type=float, default=Settings.heartbeat_timeout)
     run.add_argument("--load-interval", type=float, default=Settings.tower_load_interval)
+    csr = tower_commands.add_parser(
+        "csr", help="make the tower's key (kept in DIRECTORY) and print its signing request"
+    )
+    csr.add_argument("--directory", type=Path, required=True)
+    csr.add_argument("--name", required=True)
+    csr.add_argument("--key-type", choices=("ec", "rsa"), default="ec")
+
+    ca = commands.add_parser("ca", help="the broker's certificate authority")
+    ca.add_argument("--state-dir", type=Path, help="the broker's state directory")
+    ca.add_argument("--config", type=Path, help="the broker's TOML settings")
+    ca_commands = ca.add_subparsers(dest="ca_command", metavar="COMMAND")
+    ca_commands.add_parser("status", help="the CA and every tower certificate, with expiries")
+    revoke = ca_commands.add_parser(
+        "revoke", help="revoke a tower's certificates; a running broker closes its link"
+    )
+    revoke.add_argument("tower")
+    import_ = ca_commands.add_parser(
+        "import", help="use an existing CA (certificate and key, PEM) instead of making one"
+    )
+    import_.add_argument("certificate", type=Path)
+    import_.add_argument("key", type=Path)
     return parser
 
 
@@ -67,6 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _shell(arguments)
     if arguments.command == "tower" and arguments.tower_command == "run":
         return _tower_run(arguments)
+    if arguments.command == "tower" and arguments.tower_command == "csr":
+        return _tower_csr(arguments)
+    if arguments.command == "ca" and arguments.ca_command:
+        from .ca_command import run_ca_command
+
+        return run_ca_command(arguments)
     parser.print_help(sys.stderr)
     return 2
 
@@ -166,31 +198,66 @@ def _shell(arguments: argparse.Namespace) -> int:
 def _tower_run(arguments: argparse.Namespace) -> int:
     from actors import bridge
 
-    from .tower.agent import AgentSettings, run_agent
+    from .tower.agent import (
+        AgentSettings,
+        AlreadyRunning,
+        hold_agent_lock,
+        load_agent_config,
+        run_agent,
+    )
     from .tower.peer import PeerSettings
 
-    host, _, port = arguments.listen.rpartition(":")
-    if not host or not port.isdigit():
-        print("broker tower run: --listen is HOST:PORT", file=sys.stderr)
-        return 2
     _logging()
-    settings = AgentSettings(
-        name=arguments.name,
-        host=host,
-        port=int(port),
-        certificate=arguments.certificate,
-        key=arguments.key,
-        ca=arguments.ca,
-        capacity=arguments.capacity,
-        load_interval=arguments.load_interval,
-        peer=PeerSettings(
-            arguments.heartbeat_interval, arguments.heartbeat_timeout, tower=arguments.name
-        ),
-    )
+    if arguments.config is not None:
+        try:
+            settings = load_agent_config(arguments.config)
+            hold_agent_lock(arguments.config.parent)
+        except ValueError as error:
+            print(f"broker tower run: {error}", file=sys.stderr)
+            return 2
+        except AlreadyRunning as error:
+            print(f"broker tower run: {error}", file=sys.stderr)
+            return 0
+    else:
+        missing = [flag for flag in ("name", "listen", "identity", "ca")
+                   if getattr(arguments, flag) is None]
+        host, _, port = (arguments.listen or "").rpartition(":")
+        if missing or not host or not port.isdigit():
+            print("broker tower run: give --config, or --name, --listen HOST:PORT, "
+                  "--identity and --ca", file=sys.stderr)
+            return 2
+        settings = AgentSettings(
+            name=arguments.name,
+            identity=arguments.identity,
+            host=host,
+            port=int(port),
+            ca=arguments.ca,
+            capacity=arguments.capacity,
+            load_interval=arguments.load_interval,
+            peer=PeerSettings(
+                arguments.heartbeat_interval, arguments.heartbeat_timeout, tower=arguments.name
+            ),
+        )
     try:
         bridge.run(run_agent, settings)
     except bridge.Interrupted:
         pass
+    return 0
+
+
+def _tower_csr(arguments: argparse.Namespace) -> int:
+    """Keep (or make) ``pending-key.pem`` in the directory; print its request."""
+    from .pki import tower_csr_for_key, write_secret, generate_private_key, private_key_pem
+
+    directory: Path = arguments.directory
+    key_file = directory / "pending-key.pem"
+    try:
+        if not key_file.exists():
+            write_secret(key_file, private_key_pem(generate_private_key(arguments.key_type)))
+        sys.stdout.write(tower_csr_for_key(key_file.read_bytes(), arguments.name).decode())
+    except (OSError, ValueError) as error:
+        print(f"broker tower csr: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -18,6 +18,8 @@ from typing import Any
 
 from aiortc.rtcicetransport import parse_stun_turn_uri
 
+from .inventory import Host, InventoryError, parse_hosts
+
 
 class ConfigError(ValueError):
     """The configuration is wrong; the message names the field and what is expected."""
@@ -111,6 +113,31 @@ class Settings:
     # is "admin" or "read-only". With none configured, the user's own public keys
     # (~/.ssh/*.pub, ~/.ssh/authorized_keys) are admin, as is the `broker shell` key.
     shell_keys: tuple[dict[str, str], ...] = ()
+    # The internal CA: the key type of a CA made on first start and of the keys towers
+    # make ("ec": ECDSA P-256; "rsa": RSA-2048; signatures are SHA-256), and how long a
+    # tower certificate lasts (renewed over the link at 2/3 of it).
+    ca_key_type: str = "ec"
+    tower_key_type: str = "ec"
+    tower_certificate_lifetime: float = 86_400.0
+    # The broker's public HTTPS certificate and key (PEM files); empty: a self-signed
+    # one for localhost, made in the state directory.
+    https_certificate: str = ""
+    https_key: str = ""
+    # Hosts that can become towers ([[hosts]] tables, see broker/inventory.py).
+    hosts: tuple[dict[str, Any], ...] = ()
+    # A provisioning step's deadline; a job's restarts within a period before its host
+    # is marked failed.
+    provision_step_timeout: float = 60.0
+    provision_restarts: int = 3
+    provision_restart_period: float = 600.0
+    # Scale-out when the used share of ready towers' capacity stays above the threshold
+    # for scale_out_after seconds; scale-in when a tower beyond min_towers has been idle
+    # for scale_in_after seconds. scale_interval is how often the policy looks.
+    scale_out_threshold: float = 0.7
+    scale_out_after: float = 30.0
+    scale_in_after: float = 300.0
+    min_towers: int = 1
+    scale_interval: float = 5.0
 
     def __post_init__(self) -> None:
         for name in ("https_port", "http_port", "shell_port"):
@@ -125,10 +152,17 @@ class Settings:
             "negotiation_restart_period",
             "tower_silence",
             "tower_load_interval",
+            "tower_certificate_lifetime",
+            "provision_step_timeout",
+            "provision_restart_period",
+            "scale_out_after",
+            "scale_in_after",
+            "scale_interval",
         ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds")
-        for name in ("local_towers", "negotiation_restarts", "hsts_max_age"):
+        for name in ("local_towers", "negotiation_restarts", "hsts_max_age",
+                     "provision_restarts", "min_towers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} cannot be negative")
         for name in ("tower_capacity", "max_sessions_per_key", "placements_per_session"):
@@ -154,10 +188,27 @@ class Settings:
                 raise ConfigError("a shell key's role is 'admin' or 'read-only'")
             if len(entry["key"].split()) < 2:
                 raise ConfigError("a shell key is an OpenSSH public key: 'type base64'")
+        for name in ("ca_key_type", "tower_key_type"):
+            if getattr(self, name) not in ("ec", "rsa"):
+                raise ConfigError(f"{name} is 'ec' (ECDSA P-256) or 'rsa' (RSA-2048)")
+        if self.tower_certificate_lifetime < 30:
+            raise ConfigError("tower_certificate_lifetime must be at least 30 seconds")
+        if bool(self.https_certificate) != bool(self.https_key):
+            raise ConfigError("https_certificate and https_key go together")
+        if not 0 < self.scale_out_threshold <= 1:
+            raise ConfigError("scale_out_threshold is a share of capacity: above 0, at most 1")
+        try:
+            parse_hosts(self.hosts)
+        except InventoryError as error:
+            raise ConfigError(str(error)) from None
         try:
             check_ice_servers(self.ice_servers)
         except ValueError as error:
             raise ConfigError(f"ice_servers: {error}") from None
+
+    @property
+    def inventory(self) -> tuple[Host, ...]:
+        return parse_hosts(self.hosts)
 
     @property
     def https_origin(self) -> str:

@@ -6,6 +6,12 @@ and then reports its load every ``load_interval`` seconds; those reports are als
 link's heartbeat. A frame that does not decode is answered with ``LinkError``, counted,
 and otherwise ignored: one bad frame never closes the link.
 
+Certificates are renewed over the link: the broker asks (``RenewCertificate``), the
+tower makes a new key on its own host and sends only its request (``CertificateRequest``),
+the broker signs it (``CertificateIssued``) or refuses and closes the link
+(``CertificateRefused``), and the tower installs it and says so (``CertificateInstalled``).
+The link stays up throughout: sessions do not notice.
+
 Session messages name the session and the negotiation number, so a late answer or state
 from an earlier negotiation of the same session is recognised and dropped.
 """
@@ -121,6 +127,45 @@ class AddCandidate:
 class ClosePeer:
     session: str
     negotiation: int
+
+
+# Certificate renewal.
+
+
+@codec.message("certificate.renew")
+@dataclass(frozen=True)
+class RenewCertificate:
+    """Broker to tower: make a new key and send its signing request."""
+
+
+@codec.message("certificate.request")
+@dataclass(frozen=True)
+class CertificateRequest:
+    """Tower to broker: the signing request (PEM) for a key made on the tower."""
+
+    csr: bytes
+
+
+@codec.message("certificate.issued")
+@dataclass(frozen=True)
+class CertificateIssued:
+    """Broker to tower: the new certificate (PEM) for the requested key."""
+
+    certificate: bytes
+
+
+@codec.message("certificate.refused")
+@dataclass(frozen=True)
+class CertificateRefused:
+    """Broker to tower: no new certificate, and why; the broker then closes the link."""
+
+    reason: str
+
+
+@codec.message("certificate.installed")
+@dataclass(frozen=True)
+class CertificateInstalled:
+    """Tower to broker: the new certificate is in use (new TLS handshakes present it)."""
 
 
 SessionMessage = PeerAnswer | PeerRejected | PeerState

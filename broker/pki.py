@@ -142,15 +142,28 @@ def generate_key_and_csr(name: str, key_type: KeyType = "ec") -> tuple[bytes, by
     Raises:
         ValueError: ``name`` is empty or not a valid DNS name, or ``key_type`` is unknown.
     """
+    key = private_key_pem(generate_private_key(key_type))
+    return key, tower_csr_for_key(key, name)
+
+
+def tower_csr_for_key(key_pem: bytes, name: str) -> bytes:
+    """The certificate signing request of tower ``name`` for the key it already made.
+
+    Raises:
+        ValueError: ``name`` is not a valid DNS name, or ``key_pem`` is not a private
+            key of a supported type.
+    """
     _check_name(name)
-    key = generate_private_key(key_type)
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
+        raise ValueError("a tower key is ECDSA or RSA")
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(_common_name(name))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
         .sign(key, hashes.SHA256())
     )
-    return private_key_pem(key), csr.public_bytes(serialization.Encoding.PEM)
+    return csr.public_bytes(serialization.Encoding.PEM)
 
 
 class CertificateAuthority:
@@ -256,8 +269,7 @@ class CertificateAuthority:
             authority = cls.create(key_type=key_type)
             # Key first: a crash between the two writes leaves a key without a
             # certificate, which the next start reports instead of silently replacing.
-            write_secret(key_path, private_key_pem(authority._private_key))
-            write_secret(certificate_path, authority.certificate_pem)
+            authority.save(directory)
             return authority
         if not (certificate_exists and key_exists):
             present, missing = (
@@ -267,13 +279,32 @@ class CertificateAuthority:
                 f"{present} exists but {missing} does not; restore the missing file, or "
                 f"remove {present} to create a new certificate authority"
             )
-        certificate = _load_certificate_file(certificate_path)
-        private_key = _load_private_key_file(key_path)
-        _check_authority_certificate(certificate, certificate_path)
         try:
-            return cls(certificate, private_key)
+            return cls.from_files(certificate_path, key_path)
         except CertificateError as error:
+            if str(error).startswith(str(directory)):
+                raise
             raise CertificateError(f"{key_path}: {error}") from None
+
+    @classmethod
+    def from_files(cls, certificate_file: Path, key_file: Path) -> CertificateAuthority:
+        """An existing authority (an operator's), after checking it can sign certificates.
+
+        Raises:
+            CertificateError: a file cannot be parsed, the key is not the certificate's,
+                or the certificate is not a certificate authority or has expired.
+            OSError: a file cannot be read.
+        """
+        certificate = _load_certificate_file(Path(certificate_file))
+        private_key = _load_private_key_file(Path(key_file))
+        _check_authority_certificate(certificate, Path(certificate_file))
+        return cls(certificate, private_key)
+
+    def save(self, directory: Path) -> None:
+        """Keep this authority in ``directory`` (as ``load_or_create`` finds it), 0600."""
+        directory = Path(directory)
+        write_secret(directory / CA_KEY_FILE, private_key_pem(self._private_key))
+        write_secret(directory / CA_CERTIFICATE_FILE, self.certificate_pem)
 
     @property
     def certificate_pem(self) -> bytes:
@@ -522,6 +553,20 @@ def certificate_name(cert: x509.Certificate) -> str:
         )
     value = names[0].value
     return value if isinstance(value, str) else value.decode()
+
+
+def check_server_identity(cert_file: Path, key_file: Path) -> None:
+    """Check that a server certificate and key (PEM files) load and belong together.
+
+    Raises:
+        CertificateError: they do not; the message names the files.
+    """
+    try:
+        server_ssl_context(cert_file, key_file)
+    except (OSError, ssl.SSLError) as error:
+        raise CertificateError(
+            f"cannot use {cert_file} with {key_file}: {getattr(error, 'strerror', None) or error}"
+        ) from None
 
 
 def server_ssl_context(

@@ -29,7 +29,7 @@ from .sessions import sessions_spec
 from .signaling import SignalingTokens
 from .shell.server import ShellServer, authorized_keys
 from .state import BrokerFiles, prepare, prepare_local_tower, prepare_shell, user_public_keys
-from .towers import TowerDirectory, local_tower_spec, towers_spec
+from .towers import LinkContext, TowerDirectory, local_tower_spec, towers_spec
 
 logger = logging.getLogger(__name__)
 
@@ -38,20 +38,21 @@ async def serve_broker(
     settings: Settings, announce: Callable[[Settings, BrokerFiles], None]
 ) -> None:
     """Run the broker until cancelled; ``announce`` is called once it listens."""
-    files, authority = prepare(settings.state_dir)
+    files, issuer = prepare(settings)
     towers = TowerDirectory(stale_after=settings.tower_silence)
     counters = SessionCounters()
     tokens = SignalingTokens(files.token_secret, settings.token_lifetime)
     link_tls = client_ssl_context(
         files.ca_certificate, files.client_certificate, files.client_key
     )
+    links = LinkContext(towers, link_tls, settings, issuer)
     tower_specs = []
     for number in range(1, settings.local_towers + 1):
         name = f"tower-{number}"
         credentials = functools.partial(
-            prepare_local_tower, files.directory, authority, name, settings.host
+            prepare_local_tower, files.directory, issuer, name, settings.host
         )
-        tower_specs.append(local_tower_spec(name, credentials, towers, link_tls, settings))
+        tower_specs.append(local_tower_spec(name, credentials, links))
     listening: list[Settings] = []
 
     def make_app(system: ActorSystem) -> BrokerApi:

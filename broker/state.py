@@ -3,13 +3,17 @@
     <state dir>/                    0700
       api-key                       the API key for creating sessions
       token-secret                  signs signaling tokens
-      https/certificate.pem, key.pem    self-signed, for localhost and 127.0.0.1
-      ca/ca.pem, ca-key.pem         the development CA that signs tower certificates
+      https/certificate.pem, key.pem    self-signed, for localhost and 127.0.0.1 (unless
+                                    the operator supplies https_certificate/https_key)
+      ca/ca.pem, ca-key.pem         the CA that signs tower certificates
+      ca/ledger.json                every tower certificate issued, and revocations
       broker/certificate.pem, key.pem   the broker's client identity on tower links
-      towers/<name>/certificate.pem, key.pem, ca.pem   a local tower's credentials
+      towers/<name>/identity.pem, ca.pem   a local tower's key + certificate, and the CA
+      provisioning/id_ed25519       the broker's SSH identity for provisioning hosts
+      provisioning/known_hosts      host keys pinned on first use (where allowed)
 
 Every file is written 0600. Local towers' certificates are short-lived and made anew at
-every start; everything else is kept.
+every start (and renewed over the link); everything else is kept.
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from .config import Settings
+from .issuer import Issuer
 from .pki import (
     BROKER_NAME,
     CertificateAuthority,
     CertificateError,
     certificate_expiry,
+    check_server_identity,
     generate_key_and_csr,
     self_signed_server_certificate,
     write_secret,
@@ -66,19 +73,30 @@ def _read_or_make(path: Path, make: Callable[[], bytes]) -> bytes:
     return data
 
 
-def prepare(directory: Path) -> tuple[BrokerFiles, CertificateAuthority]:
-    """Make (or reuse) everything the broker needs in ``directory``."""
+def prepare(settings: Settings) -> tuple[BrokerFiles, Issuer]:
+    """Make (or reuse) everything the broker needs in its state directory.
+
+    Raises:
+        CertificateError: the CA's files, or the operator's HTTPS certificate and key,
+            cannot be used (the message names the file).
+    """
+    directory = settings.state_dir
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     api_key = _read_or_make(
         directory / "api-key", lambda: ("bk_" + secrets.token_urlsafe(24)).encode()
     ).decode().strip()
     token_secret = _read_or_make(directory / "token-secret", lambda: secrets.token_bytes(32))
     https = directory / "https"
-    if not (https / "certificate.pem").exists() or not (https / "key.pem").exists():
+    https_certificate, https_key = https / "certificate.pem", https / "key.pem"
+    if settings.https_certificate:
+        https_certificate = Path(settings.https_certificate).expanduser()
+        https_key = Path(settings.https_key).expanduser()
+        check_server_identity(https_certificate, https_key)
+    elif not https_certificate.exists() or not https_key.exists():
         key, certificate = self_signed_server_certificate()
-        write_secret(https / "key.pem", key)
-        write_secret(https / "certificate.pem", certificate)
-    authority = CertificateAuthority.load_or_create(directory / "ca")
+        write_secret(https_key, key)
+        write_secret(https_certificate, certificate)
+    authority = CertificateAuthority.load_or_create(directory / "ca", settings.ca_key_type)
     client = directory / "broker"
     if not _valid_for(client / "certificate.pem", CLIENT_RENEWAL) or not (
         client / "key.pem"
@@ -90,28 +108,31 @@ def prepare(directory: Path) -> tuple[BrokerFiles, CertificateAuthority]:
         directory=directory,
         api_key=api_key,
         token_secret=token_secret,
-        https_certificate=https / "certificate.pem",
-        https_key=https / "key.pem",
+        https_certificate=https_certificate,
+        https_key=https_key,
         ca_certificate=directory / "ca" / "ca.pem",
         client_certificate=client / "certificate.pem",
         client_key=client / "key.pem",
     )
-    return files, authority
+    lifetime = timedelta(seconds=settings.tower_certificate_lifetime)
+    return files, Issuer(authority, directory / "ca", lifetime, settings.tower_key_type)
 
 
-def prepare_local_tower(
-    directory: Path, authority: CertificateAuthority, name: str, address: str
-) -> TowerFiles:
+def prepare_local_tower(directory: Path, issuer: Issuer, name: str, address: str) -> TowerFiles:
     """A local tower's key (made for it, as a remote tower makes its own) and certificate."""
     tower = directory / "towers" / name
-    key, csr = generate_key_and_csr(name)
-    certificate = authority.sign_tower_csr(
-        csr, expected_name=name, lifetime=timedelta(hours=24), addresses=[address]
-    )
-    write_secret(tower / "key.pem", key)
-    write_secret(tower / "certificate.pem", certificate)
-    write_secret(tower / "ca.pem", authority.certificate_pem)
-    return TowerFiles(tower / "certificate.pem", tower / "key.pem", tower / "ca.pem")
+    key, csr = generate_key_and_csr(name, issuer.key_type)
+    certificate = issuer.sign(csr, name, addresses=[address])
+    write_secret(tower / "identity.pem", key + certificate)
+    write_secret(tower / "ca.pem", issuer.authority.certificate_pem)
+    return TowerFiles(tower / "identity.pem", tower / "ca.pem")
+
+
+def provisioning_identity(directory: Path) -> Path:
+    """The broker's SSH key for provisioning hosts (made once); its ``.pub`` beside it."""
+    key = directory / "provisioning" / "id_ed25519"
+    ensure_host_key(key)
+    return key
 
 
 def prepare_shell(directory: Path) -> tuple[ShellFiles, str]:

@@ -18,6 +18,7 @@ runs ``broker tower run`` as a child process and restarts it when it dies
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import ssl
 import subprocess
@@ -26,16 +27,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import trio
+from cryptography import x509
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
 
 from actors import Actor, ActorRef, Backoff, ChildSpec, MailboxFull, Strategy, Supervisor
 from actors import DecodeError, SupervisorFlags
 
 from .config import Settings
+from .issuer import Issuer
 from .link import (
     CLOSE_TIMEOUT,
+    CertificateInstalled,
+    CertificateIssued,
+    CertificateRefused,
+    CertificateRequest,
+    RenewCertificate,
     MAX_FRAME_BYTES,
     LinkError,
     PeerAnswer,
@@ -45,11 +54,13 @@ from .link import (
     TowerLoadReport,
     codec,
 )
+from .pki import CLOCK_SKEW, CertificateError
 from .placement import Placement, TowerLoad
 
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
+RENEWAL_TIMEOUT = 30.0
 SEND_TIMEOUT = 5.0
 AGENT_START_TIMEOUT = 30.0
 AGENT_STOP_TIMEOUT = 3.0
@@ -178,26 +189,38 @@ class TowerAddress:
     port: int = 0
 
 
+@dataclass(frozen=True)
+class LinkContext:
+    """What every tower link shares: where linked towers go, the broker's TLS client
+    context, the settings, and the issuer that renews tower certificates."""
+
+    directory: TowerDirectory
+    tls: ssl.SSLContext
+    settings: Settings
+    issuer: Issuer
+
+
 class TowerLink(Actor):
     """The broker's end of one tower's link."""
 
     runs_tasks = True
 
-    def __init__(
-        self,
-        name: str,
-        address: TowerAddress,
-        directory: TowerDirectory,
-        tls: ssl.SSLContext,
-        settings: Settings,
-    ) -> None:
+    def __init__(self, name: str, address: TowerAddress, context: LinkContext) -> None:
         self.name = name
         self.address = address
-        self.directory = directory
-        self.tls = tls
-        self.settings = settings
+        self.directory = context.directory
+        self.tls = context.tls
+        self.settings = context.settings
+        self.issuer = context.issuer
         self.bad_frames = 0
-        self.certificate_expires: datetime | None = None
+        self.renewals = 0
+        # The tower's certificate now: the one it showed, then each one renewed.
+        self.certificate: x509.Certificate | None = None
+        self.renewal_replies: trio.MemorySendChannel[object] | None = None
+
+    @property
+    def certificate_expires(self) -> datetime | None:
+        return None if self.certificate is None else self.certificate.not_valid_after_utc
 
     async def started(self) -> None:
         self.start_soon(self._run)
@@ -221,9 +244,13 @@ class TowerLink(Actor):
             hello = await self._hello(websocket)
         except DecodeError as error:
             raise TowerLinkLost(f"{self.name}: its hello did not decode: {error}") from None
+        self._check_not_revoked()
         connection = TowerConnection(self.name, websocket, hello, self.certificate_expires)
         self.directory.connected(connection)
+        send, receive = trio.open_memory_channel[object](1)
+        self.renewal_replies = send
         try:
+            nursery.start_soon(self._renew, connection, receive)
             await self._read(websocket, connection)
         finally:
             self.directory.disconnected(connection)
@@ -238,7 +265,9 @@ class TowerLink(Actor):
                 # The tower's certificate must name the tower, whatever its address.
                 tls_stream = trio.SSLStream(stream, self.tls, server_hostname=self.name)
                 await tls_stream.do_handshake()
-                self.certificate_expires = _expiry(tls_stream.getpeercert())
+                der = tls_stream.getpeercert(binary_form=True)
+                assert der is not None  # the context requires a certificate
+                self.certificate = x509.load_der_x509_certificate(der)
                 return await wrap_client_stream(
                     nursery, tls_stream, self.name, "/link", max_message_size=MAX_FRAME_BYTES
                 )
@@ -272,21 +301,100 @@ class TowerLink(Actor):
                 await connection.send(LinkError(str(error)))
                 continue
             if isinstance(message, TowerLoadReport):
+                self._check_not_revoked()
                 self.directory.report(self.name, message)
             elif isinstance(message, (PeerAnswer, PeerRejected, PeerState)):
                 connection.deliver(message)
+            elif isinstance(message, (CertificateRequest, CertificateInstalled)):
+                assert self.renewal_replies is not None
+                try:
+                    self.renewal_replies.send_nowait(message)
+                except trio.WouldBlock:
+                    self.bad_frames += 1
             elif isinstance(message, LinkError):
                 logger.warning("%s refused a frame: %s", self.name, message.message)
             else:
                 self.bad_frames += 1
+
+    def _check_not_revoked(self) -> None:
+        assert self.certificate is not None
+        if self.issuer.is_revoked(self.certificate.serial_number):
+            raise TowerLinkLost(
+                f"{self.name}: its certificate {self.certificate.serial_number:x} is revoked"
+            )
+
+    async def _renew(
+        self, connection: TowerConnection, replies: trio.MemoryReceiveChannel[object]
+    ) -> None:
+        """Renew the tower's certificate at 2/3 of its lifetime, for as long as the link
+        lasts; a failed attempt is tried again after a tenth of the time left."""
+        while True:
+            assert self.certificate is not None
+            await trio.sleep(renewal_delay(self.certificate, datetime.now(timezone.utc)))
+            try:
+                await self._renew_once(connection, replies)
+            except (RenewalFailed, TowerGone) as error:
+                logger.warning("%s: certificate renewal failed: %s", self.name, error)
+                left = self.certificate.not_valid_after_utc - datetime.now(timezone.utc)
+                await trio.sleep(max(1.0, left.total_seconds() / 10))
+
+    async def _renew_once(
+        self, connection: TowerConnection, replies: trio.MemoryReceiveChannel[object]
+    ) -> None:
+        await connection.send(RenewCertificate())
+        request = await _reply(replies, CertificateRequest)
+        assert self.certificate is not None
+        try:
+            self._check_not_revoked()
+            addresses = [self.address.host] if _is_ip_address(self.address.host) else []
+            certificate = self.issuer.sign(request.csr, self.name, addresses)
+        except (TowerLinkLost, CertificateError) as error:
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                await connection.send(CertificateRefused(str(error)))
+            raise TowerLinkLost(f"{self.name}: no new certificate: {error}") from None
+        await connection.send(CertificateIssued(certificate))
+        await _reply(replies, CertificateInstalled)
+        self.certificate = x509.load_pem_x509_certificate(certificate)
+        connection.certificate_expires = self.certificate_expires
+        self.renewals += 1
+        logger.info("%s: certificate renewed, valid until %s", self.name,
+                    self.certificate_expires)
+
+
+class RenewalFailed(Exception):
+    """A tower did not complete a certificate renewal in time, or answered out of turn."""
+
+
+async def _reply(replies: trio.MemoryReceiveChannel[object], expected: type) -> Any:
+    with trio.move_on_after(RENEWAL_TIMEOUT):
+        message = await replies.receive()
+        if not isinstance(message, expected):
+            raise RenewalFailed(f"expected {expected.__name__}, got {type(message).__name__}")
+        return message
+    raise RenewalFailed(f"no {expected.__name__} within {RENEWAL_TIMEOUT:g} s")
+
+
+def renewal_delay(certificate: x509.Certificate, now: datetime) -> float:
+    """Seconds until ``certificate`` is due for renewal: 2/3 of its lifetime, counted from
+    its issue (``not_valid_before`` is back-dated by the clock-skew allowance)."""
+    issued = certificate.not_valid_before_utc + CLOCK_SKEW
+    due = issued + (certificate.not_valid_after_utc - issued) * 2 / 3
+    return max(1.0, (due - now).total_seconds())
+
+
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
 class TowerFiles:
     """A local tower's credentials, made by the broker's CA in the state directory."""
 
-    certificate: Path
-    key: Path
+    identity: Path  # key and certificate
     ca: Path
 
 
@@ -317,8 +425,7 @@ class LocalTowerAgent(Actor):
             sys.executable, "-m", "broker", "tower", "run",
             "--name", self.name,
             "--listen", f"{self.settings.host}:0",
-            "--certificate", str(self.files.certificate),
-            "--key", str(self.files.key),
+            "--identity", str(self.files.identity),
             "--ca", str(self.files.ca),
             "--capacity", str(self.settings.tower_capacity),
             "--heartbeat-interval", str(self.settings.heartbeat_interval),
@@ -359,12 +466,6 @@ class LocalTowerAgent(Actor):
                 await _stop_process(process)
 
 
-def _expiry(certificate: dict | None) -> datetime | None:
-    if not certificate or "notAfter" not in certificate:
-        return None
-    return datetime.fromtimestamp(ssl.cert_time_to_seconds(certificate["notAfter"]), timezone.utc)
-
-
 async def _read_line(stream: trio.abc.ReceiveStream) -> str:
     data = b""
     while not data.endswith(b"\n"):
@@ -391,26 +492,29 @@ async def _stop_process(process: trio.Process) -> None:
     await process.wait()
 
 
+_TOWER_FLAGS = SupervisorFlags(
+    strategy=Strategy.REST_FOR_ONE, intensity=5, period=30, backoff=Backoff(initial=0.2, maximum=5)
+)
+
+
 def local_tower_spec(
-    name: str,
-    credentials: Callable[[], TowerFiles],
-    directory: TowerDirectory,
-    tls: ssl.SSLContext,
-    settings: Settings,
+    name: str, credentials: Callable[[], TowerFiles], context: LinkContext
 ) -> ChildSpec:
     """The ``tower:<name>`` supervisor of a local tower: its agent process, then its link."""
     address = TowerAddress()
+    settings = context.settings
     children = [
         ChildSpec("agent", lambda: LocalTowerAgent(name, credentials, address, settings)),
-        ChildSpec("link", lambda: TowerLink(name, address, directory, tls, settings)),
+        ChildSpec("link", lambda: TowerLink(name, address, context)),
     ]
-    flags = SupervisorFlags(
-        strategy=Strategy.REST_FOR_ONE,
-        intensity=5,
-        period=30,
-        backoff=Backoff(initial=0.2, maximum=5),
-    )
-    return ChildSpec(f"tower:{name}", lambda: Supervisor(children, flags))
+    return ChildSpec(f"tower:{name}", lambda: Supervisor(children, _TOWER_FLAGS))
+
+
+def remote_tower_spec(name: str, host: str, port: int, context: LinkContext) -> ChildSpec:
+    """The ``tower:<name>`` supervisor of a provisioned tower: its link, through NGINX."""
+    address = TowerAddress(host, port)
+    children = [ChildSpec("link", lambda: TowerLink(name, address, context))]
+    return ChildSpec(f"tower:{name}", lambda: Supervisor(children, _TOWER_FLAGS))
 
 
 def towers_spec(specs: Callable[[], list[ChildSpec]]) -> ChildSpec:

@@ -2,25 +2,44 @@
 
 Theory of operation: the agent's actor system has two children. ``peers`` supervises one
 ``Peer`` actor per session. ``link`` is the communication server: it accepts the
-broker's WebSocket over mutual TLS (the client certificate must be the broker's, issued
-by the broker's CA), says hello, reports load every ``load_interval`` seconds, and turns
+broker's WebSocket, says hello, reports load every ``load_interval`` seconds, and turns
 the broker's frames into peers: open, add a candidate, close. One broker connection is
 served at a time; a new one replaces the old. When the broker's connection ends, every
 peer is closed: the broker has already moved those sessions elsewhere.
 
-The agent prints ``ready <host> <port>`` on stdout once it listens, and exits when its
-stdin reaches end-of-file (its parent, a local broker, is gone) or on SIGINT/SIGTERM.
+Two ways to stand, one protocol:
+
+- **Local** (``--listen``): the agent speaks mutual TLS itself on a TCP port (the client
+  certificate must be the broker's, issued by the broker's CA), prints ``ready <host>
+  <port>`` once it listens, and exits when its stdin reaches end-of-file (its parent, a
+  local broker, is gone) or on SIGINT/SIGTERM.
+- **Behind NGINX** (``--config``, what provisioning sets up): NGINX terminates mutual TLS
+  and proxies the link to the agent's Unix socket in the tower's private directory; the
+  agent checks the client subject NGINX passes on. It holds a lock in that directory, so a
+  second agent for the same tower exits at once, and runs until SIGINT/SIGTERM.
+
+Its identity (key and certificate chain, one PEM file) is renewed over the link: the key
+is made here and never leaves; after the new file is written, the local agent loads it
+for new handshakes and the agent behind NGINX runs its reload command.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
+import socket
+import ssl
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
 from actors import (
@@ -42,31 +61,54 @@ from ..link import (
     CLOSE_TIMEOUT,
     MAX_FRAME_BYTES,
     AddCandidate,
+    CertificateInstalled,
+    CertificateIssued,
+    CertificateRefused,
+    CertificateRequest,
     ClosePeer,
     LinkError,
+    RenewCertificate,
     OpenPeer,
     PeerRejected,
     TowerHello,
     TowerLoadReport,
     codec,
 )
-from ..pki import BROKER_NAME, server_ssl_context
+from ..pki import (
+    BROKER_NAME,
+    KeyType,
+    generate_key_and_csr,
+    server_ssl_context,
+    write_secret,
+)
 from .peer import Peer, PeerSettings
 
 logger = logging.getLogger(__name__)
 
 
 HANDSHAKE_TIMEOUT = 10.0
+# The client subject NGINX passes on ($ssl_client_s_dn) for the broker's certificate.
+BROKER_SUBJECT = f"CN={BROKER_NAME}"
 
 
 @dataclass(frozen=True)
 class AgentSettings:
+    """A tower agent's settings.
+
+    ``identity`` is the tower's key followed by its certificate (PEM). A local agent has
+    ``host``, ``port`` and ``ca`` (it checks the broker's certificate itself); an agent
+    behind NGINX has ``socket`` and ``reload`` (the command that makes NGINX pick up a
+    renewed identity).
+    """
+
     name: str
-    host: str
-    port: int
-    certificate: Path
-    key: Path
-    ca: Path
+    identity: Path
+    host: str = ""
+    port: int = 0
+    ca: Path | None = None
+    socket: Path | None = None
+    reload: tuple[str, ...] = ()
+    key_type: KeyType = "ec"
     capacity: int = Settings.tower_capacity
     load_interval: float = Settings.tower_load_interval
     peer: PeerSettings = PeerSettings()
@@ -98,11 +140,12 @@ class PeerEntry:
 
 
 class CommunicationServer(Actor):
-    """The agent's ``link``: serves the broker over mutual TLS."""
+    """The agent's ``link``: serves the broker, over mutual TLS or behind NGINX."""
 
     runs_tasks = True
 
     def __init__(self, settings: AgentSettings, listeners: list[trio.SocketListener]) -> None:
+        # TCP listeners for a local agent, the Unix socket behind NGINX.
         self.settings = settings
         # Opened once by the agent, so a restarted server keeps the port the broker knows.
         self.listeners = listeners
@@ -110,14 +153,19 @@ class CommunicationServer(Actor):
         self.peers_by_session: dict[str, PeerEntry] = {}
         self.connection_scope: trio.CancelScope | None = None
         self.opened = 0
+        # The key of a renewal in progress: made here, kept until its certificate comes.
+        self.pending_key: bytes | None = None
+        self.renewals = 0
 
     async def started(self) -> None:
         peers = self.system.lookup(f"/{self.settings.name}/peers")
         assert isinstance(peers, SupervisorRef)
         self.peers = peers
-        self.tls = server_ssl_context(
-            self.settings.certificate, self.settings.key, client_ca_file=self.settings.ca
-        )
+        self.tls: ssl.SSLContext | None = None
+        if self.settings.ca is not None:
+            self.tls = server_ssl_context(
+                self.settings.identity, self.settings.identity, client_ca_file=self.settings.ca
+            )
         self.start_soon(self._listen)
 
     async def _listen(self) -> None:
@@ -139,25 +187,35 @@ class CommunicationServer(Actor):
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _handle_stream(self, stream: trio.SocketStream) -> None:
-        tls_stream = trio.SSLStream(stream, self.tls, server_side=True)
-        try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
-                await tls_stream.do_handshake()
-        except (trio.TooSlowError, trio.BrokenResourceError) as error:
-            logger.warning("%s: refused a link: %r", self.settings.name, error.__cause__ or error)
-            await trio.aclose_forcefully(tls_stream)
-            return
-        if _common_name(tls_stream.getpeercert()) != BROKER_NAME:
-            logger.warning("%s: refused a link from a certificate not the broker's",
-                           self.settings.name)
-            await trio.aclose_forcefully(tls_stream)
-            return
+    async def _handle_stream(self, stream: trio.abc.Stream) -> None:
+        if self.tls is not None:
+            tls_stream = trio.SSLStream(stream, self.tls, server_side=True)
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    await tls_stream.do_handshake()
+            except (trio.TooSlowError, trio.BrokenResourceError) as error:
+                logger.warning("%s: refused a link: %r", self.settings.name,
+                               error.__cause__ or error)
+                await trio.aclose_forcefully(tls_stream)
+                return
+            if _common_name(tls_stream.getpeercert()) != BROKER_NAME:
+                logger.warning("%s: refused a link from a certificate not the broker's",
+                               self.settings.name)
+                await trio.aclose_forcefully(tls_stream)
+                return
+            stream = tls_stream
         async with trio.open_nursery() as nursery:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 request = await wrap_server_stream(
-                    nursery, tls_stream, max_message_size=MAX_FRAME_BYTES
+                    nursery, stream, max_message_size=MAX_FRAME_BYTES
                 )
+                if self.tls is None and _header(request, "x-client-subject") != BROKER_SUBJECT:
+                    # NGINX checked the certificate chain; the subject must be the broker's.
+                    logger.warning("%s: refused a link from %r", self.settings.name,
+                                   _header(request, "x-client-subject"))
+                    await request.reject(403)
+                    nursery.cancel_scope.cancel()
+                    return
                 websocket = await request.accept()
             await self._serve_broker(websocket)
             nursery.cancel_scope.cancel()
@@ -216,6 +274,14 @@ class CommunicationServer(Actor):
                             "too many candidates at once"))
             elif isinstance(message, ClosePeer):
                 self._close(message.session, message.negotiation)
+            elif isinstance(message, RenewCertificate):
+                await self._request_certificate()
+            elif isinstance(message, CertificateIssued):
+                await self._install(message.certificate)
+            elif isinstance(message, CertificateRefused):
+                logger.warning("%s: the broker refused a new certificate: %s",
+                               self.settings.name, message.reason)
+                self.pending_key = None
             else:
                 await self.uplink.send(LinkError(f"a tower does not take {type(message).__name__}"))
 
@@ -259,10 +325,55 @@ class CommunicationServer(Actor):
         except LookupError:
             pass
 
+    async def _request_certificate(self) -> None:
+        # RSA keys take a while to make: off the link's task.
+        self.pending_key, csr = await trio.to_thread.run_sync(
+            generate_key_and_csr, self.settings.name, self.settings.key_type
+        )
+        await self.uplink.send(CertificateRequest(csr))
+
+    async def _install(self, certificate: bytes) -> None:
+        key = self.pending_key
+        if key is None or not _matches(key, certificate):
+            await self.uplink.send(LinkError("a certificate that is not for the key asked for"))
+            return
+        self.pending_key = None
+        write_secret(self.settings.identity, key + certificate)
+        if self.tls is not None:
+            self.tls.load_cert_chain(self.settings.identity)
+        elif self.settings.reload:
+            result = await trio.run_process(
+                list(self.settings.reload), capture_stdout=True, capture_stderr=True, check=False
+            )
+            if result.returncode != 0:
+                output = (result.stderr or result.stdout).decode(errors="replace").strip()
+                await self.uplink.send(LinkError(f"reloading with the new certificate "
+                                                 f"failed: {output}"))
+                return
+        self.renewals += 1
+        await self.uplink.send(CertificateInstalled())
+
     def _close_peers_opened_by(self, connection: object) -> None:
         for session, entry in list(self.peers_by_session.items()):
             if entry.opened_by is connection:
                 self._close(session, entry.negotiation)
+
+
+def _header(request: Any, name: str) -> str:
+    for key, value in request.headers:
+        if key.decode("latin-1").lower() == name:
+            return value.decode("latin-1")
+    return ""
+
+
+def _matches(key_pem: bytes, certificate_pem: bytes) -> bool:
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        certificate = x509.load_pem_x509_certificate(certificate_pem)
+    except ValueError:
+        return False
+    der = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return key.public_key().public_bytes(*der) == certificate.public_key().public_bytes(*der)
 
 
 def _common_name(certificate: dict | None) -> str:
@@ -274,17 +385,90 @@ def _common_name(certificate: dict | None) -> str:
 
 
 async def run_agent(settings: AgentSettings) -> None:
-    """Run a tower agent until its stdin closes or it is cancelled."""
-    listeners = await trio.open_tcp_listeners(settings.port, host=settings.host)
-    port = listeners[0].socket.getsockname()[1]
+    """Run a tower agent: a local one until its stdin closes, one behind NGINX until it
+    is cancelled (SIGINT/SIGTERM)."""
+    if settings.socket is not None:
+        listeners = [await _unix_listener(settings.socket)]
+    else:
+        listeners = await trio.open_tcp_listeners(settings.port, host=settings.host)
     peers_flags = SupervisorFlags(intensity=1_000_000, period=1)
     children = [
         ChildSpec("peers", lambda: Supervisor((), peers_flags)),
         ChildSpec("link", lambda: CommunicationServer(settings, listeners)),
     ]
     async with open_system(settings.name, children=children):
+        if settings.socket is not None:
+            await trio.sleep_forever()
+        port = listeners[0].socket.getsockname()[1]
         print(f"ready {settings.host} {port}", flush=True)
         await _wait_for_end_of_input()
+
+
+class AlreadyRunning(Exception):
+    """Another agent holds this tower's lock."""
+
+
+def hold_agent_lock(directory: Path) -> int:
+    """Take the tower directory's agent lock (held until the process ends) and write the
+    pid file; returns the lock's descriptor.
+
+    Raises:
+        AlreadyRunning: another agent holds it.
+    """
+    descriptor = os.open(directory / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise AlreadyRunning(f"an agent already runs in {directory}") from None
+    (directory / "agent.pid").write_text(f"{os.getpid()}\n")
+    return descriptor
+
+
+def load_agent_config(path: Path) -> AgentSettings:
+    """The settings of an agent behind NGINX, from the TOML file provisioning wrote.
+
+    Raises:
+        ValueError: the file is missing, not TOML, or lacks a setting (message says which).
+    """
+    try:
+        with open(path, "rb") as file:
+            values = tomllib.load(file)
+        peer = PeerSettings(
+            float(values["heartbeat_interval"]), float(values["heartbeat_timeout"]),
+            tower=str(values["name"]),
+        )
+        return AgentSettings(
+            name=str(values["name"]),
+            identity=Path(values["identity"]),
+            socket=Path(values["socket"]),
+            reload=tuple(str(word) for word in values["reload"]),
+            key_type=values.get("key_type", "ec"),
+            capacity=int(values["capacity"]),
+            load_interval=float(values["load_interval"]),
+            peer=peer,
+        )
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{path} is not valid TOML: {error}") from None
+    except KeyError as error:
+        raise ValueError(f"{path} has no {error.args[0]!r}") from None
+
+
+async def _unix_listener(path: Path) -> trio.SocketListener:
+    # A socket left by an agent that died is in the way; the lock says none runs now.
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Bound before the mode is narrowed would leave a moment for anyone on the host.
+    previous = os.umask(0o177)
+    try:
+        await sock.bind(str(path))
+    finally:
+        os.umask(previous)
+    sock.listen(128)
+    return trio.SocketListener(sock)
 
 
 async def _wait_for_end_of_input() -> None:

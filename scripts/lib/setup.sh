@@ -22,7 +22,7 @@ ensure_venv() {
     fi
 }
 
-# Debian packages the tests drive for real (a browser, an SSH client):
+# Debian packages the tests drive for real (a browser, SSH client and server, NGINX):
 # installed when missing and running as root; otherwise the tests that need them say so.
 ensure_debian_packages() {
     local missing=()

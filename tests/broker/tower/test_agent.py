@@ -55,6 +55,7 @@ def run(main: Callable, *args: object) -> object:
 class Identity:
     certificate: Path
     key: Path
+    combined: Path  # key and certificate in one file, as an agent takes them
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,9 @@ class Credentials:
 def _write_identity(directory: Path, key: bytes, certificate: bytes) -> Identity:
     write_secret(directory / "key.pem", key)
     write_secret(directory / "certificate.pem", certificate)
-    return Identity(directory / "certificate.pem", directory / "key.pem")
+    write_secret(directory / "identity.pem", key + certificate)
+    return Identity(directory / "certificate.pem", directory / "key.pem",
+                    directory / "identity.pem")
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +120,7 @@ def agent(credentials, tmp_path) -> Iterator[RunningAgent]:
         process = subprocess.Popen(
             [sys.executable, "-m", "broker", "tower", "run", "--name", TOWER,
              "--listen", "127.0.0.1:0",
-             "--certificate", str(credentials.tower.certificate),
-             "--key", str(credentials.tower.key),
+             "--identity", str(credentials.tower.combined),
              "--ca", str(credentials.ca),
              "--load-interval", str(LOAD_INTERVAL)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,

@@ -1,0 +1,124 @@
+"""Tower certificates: signed by the broker's CA, recorded, and revocable.
+
+The ``Issuer`` signs every tower certificate the broker hands out (at provisioning, at
+each renewal over a link, and for local towers) and records it in ``ca/ledger.json`` in
+the state directory: serial, tower, expiry, and whether it is revoked. Revoking a tower
+revokes every unexpired certificate it holds; a link presenting a revoked certificate is
+closed, and its renewal refused. The ledger is re-read when another process (``broker ca
+revoke``) changed it, so a revocation reaches a running broker within a load report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from cryptography import x509
+
+from .pki import CertificateAuthority, CertificateError, KeyType, write_secret
+
+LEDGER_FILE = "ledger.json"
+# Expired certificates stay listed this long, for the record, then are dropped.
+KEEP_EXPIRED = timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class Issued:
+    serial: str  # hexadecimal
+    tower: str
+    not_after: str  # ISO 8601, UTC
+    revoked: bool = False
+
+    @property
+    def expires(self) -> datetime:
+        return datetime.fromisoformat(self.not_after)
+
+
+class Issuer:
+    """Signs tower certificates with ``authority`` and keeps the ledger in ``directory``."""
+
+    def __init__(
+        self,
+        authority: CertificateAuthority,
+        directory: Path,
+        lifetime: timedelta,
+        key_type: KeyType = "ec",
+    ) -> None:
+        self.authority = authority
+        self.lifetime = lifetime
+        self.key_type = key_type
+        self.path = Path(directory) / LEDGER_FILE
+        self._records: dict[str, Issued] = {}
+        self._read_at: float | None = None
+        self._refresh()
+
+    def sign(self, csr_pem: bytes, tower: str, addresses: Sequence[str] = ()) -> bytes:
+        """Check and sign a tower's request, and record the certificate.
+
+        Raises:
+            CertificateError: the request is refused (see ``sign_tower_csr``).
+        """
+        certificate = self.authority.sign_tower_csr(
+            csr_pem, expected_name=tower, lifetime=self.lifetime, addresses=addresses
+        )
+        parsed = x509.load_pem_x509_certificate(certificate)
+        self._refresh()
+        self._records[_serial(parsed.serial_number)] = Issued(
+            _serial(parsed.serial_number), tower, parsed.not_valid_after_utc.isoformat()
+        )
+        self._write()
+        return certificate
+
+    def revoke(self, tower: str) -> list[str]:
+        """Revoke every unexpired certificate of ``tower``; returns their serials."""
+        self._refresh()
+        now = datetime.now(timezone.utc)
+        serials = [
+            serial for serial, record in self._records.items()
+            if record.tower == tower and not record.revoked and record.expires > now
+        ]  # fmt: skip
+        for serial in serials:
+            self._records[serial] = Issued(**{**asdict(self._records[serial]), "revoked": True})
+        self._write()
+        return serials
+
+    def is_revoked(self, serial: int) -> bool:
+        self._refresh()
+        record = self._records.get(_serial(serial))
+        return record is not None and record.revoked
+
+    def records(self) -> list[Issued]:
+        self._refresh()
+        return sorted(self._records.values(), key=lambda record: (record.tower, record.expires))
+
+    def _refresh(self) -> None:
+        try:
+            modified = os.stat(self.path).st_mtime_ns
+        except FileNotFoundError:
+            return
+        if modified == self._read_at:
+            return
+        try:
+            entries = json.loads(self.path.read_bytes())
+            records = {entry["serial"]: Issued(**entry) for entry in entries}
+        except (ValueError, TypeError, KeyError) as error:
+            raise CertificateError(f"{self.path} is damaged: {error}") from None
+        self._records = records
+        self._read_at = modified
+
+    def _write(self) -> None:
+        horizon = datetime.now(timezone.utc) - KEEP_EXPIRED
+        self._records = {
+            serial: record for serial, record in self._records.items() if record.expires > horizon
+        }
+        data = json.dumps([asdict(record) for record in self._records.values()], indent=1)
+        write_secret(self.path, data.encode())
+        self._read_at = os.stat(self.path).st_mtime_ns
+
+
+def _serial(number: int) -> str:
+    return format(number, "x")
