@@ -676,6 +676,7 @@ class _Cell:
         "exit",
         "ended",
         "traces",
+        "restart_at",
     )
 
     def __init__(self, spec: ChildSpec, parent: _Cell | None, system: ActorSystem) -> None:
@@ -704,6 +705,8 @@ class _Cell:
         # Replaced, never mutated, so the actor's loop may go through it while a trace
         # is entered or exited.
         self.traces: tuple[Trace, ...] = ()
+        # When a restart waiting out its backoff is due (trio time), else None.
+        self.restart_at: float | None = None
         system._register(self)
 
     def new_incarnation(self) -> _Incarnation:
@@ -786,6 +789,9 @@ class _Cell:
             and incarnation.started_at is not None
         ):
             uptime = trio.current_time() - incarnation.started_at
+        restart_in = None
+        if self.restart_at is not None:
+            restart_in = max(0.0, self.restart_at - trio.current_time())
         return ActorSnapshot(
             path=self.path,
             name=self.name,
@@ -801,6 +807,7 @@ class _Cell:
             failures=self.failures,
             children=children,
             supervisor=supervisor,
+            restart_in=restart_in,
         )
 
 
@@ -822,7 +829,11 @@ async def run_incarnation(
         with incarnation.scope:
             if delay > 0:
                 cell.state = ActorState.RESTARTING
-                await trio.sleep(delay)
+                cell.restart_at = trio.current_time() + delay
+                try:
+                    await trio.sleep(delay)
+                finally:
+                    cell.restart_at = None
             else:
                 # A stop or kill that came before this runner first ran ends it here,
                 # before a fresh actor is built and started under cancellation.

@@ -35,7 +35,8 @@ class SupervisorInfo:
 class ActorSnapshot:
     """One actor at one moment.
 
-    ``uptime`` is the age of its current run (0 when not running); ``failures`` are its
+    ``uptime`` is the age of its current run (0 when not running); ``restart_in`` is how
+    long until a restart waiting out its backoff begins (None when none waits); ``failures`` are its
     most recent abnormal ends, oldest first; ``children`` are set for supervisors, in
     start order; ``supervisor`` holds a supervisor's flags and is None for workers.
     """
@@ -54,6 +55,7 @@ class ActorSnapshot:
     failures: tuple[Failure, ...]
     children: tuple[ActorSnapshot, ...] = ()
     supervisor: SupervisorInfo | None = None
+    restart_in: float | None = None
 
     @property
     def kind(self) -> str:

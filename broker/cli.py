@@ -109,6 +109,8 @@ def _logging() -> None:
     )
     # Every ICE check at INFO would drown what the broker says.
     logging.getLogger("aioice").setLevel(logging.WARNING)
+    # Each SSH connection and channel at INFO, from the shell and from provisioning.
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
 
 def _serve(arguments: argparse.Namespace) -> int:

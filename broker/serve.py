@@ -2,7 +2,10 @@
 
     /broker                 one_for_one
     ├── towers              one_for_one; tower:<name> per tower (agent process, link)
+    ├── jobs                a job:<host> per provisioning or decommission job
+    ├── provisioning        starts and cancels jobs
     ├── sessions            one_for_one; session:<id> per session, each with its negotiation
+    ├── scaler              provisions, drains and decommissions towers by load
     ├── endpoint            HTTPS + WSS for browsers, 301 from HTTP
     └── shell               the operators' SSH shell
 
@@ -28,7 +31,16 @@ from .pki import client_ssl_context
 from .sessions import sessions_spec
 from .signaling import SignalingTokens
 from .shell.server import ShellServer, authorized_keys
-from .state import BrokerFiles, prepare, prepare_local_tower, prepare_shell, user_public_keys
+from .scaling import Scaler
+from .provisioning import HostBoard, ProvisioningContext, provisioning_specs
+from .state import (
+    BrokerFiles,
+    prepare,
+    prepare_local_tower,
+    prepare_shell,
+    provisioning_identity,
+    user_public_keys,
+)
 from .towers import LinkContext, TowerDirectory, local_tower_spec, towers_spec
 
 logger = logging.getLogger(__name__)
@@ -46,6 +58,11 @@ async def serve_broker(
         files.ca_certificate, files.client_certificate, files.client_key
     )
     links = LinkContext(towers, link_tls, settings, issuer)
+    board = HostBoard(settings.inventory)
+    provisioning = ProvisioningContext(
+        settings, board, provisioning_identity(files.directory),
+        files.directory / "provisioning" / "known_hosts", issuer, links,
+    )  # fmt: skip
     tower_specs = []
     for number in range(1, settings.local_towers + 1):
         name = f"tower-{number}"
@@ -73,7 +90,9 @@ async def serve_broker(
 
     children = [
         towers_spec(lambda: tower_specs),
+        *provisioning_specs(provisioning),
         sessions_spec(),
+        ChildSpec("scaler", lambda: Scaler(settings, towers, board)),
         ChildSpec("endpoint", make_endpoint),
         ChildSpec("shell", make_shell),
     ]

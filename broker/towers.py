@@ -31,7 +31,12 @@ from typing import Any
 
 import trio
 from cryptography import x509
-from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
+from trio_websocket import (
+    ConnectionClosed,
+    HandshakeError,
+    WebSocketConnection,
+    wrap_client_stream,
+)
 
 from actors import Actor, ActorRef, Backoff, ChildSpec, MailboxFull, Strategy, Supervisor
 from actors import DecodeError, SupervisorFlags
@@ -258,31 +263,13 @@ class TowerLink(Actor):
                 await websocket.aclose()
 
     async def _connect(self, nursery: trio.Nursery) -> WebSocketConnection:
-        host, port = self.address.host, self.address.port
-        try:
-            with trio.fail_after(CONNECT_TIMEOUT):
-                stream = await trio.open_tcp_stream(host, port)
-                # The tower's certificate must name the tower, whatever its address.
-                tls_stream = trio.SSLStream(stream, self.tls, server_hostname=self.name)
-                await tls_stream.do_handshake()
-                der = tls_stream.getpeercert(binary_form=True)
-                assert der is not None  # the context requires a certificate
-                self.certificate = x509.load_der_x509_certificate(der)
-                return await wrap_client_stream(
-                    nursery, tls_stream, self.name, "/link", max_message_size=MAX_FRAME_BYTES
-                )
-        except trio.TooSlowError:
-            raise TowerLinkLost(f"{self.name}: no link within {CONNECT_TIMEOUT:g} s") from None
-        except (OSError, trio.BrokenResourceError) as error:
-            raise TowerLinkLost(f"{self.name}: cannot link to {host}:{port}: {error}") from None
+        websocket, self.certificate = await dial_tower(
+            nursery, self.address.host, self.address.port, self.name, self.tls
+        )
+        return websocket
 
     async def _hello(self, websocket: WebSocketConnection) -> TowerHello:
-        with trio.move_on_after(self.settings.tower_silence):
-            hello = codec.decode(await websocket.get_message())
-            if not isinstance(hello, TowerHello) or hello.tower != self.name:
-                raise TowerLinkLost(f"{self.name}: expected its hello, got {hello!r}")
-            return hello
-        raise TowerLinkLost(f"{self.name}: no hello within {self.settings.tower_silence:g} s")
+        return await receive_hello(websocket, self.name, self.settings.tower_silence)
 
     async def _read(self, websocket: WebSocketConnection, connection: TowerConnection) -> None:
         silence = self.settings.tower_silence
@@ -346,7 +333,7 @@ class TowerLink(Actor):
         assert self.certificate is not None
         try:
             self._check_not_revoked()
-            addresses = [self.address.host] if _is_ip_address(self.address.host) else []
+            addresses = [self.address.host] if is_ip_address(self.address.host) else []
             certificate = self.issuer.sign(request.csr, self.name, addresses)
         except (TowerLinkLost, CertificateError) as error:
             with trio.move_on_after(CLOSE_TIMEOUT):
@@ -359,6 +346,55 @@ class TowerLink(Actor):
         self.renewals += 1
         logger.info("%s: certificate renewed, valid until %s", self.name,
                     self.certificate_expires)
+
+
+async def dial_tower(
+    nursery: trio.Nursery, host: str, port: int, name: str, tls: ssl.SSLContext
+) -> tuple[WebSocketConnection, x509.Certificate]:
+    """Open the link to tower ``name`` at ``host:port`` (its agent, or NGINX in front of it):
+    mutual TLS, then the link's WebSocket. Returns it and the tower's certificate.
+
+    Raises:
+        TowerLinkLost: no connection, a TLS or WebSocket handshake failed (the message
+            says why), or it all took over ``CONNECT_TIMEOUT`` seconds.
+    """
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT):
+            stream = await trio.open_tcp_stream(host, port)
+            # The tower's certificate must name the tower, whatever its address.
+            tls_stream = trio.SSLStream(stream, tls, server_hostname=name)
+            await tls_stream.do_handshake()
+            der = tls_stream.getpeercert(binary_form=True)
+            assert der is not None  # the context requires a certificate
+            websocket = await wrap_client_stream(
+                nursery, tls_stream, name, "/link", max_message_size=MAX_FRAME_BYTES
+            )
+            return websocket, x509.load_der_x509_certificate(der)
+    except trio.TooSlowError:
+        raise TowerLinkLost(f"{name}: no link within {CONNECT_TIMEOUT:g} s") from None
+    except HandshakeError as error:
+        raise TowerLinkLost(f"{name}: {host}:{port} refused the link: {error}") from None
+    except (OSError, trio.BrokenResourceError) as error:
+        cause = error.__cause__ if isinstance(error, trio.BrokenResourceError) else None
+        raise TowerLinkLost(f"{name}: cannot link to {host}:{port}: {cause or error}") from None
+
+
+async def receive_hello(websocket: WebSocketConnection, name: str, silence: float) -> TowerHello:
+    """The tower's first frame, which must be the hello of tower ``name``.
+
+    Raises:
+        TowerLinkLost: another frame, or none within ``silence`` seconds, or the link closed.
+        DecodeError: the frame does not decode.
+    """
+    with trio.move_on_after(silence):
+        try:
+            hello = codec.decode(await websocket.get_message())
+        except ConnectionClosed as closed:
+            raise TowerLinkLost(f"{name}: link closed ({closed.reason})") from None
+        if not isinstance(hello, TowerHello) or hello.tower != name:
+            raise TowerLinkLost(f"{name}: expected its hello, got {hello!r}")
+        return hello
+    raise TowerLinkLost(f"{name}: no hello within {silence:g} s")
 
 
 class RenewalFailed(Exception):
@@ -382,7 +418,7 @@ def renewal_delay(certificate: x509.Certificate, now: datetime) -> float:
     return max(1.0, (due - now).total_seconds())
 
 
-def _is_ip_address(text: str) -> bool:
+def is_ip_address(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
     except ValueError:

@@ -203,8 +203,10 @@ async def test_a_child_in_backoff_is_shown_restarting(autojump_clock, system, lo
     await worker.tell("crash")
     await trio.sleep(1)
     assert worker.snapshot().state is ActorState.RESTARTING
+    assert worker.snapshot().restart_in == pytest.approx(29.0)
     await trio.sleep(30)
     assert worker.snapshot().state is ActorState.RUNNING
+    assert worker.snapshot().restart_in is None
     assert await worker.ask("back") == "back"
 
 

@@ -138,6 +138,8 @@ def wait_for_towers(broker: RunningBroker, count: int, timeout: float = 20.0) ->
     context = ssl.create_default_context(cafile=broker.certificate)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if broker.process.poll() is not None:
+            raise RuntimeError(f"the broker exited with {broker.process.returncode}")
         try:
             with urllib.request.urlopen(broker.url + "/healthz", context=context) as response:
                 if json.load(response)["towers_ready"] >= count:

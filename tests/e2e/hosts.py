@@ -86,6 +86,8 @@ class SimulatedHost:
         self.user = getpass.getuser()
         self.root = self.directory / "root"
         self.port = _free_port()
+        # Where the tower's NGINX will listen on this host.
+        self.tower_port = _free_port()
         self.log = self.directory / "sshd.log"
         self._process: subprocess.Popen | None = None
 
@@ -197,7 +199,8 @@ class SimulatedHost:
         """Stop sshd and kill every process that belongs to this host.
 
         That is the sshd's sessions, and every process on the machine whose
-        command line mentions the host's directory, wherever it was reparented.
+        command line mentions the host's directory, wherever it was reparented, with
+        its descendants.
         """
         sessions = _descendants(self.pid) if self.pid is not None else []
         self.stop()
@@ -207,6 +210,8 @@ class SimulatedHost:
         for pid in _all_pids():
             if pid not in spared and marker in _read(f"/proc/{pid}/cmdline"):
                 doomed.add(pid)
+                # NGINX's workers do not name the directory; they are its master's children.
+                doomed.update(_descendants(pid))
         doomed -= spared
         doomed = {pid for pid in doomed if _kill(pid, signal.SIGKILL)}
         deadline = time.monotonic() + STOP_TIMEOUT

@@ -1,0 +1,525 @@
+"""Provisioning: inventory hosts become linked towers over SSH, each job an actor.
+
+    /broker/jobs                one_for_one; a job:<host> per running job
+    └── job:<host>              Job: supervises its steps; restarts them with backoff
+        └── steps               JobSteps (transient): the plan's steps, in order
+    /broker/provisioning        Provisioning: starts and cancels jobs (scaler, shell)
+
+A provisioning plan takes a host from the inventory to a linked tower:
+
+1. ``connect``: SSH with the broker's key; the host key must be the pinned one.
+2. ``prepare``: the tower's directory (0700); NGINX and the tower software are there.
+3. ``certificate``: the host makes its key and request (``broker tower csr``); the
+   broker checks the request names this tower, signs it, and uploads the certificate,
+   the CA and the agent's settings (0600).
+4. ``nginx``: the tower's NGINX configuration is tested, then NGINX is started or
+   reloaded.
+5. ``agent``: the agent is started detached (a second start finds it running).
+6. ``check-in``: the broker links to the tower through NGINX over mutual TLS and gets
+   its hello.
+7. ``hand-over``: the tower joins the towers supervisor and takes sessions.
+
+A decommission plan does the reverse for a drained tower: the link is dropped, the agent
+and NGINX stopped, the site and credentials removed, the certificates revoked.
+
+Every step is idempotent and has a deadline (``provision_step_timeout``); a failed step
+crashes the steps actor and its job restarts it (all steps again) with exponential
+backoff. Past ``provision_restarts`` within ``provision_restart_period`` the host is
+marked failed with the reason. A host key that is not the pinned one fails the host at
+once: retrying cannot fix it. Jobs are independent: one failing, hanging or cancelled
+job does nothing to another, or to the towers already linked.
+
+``HostBoard`` is where each host stands (free, provisioning, ready, draining,
+decommissioning, failed, cancelled), with the current step, attempts, last error and the
+events of provisioning and scaling; the operators' shell shows it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from actors import (
+    Actor,
+    ActorRef,
+    Backoff,
+    ChildSpec,
+    DecodeError,
+    Exit,
+    Restart,
+    Supervisor,
+    SupervisorFlags,
+    SupervisorRef,
+)
+from actors.bridge import call_asyncio
+
+from . import remote
+from .config import Settings
+from .inventory import Host
+from .issuer import Issuer
+from .pki import CertificateError
+from .site import (
+    TowerPaths,
+    agent_settings,
+    nginx_command,
+    nginx_configuration,
+    quote,
+    tower_paths,
+)
+from .towers import (
+    LinkContext,
+    TowerLinkLost,
+    dial_tower,
+    is_ip_address,
+    receive_hello,
+    remote_tower_spec,
+)
+
+logger = logging.getLogger(__name__)
+
+CHECK_IN_RETRY = 0.5
+EVENTS_KEPT = 200
+# The agent has this long to create its socket once started, within the step's deadline.
+AGENT_START_POLLS = 300  # of 0.1 s
+
+
+class HostState(Enum):
+    FREE = "free"
+    PROVISIONING = "provisioning"
+    READY = "ready"
+    DRAINING = "draining"
+    DECOMMISSIONING = "decommissioning"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass
+class HostRecord:
+    host: Host
+    state: HostState = HostState.FREE
+    plan: str = ""
+    step: str = ""
+    attempts: int = 0
+    error: str = ""
+    # Seconds from the job's start to the tower's check-in, when it last provisioned.
+    provisioned_in: float | None = None
+    job_started_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    at: datetime
+    text: str
+
+
+class HostBoard:
+    """Every inventory host and where it stands, and the events of provisioning and
+    scaling (the last ``EVENTS_KEPT``)."""
+
+    def __init__(self, hosts: tuple[Host, ...]) -> None:
+        self.records = {host.name: HostRecord(host) for host in hosts}
+        self.events: deque[Event] = deque(maxlen=EVENTS_KEPT)
+
+    def get(self, name: str) -> HostRecord:
+        """Raises LookupError when ``name`` is not in the inventory."""
+        record = self.records.get(name)
+        if record is None:
+            raise LookupError(f"no host {name} in the inventory")
+        return record
+
+    def set(self, name: str, state: HostState, error: str = "") -> None:
+        record = self.get(name)
+        record.state = state
+        record.error = error
+        self.event(f"{name}: {state.value}" + (f" ({error})" if error else ""))
+
+    def event(self, text: str) -> None:
+        logger.info("%s", text)
+        self.events.append(Event(datetime.now(timezone.utc), text))
+
+    def in_state(self, *states: HostState) -> list[str]:
+        return [name for name, record in self.records.items() if record.state in states]
+
+
+@dataclass(frozen=True)
+class ProvisioningContext:
+    """What every job uses: the broker's SSH identity and pinned keys, the issuer, and
+    the tower links' context."""
+
+    settings: Settings
+    board: HostBoard
+    identity: Path
+    known_hosts: Path
+    issuer: Issuer
+    links: LinkContext
+
+
+# What the provisioning supervisor is asked; each answer is a one-line result.
+
+
+@dataclass(frozen=True)
+class Provision:
+    host: str
+
+
+@dataclass(frozen=True)
+class Decommission:
+    host: str
+
+
+@dataclass(frozen=True)
+class Cancel:
+    host: str
+
+
+@dataclass(frozen=True)
+class Answer:
+    ok: bool
+    text: str
+
+
+@dataclass(frozen=True)
+class _JobDone:
+    pass
+
+
+@dataclass(frozen=True)
+class _CancelJob:
+    pass
+
+
+class Provisioning(Actor):
+    """Starts and cancels jobs (children of the ``jobs`` supervisor), one per host."""
+
+    def __init__(self, context: ProvisioningContext) -> None:
+        self.context = context
+        self.board = context.board
+
+    async def started(self) -> None:
+        jobs = self.system.lookup(f"{self.path.rsplit('/', 1)[0]}/jobs")
+        assert isinstance(jobs, SupervisorRef)
+        self.jobs = jobs
+
+    async def receive(self, message: Any) -> Answer:
+        if isinstance(message, (Provision, Decommission)):
+            return await self._start(message)
+        if isinstance(message, Cancel):
+            return await self._cancel(message.host)
+        raise TypeError(f"provisioning does not take {type(message).__name__}")
+
+    async def _start(self, request: Provision | Decommission) -> Answer:
+        try:
+            record = self.board.get(request.host)
+        except LookupError as error:
+            return Answer(False, str(error))
+        provision = isinstance(request, Provision)
+        allowed = (
+            (HostState.FREE, HostState.FAILED, HostState.CANCELLED) if provision
+            else (HostState.DRAINING, HostState.READY, HostState.FAILED, HostState.CANCELLED)
+        )  # fmt: skip
+        if record.state not in allowed:
+            return Answer(False, f"{request.host} is {record.state.value}")
+        plan = "provision" if provision else "decommission"
+        record.plan, record.attempts, record.step = plan, 0, ""
+        record.job_started_at = trio.current_time()
+        state = HostState.PROVISIONING if provision else HostState.DECOMMISSIONING
+        self.board.set(request.host, state)
+        host, context = record.host, self.context
+        spec = ChildSpec(f"job:{host.name}", lambda: Job(host, plan, context), Restart.TEMPORARY)
+        await self.jobs.start_child(spec)
+        return Answer(True, f"{plan} {host.name}: started")
+
+    async def _cancel(self, name: str) -> Answer:
+        job = self.system.lookup(f"{self.jobs.path}/job:{name}")
+        if job is None:
+            return Answer(False, f"no job runs for {name}")
+        job.tell_nowait(_CancelJob())
+        return Answer(True, f"{name}: cancelling")
+
+
+class Job(Supervisor):
+    """One host's job: runs its steps, restarting them with backoff until they succeed or
+    the restart intensity is used up (the host is then failed with the reason)."""
+
+    def __init__(self, host: Host, plan: str, context: ProvisioningContext) -> None:
+        settings = context.settings
+        flags = SupervisorFlags(
+            intensity=settings.provision_restarts,
+            period=settings.provision_restart_period,
+            backoff=Backoff(
+                initial=1.0, maximum=30.0, reset_after=settings.provision_restart_period
+            ),
+        )
+        super().__init__([ChildSpec("steps", self._steps, Restart.TRANSIENT)], flags)
+        self.host = host
+        self.plan = plan
+        self.context = context
+
+    def _steps(self) -> JobSteps:
+        return JobSteps(self.host, self.plan, self.context, self.ref)
+
+    async def receive(self, message: Any) -> None:
+        if isinstance(message, _CancelJob):
+            step = self.context.board.get(self.host.name).step or "start"
+            self.context.board.set(self.host.name, HostState.CANCELLED, f"cancelled at {step}")
+            self.stop()
+        elif isinstance(message, _JobDone):
+            self.stop()
+
+    async def escalate(self, child: str, exit: Exit) -> bool:
+        record = self.context.board.get(self.host.name)
+        self.context.board.set(
+            self.host.name, HostState.FAILED,
+            f"gave up after {record.attempts} attempts; last: {record.error}",
+        )  # fmt: skip
+        self.stop()
+        return False
+
+
+class StepFailed(Exception):
+    """A step of a job failed; the message names the step and says why."""
+
+
+class JobSteps(Actor):
+    """The steps of one attempt, in order; the first failure crashes this actor."""
+
+    runs_tasks = True
+
+    def __init__(
+        self, host: Host, plan: str, context: ProvisioningContext, job: ActorRef
+    ) -> None:
+        self.host = host
+        self.plan = plan
+        self.context = context
+        self.settings = context.settings
+        self.board = context.board
+        self.job = job
+        self.connection: remote.HostConnection | None = None
+        self.paths: TowerPaths | None = None
+        # What a step is waiting for, told when its deadline passes.
+        self.waiting_for = ""
+
+    async def started(self) -> None:
+        self.start_soon(self._run)
+
+    def _plan(self) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
+        if self.plan == "provision":
+            return [
+                ("connect", self._connect),
+                ("prepare", self._prepare),
+                ("certificate", self._certificate),
+                ("nginx", self._nginx),
+                ("agent", self._agent),
+                ("check-in", self._check_in),
+                ("hand-over", self._hand_over),
+            ]
+        return [
+            ("unlink", self._unlink),
+            ("connect", self._connect),
+            ("stop", self._stop_tower),
+            ("revoke", self._revoke),
+        ]
+
+    async def _run(self) -> None:
+        name = self.host.name
+        record = self.board.get(name)
+        record.attempts += 1
+        failure: StepFailed | None = None
+        try:
+            for step, action in self._plan():
+                record.step = step
+                self.waiting_for = ""
+                with trio.move_on_after(self.settings.provision_step_timeout) as deadline:
+                    await action()
+                if deadline.cancelled_caught:
+                    waiting = f" (waiting for: {self.waiting_for})" if self.waiting_for else ""
+                    raise StepFailed(f"{step}: no progress within "
+                                     f"{self.settings.provision_step_timeout:g} s{waiting}")
+        except remote.HostKeyRefused as error:
+            self.board.set(name, HostState.FAILED, f"{record.step}: {error}")
+            self.job.tell_nowait(_JobDone())
+            return
+        except StepFailed as error:
+            failure = error
+        except (remote.RemoteError, CertificateError, TowerLinkLost, OSError) as error:
+            failure = StepFailed(f"{record.step}: {error}")
+        finally:
+            await self._disconnect()
+        if failure is not None:
+            record.error = str(failure)
+            self.board.event(f"{name}: attempt {record.attempts} failed at {failure}")
+            raise failure
+        record.step = "done"
+        if self.plan == "provision":
+            assert record.job_started_at is not None
+            record.provisioned_in = trio.current_time() - record.job_started_at
+            self.board.set(name, HostState.READY)
+        else:
+            self.board.set(name, HostState.FREE)
+        self.job.tell_nowait(_JobDone())
+
+    # The steps.
+
+    async def _connect(self) -> None:
+        context = self.context
+        self.connection = await call_asyncio(
+            remote.connect, self.host, context.identity, context.known_hosts
+        )
+        home = (await self._run_remote("pwd")).strip()
+        self.paths = tower_paths(self.host, home)
+
+    async def _prepare(self) -> None:
+        paths, host = self._paths(), self.host
+        await self._run_remote(
+            f"mkdir -p {paths.tls} {paths.nginx}/tmp && chmod 700 {paths.root}"
+            f" && {{ test -x {host.nginx} || {{ echo 'no NGINX at {host.nginx}' >&2; exit 1; }}; }}"
+        )
+        version = await self._run_remote(f"{host.tower_command} --version")
+        if not version.startswith("broker "):
+            raise StepFailed(f"prepare: {host.tower_command} is not the tower software "
+                             f"(it says {version.strip()[:80]!r})")
+
+    async def _certificate(self) -> None:
+        paths, host, issuer = self._paths(), self.host, self.context.issuer
+        csr = await self._run_remote(
+            f"{host.tower_command} tower csr --directory {paths.tls} --name {host.name}"
+            f" --key-type {issuer.key_type}"
+        )
+        addresses = [host.link_address] if is_ip_address(host.link_address) else []
+        certificate = issuer.sign(csr.encode(), host.name, addresses)
+        await self._put(f"{paths.tls}/certificate.pem", certificate)
+        await self._put(paths.ca, issuer.authority.certificate_pem)
+        await self._run_remote(
+            f"umask 077 && cat {paths.tls}/pending-key.pem {paths.tls}/certificate.pem"
+            f" > {paths.identity}.new && mv {paths.identity}.new {paths.identity}"
+        )
+        await self._put(paths.settings, agent_settings(host, paths, self.settings).encode())
+
+    async def _nginx(self) -> None:
+        paths, host = self._paths(), self.host
+        await self._put(f"{paths.nginx}/nginx.conf.new", nginx_configuration(host, paths).encode())
+        test = nginx_command(host, paths, "-t")
+        test[test.index("-c") + 1] += ".new"
+        try:
+            await self._run_remote(quote(test))
+        except remote.RemoteError as error:
+            raise StepFailed(f"nginx: the configuration does not load: {error}") from None
+        pid = f"{paths.nginx}/nginx.pid"
+        await self._run_remote(
+            f"mv {paths.nginx}/nginx.conf.new {paths.nginx}/nginx.conf && "
+            f"if [ -f {pid} ] && kill -0 \"$(cat {pid})\" 2>/dev/null; "
+            f"then {quote(nginx_command(host, paths, '-s', 'reload'))}; "
+            f"else {quote(nginx_command(host, paths))}; fi"
+        )
+
+    async def _agent(self) -> None:
+        paths, host = self._paths(), self.host
+        command = f"{host.tower_command} tower run --config {paths.settings}"
+        self.waiting_for = f"the agent's socket {paths.socket}"
+        await self._run_remote(
+            f"cd {paths.root} && "
+            f"if [ -f {paths.pid} ] && kill -0 \"$(cat {paths.pid})\" 2>/dev/null; then exit 0; fi; "
+            f"setsid {command} >> {paths.log} 2>&1 < /dev/null & agent=$!; "
+            f"i=0; while [ $i -lt {AGENT_START_POLLS} ]; do "
+            f"  [ -S {paths.socket} ] && [ -f {paths.pid} ] && [ \"$(cat {paths.pid})\" = $agent ] && exit 0; "
+            f"  kill -0 $agent 2>/dev/null || break; sleep 0.1; i=$((i+1)); done; "
+            f"echo 'the agent did not start; the end of {paths.log}:' >&2; tail -n 5 {paths.log} >&2; "
+            f"exit 1"
+        )  # fmt: skip
+
+    async def _check_in(self) -> None:
+        host = self.host
+        links = self.context.links
+        while True:
+            try:
+                async with trio.open_nursery() as nursery:
+                    websocket, _ = await dial_tower(
+                        nursery, host.link_address, host.tower_port, host.name, links.tls
+                    )
+                    await receive_hello(websocket, host.name, self.settings.tower_silence)
+                    await websocket.aclose()
+                return
+            except (TowerLinkLost, DecodeError) as error:
+                self.waiting_for = f"a link through NGINX: {error}"
+            await trio.sleep(CHECK_IN_RETRY)
+
+    async def _hand_over(self) -> None:
+        host = self.host
+        links = self.context.links
+        towers = self._towers()
+        spec = remote_tower_spec(host.name, host.link_address, host.tower_port, links)
+        # A host provisioned again after a scale-in comes back ready for sessions.
+        links.directory.draining.discard(host.name)
+        try:
+            await towers.start_child(spec)
+        except ValueError:
+            pass  # a retried job: the tower is already there
+        self.waiting_for = "the tower's link to come up"
+        while links.directory.get(host.name) is None:
+            await trio.sleep(CHECK_IN_RETRY)
+
+    async def _unlink(self) -> None:
+        try:
+            await self._towers().terminate_child(f"tower:{self.host.name}")
+        except LookupError:
+            pass
+
+    async def _stop_tower(self) -> None:
+        paths, host = self._paths(), self.host
+        nginx_pid = f"{paths.nginx}/nginx.pid"
+        await self._run_remote(
+            f"if [ -f {paths.pid} ]; then kill \"$(cat {paths.pid})\" 2>/dev/null; "
+            f"  while kill -0 \"$(cat {paths.pid})\" 2>/dev/null; do sleep 0.1; done; fi; "
+            f"if [ -f {nginx_pid} ] && kill -0 \"$(cat {nginx_pid})\" 2>/dev/null; then "
+            f"  {quote(nginx_command(host, paths, '-s', 'quit'))}; "
+            f"  while [ -f {nginx_pid} ]; do sleep 0.1; done; fi; "
+            f"rm -rf {paths.nginx} {paths.tls} {paths.settings} {paths.socket} {paths.pid}"
+        )  # fmt: skip
+
+    async def _revoke(self) -> None:
+        revoked = self.context.issuer.revoke(self.host.name)
+        self.board.event(f"{self.host.name}: revoked {len(revoked)} certificate(s)")
+
+    # Helpers.
+
+    def _paths(self) -> TowerPaths:
+        assert self.paths is not None
+        return self.paths
+
+    def _towers(self) -> SupervisorRef:
+        towers = self.system.lookup("/broker/towers")
+        assert isinstance(towers, SupervisorRef)
+        return towers
+
+    async def _run_remote(self, command: str) -> str:
+        assert self.connection is not None
+        return await call_asyncio(remote.run, self.connection, command)
+
+    async def _put(self, path: str, data: bytes) -> None:
+        assert self.connection is not None
+        await call_asyncio(remote.put, self.connection, path, data)
+
+    async def _disconnect(self) -> None:
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await call_asyncio(remote.close, connection)
+
+
+def provisioning_specs(context: ProvisioningContext) -> list[ChildSpec]:
+    """``jobs``, then ``provisioning`` (which starts jobs there)."""
+    flags = SupervisorFlags(intensity=1_000_000, period=1)
+    return [
+        ChildSpec("jobs", lambda: Supervisor((), flags)),
+        ChildSpec("provisioning", lambda: Provisioning(context)),
+    ]
+
+

@@ -1,0 +1,149 @@
+"""Commands and files on a tower host over SSH (asyncssh; the asyncio side).
+
+Provisioning jobs call these through ``actors.bridge.call_asyncio``. Authentication is
+the broker's key only. The host's key must be the one pinned in the inventory; a host
+marked ``trust_on_first_use`` has the key it shows first pinned in the state directory's
+``known_hosts``, and must show that same key ever after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+
+from .inventory import Host
+from .pki import write_secret
+
+CONNECT_TIMEOUT = 10.0
+# What an error message quotes of a failed command's output.
+OUTPUT_TAIL = 600
+
+
+class HostKeyRefused(Exception):
+    """The host showed a key other than the pinned one (or none is pinned): never retried."""
+
+
+class RemoteError(Exception):
+    """A connection or command on the host failed; retrying may help."""
+
+
+@dataclass
+class HostConnection:
+    host: Host
+    connection: asyncssh.SSHClientConnection
+
+
+async def connect(host: Host, identity: Path, known_hosts: Path) -> HostConnection:
+    """Connect to ``host`` as its user with the broker's key.
+
+    Raises:
+        HostKeyRefused: the host key is not the pinned one.
+        RemoteError: the connection or authentication failed.
+    """
+    pinned = _pinned_key(host, known_hosts)
+    try:
+        connection = await asyncio.wait_for(
+            asyncssh.connect(
+                host.address,
+                port=host.ssh_port,
+                username=host.user,
+                client_keys=[str(identity)],
+                known_hosts=None if pinned is None else asyncssh.import_known_hosts(
+                    f"{_known_hosts_pattern(host)} {pinned}\n"
+                ),
+                agent_path=None,
+                password=None,
+                kbdint_auth=False,
+                gss_auth=False,
+                config=None,
+            ),
+            CONNECT_TIMEOUT,
+        )
+    except asyncssh.HostKeyNotVerifiable:
+        raise HostKeyRefused(
+            f"{host.address}:{host.ssh_port} showed a host key other than the one pinned "
+            f"for {host.name}; if the host was rebuilt, pin its new key in the inventory"
+        ) from None
+    except asyncssh.PermissionDenied:
+        raise RemoteError(f"{host.user}@{host.address}:{host.ssh_port} refused the broker's "
+                          "key; add its provisioning/id_ed25519.pub to authorized_keys") from None
+    except (OSError, asyncssh.Error, asyncio.TimeoutError) as error:
+        reason = str(error) or type(error).__name__
+        raise RemoteError(
+            f"cannot connect to {host.address}:{host.ssh_port}: {reason}"
+        ) from None
+    if pinned is None:
+        shown = connection.get_server_host_key()
+        assert shown is not None
+        _pin(known_hosts, host, shown.export_public_key().decode().strip())
+    return HostConnection(host, connection)
+
+
+async def run(host: HostConnection, command: str, stdin: bytes | None = None) -> str:
+    """Run a shell command; returns its standard output.
+
+    Raises:
+        RemoteError: it exited with a status other than 0 (its output is in the message),
+            or the connection broke.
+    """
+    try:
+        result = await host.connection.run(command, input=stdin, encoding=None, check=False)
+    except (OSError, asyncssh.Error) as error:
+        raise RemoteError(f"{host.host.name}: the connection broke: {error}") from None
+    stdout = (result.stdout or b"").decode(errors="replace")
+    if result.exit_status != 0:
+        stderr = (result.stderr or b"").decode(errors="replace")
+        output = (stderr.strip() or stdout.strip())[-OUTPUT_TAIL:]
+        raise RemoteError(f"{command.split()[0]} exited with {result.exit_status}: {output}")
+    return stdout
+
+
+async def put(host: HostConnection, path: str, data: bytes) -> None:
+    """Write a file readable by its owner only, atomically (a temporary file, renamed).
+
+    Raises:
+        RemoteError: the file cannot be written.
+    """
+    temporary = f"{path}.new"
+    try:
+        async with host.connection.start_sftp_client() as sftp:
+            async with sftp.open(
+                temporary, "wb", attrs=asyncssh.SFTPAttrs(permissions=0o600)
+            ) as file:
+                await file.write(data)
+            await sftp.chmod(temporary, 0o600)
+            await sftp.posix_rename(temporary, path)
+    except (OSError, asyncssh.Error) as error:
+        raise RemoteError(f"{host.host.name}: cannot write {path}: {error}") from None
+
+
+async def close(host: HostConnection) -> None:
+    host.connection.close()
+    await host.connection.wait_closed()
+
+
+def _known_hosts_pattern(host: Host) -> str:
+    return host.address if host.ssh_port == 22 else f"[{host.address}]:{host.ssh_port}"
+
+
+def _pinned_key(host: Host, known_hosts: Path) -> str | None:
+    if host.host_key:
+        return host.host_key
+    pattern = _known_hosts_pattern(host)
+    try:
+        lines = known_hosts.read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 3 and fields[0] == pattern:
+            return " ".join(fields[1:3])
+    return None
+
+
+def _pin(known_hosts: Path, host: Host, key: str) -> None:
+    previous = known_hosts.read_text() if known_hosts.exists() else ""
+    write_secret(known_hosts, f"{previous}{_known_hosts_pattern(host)} {key}\n".encode())

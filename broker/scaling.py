@@ -1,0 +1,220 @@
+"""Scale-out and scale-in: a pure policy over towers' load, and the actor that applies it.
+
+Every ``scale_interval`` seconds the ``scaler`` actor shows the policy what is linked
+(sessions and capacity of each fresh tower), which hosts are free, and what is under way;
+the policy answers with decisions, which the actor carries out and records as events:
+
+- **provision** a free host, when fewer towers than the floor (``min_towers``, or what
+  ``scale N`` set) are up or coming, or when the used share of capacity across ready
+  towers has stayed above ``scale_out_threshold`` for ``scale_out_after`` seconds and
+  nothing is being provisioned already;
+- **drain** a provisioned tower that has had no session for ``scale_in_after`` seconds,
+  when there are more towers than the floor and the others would stay under half the
+  threshold; one at a time. A drained tower takes no new sessions; its sessions end or
+  are repaired elsewhere;
+- **decommission** a drained tower once it has no session left.
+
+Only provisioned towers are drained; local towers (the embedded default) stay.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import trio
+
+from actors import Actor, ActorRef
+
+from .config import Settings
+from .provisioning import Decommission, HostBoard, HostState, Provision
+from .towers import TowerDirectory
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TowerFigures:
+    name: str
+    sessions: int
+    capacity: int
+    provisioned: bool  # from the inventory (may be drained), not a local tower
+    draining: bool
+    retiring: bool = False  # drained by the policy, to be decommissioned
+
+
+@dataclass(frozen=True)
+class ScaleView:
+    now: float
+    towers: tuple[TowerFigures, ...]
+    free_hosts: tuple[str, ...]
+    provisioning: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # "provision", "drain" or "decommission"
+    host: str
+    why: str
+
+
+@dataclass
+class ScalePolicy:
+    threshold: float
+    out_after: float
+    in_after: float
+    floor: int
+    # A ceiling set by ``scale N``: towers beyond it are drained, idle or not.
+    ceiling: int | None = None
+    above_since: float | None = None
+    idle_since: dict[str, float] = field(default_factory=dict)
+
+    def scale_to(self, count: int) -> None:
+        self.floor = count
+        self.ceiling = count
+
+    def decide(self, view: ScaleView) -> list[Decision]:
+        decisions: list[Decision] = []
+        serving = [tower for tower in view.towers if not tower.draining]
+        capacity = sum(tower.capacity for tower in serving)
+        used = sum(tower.sessions for tower in serving) / capacity if capacity else 0.0
+        free = list(view.free_hosts)
+        self._track_idle(view)
+
+        for tower in view.towers:
+            if tower.retiring and tower.sessions == 0:
+                decisions.append(Decision("decommission", tower.name, "drained and empty"))
+
+        coming = len(serving) + view.provisioning
+        while coming < self.floor and free:
+            decisions.append(Decision("provision", free.pop(0),
+                                      f"{coming} towers, fewer than {self.floor}"))
+            coming += 1
+
+        if used > self.threshold:
+            if self.above_since is None:
+                self.above_since = view.now
+            sustained = view.now - self.above_since >= self.out_after
+            below_ceiling = self.ceiling is None or coming < self.ceiling
+            if sustained and view.provisioning == 0 and free and below_ceiling:
+                decisions.append(Decision(
+                    "provision", free.pop(0),
+                    f"{used:.0%} of capacity used for {view.now - self.above_since:.0f} s",
+                ))
+                self.above_since = None
+        else:
+            self.above_since = None
+
+        if any(tower.draining for tower in view.towers):
+            return decisions  # one drain at a time
+        drainable = [tower for tower in serving if tower.provisioned]
+        if self.ceiling is not None and len(serving) > self.ceiling and drainable:
+            victim = min(drainable, key=lambda tower: tower.sessions)
+            decisions.append(Decision("drain", victim.name,
+                                      f"{len(serving)} towers, more than {self.ceiling}"))
+            return decisions
+        if len(serving) <= self.floor:
+            return decisions
+        for tower in drainable:
+            idle_since = self.idle_since.get(tower.name)
+            if idle_since is None or view.now - idle_since < self.in_after:
+                continue
+            rest = capacity - tower.capacity
+            rest_used = sum(other.sessions for other in serving) / rest if rest else 1.0
+            if rest_used < self.threshold / 2:
+                decisions.append(Decision(
+                    "drain", tower.name, f"idle for {view.now - idle_since:.0f} s"
+                ))
+                break
+        return decisions
+
+    def _track_idle(self, view: ScaleView) -> None:
+        for tower in view.towers:
+            if tower.sessions == 0 and not tower.draining:
+                self.idle_since.setdefault(tower.name, view.now)
+            else:
+                self.idle_since.pop(tower.name, None)
+        names = {tower.name for tower in view.towers}
+        for name in list(self.idle_since):
+            if name not in names:
+                del self.idle_since[name]
+
+
+@dataclass(frozen=True)
+class ScaleTo:
+    """``scale N``: keep exactly N towers (provision or drain to get there)."""
+
+    count: int
+
+
+class Scaler(Actor):
+    """Applies the scale policy every ``scale_interval`` seconds."""
+
+    runs_tasks = True
+
+    def __init__(
+        self, settings: Settings, directory: TowerDirectory, board: HostBoard
+    ) -> None:
+        self.settings = settings
+        self.directory = directory
+        self.board = board
+        self.policy = ScalePolicy(
+            threshold=settings.scale_out_threshold,
+            out_after=settings.scale_out_after,
+            in_after=settings.scale_in_after,
+            floor=min(settings.min_towers, settings.local_towers + len(board.records)),
+        )
+
+    async def started(self) -> None:
+        provisioning = self.system.lookup(f"{self.path.rsplit('/', 1)[0]}/provisioning")
+        assert provisioning is not None
+        self.provisioning: ActorRef = provisioning
+        self.start_soon(self._tick)
+
+    async def receive(self, message: object) -> str:
+        if isinstance(message, ScaleTo):
+            self.policy.scale_to(message.count)
+            self.board.event(f"scale: keep {message.count} towers (operator)")
+            await self._apply()
+            return f"scaling to {message.count} towers"
+        raise TypeError(f"the scaler does not take {type(message).__name__}")
+
+    async def _tick(self) -> None:
+        while True:
+            await self._apply()
+            await trio.sleep(self.settings.scale_interval)
+
+    def view(self) -> ScaleView:
+        now = trio.current_time()
+        placement = self.directory.placement
+        figures = []
+        for connection in self.directory:
+            load = placement.load_of(connection.name)
+            reported_at = placement.reported_at(connection.name)
+            if load is None or reported_at is None or now - reported_at >= placement.stale_after:
+                continue
+            draining = connection.name in self.directory.draining or load.draining
+            record = self.board.records.get(connection.name)
+            provisioned = record is not None and record.state is HostState.READY
+            retiring = record is not None and record.state is HostState.DRAINING
+            figures.append(TowerFigures(connection.name, load.sessions, load.capacity,
+                                        provisioned, draining, retiring))
+        return ScaleView(
+            now,
+            tuple(figures),
+            tuple(self.board.in_state(HostState.FREE)),
+            len(self.board.in_state(HostState.PROVISIONING)),
+        )
+
+    async def _apply(self) -> None:
+        for decision in self.policy.decide(self.view()):
+            self.board.event(f"scale: {decision.action} {decision.host} ({decision.why})")
+            if decision.action == "drain":
+                self.directory.drain(decision.host)
+                self.board.set(decision.host, HostState.DRAINING)
+                continue
+            request = Provision if decision.action == "provision" else Decommission
+            answer = await self.provisioning.ask(request(decision.host))
+            if not answer.ok:
+                self.board.event(f"scale: {decision.action} {decision.host} refused: "
+                                 f"{answer.text}")

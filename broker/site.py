@@ -1,0 +1,151 @@
+"""What provisioning puts on a tower host, as text: pure functions, no I/O.
+
+The layout under the tower's root directory (0700, owned by the SSH user):
+
+    <root>/tower.toml         the agent's settings (0600)
+    <root>/agent.sock         the agent's link socket; only NGINX connects to it
+    <root>/agent.pid, agent.lock, agent.log
+    <root>/tls/pending-key.pem   the key made on the host for its first certificate
+    <root>/tls/tower.pem      the tower's key and certificate (0600; renewals replace it)
+    <root>/tls/ca.pem         the broker's CA: NGINX checks client certificates against it
+    <root>/nginx/nginx.conf   the tower's own NGINX instance (master runs as the SSH user)
+
+NGINX terminates TLS with the tower's certificate, requires a client certificate issued
+by the broker's CA whose subject is exactly the broker's, and proxies the WebSocket
+upgrade on ``/link`` to the agent's socket. Everything else is refused.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+
+from .config import Settings
+from .inventory import Host
+from .pki import BROKER_NAME
+
+
+@dataclass(frozen=True)
+class TowerPaths:
+    """Absolute paths on the host, once its home directory is known."""
+
+    root: str
+
+    @property
+    def settings(self) -> str:
+        return f"{self.root}/tower.toml"
+
+    @property
+    def socket(self) -> str:
+        return f"{self.root}/agent.sock"
+
+    @property
+    def pid(self) -> str:
+        return f"{self.root}/agent.pid"
+
+    @property
+    def log(self) -> str:
+        return f"{self.root}/agent.log"
+
+    @property
+    def tls(self) -> str:
+        return f"{self.root}/tls"
+
+    @property
+    def identity(self) -> str:
+        return f"{self.root}/tls/tower.pem"
+
+    @property
+    def ca(self) -> str:
+        return f"{self.root}/tls/ca.pem"
+
+    @property
+    def nginx(self) -> str:
+        return f"{self.root}/nginx"
+
+
+def tower_paths(host: Host, home: str) -> TowerPaths:
+    root = host.root if host.root.startswith("/") else f"{home.rstrip('/')}/{host.root}"
+    return TowerPaths(root)
+
+
+def nginx_command(host: Host, paths: TowerPaths, *arguments: str) -> list[str]:
+    """The tower's NGINX, with its own prefix, configuration and error log."""
+    return [
+        host.nginx, "-p", f"{paths.nginx}/", "-e", f"{paths.nginx}/error.log",
+        "-c", f"{paths.nginx}/nginx.conf", *arguments,
+    ]  # fmt: skip
+
+
+def agent_settings(host: Host, paths: TowerPaths, settings: Settings) -> str:
+    """The agent's ``tower.toml``."""
+    reload = ", ".join(_toml_string(word) for word in nginx_command(host, paths, "-s", "reload"))
+    return "\n".join([
+        f"name = {_toml_string(host.name)}",
+        f"identity = {_toml_string(paths.identity)}",
+        f"socket = {_toml_string(paths.socket)}",
+        f"reload = [{reload}]",
+        f"key_type = {_toml_string(settings.tower_key_type)}",
+        f"capacity = {settings.tower_capacity}",
+        f"heartbeat_interval = {settings.heartbeat_interval!r}",
+        f"heartbeat_timeout = {settings.heartbeat_timeout!r}",
+        f"load_interval = {settings.tower_load_interval!r}",
+        "",
+    ])  # fmt: skip
+
+
+def nginx_configuration(host: Host, paths: TowerPaths) -> str:
+    """A complete ``nginx.conf`` for the tower's own NGINX instance."""
+    nginx = paths.nginx
+    # Workers of a master started by root would run as nobody, who cannot reach the
+    # agent's socket in the 0700 root directory.
+    user = "user root;\n" if host.user == "root" else ""
+    return f"""\
+{user}worker_processes 1;
+pid {nginx}/nginx.pid;
+error_log {nginx}/error.log warn;
+events {{
+    worker_connections 4096;
+}}
+http {{
+    access_log off;
+    server_tokens off;
+    client_body_temp_path {nginx}/tmp/body;
+    proxy_temp_path {nginx}/tmp/proxy;
+    fastcgi_temp_path {nginx}/tmp/fastcgi;
+    uwsgi_temp_path {nginx}/tmp/uwsgi;
+    scgi_temp_path {nginx}/tmp/scgi;
+    server {{
+        listen {host.link_address}:{host.tower_port} ssl;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_certificate {paths.identity};
+        ssl_certificate_key {paths.identity};
+        ssl_client_certificate {paths.ca};
+        ssl_verify_client on;
+        ssl_verify_depth 1;
+        location = /link {{
+            if ($ssl_client_s_dn != "CN={BROKER_NAME}") {{
+                return 403;
+            }}
+            proxy_pass http://unix:{paths.socket}:;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_set_header X-Client-Subject $ssl_client_s_dn;
+            proxy_read_timeout 1h;
+            proxy_send_timeout 1h;
+        }}
+        location / {{
+            return 404;
+        }}
+    }}
+}}
+"""
+
+
+def quote(words: list[str]) -> str:
+    return " ".join(shlex.quote(word) for word in words)
+
+
+def _toml_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
