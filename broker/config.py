@@ -191,8 +191,8 @@ class Settings:
         for name in ("ca_key_type", "tower_key_type"):
             if getattr(self, name) not in ("ec", "rsa"):
                 raise ConfigError(f"{name} is 'ec' (ECDSA P-256) or 'rsa' (RSA-2048)")
-        if self.tower_certificate_lifetime < 30:
-            raise ConfigError("tower_certificate_lifetime must be at least 30 seconds")
+        if self.tower_certificate_lifetime < 10:
+            raise ConfigError("tower_certificate_lifetime must be at least 10 seconds")
         if bool(self.https_certificate) != bool(self.https_key):
             raise ConfigError("https_certificate and https_key go together")
         if not 0 < self.scale_out_threshold <= 1:

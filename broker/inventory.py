@@ -28,9 +28,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import asyncssh
+
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 # Characters that would need quoting in a remote shell, or break a config file line.
 _UNSAFE = re.compile(r"[\s'\"\\$`;&|<>(){}*?!#~]")
+
+
+def is_plain(text: str) -> bool:
+    """Nothing in ``text`` needs quoting in a shell command or an NGINX directive."""
+    return not _UNSAFE.search(text)
 
 
 class InventoryError(ValueError):
@@ -94,7 +101,7 @@ def parse_host(entry: Any, where: str = "host") -> Host:
         values[key] = value
     host = Host(**values)
     where = f"{where} ({host.name})" if isinstance(host.name, str) else where
-    if not _NAME.match(host.name) or host.name == "broker":
+    if not _NAME.fullmatch(host.name) or host.name == "broker":
         raise InventoryError(
             f"{where}: name must be a DNS label (a-z, 0-9, '-') other than 'broker'"
         )
@@ -114,9 +121,16 @@ def parse_host(entry: Any, where: str = "host") -> Host:
         _UNSAFE.search(word) for word in host.tower_command.split()
     ):
         raise InventoryError(f"{where}: tower_command must be plain words")
+    if host.root == "/" or ".." in host.root.split("/"):
+        raise InventoryError(f"{where}: root must be a directory of its own, not {host.root!r}")
     if host.host_key:
-        if len(host.host_key.split()) < 2:
-            raise InventoryError(f"{where}: host_key is a public key line: 'type base64'")
+        try:
+            asyncssh.import_public_key(host.host_key)
+        except (asyncssh.KeyImportError, ValueError):
+            raise InventoryError(
+                f"{where}: host_key is a public key line, 'type base64' (the host's "
+                f"ssh_host_*_key.pub line), not {host.host_key[:40]!r}"
+            ) from None
     elif not host.trust_on_first_use:
         raise InventoryError(
             f"{where}: give the host's key as host_key (its ssh_host_*_key.pub line), or "

@@ -10,9 +10,11 @@ revoke``) changed it, so a revocation reaches a running broker within a load rep
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -37,6 +39,16 @@ class Issued:
     def expires(self) -> datetime:
         return datetime.fromisoformat(self.not_after)
 
+    def check(self) -> None:
+        """Raises ValueError unless every field has its type and the expiry is a time
+        with its zone."""
+        if not all(isinstance(value, str) for value in (self.serial, self.tower, self.not_after)):
+            raise ValueError(f"serial, tower and not_after are strings in {self!r}")
+        if not isinstance(self.revoked, bool):
+            raise ValueError(f"revoked is true or false in {self!r}")
+        if self.expires.tzinfo is None:
+            raise ValueError(f"not_after has no time zone in {self!r}")
+
 
 class Issuer:
     """Signs tower certificates with ``authority`` and keeps the ledger in ``directory``."""
@@ -53,7 +65,9 @@ class Issuer:
         self.key_type = key_type
         self.path = Path(directory) / LEDGER_FILE
         self._records: dict[str, Issued] = {}
-        self._read_at: float | None = None
+        # The ledger file as last read: replaced on every write, so its inode changes
+        # even where the file system's times are too coarse to.
+        self._read_version: tuple[int, int] | None = None
         self._refresh()
 
     def sign(self, csr_pem: bytes, tower: str, addresses: Sequence[str] = ()) -> bytes:
@@ -66,25 +80,37 @@ class Issuer:
             csr_pem, expected_name=tower, lifetime=self.lifetime, addresses=addresses
         )
         parsed = x509.load_pem_x509_certificate(certificate)
-        self._refresh()
-        self._records[_serial(parsed.serial_number)] = Issued(
-            _serial(parsed.serial_number), tower, parsed.not_valid_after_utc.isoformat()
-        )
-        self._write()
+        with self._locked():
+            self._records[_serial(parsed.serial_number)] = Issued(
+                _serial(parsed.serial_number), tower, parsed.not_valid_after_utc.isoformat()
+            )
+            self._write()
         return certificate
 
     def revoke(self, tower: str) -> list[str]:
         """Revoke every unexpired certificate of ``tower``; returns their serials."""
-        self._refresh()
-        now = datetime.now(timezone.utc)
-        serials = [
-            serial for serial, record in self._records.items()
-            if record.tower == tower and not record.revoked and record.expires > now
-        ]  # fmt: skip
-        for serial in serials:
-            self._records[serial] = Issued(**{**asdict(self._records[serial]), "revoked": True})
-        self._write()
+        with self._locked():
+            now = datetime.now(timezone.utc)
+            serials = [
+                serial for serial, record in self._records.items()
+                if record.tower == tower and not record.revoked and record.expires > now
+            ]  # fmt: skip
+            for serial in serials:
+                self._records[serial] = Issued(**{**asdict(self._records[serial]), "revoked": True})
+            self._write()
         return serials
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Read, change and write the ledger with no other process doing the same."""
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        descriptor = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            self._refresh()
+            yield
+        finally:
+            os.close(descriptor)
 
     def is_revoked(self, serial: int) -> bool:
         self._refresh()
@@ -97,18 +123,21 @@ class Issuer:
 
     def _refresh(self) -> None:
         try:
-            modified = os.stat(self.path).st_mtime_ns
+            status = os.stat(self.path)
         except FileNotFoundError:
             return
-        if modified == self._read_at:
+        version = (status.st_ino, status.st_mtime_ns)
+        if version == self._read_version:
             return
         try:
             entries = json.loads(self.path.read_bytes())
             records = {entry["serial"]: Issued(**entry) for entry in entries}
+            for record in records.values():
+                record.check()
         except (ValueError, TypeError, KeyError) as error:
             raise CertificateError(f"{self.path} is damaged: {error}") from None
         self._records = records
-        self._read_at = modified
+        self._read_version = version
 
     def _write(self) -> None:
         horizon = datetime.now(timezone.utc) - KEEP_EXPIRED
@@ -117,7 +146,8 @@ class Issuer:
         }
         data = json.dumps([asdict(record) for record in self._records.values()], indent=1)
         write_secret(self.path, data.encode())
-        self._read_at = os.stat(self.path).st_mtime_ns
+        status = os.stat(self.path)
+        self._read_version = (status.st_ino, status.st_mtime_ns)
 
 
 def _serial(number: int) -> str:

@@ -63,7 +63,7 @@ from actors.bridge import call_asyncio
 
 from . import remote
 from .config import Settings
-from .inventory import Host
+from .inventory import Host, is_plain
 from .issuer import Issuer
 from .pki import CertificateError
 from .site import (
@@ -86,6 +86,7 @@ from .towers import (
 logger = logging.getLogger(__name__)
 
 CHECK_IN_RETRY = 0.5
+MAX_SOCKET_PATH = 107
 EVENTS_KEPT = 200
 # The agent has this long to create its socket once started, within the step's deadline.
 AGENT_START_POLLS = 300  # of 0.1 s
@@ -181,6 +182,14 @@ class Cancel:
 
 
 @dataclass(frozen=True)
+class Repair:
+    """A provisioned tower's link failed for good: provision its host again."""
+
+    host: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Answer:
     ok: bool
     text: str
@@ -213,6 +222,14 @@ class Provisioning(Actor):
             return await self._start(message)
         if isinstance(message, Cancel):
             return await self._cancel(message.host)
+        if isinstance(message, Repair):
+            record = self.board.get(message.host)
+            if record.state is not HostState.READY:
+                return Answer(False, f"{message.host} is {record.state.value}")
+            self.board.event(f"{message.host}: its link failed for good ({message.reason}); "
+                             "provisioning it again")
+            record.state = HostState.FREE
+            return await self._start(Provision(message.host))
         raise TypeError(f"provisioning does not take {type(message).__name__}")
 
     async def _start(self, request: Provision | Decommission) -> Answer:
@@ -374,7 +391,13 @@ class JobSteps(Actor):
             remote.connect, self.host, context.identity, context.known_hosts
         )
         home = (await self._run_remote("pwd")).strip()
+        if not home.startswith("/") or not is_plain(home):
+            raise StepFailed(f"connect: the home directory {home!r} is not a plain path")
         self.paths = tower_paths(self.host, home)
+        if len(self.paths.socket.encode()) > MAX_SOCKET_PATH:
+            raise StepFailed(f"connect: the agent's socket {self.paths.socket} is longer than "
+                             f"a Unix socket path may be ({MAX_SOCKET_PATH} bytes); "
+                             "give the host a shorter root")
 
     async def _prepare(self) -> None:
         paths, host = self._paths(), self.host
@@ -412,28 +435,32 @@ class JobSteps(Actor):
             await self._run_remote(quote(test))
         except remote.RemoteError as error:
             raise StepFailed(f"nginx: the configuration does not load: {error}") from None
-        pid = f"{paths.nginx}/nginx.pid"
-        await self._run_remote(
-            f"mv {paths.nginx}/nginx.conf.new {paths.nginx}/nginx.conf && "
-            f"if [ -f {pid} ] && kill -0 \"$(cat {pid})\" 2>/dev/null; "
-            f"then {quote(nginx_command(host, paths, '-s', 'reload'))}; "
-            f"else {quote(nginx_command(host, paths))}; fi"
-        )
+        await self._run_remote("\n".join([
+            f"mv {paths.nginx}/nginx.conf.new {paths.nginx}/nginx.conf",
+            f"if {_alive(f'{paths.nginx}/nginx.pid')}",
+            f"then {quote(nginx_command(host, paths, '-s', 'reload'))}",
+            f"else {quote(nginx_command(host, paths))}",
+            "fi",
+        ]))  # fmt: skip
 
     async def _agent(self) -> None:
         paths, host = self._paths(), self.host
-        command = f"{host.tower_command} tower run --config {paths.settings}"
         self.waiting_for = f"the agent's socket {paths.socket}"
-        await self._run_remote(
-            f"cd {paths.root} && "
-            f"if [ -f {paths.pid} ] && kill -0 \"$(cat {paths.pid})\" 2>/dev/null; then exit 0; fi; "
-            f"setsid {command} >> {paths.log} 2>&1 < /dev/null & agent=$!; "
-            f"i=0; while [ $i -lt {AGENT_START_POLLS} ]; do "
-            f"  [ -S {paths.socket} ] && [ -f {paths.pid} ] && [ \"$(cat {paths.pid})\" = $agent ] && exit 0; "
-            f"  kill -0 $agent 2>/dev/null || break; sleep 0.1; i=$((i+1)); done; "
-            f"echo 'the agent did not start; the end of {paths.log}:' >&2; tail -n 5 {paths.log} >&2; "
-            f"exit 1"
-        )  # fmt: skip
+        await self._run_remote("\n".join([
+            f"cd {paths.root}",
+            f"if {_alive(paths.pid)}; then exit 0; fi",
+            f"setsid {host.tower_command} tower run --config {paths.settings}"
+            f" >> {paths.log} 2>&1 < /dev/null &",
+            "agent=$!",
+            f"for i in $(seq {AGENT_START_POLLS}); do",
+            f'  [ -S {paths.socket} ] && [ "$(cat {paths.pid} 2>/dev/null)" = "$agent" ] && exit 0',
+            '  kill -0 "$agent" 2>/dev/null || break',
+            "  sleep 0.1",
+            "done",
+            f"echo 'the agent did not start; the end of {paths.log}:' >&2",
+            f"tail -n 5 {paths.log} >&2",
+            "exit 1",
+        ]))  # fmt: skip
 
     async def _check_in(self) -> None:
         host = self.host
@@ -455,7 +482,13 @@ class JobSteps(Actor):
         host = self.host
         links = self.context.links
         towers = self._towers()
-        spec = remote_tower_spec(host.name, host.link_address, host.tower_port, links)
+        provisioning = self.system.lookup(f"{self.path.split('/jobs/')[0]}/provisioning")
+        assert provisioning is not None
+
+        def lost(name: str, reason: str) -> None:
+            provisioning.tell_nowait(Repair(name, reason))
+
+        spec = remote_tower_spec(host.name, host.link_address, host.tower_port, links, lost)
         # A host provisioned again after a scale-in comes back ready for sessions.
         links.directory.draining.discard(host.name)
         try:
@@ -475,14 +508,17 @@ class JobSteps(Actor):
     async def _stop_tower(self) -> None:
         paths, host = self._paths(), self.host
         nginx_pid = f"{paths.nginx}/nginx.pid"
-        await self._run_remote(
-            f"if [ -f {paths.pid} ]; then kill \"$(cat {paths.pid})\" 2>/dev/null; "
-            f"  while kill -0 \"$(cat {paths.pid})\" 2>/dev/null; do sleep 0.1; done; fi; "
-            f"if [ -f {nginx_pid} ] && kill -0 \"$(cat {nginx_pid})\" 2>/dev/null; then "
-            f"  {quote(nginx_command(host, paths, '-s', 'quit'))}; "
-            f"  while [ -f {nginx_pid} ]; do sleep 0.1; done; fi; "
-            f"rm -rf {paths.nginx} {paths.tls} {paths.settings} {paths.socket} {paths.pid}"
-        )  # fmt: skip
+        await self._run_remote("\n".join([
+            f"if {_alive(paths.pid)}; then",
+            f'  kill "$(cat {paths.pid})"',
+            f"  while {_alive(paths.pid)}; do sleep 0.1; done",
+            "fi",
+            f"if {_alive(nginx_pid)}; then",
+            f"  {quote(nginx_command(host, paths, '-s', 'quit'))}",
+            f"  while [ -f {nginx_pid} ]; do sleep 0.1; done",
+            "fi",
+            f"rm -rf {paths.nginx} {paths.tls} {paths.settings} {paths.socket} {paths.pid}",
+        ]))  # fmt: skip
 
     async def _revoke(self) -> None:
         revoked = self.context.issuer.revoke(self.host.name)
@@ -512,6 +548,11 @@ class JobSteps(Actor):
         if connection is not None:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await call_asyncio(remote.close, connection)
+
+
+def _alive(pid_file: str) -> str:
+    """A shell condition: the process whose pid is in ``pid_file`` runs."""
+    return f'[ -f {pid_file} ] && kill -0 "$(cat {pid_file})" 2>/dev/null'
 
 
 def provisioning_specs(context: ProvisioningContext) -> list[ChildSpec]:

@@ -9,13 +9,18 @@ marked ``trust_on_first_use`` has the key it shows first pinned in the state dir
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import asyncssh
 
 from .inventory import Host
 from .pki import write_secret
+
+T = TypeVar("T")
 
 CONNECT_TIMEOUT = 10.0
 # What an error message quotes of a failed command's output.
@@ -90,7 +95,9 @@ async def run(host: HostConnection, command: str, stdin: bytes | None = None) ->
             or the connection broke.
     """
     try:
-        result = await host.connection.run(command, input=stdin, encoding=None, check=False)
+        result = await _abort_if_cancelled(
+            host, host.connection.run(command, input=stdin, encoding=None, check=False)
+        )
     except (OSError, asyncssh.Error) as error:
         raise RemoteError(f"{host.host.name}: the connection broke: {error}") from None
     stdout = (result.stdout or b"").decode(errors="replace")
@@ -107,17 +114,36 @@ async def put(host: HostConnection, path: str, data: bytes) -> None:
     Raises:
         RemoteError: the file cannot be written.
     """
-    temporary = f"{path}.new"
     try:
-        async with host.connection.start_sftp_client() as sftp:
-            async with sftp.open(
-                temporary, "wb", attrs=asyncssh.SFTPAttrs(permissions=0o600)
-            ) as file:
-                await file.write(data)
-            await sftp.chmod(temporary, 0o600)
-            await sftp.posix_rename(temporary, path)
+        await _abort_if_cancelled(host, _put(host.connection, path, data))
     except (OSError, asyncssh.Error) as error:
         raise RemoteError(f"{host.host.name}: cannot write {path}: {error}") from None
+
+
+async def _put(connection: asyncssh.SSHClientConnection, path: str, data: bytes) -> None:
+    temporary = f"{path}.new"
+    async with connection.start_sftp_client() as sftp:
+        async with sftp.open(temporary, "wb", attrs=asyncssh.SFTPAttrs(permissions=0o600)) as file:
+            await file.write(data)
+        await sftp.chmod(temporary, 0o600)
+        await sftp.posix_rename(temporary, path)
+
+
+async def _abort_if_cancelled(host: HostConnection, operation: Awaitable[T]) -> T:
+    """Await ``operation``; if cancelled (a step's deadline), drop the connection first.
+
+    A hung host never answers the channel close that a cancelled operation's clean-up
+    waits for; dropping the connection ends every such wait at once.
+    """
+    task = asyncio.ensure_future(operation)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        host.connection.abort()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise
 
 
 async def close(host: HostConnection) -> None:

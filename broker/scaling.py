@@ -45,6 +45,10 @@ class TowerFigures:
 
 @dataclass(frozen=True)
 class ScaleView:
+    """What the policy sees: towers with a fresh load report (and retiring towers whose
+    link is gone, as empty), free hosts, and towers on their way: being provisioned, or
+    provisioned but not reporting (yet, or for a moment)."""
+
     now: float
     towers: tuple[TowerFigures, ...]
     free_hosts: tuple[str, ...]
@@ -86,17 +90,20 @@ class ScalePolicy:
                 decisions.append(Decision("decommission", tower.name, "drained and empty"))
 
         coming = len(serving) + view.provisioning
+        provisioning = view.provisioning
         while coming < self.floor and free:
-            decisions.append(Decision("provision", free.pop(0),
-                                      f"{coming} towers, fewer than {self.floor}"))
+            decisions.append(Decision(
+                "provision", free.pop(0), f"{coming} of at least {self.floor} towers up or coming"
+            ))
             coming += 1
+            provisioning += 1
 
         if used > self.threshold:
             if self.above_since is None:
                 self.above_since = view.now
             sustained = view.now - self.above_since >= self.out_after
             below_ceiling = self.ceiling is None or coming < self.ceiling
-            if sustained and view.provisioning == 0 and free and below_ceiling:
+            if sustained and provisioning == 0 and free and below_ceiling:
                 decisions.append(Decision(
                     "provision", free.pop(0),
                     f"{used:.0%} of capacity used for {view.now - self.above_since:.0f} s",
@@ -105,8 +112,8 @@ class ScalePolicy:
         else:
             self.above_since = None
 
-        if any(tower.draining for tower in view.towers):
-            return decisions  # one drain at a time
+        if any(tower.retiring for tower in view.towers):
+            return decisions  # one scale-in at a time
         drainable = [tower for tower in serving if tower.provisioned]
         if self.ceiling is not None and len(serving) > self.ceiling and drainable:
             victim = min(drainable, key=lambda tower: tower.sessions)
@@ -199,11 +206,16 @@ class Scaler(Actor):
             retiring = record is not None and record.state is HostState.DRAINING
             figures.append(TowerFigures(connection.name, load.sessions, load.capacity,
                                         provisioned, draining, retiring))
+        seen = {figure.name for figure in figures}
+        for name in self.board.in_state(HostState.DRAINING):
+            if name not in seen and self.directory.get(name) is None:
+                # Its link is gone, and with it its sessions (moved elsewhere).
+                figures.append(TowerFigures(name, 0, 0, True, True, True))
+        on_the_way = self.board.in_state(HostState.PROVISIONING) + [
+            name for name in self.board.in_state(HostState.READY) if name not in seen
+        ]
         return ScaleView(
-            now,
-            tuple(figures),
-            tuple(self.board.in_state(HostState.FREE)),
-            len(self.board.in_state(HostState.PROVISIONING)),
+            now, tuple(figures), tuple(self.board.in_state(HostState.FREE)), len(on_the_way)
         )
 
     async def _apply(self) -> None:

@@ -116,7 +116,7 @@ http {{
     uwsgi_temp_path {nginx}/tmp/uwsgi;
     scgi_temp_path {nginx}/tmp/scgi;
     server {{
-        listen {host.link_address}:{host.tower_port} ssl;
+        listen {_listen_address(host.link_address)}:{host.tower_port} ssl;
         ssl_protocols TLSv1.2 TLSv1.3;
         ssl_certificate {paths.identity};
         ssl_certificate_key {paths.identity};
@@ -141,6 +141,10 @@ http {{
     }}
 }}
 """
+
+
+def _listen_address(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
 
 
 def quote(words: list[str]) -> str:

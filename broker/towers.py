@@ -39,7 +39,7 @@ from trio_websocket import (
 )
 
 from actors import Actor, ActorRef, Backoff, ChildSpec, MailboxFull, Strategy, Supervisor
-from actors import DecodeError, SupervisorFlags
+from actors import DecodeError, Exit, Restart, SupervisorFlags
 
 from .config import Settings
 from .issuer import Issuer
@@ -546,11 +546,33 @@ def local_tower_spec(
     return ChildSpec(f"tower:{name}", lambda: Supervisor(children, _TOWER_FLAGS))
 
 
-def remote_tower_spec(name: str, host: str, port: int, context: LinkContext) -> ChildSpec:
+class RemoteTower(Supervisor):
+    """A provisioned tower's supervisor. When its link keeps failing past the restart
+    intensity (the agent or NGINX on the host is gone), it stops and calls ``lost`` with
+    the reason, so that the host is provisioned again rather than dialled forever."""
+
+    def __init__(
+        self, name: str, link: ChildSpec, lost: Callable[[str, str], None]
+    ) -> None:
+        super().__init__([link], _TOWER_FLAGS)
+        self.name = name
+        self.lost = lost
+
+    async def escalate(self, child: str, exit: Exit) -> bool:
+        self.lost(self.name, str(exit))
+        self.stop()
+        return False
+
+
+def remote_tower_spec(
+    name: str, host: str, port: int, context: LinkContext, lost: Callable[[str, str], None]
+) -> ChildSpec:
     """The ``tower:<name>`` supervisor of a provisioned tower: its link, through NGINX."""
     address = TowerAddress(host, port)
-    children = [ChildSpec("link", lambda: TowerLink(name, address, context))]
-    return ChildSpec(f"tower:{name}", lambda: Supervisor(children, _TOWER_FLAGS))
+    link = ChildSpec("link", lambda: TowerLink(name, address, context))
+    return ChildSpec(
+        f"tower:{name}", lambda: RemoteTower(name, link, lost), restart=Restart.TRANSIENT
+    )
 
 
 def towers_spec(specs: Callable[[], list[ChildSpec]]) -> ChildSpec:

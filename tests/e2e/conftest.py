@@ -151,3 +151,26 @@ def wait_for_towers(broker: RunningBroker, count: int, timeout: float = 20.0) ->
 
 
 
+
+
+def run_shell(broker: RunningBroker, *commands: str, key: Path | None = None) -> list:
+    """Each command over one SSH connection to the broker's shell, as ``ssh broker-host
+    COMMAND`` would run it; returns asyncssh's completed processes."""
+    import asyncio
+
+    import asyncssh
+
+    shell = broker.state_dir / "shell"
+    port = int((shell / "port").read_text())
+    host_key = asyncssh.read_public_key(str(shell / "host-key.pub"))
+
+    async def main():
+        known = asyncssh.import_known_hosts(
+            f"[127.0.0.1]:{port} {host_key.export_public_key().decode()}")
+        async with asyncssh.connect(
+            "127.0.0.1", port, username="operator", known_hosts=known,
+            client_keys=[str(key or shell / "operator-key")],
+        ) as connection:
+            return [await connection.run(command) for command in commands]
+
+    return asyncio.run(main())

@@ -9,17 +9,29 @@ those towers.
 
 from __future__ import annotations
 
+import fcntl
+import json
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import trio
+from cryptography import x509
 
 from actors import bridge
 from broker.client import start_session
 from broker.state import provisioning_identity
 
-from .conftest import RunningBroker, start_broker, stop_broker, wait_for_towers
+from .conftest import (
+    RunningBroker,
+    run_shell,
+    start_broker,
+    start_steady_client,
+    stop_broker,
+    wait_for_towers,
+)
 from .hosts import SimulatedHost, make_host, require_nginx  # noqa: F401
 
 TOWER_COMMAND = str(Path(sys.executable).parent / "broker")
@@ -51,8 +63,11 @@ def entry(host: SimulatedHost, **overrides: object) -> dict:
     return values
 
 
-def hosts_state(broker: RunningBroker) -> dict:
-    return {}
+def hosts(broker: RunningBroker) -> dict[str, dict]:
+    """What ``jobs --json`` says of each inventory host."""
+    [jobs] = run_shell(broker, "jobs --json")
+    assert jobs.exit_status == 0, jobs.stdout + jobs.stderr
+    return {host["name"]: host for host in json.loads(jobs.stdout)["hosts"]}
 
 
 def wait_until(condition, timeout: float, what: str) -> None:
@@ -88,5 +103,221 @@ def test_three_hosts_become_towers_at_once_and_serve_sessions(tmp_path, make_hos
         run(main)
         assert towers_used <= {"host-1", "host-2", "host-3"}
         assert len(towers_used) >= 2
+    finally:
+        stop_broker(broker)
+
+
+def test_faults_stay_within_their_own_job(tmp_path, make_host):  # noqa: F811
+    """Five hosts, each with its own fault, beside a healthy one: each fault gets its
+    own clear outcome, and the healthy host becomes a tower that serves sessions."""
+    require_nginx()
+    key = broker_key(tmp_path)
+    healthy, sshd_down, wrong_key, port_taken, lock_held, hung = (
+        make_host(name, key) for name in
+        ("healthy", "sshd-down", "wrong-key", "port-taken", "lock-held", "hung"))
+    sshd_down.stop()
+    # Another host's key pinned for this one: an impostor, or a rebuilt host.
+    wrong = entry(wrong_key, host_key=healthy.host_key)
+    # NGINX cannot load: something else listens on the tower's port.
+    squatter = socket.socket()
+    squatter.bind((port_taken.address, port_taken.tower_port))
+    squatter.listen()
+    # The agent cannot start: another process holds its lock.
+    (lock_held.root).mkdir(parents=True)
+    holder = subprocess.Popen(
+        ["flock", str(lock_held.root / "agent.lock"), "sleep", "600"],
+        stdin=subprocess.DEVNULL)
+    # A step that hangs: writing the agent's settings blocks (a FIFO nobody reads).
+    (hung.root).mkdir(parents=True)
+    import os
+    os.mkfifo(hung.root / "tower.toml.new")
+    inventory = [entry(healthy), entry(sshd_down), wrong, entry(port_taken),
+                 entry(lock_held), entry(hung)]
+    broker = start_broker(
+        tmp_path, towers=0, min_towers=len(inventory), scale_interval=0.5,
+        provision_step_timeout=4.0, provision_restarts=3, provision_restart_period=120.0,
+        hosts=inventory,
+    )
+    try:
+        wait_for_towers(broker, 1, timeout=PROVISION_DEADLINE)
+        wait_until(lambda: hosts(broker)["sshd-down"]["attempts"] >= 2, 30,
+                   "a second attempt at the host whose sshd is down")
+        sshd_down.start()
+        wait_for_towers(broker, 2, timeout=PROVISION_DEADLINE)
+        settled = ("ready", "failed")
+        wait_until(lambda: all(host["state"] in settled for host in hosts(broker).values()),
+                   PROVISION_DEADLINE, "every job settled")
+        outcome = hosts(broker)
+        assert outcome["healthy"]["state"] == "ready"
+        assert outcome["healthy"]["attempts"] == 1
+        assert outcome["sshd-down"]["state"] == "ready"
+        assert outcome["wrong-key"]["state"] == "failed"
+        assert outcome["wrong-key"]["attempts"] == 1  # no retry storm
+        assert "host key" in outcome["wrong-key"]["error"]
+        assert outcome["port-taken"]["state"] == "failed"
+        assert outcome["port-taken"]["attempts"] == 4
+        assert "nginx" in outcome["port-taken"]["error"]
+        assert "Address already in use" in outcome["port-taken"]["error"]
+        assert outcome["lock-held"]["state"] == "failed"
+        assert "already runs" in outcome["lock-held"]["error"]
+        assert outcome["hung"]["state"] == "failed"
+        assert "certificate: no progress within 4 s" in outcome["hung"]["error"]
+
+        async def main():
+            client = broker.client()
+            for _ in range(4):
+                async with start_session(client) as session:
+                    await session.wait_state("connected")
+                    await session.echo("unaffected")
+                    assert session.grant.tower in ("healthy", "sshd-down")
+            await client.aclose()
+
+        run(main)
+    finally:
+        stop_broker(broker)
+        squatter.close()
+        holder.kill()
+        holder.wait()
+
+
+def ledger(broker: RunningBroker) -> list[dict]:
+    path = broker.state_dir / "ca" / "ledger.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def nginx_certificate(broker: RunningBroker, host: SimulatedHost, client: bool = True):
+    """The certificate the host's NGINX shows to a client with the broker's certificate
+    (or none), and the start of NGINX's answer to a plain request on /link."""
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(broker.state_dir / "ca" / "ca.pem"))
+    if client:
+        context.load_cert_chain(broker.state_dir / "broker" / "certificate.pem",
+                                broker.state_dir / "broker" / "key.pem")
+    with socket.create_connection((host.address, host.tower_port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname=host.name) as tls:
+            serial = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+            tls.sendall(f"GET /link HTTP/1.1\r\nHost: {host.name}\r\n"
+                        "Connection: close\r\n\r\n".encode())
+            answer = b""
+            while chunk := tls.recv(4096):
+                answer += chunk
+    return serial.serial_number, answer.decode(errors="replace")
+
+
+def test_certificates_are_renewed_under_live_sessions_and_revocation_unlinks(
+    tmp_path, make_host  # noqa: F811
+):
+    require_nginx()
+    host = make_host("host-1", broker_key(tmp_path))
+    broker = start_broker(
+        tmp_path, towers=1, min_towers=2, scale_interval=0.5,
+        tower_certificate_lifetime=12.0, hosts=[entry(host)],
+    )
+    try:
+        wait_for_towers(broker, 2, timeout=PROVISION_DEADLINE)
+        clients = [start_steady_client(broker) for _ in range(4)]
+        # Issued at provisioning (or start), renewed at 2/3 of 12 s, then again.
+        wait_until(lambda: all(
+            sum(1 for record in ledger(broker) if record["tower"] == tower) >= 3
+            for tower in ("tower-1", "host-1")), 40, "two renewals of each tower")
+        newest = max((record for record in ledger(broker) if record["tower"] == "host-1"),
+                     key=lambda record: record["not_after"])
+        serial, status = nginx_certificate(broker, host)
+        assert format(serial, "x") == newest["serial"]  # NGINX reloaded with it
+        # Through to the agent, which wants a WebSocket upgrade.
+        assert "Sec-WebSocket-Version: 13" in status
+        summaries = [client.finish() for client in clients]
+        for summary in summaries:
+            assert summary["failed_echoes"] == 0, summary
+            assert summary["negotiation"] == 1, summary
+        # No certificate, no entry: NGINX refuses a client without one.
+        _, answer = nginx_certificate(broker, host, client=False)
+        assert answer.startswith("HTTP/1.1 400 Bad Request")
+        assert "No required SSL certificate was sent" in answer
+
+        revoked = subprocess.run(
+            [sys.executable, "-m", "broker", "ca", "--state-dir", str(broker.state_dir),
+             "revoke", "host-1"], capture_output=True, text=True)
+        assert revoked.returncode == 0, revoked.stderr
+        wait_until(lambda: ready_towers(broker) == 1, 15, "the revoked tower unlinked")
+        time.sleep(3)
+        assert ready_towers(broker) == 1  # and its links are refused from then on
+    finally:
+        stop_broker(broker)
+
+
+def ready_towers(broker: RunningBroker) -> int:
+    import ssl
+    import urllib.request
+
+    context = ssl.create_default_context(cafile=broker.certificate)
+    with urllib.request.urlopen(broker.url + "/healthz", context=context) as response:
+        return json.load(response)["towers_ready"]
+
+
+def processes_of(host: SimulatedHost) -> list[str]:
+    import psutil
+
+    marker = str(host.root)
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        command = " ".join(process.info["cmdline"] or ())
+        if marker in command:
+            found.append(command)
+    return found
+
+
+def test_scale_out_under_load_then_scale_in_without_losing_a_session(
+    tmp_path, make_host  # noqa: F811
+):
+    require_nginx()
+    key = broker_key(tmp_path)
+    first, second = make_host("host-a", key), make_host("host-b", key)
+    broker = start_broker(
+        tmp_path, towers=0, min_towers=1, tower_capacity=4, scale_out_threshold=0.6,
+        scale_out_after=1.0, scale_in_after=2.0, scale_interval=0.3,
+        hosts=[entry(first), entry(second)],
+    )
+    try:
+        wait_for_towers(broker, 1, timeout=PROVISION_DEADLINE)
+        clients = [start_steady_client(broker) for _ in range(3)]  # 3 of 4: 75 %
+        wait_for_towers(broker, 2, timeout=PROVISION_DEADLINE)
+        # Back to one session on host-a: host-b is idle, and host-a alone would be at
+        # 25 %, under half the threshold. host-b is drained, then decommissioned.
+        for client in clients[1:]:
+            assert client.finish()["failed_echoes"] == 0
+        wait_until(lambda: any(record["tower"] == "host-b" and record["revoked"]
+                               for record in ledger(broker)), 30, "host-b decommissioned")
+        wait_until(lambda: not processes_of(second), 10, "host-b's agent and NGINX gone")
+        assert not (second.root / "nginx").exists()
+        assert not (second.root / "tls").exists()
+        assert ready_towers(broker) == 1
+        assert processes_of(first)  # host-a untouched
+        summary = clients[0].finish()
+        assert summary["failed_echoes"] == 0 and summary["negotiation"] == 1, summary
+    finally:
+        stop_broker(broker)
+
+
+def test_a_tower_whose_agent_died_is_provisioned_again(tmp_path, make_host):  # noqa: F811
+    require_nginx()
+    host = make_host("host-1", broker_key(tmp_path))
+    broker = start_broker(tmp_path, towers=1, min_towers=2, scale_interval=0.5,
+                          hosts=[entry(host)])
+    try:
+        wait_for_towers(broker, 2, timeout=PROVISION_DEADLINE)
+        pid_file = host.root / "agent.pid"
+        first = int(pid_file.read_text())
+        import os
+        import signal
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: ready_towers(broker) == 1, 15, "the dead tower unlinked")
+        # Its link fails past the restart intensity; the host is provisioned again,
+        # which starts a new agent.
+        wait_for_towers(broker, 2, timeout=PROVISION_DEADLINE)
+        assert int(pid_file.read_text()) != first
+        events = json.loads(run_shell(broker, "jobs --json")[0].stdout)["events"]
+        assert any("provisioning it again" in str(event) for event in events), events
     finally:
         stop_broker(broker)

@@ -1,0 +1,240 @@
+"""What provisioning puts on a tower host: paths, the agent's tower.toml, nginx.conf."""
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from broker.config import Settings
+from broker.inventory import parse_host
+from broker.pki import CertificateAuthority, generate_key_and_csr
+from broker.site import (
+    agent_settings,
+    nginx_command,
+    nginx_configuration,
+    quote,
+    tower_paths,
+)
+from broker.tower.agent import load_agent_config
+
+NGINX = "/usr/sbin/nginx"
+
+
+def host(**overrides):
+    values = {"name": "tower-1", "address": "10.0.0.7", "user": "tower",
+              "trust_on_first_use": True}
+    values.update(overrides)
+    return parse_host(values)
+
+
+# Paths.
+
+
+def test_a_relative_root_is_under_the_home_directory():
+    paths = tower_paths(host(), "/home/tower")
+    assert paths.root == "/home/tower/session-tower"
+    assert tower_paths(host(), "/home/tower/").root == "/home/tower/session-tower"
+    assert tower_paths(host(root="towers/eu"), "/home/tower").root == "/home/tower/towers/eu"
+    assert tower_paths(host(), "/").root == "/session-tower"
+
+
+def test_an_absolute_root_is_kept():
+    assert tower_paths(host(root="/srv/tower"), "/home/tower").root == "/srv/tower"
+
+
+def test_the_layout_under_the_root():
+    paths = tower_paths(host(), "/home/tower")
+    root = "/home/tower/session-tower"
+    assert paths.settings == f"{root}/tower.toml"
+    assert paths.socket == f"{root}/agent.sock"
+    assert paths.pid == f"{root}/agent.pid"
+    assert paths.log == f"{root}/agent.log"
+    assert paths.tls == f"{root}/tls"
+    assert paths.identity == f"{root}/tls/tower.pem"
+    assert paths.ca == f"{root}/tls/ca.pem"
+    assert paths.nginx == f"{root}/nginx"
+
+
+def test_nginx_runs_with_its_own_prefix_configuration_and_error_log():
+    tower = host(nginx="/opt/nginx/sbin/nginx")
+    paths = tower_paths(tower, "/home/tower")
+    nginx = "/home/tower/session-tower/nginx"
+    assert nginx_command(tower, paths, "-s", "reload") == [
+        "/opt/nginx/sbin/nginx", "-p", f"{nginx}/", "-e", f"{nginx}/error.log",
+        "-c", f"{nginx}/nginx.conf", "-s", "reload",
+    ]
+    assert nginx_command(tower, paths)[-1] == f"{nginx}/nginx.conf"
+
+
+def test_quote_makes_one_shell_word_of_each_argument():
+    assert quote(["nginx", "-c", "/a b/c", "it's"]) == "nginx -c '/a b/c' 'it'\"'\"'s'"
+
+
+# The agent's settings.
+
+
+def load(text: str, tmp_path: Path):
+    path = tmp_path / "tower.toml"
+    path.write_text(text)
+    return load_agent_config(path)
+
+
+def test_the_agent_settings_parse_and_load_as_written(tmp_path):
+    tower = host(name="tower-eu-1", nginx="/usr/local/sbin/nginx")
+    paths = tower_paths(tower, "/home/tower")
+    settings = Settings(
+        tower_capacity=250, heartbeat_interval=0.5, heartbeat_timeout=2.5,
+        tower_load_interval=0.25, tower_silence=1.0, tower_key_type="rsa",
+    )
+    text = agent_settings(tower, paths, settings)
+    values = tomllib.loads(text)
+    assert values["name"] == "tower-eu-1"
+    assert values["capacity"] == 250
+    assert values["key_type"] == "rsa"
+    agent = load(text, tmp_path)
+    assert agent.name == "tower-eu-1"
+    assert agent.identity == Path("/home/tower/session-tower/tls/tower.pem")
+    assert agent.socket == Path("/home/tower/session-tower/agent.sock")
+    assert agent.reload == tuple(nginx_command(tower, paths, "-s", "reload"))
+    assert agent.reload[0] == "/usr/local/sbin/nginx"
+    assert agent.reload[-2:] == ("-s", "reload")
+    assert agent.key_type == "rsa"
+    assert agent.capacity == 250
+    assert agent.load_interval == 0.25
+    assert agent.peer.heartbeat_interval == 0.5
+    assert agent.peer.heartbeat_timeout == 2.5
+    assert agent.peer.tower == "tower-eu-1"
+    # Behind NGINX: no port of its own, no CA of its own.
+    assert (agent.host, agent.port, agent.ca) == ("", 0, None)
+
+
+def test_the_agent_settings_with_the_defaults(tmp_path):
+    tower = host()
+    paths = tower_paths(tower, "/root")
+    agent = load(agent_settings(tower, paths, Settings()), tmp_path)
+    assert agent.capacity == Settings.tower_capacity
+    assert agent.key_type == Settings.tower_key_type
+    assert agent.load_interval == Settings.tower_load_interval
+    assert agent.peer.heartbeat_interval == Settings.heartbeat_interval
+
+
+def test_paths_with_toml_special_characters_survive(tmp_path):
+    # The home directory comes from the host; quotes and backslashes must be escaped.
+    tower = host()
+    paths = tower_paths(tower, '/home/o"brien\\x')
+    agent = load(agent_settings(tower, paths, Settings()), tmp_path)
+    assert str(agent.socket) == '/home/o"brien\\x/session-tower/agent.sock'
+    assert agent.reload[2] == '/home/o"brien\\x/session-tower/nginx/'
+
+
+# NGINX's configuration.
+
+
+def test_nginx_requires_a_client_certificate_of_the_broker_s_ca_and_name():
+    tower = host(tower_address="192.168.1.9", tower_port=9443)
+    paths = tower_paths(tower, "/home/tower")
+    text = nginx_configuration(tower, paths)
+    assert "listen 192.168.1.9:9443 ssl;" in text
+    assert "ssl_verify_client on;" in text
+    assert f"ssl_client_certificate {paths.ca};" in text
+    assert f"ssl_certificate {paths.identity};" in text
+    assert f"ssl_certificate_key {paths.identity};" in text
+    assert 'if ($ssl_client_s_dn != "CN=broker")' in text
+    assert "return 403;" in text
+    assert f"proxy_pass http://unix:{paths.socket}:;" in text
+    assert "location = /link" in text
+    # Everything but /link is refused.
+    assert "location / {\n            return 404;" in text
+    assert f"pid {paths.nginx}/nginx.pid;" in text
+
+
+def test_nginx_listens_on_the_ssh_address_without_a_tower_address():
+    tower = host(address="10.0.0.7")
+    text = nginx_configuration(tower, tower_paths(tower, "/home/tower"))
+    assert "listen 10.0.0.7:8443 ssl;" in text
+
+
+def test_nginx_runs_its_workers_as_root_only_for_the_root_user():
+    tower = host(user="root")
+    assert nginx_configuration(tower, tower_paths(tower, "/root")).startswith("user root;\n")
+    tower = host(user="tower")
+    text = nginx_configuration(tower, tower_paths(tower, "/home/tower"))
+    assert "user " not in text.split("http {")[0]
+    assert text.startswith("worker_processes 1;")
+
+
+def test_the_nginx_configuration_braces_balance():
+    text = nginx_configuration(host(), tower_paths(host(), "/home/tower"))
+    assert text.count("{") == text.count("}")
+
+
+def test_an_ipv6_link_address_is_bracketed_in_the_listen_directive():
+    tower = host(tower_address="::1")
+    text = nginx_configuration(tower, tower_paths(tower, "/home/tower"))
+    assert "listen [::1]:8443 ssl;" in text
+
+
+# A real NGINX checks the rendered configuration.
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def authority():
+    return CertificateAuthority.create()
+
+
+def install(tower, home: Path, authority):
+    """Put what provisioning puts on the host: identity, CA, nginx.conf and its tmp dir."""
+    paths = tower_paths(tower, str(home))
+    Path(paths.tls).mkdir(parents=True, mode=0o700)
+    Path(paths.nginx, "tmp").mkdir(parents=True)
+    key, csr = generate_key_and_csr(tower.name)
+    certificate = authority.sign_tower_csr(csr, tower.name, addresses=["127.0.0.1"])
+    Path(paths.identity).write_bytes(key + certificate)
+    os.chmod(paths.identity, 0o600)
+    Path(paths.ca).write_bytes(authority.certificate_pem)
+    Path(paths.nginx, "nginx.conf").write_text(nginx_configuration(tower, paths))
+    return paths
+
+
+@pytest.fixture
+def home():
+    # Short: the agent's socket path must fit in sun_path (108 bytes) for NGINX.
+    path = Path(tempfile.mkdtemp(prefix="site-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.mark.skipif(not os.path.exists(NGINX), reason=f"no NGINX at {NGINX} to check against")
+@pytest.mark.parametrize("user", ["tower", "root"])
+def test_nginx_accepts_the_rendered_configuration(home, authority, user):
+    tower = host(user=user, tower_address="127.0.0.1", tower_port=free_port(), nginx=NGINX)
+    paths = install(tower, home, authority)
+    result = subprocess.run(
+        nginx_command(tower, paths, "-t"), capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+
+
+@pytest.mark.skipif(not os.path.exists(NGINX), reason=f"no NGINX at {NGINX} to check against")
+def test_nginx_refuses_the_configuration_without_the_tower_identity(home, authority):
+    # The check is real: without the identity NGINX fails, naming the file.
+    tower = host(tower_address="127.0.0.1", tower_port=free_port(), nginx=NGINX)
+    paths = install(tower, home, authority)
+    os.unlink(paths.identity)
+    result = subprocess.run(
+        nginx_command(tower, paths, "-t"), capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode != 0
+    assert "tower.pem" in result.stderr

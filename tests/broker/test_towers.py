@@ -1,0 +1,237 @@
+"""The broker's end of a tower link, against real agent processes over real TLS.
+
+Which towers the broker accepts (only a current certificate from its own CA naming the
+tower it dials, never a revoked one), and renewal of a tower's certificate over a live
+link: the tower makes the key, the broker signs, the link stays up, and new handshakes
+show the new certificate.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from actors import Backoff, ChildSpec, SupervisorFlags, bridge, open_system
+from broker.config import Settings
+from broker.issuer import Issuer
+from broker.pki import (
+    BROKER_NAME,
+    CLOCK_SKEW,
+    CertificateAuthority,
+    client_ssl_context,
+    generate_key_and_csr,
+    write_secret,
+)
+from broker.towers import (
+    LinkContext,
+    TowerAddress,
+    TowerDirectory,
+    TowerLink,
+    TowerLinkLost,
+    dial_tower,
+    receive_hello,
+    renewal_delay,
+)
+
+TOWER = "tower-5"
+DEADLINE = 15.0
+
+
+def run(main, *args):
+    return bridge.run(main, *args, handle_signals=False)
+
+
+@dataclass
+class Authority:
+    directory: Path
+    authority: CertificateAuthority
+    issuer: Issuer
+    broker_tls: object  # ssl.SSLContext
+
+    def identity(self, name: str, *, not_after: timedelta = timedelta(hours=1),
+                 issued_ago: timedelta = timedelta(0),
+                 authority: CertificateAuthority | None = None) -> Path:
+        """A tower's key and certificate in one file, with the validity asked for."""
+        authority = authority or self.authority
+        key_pem, _ = generate_key_and_csr(name)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        now = datetime.now(timezone.utc)
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)]))
+            .issuer_name(authority.certificate.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - issued_ago - CLOCK_SKEW)
+            .not_valid_after(now + not_after)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                authority.certificate.public_key()), critical=False)
+            .sign(authority._private_key, hashes.SHA256())
+        )
+        path = self.directory / f"{name}-{certificate.serial_number:x}.pem"
+        write_secret(path, key_pem + certificate.public_bytes(serialization.Encoding.PEM))
+        return path
+
+
+@pytest.fixture
+def authority(tmp_path) -> Authority:
+    ca = CertificateAuthority.create()
+    ca.save(tmp_path / "ca")
+    key, certificate = ca.issue(BROKER_NAME, client_only=True)
+    write_secret(tmp_path / "broker.pem", key + certificate)
+    issuer = Issuer(ca, tmp_path / "ca", timedelta(hours=1))
+    tls = client_ssl_context(tmp_path / "ca" / "ca.pem", tmp_path / "broker.pem")
+    return Authority(tmp_path, ca, issuer, tls)
+
+
+@dataclass
+class Agent:
+    process: subprocess.Popen
+    address: TowerAddress
+    identity: Path
+
+
+@pytest.fixture
+def start_agent(authority) -> Iterator:
+    started: list[subprocess.Popen] = []
+
+    def start(identity: Path, name: str = TOWER) -> Agent:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "broker", "tower", "run", "--name", name,
+             "--listen", "127.0.0.1:0", "--identity", str(identity),
+             "--ca", str(authority.directory / "ca" / "ca.pem"), "--load-interval", "0.2"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )
+        started.append(process)
+        line = process.stdout.readline().decode().split()
+        assert line[:1] == ["ready"], line
+        return Agent(process, TowerAddress(line[1], int(line[2])), identity)
+
+    yield start
+    for process in started:
+        process.kill()
+        process.wait(10)
+        process.stdout.close()
+        process.stdin.close()
+
+
+def dial(authority: Authority, agent: Agent, name: str = TOWER) -> x509.Certificate:
+    """Link as the broker does and take the hello; returns the tower's certificate."""
+    async def main():
+        outcome: dict = {}
+        async with trio.open_nursery() as nursery:
+            try:
+                with trio.fail_after(DEADLINE):
+                    websocket, outcome["certificate"] = await dial_tower(
+                        nursery, agent.address.host, agent.address.port, name,
+                        authority.broker_tls)
+                    await receive_hello(websocket, name, silence=5.0)
+                    await websocket.aclose()
+            except TowerLinkLost as error:
+                outcome["error"] = error
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["certificate"]
+
+    return run(main)
+
+
+def test_a_current_certificate_of_the_broker_ca_naming_the_tower_links(authority, start_agent):
+    agent = start_agent(authority.identity(TOWER))
+    assert dial(authority, agent).subject.rfc4514_string() == f"CN={TOWER}"
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("expired", "certificate has expired"),
+    ("another CA", "unable to get local issuer certificate"),
+    ("another tower", "Hostname mismatch"),
+])
+def test_a_tower_that_cannot_prove_it_is_the_tower_does_not_link(
+    authority, start_agent, case, expected
+):
+    if case == "expired":
+        identity = authority.identity(TOWER, not_after=-timedelta(minutes=1),
+                                      issued_ago=timedelta(hours=1))
+    elif case == "another CA":
+        identity = authority.identity(TOWER, authority=CertificateAuthority.create("rogue"))
+    else:
+        identity = authority.identity("tower-6")
+    agent = start_agent(identity, name=TOWER)
+    with pytest.raises(TowerLinkLost) as refused:
+        dial(authority, agent)
+    assert expected in str(refused.value)
+
+
+def test_renewal_replaces_the_certificate_over_the_live_link_then_revocation_closes_it(
+    authority, start_agent
+):
+    # Issued long enough ago that its renewal is due at once.
+    first = authority.identity(TOWER, not_after=timedelta(minutes=10),
+                               issued_ago=timedelta(hours=1))
+    agent = start_agent(first)
+    first_key = first.read_bytes().split(b"-----END PRIVATE KEY-----")[0]
+    settings = Settings(tower_silence=1.0, tower_load_interval=0.2)
+    directory = TowerDirectory(stale_after=settings.tower_silence)
+    context = LinkContext(directory, authority.broker_tls, settings, authority.issuer)
+    seen = {}
+
+    async def main():
+        children = [ChildSpec("link", lambda: TowerLink(TOWER, agent.address, context))]
+        flags = SupervisorFlags(intensity=100, period=1, backoff=Backoff(initial=0.2))
+        async with open_system("broker", children=children, flags=flags) as system:
+            with trio.fail_after(DEADLINE):
+                while directory.get(TOWER) is None:
+                    await trio.sleep(0.05)
+                connection = directory.get(TOWER)
+                original_expiry = connection.certificate_expires
+                while connection.certificate_expires == original_expiry:
+                    await trio.sleep(0.05)
+            seen["renewed_expiry"] = connection.certificate_expires
+            seen["still_linked"] = directory.get(TOWER) is connection
+            # A new handshake shows the renewed certificate (and, as any new broker
+            # connection would, takes the agent over: the link reconnects).
+            seen["new_handshake"] = await trio.to_thread.run_sync(dial, authority, agent)
+            [record] = [r for r in authority.issuer.records() if r.tower == TOWER]
+            seen["record"] = record
+            with trio.fail_after(DEADLINE):
+                while directory.get(TOWER) in (None, connection):
+                    await trio.sleep(0.05)
+            relinked = directory.get(TOWER)
+            authority.issuer.revoke(TOWER)
+            with trio.fail_after(DEADLINE):
+                while not relinked.closed.is_set():
+                    await trio.sleep(0.05)
+            await trio.sleep(1.0)  # relinks are refused too
+            seen["relinked"] = directory.get(TOWER) is not None
+            seen["failure"] = str(system.lookup("/broker/link").snapshot().last_failure)
+
+    run(main)
+    assert seen["still_linked"]
+    assert seen["renewed_expiry"] > datetime.now(timezone.utc) + timedelta(minutes=50)
+    assert format(seen["new_handshake"].serial_number, "x") == seen["record"].serial
+    assert agent.identity.read_bytes().split(b"-----END PRIVATE KEY-----")[0] != first_key
+    assert not seen["relinked"]
+    assert "revoked" in seen["failure"]
+
+
+def test_renewal_is_due_at_two_thirds_of_the_lifetime(authority):
+    ca = authority.authority
+    _, csr = generate_key_and_csr(TOWER)
+    certificate = x509.load_pem_x509_certificate(
+        ca.sign_tower_csr(csr, TOWER, lifetime=timedelta(hours=24)))
+    now = datetime.now(timezone.utc)
+    assert renewal_delay(certificate, now) == pytest.approx(16 * 3600, abs=5)
+    assert renewal_delay(certificate, now + timedelta(hours=20)) == 1.0
