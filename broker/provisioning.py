@@ -36,10 +36,11 @@ events of provisioning and scaling; the operators' shell shows it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -49,10 +50,11 @@ import trio
 
 from actors import (
     Actor,
+    ActorCrashed,
     ActorRef,
     Backoff,
+    ActorState,
     ChildSpec,
-    DecodeError,
     Exit,
     Restart,
     Supervisor,
@@ -74,18 +76,12 @@ from .site import (
     quote,
     tower_paths,
 )
-from .towers import (
-    LinkContext,
-    TowerLinkLost,
-    dial_tower,
-    is_ip_address,
-    receive_hello,
-    remote_tower_spec,
-)
+from .towers import LinkContext, TowerLinkLost, is_ip_address, probe_tower, remote_tower_spec
 
 logger = logging.getLogger(__name__)
 
 CHECK_IN_RETRY = 0.5
+HAND_OVER_POLL = 0.05
 MAX_SOCKET_PATH = 107
 EVENTS_KEPT = 200
 # The agent has this long to create its socket once started, within the step's deadline.
@@ -102,6 +98,9 @@ class HostState(Enum):
     CANCELLED = "cancelled"
 
 
+_WORKING = (HostState.PROVISIONING, HostState.DECOMMISSIONING)
+
+
 @dataclass
 class HostRecord:
     host: Host
@@ -110,9 +109,11 @@ class HostRecord:
     step: str = ""
     attempts: int = 0
     error: str = ""
-    # Seconds from the job's start to the tower's check-in, when it last provisioned.
+    # Seconds from the job's start to the tower's hand-over, when it last provisioned.
     provisioned_in: float | None = None
     job_started_at: float | None = None
+    # Seconds each step of the last attempt took.
+    step_seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -245,19 +246,30 @@ class Provisioning(Actor):
         if record.state not in allowed:
             return Answer(False, f"{request.host} is {record.state.value}")
         plan = "provision" if provision else "decommission"
+        host, context = record.host, self.context
+        name = f"job:{host.name}"
+        # The host's last job may be on its way out (cancelled, failed, done).
+        with contextlib.suppress(LookupError):
+            await self.jobs.terminate_child(name)
         record.plan, record.attempts, record.step = plan, 0, ""
         record.job_started_at = trio.current_time()
         state = HostState.PROVISIONING if provision else HostState.DECOMMISSIONING
         self.board.set(request.host, state)
-        host, context = record.host, self.context
-        spec = ChildSpec(f"job:{host.name}", lambda: Job(host, plan, context), Restart.TEMPORARY)
-        await self.jobs.start_child(spec)
+        spec = ChildSpec(name, lambda: Job(host, plan, context), Restart.TEMPORARY)
+        try:
+            await self.jobs.start_child(spec)
+        except ActorCrashed as error:
+            self.board.set(host.name, HostState.FAILED, f"the job did not start: {error}")
+            return Answer(False, f"{plan} {host.name}: the job did not start")
         return Answer(True, f"{plan} {host.name}: started")
 
     async def _cancel(self, name: str) -> Answer:
         job = self.system.lookup(f"{self.jobs.path}/job:{name}")
-        if job is None:
+        record = self.board.records.get(name)
+        if job is None or record is None or record.state not in _WORKING:
             return Answer(False, f"no job runs for {name}")
+        if record.step in ("hand-over", "done"):
+            return Answer(False, f"{name} is joining the towers; decommission it instead")
         job.tell_nowait(_CancelJob())
         return Answer(True, f"{name}: cancelling")
 
@@ -285,8 +297,10 @@ class Job(Supervisor):
 
     async def receive(self, message: Any) -> None:
         if isinstance(message, _CancelJob):
-            step = self.context.board.get(self.host.name).step or "start"
-            self.context.board.set(self.host.name, HostState.CANCELLED, f"cancelled at {step}")
+            record = self.context.board.get(self.host.name)
+            if record.state in _WORKING:  # not finished in the meantime
+                self.context.board.set(self.host.name, HostState.CANCELLED,
+                                       f"cancelled at {record.step or 'start'}")
             self.stop()
         elif isinstance(message, _JobDone):
             self.stop()
@@ -349,13 +363,16 @@ class JobSteps(Actor):
         name = self.host.name
         record = self.board.get(name)
         record.attempts += 1
+        record.step_seconds = {}
         failure: StepFailed | None = None
         try:
             for step, action in self._plan():
                 record.step = step
                 self.waiting_for = ""
+                began = trio.current_time()
                 with trio.move_on_after(self.settings.provision_step_timeout) as deadline:
                     await action()
+                record.step_seconds[step] = trio.current_time() - began
                 if deadline.cancelled_caught:
                     waiting = f" (waiting for: {self.waiting_for})" if self.waiting_for else ""
                     raise StepFailed(f"{step}: no progress within "
@@ -464,17 +481,12 @@ class JobSteps(Actor):
 
     async def _check_in(self) -> None:
         host = self.host
-        links = self.context.links
         while True:
             try:
-                async with trio.open_nursery() as nursery:
-                    websocket, _ = await dial_tower(
-                        nursery, host.link_address, host.tower_port, host.name, links.tls
-                    )
-                    await receive_hello(websocket, host.name, self.settings.tower_silence)
-                    await websocket.aclose()
+                await probe_tower(host.link_address, host.tower_port, host.name,
+                                  self.context.links.tls, self.settings.tower_silence)
                 return
-            except (TowerLinkLost, DecodeError) as error:
+            except TowerLinkLost as error:
                 self.waiting_for = f"a link through NGINX: {error}"
             await trio.sleep(CHECK_IN_RETRY)
 
@@ -492,12 +504,15 @@ class JobSteps(Actor):
         # A host provisioned again after a scale-in comes back ready for sessions.
         links.directory.draining.discard(host.name)
         try:
-            await towers.start_child(spec)
+            tower = await towers.start_child(spec)
         except ValueError:
-            pass  # a retried job: the tower is already there
+            # A retried job: the tower is there already (or still on its way out).
+            tower = self.system.lookup(f"{towers.path}/tower:{host.name}")
         self.waiting_for = "the tower's link to come up"
         while links.directory.get(host.name) is None:
-            await trio.sleep(CHECK_IN_RETRY)
+            if tower is None or tower.snapshot().state is ActorState.STOPPED:
+                raise StepFailed(f"hand-over: the link to {host.name} failed for good")
+            await trio.sleep(HAND_OVER_POLL)
 
     async def _unlink(self) -> None:
         try:

@@ -104,7 +104,7 @@ async def run(host: HostConnection, command: str, stdin: bytes | None = None) ->
     if result.exit_status != 0:
         stderr = (result.stderr or b"").decode(errors="replace")
         output = (stderr.strip() or stdout.strip())[-OUTPUT_TAIL:]
-        raise RemoteError(f"{command.split()[0]} exited with {result.exit_status}: {output}")
+        raise RemoteError(f"exited with {result.exit_status}: {output}")
     return stdout
 
 

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 
 import trio
 
-from actors import Actor, ActorRef
+from actors import Actor, ActorCrashed, ActorRef
 
 from .config import Settings
-from .provisioning import Decommission, HostBoard, HostState, Provision
+from .provisioning import Answer, Decommission, HostBoard, HostState, Provision
 from .towers import TowerDirectory
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,8 @@ class ScalePolicy:
 
 @dataclass(frozen=True)
 class ScaleTo:
-    """``scale N``: keep exactly N towers (provision or drain to get there)."""
+    """``scale N``: keep exactly N towers (provision or drain to get there); answered
+    with an ``Answer``."""
 
     count: int
 
@@ -173,17 +174,23 @@ class Scaler(Actor):
         )
 
     async def started(self) -> None:
+        self.applying = trio.Lock()
         provisioning = self.system.lookup(f"{self.path.rsplit('/', 1)[0]}/provisioning")
         assert provisioning is not None
         self.provisioning: ActorRef = provisioning
         self.start_soon(self._tick)
 
-    async def receive(self, message: object) -> str:
+    async def receive(self, message: object) -> Answer:
         if isinstance(message, ScaleTo):
+            local, hosts = self.settings.local_towers, len(self.board.records)
+            if not local <= message.count <= local + hosts:
+                return Answer(False, f"the number of towers can be between {local} (the "
+                              f"local towers, never drained) and {local + hosts} (every "
+                              "inventory host)")
             self.policy.scale_to(message.count)
             self.board.event(f"scale: keep {message.count} towers (operator)")
             await self._apply()
-            return f"scaling to {message.count} towers"
+            return Answer(True, f"scaling to {message.count} towers")
         raise TypeError(f"the scaler does not take {type(message).__name__}")
 
     async def _tick(self) -> None:
@@ -219,14 +226,25 @@ class Scaler(Actor):
         )
 
     async def _apply(self) -> None:
-        for decision in self.policy.decide(self.view()):
-            self.board.event(f"scale: {decision.action} {decision.host} ({decision.why})")
-            if decision.action == "drain":
+        # The tick and an operator's ``scale`` take turns: one view, one set of decisions.
+        async with self.applying:
+            for decision in self.policy.decide(self.view()):
+                await self._carry_out(decision)
+
+    async def _carry_out(self, decision: Decision) -> None:
+        self.board.event(f"scale: {decision.action} {decision.host} ({decision.why})")
+        if decision.action == "drain":
+            try:
                 self.directory.drain(decision.host)
-                self.board.set(decision.host, HostState.DRAINING)
-                continue
-            request = Provision if decision.action == "provision" else Decommission
+            except LookupError as error:
+                self.board.event(f"scale: drain {decision.host} refused: {error}")
+                return
+            self.board.set(decision.host, HostState.DRAINING)
+            return
+        request = Provision if decision.action == "provision" else Decommission
+        try:
             answer = await self.provisioning.ask(request(decision.host))
-            if not answer.ok:
-                self.board.event(f"scale: {decision.action} {decision.host} refused: "
-                                 f"{answer.text}")
+        except ActorCrashed as error:
+            answer = Answer(False, str(error))
+        if not answer.ok:
+            self.board.event(f"scale: {decision.action} {decision.host} refused: {answer.text}")

@@ -85,7 +85,7 @@ async def serve_broker(
 
     def make_shell() -> ShellServer:
         return ShellServer(
-            settings.shell_host, settings.shell_port, shell_files, authorized, towers
+            settings.shell_host, settings.shell_port, shell_files, authorized, towers, board
         )
 
     children = [

@@ -234,12 +234,15 @@ class TowerLink(Actor):
         # The link's end is raised after the nursery, so the crash reason is the error
         # itself rather than an exception group around it.
         lost: TowerLinkLost | None = None
-        async with trio.open_nursery() as nursery:
-            try:
-                await self._link(nursery)
-            except TowerLinkLost as error:
-                lost = error
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    await self._link(nursery)
+                except TowerLinkLost as error:
+                    lost = error
+                nursery.cancel_scope.cancel()
+        except* HandshakeError as group:
+            lost = _refused(self.name, group)
         if lost is not None:
             raise lost
 
@@ -377,6 +380,43 @@ async def dial_tower(
     except (OSError, trio.BrokenResourceError) as error:
         cause = error.__cause__ if isinstance(error, trio.BrokenResourceError) else None
         raise TowerLinkLost(f"{name}: cannot link to {host}:{port}: {cause or error}") from None
+
+
+async def probe_tower(
+    host: str, port: int, name: str, tls: ssl.SSLContext, silence: float
+) -> x509.Certificate:
+    """Link to tower ``name``, take its hello and close: can it serve as a tower now?
+    Returns its certificate.
+
+    Raises:
+        TowerLinkLost: it cannot (the message says why).
+    """
+    failure: Exception | None = None
+    certificate: x509.Certificate | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                websocket, certificate = await dial_tower(nursery, host, port, name, tls)
+                await receive_hello(websocket, name, silence)
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await websocket.aclose()
+            except (TowerLinkLost, DecodeError) as error:
+                failure = error
+            nursery.cancel_scope.cancel()
+    except* HandshakeError as group:
+        failure = _refused(name, group)
+    if isinstance(failure, DecodeError):
+        raise TowerLinkLost(f"{name}: its hello did not decode: {failure}")
+    if failure is not None:
+        raise failure
+    assert certificate is not None
+    return certificate
+
+
+def _refused(name: str, group: BaseExceptionGroup) -> TowerLinkLost:
+    # The WebSocket handshake's refusal (NGINX's 502 when the agent is not there)
+    # surfaces from the connection's reader task, inside the nursery.
+    return TowerLinkLost(f"{name}: the link was refused: {group.exceptions[0]!r}")
 
 
 async def receive_hello(websocket: WebSocketConnection, name: str, silence: float) -> TowerHello:

@@ -6,8 +6,10 @@ and an exit status); ``Shell.stream`` answers the two commands that keep printin
 (``top``, ``trace``) with chunks of text as they come. The shell keeps no state of the
 system: every command reads the live introspection data through a ``BrokerView`` (the
 actor tree's frozen snapshots, the towers, the sessions) and formats it, as Erlang's
-observer and aiomonitor do; admin commands ask the view to act. Every command takes
-``--json`` for one JSON document instead of text.
+observer and aiomonitor do; admin commands ask the view to act. Provisioning is the
+same: ``jobs`` formats the host board the view reads, and ``provision``, ``cancel`` and
+``scale`` ask the view, which asks the provisioning and scaler actors and passes their
+answers on. Every command takes ``--json`` for one JSON document instead of text.
 
 Lines are split into words as a POSIX shell does (``shlex``). Nothing the operator
 types raises: a bad line is answered with a message and a status (``Status``). Text
@@ -102,6 +104,30 @@ class SessionView:
     age: float
 
 
+@dataclass(frozen=True)
+class HostView:
+    """One inventory host and where its provisioning stands.
+
+    ``address`` is where the broker reaches its SSH server (``address:port``);
+    ``state`` is "free", "provisioning", "ready", "draining", "decommissioning",
+    "failed" or "cancelled"; ``plan`` ("provision", "decommission"), ``step`` and
+    ``attempts`` are those of its last job (empty and 0 before any); ``error`` is the
+    last failure ("" when none); ``restart_in`` is the seconds until a job waiting out
+    its backoff tries its steps again (None: no job, or not waiting); ``provisioned_in``
+    the seconds its last provisioning took to the tower's check-in (None: never).
+    """
+
+    name: str
+    address: str
+    state: str
+    plan: str
+    step: str
+    attempts: int
+    error: str
+    restart_in: float | None
+    provisioned_in: float | None
+
+
 class TraceEvent(Protocol):
     """One traced message.
 
@@ -155,6 +181,46 @@ class BrokerView(Protocol):
 
         Raises:
             LookupError: no tower of that name.
+        """
+        ...
+
+    def has_inventory(self) -> bool:
+        """Whether the broker has inventory hosts to provision towers on."""
+        ...
+
+    def hosts(self) -> list[HostView]:
+        """Every inventory host, in the inventory's order (may be called outside trio,
+        for completion)."""
+        ...
+
+    def events(self) -> list[tuple[datetime, str]]:
+        """The events of provisioning and scaling the broker keeps, oldest first."""
+        ...
+
+    async def provision(self, host: str) -> str:
+        """Start provisioning a tower on ``host``; returns the one-line answer.
+
+        Raises:
+            LookupError: no host of that name in the inventory.
+            ValueError: refused (the host's state does not allow it, ...); the message
+                says why.
+        """
+        ...
+
+    async def cancel(self, host: str) -> str:
+        """Cancel the job running for ``host``; returns the one-line answer.
+
+        Raises:
+            LookupError: no host of that name in the inventory.
+            ValueError: refused (no job runs for it, ...); the message says why.
+        """
+        ...
+
+    async def scale(self, count: int) -> str:
+        """Keep ``count`` towers (provision or drain to get there); returns the answer.
+
+        Raises:
+            ValueError: refused; the message says why.
         """
         ...
 
@@ -222,6 +288,8 @@ TRACE_LIMIT = 1000
 TRACE_MAXIMUM_LIMIT = 10_000
 INSPECT_CHILDREN_SHOWN = 50
 NO_INVENTORY = "not available: this broker has no host inventory"
+JOBS_EVENTS = 10
+JOBS_ERROR_WIDTH = 60
 PS_ORDERS = ("depth", "handled", "restarts")
 TOP_ORDERS = (*PS_ORDERS, "rate")
 
@@ -293,13 +361,24 @@ class _Option:
 
 @dataclass(frozen=True)
 class _Argument:
-    """A positional argument; ``rest`` takes every word left; ``completes`` names what
-    completion offers for it: "actor" (paths), "tower" (names), "command"."""
+    """A positional argument; ``rest`` takes every word left (at least one when
+    ``required``); ``parse`` turns a word into its value (ValueError: a usage error);
+    ``completes`` names what completion offers for it: "actor" (paths), "tower" (names),
+    "host" (inventory hosts), "command"."""
 
     metavar: str
     required: bool = True
     rest: bool = False
     completes: str = ""
+    parse: Callable[[str], Any] | None = None
+
+    def value(self, word: str) -> Any:
+        if self.parse is None:
+            return word
+        try:
+            return self.parse(word)
+        except ValueError as error:
+            raise _UsageError(f"{self.metavar}: {_printable(str(error))}") from None
 
     @property
     def key(self) -> str:
@@ -324,7 +403,6 @@ class _Command:
     options: tuple[_Option, ...] = ()
     admin: bool = False
     streaming: bool = False
-    free_form: bool = False  # takes any words, unparsed
 
     @property
     def usage(self) -> str:
@@ -342,8 +420,6 @@ class _Command:
 
     def parse(self, words: list[str]) -> dict[str, Any]:
         """The arguments by key (``json`` included), or ``_UsageError``/``_HelpAsked``."""
-        if self.free_form:
-            return {"json": False, **{argument.key: tuple(words) for argument in self.arguments}}
         values: dict[str, Any] = {option.key: option.default for option in self.options}
         values["json"] = False
         positionals: list[str] = []
@@ -381,10 +457,12 @@ class _Command:
                 raise _UsageError(f"{name}: {_printable(str(error))}") from None
         for argument in self.arguments:
             if argument.rest:
-                values[argument.key] = tuple(positionals)
+                if argument.required and not positionals:
+                    raise _UsageError(f"missing {argument.metavar}")
+                values[argument.key] = tuple(argument.value(word) for word in positionals)
                 positionals = []
             elif positionals:
-                values[argument.key] = positionals.pop(0)
+                values[argument.key] = argument.value(positionals.pop(0))
             elif argument.required:
                 raise _UsageError(f"missing {argument.metavar}")
             else:
@@ -418,8 +496,9 @@ class Shell:
         """Run one command line and return all it printed, with its exit status.
 
         Never raises for a bad line: unknown command (``Status.USAGE``), bad arguments or
-        quoting (``Status.USAGE``), no such actor or tower (``Status.ERROR``), an admin
-        command for a read-only role (``Status.REFUSED``). An empty line gives an empty
+        quoting (``Status.USAGE``), no such actor or tower, or a request provisioning or
+        the scaler refused (``Status.ERROR``), an admin command for a read-only role
+        (``Status.REFUSED``). An empty line gives an empty
         ``Output``; ``exit`` gives ``Status.CLOSE``. A streaming command (``top``,
         ``trace``) is run to its end first: ``top`` without ``--count`` only ends when
         the caller is cancelled, so use ``stream`` for those. Errors the view raises
@@ -456,8 +535,9 @@ class Shell:
 
         The first word completes to the commands the role may run; then a command's
         options (after ``-``), an option's choices, actor paths one segment at a time
-        (``/broker/se`` gives ``/broker/sessions``), tower names for ``drain`` and
-        command names for ``help``.
+        (``/broker/se`` gives ``/broker/sessions``), tower names for ``drain``, inventory
+        hosts for ``provision`` and ``cancel`` (those not typed already) and command
+        names for ``help``.
         """
         try:
             words = shlex.split(line)
@@ -493,6 +573,10 @@ class Shell:
             return _matching(_path_segments(self._view.actor_paths(), current), current)
         if argument.completes == "tower":
             return _matching([tower.name for tower in self._view.towers()], current)
+        if argument.completes == "host":
+            typed = set(arguments)
+            names = [host.name for host in self._view.hosts() if host.name not in typed]
+            return _matching(names, current)
         if argument.completes == "command":
             return _matching(list(_COMMANDS), current)
         return []
@@ -798,8 +882,47 @@ class Shell:
         }[end]
         yield f"-- {why}: {shown} {_plural(shown, 'message')}, {dropped} dropped\n"
 
+    def _need_inventory(self) -> None:
+        if not self._view.has_inventory():
+            raise _CommandError(NO_INVENTORY)
+
     async def _jobs(self, arguments: dict[str, Any]) -> Output:
-        return _json([]) if arguments["json"] else _text("no provisioning jobs")
+        self._need_inventory()
+        hosts = self._view.hosts()
+        events = self._view.events()
+        wanted = arguments["events"]
+        if wanted is None:
+            wanted = len(events) if arguments["json"] else JOBS_EVENTS
+        shown = events[-wanted:] if wanted else []
+        if arguments["json"]:
+            return _json({
+                "hosts": [_host_json(host) for host in hosts],
+                "events": [{"at": _iso(_utc(at).timestamp()), "text": text} for at, text in shown],
+            })  # fmt: skip
+        rows = [
+            [
+                host.name,
+                host.address,
+                host.state,
+                host.plan or "-",
+                host.step or "-",
+                str(host.attempts),
+                "-" if host.restart_in is None else f"in {_duration(host.restart_in)}",
+                _shortened(_printable(host.error), JOBS_ERROR_WIDTH) if host.error else "-",
+            ]
+            for host in hosts
+        ]
+        headers = ["NAME", "ADDRESS", "STATE", "PLAN", "STEP", "ATTEMPTS", "NEXT RETRY", "ERROR"]
+        lines = [_table(headers, rows, right={5})]
+        if shown:
+            of = f"last {len(shown)} of {len(events)}" if len(shown) < len(events) else "all"
+            lines += ["", f"events ({of}):"]
+            lines += [
+                f"{_date_time(_utc(at).timestamp())}  {_printable(text)}" for at, text in shown
+            ]
+        elif wanted:
+            lines += ["", "no events"]
+        return _text("\n".join(lines))
 
     async def _kill(self, arguments: dict[str, Any]) -> Output:
         path = _actor_path(arguments["path"])
@@ -836,8 +959,47 @@ class Shell:
             return _json({"draining": tower})
         return _text(f"draining {_printable(tower)}: it takes no new sessions")
 
-    async def _no_inventory(self, arguments: dict[str, Any]) -> Output:
-        raise _CommandError(NO_INVENTORY)
+    async def _provision(self, arguments: dict[str, Any]) -> Output:
+        self._need_inventory()
+        results = []
+        for host in arguments["host"]:
+            try:
+                results.append((host, True, await self._view.provision(host)))
+            except (LookupError, ValueError) as error:
+                results.append((host, False, str(error)))
+        status = Status.OK if all(ok for _, ok, _ in results) else Status.ERROR
+        if arguments["json"]:
+            documents = [{"host": host, "ok": ok, "answer": text} for host, ok, text in results]
+            return Output(_json(documents).text, status)
+        lines = [
+            _printable(text if ok else f"cannot provision {host}: {text}")
+            for host, ok, text in results
+        ]
+        return _text("\n".join(lines), status)
+
+    async def _cancel(self, arguments: dict[str, Any]) -> Output:
+        self._need_inventory()
+        host = arguments["host"]
+        try:
+            answer = await self._view.cancel(host)
+        except (LookupError, ValueError) as error:
+            raise _CommandError(
+                f"cannot cancel {_printable(host)}: {_printable(str(error))}"
+            ) from None
+        if arguments["json"]:
+            return _json({"host": host, "answer": answer})
+        return _text(_printable(answer))
+
+    async def _scale(self, arguments: dict[str, Any]) -> Output:
+        self._need_inventory()
+        count = arguments["n"]
+        try:
+            answer = await self._view.scale(count)
+        except ValueError as error:
+            raise _CommandError(f"cannot scale to {count}: {_printable(str(error))}") from None
+        if arguments["json"]:
+            return _json({"scale": count, "answer": answer})
+        return _text(_printable(answer))
 
     async def _help(self, arguments: dict[str, Any]) -> Output:
         name = arguments["command"]
@@ -1101,6 +1263,25 @@ def _tower_json(tower: TowerView, now: float) -> dict[str, Any]:
     }
 
 
+def _host_json(host: HostView) -> dict[str, Any]:
+    return {
+        "name": host.name,
+        "address": host.address,
+        "state": host.state,
+        "plan": host.plan,
+        "step": host.step,
+        "attempts": host.attempts,
+        "error": host.error,
+        "restart_in": host.restart_in,
+        "provisioned_in": host.provisioned_in,
+    }
+
+
+def _shortened(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters, ``...`` at the end when it was cut."""
+    return text if len(text) <= width else text[: width - 3].rstrip() + "..."
+
+
 def _trace_line(event: TraceEvent, traced: str, wall: float, as_json: bool) -> str:
     if as_json:
         document = {
@@ -1324,9 +1505,20 @@ _COMMANDS: dict[str, _Command] = {
         ),
         _Command(
             "jobs",
-            "provisioning jobs",
-            "This broker provisions no towers yet, so there are none.",
+            "inventory hosts, their provisioning jobs, and recent events",
+            "Every inventory host: its SSH address, state, the plan and step of its last\n"
+            "job, its attempts, when a failing job tries again (NEXT RETRY) and its last\n"
+            f"error (cut to {JOBS_ERROR_WIDTH} characters; --json has it whole). Then the last\n"
+            "events of provisioning and scaling, oldest first, with UTC times.",
             Shell._jobs,
+            options=(
+                _Option(
+                    "--events",
+                    "N",
+                    f"events shown (default {JOBS_EVENTS}, all with --json; 0 for none)",
+                    _whole_number(0),
+                ),
+            ),
         ),
         _Command(
             "kill",
@@ -1353,21 +1545,36 @@ _COMMANDS: dict[str, _Command] = {
             (_Argument("TOWER", completes="tower"),),
             admin=True,
         ),
-        *(
-            _Command(
-                name,
-                summary,
-                "This broker has no host inventory: towers are not provisioned from here.",
-                Shell._no_inventory,
-                (_Argument("ARGUMENTS", required=False, rest=True),),
-                admin=True,
-                free_form=True,
-            )
-            for name, summary in (
-                ("provision", "provision a tower on a host"),
-                ("cancel", "cancel a provisioning job"),
-                ("scale", "set how many towers to keep"),
-            )
+        _Command(
+            "provision",
+            "provision a tower on each inventory host given",
+            "A job is asked for each HOST in turn; one line per host gives the answer: the\n"
+            "job started, or why it was refused (the host is ready, or busy with a job).\n"
+            "The status is 1 if any was refused. jobs shows how the jobs go.",
+            Shell._provision,
+            (_Argument("HOST", rest=True, completes="host"),),
+            admin=True,
+        ),
+        _Command(
+            "cancel",
+            "cancel the job running for a host",
+            "The host's provisioning or decommission job stops where it is and the host is\n"
+            "marked cancelled; what the job did on the host stays (provision or\n"
+            "decommission it again).",
+            Shell._cancel,
+            (_Argument("HOST", completes="host"),),
+            admin=True,
+        ),
+        _Command(
+            "scale",
+            "keep N towers, provisioning or draining to get there",
+            "N becomes both the floor and the ceiling of the scale policy: free hosts are\n"
+            "provisioned while fewer towers are up or coming; while there are more,\n"
+            "provisioned towers are drained one at a time and decommissioned once their\n"
+            "sessions are gone. Local towers are never drained.",
+            Shell._scale,
+            (_Argument("N", parse=_whole_number(0)),),
+            admin=True,
         ),
         _Command(
             "help",

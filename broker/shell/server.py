@@ -13,23 +13,31 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from actors import Actor, ActorStopped, AskTimeout, SupervisorRef
+from actors import Actor, ActorError, ActorStopped, AskTimeout, SupervisorRef
 from actors.bridge import call_asyncio, post_to
 
 from ..pki import write_secret
+from ..provisioning import Answer, Cancel, HostBoard, HostRecord, Provision
+from ..scaling import ScaleTo
 from ..sessions import SESSIONS_PATH, Describe
 from ..towers import TowerDirectory
 from . import ssh
-from .commands import Role, SessionView, Shell, TowerView
+from .commands import HostView, Role, SessionView, Shell, TowerView
 
 logger = logging.getLogger(__name__)
 
 BANNER = "session broker shell: 'help' lists the commands, 'exit' leaves.\n"
+JOBS_PATH = "/broker/jobs"
+PROVISIONING_PATH = "/broker/provisioning"
+SCALER_PATH = "/broker/scaler"
+# How long provisioning and the scaler have to answer the shell.
+ANSWER_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -43,13 +51,15 @@ class ShellFiles:
 class LiveView:
     """The running broker, as the shell sees it (``BrokerView``)."""
 
-    def __init__(self, system: Any, towers: TowerDirectory) -> None:
+    def __init__(self, system: Any, towers: TowerDirectory, board: HostBoard) -> None:
         self.system = system
         self.towers_directory = towers
+        self.board = board
         # Kept current by each session before it reads a line: tab completion runs
         # outside trio and must not read the live tree itself.
         self.paths: list[str] = []
         self.tower_views: list[TowerView] = []
+        self.host_views: list[HostView] = []
 
     def tree(self) -> Any:
         return self.system.snapshot()
@@ -58,6 +68,7 @@ class LiveView:
         """Take what tab completion will offer while the next line is typed."""
         self.paths = [actor.path for actor in self.system.snapshot().walk()]
         self.towers()
+        self.hosts()
 
     def actor_paths(self) -> list[str]:
         return self.paths
@@ -133,6 +144,64 @@ class LiveView:
     def trace(self, path: str, capacity: int) -> Any:
         return self._ref(path).trace(capacity=capacity)
 
+    # Provisioning: the host board, read as it is; requests go to the actors that own it.
+
+    def has_inventory(self) -> bool:
+        return bool(self.board.records)
+
+    def hosts(self) -> list[HostView]:
+        if not trio.lowlevel.in_trio_task():
+            # Tab completion, on the asyncio side: the hosts as of the prompt.
+            return self.host_views
+        self.host_views = [self._host(record) for record in self.board.records.values()]
+        return self.host_views
+
+    def _host(self, record: HostRecord) -> HostView:
+        host = record.host
+        address = f"[{host.address}]" if ":" in host.address else host.address
+        steps = self.system.lookup(f"{JOBS_PATH}/job:{host.name}/steps")
+        return HostView(
+            name=host.name,
+            address=f"{address}:{host.ssh_port}",
+            state=record.state.value,
+            plan=record.plan,
+            step=record.step,
+            attempts=record.attempts,
+            error=record.error,
+            restart_in=None if steps is None else steps.snapshot().restart_in,
+            provisioned_in=record.provisioned_in,
+        )
+
+    def events(self) -> list[tuple[datetime, str]]:
+        return [(event.at, event.text) for event in self.board.events]
+
+    async def provision(self, host: str) -> str:
+        self.board.get(host)
+        return self._answered(await self._ask(PROVISIONING_PATH, Provision(host)))
+
+    async def cancel(self, host: str) -> str:
+        self.board.get(host)
+        return self._answered(await self._ask(PROVISIONING_PATH, Cancel(host)))
+
+    async def scale(self, count: int) -> str:
+        return self._answered(await self._ask(SCALER_PATH, ScaleTo(count)))
+
+    async def _ask(self, path: str, message: Any) -> Any:
+        """What the actor at ``path`` answers; ValueError when it cannot answer."""
+        ref = self.system.lookup(path)
+        if ref is None:
+            raise ValueError(f"{path} is not running")
+        try:
+            return await ref.ask(message, timeout=ANSWER_TIMEOUT)
+        except ActorError as error:
+            raise ValueError(f"{path} did not answer: {error}") from error
+
+    @staticmethod
+    def _answered(answer: Answer) -> str:
+        if not answer.ok:
+            raise ValueError(answer.text)
+        return answer.text
+
 
 class ShellServer(Actor):
     """The ``shell`` actor: the SSH server and the sessions it serves."""
@@ -141,17 +210,18 @@ class ShellServer(Actor):
 
     def __init__(
         self, host: str, port: int, files: ShellFiles, authorized: dict[str, str],
-        towers: TowerDirectory,
+        towers: TowerDirectory, board: HostBoard,
     ) -> None:
         self.host = host
         self.port = port
         self.files = files
         self.authorized = authorized
         self.towers = towers
+        self.board = board
         self.sessions = 0
 
     async def started(self) -> None:
-        self.view = LiveView(self.system, self.towers)
+        self.view = LiveView(self.system, self.towers, self.board)
         self.port = await self.start(self._listen)
 
     async def _listen(self, task_status: trio.TaskStatus[int]) -> None:

@@ -104,6 +104,13 @@ def test_a_read_only_key_reads_but_may_not_act(broker, read_only_key):
     assert json.loads(alive.stdout)["restarts"] == 0
 
 
+def test_provisioning_commands_without_an_inventory(broker):
+    jobs, provision = run(broker, "jobs --json", "provision host-1")
+    for result in (jobs, provision):
+        assert result.exit_status == 1
+        assert result.stdout == "not available: this broker has no host inventory\n"
+
+
 def test_an_unknown_key_is_refused(broker, tmp_path):
     stranger = tmp_path / "stranger"
     asyncssh.generate_private_key("ssh-ed25519").write_private_key(str(stranger))

@@ -1,8 +1,9 @@
 """The operators' shell commands, driven against a real actor system on trio's virtual clock.
 
 The view is a real actor tree (``/broker`` with towers and sessions supervisors and a few
-workers), so every snapshot the shell formats is one the runtime made; towers and
-sessions are plain lists, and traces are scripted.
+workers), so every snapshot the shell formats is one the runtime made; towers, sessions,
+inventory hosts and events are plain lists, provisioning answers are scripted, and traces
+are scripted.
 """
 
 from __future__ import annotations
@@ -28,7 +29,16 @@ from actors import (
     SupervisorRef,
     open_system,
 )
-from broker.shell.commands import Output, Role, SessionView, Shell, Status, TowerView
+from broker.provisioning import HostBoard
+from broker.shell.commands import (
+    HostView,
+    Output,
+    Role,
+    SessionView,
+    Shell,
+    Status,
+    TowerView,
+)
 from broker.shell.server import LiveView
 from broker.towers import TowerDirectory
 
@@ -100,6 +110,26 @@ class ScriptedTrace:
 
 
 CERTIFICATE_EXPIRES = datetime.fromtimestamp(EPOCH, UTC) + timedelta(days=30, hours=2)
+HOST_KEY_ERROR = (
+    "connect: the host key of 10.0.0.3 is not the pinned one "
+    "(ssh-ed25519 SHA256:0123456789abcdefghijklmnopqrstuvwxyzABCDEFG)"
+)
+
+
+def at(seconds: float) -> datetime:
+    """The wall-clock time ``seconds`` after virtual time 0."""
+    return datetime.fromtimestamp(EPOCH + seconds, UTC)
+
+
+def inventory() -> list[HostView]:
+    return [
+        HostView("host-1", "10.0.0.1:22", "ready", "provision", "done", 1, "", None, 41.5),
+        HostView("host-2", "10.0.0.2:2222", "provisioning", "provision", "nginx", 2,
+                 "nginx: the configuration does not load", 3.25, None),
+        HostView("host-3", "[fd00::3]:22", "failed", "provision", "connect", 1, HOST_KEY_ERROR,
+                 None, None),
+        HostView("host-4", "10.0.0.4:22", "free", "", "", 0, "", None, None),
+    ]
 
 
 class SystemView(LiveView):
@@ -107,7 +137,7 @@ class SystemView(LiveView):
     lists, and traces are scripted."""
 
     def __init__(self, system: ActorSystem) -> None:
-        super().__init__(system, TowerDirectory(stale_after=3.0))
+        super().__init__(system, TowerDirectory(stale_after=3.0), HostBoard(()))
         self.tower_list = [
             TowerView("tower-2", "draining", 0, 500, None, None),
             TowerView("tower-1", "ready", 12, 500, 0.4, CERTIFICATE_EXPIRES),
@@ -117,6 +147,11 @@ class SystemView(LiveView):
             SessionView("s2", "failed", "", 3, 2, "no tower could take it", 125.0),
             SessionView("s3", "connected", "tower-1", 2, 1, "", 3.0),
         ]
+        self.host_list = inventory()
+        self.event_list = [(at(-60 + number), f"event {number}") for number in range(12)]
+        # What provisioning and the scaler refuse, and why; what they were asked.
+        self.refusals: dict[Any, str] = {}
+        self.asked: list[tuple[str, Any]] = []
         self.drained: list[str] = []
         self.traces: list[tuple[str, int]] = []
         self.next_trace: ScriptedTrace | None = None
@@ -136,6 +171,33 @@ class SystemView(LiveView):
         if tower not in [view.name for view in self.tower_list]:
             raise LookupError(tower)
         self.drained.append(tower)
+
+    def has_inventory(self) -> bool:
+        return bool(self.host_list)
+
+    def hosts(self) -> list[HostView]:
+        return list(self.host_list)
+
+    def events(self) -> list[tuple[datetime, str]]:
+        return list(self.event_list)
+
+    async def _answer(self, request: str, subject: Any, answer: str) -> str:
+        await trio.lowlevel.checkpoint()
+        self.asked.append((request, subject))
+        if request != "scale" and subject not in [host.name for host in self.host_list]:
+            raise LookupError(f"no host {subject} in the inventory")
+        if subject in self.refusals:
+            raise ValueError(self.refusals[subject])
+        return answer
+
+    async def provision(self, host: str) -> str:
+        return await self._answer("provision", host, f"provision {host}: started")
+
+    async def cancel(self, host: str) -> str:
+        return await self._answer("cancel", host, f"{host}: cancelling")
+
+    async def scale(self, count: int) -> str:
+        return await self._answer("scale", count, f"scaling to {count} towers")
 
     def trace(self, path: str, capacity: int) -> ScriptedTrace:
         self._ref(path)
@@ -499,11 +561,134 @@ async def test_stats_totals(autojump_clock, broker):
     assert stats["towers"] == {"total": 2, "by_state": {"draining": 1, "ready": 1}}
 
 
-async def test_jobs(autojump_clock, broker):
-    shell = broker.shell()
-    assert await shell.run("jobs") == Output("no provisioning jobs\n")
-    assert parsed(await shell.run("jobs --json")) == []
+JOBS_TABLE = [
+    "NAME    ADDRESS        STATE         PLAN       STEP     ATTEMPTS  NEXT RETRY  ERROR",
+    "host-1  10.0.0.1:22    ready         provision  done            1  -           -",
+    "host-2  10.0.0.2:2222  provisioning  provision  nginx           2  in 3.2s     "
+    "nginx: the configuration does not load",
+    "host-3  [fd00::3]:22   failed        provision  connect         1  -           "
+    "connect: the host key of 10.0.0.3 is not the pinned one (...",
+    "host-4  10.0.0.4:22    free          -          -               0  -           -",
+]
 
+
+async def test_jobs_shows_every_host_then_the_last_events(autojump_clock, broker):
+    shell = broker.shell(Role.READ_ONLY)
+    output = await shell.run("jobs")
+    assert output.status == Status.OK
+    assert lines(output) == [
+        *JOBS_TABLE,
+        "",
+        "events (last 10 of 12):",
+        *[f"2023-11-14 22:12:{20 + number}.000 UTC  event {number}" for number in range(2, 12)],
+    ]
+    assert lines(await shell.run("jobs --events 0")) == JOBS_TABLE
+    every = lines(await shell.run("jobs --events=20"))[len(JOBS_TABLE) :]
+    assert every[:3] == ["", "events (all):", "2023-11-14 22:12:20.000 UTC  event 0"]
+    assert len(every) == 2 + 12
+    broker.view.event_list = []
+    assert lines(await shell.run("jobs"))[len(JOBS_TABLE) :] == ["", "no events"]
+
+
+async def test_jobs_json_has_every_field_and_the_whole_error(autojump_clock, broker):
+    document = parsed(await broker.shell().run("jobs --json --events 2"))
+    assert [host["name"] for host in document["hosts"]] == ["host-1", "host-2", "host-3", "host-4"]
+    ready, restarting, failed, free = document["hosts"]
+    assert restarting == {
+        "name": "host-2",
+        "address": "10.0.0.2:2222",
+        "state": "provisioning",
+        "plan": "provision",
+        "step": "nginx",
+        "attempts": 2,
+        "error": "nginx: the configuration does not load",
+        "restart_in": 3.25,
+        "provisioned_in": None,
+    }
+    assert ready["provisioned_in"] == 41.5 and ready["restart_in"] is None
+    assert failed["state"] == "failed" and failed["error"] == HOST_KEY_ERROR
+    assert free["plan"] == "" and free["attempts"] == 0
+    assert document["events"] == [
+        {"at": "2023-11-14T22:12:30.000+00:00", "text": "event 10"},
+        {"at": "2023-11-14T22:12:31.000+00:00", "text": "event 11"},
+    ]
+    assert parsed(await broker.shell().run("jobs --json --events 0"))["events"] == []
+    every = parsed(await broker.shell().run("jobs --json"))["events"]
+    assert [event["text"] for event in every] == [f"event {number}" for number in range(12)]
+
+
+async def test_jobs_escapes_what_hosts_and_events_say(autojump_clock, broker):
+    broker.view.host_list = [
+        HostView("host-1", "10.0.0.1:22", "failed", "provision", "prepare", 3,
+                 "prepare: no NGINX\n\x1b[2Jthere", None, None),
+    ]
+    broker.view.event_list = [(at(0), "host-1: failed (\x1b]0;owned\x07)")]
+    output = await broker.shell().run("jobs")
+    assert "\x1b" not in output.text and "\x07" not in output.text
+    assert lines(output)[1].endswith("prepare: no NGINX\\n\\x1b[2Jthere")
+    assert lines(output)[-1] == "2023-11-14 22:13:20.000 UTC  host-1: failed (\\x1b]0;owned\\x07)"
+    assert parsed(await broker.shell().run("jobs --json"))["hosts"][0]["error"] == (
+        "prepare: no NGINX\n\x1b[2Jthere"
+    )
+
+
+async def test_provision_answers_for_each_host(autojump_clock, broker):
+    shell = broker.shell()
+    assert await shell.run("provision host-4") == Output("provision host-4: started\n")
+    broker.view.refusals = {"host-1": "host-1 is ready"}
+    output = await shell.run("provision host-3 host-1 host-9")
+    assert output == Output(
+        "provision host-3: started\n"
+        "cannot provision host-1: host-1 is ready\n"
+        "cannot provision host-9: no host host-9 in the inventory\n",
+        Status.ERROR,
+    )
+    assert broker.view.asked == [
+        ("provision", "host-4"),
+        ("provision", "host-3"),
+        ("provision", "host-1"),
+        ("provision", "host-9"),
+    ]
+    refused = await shell.run("provision host-1 --json")
+    assert refused.status == Status.ERROR
+    assert json.loads(refused.text) == [
+        {"host": "host-1", "ok": False, "answer": "host-1 is ready"}
+    ]
+    assert parsed(await shell.run("provision --json host-2 host-4")) == [
+        {"host": "host-2", "ok": True, "answer": "provision host-2: started"},
+        {"host": "host-4", "ok": True, "answer": "provision host-4: started"},
+    ]
+
+
+async def test_cancel_and_its_refusal(autojump_clock, broker):
+    shell = broker.shell()
+    assert await shell.run("cancel host-2") == Output("host-2: cancelling\n")
+    assert parsed(await shell.run("cancel host-2 --json")) == {
+        "host": "host-2",
+        "answer": "host-2: cancelling",
+    }
+    broker.view.refusals = {"host-4": "no job runs for host-4"}
+    assert await shell.run("cancel host-4") == Output(
+        "cannot cancel host-4: no job runs for host-4\n", Status.ERROR
+    )
+    assert await shell.run("cancel host-9 --json") == Output(
+        "cannot cancel host-9: no host host-9 in the inventory\n", Status.ERROR
+    )
+    assert broker.view.asked[0] == ("cancel", "host-2")
+
+
+async def test_scale_and_its_refusal(autojump_clock, broker):
+    shell = broker.shell()
+    assert await shell.run("scale 3") == Output("scaling to 3 towers\n")
+    assert parsed(await shell.run("scale 0 --json")) == {
+        "scale": 0,
+        "answer": "scaling to 0 towers",
+    }
+    broker.view.refusals = {5: "/broker/scaler did not answer: it stopped"}
+    assert await shell.run("scale 5") == Output(
+        "cannot scale to 5: /broker/scaler did not answer: it stopped\n", Status.ERROR
+    )
+    assert broker.view.asked == [("scale", 3), ("scale", 0), ("scale", 5)]
 
 # trace
 
@@ -647,14 +832,19 @@ async def test_a_read_only_role_is_refused_admin_commands(autojump_clock, broker
     assert output == Output(f"refused: {command!r} needs an admin key\n", Status.REFUSED)
     assert broker.ref("/broker/towers/tower-1").snapshot().restarts == 0
     assert broker.view.drained == []
+    assert broker.view.asked == []
 
 
-@pytest.mark.parametrize("command", ["provision host-1 --size big", "cancel", "scale 3"])
+@pytest.mark.parametrize(
+    "command", ["jobs", "jobs --json", "provision host-1", "cancel host-1", "scale 3"]
+)
 async def test_without_a_host_inventory_provisioning_is_not_available(
     autojump_clock, broker, command
 ):
+    broker.view.host_list = []
     output = await broker.shell().run(command)
     assert output == Output("not available: this broker has no host inventory\n", Status.ERROR)
+    assert broker.view.asked == []
 
 
 # the line itself
@@ -685,6 +875,17 @@ async def test_unknown_commands_and_paths(autojump_clock, broker):
         ("top --interval soon", "top: --interval: expected a number of seconds, not 'soon'"),
         ("trace / --seconds nan", "trace: --seconds: must be from 0.1 to 60 seconds, not nan"),
         ("drain", "drain: missing TOWER"),
+        ("provision", "provision: missing HOST"),
+        ("provision --json", "provision: missing HOST"),
+        ("cancel", "cancel: missing HOST"),
+        ("cancel host-1 host-2", "cancel: unexpected argument 'host-2'"),
+        ("scale", "scale: missing N"),
+        ("scale -1", "scale: N: must be at least 0, not -1"),
+        ("scale x", "scale: N: expected a whole number, not 'x'"),
+        ("scale 2.5", "scale: N: expected a whole number, not '2.5'"),
+        ("scale 3 4", "scale: unexpected argument '4'"),
+        ("jobs --events -2", "jobs: --events: must be at least 0, not -2"),
+        ("jobs host-1", "jobs: unexpected argument 'host-1'"),
     ],
 )
 async def test_bad_arguments_print_the_error_and_the_usage(autojump_clock, broker, line, error):
@@ -739,8 +940,8 @@ async def test_streaming_and_plain_commands_through_both_entry_points(autojump_c
     assert not shell.is_streaming("tree")
     assert not shell.is_streaming("help top")
     assert not shell.is_streaming("")
-    stream = shell.stream("jobs")
-    assert [chunk async for chunk in stream] == ["no provisioning jobs\n"]
+    stream = shell.stream("towers")
+    assert [chunk async for chunk in stream] == [(await shell.run("towers")).text]
     assert stream.status == Status.OK
     refused = broker.shell(Role.READ_ONLY).stream("kill /broker")
     assert [chunk async for chunk in refused] == ["refused: 'kill' needs an admin key\n"]
@@ -777,6 +978,12 @@ async def test_completion(autojump_clock, broker):
     assert shell.complete("inspect /broker ") == []
     assert shell.complete("drain ") == ["tower-1", "tower-2"]
     assert shell.complete("drain tower-2") == ["tower-2"]
+    assert shell.complete("provision ") == ["host-1", "host-2", "host-3", "host-4"]
+    assert shell.complete("provision host-2 host-") == ["host-1", "host-3", "host-4"]
+    assert shell.complete("cancel host-3") == ["host-3"]
+    assert shell.complete("cancel host-3 ") == []
+    assert shell.complete("scale ") == []
+    assert shell.complete("jobs --") == ["--events", "--json"]
     assert shell.complete("help k") == ["kill"]
     assert shell.complete("ps --") == ["--json", "--limit", "--sort"]
     assert shell.complete("ps --sort ") == ["depth", "handled", "restarts"]
@@ -801,4 +1008,5 @@ async def test_completion_quotes_and_follows_the_role(autojump_clock, broker):
     assert "kill" not in shell.complete("")
     assert shell.complete("k") == []
     assert shell.complete("kill /broker/") == []
+    assert shell.complete("provision ") == []
     assert shell.complete("help k") == ["kill"]
