@@ -1,6 +1,5 @@
 """The scale policy: pure decisions over a view of the towers (no actor, no clock)."""
 
-import pytest
 
 from broker.scaling import Decision, ScalePolicy, ScaleView, TowerFigures
 

@@ -9,15 +9,15 @@ those towers.
 
 from __future__ import annotations
 
-import fcntl
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import trio
 from cryptography import x509
 
 from actors import bridge
@@ -129,7 +129,6 @@ def test_faults_stay_within_their_own_job(tmp_path, make_host):  # noqa: F811
         stdin=subprocess.DEVNULL)
     # A step that hangs: writing the agent's settings blocks (a FIFO nobody reads).
     (hung.root).mkdir(parents=True)
-    import os
     os.mkfifo(hung.root / "tower.toml.new")
     inventory = [entry(healthy), entry(sshd_down), wrong, entry(port_taken),
                  entry(lock_held), entry(hung)]
@@ -309,8 +308,6 @@ def test_a_tower_whose_agent_died_is_provisioned_again(tmp_path, make_host):  # 
         wait_for_towers(broker, 2, timeout=PROVISION_DEADLINE)
         pid_file = host.root / "agent.pid"
         first = int(pid_file.read_text())
-        import os
-        import signal
         os.kill(first, signal.SIGKILL)
         wait_until(lambda: ready_towers(broker) == 1, 15, "the dead tower unlinked")
         # Its link fails past the restart intensity; the host is provisioned again,
