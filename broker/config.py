@@ -16,8 +16,6 @@ from pathlib import Path
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from aiortc.rtcicetransport import parse_stun_turn_uri
-
 from .inventory import Host, InventoryError, parse_hosts
 
 
@@ -38,6 +36,10 @@ def check_ice_servers(ice_servers: Sequence[Any]) -> None:
     Raises:
         ValueError: naming the entry and what is wrong with it.
     """
+    # Imported here: aiortc takes a fifth of a second to load, and the command line
+    # (``broker --version``, ``broker tower csr``) reads settings without it.
+    from aiortc.rtcicetransport import parse_stun_turn_uri
+
     for index, entry in enumerate(ice_servers):
         if not isinstance(entry, Mapping):
             raise ValueError(f"ICE server {index} is not a table of urls, username, credential")

@@ -28,7 +28,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import asyncssh
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 # Characters that would need quoting in a remote shell, or break a config file line.
@@ -124,6 +123,8 @@ def parse_host(entry: Any, where: str = "host") -> Host:
     if host.root == "/" or ".." in host.root.split("/"):
         raise InventoryError(f"{where}: root must be a directory of its own, not {host.root!r}")
     if host.host_key:
+        import asyncssh  # only to check keys: the command line loads without it
+
         try:
             asyncssh.import_public_key(host.host_key)
         except (asyncssh.KeyImportError, ValueError):

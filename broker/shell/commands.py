@@ -31,7 +31,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -114,7 +114,8 @@ class HostView:
     ``attempts`` are those of its last job (empty and 0 before any); ``error`` is the
     last failure ("" when none); ``restart_in`` is the seconds until a job waiting out
     its backoff tries its steps again (None: no job, or not waiting); ``provisioned_in``
-    the seconds its last provisioning took to the tower's check-in (None: never).
+    the seconds its last provisioning took to the tower's hand-over (None: never);
+    ``step_seconds`` how long each step of its last attempt took.
     """
 
     name: str
@@ -126,6 +127,7 @@ class HostView:
     error: str
     restart_in: float | None
     provisioned_in: float | None
+    step_seconds: dict[str, float] = field(default_factory=dict)
 
 
 class TraceEvent(Protocol):
@@ -1274,6 +1276,7 @@ def _host_json(host: HostView) -> dict[str, Any]:
         "error": host.error,
         "restart_in": host.restart_in,
         "provisioned_in": host.provisioned_in,
+        "step_seconds": host.step_seconds,
     }
 
 

@@ -170,6 +170,7 @@ class LiveView:
             error=record.error,
             restart_in=None if steps is None else steps.snapshot().restart_in,
             provisioned_in=record.provisioned_in,
+            step_seconds=dict(record.step_seconds),
         )
 
     def events(self) -> list[tuple[datetime, str]]:

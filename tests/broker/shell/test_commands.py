@@ -604,6 +604,7 @@ async def test_jobs_json_has_every_field_and_the_whole_error(autojump_clock, bro
         "error": "nginx: the configuration does not load",
         "restart_in": 3.25,
         "provisioned_in": None,
+        "step_seconds": {},
     }
     assert ready["provisioned_in"] == 41.5 and ready["restart_in"] is None
     assert failed["state"] == "failed" and failed["error"] == HOST_KEY_ERROR
