@@ -162,6 +162,16 @@ def test_faults_stay_within_their_own_job(tmp_path, make_host):  # noqa: F811
         assert outcome["hung"]["state"] == "failed"
         assert "certificate: no progress within 4 s" in outcome["hung"]["error"]
 
+        # An operator tries the hung host again, and cancels the job while it hangs.
+        [again] = run_shell(broker, "provision hung")
+        assert again.exit_status == 0, again.stdout
+        wait_until(lambda: hosts(broker)["hung"]["step"] == "certificate", 20,
+                   "the hung host's job at its hanging step")
+        [cancel] = run_shell(broker, "cancel hung")
+        assert cancel.exit_status == 0, cancel.stdout
+        wait_until(lambda: hosts(broker)["hung"]["state"] == "cancelled", 10, "cancelled")
+        assert "cancelled at certificate" in hosts(broker)["hung"]["error"]
+
         async def main():
             client = broker.client()
             for _ in range(4):

@@ -1,0 +1,69 @@
+"""The state directory: what the broker makes on first start, and what it takes from
+the operator instead."""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+from cryptography import x509
+
+from broker.config import Settings
+from broker.pki import CertificateError, self_signed_server_certificate, write_secret
+from broker.state import prepare, prepare_local_tower, provisioning_identity
+
+
+def test_first_start_makes_everything_private_and_a_second_reuses_it(tmp_path):
+    settings = Settings(state_dir=tmp_path / "state")
+    files, issuer = prepare(settings)
+    for path in (files.https_certificate, files.https_key, files.client_key,
+                 files.ca_certificate):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again, issuer_again = prepare(settings)
+    assert again == files
+    assert issuer_again.authority.certificate == issuer.authority.certificate
+
+
+def test_the_operators_https_certificate_is_used_as_it_is(tmp_path):
+    key, certificate = self_signed_server_certificate(("broker.example",))
+    write_secret(tmp_path / "https.pem", certificate)
+    write_secret(tmp_path / "https-key.pem", key)
+    settings = Settings(state_dir=tmp_path / "state", https_certificate=str(tmp_path / "https.pem"),
+                        https_key=str(tmp_path / "https-key.pem"))
+    files, _ = prepare(settings)
+    assert files.https_certificate == tmp_path / "https.pem"
+    assert files.https_key == tmp_path / "https-key.pem"
+    assert not (tmp_path / "state" / "https").exists()
+
+
+def test_an_operators_certificate_with_another_key_is_refused_naming_both(tmp_path):
+    _, certificate = self_signed_server_certificate(("broker.example",))
+    other_key, _ = self_signed_server_certificate(("other.example",))
+    write_secret(tmp_path / "https.pem", certificate)
+    write_secret(tmp_path / "https-key.pem", other_key)
+    settings = Settings(state_dir=tmp_path / "state", https_certificate=str(tmp_path / "https.pem"),
+                        https_key=str(tmp_path / "https-key.pem"))
+    with pytest.raises(CertificateError, match="https.pem.*https-key.pem"):
+        prepare(settings)
+
+
+def test_a_local_towers_identity_is_its_key_and_a_recorded_certificate(tmp_path):
+    settings = Settings(state_dir=tmp_path / "state", tower_key_type="rsa")
+    files, issuer = prepare(settings)
+    tower = prepare_local_tower(files.directory, issuer, "tower-1", "127.0.0.1")
+    pem = tower.identity.read_bytes()
+    assert b"PRIVATE KEY" in pem and stat.S_IMODE(tower.identity.stat().st_mode) == 0o600
+    certificate = x509.load_pem_x509_certificate(pem[pem.index(b"-----BEGIN CERTIFICATE"):])
+    assert certificate.public_key().key_size == 2048
+    [record] = issuer.records()
+    assert record.tower == "tower-1"
+    assert record.serial == format(certificate.serial_number, "x")
+
+
+def test_the_provisioning_identity_is_made_once(tmp_path):
+    key = provisioning_identity(tmp_path)
+    public = key.with_name("id_ed25519.pub").read_text()
+    assert public.startswith("ssh-ed25519 ")
+    assert provisioning_identity(tmp_path) == key
+    assert key.with_name("id_ed25519.pub").read_text() == public
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600

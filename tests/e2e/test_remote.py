@@ -1,0 +1,83 @@
+"""Commands and files on a host over SSH (``broker.remote``), against a real sshd."""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+
+import asyncssh
+import pytest
+
+from broker import remote
+from broker.inventory import parse_host
+from broker.state import provisioning_identity
+
+from .hosts import SimulatedHost, make_host  # noqa: F401
+
+
+def host_entry(host: SimulatedHost, **overrides):
+    values = {"name": host.name, "address": host.address, "ssh_port": host.port,
+              "user": host.user, "host_key": host.host_key}
+    values.update(overrides)
+    return parse_host(values)
+
+
+@pytest.fixture
+def identity(tmp_path):
+    return provisioning_identity(tmp_path / "state")
+
+
+def public(identity) -> str:
+    return identity.with_name("id_ed25519.pub").read_text()
+
+
+def test_commands_files_and_failures(tmp_path, make_host, identity):  # noqa: F811
+    host = make_host("host-1", public(identity))
+
+    async def main():
+        connection = await remote.connect(host_entry(host), identity, tmp_path / "known")
+        try:
+            assert (await remote.run(connection, "echo hello")).strip() == "hello"
+            await remote.put(connection, str(host.directory / "settings.toml"), b"a = 1\n")
+            with pytest.raises(remote.RemoteError, match="exited with 3: broken"):
+                await remote.run(connection, "echo broken >&2; exit 3")
+        finally:
+            await remote.close(connection)
+
+    asyncio.run(main())
+    written = host.directory / "settings.toml"
+    assert written.read_bytes() == b"a = 1\n"
+    assert stat.S_IMODE(written.stat().st_mode) == 0o600
+
+
+def test_trust_on_first_use_pins_the_first_key_and_refuses_another_after(
+    tmp_path, make_host, identity  # noqa: F811
+):
+    host = make_host("host-1", public(identity))
+    known_hosts = tmp_path / "known_hosts"
+    trusting = host_entry(host, host_key="", trust_on_first_use=True)
+
+    async def connect(entry):
+        connection = await remote.connect(entry, identity, known_hosts)
+        await remote.close(connection)
+
+    asyncio.run(connect(trusting))
+    [line] = known_hosts.read_text().splitlines()
+    assert line == f"[{host.address}]:{host.port} {host.host_key}"
+    asyncio.run(connect(trusting))  # the same key again: accepted
+    assert len(known_hosts.read_text().splitlines()) == 1
+    # The host shows another key (rebuilt, or an impostor on its address).
+    impostor = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
+    known_hosts.write_text(f"[{host.address}]:{host.port} {impostor}")
+    with pytest.raises(remote.HostKeyRefused, match="other than the one pinned"):
+        asyncio.run(connect(trusting))
+
+
+def test_unreachable_and_refused_hosts_are_clear_errors(tmp_path, make_host, identity):  # noqa: F811
+    stranger = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
+    host = make_host("host-1", stranger)
+    with pytest.raises(remote.RemoteError, match="refused the broker's key"):
+        asyncio.run(remote.connect(host_entry(host), identity, tmp_path / "known"))
+    host.stop()
+    with pytest.raises(remote.RemoteError, match="cannot connect"):
+        asyncio.run(remote.connect(host_entry(host), identity, tmp_path / "known"))
