@@ -808,6 +808,7 @@ class _Cell:
             children=children,
             supervisor=supervisor,
             restart_in=restart_in,
+            traces=len(self.traces),
         )
 
 

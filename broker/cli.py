@@ -66,6 +66,29 @@ def build_parser() -> argparse.ArgumentParser:
     csr.add_argument("--name", required=True)
     csr.add_argument("--key-type", choices=("ec", "rsa"), default="ec")
 
+    load = commands.add_parser(
+        "loadtest", help="simulated browsers against a running broker, with a report"
+    )
+    load.add_argument("url", help="the broker's HTTPS URL, e.g. https://127.0.0.1:8443")
+    load.add_argument("--api-key", help="default: the state directory's api-key")
+    load.add_argument("--certificate",
+                      help="the CA or certificate to trust (default: the state directory's)")
+    load.add_argument("--state-dir", type=Path, help="where to find the key and certificate")
+    load.add_argument("--sessions", type=int, default=100, help="concurrent sessions to reach")
+    load.add_argument("--rate", type=float, default=20.0, help="arrivals per second (ramp)")
+    load.add_argument("--duration", type=float, default=30.0,
+                      help="seconds with every session up, after the ramp")
+    load.add_argument("--message-rate", type=float, default=1.0,
+                      help="data channel messages per session per second")
+    load.add_argument("--message-size", type=int, default=100, help="bytes per message")
+    load.add_argument("--workers", type=int, default=2, help="load generator processes")
+    load.add_argument("--media", action="store_true",
+                      help="sessions with the tower's video (the demo application)")
+    load.add_argument("--kill-tower-at", type=float, metavar="SECONDS",
+                      help="chaos: kill a local tower agent this long after the start")
+    load.add_argument("--json", action="store_true", help="the report as one JSON document")
+    load.add_argument("--plot", metavar="FILE.png", help="draw the time series")
+
     ca = commands.add_parser("ca", help="the broker's certificate authority")
     ca.add_argument("--state-dir", type=Path, help="the broker's state directory")
     ca.add_argument("--config", type=Path, help="the broker's TOML settings")
@@ -95,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _tower_run(arguments)
     if arguments.command == "tower" and arguments.tower_command == "csr":
         return _tower_csr(arguments)
+    if arguments.command == "loadtest":
+        return _loadtest(arguments)
     if arguments.command == "ca" and arguments.ca_command:
         from .ca_command import run_ca_command
 
@@ -244,6 +269,49 @@ def _tower_run(arguments: argparse.Namespace) -> int:
         bridge.run(run_agent, settings)
     except bridge.Interrupted:
         pass
+    return 0
+
+
+def _loadtest(arguments: argparse.Namespace) -> int:
+    from .config import default_state_dir
+    from .loadtest.run import LoadPlan, plot, print_report, run_load
+
+    state = arguments.state_dir or default_state_dir()
+    try:
+        api_key = arguments.api_key or (state / "api-key").read_text().strip()
+    except OSError:
+        print(f"broker loadtest: no --api-key, and none in {state}", file=sys.stderr)
+        return 2
+    certificate = arguments.certificate or str(state / "https" / "certificate.pem")
+    problems = [
+        name for name, value in (("--sessions", arguments.sessions), ("--workers",
+                                 arguments.workers), ("--message-size", arguments.message_size))
+        if value < 1
+    ] + [name for name, value in (("--rate", arguments.rate),
+                                  ("--message-rate", arguments.message_rate)) if value <= 0]
+    if arguments.duration < 0:
+        problems.append("--duration")
+    if problems:
+        print(f"broker loadtest: {', '.join(problems)} must be positive", file=sys.stderr)
+        return 2
+    plan = LoadPlan(
+        url=arguments.url.rstrip("/"), api_key=api_key, certificate=certificate,
+        sessions=arguments.sessions, rate=arguments.rate, duration=arguments.duration,
+        message_rate=arguments.message_rate, message_size=arguments.message_size,
+        workers=min(arguments.workers, arguments.sessions),
+        application="demo" if arguments.media else "echo",
+        kill_tower_at=arguments.kill_tower_at,
+    )
+    try:
+        report = run_load(plan, show_progress=not arguments.json)
+    except KeyboardInterrupt:
+        return 130
+    if arguments.json:
+        print(json.dumps(report))
+    else:
+        print_report(report)
+    if arguments.plot:
+        plot(report, arguments.plot)
     return 0
 
 

@@ -81,6 +81,10 @@ class ClientPeer:
             raise ValueError("the echo differs from what was sent")
         return elapsed
 
+    async def reply(self) -> str | bytes:
+        """The next message that came back on the echo channel."""
+        return await self._replies.get()
+
     async def close(self) -> None:
         await self.connection.close()
 

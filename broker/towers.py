@@ -43,6 +43,7 @@ from actors import DecodeError, Exit, Restart, SupervisorFlags
 
 from .config import Settings
 from .issuer import Issuer
+from .outbox import Outbox, OutboxClosed
 from .link import (
     CLOSE_TIMEOUT,
     CertificateInstalled,
@@ -98,23 +99,25 @@ class TowerConnection:
         self.certificate_expires = certificate_expires
         self.closed = trio.Event()
         self.undeliverable = 0
-        self._websocket = websocket
+        self.outbox = Outbox(websocket)
         self._routes: dict[str, ActorRef] = {}
 
     async def send(self, message: object) -> None:
         """Send one message to the tower.
 
+        The frame is queued for the link's writer (see ``broker.outbox``).
+
         Raises:
             TowerGone: the link is closed, or so congested that a frame waited
-                ``SEND_TIMEOUT`` seconds (then the link is as good as gone for a
+                ``SEND_TIMEOUT`` seconds for room (then the link is as good as gone for a
                 negotiation with a deadline).
         """
         if self.closed.is_set():
             raise TowerGone(f"{self.name} is gone")
         try:
             with trio.fail_after(SEND_TIMEOUT):
-                await self._websocket.send_message(codec.encode(message))
-        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.outbox.put(codec.encode(message))
+        except OutboxClosed:
             raise TowerGone(f"{self.name} is gone") from None
         except trio.TooSlowError:
             raise TowerGone(f"{self.name} took over {SEND_TIMEOUT:g} s to take a frame") from None
@@ -258,6 +261,7 @@ class TowerLink(Actor):
         send, receive = trio.open_memory_channel[object](1)
         self.renewal_replies = send
         try:
+            nursery.start_soon(connection.outbox.write_all)
             nursery.start_soon(self._renew, connection, receive)
             await self._read(websocket, connection)
         finally:

@@ -700,6 +700,7 @@ class Shell:
         actor = self._find(_actor_path(arguments["path"]))
         if arguments["json"]:
             document = _actor_json(actor)
+            document["traces"] = actor.traces
             document["children"] = [child.name for child in actor.children]
             document["failures"] = [
                 {
@@ -724,6 +725,7 @@ class Shell:
             ("messages dropped", str(actor.messages_dropped)),
             ("restarts", str(actor.restarts)),
             ("uptime", _duration(actor.uptime)),
+            ("traces open", str(actor.traces)),
         ]
         if actor.supervisor is not None:
             fields.append(("supervisor", _supervisor_flags(actor)))

@@ -3,9 +3,12 @@
 Theory of operation: ``shell`` starts the asyncssh server (``broker.shell.ssh``) on the
 asyncio side; each session is posted back to this actor, which drives it from a task of
 its own: read a line, run it with a ``Shell`` (``broker.shell.commands``) over the live
-system, write the output. Streaming commands (``top``, ``trace``) run until they end or
-the operator presses a key. A session that goes away mid-command is cancelled, and its
-trace with it: nothing is left behind.
+system, write the output (``run_line``). Every command runs under one watch: in a
+terminal, Ctrl-C interrupts it (any key, for the streaming ``top`` and ``trace``);
+without one, the client going away does. The command is then cancelled, whatever it
+holds (a trace) is let go, and the operator gets the prompt back: nothing is left behind.
+Interrupting an admin command only stops the waiting: what was already asked (a
+restart, a provisioning request) goes on.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from ..scaling import ScaleTo
 from ..sessions import SESSIONS_PATH, Describe
 from ..towers import TowerDirectory
 from . import ssh
-from .commands import HostView, Role, SessionView, Shell, TowerView
+from .commands import HostView, Role, SessionView, Shell, Status, TowerView
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,8 @@ PROVISIONING_PATH = "/broker/provisioning"
 SCALER_PATH = "/broker/scaler"
 # How long provisioning and the scaler have to answer the shell.
 ANSWER_TIMEOUT = 10.0
+# The exit status of an interrupted command, as a POSIX shell reports one ended by SIGINT.
+INTERRUPTED = 130
 
 
 @dataclass(frozen=True)
@@ -253,7 +258,7 @@ class ShellServer(Actor):
             if session.interactive:
                 await self._interact(session, shell)
             else:
-                status = await self._run_line(session, shell, session.command or "")
+                status = await run_line(session, shell, session.command or "")
         except ssh.SessionGone:
             pass
         except Exception as error:
@@ -268,12 +273,11 @@ class ShellServer(Actor):
         while True:
             self.view.refresh()
             session.complete = shell.complete
-            await call_asyncio(session.write, "broker> ")
-            line = await call_asyncio(session.read_line)
+            line = await call_asyncio(session.read_line, "broker> ")
             if line is None:
                 return
             try:
-                status = await self._run_line(session, shell, line)
+                status = await run_line(session, shell, line)
             except ssh.SessionGone:
                 raise
             except Exception as error:
@@ -284,36 +288,55 @@ class ShellServer(Actor):
             if status < 0:
                 return
 
-    async def _run_line(self, session: ssh.OperatorSession, shell: Shell, line: str) -> int:
-        if shell.is_streaming(line):
-            return await self._stream(session, shell, line)
-        output = await shell.run(line)
-        if output.status == 3:
-            logger.warning("shell: %s (%s, %s role) was refused: %r", session.username,
-                           session.peer, session.role, line[:200])
-        if output.text:
-            await call_asyncio(session.write, output.text)
-        return output.status
 
-    async def _stream(self, session: ssh.OperatorSession, shell: Shell, line: str) -> int:
-        stream = shell.stream(line)
+async def run_line(session: ssh.OperatorSession, shell: Shell, line: str) -> int:
+    """Run one command line for an operator's ``session`` and write its output as it
+    comes; returns its exit status.
+
+    While the command runs, a terminal is watched for Ctrl-C (and, for a streaming
+    command, any key), and a session without one for the client going away. Either
+    cancels the command; whatever it holds (a trace) is let go before this returns. An
+    interrupt (Ctrl-C) is answered with a line and ``INTERRUPTED``; a streaming command
+    stopped by another key ends quietly.
+
+    Raises:
+        ssh.SessionGone: the session closed while the output was written.
+    """
+    stream = shell.stream(line)
+    interrupted = False
+
+    async def watch(scope: trio.CancelScope) -> None:
+        nonlocal interrupted
+        if session.has_terminal:
+            any_key = shell.is_streaming(line)
+            interrupted = await call_asyncio(session.wait_for_interrupt, any_key)
+        else:
+            await call_asyncio(session.wait_closed)
+        scope.cancel()
+
+    try:
         try:
             async with trio.open_nursery() as nursery:
-                # Stopped by a key in a terminal; without one, when the client goes away.
-                watch = session.wait_for_interrupt if session.interactive else session.wait_closed
-                nursery.start_soon(self._stop_when, watch, nursery.cancel_scope)
+                nursery.start_soon(watch, nursery.cancel_scope)
                 async for chunk in stream:
                     await call_asyncio(session.write, chunk)
                 nursery.cancel_scope.cancel()
-        finally:
-            # Whatever the command holds (a trace) is let go now, however it ended.
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
-        return stream.status or 0
-
-    async def _stop_when(self, watch: Any, scope: trio.CancelScope) -> None:
-        await call_asyncio(watch)
-        scope.cancel()
+        except BaseExceptionGroup as group:
+            # The command's own error (or SessionGone) as itself, as the caller expects.
+            if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+                raise group.exceptions[0] from None
+            raise
+    finally:
+        # Whatever the command holds (a trace) is let go now, however it ended.
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+    if interrupted:
+        await call_asyncio(session.write, "^C interrupted\n")
+        return INTERRUPTED
+    if stream.status == Status.REFUSED:
+        logger.warning("shell: %s (%s, %s role) was refused: %r", session.username,
+                       session.peer, session.role, line[:200])
+    return stream.status or 0
 
 
 def authorized_keys(

@@ -3,7 +3,13 @@
 Public-key authentication only; each authorized key carries a role. Everything a
 session does is driven from trio (``broker.shell.server``) through the bridge: this
 module only accepts connections, hands each session to a callback, and offers the few
-I/O calls the trio side needs (read a line, write, finish).
+I/O calls the trio side needs (read a line, write, wait for an interrupt, finish).
+
+Ctrl-C in a terminal: at the prompt it throws away the line being typed; while a command
+runs it interrupts the command (``OperatorSession.wait_for_interrupt``). The line editor
+stays on while a command runs, so what is typed meanwhile is echoed and kept for the next
+prompt (a Ctrl-C throws it away); only streaming commands (``top``, ``trace``) leave it,
+so that any key stops them.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from ..pki import write_secret
 
 MAX_LINE = 4096
 CLOSE_TIMEOUT = 2.0
+CTRL_C = "\x03"
 
 
 class SessionGone(Exception):
@@ -33,50 +40,101 @@ class OperatorSession:
         self.role = role
         self.command: str | None = process.command
         self.interactive = self.command is None
+        # A pseudo-terminal (an interactive ``ssh``, or ``ssh -t``): keys can interrupt.
+        self.has_terminal = bool(process.channel.get_terminal_type())
         self.username = process.get_extra_info("username") or ""
         self.peer = str(process.get_extra_info("peername") or "")
         self.ended = asyncio.Event()
         # Completion candidates for the line being typed, refreshed by the trio side.
         self.complete: Callable[[str], list[str]] = lambda line: []
+        # Whether a line is being read (the prompt is up): Ctrl-C then edits the line;
+        # otherwise a command runs, and Ctrl-C sets ``_interrupted`` for it.
+        self._reading = False
+        self._interrupted = asyncio.Event()
 
-    async def read_line(self) -> str | None:
-        """The next line typed, or None when the client closed its input.
+    async def read_line(self, prompt: str = "") -> str | None:
+        """Write ``prompt``, then read the next line typed; None when the client closed
+        its input.
 
         Ctrl-C throws away the line being typed and gives an empty line.
         """
-        while True:
-            try:
-                line = await self.process.stdin.readline()
-            except asyncssh.TerminalSizeChanged:
-                continue
-            except (asyncssh.BreakReceived, asyncssh.SignalReceived):
-                self.process.channel.clear_input()
-                await self.write("^C\n")
-                return ""
-            except (asyncssh.DisconnectError, BrokenPipeError, ConnectionError):
-                return None
-            if line == "":
-                return None
-            return line.rstrip("\r\n")[:MAX_LINE]
-
-    async def wait_for_interrupt(self) -> None:
-        """Until the operator presses a key (Ctrl-C included) or goes away."""
-        channel = self.process.channel
-        # Out of line mode, so that one key is enough and is not echoed.
-        channel.set_line_mode(False)
+        # From before the prompt shows: a Ctrl-C from then on is the prompt's. One that
+        # came after the last command ended is not for the next one.
+        self._reading = True
+        self._interrupted.clear()
         try:
+            if prompt:
+                await self.write(prompt)
             while True:
                 try:
-                    await self.process.stdin.read(1)
-                    return
+                    line = await self.process.stdin.readline()
                 except asyncssh.TerminalSizeChanged:
                     continue
                 except (asyncssh.BreakReceived, asyncssh.SignalReceived):
-                    return
+                    self.process.channel.clear_input()
+                    await self.write("^C\n")
+                    return ""
                 except (asyncssh.DisconnectError, BrokenPipeError, ConnectionError):
-                    return
+                    return None
+                if line == "":
+                    return None
+                return line.rstrip("\r\n")[:MAX_LINE]
         finally:
-            channel.set_line_mode(True)
+            self._reading = False
+
+    async def wait_for_interrupt(self, any_key: bool) -> bool:
+        """Until the operator interrupts the command that runs, or goes away (terminals only).
+
+        Returns True for an interrupt: Ctrl-C (or a break or signal from the client),
+        pressed since the command's line was read. With ``any_key`` (a streaming
+        command), the line editor is left meanwhile, so that any key stops the command
+        and is not echoed: False for a key other than Ctrl-C. False when the session
+        closed.
+        """
+        if self._interrupted.is_set():
+            return True
+        channel = self.process.channel
+        waits = [self._interrupted.wait(), channel.wait_closed()]
+        if any_key:
+            # Out of line mode, so that one key is enough and is not echoed.
+            channel.set_line_mode(False)
+            waits.append(self._read_key())
+        tasks = [asyncio.ensure_future(wait) for wait in waits]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if any_key and not self.process.is_closing():
+                channel.set_line_mode(True)
+        if self._interrupted.is_set():
+            return True
+        key = tasks[-1]
+        return any_key and key in done and key.result()
+
+    async def _read_key(self) -> bool:
+        """The next key, out of line mode: whether it interrupts (Ctrl-C, a break)."""
+        while True:
+            try:
+                # All that came, so that no rest of a key's escape sequence is left over
+                # for the next line.
+                return CTRL_C in await self.process.stdin.read(MAX_LINE)
+            except asyncssh.TerminalSizeChanged:
+                continue
+            except (asyncssh.BreakReceived, asyncssh.SignalReceived):
+                return True
+            except (asyncssh.DisconnectError, BrokenPipeError, ConnectionError):
+                return False
+
+    def _interrupt_key(self, line: str, position: int) -> tuple[str, int]:
+        """Ctrl-C in the line editor: at the prompt, a signal (``read_line`` answers it);
+        while a command runs, that command is interrupted and the line typed meanwhile
+        is thrown away."""
+        if self._reading:
+            return "INT", -1
+        self._interrupted.set()
+        return "", 0
 
     async def wait_closed(self) -> None:
         """Until the client closes the session (for a command run without a terminal)."""
@@ -158,8 +216,10 @@ async def start_server(
             process.exit(3)
             return
         session = OperatorSession(process, role)
-        if session.interactive and process.channel.get_terminal_type():
-            process.channel.register_key("\t", session._complete_key)
+        if session.has_terminal:
+            process.channel.register_key(CTRL_C, session._interrupt_key)
+            if session.interactive:
+                process.channel.register_key("\t", session._complete_key)
         on_session(session)
         await session.ended.wait()
 

@@ -74,6 +74,8 @@ from ..link import (
     TowerLoadReport,
     codec,
 )
+from ..collector import Collector
+from ..outbox import Outbox, OutboxClosed
 from ..pki import (
     BROKER_NAME,
     KeyType,
@@ -115,18 +117,21 @@ class AgentSettings:
 
 
 class Uplink:
-    """The broker connection peers send through; sends are dropped while there is none."""
+    """The broker connection peers send through; sends are dropped while there is none.
+
+    Frames go through the connection's outbox (``broker.outbox``), so a peer cancelled
+    while sending never breaks the link for the others."""
 
     def __init__(self) -> None:
-        self.websocket: WebSocketConnection | None = None
+        self.outbox: Outbox | None = None
 
     async def send(self, message: object) -> None:
-        websocket = self.websocket
-        if websocket is None:
+        outbox = self.outbox
+        if outbox is None:
             return
         try:
-            await websocket.send_message(codec.encode(message))
-        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            await outbox.put(codec.encode(message))
+        except OutboxClosed:
             pass
 
 
@@ -155,6 +160,7 @@ class CommunicationServer(Actor):
         self.opened = 0
         # The key of a renewal in progress: made here, kept until its certificate comes.
         self.pending_key: bytes | None = None
+        self.collector = Collector()
         self.renewals = 0
 
     async def started(self) -> None:
@@ -167,6 +173,7 @@ class CommunicationServer(Actor):
                 self.settings.identity, self.settings.identity, client_ca_file=self.settings.ca
             )
         self.start_soon(self._listen)
+        self.start_soon(self.collector.run)
 
     async def _listen(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -225,11 +232,13 @@ class CommunicationServer(Actor):
             self.connection_scope.cancel()
         with trio.CancelScope() as scope:
             self.connection_scope = scope
-            self.uplink.websocket = websocket
+            outbox = Outbox(websocket)
+            self.uplink.outbox = outbox
             try:
                 await self.uplink.send(TowerHello(self.settings.name, self.settings.capacity,
                                                   __version__))
                 async with trio.open_nursery() as nursery:
+                    nursery.start_soon(outbox.write_all)
                     nursery.start_soon(self._report_load)
                     await self._read(websocket)
                     nursery.cancel_scope.cancel()
@@ -237,8 +246,8 @@ class CommunicationServer(Actor):
                 # The broker gave those sessions up with this connection (it moves them
                 # elsewhere), whether the connection broke or a new one replaced it.
                 self._close_peers_opened_by(websocket)
-                if self.uplink.websocket is websocket:
-                    self.uplink.websocket = None
+                if self.uplink.outbox is outbox:
+                    self.uplink.outbox = None
                     self.connection_scope = None
                 with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                     await websocket.aclose()
@@ -303,10 +312,12 @@ class CommunicationServer(Actor):
             return
         entry = PeerEntry(request.negotiation, ref, opened_by)
         self.peers_by_session[request.session] = entry
+        self.collector.opened()
         self.start_soon(self._forget_when_done, request.session, entry)
 
     async def _forget_when_done(self, session: str, entry: PeerEntry) -> None:
         await entry.ref.join()
+        self.collector.closed_one()
         if self.peers_by_session.get(session) is entry:
             del self.peers_by_session[session]
 

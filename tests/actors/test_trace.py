@@ -112,6 +112,24 @@ async def test_the_trace_is_removed_however_the_block_exits(autojump_clock, syst
     assert await ref.ask("still fine") == "still fine"
 
 
+async def test_the_snapshot_counts_the_open_traces(autojump_clock, system, log):
+    ref = await system.spawn(recorder("r", log))
+    assert ref.snapshot().traces == 0
+    async with ref.trace():
+        assert ref.snapshot().traces == 1
+        async with ref.trace():
+            assert ref.snapshot().traces == 2
+            [child] = [child for child in system.snapshot().children if child.name == "r"]
+            assert child.traces == 2
+        assert ref.snapshot().traces == 1
+    assert ref.snapshot().traces == 0
+    with pytest.raises(KeyError):
+        async with ref.trace():
+            assert ref.snapshot().traces == 1
+            raise KeyError("tracer failed")
+    assert ref.snapshot().traces == 0
+
+
 async def test_cancelling_the_tracer_mid_iteration_leaves_nothing_behind(
     autojump_clock, system, log
 ):
@@ -132,6 +150,7 @@ async def test_cancelling_the_tracer_mid_iteration_leaves_nothing_behind(
     assert deadline.cancelled_caught
     assert seen == ["0", "1", "2"]
     assert traces_of(ref) == ()
+    assert ref.snapshot().traces == 0
     assert trace._readers.statistics().tasks_waiting == 0
     assert await ref.ask("after") == "after"
     assert ("r", 4) in log

@@ -181,6 +181,9 @@ async def running_broker(tmp_path) -> AsyncIterator[Broker]:
         broker = Broker(system, directory, short_settings(tmp_path), SessionCounters(), towers)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_report_load, directory, list(towers))
+            for tower in towers.values():
+                # As the link does: one writer per connection.
+                nursery.start_soon(tower.connection.outbox.write_all)
             yield broker
             nursery.cancel_scope.cancel()
 

@@ -183,3 +183,109 @@ def test_trace_streams_the_messages_an_actor_receives(broker):
     assert "Describe" in traced.stdout and " ask " in traced.stdout
     # Messages carry API keys; a trace never shows them.
     assert broker.api_key not in traced.stdout
+
+
+def connect(broker, key: Path | None = None):
+    """An SSH connection to the broker's shell (``async with``)."""
+    shell = broker.state_dir / "shell"
+    return asyncssh.connect(
+        "127.0.0.1", shell_port(broker), username="operator", known_hosts=None,
+        client_keys=[str(key or shell / "operator-key")],
+    )
+
+
+async def read_until(process, text: str, timeout: float = 10) -> str:
+    return await asyncio.wait_for(process.stdout.readuntil(text), timeout)
+
+
+def test_ctrl_c_interrupts_a_command_that_blocks(tmp_path):
+    # Restarting the towers waits for their agent processes to start again, one after
+    # the other: seconds on any machine, so the Ctrl-C comes while the command waits
+    # (had the restart been done first, the output would say "restarted"). Its own
+    # broker, as it disturbs the towers the other tests use.
+    broker = start_broker(tmp_path, shell_port=0, **FAST_REPAIR)
+    try:
+        wait_for_towers(broker, 2)
+
+        async def main():
+            async with connect(broker) as connection:
+                process = await connection.create_process(term_type="xterm")
+                await read_until(process, "broker> ")
+                process.stdin.write("restart /broker/towers\r")
+                await read_until(process, "\n")
+                await asyncio.sleep(0.3)
+                process.stdin.write("\x03")
+                interrupted = await read_until(process, "broker> ")
+                # The session goes on, streaming commands too.
+                process.stdin.write("tree /broker/towers --depth 0\r")
+                after = await read_until(process, "broker> ")
+                process.stdin.write("top --interval 0.2\r")
+                await read_until(process, "top at ")
+                process.stdin.write("\x03")
+                stopped_top = await read_until(process, "broker> ")
+                process.stdin.write("exit\r")
+                await asyncio.wait_for(process.wait(), 10)
+                # One command in a terminal, as `ssh -t broker-host restart ...`.
+                command = await connection.create_process(
+                    "restart /broker/towers", term_type="xterm")
+                await asyncio.sleep(0.3)
+                command.stdin.write("\x03")
+                completed = await asyncio.wait_for(command.wait(), 10)
+                return interrupted, after, stopped_top, completed
+
+        interrupted, after, stopped_top, completed = asyncio.run(main())
+    finally:
+        stop_broker(broker)
+    assert "^C interrupted" in interrupted, interrupted
+    assert "restarted" not in interrupted, "the restart was done before the Ctrl-C came"
+    assert "/broker/towers (Supervisor" in after
+    assert "^C interrupted" in stopped_top
+    assert completed.exit_status == 130
+    assert "^C interrupted" in completed.stdout and "restarted" not in completed.stdout
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["command", "interactive"])
+def test_a_client_that_drops_mid_trace_leaves_no_trace_behind(broker, terminal):
+    traced = "/broker/endpoint"
+
+    async def traces_open(connection) -> int:
+        inspected = await connection.run(f"inspect {traced} --json")
+        assert inspected.exit_status == 0, inspected.stdout
+        return json.loads(inspected.stdout)["traces"]
+
+    async def main():
+        async with connect(broker) as watcher:
+            assert await traces_open(watcher) == 0
+            async with connect(broker) as tracer:
+                line = f"trace {traced} --seconds 30"
+                if terminal:
+                    process = await tracer.create_process(term_type="xterm")
+                    await read_until(process, "broker> ")
+                    process.stdin.write(line + "\r")
+                else:
+                    process = await tracer.create_process(line)
+                await read_until(process, f"tracing {traced} for 30s")
+                assert await traces_open(watcher) == 1
+                # Gone without a word: no EOF, no exit, no SSH disconnect message.
+                tracer.abort()
+            deadline = asyncio.get_running_loop().time() + 5
+            while (count := await traces_open(watcher)) != 0:
+                assert asyncio.get_running_loop().time() < deadline, f"{count} traces left"
+                await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+
+
+def test_an_interactive_session_without_a_terminal_streams(broker):
+    async def main():
+        async with connect(broker) as connection:
+            process = await connection.create_process()
+            process.stdin.write("top --count 2 --interval 0.2 --limit 1\ntree --depth 0\nexit\n")
+            output = await asyncio.wait_for(process.stdout.read(), 10)
+            await asyncio.wait_for(process.wait(), 10)
+            return output
+
+    output = asyncio.run(main())
+    assert "error" not in output, output
+    assert output.count("top at ") == 2
+    assert "/broker (Supervisor, running)" in output

@@ -422,7 +422,7 @@ async def test_inspect_shows_a_real_failure_with_its_traceback(autojump_clock, b
     output = await broker.shell().run("inspect /broker/towers/tower-1")
     assert output.status == Status.OK
     text = lines(output)
-    assert text[:13] == [
+    assert text[:14] == [
         "path              /broker/towers/tower-1",
         "name              tower-1",
         "class             Worker",
@@ -434,15 +434,16 @@ async def test_inspect_shows_a_real_failure_with_its_traceback(autojump_clock, b
         "messages dropped  0",
         "restarts          1",
         "uptime            3.0s",
+        "traces open       0",
         "children          0",
         "failures          1",
     ]
-    assert text[13:16] == [
+    assert text[14:17] == [
         "",
         "failure 1 of 1, 2023-11-14 22:13:22.000 UTC (3.0s ago):",
         "  crashed: RuntimeError('worker asked to crash')",
     ]
-    assert text[16] == "  Traceback (most recent call last):"
+    assert text[17] == "  Traceback (most recent call last):"
     assert 'raise RuntimeError("worker asked to crash")' in [row.strip() for row in text]
     assert text[-1] == "  RuntimeError: worker asked to crash"
 
@@ -471,6 +472,22 @@ async def test_inspect_a_supervisor_and_as_json(autojump_clock, broker):
     supervisor = parsed(await shell.run("inspect /broker/sessions --json"))
     assert supervisor["children"] == ["session:s1", "session:s2"]
     assert supervisor["supervisor"] == {"strategy": "one_for_one", "intensity": 3, "period": 10}
+
+
+async def test_inspect_counts_the_traces_open_on_an_actor(autojump_clock, broker):
+    shell = broker.shell()
+    tower = broker.ref("/broker/towers/tower-1")
+
+    async def traces_open() -> tuple[str, int]:
+        text = lines(await shell.run("inspect /broker/towers/tower-1"))
+        [row] = [row for row in text if row.startswith("traces open")]
+        document = parsed(await shell.run("inspect /broker/towers/tower-1 --json"))
+        return row.split()[-1], document["traces"]
+
+    assert await traces_open() == ("0", 0)
+    async with tower.trace(), tower.trace():
+        assert await traces_open() == ("2", 2)
+    assert await traces_open() == ("0", 0)
 
 
 # sessions, towers, stats, jobs

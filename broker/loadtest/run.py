@@ -1,0 +1,418 @@
+"""``broker loadtest``: simulated browsers against a running broker, with a report.
+
+The coordinator (this module, no event loop) plans the arrivals (``sessions`` at
+``rate`` per second), deals them to worker processes (``broker.loadtest.worker``), reads
+their figures every second, samples the CPU and resident memory of the broker and its
+local tower agents (found from the URL's port) and of the workers themselves, shows
+progress, and optionally kills a tower agent at a chosen moment (chaos). At the end it
+reports, as text or one JSON document, and can draw the time series with matplotlib.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import psutil
+
+WORKER_START_TIMEOUT = 30.0
+# After the planned end, how long workers have to close their sessions and report.
+WIND_DOWN = 20.0
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    url: str
+    api_key: str
+    certificate: str
+    sessions: int = 100
+    rate: float = 20.0  # arrivals per second
+    duration: float = 30.0  # seconds every session lives on after the last arrival
+    message_rate: float = 1.0  # per session, per second
+    message_size: int = 100
+    workers: int = 2
+    application: str = "echo"  # "demo" adds the tower's video
+    kill_tower_at: float | None = None  # seconds from the start
+
+    @property
+    def ramp(self) -> float:
+        return self.sessions / self.rate
+
+    @property
+    def end(self) -> float:
+        return self.ramp + self.duration
+
+
+@dataclass
+class Second:
+    """The figures of one second of the run."""
+
+    at: float
+    up: int = 0
+    arrivals: int = 0
+    connected: int = 0
+    rtt: list[float] = field(default_factory=list)
+    echoed: int = 0
+    bytes: int = 0
+    generator_cpu: float = 0.0  # share of one core
+    broker_cpu: float = 0.0
+    towers_cpu: float = 0.0
+    broker_rss: int = 0
+    towers_rss: int = 0
+
+
+class Servers:
+    """The broker process listening on the URL's port and its local tower agents."""
+
+    def __init__(self, url: str) -> None:
+        port = urlsplit(url).port or 443
+        self.broker = _listener(port)
+        self._last: dict[int, float] = {}
+
+    def towers(self) -> list[tuple[psutil.Process, list[str]]]:
+        """The local tower agents, with their command lines."""
+        if self.broker is None:
+            return []
+        found = []
+        for child in self.broker.children(recursive=True):
+            try:
+                command = child.cmdline()
+            except psutil.Error:
+                continue
+            if "tower" in command and "run" in command:
+                found.append((child, command))
+        return found
+
+    def sample(self, interval: float) -> tuple[float, float, int, int]:
+        """CPU (share of one core over the last interval) and RSS of broker and towers."""
+        if self.broker is None:
+            return 0.0, 0.0, 0, 0
+        broker_cpu, broker_rss = self._measure([self.broker], interval)
+        towers_cpu, towers_rss = self._measure([tower for tower, _ in self.towers()], interval)
+        return broker_cpu, towers_cpu, broker_rss, towers_rss
+
+    def _measure(self, processes: list[psutil.Process], interval: float) -> tuple[float, int]:
+        cpu, rss = 0.0, 0
+        for process in processes:
+            try:
+                times = process.cpu_times()
+                total = times.user + times.system
+                rss += process.memory_info().rss
+            except psutil.Error:
+                continue
+            previous = self._last.get(process.pid)
+            self._last[process.pid] = total
+            if previous is not None:
+                cpu += (total - previous) / interval
+        return cpu, rss
+
+
+def _listener(port: int) -> psutil.Process | None:
+    for connection in psutil.net_connections("tcp"):
+        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port:
+            if connection.pid is not None:
+                return psutil.Process(connection.pid)
+    return None
+
+
+class Run:
+    def __init__(self, plan: LoadPlan, show_progress: bool = True) -> None:
+        self.plan = plan
+        self.show_progress = show_progress
+        self.servers = Servers(plan.url)
+        self.seconds: list[Second] = []
+        self.failed: Counter[str] = Counter()
+        self.lost: Counter[str] = Counter()
+        self.setups: list[float] = []
+        self.repairs: list[float] = []
+        self.totals = Counter()
+        self.chaos: dict[str, Any] | None = None
+        self.worker_cpu: dict[int, float] = {}
+
+    def execute(self) -> dict[str, Any]:
+        workers = self._start_workers()
+        began = time.monotonic()
+        latest: dict[int, dict[str, Any]] = {}
+        done: set[int] = set()
+        next_tick = began + 1.0
+        current = Second(at=0.0)
+        try:
+            while len(done) < len(workers):
+                now = time.monotonic()
+                if now - began > self.plan.end + WIND_DOWN:
+                    break
+                readable, _, _ = select.select(
+                    [w.stdout for i, w in enumerate(workers) if i not in done], [], [],
+                    max(0.0, next_tick - now))
+                for index, worker in enumerate(workers):
+                    if worker.stdout in readable:
+                        line = worker.stdout.readline()
+                        if not line:
+                            done.add(index)
+                            continue
+                        figures = json.loads(line)
+                        self._take(index, figures, current)
+                        latest[index] = figures
+                        if figures["final"]:
+                            done.add(index)
+                if time.monotonic() >= next_tick:
+                    self._close_second(current, latest, began)
+                    current = Second(at=round(time.monotonic() - began))
+                    next_tick += 1.0
+                    self._chaos_if_due(time.monotonic() - began)
+        finally:
+            for worker in workers:
+                if worker.stdin is not None and not worker.stdin.closed:
+                    worker.stdin.close()
+            for worker in workers:
+                try:
+                    worker.wait(10)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+                    worker.wait()
+            if self.show_progress:
+                print(file=sys.stderr)
+        self._close_second(current, latest, began)
+        return self.report(time.monotonic() - began)
+
+    def _start_workers(self) -> list[subprocess.Popen]:
+        plan = self.plan
+        arrivals = [index / plan.rate for index in range(plan.sessions)]
+        workers = []
+        for number in range(plan.workers):
+            mine = arrivals[number::plan.workers]
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "broker.loadtest.worker"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )
+            assert worker.stdin is not None
+            worker.stdin.write(json.dumps({
+                "url": plan.url, "api_key": plan.api_key, "certificate": plan.certificate,
+                "arrivals": mine, "end": plan.end, "message_rate": plan.message_rate,
+                "message_size": plan.message_size, "application": plan.application,
+            }) + "\n")
+            worker.stdin.flush()
+            workers.append(worker)
+        return workers
+
+    def _take(self, index: int, figures: dict[str, Any], second: Second) -> None:
+        second.rtt += figures["rtt"]
+        second.echoed += figures["echoed"]
+        second.bytes += figures["bytes"]
+        self.setups += figures["setup"]
+        self.repairs += figures["repairs"]
+        for key in ("sent", "echoed", "bytes", "timeouts"):
+            self.totals[key] += figures[key]
+        self.worker_cpu[index] = figures["cpu"]
+
+    def _close_second(self, second: Second, latest: dict[int, dict], began: float) -> None:
+        previous = self.seconds[-1] if self.seconds else None
+        second.up = sum(figures["up"] for figures in latest.values())
+        connected = sum(figures["connected"] for figures in latest.values())
+        requested = sum(figures["requested"] for figures in latest.values())
+        second.connected = connected
+        second.arrivals = requested - (self.totals["requested"] if previous else 0)
+        self.totals["requested"] = requested
+        self.totals["connected"] = connected
+        self.totals["finished"] = sum(figures["finished"] for figures in latest.values())
+        self.failed = Counter()
+        self.lost = Counter()
+        for figures in latest.values():
+            self.failed.update(figures["failed"])
+            self.lost.update(figures["lost"])
+        cpu = sum(self.worker_cpu.values())
+        previous_cpu = getattr(self, "_previous_cpu", 0.0)
+        second.generator_cpu = cpu - previous_cpu
+        self._previous_cpu = cpu
+        (second.broker_cpu, second.towers_cpu,
+         second.broker_rss, second.towers_rss) = self.servers.sample(1.0)
+        self.seconds.append(second)
+        if self.show_progress:
+            rtt = percentile(second.rtt, 99)
+            line = (f"{time.monotonic() - began:5.0f} s  up {second.up}/{self.plan.sessions}"
+                    f"  arrivals {second.arrivals}/s  failed {sum(self.failed.values())}"
+                    f"  lost {sum(self.lost.values())}  echoes {second.echoed}/s"
+                    f"  rtt p99 {_ms(rtt)}  cpu: generator {second.generator_cpu:.0%}"
+                    f" broker {second.broker_cpu:.0%} towers {second.towers_cpu:.0%}")
+            end = "\r" if sys.stderr.isatty() else "\n"
+            print(line.ljust(120), end=end, file=sys.stderr, flush=True)
+
+    def _chaos_if_due(self, elapsed: float) -> None:
+        if self.plan.kill_tower_at is None or self.chaos is not None:
+            return
+        if elapsed < self.plan.kill_tower_at:
+            return
+        towers = self.servers.towers()
+        if not towers:
+            self.chaos = {"at": elapsed, "killed": None, "why": "no local tower agent found"}
+            return
+        victim, command = towers[0]
+        name = _option(command, "--name")
+        try:
+            victim.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+        self.chaos = {"at": round(elapsed, 1), "killed": name, "pid": victim.pid}
+
+    def report(self, seconds: float) -> dict[str, Any]:
+        # With every session up: from the second after the ramp to the second before the end.
+        steady = [second for second in self.seconds
+                  if self.plan.ramp + 1 <= second.at <= self.plan.end - 1] or self.seconds
+        all_rtt = [value for second in self.seconds for value in second.rtt]
+        steady_rtt = [value for second in steady for value in second.rtt]
+        generator_cpu = sum(self.worker_cpu.values())
+        report: dict[str, Any] = {
+            "plan": asdict(self.plan) | {"api_key": "(hidden)"},
+            "run_seconds": round(seconds, 1),
+            "sessions": {
+                "requested": self.totals["requested"],
+                "connected": self.totals["connected"],
+                "failed": sum(self.failed.values()),
+                "failed_by_reason": dict(self.failed),
+                "lost": sum(self.lost.values()),
+                "lost_by_state": dict(self.lost),
+                "peak_up": max((second.up for second in self.seconds), default=0),
+            },
+            "setup_ms": _percentiles(self.setups, (50, 95, 99)),
+            "round_trip_ms": _percentiles(all_rtt, (50, 99)),
+            "round_trip_steady_ms": _percentiles(steady_rtt, (50, 99)),
+            "messages": {
+                "sent": self.totals["sent"],
+                "echoed": self.totals["echoed"],
+                "timeouts": self.totals["timeouts"],
+                "echoed_per_second_steady": _mean([second.echoed for second in steady]),
+                "bytes_per_second_steady": _mean([second.bytes for second in steady]),
+            },
+            "repairs": {"count": len(self.repairs), **_percentiles(self.repairs, (50, 100))},
+            "chaos": self.chaos,
+            "cpu_share_of_a_core_steady": {
+                "generator": _mean([second.generator_cpu for second in steady]),
+                "broker": _mean([second.broker_cpu for second in steady]),
+                "towers": _mean([second.towers_cpu for second in steady]),
+            },
+            "generator_cpu_seconds": round(generator_cpu, 1),
+            "rss_mib_peak": {
+                "broker": round(max((s.broker_rss for s in self.seconds), default=0) / 2**20, 1),
+                "towers": round(max((s.towers_rss for s in self.seconds), default=0) / 2**20, 1),
+            },
+            "series": [asdict(second) | {"rtt": None,
+                                         "rtt_p50_ms": _round(percentile(second.rtt, 50)),
+                                         "rtt_p99_ms": _round(percentile(second.rtt, 99))}
+                       for second in self.seconds],
+        }
+        return report
+
+
+def percentile(values: list[float], which: float) -> float | None:
+    """The ``which``-th percentile (nearest rank) of ``values`` in milliseconds, or None."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(which / 100 * len(ordered)))
+    return ordered[rank - 1] * 1000
+
+
+def _percentiles(values: list[float], which: tuple[float, ...]) -> dict[str, Any]:
+    names = {100: "max"}
+    return {names.get(p, f"p{p:g}"): _round(percentile(values, p)) for p in which}
+
+
+def _mean(values: list[float]) -> float:
+    return round(sum(values) / len(values), 2) if values else 0.0
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
+
+
+def _reasons(counts: dict[str, int]) -> str:
+    if not counts:
+        return ""
+    return " (" + ", ".join(f"{reason}: {count}" for reason, count in counts.items()) + ")"
+
+
+def _option(command: list[str], name: str) -> str | None:
+    return command[command.index(name) + 1] if name in command[:-1] else None
+
+
+def print_report(report: dict[str, Any]) -> None:
+    sessions, setup = report["sessions"], report["setup_ms"]
+    rtt, steady = report["round_trip_ms"], report["round_trip_steady_ms"]
+    messages, repairs = report["messages"], report["repairs"]
+    cpu = report["cpu_share_of_a_core_steady"]
+    plan = report["plan"]
+    print(f"load test: {plan['sessions']} sessions at {plan['rate']:g}/s, then "
+          f"{plan['duration']:g} s; {plan['message_rate']:g} message(s)/s of "
+          f"{plan['message_size']} bytes each; {plan['workers']} worker processes")
+    print(f"sessions     requested {sessions['requested']}, connected {sessions['connected']}, "
+          f"failed {sessions['failed']}{_reasons(sessions['failed_by_reason'])}, "
+          f"lost {sessions['lost']}{_reasons(sessions['lost_by_state'])}, "
+          f"peak up {sessions['peak_up']}")
+    print(f"first echo   p50 {_ms(setup['p50'])}  p95 {_ms(setup['p95'])}  "
+          f"p99 {_ms(setup['p99'])}")
+    print(f"round trip   p50 {_ms(rtt['p50'])}  p99 {_ms(rtt['p99'])}   "
+          f"(all up: p50 {_ms(steady['p50'])}  p99 {_ms(steady['p99'])})")
+    print(f"messages     {messages['echoed']} echoed of {messages['sent']}, "
+          f"{messages['timeouts']} timed out; {messages['echoed_per_second_steady']:g}/s and "
+          f"{messages['bytes_per_second_steady'] / 1024:.1f} KiB/s with all up")
+    print(f"repairs      {repairs['count']}  p50 {_ms(repairs['p50'])}  max {_ms(repairs['max'])}")
+    if report["chaos"] is not None:
+        print(f"chaos        {report['chaos']}")
+    print(f"cpu (cores)  generator {cpu['generator']:.2f}  broker {cpu['broker']:.2f}  "
+          f"towers {cpu['towers']:.2f}  (mean with all up)")
+    print(f"memory       broker {report['rss_mib_peak']['broker']} MiB, "
+          f"towers {report['rss_mib_peak']['towers']} MiB (peak resident)")
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    """Sessions up, round trip p50/p99 and CPU per second, as one PNG."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = report["series"]
+    at = [second["at"] for second in series]
+    figure, (sessions, latency, cpu) = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
+    sessions.plot(at, [second["up"] for second in series], label="sessions up")
+    sessions.set_ylabel("sessions")
+    latency.plot(at, [second["rtt_p50_ms"] for second in series], label="round trip p50")
+    latency.plot(at, [second["rtt_p99_ms"] for second in series], label="round trip p99")
+    latency.set_ylabel("ms")
+    latency.set_yscale("log")
+    latency.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    for key, label in (("generator_cpu", "load generator"), ("broker_cpu", "broker"),
+                       ("towers_cpu", "towers")):
+        cpu.plot(at, [second[key] for second in series], label=label)
+    cpu.set_ylabel("cores")
+    cpu.set_xlabel("seconds")
+    chaos = report.get("chaos")
+    for axes in (sessions, latency, cpu):
+        axes.legend(loc="upper left")
+        axes.grid(alpha=0.3)
+        if chaos and chaos.get("killed"):
+            axes.axvline(chaos["at"], color="red", linestyle="--")
+    plan = report["plan"]
+    figure.suptitle(f"{plan['sessions']} sessions at {plan['rate']:g}/s, "
+                    f"{plan['message_rate']:g} msg/s of {plan['message_size']} B")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def run_load(plan: LoadPlan, *, show_progress: bool = True) -> dict[str, Any]:
+    return Run(plan, show_progress).execute()

@@ -1,0 +1,75 @@
+"""The data a simulated browser sends: echo messages at a steady rate (asyncio side).
+
+Each message carries a sequence number, so a late reply is told from the current one
+and a lost one costs one timeout, not every later measurement. The figures go into the
+worker's ``Tally`` (plain counters and lists, read by the worker's trio side between
+reports; both sides run on the one thread of the asyncio loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+ECHO_TIMEOUT = 5.0
+
+
+@dataclass
+class Tally:
+    """What a worker's sessions did since its last report (``take`` empties it)."""
+
+    sent: int = 0
+    echoed: int = 0
+    bytes_echoed: int = 0
+    timeouts: int = 0
+    round_trips: list[float] = field(default_factory=list)
+
+    def take(self) -> dict[str, Any]:
+        taken = {"sent": self.sent, "echoed": self.echoed, "bytes": self.bytes_echoed,
+                 "timeouts": self.timeouts, "rtt": self.round_trips}
+        self.sent = self.echoed = self.bytes_echoed = self.timeouts = 0
+        self.round_trips = []
+        return taken
+
+
+async def send_steadily(
+    holder: Any, tally: Tally, rate: float, size: int, until: float
+) -> None:
+    """Echo ``size``-byte messages at ``rate`` per second over ``holder.peer`` (the
+    session's current peer: a repair replaces it) until ``until`` (``time.monotonic``)."""
+    interval = 1.0 / rate
+    sequence = 0
+    # Spread the sessions' sends over the interval, so they do not all send at once.
+    await asyncio.sleep(random.uniform(0, interval))
+    while time.monotonic() < until:
+        started = time.monotonic()
+        peer = holder.peer
+        if peer is not None and peer.echo_channel.readyState == "open":
+            sequence += 1
+            await _one_echo(peer, sequence, size, tally)
+        await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+
+async def _one_echo(peer: Any, sequence: int, size: int, tally: Tally) -> None:
+    head = f"{sequence}:"
+    payload = head + "x" * max(0, size - len(head))
+    tally.sent += 1
+    started = time.perf_counter()
+    peer.echo_channel.send(payload)
+    deadline = started + ECHO_TIMEOUT
+    while True:
+        left = deadline - time.perf_counter()
+        try:
+            reply = await asyncio.wait_for(peer.reply(), max(left, 0.001))
+        except asyncio.TimeoutError:
+            tally.timeouts += 1
+            return
+        if reply == payload:
+            tally.round_trips.append(time.perf_counter() - started)
+            tally.echoed += 1
+            tally.bytes_echoed += len(payload)
+            return
+        # A reply to an earlier message that timed out: skip it.

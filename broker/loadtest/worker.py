@@ -1,0 +1,201 @@
+"""One load-generator process: simulated browsers that speak only the public API.
+
+Started by the coordinator (``python -m broker.loadtest.worker``) with its plan as one
+JSON line on stdin; prints one JSON line of figures every second on stdout, and a last
+one when its sessions are over. It stops early when its stdin closes (the coordinator
+is gone or Ctrl-C).
+
+Each simulated browser arrives at its planned moment, creates a session with the offer
+in the POST (``broker.client.start_session``), times it to its first echo, then echoes
+messages at the planned rate and size until the end, follows repairs (timing each from
+"repairing" to "connected"), and deletes its session.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from actors import bridge
+from actors.bridge import call_asyncio
+
+from ..collector import Collector
+from ..client import BrokerClient, ClientSession, start_session, trusting
+from .traffic import Tally, send_steadily
+
+SETUP_TIMEOUT = 30.0
+REPORT_INTERVAL = 1.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    url: str
+    api_key: str
+    certificate: str
+    # Seconds from the start at which each of this worker's browsers arrives.
+    arrivals: list[float]
+    # Seconds from the start at which every session ends.
+    end: float
+    message_rate: float
+    message_size: int
+    application: str = "echo"
+
+
+class Worker:
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.tally = Tally()
+        self.requested = 0
+        self.connected = 0
+        self.up = 0
+        self.failed: Counter[str] = Counter()
+        self.lost: Counter[str] = Counter()
+        self.setups: list[float] = []
+        self.repairs: list[float] = []
+        self.finished = 0
+        self.ssl_context = trusting(plan.certificate)
+        # The browsers' peer connections are long-lived objects too.
+        self.collector = Collector()
+
+    async def run(self) -> None:
+        self.started = time.monotonic()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.collector.run)
+                nursery.start_soon(self._report_every_second)
+                nursery.start_soon(self._stop_when_stdin_closes, nursery.cancel_scope)
+                async with trio.open_nursery() as browsers:
+                    for arrival in self.plan.arrivals:
+                        browsers.start_soon(self._browser, arrival)
+                nursery.cancel_scope.cancel()
+        finally:
+            # Also when stopped early: what was measured is not lost.
+            self._report(final=True)
+
+    async def _browser(self, arrival: float) -> None:
+        await trio.sleep_until(trio.current_time() + arrival - self._elapsed())
+        self.requested += 1
+        started = time.perf_counter()
+        client = BrokerClient(self.plan.url, self.plan.api_key, self.ssl_context)
+        try:
+            # The deadline covers the setup only; it is lifted once the first echo is back.
+            with trio.CancelScope(deadline=trio.current_time() + SETUP_TIMEOUT) as setup:
+                await client.ice_servers()
+                async with start_session(client, application=self.plan.application) as session:
+                    await session.echo("first", timeout=SETUP_TIMEOUT)
+                    setup.deadline = math.inf
+                    self.setups.append(time.perf_counter() - started)
+                    self.connected += 1
+                    self.up += 1
+                    self.collector.opened()
+                    try:
+                        await self._live(session)
+                    finally:
+                        self.up -= 1
+                        self.collector.closed_one()
+                    with trio.move_on_after(5):
+                        await client.delete_session(session.grant.id)
+            if setup.cancelled_caught:
+                self.failed["setup timeout"] += 1
+            else:
+                self.finished += 1
+        except Exception as error:
+            self.failed[_reason(error)] += 1
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await client.aclose()
+
+    async def _live(self, session: ClientSession) -> None:
+        until = time.monotonic() + max(0.0, self.plan.end - self._elapsed())
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._follow_repairs, session)
+            await call_asyncio(send_steadily, session, self.tally, self.plan.message_rate,
+                               self.plan.message_size, until)
+            nursery.cancel_scope.cancel()
+
+    async def _follow_repairs(self, session: ClientSession) -> None:
+        handled: set[int] = set()
+
+        def state(frame: dict[str, Any], *names: str) -> bool:
+            return (id(frame) not in handled and frame.get("type") == "state"
+                    and frame.get("state") in names)
+
+        while True:
+            frame = await session.wait_for(
+                lambda frame: state(frame, "repairing", "failed", "closed"), timeout=1e9)
+            handled.add(id(frame))
+            if frame["state"] != "repairing":
+                self.lost[frame["state"]] += 1
+                return
+            began = time.perf_counter()
+            back = await session.wait_for(
+                lambda frame: state(frame, "connected", "failed", "closed"), timeout=1e9)
+            handled.add(id(back))
+            if back["state"] != "connected":
+                self.lost[back["state"]] += 1
+                return
+            self.repairs.append(time.perf_counter() - began)
+
+    def _elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    async def _report_every_second(self) -> None:
+        while True:
+            await trio.sleep(REPORT_INTERVAL)
+            self._report()
+
+    def _report(self, final: bool = False) -> None:
+        times = os.times()
+        figures = {
+            "final": final,
+            "elapsed": self._elapsed(),
+            "requested": self.requested,
+            "connected": self.connected,
+            "up": self.up,
+            "finished": self.finished,
+            "failed": dict(self.failed),
+            "lost": dict(self.lost),
+            "setup": self.setups,
+            "repairs": self.repairs,
+            "cpu": times.user + times.system,
+            **self.tally.take(),
+        }
+        self.setups, self.repairs = [], []
+        print(json.dumps(figures), flush=True)
+
+    async def _stop_when_stdin_closes(self, scope: trio.CancelScope) -> None:
+        stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+        async with stdin:
+            try:
+                while await stdin.receive_some(1024):
+                    pass
+            except (OSError, trio.BrokenResourceError):
+                pass
+        scope.cancel()
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, trio.TooSlowError):
+        return "timeout"
+    text = str(error) or type(error).__name__
+    return text.split(":")[0][:60]
+
+
+def main() -> None:
+    plan = Plan(**json.loads(sys.stdin.readline()))
+    try:
+        bridge.run(Worker(plan).run, handle_signals=False)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
