@@ -52,13 +52,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
-import h11
 import trio
 
 from actors import bridge
 from actors.bridge import call_asyncio
 from broker.client import BrokerClient, start_session, trusting
 from broker.client_peer import new_peer
+from broker.loadtest.worker import FloorClient
 
 from ._report import print_rows, verdict
 
@@ -263,39 +263,8 @@ class FloorPath:
     name = "floor"
 
     def __init__(self, url: str) -> None:
-        host, _, port = url.removeprefix("http://").rpartition(":")
-        self.host = host
-        self.port = int(port)
-
-    async def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        """One request on a fresh connection, as ``BrokerClient`` does; returns the status
-        and the decoded JSON body (None when empty)."""
-        data = b"" if body is None else json.dumps(body).encode()
-        headers = [("host", f"{self.host}:{self.port}"), ("connection", "close"),
-                   ("content-length", str(len(data)))]
-        if data:
-            headers.append(("content-type", "application/json"))
-        stream = await trio.open_tcp_stream(self.host, self.port)
-        async with stream:
-            connection = h11.Connection(h11.CLIENT)
-            await stream.send_all(connection.send(h11.Request(
-                method=method, target=path, headers=headers)))
-            await stream.send_all(connection.send(h11.Data(data=data)))
-            await stream.send_all(connection.send(h11.EndOfMessage()))
-            status, payload = 0, b""
-            while True:
-                event = connection.next_event()
-                if event is h11.NEED_DATA:
-                    connection.receive_data(await stream.receive_some(65536))
-                elif isinstance(event, h11.Response):
-                    status = event.status_code
-                elif isinstance(event, h11.Data):
-                    payload += event.data
-                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                    break
-        if status >= 400:
-            raise RuntimeError(f"the floor answered {method} {path} with {status}: {payload!r}")
-        return status, json.loads(payload) if payload else None
+        # One request per fresh connection, as ``BrokerClient`` does.
+        self.request = FloorClient(url).request
 
     async def session(self, durations: list[float], all_echoed: Countdown) -> None:
         started = time.perf_counter()

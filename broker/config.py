@@ -200,9 +200,14 @@ class Settings:
         if not 0 < self.scale_out_threshold <= 1:
             raise ConfigError("scale_out_threshold is a share of capacity: above 0, at most 1")
         try:
-            parse_hosts(self.hosts)
+            inventory = parse_hosts(self.hosts)
         except InventoryError as error:
             raise ConfigError(str(error)) from None
+        local = {f"tower-{number}" for number in range(1, self.local_towers + 1)}
+        for host in inventory:
+            if host.name in local:
+                raise ConfigError(f"the host {host.name!r} has the name of a local tower "
+                                  f"(tower-1 to tower-{self.local_towers}); rename it")
         try:
             check_ice_servers(self.ice_servers)
         except ValueError as error:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import posixpath
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -120,7 +121,7 @@ def parse_host(entry: Any, where: str = "host") -> Host:
         _UNSAFE.search(word) for word in host.tower_command.split()
     ):
         raise InventoryError(f"{where}: tower_command must be plain words")
-    if host.root == "/" or ".." in host.root.split("/"):
+    if posixpath.normpath(host.root) in ("/", ".", "//") or ".." in host.root.split("/"):
         raise InventoryError(f"{where}: root must be a directory of its own, not {host.root!r}")
     if host.host_key:
         import asyncssh  # only to check keys: the command line loads without it

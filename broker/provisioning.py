@@ -50,7 +50,7 @@ import trio
 
 from actors import (
     Actor,
-    ActorCrashed,
+    ActorError,
     ActorRef,
     Backoff,
     ActorState,
@@ -76,12 +76,21 @@ from .site import (
     quote,
     tower_paths,
 )
-from .towers import LinkContext, TowerLinkLost, is_ip_address, probe_tower, remote_tower_spec
+from .towers import (
+    LinkContext,
+    RemoteTower,
+    TowerLinkLost,
+    is_ip_address,
+    probe_tower,
+    remote_tower_spec,
+)
 
 logger = logging.getLogger(__name__)
 
 CHECK_IN_RETRY = 0.5
 HAND_OVER_POLL = 0.05
+# A stopping agent or NGINX has this many 0.1 s polls before it is killed.
+STOP_POLLS = 100
 MAX_SOCKET_PATH = 107
 EVENTS_KEPT = 200
 # The agent has this long to create its socket once started, within the step's deadline.
@@ -99,6 +108,7 @@ class HostState(Enum):
 
 
 _WORKING = (HostState.PROVISIONING, HostState.DECOMMISSIONING)
+_TOO_LATE_TO_CANCEL = ("hand-over", "done")
 
 
 @dataclass
@@ -224,20 +234,43 @@ class Provisioning(Actor):
         if isinstance(message, Cancel):
             return await self._cancel(message.host)
         if isinstance(message, Repair):
-            record = self.board.get(message.host)
-            if record.state is not HostState.READY:
-                return Answer(False, f"{message.host} is {record.state.value}")
-            self.board.event(f"{message.host}: its link failed for good ({message.reason}); "
-                             "provisioning it again")
-            record.state = HostState.FREE
-            return await self._start(Provision(message.host))
+            return await self._repair(message)
         raise TypeError(f"provisioning does not take {type(message).__name__}")
+
+    async def _repair(self, message: Repair) -> Answer:
+        record = self.board.get(message.host)
+        if record.state is not HostState.READY:
+            return Answer(False, f"{message.host} is {record.state.value}")
+        if self._revoked(message.host):
+            # Its link fails because it was revoked: only an operator re-admits it.
+            self.board.set(message.host, HostState.FAILED, "its certificate was revoked; "
+                           "'provision' it to admit it again with a new key")
+            return Answer(False, f"{message.host} was revoked")
+        self.board.set(message.host, HostState.FREE,
+                       f"its link failed for good ({message.reason}); provisioning it again")
+        return await self._start(Provision(message.host))
+
+    def _revoked(self, host: str) -> bool:
+        now = datetime.now(timezone.utc)
+        return any(record.tower == host and record.revoked and record.expires > now
+                   for record in self.context.issuer.records())
+
+    def _job(self, host: str) -> ActorRef | None:
+        return self.system.lookup(f"{self.jobs.path}/job:{host}")
+
+    def _forget_lost_job(self, record: HostRecord) -> None:
+        """A host whose job is gone without finishing (killed from the shell, say) is
+        no longer being worked on."""
+        if record.state in _WORKING and self._job(record.host.name) is None:
+            self.board.set(record.host.name, HostState.CANCELLED,
+                           f"its job is gone (at {record.step or 'start'})")
 
     async def _start(self, request: Provision | Decommission) -> Answer:
         try:
             record = self.board.get(request.host)
         except LookupError as error:
             return Answer(False, str(error))
+        self._forget_lost_job(record)
         provision = isinstance(request, Provision)
         allowed = (
             (HostState.FREE, HostState.FAILED, HostState.CANCELLED) if provision
@@ -258,17 +291,19 @@ class Provisioning(Actor):
         spec = ChildSpec(name, lambda: Job(host, plan, context), Restart.TEMPORARY)
         try:
             await self.jobs.start_child(spec)
-        except ActorCrashed as error:
+        except ActorError as error:
             self.board.set(host.name, HostState.FAILED, f"the job did not start: {error}")
             return Answer(False, f"{plan} {host.name}: the job did not start")
         return Answer(True, f"{plan} {host.name}: started")
 
     async def _cancel(self, name: str) -> Answer:
-        job = self.system.lookup(f"{self.jobs.path}/job:{name}")
         record = self.board.records.get(name)
+        if record is not None:
+            self._forget_lost_job(record)
+        job = self._job(name)
         if job is None or record is None or record.state not in _WORKING:
             return Answer(False, f"no job runs for {name}")
-        if record.step in ("hand-over", "done"):
+        if record.step in _TOO_LATE_TO_CANCEL:
             return Answer(False, f"{name} is joining the towers; decommission it instead")
         job.tell_nowait(_CancelJob())
         return Answer(True, f"{name}: cancelling")
@@ -298,6 +333,10 @@ class Job(Supervisor):
     async def receive(self, message: Any) -> None:
         if isinstance(message, _CancelJob):
             record = self.context.board.get(self.host.name)
+            if record.step in _TOO_LATE_TO_CANCEL:
+                # The tower joined while the request was on its way: it stays.
+                self.context.board.event(f"{self.host.name}: too late to cancel, it joined")
+                return
             if record.state in _WORKING:  # not finished in the meantime
                 self.context.board.set(self.host.name, HostState.CANCELLED,
                                        f"cancelled at {record.step or 'start'}")
@@ -337,6 +376,7 @@ class JobSteps(Actor):
         self.paths: TowerPaths | None = None
         # What a step is waiting for, told when its deadline passes.
         self.waiting_for = ""
+        self.agent_found_running = False
 
     async def started(self) -> None:
         self.start_soon(self._run)
@@ -352,11 +392,12 @@ class JobSteps(Actor):
                 ("check-in", self._check_in),
                 ("hand-over", self._hand_over),
             ]
+        # Revoked first: a host that cannot be reached keeps no valid certificate.
         return [
             ("unlink", self._unlink),
+            ("revoke", self._revoke),
             ("connect", self._connect),
             ("stop", self._stop_tower),
-            ("revoke", self._revoke),
         ]
 
     async def _run(self) -> None:
@@ -385,6 +426,8 @@ class JobSteps(Actor):
             failure = error
         except (remote.RemoteError, CertificateError, TowerLinkLost, OSError) as error:
             failure = StepFailed(f"{record.step}: {error}")
+        except Exception as error:
+            failure = StepFailed(f"{record.step}: {error!r}")
         finally:
             await self._disconnect()
         if failure is not None:
@@ -440,6 +483,8 @@ class JobSteps(Actor):
         await self._run_remote(
             f"umask 077 && cat {paths.tls}/pending-key.pem {paths.tls}/certificate.pem"
             f" > {paths.identity}.new && mv {paths.identity}.new {paths.identity}"
+            # The next provisioning makes a new key (one that was revoked stays out).
+            f" && rm {paths.tls}/pending-key.pem"
         )
         await self._put(paths.settings, agent_settings(host, paths, self.settings).encode())
 
@@ -454,7 +499,7 @@ class JobSteps(Actor):
             raise StepFailed(f"nginx: the configuration does not load: {error}") from None
         await self._run_remote("\n".join([
             f"mv {paths.nginx}/nginx.conf.new {paths.nginx}/nginx.conf",
-            f"if {_alive(f'{paths.nginx}/nginx.pid')}",
+            f"if {_nginx_running(host, paths)}",
             f"then {quote(nginx_command(host, paths, '-s', 'reload'))}",
             f"else {quote(nginx_command(host, paths))}",
             "fi",
@@ -463,9 +508,9 @@ class JobSteps(Actor):
     async def _agent(self) -> None:
         paths, host = self._paths(), self.host
         self.waiting_for = f"the agent's socket {paths.socket}"
-        await self._run_remote("\n".join([
+        said = await self._run_remote("\n".join([
             f"cd {paths.root}",
-            f"if {_alive(paths.pid)}; then exit 0; fi",
+            f"if {_agent_running(paths)}; then echo running; exit 0; fi",
             f"setsid {host.tower_command} tower run --config {paths.settings}"
             f" >> {paths.log} 2>&1 < /dev/null &",
             "agent=$!",
@@ -478,9 +523,12 @@ class JobSteps(Actor):
             f"tail -n 5 {paths.log} >&2",
             "exit 1",
         ]))  # fmt: skip
+        self.agent_found_running = said.strip() == "running"
 
     async def _check_in(self) -> None:
         host = self.host
+        if self.context.links.directory.get(host.name) is not None:
+            return  # linked already (a retried job): a probe would take the agent over
         while True:
             try:
                 await probe_tower(host.link_address, host.tower_port, host.name,
@@ -488,6 +536,9 @@ class JobSteps(Actor):
                 return
             except TowerLinkLost as error:
                 self.waiting_for = f"a link through NGINX: {error}"
+                if self.agent_found_running:
+                    self.waiting_for += (f"; the agent found running (it holds "
+                                         f"{self._paths().root}/agent.lock) does not answer")
             await trio.sleep(CHECK_IN_RETRY)
 
     async def _hand_over(self) -> None:
@@ -508,6 +559,9 @@ class JobSteps(Actor):
         except ValueError:
             # A retried job: the tower is there already (or still on its way out).
             tower = self.system.lookup(f"{towers.path}/tower:{host.name}")
+            if tower is not None and tower.snapshot().actor_class != RemoteTower.__name__:
+                raise StepFailed(f"hand-over: a tower named {host.name} that is not this "
+                                 "host's is linked") from None
         self.waiting_for = "the tower's link to come up"
         while links.directory.get(host.name) is None:
             if tower is None or tower.snapshot().state is ActorState.STOPPED:
@@ -524,13 +578,14 @@ class JobSteps(Actor):
         paths, host = self._paths(), self.host
         nginx_pid = f"{paths.nginx}/nginx.pid"
         await self._run_remote("\n".join([
-            f"if {_alive(paths.pid)}; then",
+            f"if {_agent_running(paths)}; then",
             f'  kill "$(cat {paths.pid})"',
-            f"  while {_alive(paths.pid)}; do sleep 0.1; done",
+            f"  {_wait_while(_agent_running(paths), STOP_POLLS)} || kill -9 \"$(cat {paths.pid})\"",
             "fi",
-            f"if {_alive(nginx_pid)}; then",
+            f"if {_nginx_running(host, paths)}; then",
             f"  {quote(nginx_command(host, paths, '-s', 'quit'))}",
-            f"  while [ -f {nginx_pid} ]; do sleep 0.1; done",
+            f"  {_wait_while(f'[ -f {nginx_pid} ]', STOP_POLLS)}"
+            f" || {quote(nginx_command(host, paths, '-s', 'stop'))}",
             "fi",
             f"rm -rf {paths.nginx} {paths.tls} {paths.settings} {paths.socket} {paths.pid}",
         ]))  # fmt: skip
@@ -565,9 +620,24 @@ class JobSteps(Actor):
                 await call_asyncio(remote.close, connection)
 
 
-def _alive(pid_file: str) -> str:
-    """A shell condition: the process whose pid is in ``pid_file`` runs."""
-    return f'[ -f {pid_file} ] && kill -0 "$(cat {pid_file})" 2>/dev/null'
+def _agent_running(paths: TowerPaths) -> str:
+    """A shell condition: an agent holds the tower's lock (a stale pid file says nothing:
+    its pid may be another process's by now)."""
+    return f"! flock -n {paths.root}/agent.lock true"
+
+
+def _nginx_running(host: Host, paths: TowerPaths) -> str:
+    """A shell condition: the tower's NGINX master runs (its pid is an NGINX)."""
+    pid = f"{paths.nginx}/nginx.pid"
+    return (f'[ -f {pid} ] && [ "$(readlink /proc/$(cat {pid})/exe)" = '
+            f'"$(readlink -f {host.nginx})" ]')
+
+
+def _wait_while(condition: str, polls: int) -> str:
+    """A shell command: wait (0.1 s steps, ``polls`` at most) while ``condition``
+    holds; fails if it still does."""
+    return (f"i=0; while {condition} && [ $i -lt {polls} ]; do sleep 0.1; i=$((i+1)); done; "
+            f"! {{ {condition}; }}")
 
 
 def provisioning_specs(context: ProvisioningContext) -> list[ChildSpec]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from actors import Actor, ActorCrashed, ActorRef
+from actors import Actor, ActorError, ActorRef
 
 from .config import Settings
 from .provisioning import Answer, Decommission, HostBoard, HostState, Provision
@@ -244,7 +244,7 @@ class Scaler(Actor):
         request = Provision if decision.action == "provision" else Decommission
         try:
             answer = await self.provisioning.ask(request(decision.host))
-        except ActorCrashed as error:
+        except ActorError as error:
             answer = Answer(False, str(error))
         if not answer.ok:
             self.board.event(f"scale: {decision.action} {decision.host} refused: {answer.text}")

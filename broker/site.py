@@ -79,12 +79,15 @@ def nginx_command(host: Host, paths: TowerPaths, *arguments: str) -> list[str]:
 
 def agent_settings(host: Host, paths: TowerPaths, settings: Settings) -> str:
     """The agent's ``tower.toml``."""
-    reload = ", ".join(_toml_string(word) for word in nginx_command(host, paths, "-s", "reload"))
+    def words(*arguments: str) -> str:
+        return ", ".join(_toml_string(word) for word in nginx_command(host, paths, *arguments))
+
     return "\n".join([
         f"name = {_toml_string(host.name)}",
         f"identity = {_toml_string(paths.identity)}",
         f"socket = {_toml_string(paths.socket)}",
-        f"reload = [{reload}]",
+        f"check = [{words('-t')}]",
+        f"reload = [{words('-s', 'reload')}]",
         f"key_type = {_toml_string(settings.tower_key_type)}",
         f"capacity = {settings.tower_capacity}",
         f"heartbeat_interval = {settings.heartbeat_interval!r}",

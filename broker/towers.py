@@ -246,6 +246,9 @@ class TowerLink(Actor):
                 nursery.cancel_scope.cancel()
         except* HandshakeError as group:
             lost = _refused(self.name, group)
+        except* TowerLinkLost as group:
+            # From a task of the link's (renewal refused, say): the first says why.
+            lost = group.exceptions[0]  # type: ignore[assignment]
         if lost is not None:
             raise lost
 
@@ -312,7 +315,14 @@ class TowerLink(Actor):
 
     def _check_not_revoked(self) -> None:
         assert self.certificate is not None
-        if self.issuer.is_revoked(self.certificate.serial_number):
+        try:
+            revoked = self.issuer.is_revoked(self.certificate.serial_number)
+        except (CertificateError, OSError) as error:
+            # A damaged ledger must not take every tower down; its last good reading
+            # stands (kept by the issuer) until it is repaired.
+            logger.error("%s: cannot read the revocations: %s", self.name, error)
+            return
+        if revoked:
             raise TowerLinkLost(
                 f"{self.name}: its certificate {self.certificate.serial_number:x} is revoked"
             )
@@ -335,6 +345,11 @@ class TowerLink(Actor):
     async def _renew_once(
         self, connection: TowerConnection, replies: trio.MemoryReceiveChannel[object]
     ) -> None:
+        while True:  # a reply that came after an earlier attempt gave up is stale
+            try:
+                replies.receive_nowait()
+            except trio.WouldBlock:
+                break
         await connection.send(RenewCertificate())
         request = await _reply(replies, CertificateRequest)
         assert self.certificate is not None
@@ -342,6 +357,8 @@ class TowerLink(Actor):
             self._check_not_revoked()
             addresses = [self.address.host] if is_ip_address(self.address.host) else []
             certificate = self.issuer.sign(request.csr, self.name, addresses)
+        except OSError as error:
+            raise RenewalFailed(f"the ledger cannot be written: {error}") from None
         except (TowerLinkLost, CertificateError) as error:
             with trio.move_on_after(CLOSE_TIMEOUT):
                 await connection.send(CertificateRefused(str(error)))
@@ -365,6 +382,7 @@ async def dial_tower(
         TowerLinkLost: no connection, a TLS or WebSocket handshake failed (the message
             says why), or it all took over ``CONNECT_TIMEOUT`` seconds.
     """
+    stream: trio.SocketStream | None = None
     try:
         with trio.fail_after(CONNECT_TIMEOUT):
             stream = await trio.open_tcp_stream(host, port)
@@ -377,13 +395,19 @@ async def dial_tower(
                 nursery, tls_stream, name, "/link", max_message_size=MAX_FRAME_BYTES
             )
             return websocket, x509.load_der_x509_certificate(der)
-    except trio.TooSlowError:
-        raise TowerLinkLost(f"{name}: no link within {CONNECT_TIMEOUT:g} s") from None
-    except HandshakeError as error:
-        raise TowerLinkLost(f"{name}: {host}:{port} refused the link: {error}") from None
-    except (OSError, trio.BrokenResourceError) as error:
-        cause = error.__cause__ if isinstance(error, trio.BrokenResourceError) else None
-        raise TowerLinkLost(f"{name}: cannot link to {host}:{port}: {cause or error}") from None
+    except BaseException as error:
+        if stream is not None:  # nothing else will close it
+            await trio.aclose_forcefully(stream)
+        if isinstance(error, trio.TooSlowError):
+            raise TowerLinkLost(f"{name}: no link within {CONNECT_TIMEOUT:g} s") from None
+        if isinstance(error, HandshakeError):
+            raise TowerLinkLost(f"{name}: {host}:{port} refused the link: {error}") from None
+        if isinstance(error, (OSError, trio.BrokenResourceError)):
+            cause = error.__cause__ if isinstance(error, trio.BrokenResourceError) else None
+            raise TowerLinkLost(
+                f"{name}: cannot link to {host}:{port}: {cause or error}"
+            ) from None
+        raise
 
 
 async def probe_tower(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import select
 import signal
 import subprocess
@@ -42,6 +43,7 @@ class LoadPlan:
     workers: int = 2
     application: str = "echo"  # "demo" adds the tower's video
     kill_tower_at: float | None = None  # seconds from the start
+    floor: bool = False  # ``url`` is the bare aiortc echo server (benchmarks.echo_floor)
 
     @property
     def ramp(self) -> float:
@@ -124,6 +126,26 @@ def _listener(port: int) -> psutil.Process | None:
     return None
 
 
+class WorkerLines:
+    """The lines a worker prints, read without Python's buffering (which would hide
+    lines already read from ``select``)."""
+
+    def __init__(self, worker: subprocess.Popen) -> None:
+        assert worker.stdout is not None
+        self.fd = worker.stdout.fileno()
+        self.buffer = b""
+        self.done = False
+
+    def read(self) -> list[bytes]:
+        chunk = os.read(self.fd, 1 << 20)
+        if not chunk:
+            self.done = True
+            return []
+        self.buffer += chunk
+        *complete, self.buffer = self.buffer.split(b"\n")
+        return [line for line in complete if line.strip()]
+
+
 class Run:
     def __init__(self, plan: LoadPlan, show_progress: bool = True) -> None:
         self.plan = plan
@@ -141,38 +163,31 @@ class Run:
     def execute(self) -> dict[str, Any]:
         workers = self._start_workers()
         began = time.monotonic()
-        latest: dict[int, dict[str, Any]] = {}
-        done: set[int] = set()
+        self.latest: dict[int, dict[str, Any]] = {}
+        lines = {index: WorkerLines(worker) for index, worker in enumerate(workers)}
         next_tick = began + 1.0
-        current = Second(at=0.0)
+        self.current = Second(at=0.0)
         try:
-            while len(done) < len(workers):
+            while any(not reader.done for reader in lines.values()):
                 now = time.monotonic()
                 if now - began > self.plan.end + WIND_DOWN:
                     break
-                readable, _, _ = select.select(
-                    [w.stdout for i, w in enumerate(workers) if i not in done], [], [],
-                    max(0.0, next_tick - now))
-                for index, worker in enumerate(workers):
-                    if worker.stdout in readable:
-                        line = worker.stdout.readline()
-                        if not line:
-                            done.add(index)
-                            continue
-                        figures = json.loads(line)
-                        self._take(index, figures, current)
-                        latest[index] = figures
-                        if figures["final"]:
-                            done.add(index)
+                self._read(lines, max(0.0, next_tick - now))
                 if time.monotonic() >= next_tick:
-                    self._close_second(current, latest, began)
-                    current = Second(at=round(time.monotonic() - began))
+                    self._close_second(self.current, self.latest, began)
+                    self.current = Second(at=round(time.monotonic() - began))
                     next_tick += 1.0
                     self._chaos_if_due(time.monotonic() - began)
         finally:
+            # Closing their stdin stops workers still running; each still says its last.
             for worker in workers:
                 if worker.stdin is not None and not worker.stdin.closed:
                     worker.stdin.close()
+            deadline = time.monotonic() + 15
+            while any(not reader.done for reader in lines.values()):
+                if time.monotonic() > deadline:
+                    break
+                self._read(lines, 0.5)
             for worker in workers:
                 try:
                     worker.wait(10)
@@ -181,8 +196,22 @@ class Run:
                     worker.wait()
             if self.show_progress:
                 print(file=sys.stderr)
-        self._close_second(current, latest, began)
+        self._close_second(self.current, self.latest, began)
         return self.report(time.monotonic() - began)
+
+    def _read(self, lines: dict[int, WorkerLines], timeout: float) -> None:
+        open_readers = {reader.fd: (index, reader) for index, reader in lines.items()
+                        if not reader.done}
+        readable, _, _ = select.select(list(open_readers), [], [], timeout)
+        for fd in readable:
+            index, reader = open_readers[fd]
+            for line in reader.read():
+                figures = json.loads(line)
+                self._take(index, figures, self.current)
+                self.latest[index] = figures
+                if figures["final"]:
+                    reader.done = True
+
 
     def _start_workers(self) -> list[subprocess.Popen]:
         plan = self.plan
@@ -199,6 +228,7 @@ class Run:
                 "url": plan.url, "api_key": plan.api_key, "certificate": plan.certificate,
                 "arrivals": mine, "end": plan.end, "message_rate": plan.message_rate,
                 "message_size": plan.message_size, "application": plan.application,
+                "floor": plan.floor,
             }) + "\n")
             worker.stdin.flush()
             workers.append(worker)

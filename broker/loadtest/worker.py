@@ -22,6 +22,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import h11
 import trio
 
 from actors import bridge
@@ -29,6 +30,7 @@ from actors.bridge import call_asyncio
 
 from ..collector import Collector
 from ..client import BrokerClient, ClientSession, start_session, trusting
+from ..client_peer import new_peer
 from .traffic import Tally, send_steadily
 
 SETUP_TIMEOUT = 30.0
@@ -47,6 +49,9 @@ class Plan:
     message_rate: float
     message_size: int
     application: str = "echo"
+    # The bare aiortc echo server's URL instead of a broker (the floor; its own protocol:
+    # POST /peers with the offer, DELETE /peers/{id}).
+    floor: bool = False
 
 
 class Worker:
@@ -61,7 +66,7 @@ class Worker:
         self.setups: list[float] = []
         self.repairs: list[float] = []
         self.finished = 0
-        self.ssl_context = trusting(plan.certificate)
+        self.ssl_context = None if plan.floor else trusting(plan.certificate)
         # The browsers' peer connections are long-lived objects too.
         self.collector = Collector()
 
@@ -83,6 +88,9 @@ class Worker:
     async def _browser(self, arrival: float) -> None:
         await trio.sleep_until(trio.current_time() + arrival - self._elapsed())
         self.requested += 1
+        if self.plan.floor:
+            await self._floor_browser()
+            return
         started = time.perf_counter()
         client = BrokerClient(self.plan.url, self.plan.api_key, self.ssl_context)
         try:
@@ -113,6 +121,39 @@ class Worker:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await client.aclose()
 
+    async def _floor_browser(self) -> None:
+        started = time.perf_counter()
+        floor = FloorClient(self.plan.url)
+        holder = FloorSession(await call_asyncio(new_peer))
+        try:
+            with trio.fail_after(SETUP_TIMEOUT):
+                _, created = await floor.request(
+                    "POST", "/peers", {"sdp": await call_asyncio(holder.peer.offer)})
+                await call_asyncio(holder.peer.accept, created["sdp"])
+                await call_asyncio(holder.peer.wait_open)
+                await call_asyncio(holder.peer.echo, "first")
+            self.setups.append(time.perf_counter() - started)
+            self.connected += 1
+            self.up += 1
+            self.collector.opened()
+            try:
+                until = time.monotonic() + max(0.0, self.plan.end - self._elapsed())
+                await call_asyncio(send_steadily, holder, self.tally, self.plan.message_rate,
+                                   self.plan.message_size, until)
+            finally:
+                self.up -= 1
+                self.collector.closed_one()
+            with trio.move_on_after(5):
+                await floor.request("DELETE", f"/peers/{created['id']}")
+            self.finished += 1
+        except trio.TooSlowError:
+            self.failed["setup timeout"] += 1
+        except Exception as error:
+            self.failed[_reason(error)] += 1
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await call_asyncio(holder.peer.close)
+
     async def _live(self, session: ClientSession) -> None:
         until = time.monotonic() + max(0.0, self.plan.end - self._elapsed())
         async with trio.open_nursery() as nursery:
@@ -122,27 +163,23 @@ class Worker:
             nursery.cancel_scope.cancel()
 
     async def _follow_repairs(self, session: ClientSession) -> None:
-        handled: set[int] = set()
-
-        def state(frame: dict[str, Any], *names: str) -> bool:
-            return (id(frame) not in handled and frame.get("type") == "state"
-                    and frame.get("state") in names)
-
+        """Time each repair, from "repairing" to "connected" again; count losses."""
+        position = len(session.frames)
+        repairing_since: float | None = None
         while True:
-            frame = await session.wait_for(
-                lambda frame: state(frame, "repairing", "failed", "closed"), timeout=1e9)
-            handled.add(id(frame))
-            if frame["state"] != "repairing":
-                self.lost[frame["state"]] += 1
-                return
-            began = time.perf_counter()
-            back = await session.wait_for(
-                lambda frame: state(frame, "connected", "failed", "closed"), timeout=1e9)
-            handled.add(id(back))
-            if back["state"] != "connected":
-                self.lost[back["state"]] += 1
-                return
-            self.repairs.append(time.perf_counter() - began)
+            await session.wait_for(lambda _: len(session.frames) > position, timeout=math.inf)
+            while position < len(session.frames):
+                frame = session.frames[position]
+                position += 1
+                state = frame.get("state") if frame.get("type") == "state" else None
+                if state == "repairing" and repairing_since is None:
+                    repairing_since = time.perf_counter()
+                elif state == "connected" and repairing_since is not None:
+                    self.repairs.append(time.perf_counter() - repairing_since)
+                    repairing_since = None
+                elif state in ("failed", "closed"):
+                    self.lost[state] += 1
+                    return
 
     def _elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -180,6 +217,47 @@ class Worker:
             except (OSError, trio.BrokenResourceError):
                 pass
         scope.cancel()
+
+
+@dataclass
+class FloorSession:
+    """A browser of the floor: one peer, never repaired."""
+
+    peer: Any
+
+
+class FloorClient:
+    """Plain HTTP/1.1 requests to the bare echo server, one connection each."""
+
+    def __init__(self, url: str) -> None:
+        host, _, port = url.removeprefix("http://").rpartition(":")
+        self.host, self.port = host, int(port)
+
+    async def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = b"" if body is None else json.dumps(body).encode()
+        headers = [("host", f"{self.host}:{self.port}"), ("connection", "close"),
+                   ("content-length", str(len(data))), ("content-type", "application/json")]
+        stream = await trio.open_tcp_stream(self.host, self.port)
+        async with stream:
+            connection = h11.Connection(h11.CLIENT)
+            await stream.send_all(connection.send(h11.Request(method=method, target=path,
+                                                              headers=headers))
+                                  + connection.send(h11.Data(data=data))
+                                  + connection.send(h11.EndOfMessage()))
+            status, payload = 0, b""
+            while True:
+                event = connection.next_event()
+                if event is h11.NEED_DATA:
+                    connection.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    payload += event.data
+                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    break
+        if status >= 400:
+            raise RuntimeError(f"{status}: the floor refused {method} {path}")
+        return status, json.loads(payload) if payload else None
 
 
 def _reason(error: BaseException) -> str:

@@ -29,7 +29,7 @@ import math
 import shlex
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -206,6 +206,15 @@ class BrokerView(Protocol):
             LookupError: no host of that name in the inventory.
             ValueError: refused (the host's state does not allow it, ...); the message
                 says why.
+        """
+        ...
+
+    async def decommission(self, host: str) -> str:
+        """Start decommissioning ``host``'s tower; returns the one-line answer.
+
+        Raises:
+            LookupError: no host of that name in the inventory.
+            ValueError: refused (free, or busy with a job); the message says why.
         """
         ...
 
@@ -982,13 +991,21 @@ class Shell:
         return _text("\n".join(lines), status)
 
     async def _cancel(self, arguments: dict[str, Any]) -> Output:
+        return await self._one_host("cancel", self._view.cancel, arguments)
+
+    async def _decommission(self, arguments: dict[str, Any]) -> Output:
+        return await self._one_host("decommission", self._view.decommission, arguments)
+
+    async def _one_host(
+        self, verb: str, request: Callable[[str], Awaitable[str]], arguments: dict[str, Any]
+    ) -> Output:
         self._need_inventory()
         host = arguments["host"]
         try:
-            answer = await self._view.cancel(host)
+            answer = await request(host)
         except (LookupError, ValueError) as error:
             raise _CommandError(
-                f"cannot cancel {_printable(host)}: {_printable(str(error))}"
+                f"cannot {verb} {_printable(host)}: {_printable(str(error))}"
             ) from None
         if arguments["json"]:
             return _json({"host": host, "answer": answer})
@@ -1564,9 +1581,20 @@ _COMMANDS: dict[str, _Command] = {
             "cancel",
             "cancel the job running for a host",
             "The host's provisioning or decommission job stops where it is and the host is\n"
-            "marked cancelled; what the job did on the host stays (provision or\n"
-            "decommission it again).",
+            "marked cancelled; what the job did on the host stays (provision it again, or\n"
+            "decommission it).",
             Shell._cancel,
+            (_Argument("HOST", completes="host"),),
+            admin=True,
+        ),
+        _Command(
+            "decommission",
+            "take a host's tower out: link, agent, NGINX, credentials",
+            "The tower's link is dropped (its sessions are repaired on other towers), its\n"
+            "certificates revoked, then the agent and NGINX on the host are stopped and its\n"
+            "site and credentials removed. Also for a failed or cancelled host, to clear\n"
+            "what a job left there. To let sessions end first, drain the tower before.",
+            Shell._decommission,
             (_Argument("HOST", completes="host"),),
             admin=True,
         ),

@@ -26,7 +26,7 @@ from actors import Actor, ActorError, ActorStopped, AskTimeout, SupervisorRef
 from actors.bridge import call_asyncio, post_to
 
 from ..pki import write_secret
-from ..provisioning import Answer, Cancel, HostBoard, HostRecord, Provision
+from ..provisioning import Answer, Cancel, Decommission, HostBoard, HostRecord, Provision
 from ..scaling import ScaleTo
 from ..sessions import SESSIONS_PATH, Describe
 from ..towers import TowerDirectory
@@ -184,6 +184,10 @@ class LiveView:
     async def provision(self, host: str) -> str:
         self.board.get(host)
         return self._answered(await self._ask(PROVISIONING_PATH, Provision(host)))
+
+    async def decommission(self, host: str) -> str:
+        self.board.get(host)
+        return self._answered(await self._ask(PROVISIONING_PATH, Decommission(host)))
 
     async def cancel(self, host: str) -> str:
         self.board.get(host)

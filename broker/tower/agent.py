@@ -33,6 +33,7 @@ import socket
 import ssl
 import sys
 import tomllib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,7 @@ logger = logging.getLogger(__name__)
 
 
 HANDSHAKE_TIMEOUT = 10.0
+RENEWAL_STEP_TIMEOUT = 30.0
 # The client subject NGINX passes on ($ssl_client_s_dn) for the broker's certificate.
 BROKER_SUBJECT = f"CN={BROKER_NAME}"
 
@@ -99,8 +101,8 @@ class AgentSettings:
 
     ``identity`` is the tower's key followed by its certificate (PEM). A local agent has
     ``host``, ``port`` and ``ca`` (it checks the broker's certificate itself); an agent
-    behind NGINX has ``socket`` and ``reload`` (the command that makes NGINX pick up a
-    renewed identity).
+    behind NGINX has ``socket``, ``check`` and ``reload`` (the commands that test NGINX's
+    configuration and make NGINX pick up a renewed identity).
     """
 
     name: str
@@ -109,6 +111,7 @@ class AgentSettings:
     port: int = 0
     ca: Path | None = None
     socket: Path | None = None
+    check: tuple[str, ...] = ()
     reload: tuple[str, ...] = ()
     key_type: KeyType = "ec"
     capacity: int = Settings.tower_capacity
@@ -284,9 +287,11 @@ class CommunicationServer(Actor):
             elif isinstance(message, ClosePeer):
                 self._close(message.session, message.negotiation)
             elif isinstance(message, RenewCertificate):
-                await self._request_certificate()
+                # Off the read loop: key generation and NGINX's reload take a while, and
+                # the sessions' frames must not wait behind them.
+                self.start_soon(self._renewal_step, self._request_certificate)
             elif isinstance(message, CertificateIssued):
-                await self._install(message.certificate)
+                self.start_soon(self._renewal_step, self._install, message.certificate)
             elif isinstance(message, CertificateRefused):
                 logger.warning("%s: the broker refused a new certificate: %s",
                                self.settings.name, message.reason)
@@ -336,6 +341,13 @@ class CommunicationServer(Actor):
         except LookupError:
             pass
 
+    async def _renewal_step(self, step: Callable[..., Awaitable[None]], *args: Any) -> None:
+        with trio.move_on_after(RENEWAL_STEP_TIMEOUT) as deadline:
+            await step(*args)
+        if deadline.cancelled_caught:
+            await self.uplink.send(LinkError(
+                f"a certificate renewal step took over {RENEWAL_STEP_TIMEOUT:g} s"))
+
     async def _request_certificate(self) -> None:
         # RSA keys take a while to make: off the link's task.
         self.pending_key, csr = await trio.to_thread.run_sync(
@@ -349,18 +361,20 @@ class CommunicationServer(Actor):
             await self.uplink.send(LinkError("a certificate that is not for the key asked for"))
             return
         self.pending_key = None
+        previous = self.settings.identity.read_bytes()
         write_secret(self.settings.identity, key + certificate)
         if self.tls is not None:
             self.tls.load_cert_chain(self.settings.identity)
-        elif self.settings.reload:
-            result = await trio.run_process(
-                list(self.settings.reload), capture_stdout=True, capture_stderr=True, check=False
-            )
-            if result.returncode != 0:
-                output = (result.stderr or result.stdout).decode(errors="replace").strip()
-                await self.uplink.send(LinkError(f"reloading with the new certificate "
-                                                 f"failed: {output}"))
-                return
+        else:
+            # NGINX's configuration is checked with the new files before it reloads:
+            # a reload that fails leaves NGINX running on the old ones, silently.
+            for command in (self.settings.check, self.settings.reload):
+                failure = await _run(command)
+                if failure:
+                    write_secret(self.settings.identity, previous)
+                    await self.uplink.send(LinkError(
+                        f"NGINX did not take the new certificate: {failure}"))
+                    return
         self.renewals += 1
         await self.uplink.send(CertificateInstalled())
 
@@ -368,6 +382,18 @@ class CommunicationServer(Actor):
         for session, entry in list(self.peers_by_session.items()):
             if entry.opened_by is connection:
                 self._close(session, entry.negotiation)
+
+
+async def _run(command: tuple[str, ...]) -> str:
+    """Run ``command`` (if any); returns its complaint when it fails, else ""."""
+    if not command:
+        return ""
+    result = await trio.run_process(
+        list(command), capture_stdout=True, capture_stderr=True, check=False
+    )
+    if result.returncode == 0:
+        return ""
+    return (result.stderr or result.stdout).decode(errors="replace").strip()[-500:]
 
 
 def _header(request: Any, name: str) -> str:
@@ -453,6 +479,7 @@ def load_agent_config(path: Path) -> AgentSettings:
             name=str(values["name"]),
             identity=Path(values["identity"]),
             socket=Path(values["socket"]),
+            check=tuple(str(word) for word in values.get("check", ())),
             reload=tuple(str(word) for word in values["reload"]),
             key_type=values.get("key_type", "ec"),
             capacity=int(values["capacity"]),

@@ -390,3 +390,12 @@ def test_an_override_of_the_state_dir_expands_the_home(tmp_path, monkeypatch):
 def test_an_unknown_override_is_refused():
     with pytest.raises(ConfigError, match="colour"):
         load_settings(None, colour="blue")
+
+
+def test_an_inventory_host_may_not_take_a_local_towers_name():
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+    host = {"name": "tower-2", "address": "10.0.0.7", "user": "tower", "host_key": key}
+    with pytest.raises(ConfigError, match="name of a local tower"):
+        settings_from_mapping({"local_towers": 2, "hosts": [host]})
+    settings = settings_from_mapping({"local_towers": 1, "hosts": [host]})
+    assert settings.inventory[0].name == "tower-2"

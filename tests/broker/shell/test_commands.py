@@ -196,6 +196,9 @@ class SystemView(LiveView):
     async def cancel(self, host: str) -> str:
         return await self._answer("cancel", host, f"{host}: cancelling")
 
+    async def decommission(self, host: str) -> str:
+        return await self._answer("decommission", host, f"decommission {host}: started")
+
     async def scale(self, count: int) -> str:
         return await self._answer("scale", count, f"scaling to {count} towers")
 
@@ -678,6 +681,18 @@ async def test_provision_answers_for_each_host(autojump_clock, broker):
     ]
 
 
+async def test_decommission_and_its_refusal(autojump_clock, broker):
+    shell = broker.shell()
+    assert await shell.run("decommission host-1") == Output("decommission host-1: started\n")
+    broker.view.refusals = {"host-4": "host-4 is free"}
+    assert await shell.run("decommission host-4") == Output(
+        "cannot decommission host-4: host-4 is free\n", Status.ERROR
+    )
+    assert broker.view.asked == [("decommission", "host-1"), ("decommission", "host-4")]
+    refused = await broker.shell(Role.READ_ONLY).run("decommission host-1")
+    assert refused.status is Status.REFUSED
+
+
 async def test_cancel_and_its_refusal(autojump_clock, broker):
     shell = broker.shell()
     assert await shell.run("cancel host-2") == Output("host-2: cancelling\n")
@@ -934,8 +949,8 @@ async def test_empty_lines_exit_and_help(autojump_clock, broker):
     assert await shell.run("quit") == Output("", -1)
     listing = lines(await shell.run("help"))
     assert listing[0] == "commands (* needs an admin key):"
-    assert "  tree       the live supervision tree, with states" in listing
-    assert " *kill       kill an actor; its supervisor decides what follows" in listing
+    assert "  tree          the live supervision tree, with states" in listing
+    assert " *kill          kill an actor; its supervisor decides what follows" in listing
     usage = await shell.run("help trace")
     assert lines(usage)[0] == "usage: trace PATH [--seconds N] [--limit M] [--json]"
     assert await shell.run("trace --help") == usage
@@ -976,7 +991,8 @@ async def test_streaming_and_plain_commands_through_both_entry_points(autojump_c
 
 async def test_completion(autojump_clock, broker):
     shell = broker.shell()
-    everything = "cancel drain exit help inspect jobs kill provision ps quit restart scale"
+    everything = ("cancel decommission drain exit help inspect jobs kill provision ps quit "
+                  "restart scale")
     assert shell.complete("") == (everything + " sessions stats top towers trace tree").split()
     assert shell.complete("tr") == ["trace", "tree"]
     assert shell.complete("inspect ") == ["/broker"]

@@ -1,0 +1,56 @@
+"""The load test's arithmetic and report, from figures made up here (no processes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.loadtest.run import LoadPlan, Run, Second, percentile
+from broker.loadtest.traffic import Tally
+
+
+def test_percentiles_are_nearest_rank_in_milliseconds():
+    values = [index / 1000 for index in range(1, 101)]  # 1..100 ms
+    assert percentile(values, 50) == pytest.approx(50)
+    assert percentile(values, 99) == pytest.approx(99)
+    assert percentile(values, 100) == pytest.approx(100)
+    assert percentile([0.004], 99) == pytest.approx(4)
+    assert percentile([], 50) is None
+
+
+def test_the_plan_ramps_then_holds():
+    plan = LoadPlan("https://b", "k", "c", sessions=100, rate=20, duration=30)
+    assert plan.ramp == 5 and plan.end == 35
+
+
+def test_a_tally_hands_over_what_it_counted_once():
+    tally = Tally()
+    tally.sent, tally.echoed, tally.bytes_echoed = 3, 2, 200
+    tally.round_trips.append(0.001)
+    assert tally.take() == {"sent": 3, "echoed": 2, "bytes": 200, "timeouts": 0,
+                            "rtt": [0.001]}
+    assert tally.take()["sent"] == 0
+
+
+def test_the_report_counts_outcomes_and_uses_the_seconds_with_all_up(monkeypatch):
+    plan = LoadPlan("https://127.0.0.1:9", "secret", "c", sessions=4, rate=4, duration=3)
+    run = Run(plan, show_progress=False)
+    run.seconds = [
+        Second(at=0, up=0, rtt=[0.100]),   # the ramp: slow, not counted as steady
+        Second(at=2, up=4, rtt=[0.001, 0.002], echoed=4, bytes=400, towers_cpu=0.5),
+        Second(at=3, up=4, rtt=[0.003], echoed=4, bytes=400, towers_cpu=0.5),
+        Second(at=5, up=0),
+    ]
+    run.setups = [0.05, 0.06, 0.07, 0.5]
+    run.repairs = [0.3, 0.4]
+    run.totals.update({"requested": 5, "connected": 4, "sent": 9, "echoed": 8})
+    run.failed.update({"setup timeout": 1})
+    report = run.report(9.0)
+    assert report["plan"]["api_key"] == "(hidden)"
+    assert report["sessions"]["failed_by_reason"] == {"setup timeout": 1}
+    assert report["sessions"]["peak_up"] == 4
+    assert report["round_trip_steady_ms"] == {"p50": 2.0, "p99": 3.0}
+    assert report["round_trip_ms"]["p99"] == 100.0
+    assert report["messages"]["echoed_per_second_steady"] == 4
+    assert report["repairs"] == {"count": 2, "p50": 300.0, "max": 400.0}
+    assert report["cpu_share_of_a_core_steady"]["towers"] == 0.5
+    assert [second["rtt_p50_ms"] for second in report["series"]] == [100.0, 1.0, 3.0, None]
