@@ -52,7 +52,7 @@ class ScaleView:
     now: float
     towers: tuple[TowerFigures, ...]
     free_hosts: tuple[str, ...]
-    provisioning: int
+    on_the_way: int
 
 
 @dataclass(frozen=True)
@@ -89,21 +89,21 @@ class ScalePolicy:
             if tower.retiring and tower.sessions == 0:
                 decisions.append(Decision("decommission", tower.name, "drained and empty"))
 
-        coming = len(serving) + view.provisioning
-        provisioning = view.provisioning
+        coming = len(serving) + view.on_the_way
+        on_the_way = view.on_the_way
         while coming < self.floor and free:
             decisions.append(Decision(
                 "provision", free.pop(0), f"{coming} of at least {self.floor} towers up or coming"
             ))
             coming += 1
-            provisioning += 1
+            on_the_way += 1
 
         if used > self.threshold:
             if self.above_since is None:
                 self.above_since = view.now
             sustained = view.now - self.above_since >= self.out_after
             below_ceiling = self.ceiling is None or coming < self.ceiling
-            if sustained and provisioning == 0 and free and below_ceiling:
+            if sustained and on_the_way == 0 and free and below_ceiling:
                 decisions.append(Decision(
                     "provision", free.pop(0),
                     f"{used:.0%} of capacity used for {view.now - self.above_since:.0f} s",

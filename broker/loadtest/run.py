@@ -159,6 +159,7 @@ class Run:
         self.totals = Counter()
         self.chaos: dict[str, Any] | None = None
         self.worker_cpu: dict[int, float] = {}
+        self.generator_cpu_seen = 0.0
 
     def execute(self) -> dict[str, Any]:
         workers = self._start_workers()
@@ -245,12 +246,11 @@ class Run:
         self.worker_cpu[index] = figures["cpu"]
 
     def _close_second(self, second: Second, latest: dict[int, dict], began: float) -> None:
-        previous = self.seconds[-1] if self.seconds else None
         second.up = sum(figures["up"] for figures in latest.values())
         connected = sum(figures["connected"] for figures in latest.values())
         requested = sum(figures["requested"] for figures in latest.values())
         second.connected = connected
-        second.arrivals = requested - (self.totals["requested"] if previous else 0)
+        second.arrivals = requested - self.totals["requested"]
         self.totals["requested"] = requested
         self.totals["connected"] = connected
         self.totals["finished"] = sum(figures["finished"] for figures in latest.values())
@@ -260,9 +260,8 @@ class Run:
             self.failed.update(figures["failed"])
             self.lost.update(figures["lost"])
         cpu = sum(self.worker_cpu.values())
-        previous_cpu = getattr(self, "_previous_cpu", 0.0)
-        second.generator_cpu = cpu - previous_cpu
-        self._previous_cpu = cpu
+        second.generator_cpu = cpu - self.generator_cpu_seen
+        self.generator_cpu_seen = cpu
         (second.broker_cpu, second.towers_cpu,
          second.broker_rss, second.towers_rss) = self.servers.sample(1.0)
         self.seconds.append(second)

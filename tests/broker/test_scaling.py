@@ -18,8 +18,8 @@ def local(name="local-1", sessions=0, capacity=100, *, draining=False):
     return tower(name, sessions, capacity, provisioned=False, draining=draining)
 
 
-def view(now, towers=(), free=(), provisioning=0) -> ScaleView:
-    return ScaleView(float(now), tuple(towers), tuple(free), provisioning)
+def view(now, towers=(), free=(), on_the_way=0) -> ScaleView:
+    return ScaleView(float(now), tuple(towers), tuple(free), on_the_way)
 
 
 def actions(decisions: list[Decision]) -> list[tuple[str, str]]:
@@ -42,10 +42,10 @@ def test_the_floor_never_provisions_more_hosts_than_are_free():
 
 def test_the_floor_counts_hosts_already_provisioning():
     scale = policy(floor=3)
-    assert actions(scale.decide(view(0, [local()], free=["h1", "h2"], provisioning=1))) == [
+    assert actions(scale.decide(view(0, [local()], free=["h1", "h2"], on_the_way=1))) == [
         ("provision", "h1")
     ]
-    assert scale.decide(view(5, [local()], free=["h1", "h2"], provisioning=2)) == []
+    assert scale.decide(view(5, [local()], free=["h1", "h2"], on_the_way=2)) == []
 
 
 def test_the_floor_is_met_by_towers_up_or_coming_and_nothing_is_asked():
@@ -66,8 +66,8 @@ def test_the_floor_says_how_many_towers_there_are_and_how_many_are_wanted():
 # Scale-out.
 
 
-def busy(now, *, free=("h1", "h2"), provisioning=0, sessions=80):
-    return view(now, [local(sessions=sessions)], free=free, provisioning=provisioning)
+def busy(now, *, free=("h1", "h2"), on_the_way=0, sessions=80):
+    return view(now, [local(sessions=sessions)], free=free, on_the_way=on_the_way)
 
 
 def test_sustained_load_above_the_threshold_provisions_one_host_after_out_after():
@@ -89,8 +89,8 @@ def test_load_exactly_at_the_threshold_is_not_above_it():
 def test_no_scale_out_while_a_host_is_provisioning():
     scale = policy()
     scale.decide(busy(0))
-    assert scale.decide(busy(30, provisioning=1)) == []
-    assert scale.decide(busy(60, provisioning=1)) == []
+    assert scale.decide(busy(30, on_the_way=1)) == []
+    assert scale.decide(busy(60, on_the_way=1)) == []
 
 
 def test_no_scale_out_without_a_free_host():
