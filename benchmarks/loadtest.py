@@ -19,6 +19,7 @@ Run from the project root::
 
     .venv/bin/python -m benchmarks.loadtest                    # 1,000 and 2,000 sessions
     .venv/bin/python -m benchmarks.loadtest --sessions 500 3000
+    .venv/bin/python -m benchmarks.loadtest --pin              # the server alone on a core
     .venv/bin/python -m benchmarks.loadtest --chaos            # repairs after a tower dies
     .venv/bin/python -m benchmarks.loadtest --quick --json
 """
@@ -73,16 +74,26 @@ def serving_process(server: Server, floor: bool) -> psutil.Process:
     raise RuntimeError("no tower agent")
 
 
-def level(server: Server, floor: bool, sessions: int, rate: float, duration: float) -> dict:
+def level(
+    server: Server, floor: bool, sessions: int, rate: float, duration: float, pin: bool
+) -> dict:
     announced = server.announced
     url = announced["url"].rstrip("/")
     serving = serving_process(server, floor)
+    # As FACTS.md measured the floor: the serving process alone on the first CPU,
+    # everything else (broker, load generator) on the others.
+    others = [cpu for cpu in range(psutil.cpu_count() or 1) if cpu != 0]
+    if pin:
+        serving.cpu_affinity([0])
+        if not floor:
+            psutil.Process(server.process.pid).cpu_affinity(others)
     time.sleep(2 if floor else 4)  # the tower links and reports load
     idle_rss = serving.memory_info().rss
     plan = LoadPlan(
         url=url, api_key=announced.get("api_key", ""),
         certificate=announced.get("certificate", ""), sessions=sessions, rate=rate,
         duration=duration, workers=WORKERS, floor=floor,
+        generator_cpus=tuple(others) if pin else (),
     )
     report = run_load(plan, show_progress=False)
     peak_rss = max(report["rss_mib_peak"]["broker" if floor else "towers"] * 2**20, idle_rss)
@@ -104,8 +115,10 @@ def level(server: Server, floor: bool, sessions: int, rate: float, duration: flo
     }
 
 
-def side_by_side(sessions: list[int], rate: float, duration: float) -> dict[str, Any]:
-    results: dict[str, Any] = {"levels": []}
+def side_by_side(
+    sessions: list[int], rate: float, duration: float, pin: bool
+) -> dict[str, Any]:
+    results: dict[str, Any] = {"levels": [], "pinned": pin}
     with tempfile.TemporaryDirectory(prefix="loadtest-") as directory:
         base = Path(directory)
         for count in sessions:
@@ -115,7 +128,7 @@ def side_by_side(sessions: list[int], rate: float, duration: float) -> dict[str,
                 run_directory.mkdir()
                 server = start_floor(run_directory) if floor else start_broker(run_directory, 1)
                 try:
-                    row[name] = level(server, floor, count, rate, duration)
+                    row[name] = level(server, floor, count, rate, duration, pin)
                 finally:
                     stop_server(server)
             results["levels"].append(row)
@@ -167,6 +180,8 @@ def main(arguments: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--chaos", action="store_true")
+    parser.add_argument("--pin", action="store_true",
+                        help="the tower (or floor) alone on CPU 0, the rest on the others")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--quick", action="store_true", help="50 sessions, 5 s")
     options = parser.parse_args(arguments)
@@ -176,7 +191,7 @@ def main(arguments: list[str] | None = None) -> None:
         results = chaos(options.sessions[0] if options.quick else 200, options.rate,
                         options.duration if options.quick else 20.0)
     else:
-        results = side_by_side(options.sessions, options.rate, options.duration)
+        results = side_by_side(options.sessions, options.rate, options.duration, options.pin)
     if options.json:
         print(json.dumps(results))
     elif options.chaos:

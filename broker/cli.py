@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="sessions with the tower's video (the demo application)")
     load.add_argument("--kill-tower-at", type=float, metavar="SECONDS",
                       help="chaos: kill a local tower agent this long after the start")
+    load.add_argument("--generator-cpus", type=int, nargs="+", default=(), metavar="CPU",
+                      help="run the load generator's processes on these CPUs only")
     load.add_argument("--json", action="store_true", help="the report as one JSON document")
     load.add_argument("--plot", metavar="FILE.png", help="draw the time series")
 
@@ -301,6 +303,7 @@ def _loadtest(arguments: argparse.Namespace) -> int:
         workers=min(arguments.workers, arguments.sessions),
         application="demo" if arguments.media else "echo",
         kill_tower_at=arguments.kill_tower_at,
+        generator_cpus=tuple(arguments.generator_cpus),
     )
     try:
         report = run_load(plan, show_progress=not arguments.json)

@@ -44,6 +44,8 @@ class LoadPlan:
     application: str = "echo"  # "demo" adds the tower's video
     kill_tower_at: float | None = None  # seconds from the start
     floor: bool = False  # ``url`` is the bare aiortc echo server (benchmarks.echo_floor)
+    # CPUs the worker processes may run on (all when empty), to keep them off the server's.
+    generator_cpus: tuple[int, ...] = ()
 
     @property
     def ramp(self) -> float:
@@ -225,6 +227,8 @@ class Run:
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             )
             assert worker.stdin is not None
+            if plan.generator_cpus:
+                psutil.Process(worker.pid).cpu_affinity(list(plan.generator_cpus))
             worker.stdin.write(json.dumps({
                 "url": plan.url, "api_key": plan.api_key, "certificate": plan.certificate,
                 "arrivals": mine, "end": plan.end, "message_rate": plan.message_rate,
