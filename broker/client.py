@@ -198,6 +198,7 @@ class ClientSession:
     grant: SessionGrant
     websocket: WebSocketConnection
     answer_heartbeats: bool = True
+    video: bool = False
     frames: list[dict[str, Any]] = field(default_factory=list)
     state: str = ""
     negotiation: int = 0
@@ -245,7 +246,7 @@ class ClientSession:
             await call_asyncio(self.peer.close)
         self.peer = await call_asyncio(
             functools.partial(new_peer, self.grant.ice_servers,
-                              answer_heartbeats=self.answer_heartbeats)
+                              answer_heartbeats=self.answer_heartbeats, video=self.video)
         )
         self.peers_made += 1
         self.offered = negotiation
@@ -288,6 +289,7 @@ async def open_session(
     answer_heartbeats: bool = True,
     offer: bool = True,
     peer: ClientPeer | None = None,
+    video: bool = False,
 ) -> AsyncIterator[ClientSession]:
     """Connect to a session's signaling socket and negotiate; repairs are followed.
 
@@ -295,9 +297,10 @@ async def open_session(
         offer: False connects without ever offering (to test the signaling socket).
         peer: a peer that already offered for negotiation 1 in the ``POST`` (its
             answer, if the grant has one, is taken here).
+        video: every peer asks for the tower's video (see ``ClientPeer``).
     """
     async with open_websocket_url(grant.signaling_url, ssl_context=ssl_context) as websocket:
-        session = ClientSession(grant, websocket, answer_heartbeats)
+        session = ClientSession(grant, websocket, answer_heartbeats, video)
         if not offer:
             session.offered = 1 << 30
         if peer is not None:
@@ -315,16 +318,22 @@ async def open_session(
 
 @asynccontextmanager
 async def start_session(
-    client: BrokerClient, *, application: str = "echo", answer_heartbeats: bool = True
+    client: BrokerClient,
+    *,
+    application: str = "echo",
+    answer_heartbeats: bool = True,
+    video: bool = False,
 ) -> AsyncIterator[ClientSession]:
     """Create a session with the offer in the ``POST`` and follow it: the quickest way in.
 
     The peer connection starts connecting as soon as the ``POST`` returns with the answer;
-    the signaling socket opens meanwhile.
+    the signaling socket opens meanwhile. ``video`` asks for the tower's video (the demo
+    application sends it).
     """
     ice_servers = await client.ice_servers()
     peer = await call_asyncio(
-        functools.partial(new_peer, ice_servers, answer_heartbeats=answer_heartbeats)
+        functools.partial(new_peer, ice_servers, answer_heartbeats=answer_heartbeats,
+                          video=video)
     )
     try:
         grant = await client.create_session(application, offer=await call_asyncio(peer.offer))
@@ -335,7 +344,7 @@ async def start_session(
             await call_asyncio(peer.close)
         raise
     async with open_session(grant, client.ssl_context, answer_heartbeats=answer_heartbeats,
-                            peer=peer) as session:
+                            peer=peer, video=video) as session:
         yield session
 
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
 from aiortc.sdp import candidate_from_sdp
 
 HEARTBEAT_LABEL = "heartbeat"
@@ -26,15 +27,25 @@ class ClientPeer:
     Args:
         ice_servers: what the broker returned with the session.
         answer_heartbeats: False makes a client that goes silent once connected.
+        video: ask for the tower's video (the demo application sends it) and count the
+            frames that arrive.
     """
 
     def __init__(
-        self, ice_servers: Sequence[Mapping[str, Any]] = (), *, answer_heartbeats: bool = True
+        self,
+        ice_servers: Sequence[Mapping[str, Any]] = (),
+        *,
+        answer_heartbeats: bool = True,
+        video: bool = False,
     ) -> None:
         servers = [RTCIceServer(**server) for server in ice_servers]
         self.connection = RTCPeerConnection(RTCConfiguration(iceServers=servers))
         self.answer_heartbeats = answer_heartbeats
         self.pings = 0
+        self.video_frames = 0
+        if video:
+            self.connection.addTransceiver("video", direction="recvonly")
+            self.connection.on("track", self._on_track)
         self.heartbeat = self.connection.createDataChannel(HEARTBEAT_LABEL)
         self.echo_channel = self.connection.createDataChannel(ECHO_LABEL)
         self._opened = asyncio.Event()
@@ -42,6 +53,18 @@ class ClientPeer:
         self.heartbeat.on("message", self._on_heartbeat)
         self.echo_channel.on("open", self._opened.set)
         self.echo_channel.on("message", self._replies.put_nowait)
+
+    def _on_track(self, track: Any) -> None:
+        if track.kind == "video":
+            asyncio.ensure_future(self._count_frames(track))
+
+    async def _count_frames(self, track: Any) -> None:
+        try:
+            while True:
+                await track.recv()
+                self.video_frames += 1
+        except MediaStreamError:
+            pass  # the track ended with the connection
 
     def _on_heartbeat(self, message: str | bytes) -> None:
         self.pings += 1
@@ -90,7 +113,10 @@ class ClientPeer:
 
 
 async def new_peer(
-    ice_servers: Sequence[Mapping[str, Any]] = (), *, answer_heartbeats: bool = True
+    ice_servers: Sequence[Mapping[str, Any]] = (),
+    *,
+    answer_heartbeats: bool = True,
+    video: bool = False,
 ) -> ClientPeer:
     """A ``ClientPeer`` made on the asyncio side (for ``call_asyncio``)."""
-    return ClientPeer(ice_servers, answer_heartbeats=answer_heartbeats)
+    return ClientPeer(ice_servers, answer_heartbeats=answer_heartbeats, video=video)

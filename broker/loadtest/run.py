@@ -67,6 +67,7 @@ class Second:
     rtt: list[float] = field(default_factory=list)
     echoed: int = 0
     bytes: int = 0
+    video_frames: int = 0
     generator_cpu: float = 0.0  # share of one core
     broker_cpu: float = 0.0
     towers_cpu: float = 0.0
@@ -243,9 +244,10 @@ class Run:
         second.rtt += figures["rtt"]
         second.echoed += figures["echoed"]
         second.bytes += figures["bytes"]
+        second.video_frames += figures["video_frames"]
         self.setups += figures["setup"]
         self.repairs += figures["repairs"]
-        for key in ("sent", "echoed", "bytes", "timeouts"):
+        for key in ("sent", "echoed", "bytes", "timeouts", "video_frames"):
             self.totals[key] += figures[key]
         self.worker_cpu[index] = figures["cpu"]
 
@@ -325,6 +327,10 @@ class Run:
                 "echoed_per_second_steady": _mean([second.echoed for second in steady]),
                 "bytes_per_second_steady": _mean([second.bytes for second in steady]),
             },
+            "video": {
+                "frames": self.totals["video_frames"],
+                "frames_per_second_steady": _mean([second.video_frames for second in steady]),
+            },
             "repairs": {"count": len(self.repairs), **_percentiles(self.repairs, (50, 100))},
             "chaos": self.chaos,
             "cpu_share_of_a_core_steady": {
@@ -401,6 +407,10 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"messages     {messages['echoed']} echoed of {messages['sent']}, "
           f"{messages['timeouts']} timed out; {messages['echoed_per_second_steady']:g}/s and "
           f"{messages['bytes_per_second_steady'] / 1024:.1f} KiB/s with all up")
+    if plan["application"] == "demo":
+        video = report["video"]
+        print(f"video        {video['frames']} frames received, "
+              f"{video['frames_per_second_steady']:g}/s with all up")
     print(f"repairs      {repairs['count']}  p50 {_ms(repairs['p50'])}  max {_ms(repairs['max'])}")
     if report["chaos"] is not None:
         print(f"chaos        {report['chaos']}")

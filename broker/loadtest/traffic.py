@@ -25,12 +25,14 @@ class Tally:
     echoed: int = 0
     bytes_echoed: int = 0
     timeouts: int = 0
+    video_frames: int = 0
     round_trips: list[float] = field(default_factory=list)
 
     def take(self) -> dict[str, Any]:
         taken = {"sent": self.sent, "echoed": self.echoed, "bytes": self.bytes_echoed,
-                 "timeouts": self.timeouts, "rtt": self.round_trips}
-        self.sent = self.echoed = self.bytes_echoed = self.timeouts = 0
+                 "timeouts": self.timeouts, "video_frames": self.video_frames,
+                 "rtt": self.round_trips}
+        self.sent = self.echoed = self.bytes_echoed = self.timeouts = self.video_frames = 0
         self.round_trips = []
         return taken
 
@@ -42,11 +44,18 @@ async def send_steadily(
     session's current peer: a repair replaces it) until ``until`` (``time.monotonic``)."""
     interval = 1.0 / rate
     sequence = 0
+    counted_peer, counted_frames = None, 0
     # Spread the sessions' sends over the interval, so they do not all send at once.
     await asyncio.sleep(random.uniform(0, interval))
     while time.monotonic() < until:
         started = time.monotonic()
         peer = holder.peer
+        if peer is not counted_peer:
+            counted_peer, counted_frames = peer, 0
+        if peer is not None:
+            # Video frames that arrived since the last look (a repair brings a new peer).
+            tally.video_frames += peer.video_frames - counted_frames
+            counted_frames = peer.video_frames
         if peer is not None and peer.echo_channel.readyState == "open":
             sequence += 1
             await _one_echo(peer, sequence, size, tally)

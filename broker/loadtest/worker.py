@@ -97,7 +97,9 @@ class Worker:
             # The deadline covers the setup only; it is lifted once the first echo is back.
             with trio.CancelScope(deadline=trio.current_time() + SETUP_TIMEOUT) as setup:
                 await client.ice_servers()
-                async with start_session(client, application=self.plan.application) as session:
+                video = self.plan.application == "demo"
+                async with start_session(client, application=self.plan.application,
+                                         video=video) as session:
                     await session.echo("first", timeout=SETUP_TIMEOUT)
                     setup.deadline = math.inf
                     self.setups.append(time.perf_counter() - started)

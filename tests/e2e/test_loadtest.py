@@ -38,6 +38,14 @@ def test_a_load_test_reports_sessions_latency_cpu_and_draws_them(tmp_path):
         text = loadtest(broker, "--sessions", "4", "--rate", "10", "--duration", "1")
         assert text.returncode == 0, text.stderr
         assert "connected 4" in text.stdout and "round trip" in text.stdout
+
+        # With media: the tower's video arrives (the demo application draws it).
+        media = loadtest(broker, "--sessions", "3", "--rate", "10", "--duration", "3",
+                         "--media", "--json")
+        assert media.returncode == 0, media.stderr
+        report = json.loads(media.stdout)
+        assert report["sessions"]["connected"] == 3
+        assert report["video"]["frames"] > 0
     finally:
         stop_broker(broker)
 

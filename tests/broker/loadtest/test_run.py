@@ -26,8 +26,9 @@ def test_a_tally_hands_over_what_it_counted_once():
     tally = Tally()
     tally.sent, tally.echoed, tally.bytes_echoed = 3, 2, 200
     tally.round_trips.append(0.001)
+    tally.video_frames = 30
     assert tally.take() == {"sent": 3, "echoed": 2, "bytes": 200, "timeouts": 0,
-                            "rtt": [0.001]}
+                            "video_frames": 30, "rtt": [0.001]}
     assert tally.take()["sent"] == 0
 
 
