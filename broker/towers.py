@@ -253,33 +253,25 @@ class TowerLink(Actor):
             raise lost
 
     async def _link(self, nursery: trio.Nursery) -> None:
-        websocket = await self._connect(nursery)
-        try:
-            hello = await self._hello(websocket)
-        except DecodeError as error:
-            raise TowerLinkLost(f"{self.name}: its hello did not decode: {error}") from None
-        self._check_not_revoked()
-        connection = TowerConnection(self.name, websocket, hello, self.certificate_expires)
-        self.directory.connected(connection)
-        send, receive = trio.open_memory_channel[object](1)
-        self.renewal_replies = send
-        try:
-            nursery.start_soon(connection.outbox.write_all)
-            nursery.start_soon(self._renew, connection, receive)
-            await self._read(websocket, connection)
-        finally:
-            self.directory.disconnected(connection)
-            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
-                await websocket.aclose()
-
-    async def _connect(self, nursery: trio.Nursery) -> WebSocketConnection:
         websocket, self.certificate = await dial_tower(
             nursery, self.address.host, self.address.port, self.name, self.tls
         )
-        return websocket
-
-    async def _hello(self, websocket: WebSocketConnection) -> TowerHello:
-        return await receive_hello(websocket, self.name, self.settings.tower_silence)
+        try:
+            hello = await receive_hello(websocket, self.name, self.settings.tower_silence)
+            self._check_not_revoked()
+            connection = TowerConnection(self.name, websocket, hello, self.certificate_expires)
+            self.directory.connected(connection)
+            send, receive = trio.open_memory_channel[object](1)
+            self.renewal_replies = send
+            try:
+                nursery.start_soon(connection.outbox.write_all)
+                nursery.start_soon(self._renew, connection, receive)
+                await self._read(websocket, connection)
+            finally:
+                self.directory.disconnected(connection)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                await websocket.aclose()
 
     async def _read(self, websocket: WebSocketConnection, connection: TowerConnection) -> None:
         silence = self.settings.tower_silence
@@ -419,22 +411,22 @@ async def probe_tower(
     Raises:
         TowerLinkLost: it cannot (the message says why).
     """
-    failure: Exception | None = None
+    failure: TowerLinkLost | None = None
     certificate: x509.Certificate | None = None
     try:
         async with trio.open_nursery() as nursery:
             try:
                 websocket, certificate = await dial_tower(nursery, host, port, name, tls)
-                await receive_hello(websocket, name, silence)
-                with trio.move_on_after(CLOSE_TIMEOUT):
-                    await websocket.aclose()
-            except (TowerLinkLost, DecodeError) as error:
+                try:
+                    await receive_hello(websocket, name, silence)
+                finally:
+                    with trio.move_on_after(CLOSE_TIMEOUT):
+                        await websocket.aclose()
+            except TowerLinkLost as error:
                 failure = error
             nursery.cancel_scope.cancel()
     except* HandshakeError as group:
         failure = _refused(name, group)
-    if isinstance(failure, DecodeError):
-        raise TowerLinkLost(f"{name}: its hello did not decode: {failure}")
     if failure is not None:
         raise failure
     assert certificate is not None
@@ -451,14 +443,16 @@ async def receive_hello(websocket: WebSocketConnection, name: str, silence: floa
     """The tower's first frame, which must be the hello of tower ``name``.
 
     Raises:
-        TowerLinkLost: another frame, or none within ``silence`` seconds, or the link closed.
-        DecodeError: the frame does not decode.
+        TowerLinkLost: another frame, one that does not decode, none within ``silence``
+            seconds, or the link closed.
     """
     with trio.move_on_after(silence):
         try:
             hello = codec.decode(await websocket.get_message())
         except ConnectionClosed as closed:
             raise TowerLinkLost(f"{name}: link closed ({closed.reason})") from None
+        except DecodeError as error:
+            raise TowerLinkLost(f"{name}: its hello did not decode: {error}") from None
         if not isinstance(hello, TowerHello) or hello.tower != name:
             raise TowerLinkLost(f"{name}: expected its hello, got {hello!r}")
         return hello
