@@ -207,11 +207,15 @@ class SimulatedHost:
         spared = _ancestors(os.getpid())
         marker = str(self.directory).encode()
         doomed = set(sessions)
-        for pid in _all_pids():
-            if pid not in spared and marker in _read(f"/proc/{pid}/cmdline"):
-                doomed.add(pid)
-                # NGINX's workers do not name the directory; they are its master's children.
-                doomed.update(_descendants(pid))
+        owners = [pid for pid in _all_pids()
+                  if pid not in spared and marker in _read(f"/proc/{pid}/cmdline")]
+        # Frozen first: an NGINX master whose worker is killed before it would start
+        # another, and its workers do not name the directory; they are its children.
+        for pid in owners:
+            _kill(pid, signal.SIGSTOP)
+        for pid in owners:
+            doomed.add(pid)
+            doomed.update(_descendants(pid))
         doomed -= spared
         doomed = {pid for pid in doomed if _kill(pid, signal.SIGKILL)}
         deadline = time.monotonic() + STOP_TIMEOUT
