@@ -27,7 +27,6 @@ class Collector:
         self.closed_before_full = closed_before_full
         self.closed = 0
         self.alive = 0
-        self.full_collections = 0
 
     def opened(self) -> None:
         self.alive += 1
@@ -47,5 +46,4 @@ class Collector:
                 gc.unfreeze()
                 gc.collect()
                 self.closed = 0
-                self.full_collections += 1
             gc.freeze()

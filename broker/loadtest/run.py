@@ -259,7 +259,6 @@ class Run:
         second.arrivals = requested - self.totals["requested"]
         self.totals["requested"] = requested
         self.totals["connected"] = connected
-        self.totals["finished"] = sum(figures["finished"] for figures in latest.values())
         self.failed = Counter()
         self.lost = Counter()
         for figures in latest.values():

@@ -65,7 +65,6 @@ class Worker:
         self.lost: Counter[str] = Counter()
         self.setups: list[float] = []
         self.repairs: list[float] = []
-        self.finished = 0
         self.ssl_context = None if plan.floor else trusting(plan.certificate)
         # The browsers' peer connections are long-lived objects too.
         self.collector = Collector()
@@ -115,8 +114,6 @@ class Worker:
                         await client.delete_session(session.grant.id)
             if setup.cancelled_caught:
                 self.failed["setup timeout"] += 1
-            else:
-                self.finished += 1
         except Exception as error:
             self.failed[_reason(error)] += 1
         finally:
@@ -147,7 +144,6 @@ class Worker:
                 self.collector.closed_one()
             with trio.move_on_after(5):
                 await floor.request("DELETE", f"/peers/{created['id']}")
-            self.finished += 1
         except trio.TooSlowError:
             self.failed["setup timeout"] += 1
         except Exception as error:
@@ -199,7 +195,6 @@ class Worker:
             "requested": self.requested,
             "connected": self.connected,
             "up": self.up,
-            "finished": self.finished,
             "failed": dict(self.failed),
             "lost": dict(self.lost),
             "setup": self.setups,

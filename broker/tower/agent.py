@@ -481,7 +481,7 @@ def load_agent_config(path: Path) -> AgentSettings:
             socket=Path(values["socket"]),
             check=tuple(str(word) for word in values.get("check", ())),
             reload=tuple(str(word) for word in values["reload"]),
-            key_type=values.get("key_type", "ec"),
+            key_type=_key_type(values.get("key_type", "ec")),
             capacity=int(values["capacity"]),
             load_interval=float(values["load_interval"]),
             peer=peer,
@@ -492,6 +492,14 @@ def load_agent_config(path: Path) -> AgentSettings:
         raise ValueError(f"{path} is not valid TOML: {error}") from None
     except KeyError as error:
         raise ValueError(f"{path} has no {error.args[0]!r}") from None
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def _key_type(value: Any) -> KeyType:
+    if value not in ("ec", "rsa"):
+        raise ValueError(f"key_type is 'ec' or 'rsa', not {value!r}")
+    return value
 
 
 async def _unix_listener(path: Path) -> trio.SocketListener:

@@ -238,3 +238,22 @@ def test_nginx_refuses_the_configuration_without_the_tower_identity(home, author
     )
     assert result.returncode != 0
     assert "tower.pem" in result.stderr
+
+
+@pytest.mark.parametrize("line, complaint", [
+    ('key_type = "dsa"', "key_type is 'ec' or 'rsa'"),
+    ("capacity = [1]", "int()"),
+    ('load_interval = "soon"', "could not convert"),
+])
+def test_agent_settings_with_a_bad_value_are_refused_naming_the_file(tmp_path, line, complaint):
+    tower = host()
+    text = agent_settings(tower, tower_paths(tower, "/home/tower"), Settings())
+    key = line.split(" = ")[0]
+    text = "\n".join(
+        entry for entry in text.splitlines() if not entry.startswith(f"{key} ")
+    ) + f"\n{line}\n"
+    path = tmp_path / "tower.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as refused:
+        load_agent_config(path)
+    assert str(path) in str(refused.value) and complaint in str(refused.value)
