@@ -4,17 +4,20 @@ Theory of operation: the tower's actors live in trio; aiortc lives in asyncio. A
 calls :func:`answer_offer` through ``actors.bridge.call_asyncio`` and gets a
 :class:`TowerPeer` back. From then on everything per message stays here: the session
 application (echo by default) answers data-channel messages itself, and the heartbeat
-task pings the client on its ``heartbeat`` channel. Only control events cross back to
+timer pings the client on its ``heartbeat`` channel. Only control events cross back to
 trio, as :class:`PeerEvent` values handed to a plain synchronous callback (in production
 ``actors.bridge.post_to(actor_ref)``), each kind at most once and none after
 :meth:`TowerPeer.close`.
 
-The heartbeat (PROTOCOL.md, "Data channels"): once the client's ``heartbeat`` channel is
-open the tower sends ``ping <n>`` every ``heartbeat_interval`` seconds and the client
-sends the same text back. The silence clock starts when the connection becomes
-connected, so a client that never opens the channel is caught as surely as one that
-stops answering: nothing heard on the channel for ``heartbeat_timeout`` seconds means
-the peer is silent.
+The heartbeat (PROTOCOL.md, "Data channels"): the tower listens to every channel the
+client opened. Whenever it has heard nothing from the client for ``heartbeat_interval``
+seconds, it sends ``ping <n>`` on the client's ``heartbeat`` channel, and the client
+sends the same text back. A session with traffic of its own is never pinged: its
+messages prove it alive, and a ping would double the tower's work per session. The
+silence clock starts when the connection becomes connected, so a client that never
+opens the channel is caught as surely as one that stops answering: nothing heard for
+``heartbeat_timeout`` seconds means the peer is silent. The heartbeat is one timer per
+session, not a task.
 """
 
 from __future__ import annotations
@@ -134,10 +137,10 @@ class PeerEvent:
 
     Attributes:
         kind: ``"connected"``, ``"failed"``, ``"closed"`` (by the client or the
-            network, never by :meth:`TowerPeer.close`) or ``"silent"`` (no heartbeat
-            answer within the timeout).
-        detail: A short human-readable explanation, e.g. ``"no heartbeat answer for
-            5 s"``; empty when the kind says it all.
+            network, never by :meth:`TowerPeer.close`) or ``"silent"`` (nothing heard
+            from the client, heartbeat answers included, within the timeout).
+        detail: A short human-readable explanation, e.g. ``"nothing heard from the
+            client for 5 s"``; empty when the kind says it all.
     """
 
     kind: str
@@ -205,13 +208,13 @@ class TowerPeer:
         self._reported: set[str] = set()
         self._closed = False
         self._closing: asyncio.Task[None] | None = None
-        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._heartbeat_started = False
+        self._heartbeat: asyncio.TimerHandle | None = None  # pending, if any
         self._heartbeat_channel: RTCDataChannel | None = None
-        self._heartbeat_opened = asyncio.Event()
         self._last_heard = 0.0
         self._pings_sent = 0
         self._last_ping_sent_at = 0.0
-        self._round_trip: float | None = None
         self._background: set[asyncio.Future[None]] = set()
         # Each mDNS name costs a multicast query on the tower's network: a few per
         # session are real (one per interface), more are someone's flood.
@@ -223,12 +226,6 @@ class TowerPeer:
     def configuration(self) -> RTCConfiguration:
         """The configuration the peer connection was made with (its ICE servers)."""
         return self._configuration
-
-    @property
-    def heartbeat_round_trip(self) -> float | None:
-        """Seconds between the latest answered ``ping`` and its answer; ``None`` until
-        the first answer."""
-        return self._round_trip
 
     async def add_candidate(
         self, candidate: str, sdp_mid: str | None, sdp_mline_index: int | None
@@ -317,8 +314,6 @@ class TowerPeer:
 
     async def _close(self) -> None:
         self._stop_heartbeat()
-        if self._heartbeat_task is not None:
-            await asyncio.wait({self._heartbeat_task})
         await _close_application(self._application)
         await self._connection.close()
 
@@ -326,7 +321,7 @@ class TowerPeer:
         if self._closed or event.kind in self._reported:
             return
         self._reported.add(event.kind)
-        # The callback runs inside aiortc's event emitter or the heartbeat task; an
+        # The callback runs inside aiortc's event emitter or the heartbeat timer; an
         # exception escaping it would break either.
         try:
             self._on_event(event)
@@ -341,8 +336,10 @@ class TowerPeer:
         state = self._connection.connectionState
         if state == "connected":
             self._report(PeerEvent("connected"))
-            if self._heartbeat_task is None:
-                self._heartbeat_task = asyncio.ensure_future(self._keep_heartbeat())
+            if not self._heartbeat_started:
+                self._heartbeat_started = True
+                self._last_heard = self._loop.time()
+                self._check_heartbeat()
         elif state == "failed":
             # The failure is the news; a "silent" on top of it would only be noise.
             self._stop_heartbeat()
@@ -354,10 +351,13 @@ class TowerPeer:
     def _channel_opened(self, channel: RTCDataChannel) -> None:
         if self._closed:
             return
+        channel.on("message", self._heard)
         if channel.label == HEARTBEAT_LABEL:
             self._heartbeat_channel = channel
-            channel.on("message", self._heartbeat_answered)
-            self._heartbeat_opened.set()
+            if self._heartbeat is not None:
+                # Until now the timer was waiting for the channel, or for silence.
+                self._heartbeat.cancel()
+                self._check_heartbeat()
             return
         # An exception escaping here would surface in aiortc's SCTP receive path.
         try:
@@ -367,47 +367,38 @@ class TowerPeer:
                 "session application failed to take a channel: %s", type(error).__name__
             )
 
-    def _heartbeat_answered(self, message: str | bytes) -> None:
-        now = asyncio.get_running_loop().time()
-        self._last_heard = now
-        if message == f"ping {self._pings_sent}":
-            self._round_trip = now - self._last_ping_sent_at
+    def _heard(self, message: object = None) -> None:
+        self._last_heard = self._loop.time()
 
     def _stop_heartbeat(self) -> None:
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
+        self._heartbeat_started = True
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
 
-    async def _keep_heartbeat(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._last_heard = loop.time()
-        next_ping = self._last_heard
-        while True:
-            now = loop.time()
-            silent_at = self._last_heard + self._heartbeat_timeout
-            if now >= silent_at:
-                self._report(
-                    PeerEvent("silent", f"no heartbeat answer for {self._heartbeat_timeout:g} s")
-                )
-                return
-            channel = self._heartbeat_channel
-            if channel is None or channel.readyState != "open":
-                # Cleared only while no open channel is known, so a channel opening
-                # during the wait (or a new one after the old closed) wakes us at once.
-                self._heartbeat_opened.clear()
-                try:
-                    await asyncio.wait_for(self._heartbeat_opened.wait(), silent_at - now)
-                except TimeoutError:
-                    pass
-                continue
-            if now >= next_ping:
+    def _check_heartbeat(self) -> None:
+        """Ping if the client has been quiet for an interval, report it silent if for
+        the timeout; then set the timer for whichever comes next."""
+        self._heartbeat = None
+        now = self._loop.time()
+        silent_at = self._last_heard + self._heartbeat_timeout
+        if now >= silent_at:
+            detail = f"nothing heard from the client for {self._heartbeat_timeout:g} s"
+            self._report(PeerEvent("silent", detail))
+            return
+        # Without an open channel the timer waits for the timeout; a channel opening
+        # wakes it at once (_channel_opened).
+        wake_at = silent_at
+        channel = self._heartbeat_channel
+        if channel is not None and channel.readyState == "open":
+            ping_at = max(self._last_heard, self._last_ping_sent_at) + self._heartbeat_interval
+            if now >= ping_at:
                 self._pings_sent += 1
                 self._last_ping_sent_at = now
                 channel.send(f"ping {self._pings_sent}")
-                next_ping += self._heartbeat_interval
-                if next_ping <= now:
-                    # After a stalled loop, shift the cadence rather than catch up in a burst.
-                    next_ping = now + self._heartbeat_interval
-            await asyncio.sleep(min(next_ping, silent_at) - now)
+                ping_at = now + self._heartbeat_interval
+            wake_at = min(ping_at, silent_at)
+        self._heartbeat = self._loop.call_at(wake_at, self._check_heartbeat)
 
 
 async def _close_application(application: Application) -> None:
@@ -494,9 +485,11 @@ async def answer_offer(
         on_event: Called synchronously with each :class:`PeerEvent`, at most once per
             kind and never after :meth:`TowerPeer.close`; exceptions it raises are
             logged and swallowed.
-        heartbeat_interval: Seconds between two pings on the heartbeat channel.
-        heartbeat_timeout: Seconds without a heartbeat answer, counted from the
-            connection becoming connected, before the peer is reported silent.
+        heartbeat_interval: Seconds of quiet from the client before a ping on the
+            heartbeat channel, and between two pings while the quiet lasts.
+        heartbeat_timeout: Seconds without a message from the client on any channel,
+            counted from the connection becoming connected, before the peer is
+            reported silent.
 
     Returns:
         The running peer; send its ``answer_sdp`` to the client.

@@ -436,15 +436,15 @@ async def test_a_silent_peer_is_repaired_with_a_reoffer(autojump_clock, broker):
     await trio.sleep(30)
     assert await client.new_frames() == []
 
-    tower.peer("s-1", 1, "silent", "no heartbeat for 5 s")
+    tower.peer("s-1", 1, "silent", "nothing heard from the client for 5 s")
     [repairing] = await client.new_frames()
     assert state(repairing) == ("repairing", 1, "tower-1")
-    assert repairing["reason"] == "silent: no heartbeat for 5 s"
+    assert repairing["reason"] == "silent: nothing heard from the client for 5 s"
     await trio.sleep(0.5)
     negotiating, reoffer = await client.new_frames()
     assert state(negotiating) == ("negotiating", 2, "tower-1")
     assert reoffer == {"type": "reoffer", "negotiation": 2,
-                       "reason": "silent: no heartbeat for 5 s"}
+                       "reason": "silent: nothing heard from the client for 5 s"}
     assert tower.got(ClosePeer) == [ClosePeer("s-1", 1)]
     await connect(client, tower, 2)
 

@@ -158,14 +158,33 @@ def test_the_default_application_is_echo():
     assert APPLICATIONS["echo"] is EchoApplication
 
 
-def test_pings_arrive_numbered_and_answers_are_timed():
+def test_a_quiet_client_is_pinged_with_numbered_pings():
     async def scenario():
-        async with session() as (client, peer, events):
+        async with session() as (client, _, events):
             await client.wait_for_pings(3)
             assert client.pings[:3] == ["ping 1", "ping 2", "ping 3"]
-            assert peer.heartbeat_round_trip is not None
-            assert peer.heartbeat_round_trip >= 0
             assert events.kinds() == ["connected"]
+
+    run(scenario)
+
+
+def test_a_client_with_traffic_of_its_own_is_alive_without_answering_pings():
+    async def scenario():
+        client = Client()
+        client.answering = False
+        async with session(client) as (_, _, events):
+            # Three timeouts of messages every quarter interval, pings unanswered.
+            for _ in range(round(3 * TIMEOUT / (INTERVAL / 4))):
+                client.echo.send("still here")
+                await asyncio.sleep(INTERVAL / 4)
+            assert events.kinds() == ["connected"]
+            # A ping needs an interval of quiet: a heartbeat that pinged regardless
+            # would have sent 15 by now.
+            assert len(client.pings) < 5
+            # Quiet again: the pings come back, and unanswered they end in silence.
+            silent = await events.wait_for("silent")
+            assert silent.detail == "nothing heard from the client for 1 s"
+            assert len(client.pings) >= 1
 
     run(scenario)
 
@@ -187,7 +206,7 @@ def test_a_client_that_stops_answering_is_declared_silent_once():
             await client.wait_for_pings(1)
             client.answering = False
             silent = await events.wait_for("silent")
-            assert silent.detail == "no heartbeat answer for 1 s"
+            assert silent.detail == "nothing heard from the client for 1 s"
             assert events.kinds() == ["connected", "silent"]
 
     run(scenario)
