@@ -6,7 +6,10 @@ pause grows about 0.1 ms per session and stalls the loop, which is how a bare ai
 server stops keeping up at 2,000-3,000 sessions. Objects that survived until now are
 almost all session state that lives as long as its session, so once a second they are
 moved out of the collector's sight (``gc.freeze``); collections then only look at what
-is new. What a closed session leaves behind in frozen objects (cycles between a peer
+is new. Before each freeze, the garbage made since the last one (the cycles of a
+negotiation: futures, exceptions, frames) is collected, so that only survivors are
+frozen; that collection sees a second's worth of objects, not the sessions. What a
+closed session leaves behind in frozen objects (cycles between a peer
 connection and its transports) is reclaimed by one full collection once enough
 sessions have closed: a pause paid per batch of closures, not per second of load.
 """
@@ -39,11 +42,12 @@ class Collector:
         return self.closed >= max(self.closed_before_full, self.alive // 10)
 
     async def run(self) -> None:
-        """Freeze the survivors every second; collect in full when enough closed."""
+        """Every second, collect what is new and freeze the survivors; collect
+        everything when enough sessions closed."""
         while True:
             await trio.sleep(FREEZE_INTERVAL)
             if self.due():
                 gc.unfreeze()
-                gc.collect()
                 self.closed = 0
+            gc.collect()
             gc.freeze()
