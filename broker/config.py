@@ -97,7 +97,7 @@ class Settings:
     max_sessions_per_key: int = 50
     token_lifetime: float = 60.0
     negotiation_deadline: float = 10.0
-    heartbeat_interval: float = 1.0
+    heartbeat_interval: float = 2.0
     heartbeat_timeout: float = 5.0
     # Negotiation retries on one tower within negotiation_restart_period, then re-placement.
     negotiation_restarts: int = 2

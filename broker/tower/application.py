@@ -469,7 +469,7 @@ async def answer_offer(
     ice_servers: Sequence[Mapping[str, Any]] = (),
     application: Application,
     on_event: Callable[[PeerEvent], None],
-    heartbeat_interval: float = 1.0,
+    heartbeat_interval: float = 2.0,
     heartbeat_timeout: float = 5.0,
 ) -> TowerPeer:
     """Answer a client's offer with a new peer connection running ``application``.
