@@ -258,6 +258,10 @@ class FloorClient:
 
 
 def _reason(error: BaseException) -> str:
+    """A failure's reason for the report: the first error inside any exception group,
+    cut to its first clause."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
     if isinstance(error, trio.TooSlowError):
         return "timeout"
     text = str(error) or type(error).__name__
