@@ -49,6 +49,7 @@ from actors import (
     MailboxFull,
     ChildSpec,
     DecodeError,
+    Down,
     Restart,
     Supervisor,
     SupervisorFlags,
@@ -159,6 +160,8 @@ class CommunicationServer(Actor):
         self.listeners = listeners
         self.uplink = Uplink()
         self.peers_by_session: dict[str, PeerEntry] = {}
+        # Each peer is watched (a Down message when it ends), not waited on by a task.
+        self.session_of_peer: dict[ActorRef, str] = {}
         self.connection_scope: trio.CancelScope | None = None
         self.opened = 0
         # The key of a renewal in progress: made here, kept until its certificate comes.
@@ -315,15 +318,20 @@ class CommunicationServer(Actor):
         except ValueError as error:
             await self.uplink.send(LinkError(f"cannot open {name}: {error}"))
             return
-        entry = PeerEntry(request.negotiation, ref, opened_by)
-        self.peers_by_session[request.session] = entry
+        self.peers_by_session[request.session] = PeerEntry(request.negotiation, ref, opened_by)
+        self.session_of_peer[ref] = request.session
         self.collector.opened()
-        self.start_soon(self._forget_when_done, request.session, entry)
+        self.monitor(ref)
 
-    async def _forget_when_done(self, session: str, entry: PeerEntry) -> None:
-        await entry.ref.join()
+    async def receive(self, message: object) -> None:
+        if not isinstance(message, Down):
+            raise TypeError(f"the communication server does not take {type(message).__name__}")
+        session = self.session_of_peer.pop(message.ref, None)
+        if session is None:
+            return  # a peer of this server's previous incarnation
         self.collector.closed_one()
-        if self.peers_by_session.get(session) is entry:
+        entry = self.peers_by_session.get(session)
+        if entry is not None and entry.ref == message.ref:
             del self.peers_by_session[session]
 
     def _close(self, session: str, negotiation: int) -> None:

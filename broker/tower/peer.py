@@ -38,7 +38,8 @@ class Peer(Actor):
     runs_tasks = True
 
     def __init__(self, request: OpenPeer, send: Send, settings: PeerSettings) -> None:
-        self.request = request
+        # Needed once, to answer: a session lasts for hours, its offer need not.
+        self.request: OpenPeer | None = request
         self.session = request.session
         self.negotiation = request.negotiation
         self.send = send
@@ -51,24 +52,8 @@ class Peer(Actor):
         self.start_soon(self._live)
 
     async def _live(self) -> None:
-        request = self.request
-        factory = APPLICATIONS.get(request.application)
-        if factory is None:
-            await self._reject("unknown_application", f"no application {request.application!r}")
-            return
-        answer = functools.partial(
-            answer_offer,
-            request.offer,
-            ice_servers=request.ice_servers,
-            application=factory(session=self.session, tower=self.settings.tower),
-            on_event=post_to(self.ref),
-            heartbeat_interval=self.settings.heartbeat_interval,
-            heartbeat_timeout=self.settings.heartbeat_timeout,
-        )
-        try:
-            self.tower_peer = await call_asyncio(answer)
-        except ValueError as error:
-            await self._reject("invalid_sdp", str(error))
+        self.tower_peer = await self._answer()
+        if self.tower_peer is None:
             return
         try:
             await self.send(PeerAnswer(self.session, self.negotiation, self.tower_peer.answer_sdp))
@@ -79,6 +64,29 @@ class Peer(Actor):
         finally:
             with trio.CancelScope(shield=True):
                 await call_asyncio(self.tower_peer.close)
+
+    async def _answer(self) -> TowerPeer | None:
+        """The running peer for the offer, or None once the offer has been refused."""
+        request, self.request = self.request, None
+        assert request is not None
+        factory = APPLICATIONS.get(request.application)
+        if factory is None:
+            await self._reject("unknown_application", f"no application {request.application!r}")
+            return None
+        answer = functools.partial(
+            answer_offer,
+            request.offer,
+            ice_servers=request.ice_servers,
+            application=factory(session=self.session, tower=self.settings.tower),
+            on_event=post_to(self.ref),
+            heartbeat_interval=self.settings.heartbeat_interval,
+            heartbeat_timeout=self.settings.heartbeat_timeout,
+        )
+        try:
+            return await call_asyncio(answer)
+        except ValueError as error:
+            await self._reject("invalid_sdp", str(error))
+            return None
 
     async def receive(self, message: object) -> None:
         if isinstance(message, PeerEvent):

@@ -308,6 +308,29 @@ def test_an_offer_is_answered_counted_in_the_load_and_closed(agent, credentials)
     run(main)
 
 
+def test_a_peer_that_ends_on_its_own_leaves_the_load(agent, credentials):
+    async def main():
+        peer = await bridge.call_asyncio(new_peer)
+        try:
+            offer = await bridge.call_asyncio(peer.offer)
+            async with open_link(agent, credentials.context(credentials.broker)) as link:
+                await receive(link, TowerHello)
+                await link.send_message(codec.encode(OpenPeer("s-1", 1, offer, "echo")))
+                answer = await receive(link, PeerAnswer)
+                await bridge.call_asyncio(peer.accept, answer.sdp)
+                await receive(link, PeerState, where=lambda m: m.state == "connected")
+                await receive(link, TowerLoadReport, where=lambda m: m.sessions == 1)
+                # The client goes away without the broker closing anything.
+                await bridge.call_asyncio(peer.close)
+                await receive(link, PeerState, where=lambda m: m.state != "connected")
+                await receive(link, TowerLoadReport, where=lambda m: m.sessions == 0)
+        finally:
+            with trio.CancelScope(shield=True):
+                await bridge.call_asyncio(peer.close)
+
+    run(main)
+
+
 def test_a_text_frame_is_answered_with_a_link_error_and_the_link_stays_open(agent, credentials):
     async def main():
         async with open_link(agent, credentials.context(credentials.broker)) as link:
