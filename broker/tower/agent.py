@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import socket
@@ -310,14 +311,17 @@ class CommunicationServer(Actor):
         # Unique even when a refused offer's peer is still on its way out.
         name = f"peer:{request.session}:{request.negotiation}:{self.opened}"
 
-        def make() -> Peer:
-            return Peer(request, self.uplink.send, self.settings.peer)
-
+        # The offer goes in a message, not in the factory: the supervisor keeps a
+        # child's spec as long as the child lives.
+        make = functools.partial(
+            Peer, request.session, request.negotiation, self.uplink.send, self.settings.peer
+        )
         try:
             ref = await self.peers.start_child(ChildSpec(name, make, restart=Restart.TEMPORARY))
         except ValueError as error:
             await self.uplink.send(LinkError(f"cannot open {name}: {error}"))
             return
+        await ref.tell(request)
         self.peers_by_session[request.session] = PeerEntry(request.negotiation, ref, opened_by)
         self.session_of_peer[ref] = request.session
         self.collector.opened()

@@ -1,7 +1,8 @@
 """One session's peer on a tower: an actor owning the aiortc peer connection.
 
 The peer connection itself, the session application and the heartbeat live on the
-asyncio side (``application``); this actor starts them through the bridge, hears their
+asyncio side (``application``). This actor's first message is the broker's offer
+(``OpenPeer``); it answers it through the bridge, hears the peer connection's
 events (connected, failed, closed, silent) through its mailbox, and reports to the
 broker. A peer serves one negotiation: a new negotiation of the same session gets a
 fresh peer. Whatever way the actor ends, even killed, its peer connection is closed.
@@ -37,19 +38,18 @@ class Peer(Actor):
 
     runs_tasks = True
 
-    def __init__(self, request: OpenPeer, send: Send, settings: PeerSettings) -> None:
-        # Needed once, to answer: a session lasts for hours, its offer need not.
-        self.request: OpenPeer | None = request
-        self.session = request.session
-        self.negotiation = request.negotiation
+    def __init__(self, session: str, negotiation: int, send: Send, settings: PeerSettings) -> None:
+        self.session = session
+        self.negotiation = negotiation
+        # The OpenPeer, from the first message until it is answered: a session lasts
+        # for hours, its offer need not.
+        self.request: OpenPeer | None = None
+        self.opened = False
         self.send = send
         self.settings = settings
         self.tower_peer: TowerPeer | None = None
         self.early_candidates: list[AddCandidate] = []
         self.ended = False
-
-    async def started(self) -> None:
-        self.start_soon(self._live)
 
     async def _live(self) -> None:
         self.tower_peer = await self._answer()
@@ -89,7 +89,11 @@ class Peer(Actor):
             return None
 
     async def receive(self, message: object) -> None:
-        if isinstance(message, PeerEvent):
+        if isinstance(message, OpenPeer) and not self.opened:
+            self.opened = True
+            self.request = message
+            self.start_soon(self._live)
+        elif isinstance(message, PeerEvent):
             await self._event(message)
         elif isinstance(message, AddCandidate):
             if self.tower_peer is None:
