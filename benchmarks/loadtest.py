@@ -103,6 +103,7 @@ def level(
         "sessions": sessions,
         "connected": report["sessions"]["connected"],
         "failed": report["sessions"]["failed"],
+        "failed_by_reason": report["sessions"]["failed_by_reason"],
         "setup_p50_ms": report["setup_ms"]["p50"],
         "rtt_p50_ms": report["round_trip_steady_ms"]["p50"],
         "rtt_p99_ms": report["round_trip_steady_ms"]["p99"],
@@ -172,6 +173,13 @@ def print_levels(results: dict[str, Any]) -> None:
             ])
     print_rows(["sessions", "up", "rtt p50", "rtt p99", "setup p50", "echoes/core-s",
                 "KiB/session", "server cores", "generator cores"], rows)
+    for row in results["levels"]:
+        for name in ("floor", "broker"):
+            figures = row[name]
+            if figures["failed_by_reason"]:
+                reasons = ", ".join(f"{reason}: {count}"
+                                    for reason, count in figures["failed_by_reason"].items())
+                print(f"{figures['sessions']} {name} failed: {reasons}")
 
 
 def main(arguments: list[str] | None = None) -> None:
