@@ -52,6 +52,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
+import psutil
 import trio
 
 from actors import bridge
@@ -299,14 +300,30 @@ async def one_round(path: SessionPath, concurrency: int) -> list[float]:
     return durations
 
 
+def cpu_seconds(server: Server) -> float:
+    """CPU time used so far by a server's process and its children (a broker's towers)."""
+    process = psutil.Process(server.process.pid)
+    total = 0.0
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            times = member.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
 async def measure(
-    broker: BrokerPath, floor: FloorPath, levels: tuple[Level, ...]
-) -> dict[int, dict[str, list[float]]]:
-    """Every level's rounds on both paths, alternating which path goes first."""
+    broker: BrokerPath, floor: FloorPath, levels: tuple[Level, ...], servers: dict[str, Server]
+) -> tuple[dict[int, dict[str, list[float]]], dict[str, float]]:
+    """Every level's rounds on both paths, alternating which path goes first; and each
+    server's CPU milliseconds per session over those rounds (its idle work during the
+    other path's rounds included)."""
     await broker.wait_for_towers(TOWERS)
     paths: tuple[SessionPath, SessionPath] = (broker, floor)
     for path in paths:
         await one_round(path, 1)
+    before = {name: cpu_seconds(server) for name, server in servers.items()}
     samples: dict[int, dict[str, list[float]]] = {}
     for level in levels:
         by_path: dict[str, list[float]] = {path.name: [] for path in paths}
@@ -315,7 +332,10 @@ async def measure(
             for path in order:
                 by_path[path.name] += await one_round(path, level.concurrency)
         samples[level.concurrency] = by_path
-    return samples
+    sessions = sum(level.concurrency * level.rounds for level in levels)
+    cpu = {name: round(1000 * (cpu_seconds(server) - before[name]) / sessions, 2)
+           for name, server in servers.items()}
+    return samples, cpu
 
 
 # Figures
@@ -363,7 +383,8 @@ def run_all(levels: tuple[Level, ...]) -> dict[str, Any]:
             broker_path = BrokerPath(url, broker.announced["api_key"],
                                      broker.announced["certificate"])
             floor_path = FloorPath(floor.announced["url"])
-            samples = bridge.run(measure, broker_path, floor_path, levels)
+            samples, cpu = bridge.run(measure, broker_path, floor_path, levels,
+                                      {"broker": broker, "floor": floor})
         except bridge.Interrupted:
             raise
         except Exception:
@@ -393,6 +414,7 @@ def run_all(levels: tuple[Level, ...]) -> dict[str, Any]:
         })
     return {
         "levels": results_levels,
+        "cpu_ms_per_session": cpu,
         "ratio_target": RATIO_TARGET,
         "payload_bytes": len(PAYLOAD),
         "towers": TOWERS,
@@ -428,6 +450,9 @@ def print_table(results: dict[str, Any]) -> None:
                 verdict_cell,
             ))
     print_rows(header, rows)
+    cpu = results["cpu_ms_per_session"]
+    print(f"CPU per session: broker and its towers {cpu['broker']:.1f} ms, "
+          f"floor {cpu['floor']:.1f} ms ({cpu['broker'] / cpu['floor']:.2f}x)")
     print()
     print(
         f"python {results['python']}, aiortc {results['aiortc']}, aioice {results['aioice']}, "

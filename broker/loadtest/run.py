@@ -298,9 +298,13 @@ class Run:
         self.chaos = {"at": round(elapsed, 1), "killed": name, "pid": victim.pid}
 
     def report(self, seconds: float) -> dict[str, Any]:
-        # With every session up: from the second after the ramp to the second before the end.
+        # With every session up: from the second after the ramp, or after the last late
+        # setup if later, to the second before the end.
+        peak_up = max((second.up for second in self.seconds), default=0)
+        full_at = next((second.at for second in self.seconds if second.up == peak_up), 0)
+        start = max(self.plan.ramp + 1, full_at)
         steady = [second for second in self.seconds
-                  if self.plan.ramp + 1 <= second.at <= self.plan.end - 1] or self.seconds
+                  if start <= second.at <= self.plan.end - 1] or self.seconds
         all_rtt = [value for second in self.seconds for value in second.rtt]
         steady_rtt = [value for second in steady for value in second.rtt]
         generator_cpu = sum(self.worker_cpu.values())
@@ -314,7 +318,7 @@ class Run:
                 "failed_by_reason": dict(self.failed),
                 "lost": sum(self.lost.values()),
                 "lost_by_state": dict(self.lost),
-                "peak_up": max((second.up for second in self.seconds), default=0),
+                "peak_up": peak_up,
             },
             "setup_ms": _percentiles(self.setups, (50, 95, 99)),
             "round_trip_ms": _percentiles(all_rtt, (50, 99)),

@@ -30,4 +30,6 @@ def test_quick_run_prints_one_json_object_with_every_figure():
         for key in ("ratio_p50", "ratio_p95", "ratio_p99"):
             assert level[key] > 0, (level["concurrency"], key)
         assert isinstance(level["target_met"], bool)
+    assert figures["cpu_ms_per_session"]["broker"] > 0
+    assert figures["cpu_ms_per_session"]["floor"] > 0
     assert figures["stopped_cleanly"] == {"broker": True, "floor": True}

@@ -55,3 +55,17 @@ def test_the_report_counts_outcomes_and_uses_the_seconds_with_all_up(monkeypatch
     assert report["repairs"] == {"count": 2, "p50": 300.0, "max": 400.0}
     assert report["cpu_share_of_a_core_steady"]["towers"] == 0.5
     assert [second["rtt_p50_ms"] for second in report["series"]] == [100.0, 1.0, 3.0, None]
+
+
+def test_seconds_before_the_last_late_setup_are_not_steady():
+    plan = LoadPlan("https://127.0.0.1:9", "secret", "c", sessions=4, rate=4, duration=4)
+    run = Run(plan, show_progress=False)
+    run.seconds = [
+        Second(at=0, up=0),
+        Second(at=2, up=3, rtt=[0.500], towers_cpu=1.0),  # one setup still under way
+        Second(at=3, up=4, rtt=[0.002], towers_cpu=0.5),
+        Second(at=4, up=4, rtt=[0.002], towers_cpu=0.5),
+    ]
+    report = run.report(5.0)
+    assert report["round_trip_steady_ms"] == {"p50": 2.0, "p99": 2.0}
+    assert report["cpu_share_of_a_core_steady"]["towers"] == 0.5
