@@ -40,6 +40,7 @@ from aiortc import (
 from aiortc.sdp import SessionDescription, candidate_from_sdp
 
 from ..config import check_ice_servers
+from .dtls import share_certificate
 from .media import SyntheticVideoTrack
 
 __all__ = [
@@ -201,6 +202,7 @@ class TowerPeer:
         self.answer_sdp = ""
         self._configuration = configuration
         self._connection = RTCPeerConnection(configuration)
+        share_certificate(self._connection)
         self._application = application
         self._on_event = on_event
         self._heartbeat_interval = heartbeat_interval

@@ -15,6 +15,7 @@ import pytest
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
 from broker.tower import application as tower_application
+from broker.tower.dtls import tower_certificate
 from broker.tower.application import (
     APPLICATIONS,
     EchoApplication,
@@ -150,6 +151,26 @@ def test_echo_returns_text_and_bytes_in_order():
                 client.echo.send(message)
             await client.wait_for_echoes(len(sent))
             assert client.echoed == sent
+
+    run(scenario)
+
+
+def test_sessions_share_the_towers_dtls_certificate_and_each_echoes():
+    async def scenario():
+        async with session() as (first, peer_one, _), session() as (second, peer_two, _):
+            expected = {
+                f"a=fingerprint:{fingerprint.algorithm} {fingerprint.value}"
+                for fingerprint in tower_certificate().getFingerprints()
+            }
+            for peer in (peer_one, peer_two):
+                lines = {line for line in peer.answer_sdp.splitlines()
+                         if line.startswith("a=fingerprint:")}
+                assert lines and lines <= expected
+            for client in (first, second):
+                client.echo.send("mine")
+            await first.wait_for_echoes(1)
+            await second.wait_for_echoes(1)
+            assert first.echoed == second.echoed == ["mine"]
 
     run(scenario)
 
