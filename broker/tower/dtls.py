@@ -18,6 +18,9 @@ import datetime
 import logging
 
 from aiortc import RTCCertificate, RTCPeerConnection
+from aiortc.rtcdtlstransport import SRTPProtectionProfile
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
 
 __all__ = ["RENEW_BEFORE", "SharedCertificate", "share_certificate", "tower_certificate"]
@@ -32,11 +35,11 @@ _CERTIFICATES = "_RTCPeerConnection__certificates"
 class SharedCertificate(RTCCertificate):
     """A DTLS certificate that makes its OpenSSL context once, for every transport."""
 
-    def __init__(self, key, cert) -> None:
+    def __init__(self, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
         super().__init__(key, cert)
         self._contexts: dict[bytes, SSL.Context] = {}
 
-    def _create_ssl_context(self, srtp_profiles) -> SSL.Context:
+    def _create_ssl_context(self, srtp_profiles: list[SRTPProtectionProfile]) -> SSL.Context:
         profiles = b":".join(profile.openssl_profile for profile in srtp_profiles)
         context = self._contexts.get(profiles)
         if context is None:
