@@ -329,7 +329,7 @@ class CommunicationServer(Actor):
 
     async def receive(self, message: object) -> None:
         if not isinstance(message, Down):
-            raise TypeError(f"the communication server does not take {type(message).__name__}")
+            return await super().receive(message)
         session = self.session_of_peer.pop(message.ref, None)
         if session is None:
             return  # a peer of this server's previous incarnation

@@ -369,7 +369,7 @@ class TowerPeer:
                 "session application failed to take a channel: %s", type(error).__name__
             )
 
-    def _heard(self, message: object = None) -> None:
+    def _heard(self, message: object) -> None:
         self._last_heard = self._loop.time()
 
     def _stop_heartbeat(self) -> None:

@@ -21,7 +21,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
 
 from actors import bridge
-from broker.client_peer import new_peer
+from broker.client_peer import ClientPeer, new_peer
 from broker.link import (
     MAX_FRAME_BYTES,
     ClosePeer,
@@ -206,6 +206,26 @@ async def say_hello(agent: RunningAgent, context: ssl.SSLContext) -> TowerHello:
         return await receive(websocket, TowerHello)
 
 
+@asynccontextmanager
+async def client_peer() -> AsyncIterator[ClientPeer]:
+    """A client's peer connection, closed on the way out."""
+    peer = await bridge.call_asyncio(new_peer)
+    try:
+        yield peer
+    finally:
+        with trio.CancelScope(shield=True):
+            await bridge.call_asyncio(peer.close)
+
+
+async def offer_over(link: WebSocketConnection, peer: ClientPeer) -> PeerAnswer:
+    """Open session s-1 for ``peer`` over ``link``; the client takes the tower's answer."""
+    offer = await bridge.call_asyncio(peer.offer)
+    await link.send_message(codec.encode(OpenPeer("s-1", 1, offer, "echo")))
+    answer = await receive(link, PeerAnswer)
+    await bridge.call_asyncio(peer.accept, answer.sdp)
+    return answer
+
+
 def test_the_broker_gets_the_towers_hello_then_load_reports(agent, credentials):
     async def main():
         async with open_link(agent, credentials.context(credentials.broker)) as link:
@@ -279,54 +299,40 @@ def test_bad_frames_are_answered_with_link_errors_and_the_link_stays_open(agent,
 
 def test_an_offer_is_answered_counted_in_the_load_and_closed(agent, credentials):
     async def main():
-        peer = await bridge.call_asyncio(new_peer)
-        try:
-            offer = await bridge.call_asyncio(peer.offer)
-            async with open_link(agent, credentials.context(credentials.broker)) as link:
-                await receive(link, TowerHello)
-                await link.send_message(codec.encode(OpenPeer("s-1", 1, offer, "echo")))
-                answer = await receive(link, PeerAnswer)
-                assert (answer.session, answer.negotiation) == ("s-1", 1)
-                assert answer.sdp.startswith("v=0")
-                await bridge.call_asyncio(peer.accept, answer.sdp)
-                state = await receive(link, PeerState, where=lambda m: m.session == "s-1")
-                assert (state.negotiation, state.state) == (1, "connected")
-                with trio.fail_after(DEADLINE):
-                    await bridge.call_asyncio(peer.wait_open)
-                    await bridge.call_asyncio(peer.echo, "over the tower")
-                await receive(link, TowerLoadReport, where=lambda m: m.sessions == 1)
-                # A close for another negotiation of the session is not this peer's.
-                await link.send_message(codec.encode(ClosePeer("s-1", 2)))
-                with trio.fail_after(DEADLINE):
-                    await bridge.call_asyncio(peer.echo, "still open")
-                await link.send_message(codec.encode(ClosePeer("s-1", 1)))
-                await receive(link, TowerLoadReport, where=lambda m: m.sessions == 0)
-        finally:
-            with trio.CancelScope(shield=True):
-                await bridge.call_asyncio(peer.close)
+        async with client_peer() as peer, \
+                open_link(agent, credentials.context(credentials.broker)) as link:
+            await receive(link, TowerHello)
+            answer = await offer_over(link, peer)
+            assert (answer.session, answer.negotiation) == ("s-1", 1)
+            assert answer.sdp.startswith("v=0")
+            state = await receive(link, PeerState, where=lambda m: m.session == "s-1")
+            assert (state.negotiation, state.state) == (1, "connected")
+            with trio.fail_after(DEADLINE):
+                await bridge.call_asyncio(peer.wait_open)
+                await bridge.call_asyncio(peer.echo, "over the tower")
+            await receive(link, TowerLoadReport, where=lambda m: m.sessions == 1)
+            # A close for another negotiation of the session is not this peer's.
+            await link.send_message(codec.encode(ClosePeer("s-1", 2)))
+            with trio.fail_after(DEADLINE):
+                await bridge.call_asyncio(peer.echo, "still open")
+            await link.send_message(codec.encode(ClosePeer("s-1", 1)))
+            await receive(link, TowerLoadReport, where=lambda m: m.sessions == 0)
 
     run(main)
 
 
 def test_a_peer_that_ends_on_its_own_leaves_the_load(agent, credentials):
     async def main():
-        peer = await bridge.call_asyncio(new_peer)
-        try:
-            offer = await bridge.call_asyncio(peer.offer)
-            async with open_link(agent, credentials.context(credentials.broker)) as link:
-                await receive(link, TowerHello)
-                await link.send_message(codec.encode(OpenPeer("s-1", 1, offer, "echo")))
-                answer = await receive(link, PeerAnswer)
-                await bridge.call_asyncio(peer.accept, answer.sdp)
-                await receive(link, PeerState, where=lambda m: m.state == "connected")
-                await receive(link, TowerLoadReport, where=lambda m: m.sessions == 1)
-                # The client goes away without the broker closing anything.
-                await bridge.call_asyncio(peer.close)
-                await receive(link, PeerState, where=lambda m: m.state != "connected")
-                await receive(link, TowerLoadReport, where=lambda m: m.sessions == 0)
-        finally:
-            with trio.CancelScope(shield=True):
-                await bridge.call_asyncio(peer.close)
+        async with client_peer() as peer, \
+                open_link(agent, credentials.context(credentials.broker)) as link:
+            await receive(link, TowerHello)
+            await offer_over(link, peer)
+            await receive(link, PeerState, where=lambda m: m.state == "connected")
+            await receive(link, TowerLoadReport, where=lambda m: m.sessions == 1)
+            # The client goes away without the broker closing anything.
+            await bridge.call_asyncio(peer.close)
+            await receive(link, PeerState, where=lambda m: m.state != "connected")
+            await receive(link, TowerLoadReport, where=lambda m: m.sessions == 0)
 
     run(main)
 
@@ -372,26 +378,19 @@ def test_a_broker_gone_before_the_upgrade_is_answered_leaves_the_agent_serving(
 def test_a_new_broker_connection_replaces_the_old_and_closes_its_peers(agent, credentials):
     async def main():
         context = credentials.context(credentials.broker)
-        peer = await bridge.call_asyncio(new_peer)
-        try:
-            offer = await bridge.call_asyncio(peer.offer)
-            async with open_link(agent, context) as old:
-                await receive(old, TowerHello)
-                await old.send_message(codec.encode(OpenPeer("s-1", 1, offer, "echo")))
-                await bridge.call_asyncio(peer.accept, (await receive(old, PeerAnswer)).sdp)
-                await receive(old, PeerState, where=lambda m: m.state == "connected")
-                await receive(old, TowerLoadReport, where=lambda m: m.sessions == 1)
-                async with open_link(agent, context) as new:
-                    await receive(new, TowerHello)
-                    with trio.fail_after(DEADLINE):
-                        with pytest.raises(ConnectionClosed):
-                            while True:
-                                await old.get_message()
-                    # The old connection's peers go with it, at once.
-                    await receive(new, TowerLoadReport, 5.0, where=lambda m: m.sessions == 0)
-        finally:
-            with trio.CancelScope(shield=True):
-                await bridge.call_asyncio(peer.close)
+        async with client_peer() as peer, open_link(agent, context) as old:
+            await receive(old, TowerHello)
+            await offer_over(old, peer)
+            await receive(old, PeerState, where=lambda m: m.state == "connected")
+            await receive(old, TowerLoadReport, where=lambda m: m.sessions == 1)
+            async with open_link(agent, context) as new:
+                await receive(new, TowerHello)
+                with trio.fail_after(DEADLINE):
+                    with pytest.raises(ConnectionClosed):
+                        while True:
+                            await old.get_message()
+                # The old connection's peers go with it, at once.
+                await receive(new, TowerLoadReport, 5.0, where=lambda m: m.sessions == 0)
 
     run(main)
 
