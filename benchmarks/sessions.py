@@ -11,7 +11,8 @@ the same moment (each timed on its own), along two paths:
   returning the tower's answer, the WSS signaling socket opening while ICE runs, and
   ``ClientSession.echo``. Each session is one simulated browser that has loaded the page
   before its user asks for a session: its HTTPS connection is open and it has fetched
-  the ICE servers (``GET /v1/ice-servers``) before the clock starts.
+  the ICE servers (``GET /v1/ice-servers``) before the clock starts; a round's clocks
+  start once all its browsers are ready, as if their users asked at the same moment.
 - floor: ``benchmarks.echo_floor``, a plain asyncio program in its own process that
   answers an offer POSTed over plain HTTP with a new aiortc peer connection echoing
   every data-channel message; no TLS, no WebSocket, no actors. The clock starts just
@@ -200,9 +201,12 @@ class SessionPath(Protocol):
 
     name: str
 
-    async def session(self, durations: list[float], all_echoed: Countdown) -> None:
-        """Open one session, append its seconds to first echo to ``durations``, wait
-        for ``all_echoed``, then close it."""
+    async def session(
+        self, durations: list[float], all_ready: Countdown, all_echoed: Countdown
+    ) -> None:
+        """Get ready as its client would before its user asks, wait for ``all_ready``;
+        open one session, append its seconds to first echo to ``durations``, wait for
+        ``all_echoed``, then close it."""
         ...
 
     async def settle(self) -> None:
@@ -221,11 +225,14 @@ class BrokerPath:
         self.client_url, self.api_key = url, api_key
         self.opened: list[str] = []
 
-    async def session(self, durations: list[float], all_echoed: Countdown) -> None:
+    async def session(
+        self, durations: list[float], all_ready: Countdown, all_echoed: Countdown
+    ) -> None:
         # Each session is one browser that has loaded the page: its connection to the
         # origin is open and it knows the ICE servers before its user clicks "start".
         client = BrokerClient(self.client_url, self.api_key, self.ssl_context)
         await client.ice_servers()
+        await all_ready.arrive_and_wait()
         started = time.perf_counter()
         async with start_session(client) as session:
             self.opened.append(session.grant.id)
@@ -267,7 +274,10 @@ class FloorPath:
         # One request per fresh connection, as ``BrokerClient`` does.
         self.request = FloorClient(url).request
 
-    async def session(self, durations: list[float], all_echoed: Countdown) -> None:
+    async def session(
+        self, durations: list[float], all_ready: Countdown, all_echoed: Countdown
+    ) -> None:
+        await all_ready.arrive_and_wait()
         started = time.perf_counter()
         peer = await call_asyncio(new_peer)
         try:
@@ -291,11 +301,11 @@ class FloorPath:
 async def one_round(path: SessionPath, concurrency: int) -> list[float]:
     """Start ``concurrency`` sessions at once; returns each one's seconds to first echo."""
     durations: list[float] = []
-    all_echoed = Countdown(concurrency)
+    all_ready, all_echoed = Countdown(concurrency), Countdown(concurrency)
     gc.collect()
     async with trio.open_nursery() as nursery:
         for _ in range(concurrency):
-            nursery.start_soon(path.session, durations, all_echoed)
+            nursery.start_soon(path.session, durations, all_ready, all_echoed)
     await path.settle()
     return durations
 
