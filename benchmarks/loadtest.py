@@ -4,7 +4,7 @@ How it is measured: the same load generator (``broker loadtest``: worker process
 aiortc clients) runs the same plan against two servers started here, one after the
 other in the same run: the bare aiortc echo server (``benchmarks.echo_floor``, one
 process, plain HTTP) and the embedded broker with one tower agent (HTTPS, WSS
-signaling, the link, heartbeats every second on their own data channel). Each level
+signaling, the link, and a heartbeat ping to any client quiet for 2 s). Each level
 ramps to N sessions at ``--rate`` per second, holds them for ``--duration`` seconds at
 one 100-byte message per second each, then ends them. Figures with all sessions up:
 round trip p50/p99; echoed messages per second per core of the serving process (the

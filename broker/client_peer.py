@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
@@ -19,6 +20,24 @@ from aiortc.sdp import candidate_from_sdp
 
 HEARTBEAT_LABEL = "heartbeat"
 ECHO_LABEL = "echo"
+# The RTP clock of every WebRTC video codec (VP8, VP9, H.264, AV1): jitter is counted in it.
+VIDEO_CLOCK_RATE = 90_000
+
+
+@dataclass(frozen=True)
+class VideoReceived:
+    """What a peer has received of the tower's video so far.
+
+    ``packets``, ``packets_lost`` and ``jitter`` (seconds, RFC 3550's interarrival
+    jitter) are the video track's inbound RTP statistics; ``bytes`` counts all that
+    arrived on the peer connection's transport, the data channels' few bytes included.
+    """
+
+    frames: int = 0
+    packets: int = 0
+    packets_lost: int = 0
+    bytes: int = 0
+    jitter: float = 0.0
 
 
 class ClientPeer:
@@ -43,8 +62,10 @@ class ClientPeer:
         self.answer_heartbeats = answer_heartbeats
         self.pings = 0
         self.video_frames = 0
+        self._video_receiver = None
         if video:
-            self.connection.addTransceiver("video", direction="recvonly")
+            transceiver = self.connection.addTransceiver("video", direction="recvonly")
+            self._video_receiver = transceiver.receiver
             self.connection.on("track", self._on_track)
         self.heartbeat = self.connection.createDataChannel(HEARTBEAT_LABEL)
         self.echo_channel = self.connection.createDataChannel(ECHO_LABEL)
@@ -65,6 +86,21 @@ class ClientPeer:
                 self.video_frames += 1
         except MediaStreamError:
             pass  # the track ended with the connection
+
+    async def video_received(self) -> VideoReceived | None:
+        """The video received so far; None for a peer that did not ask for video."""
+        if self._video_receiver is None:
+            return None
+        packets = packets_lost = received = 0
+        jitter = 0.0
+        for stats in (await self._video_receiver.getStats()).values():
+            if stats.type == "inbound-rtp":
+                packets += stats.packetsReceived
+                packets_lost += stats.packetsLost
+                jitter = max(jitter, stats.jitter / VIDEO_CLOCK_RATE)
+            elif stats.type == "transport":
+                received += stats.bytesReceived
+        return VideoReceived(self.video_frames, packets, packets_lost, received, jitter)
 
     def _on_heartbeat(self, message: str | bytes) -> None:
         self.pings += 1

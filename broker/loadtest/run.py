@@ -68,6 +68,10 @@ class Second:
     echoed: int = 0
     bytes: int = 0
     video_frames: int = 0
+    video_packets: int = 0
+    video_packets_lost: int = 0
+    video_bytes: int = 0
+    video_jitter: list[float] = field(default_factory=list)
     generator_cpu: float = 0.0  # share of one core
     broker_cpu: float = 0.0
     towers_cpu: float = 0.0
@@ -245,9 +249,14 @@ class Run:
         second.echoed += figures["echoed"]
         second.bytes += figures["bytes"]
         second.video_frames += figures["video_frames"]
+        second.video_packets += figures["video_packets"]
+        second.video_packets_lost += figures["video_packets_lost"]
+        second.video_bytes += figures["video_bytes"]
+        second.video_jitter += figures["video_jitter"]
         self.setups += figures["setup"]
         self.repairs += figures["repairs"]
-        for key in ("sent", "echoed", "bytes", "timeouts", "video_frames"):
+        for key in ("sent", "echoed", "bytes", "timeouts", "video_frames", "video_packets",
+                    "video_packets_lost", "video_bytes"):
             self.totals[key] += figures[key]
         self.worker_cpu[index] = figures["cpu"]
 
@@ -330,10 +339,7 @@ class Run:
                 "echoed_per_second_steady": _mean([second.echoed for second in steady]),
                 "bytes_per_second_steady": _mean([second.bytes for second in steady]),
             },
-            "video": {
-                "frames": self.totals["video_frames"],
-                "frames_per_second_steady": _mean([second.video_frames for second in steady]),
-            },
+            "video": self._video(steady),
             "repairs": {"count": len(self.repairs), **_percentiles(self.repairs, (50, 100))},
             "chaos": self.chaos,
             "cpu_share_of_a_core_steady": {
@@ -348,10 +354,29 @@ class Run:
             },
             "series": [asdict(second) | {"rtt": None,
                                          "rtt_p50_ms": _round(percentile(second.rtt, 50)),
-                                         "rtt_p99_ms": _round(percentile(second.rtt, 99))}
+                                         "rtt_p99_ms": _round(percentile(second.rtt, 99)),
+                                         "video_jitter": None,
+                                         "video_kbit_per_session": _kbit_per_session(second)}
                        for second in self.seconds],
         }
         return report
+
+    def _video(self, steady: list[Second]) -> dict[str, Any]:
+        """The tower's video as the sessions received it: frames, RTP packets and their
+        loss, the bitrate each session received, and the jitter the sessions saw."""
+        packets, lost = self.totals["video_packets"], self.totals["video_packets_lost"]
+        expected = packets + max(lost, 0)
+        return {
+            "frames": self.totals["video_frames"],
+            "frames_per_second_steady": _mean([second.video_frames for second in steady]),
+            "packets": packets,
+            "packets_lost": lost,
+            "loss_percent": round(100 * max(lost, 0) / expected, 3) if expected else None,
+            "kbit_per_second_per_session_steady": _mean(
+                [_kbit_per_session(second) or 0.0 for second in steady]),
+            "jitter_ms": _percentiles(
+                [value for second in self.seconds for value in second.video_jitter], (50, 99)),
+        }
 
 
 def percentile(values: list[float], which: float) -> float | None:
@@ -366,6 +391,13 @@ def percentile(values: list[float], which: float) -> float | None:
 def _percentiles(values: list[float], which: tuple[float, ...]) -> dict[str, Any]:
     names = {100: "max"}
     return {names.get(p, f"p{p:g}"): _round(percentile(values, p)) for p in which}
+
+
+def _kbit_per_session(second: Second) -> float | None:
+    """The bitrate one session received in that second, on average over those up."""
+    if not second.up or not second.video_bytes:
+        return None
+    return round(second.video_bytes * 8 / 1000 / second.up, 1)
 
 
 def _mean(values: list[float]) -> float:
@@ -412,8 +444,13 @@ def print_report(report: dict[str, Any]) -> None:
           f"{messages['bytes_per_second_steady'] / 1024:.1f} KiB/s with all up")
     if plan["application"] == "demo":
         video = report["video"]
+        loss = "-" if video["loss_percent"] is None else f"{video['loss_percent']:g}%"
         print(f"video        {video['frames']} frames received, "
-              f"{video['frames_per_second_steady']:g}/s with all up")
+              f"{video['frames_per_second_steady']:g}/s with all up; "
+              f"{video['packets']} RTP packets, {video['packets_lost']} lost ({loss}); "
+              f"{video['kbit_per_second_per_session_steady']:g} kbit/s per session; "
+              f"jitter p50 {_ms(video['jitter_ms']['p50'])}  "
+              f"p99 {_ms(video['jitter_ms']['p99'])}")
     print(f"repairs      {repairs['count']}  p50 {_ms(repairs['p50'])}  max {_ms(repairs['max'])}")
     if report["chaos"] is not None:
         print(f"chaos        {report['chaos']}")
@@ -424,7 +461,8 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def plot(report: dict[str, Any], path: str) -> None:
-    """Sessions up, round trip p50/p99 and CPU per second, as one PNG."""
+    """Sessions up, round trip p50/p99, CPU and, with media, the video bitrate per
+    session, second by second, as one PNG."""
     import matplotlib
     import matplotlib.ticker
 
@@ -433,21 +471,29 @@ def plot(report: dict[str, Any], path: str) -> None:
 
     series = report["series"]
     at = [second["at"] for second in series]
-    figure, (sessions, latency, cpu) = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
+    media = report["plan"]["application"] == "demo"
+    figure, panels = plt.subplots(3 + media, 1, figsize=(10, 9 + 3 * media), sharex=True)
+    sessions, latency, cpu = panels[:3]
     sessions.plot(at, [second["up"] for second in series], label="sessions up")
     sessions.set_ylabel("sessions")
     latency.plot(at, [second["rtt_p50_ms"] for second in series], label="round trip p50")
     latency.plot(at, [second["rtt_p99_ms"] for second in series], label="round trip p99")
     latency.set_ylabel("ms")
     latency.set_yscale("log")
-    latency.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
+    latency.yaxis.set_major_formatter(plain)
+    latency.yaxis.set_minor_formatter(plain)
     for key, label in (("generator_cpu", "load generator"), ("broker_cpu", "broker"),
                        ("towers_cpu", "towers")):
         cpu.plot(at, [second[key] for second in series], label=label)
     cpu.set_ylabel("cores")
-    cpu.set_xlabel("seconds")
+    if media:
+        panels[3].plot(at, [second["video_kbit_per_session"] for second in series],
+                       label="video received per session")
+        panels[3].set_ylabel("kbit/s")
+    panels[-1].set_xlabel("seconds")
     chaos = report.get("chaos")
-    for axes in (sessions, latency, cpu):
+    for axes in panels:
         axes.legend(loc="upper left")
         axes.grid(alpha=0.3)
         if chaos and chaos.get("killed"):

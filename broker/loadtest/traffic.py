@@ -1,4 +1,5 @@
-"""The data a simulated browser sends: echo messages at a steady rate (asyncio side).
+"""The data a simulated browser sends: echo messages at a steady rate (asyncio side);
+and what it counts of the tower's video, once a second, when it asked for video.
 
 Each message carries a sequence number, so a late reply is told from the current one
 and a lost one costs one timeout, not every later measurement. The figures go into the
@@ -14,7 +15,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..client_peer import VideoReceived
+
 ECHO_TIMEOUT = 5.0
+# How often a session's video statistics are read.
+VIDEO_INTERVAL = 1.0
 
 
 @dataclass
@@ -25,16 +30,32 @@ class Tally:
     echoed: int = 0
     bytes_echoed: int = 0
     timeouts: int = 0
-    video_frames: int = 0
     round_trips: list[float] = field(default_factory=list)
+    # The tower's video, for sessions that asked for it.
+    video_frames: int = 0
+    video_packets: int = 0
+    video_packets_lost: int = 0
+    video_bytes: int = 0
+    video_jitters: list[float] = field(default_factory=list)
 
     def take(self) -> dict[str, Any]:
         taken = {"sent": self.sent, "echoed": self.echoed, "bytes": self.bytes_echoed,
-                 "timeouts": self.timeouts, "video_frames": self.video_frames,
-                 "rtt": self.round_trips}
-        self.sent = self.echoed = self.bytes_echoed = self.timeouts = self.video_frames = 0
-        self.round_trips = []
+                 "timeouts": self.timeouts, "rtt": self.round_trips,
+                 "video_frames": self.video_frames, "video_packets": self.video_packets,
+                 "video_packets_lost": self.video_packets_lost,
+                 "video_bytes": self.video_bytes, "video_jitter": self.video_jitters}
+        self.sent = self.echoed = self.bytes_echoed = self.timeouts = 0
+        self.video_frames = self.video_packets = self.video_packets_lost = 0
+        self.video_bytes = 0
+        self.round_trips, self.video_jitters = [], []
         return taken
+
+    def add_video(self, since: VideoReceived, now: VideoReceived) -> None:
+        self.video_frames += now.frames - since.frames
+        self.video_packets += now.packets - since.packets
+        self.video_packets_lost += now.packets_lost - since.packets_lost
+        self.video_bytes += now.bytes - since.bytes
+        self.video_jitters.append(now.jitter)
 
 
 async def send_steadily(
@@ -44,18 +65,22 @@ async def send_steadily(
     session's current peer: a repair replaces it) until ``until`` (``time.monotonic``)."""
     interval = 1.0 / rate
     sequence = 0
-    counted_peer, counted_frames = None, 0
+    video_peer, video_seen, video_next = None, VideoReceived(), 0.0
     # Spread the sessions' sends over the interval, so they do not all send at once.
     await asyncio.sleep(random.uniform(0, interval))
     while time.monotonic() < until:
         started = time.monotonic()
         peer = holder.peer
-        if peer is not counted_peer:
-            counted_peer, counted_frames = peer, 0
-        if peer is not None:
-            # Video frames that arrived since the last look (a repair brings a new peer).
-            tally.video_frames += peer.video_frames - counted_frames
-            counted_frames = peer.video_frames
+        if peer is not None and started >= video_next:
+            # Once a second: what arrived since the last look (a repair's new peer
+            # counts from zero).
+            video_next = started + VIDEO_INTERVAL
+            if peer is not video_peer:
+                video_peer, video_seen = peer, VideoReceived()
+            received = await peer.video_received()
+            if received is not None:
+                tally.add_video(video_seen, received)
+                video_seen = received
         if peer is not None and peer.echo_channel.readyState == "open":
             sequence += 1
             await _one_echo(peer, sequence, size, tally)

@@ -39,13 +39,22 @@ def test_a_load_test_reports_sessions_latency_cpu_and_draws_them(tmp_path):
         assert text.returncode == 0, text.stderr
         assert "connected 4" in text.stdout and "round trip" in text.stdout
 
-        # With media: the tower's video arrives (the demo application draws it).
+        # With media: the tower's video arrives (the demo application draws it), counted
+        # as frames, RTP packets and their loss, bitrate and jitter.
         media = loadtest(broker, "--sessions", "3", "--rate", "10", "--duration", "3",
-                         "--media", "--json")
+                         "--media", "--json", "--plot", str(plot))
         assert media.returncode == 0, media.stderr
         report = json.loads(media.stdout)
         assert report["sessions"]["connected"] == 3
-        assert report["video"]["frames"] > 0
+        video = report["video"]
+        assert video["frames"] > 0 and video["packets"] >= video["frames"]
+        assert 0 <= video["loss_percent"] < 100
+        assert video["kbit_per_second_per_session_steady"] > 0
+        assert video["jitter_ms"]["p50"] is not None
+        assert plot.read_bytes().startswith(b"\x89PNG")
+        text = loadtest(broker, "--sessions", "2", "--rate", "10", "--duration", "2", "--media")
+        assert text.returncode == 0, text.stderr
+        assert "RTP packets" in text.stdout and "kbit/s per session" in text.stdout
     finally:
         stop_broker(broker)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from broker.loadtest.run import LoadPlan, Run, Second, percentile
+from broker.client_peer import VideoReceived
 from broker.loadtest.traffic import Tally
 
 
@@ -26,10 +27,47 @@ def test_a_tally_hands_over_what_it_counted_once():
     tally = Tally()
     tally.sent, tally.echoed, tally.bytes_echoed = 3, 2, 200
     tally.round_trips.append(0.001)
-    tally.video_frames = 30
+    tally.add_video(VideoReceived(frames=10, packets=12, bytes=9_000, jitter=0.001),
+                    VideoReceived(frames=40, packets=50, packets_lost=1, bytes=40_000,
+                                  jitter=0.002))
     assert tally.take() == {"sent": 3, "echoed": 2, "bytes": 200, "timeouts": 0,
-                            "video_frames": 30, "rtt": [0.001]}
-    assert tally.take()["sent"] == 0
+                            "rtt": [0.001], "video_frames": 30, "video_packets": 38,
+                            "video_packets_lost": 1, "video_bytes": 31_000,
+                            "video_jitter": [0.002]}
+    emptied = tally.take()
+    assert emptied["sent"] == emptied["video_packets"] == 0 and emptied["video_jitter"] == []
+
+
+def test_the_video_report_gives_loss_bitrate_per_session_and_jitter():
+    plan = LoadPlan("https://127.0.0.1:9", "secret", "c", sessions=2, rate=2, duration=3,
+                    application="demo")
+    run = Run(plan, show_progress=False)
+    run.seconds = [
+        Second(at=0, up=1, video_bytes=10_000, video_jitter=[0.050]),
+        Second(at=2, up=2, video_frames=60, video_bytes=100_000, video_jitter=[0.001, 0.003]),
+        Second(at=3, up=2, video_frames=60, video_bytes=150_000, video_jitter=[0.002]),
+        Second(at=4, up=0),
+    ]
+    run.totals.update({"video_frames": 130, "video_packets": 990, "video_packets_lost": 10,
+                       "video_bytes": 260_000})
+    report = run.report(6.0)
+    video = report["video"]
+    assert video["frames"] == 130 and video["frames_per_second_steady"] == 60
+    assert video["packets"] == 990 and video["packets_lost"] == 10
+    assert video["loss_percent"] == 1.0  # 10 of the 1,000 sent
+    # 100 and 150 kB over two sessions: 400 and 600 kbit/s each.
+    assert video["kbit_per_second_per_session_steady"] == 500
+    assert video["jitter_ms"] == {"p50": 2.0, "p99": 50.0}
+    assert [second["video_kbit_per_session"] for second in report["series"]] == [
+        80.0, 400.0, 600.0, None]
+
+
+def test_a_run_without_video_reports_no_loss_rather_than_zero():
+    run = Run(LoadPlan("https://127.0.0.1:9", "secret", "c"), show_progress=False)
+    run.seconds = [Second(at=0, up=1)]
+    video = run.report(1.0)["video"]
+    assert video["packets"] == 0 and video["loss_percent"] is None
+    assert video["jitter_ms"] == {"p50": None, "p99": None}
 
 
 def test_the_report_counts_outcomes_and_uses_the_seconds_with_all_up(monkeypatch):

@@ -1,0 +1,65 @@
+"""The Python client's peer connection against a tower's real one, in one process."""
+
+from __future__ import annotations
+
+import asyncio
+
+from broker.client_peer import ClientPeer, VideoReceived
+from broker.tower.application import APPLICATIONS, answer_offer
+
+# Generous: loaded CI machines stall; a healthy run is far below this.
+DEADLINE = 20.0
+
+
+def run(scenario) -> None:
+    async def bounded() -> None:
+        async with asyncio.timeout(DEADLINE):
+            await scenario()
+
+    asyncio.run(bounded())
+
+
+async def connected(client: ClientPeer):
+    """The tower's peer, running the demo application, answering ``client``."""
+    demo = APPLICATIONS["demo"](session="s-1", tower="tower-1")
+    tower = await answer_offer(await client.offer(), application=demo, on_event=lambda _: None)
+    await client.accept(tower.answer_sdp)
+    await client.wait_open()
+    return tower
+
+
+def test_a_peer_that_asked_for_video_counts_frames_packets_and_bytes():
+    async def scenario():
+        client = ClientPeer(video=True)
+        tower = await connected(client)
+        try:
+            received = VideoReceived()
+            while received.frames < 5:
+                await asyncio.sleep(0.05)
+                received = await client.video_received()
+            assert received.packets >= received.frames  # a frame takes one packet or more
+            assert 0 <= received.packets_lost < received.packets
+            # The transport carried the packets, each with its RTP header at least.
+            assert received.bytes > 12 * received.packets
+            assert 0 <= received.jitter < 1.0
+            later = await client.video_received()
+            assert later.packets >= received.packets and later.bytes >= received.bytes
+        finally:
+            await tower.close()
+            await client.close()
+
+    run(scenario)
+
+
+def test_a_peer_that_did_not_ask_for_video_has_no_video_figures():
+    async def scenario():
+        client = ClientPeer()
+        tower = await connected(client)
+        try:
+            assert await client.video_received() is None
+            assert await client.echo("hello") >= 0
+        finally:
+            await tower.close()
+            await client.close()
+
+    run(scenario)
