@@ -15,7 +15,7 @@ import pytest
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
 from broker.tower import application as tower_application
-from broker.tower.dtls import tower_certificate
+from broker.tower.dtls import SharedCertificate, tower_certificate
 from broker.tower.application import (
     APPLICATIONS,
     EchoApplication,
@@ -155,7 +155,16 @@ def test_echo_returns_text_and_bytes_in_order():
     run(scenario)
 
 
-def test_sessions_share_the_towers_dtls_certificate_and_each_echoes():
+def test_sessions_share_the_towers_dtls_certificate_and_each_echoes(monkeypatch):
+    contexts = []
+    made = SharedCertificate._create_ssl_context
+
+    def recording(certificate, *args, **kwargs):
+        contexts.append(made(certificate, *args, **kwargs))
+        return contexts[-1]
+
+    monkeypatch.setattr(SharedCertificate, "_create_ssl_context", recording)
+
     async def scenario():
         async with session() as (first, peer_one, _), session() as (second, peer_two, _):
             expected = {
@@ -171,6 +180,10 @@ def test_sessions_share_the_towers_dtls_certificate_and_each_echoes():
             await first.wait_for_echoes(1)
             await second.wait_for_echoes(1)
             assert first.echoed == second.echoed == ["mine"]
+        # Both DTLS transports took their OpenSSL context from the shared certificate: an
+        # aiortc that stopped asking its certificate for one would fail here, not quietly
+        # go back to a context per session.
+        assert len(contexts) == 2 and contexts[0] is contexts[1]
 
     run(scenario)
 
