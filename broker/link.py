@@ -52,11 +52,18 @@ class TowerHello:
 @codec.message("tower.load")
 @dataclass(frozen=True)
 class TowerLoadReport:
-    """Sessions open on the tower now; also the link's heartbeat."""
+    """Sessions open on the tower now; also the link's heartbeat.
+
+    ``cpu_seconds`` is the CPU time the agent process has used since it started, and
+    ``resident_bytes`` its resident memory now: how operators and load tests see a
+    tower's cost wherever it runs. A tower older than these fields reports neither.
+    """
 
     sessions: int
     capacity: int
     draining: bool = False
+    cpu_seconds: float = 0.0
+    resident_bytes: int = 0
 
 
 @codec.message("peer.answer")

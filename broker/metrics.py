@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from actors import ActorSnapshot
 
@@ -52,32 +53,59 @@ class SessionCounters:
         return sum(count for state, count in self.by_state.items() if not state.ended)
 
 
+@dataclass(frozen=True)
+class TowerRow:
+    """A linked tower on the metrics page: its state (``ready``, ``draining``,
+    ``stale``), its sessions, and its agent process's CPU seconds and resident bytes
+    as it last reported them (None before its first report)."""
+
+    state: str
+    sessions: int
+    cpu_seconds: float | None = None
+    resident_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class ProcessUsage:
+    """The broker process's own CPU seconds so far and resident bytes now."""
+
+    cpu_seconds: float
+    resident_bytes: int
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _family(name: str, kind: str, help_text: str, samples: Iterable[tuple[str, float]]) -> str:
+def _family(
+    name: str, kind: str, help_text: str, samples: Iterable[tuple[str, float | int]]
+) -> str:
     lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
     for labels, value in samples:
-        lines.append(f"{name}{labels} {value:g}")
+        # Exact: a counter of CPU seconds or a gauge of bytes must not lose digits.
+        lines.append(f"{name}{labels} {value!r}")
     return "\n".join(lines)
 
 
 def render(
     counters: SessionCounters,
-    towers: dict[str, tuple[str, int]],
+    towers: dict[str, TowerRow],
     tree: ActorSnapshot,
+    process: ProcessUsage,
 ) -> str:
     """The metrics page.
 
     Args:
         counters: the sessions' counters.
-        towers: each linked tower's state (``ready``, ``draining``, ``stale``) and sessions.
+        towers: each linked tower, by name.
         tree: a snapshot of the whole actor system.
+        process: the broker process's own usage.
     """
     actors = list(tree.walk())
     depths = [actor.mailbox_depth for actor in actors]
-    tower_states = Counter(state for state, _sessions in towers.values())
+    tower_states = Counter(row.state for row in towers.values())
+    reported = [(f'{{tower="{_escape(name)}"}}', row) for name, row in sorted(towers.items())
+                if row.cpu_seconds is not None]
     families = [
         _family(
             "broker_sessions", "gauge", "Live sessions by state.",
@@ -102,8 +130,18 @@ def render(
         ),
         _family(
             "broker_tower_sessions", "gauge", "Sessions each tower reported.",
-            ((f'{{tower="{_escape(name)}"}}', sessions)
-             for name, (_state, sessions) in sorted(towers.items())),
+            ((f'{{tower="{_escape(name)}"}}', row.sessions)
+             for name, row in sorted(towers.items())),
+        ),
+        _family(
+            "broker_tower_cpu_seconds_total", "counter",
+            "CPU time each tower's agent process has used, as it last reported.",
+            ((labels, row.cpu_seconds) for labels, row in reported),
+        ),
+        _family(
+            "broker_tower_resident_memory_bytes", "gauge",
+            "Resident memory of each tower's agent process, as it last reported.",
+            ((labels, row.resident_bytes) for labels, row in reported),
         ),
         _family("broker_actor_restarts_total", "counter", "Actor restarts, all actors alive.",
                 [("", sum(actor.restarts for actor in actors))]),
@@ -112,5 +150,9 @@ def render(
                 [("", max(depths, default=0))]),
         _family("broker_mailbox_depth_total", "gauge", "Messages waiting in all mailboxes.",
                 [("", sum(depths))]),
+        _family("process_cpu_seconds_total", "counter",
+                "CPU time the broker process has used.", [("", process.cpu_seconds)]),
+        _family("process_resident_memory_bytes", "gauge",
+                "Resident memory of the broker process.", [("", process.resident_bytes)]),
     ]
     return "\n".join(families) + "\n"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import ssl
 import subprocess
 import sys
@@ -142,12 +143,21 @@ class TowerConnection:
             self.undeliverable += 1
 
 
+@dataclass(frozen=True)
+class TowerUsage:
+    """What a tower's agent process costs, as it last reported (``TowerLoadReport``)."""
+
+    cpu_seconds: float
+    resident_bytes: int
+
+
 class TowerDirectory:
     """The towers linked right now, and placement over their load reports."""
 
     def __init__(self, stale_after: float) -> None:
         self._connections: dict[str, TowerConnection] = {}
         self.placement = Placement(stale_after=stale_after)
+        self.usage: dict[str, TowerUsage] = {}
         # Towers an operator drained: they keep their sessions and take no new ones.
         self.draining: set[str] = set()
 
@@ -168,11 +178,23 @@ class TowerDirectory:
         if self._connections.get(connection.name) is connection:
             del self._connections[connection.name]
             self.placement.forget(connection.name)
+            self.usage.pop(connection.name, None)
 
     def report(self, name: str, report: TowerLoadReport) -> None:
+        """Take a linked tower's load report.
+
+        Raises:
+            ValueError: the report has negative or non-finite figures; nothing of it
+                is taken.
+        """
+        if not (math.isfinite(report.cpu_seconds) and report.cpu_seconds >= 0
+                and report.resident_bytes >= 0):
+            raise ValueError(f"{name}: a load report with impossible usage (cpu_seconds "
+                             f"{report.cpu_seconds!r}, resident_bytes {report.resident_bytes})")
         if name in self._connections:
             load = TowerLoad(name, report.sessions, report.capacity, report.draining)
             self.placement.report(load, trio.current_time())
+            self.usage[name] = TowerUsage(report.cpu_seconds, report.resident_bytes)
 
     def drain(self, name: str) -> None:
         """Take no new sessions on ``name``. Raises LookupError if it is not linked."""
@@ -291,7 +313,12 @@ class TowerLink(Actor):
                 continue
             if isinstance(message, TowerLoadReport):
                 self._check_not_revoked()
-                self.directory.report(self.name, message)
+                try:
+                    self.directory.report(self.name, message)
+                except ValueError as error:
+                    # Not taken, not even as the tower's heartbeat for placement.
+                    self.bad_frames += 1
+                    await connection.send(LinkError(str(error)))
             elif isinstance(message, (PeerAnswer, PeerRejected, PeerState)):
                 connection.deliver(message)
             elif isinstance(message, (CertificateRequest, CertificateInstalled)):

@@ -89,6 +89,8 @@ class TowerView:
     capacity: int
     heartbeat_age: float | None
     certificate_expires: datetime | None
+    cpu_seconds: float | None = None
+    resident_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -800,12 +802,15 @@ class Shell:
                 tower.state,
                 f"{tower.sessions}/{tower.capacity}",
                 "-" if tower.heartbeat_age is None else f"{_duration(tower.heartbeat_age)} ago",
+                "-" if tower.cpu_seconds is None else _duration(tower.cpu_seconds),
+                "-" if tower.resident_bytes is None else f"{tower.resident_bytes / 2**20:.0f} MiB",
                 _expiry(tower.certificate_expires, now),
             ]
             for tower in towers
         ]
-        headers = ["NAME", "STATE", "SESSIONS", "HEARTBEAT", "CERTIFICATE EXPIRES"]
-        return _text(_table(headers, rows, right={2, 3}))
+        headers = ["NAME", "STATE", "SESSIONS", "HEARTBEAT", "CPU", "MEMORY",
+                   "CERTIFICATE EXPIRES"]
+        return _text(_table(headers, rows, right={2, 3, 4, 5}))
 
     async def _stats(self, arguments: dict[str, Any]) -> Output:
         actors = list(self._view.tree().walk())
@@ -1279,6 +1284,8 @@ def _tower_json(tower: TowerView, now: float) -> dict[str, Any]:
         "sessions": tower.sessions,
         "capacity": tower.capacity,
         "heartbeat_age": tower.heartbeat_age,
+        "cpu_seconds": tower.cpu_seconds,
+        "resident_bytes": tower.resident_bytes,
         "certificate_expires": None if expires is None else expires.isoformat(),
         "certificate_expires_in": None if expires is None else expires.timestamp() - now,
     }

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -260,10 +261,15 @@ class CommunicationServer(Actor):
                     await websocket.aclose()
 
     async def _report_load(self) -> None:
+        process = psutil.Process()
         while True:
-            await self.uplink.send(
-                TowerLoadReport(len(self.peers_by_session), self.settings.capacity)
-            )
+            with process.oneshot():
+                times = process.cpu_times()
+                resident = process.memory_info().rss
+            await self.uplink.send(TowerLoadReport(
+                len(self.peers_by_session), self.settings.capacity,
+                cpu_seconds=times.user + times.system, resident_bytes=resident,
+            ))
             await trio.sleep(self.settings.load_interval)
 
     async def _read(self, websocket: WebSocketConnection) -> None:

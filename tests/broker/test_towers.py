@@ -8,6 +8,7 @@ show the new certificate.
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -31,12 +32,15 @@ from broker.pki import (
     generate_key_and_csr,
     write_secret,
 )
+from broker.link import TowerHello, TowerLoadReport
 from broker.towers import (
     LinkContext,
     TowerAddress,
+    TowerConnection,
     TowerDirectory,
     TowerLink,
     TowerLinkLost,
+    TowerUsage,
     dial_tower,
     receive_hello,
     renewal_delay,
@@ -235,3 +239,41 @@ def test_renewal_is_due_at_two_thirds_of_the_lifetime(authority):
     now = datetime.now(timezone.utc)
     assert renewal_delay(certificate, now) == pytest.approx(16 * 3600, abs=5)
     assert renewal_delay(certificate, now + timedelta(hours=20)) == 1.0
+
+
+def linked_directory() -> tuple[TowerDirectory, TowerConnection]:
+    directory = TowerDirectory(stale_after=3.0)
+    connection = TowerConnection(TOWER, None, TowerHello(TOWER, 100, "test"))
+    directory.connected(connection)
+    return directory, connection
+
+
+async def test_a_towers_reported_usage_is_kept_while_it_is_linked(autojump_clock):
+    directory, connection = linked_directory()
+    directory.report(TOWER, TowerLoadReport(3, 100, cpu_seconds=1.5, resident_bytes=2**26))
+    directory.report(TOWER, TowerLoadReport(4, 100, cpu_seconds=2.5, resident_bytes=2**27))
+    assert directory.usage == {TOWER: TowerUsage(2.5, 2**27)}
+    assert directory.placement.load_of(TOWER).sessions == 4
+    directory.disconnected(connection)
+    assert directory.usage == {}
+    # A report from a tower that is not linked is not taken.
+    directory.report(TOWER, TowerLoadReport(1, 100, cpu_seconds=3.0, resident_bytes=1))
+    assert directory.usage == {} and directory.placement.load_of(TOWER) is None
+
+
+@pytest.mark.parametrize("figures", [
+    {"cpu_seconds": -1.0}, {"cpu_seconds": math.nan}, {"cpu_seconds": math.inf},
+    {"resident_bytes": -1}, {"sessions": -1}, {"capacity": -5},
+])
+async def test_a_load_report_with_impossible_figures_is_refused_whole(autojump_clock, figures):
+    directory, _ = linked_directory()
+    directory.report(TOWER, TowerLoadReport(2, 100, cpu_seconds=1.0, resident_bytes=10))
+    before = directory.placement.reported_at(TOWER)
+    await trio.sleep(1)
+    report = {"sessions": 5, "capacity": 100, "cpu_seconds": 2.0, "resident_bytes": 20}
+    with pytest.raises(ValueError, match=TOWER):
+        directory.report(TOWER, TowerLoadReport(**(report | figures)))
+    # Neither its usage nor its load, nor its time as the tower's latest report.
+    assert directory.usage == {TOWER: TowerUsage(1.0, 10)}
+    assert directory.placement.load_of(TOWER).sessions == 2
+    assert directory.placement.reported_at(TOWER) == before

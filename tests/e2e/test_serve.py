@@ -82,6 +82,12 @@ def test_metrics_are_prometheus_text(tmp_path):
     assert samples['broker_towers{state="ready"}'] == "2"
     assert samples["broker_sessions_created_total"] == "0"
     assert float(samples["broker_actors"]) > 5
+    # What each tower's agent process costs, as it reports it, and the broker's own.
+    for tower in ("tower-1", "tower-2"):
+        assert float(samples[f'broker_tower_cpu_seconds_total{{tower="{tower}"}}']) > 0
+        assert float(samples[f'broker_tower_resident_memory_bytes{{tower="{tower}"}}']) > 2**20
+    assert float(samples["process_cpu_seconds_total"]) > 0
+    assert float(samples["process_resident_memory_bytes"]) > 2**20
     for family in ("broker_sessions", "broker_negotiations_total", "broker_actor_restarts_total",
                    "broker_mailbox_depth_max", "broker_negotiation_failures_total"):
         assert f"# TYPE {family} " in text

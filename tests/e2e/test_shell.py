@@ -75,6 +75,7 @@ def test_read_commands_show_the_live_system(broker):
     listed_towers = json.loads(towers.stdout)
     assert sorted(t["name"] for t in listed_towers) == ["tower-1", "tower-2"]
     assert all(t["state"] == "ready" and t["certificate_expires"] for t in listed_towers)
+    assert all(t["cpu_seconds"] > 0 and t["resident_bytes"] > 2**20 for t in listed_towers)
     assert json.loads(stats.stdout)
     assert json.loads(ps.stdout)
 

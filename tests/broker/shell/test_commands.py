@@ -140,7 +140,7 @@ class SystemView(LiveView):
         super().__init__(system, TowerDirectory(stale_after=3.0), HostBoard(()))
         self.tower_list = [
             TowerView("tower-2", "draining", 0, 500, None, None),
-            TowerView("tower-1", "ready", 12, 500, 0.4, CERTIFICATE_EXPIRES),
+            TowerView("tower-1", "ready", 12, 500, 0.4, CERTIFICATE_EXPIRES, 83.5, 150 * 2**20),
         ]
         self.session_list = [
             SessionView("s1", "connected", "tower-1", 1, 1, "", 12.5),
@@ -538,9 +538,9 @@ async def test_text_from_the_system_cannot_drive_the_terminal(autojump_clock, br
 async def test_towers_table_and_json(autojump_clock, broker):
     shell = broker.shell()
     assert lines(await shell.run("towers")) == [
-        "NAME     STATE     SESSIONS  HEARTBEAT  CERTIFICATE EXPIRES",
-        "tower-1  ready       12/500   0.4s ago  2023-12-15 00:13 UTC (in 30d02h)",
-        "tower-2  draining     0/500          -  -",
+        "NAME     STATE     SESSIONS  HEARTBEAT    CPU   MEMORY  CERTIFICATE EXPIRES",
+        "tower-1  ready       12/500   0.4s ago  1m23s  150 MiB  2023-12-15 00:13 UTC (in 30d02h)",
+        "tower-2  draining     0/500          -      -        -  -",
     ]
     towers = parsed(await shell.run("towers --json"))
     assert towers[0] == {
@@ -549,10 +549,12 @@ async def test_towers_table_and_json(autojump_clock, broker):
         "sessions": 12,
         "capacity": 500,
         "heartbeat_age": 0.4,
+        "cpu_seconds": 83.5,
+        "resident_bytes": 150 * 2**20,
         "certificate_expires": "2023-12-15T00:13:20+00:00",
         "certificate_expires_in": 30 * 86400 + 2 * 3600,
     }
-    assert towers[1]["certificate_expires"] is None
+    assert towers[1]["certificate_expires"] is None and towers[1]["cpu_seconds"] is None
     broker.view.tower_list = [
         TowerView("old", "stale", 0, 10, 9.0, datetime(2023, 11, 12, 22, 13, 20))
     ]

@@ -234,7 +234,10 @@ def test_the_broker_gets_the_towers_hello_then_load_reports(agent, credentials):
                 assert isinstance(hello, TowerHello)
                 assert hello.tower == TOWER and hello.capacity == 500 and hello.agent_version
                 reports = [codec.decode(await link.get_message()) for _ in range(3)]
-            assert reports == [TowerLoadReport(sessions=0, capacity=500)] * 3
+            assert [(report.sessions, report.capacity) for report in reports] == [(0, 500)] * 3
+            # What the agent process costs, as it measures itself.
+            assert all(report.resident_bytes > 10 * 2**20 for report in reports)
+            assert 0 < reports[0].cpu_seconds <= reports[-1].cpu_seconds
 
     run(main)
 
