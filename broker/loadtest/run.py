@@ -3,18 +3,21 @@
 The coordinator (this module, no event loop) plans the arrivals (``sessions`` at
 ``rate`` per second), deals them to worker processes (``broker.loadtest.worker``), reads
 their figures every second, samples the CPU and resident memory of the broker and its
-local tower agents (found from the URL's port) and of the workers themselves, shows
-progress, and optionally kills a tower agent at a chosen moment (chaos). At the end it
-reports, as text or one JSON document, and can draw the time series with matplotlib.
+towers (from the broker's metrics page, so remote towers count too; the floor's from
+its process), and of the workers themselves, shows progress, and optionally kills a
+local tower agent at a chosen moment (chaos). At the end it reports, as text or one
+JSON document, and can draw the time series with matplotlib.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import os
 import select
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -26,6 +29,9 @@ from urllib.parse import urlsplit
 import psutil
 
 WORKER_START_TIMEOUT = 30.0
+METRICS_TIMEOUT = 2.0
+# Seconds within which an unchanged CPU counter is taken for a reading seen before.
+REREAD = 1.5
 # After the planned end, how long workers have to close their sessions and report.
 WIND_DOWN = 20.0
 
@@ -79,50 +85,128 @@ class Second:
     towers_rss: int = 0
 
 
-class Servers:
-    """The broker process listening on the URL's port and its local tower agents."""
+class CpuShares:
+    """Turns CPU-seconds counters into shares of one core since the last new reading.
+
+    A counter that has not moved within ``REREAD`` seconds is a reading seen before (a
+    tower reports once a second, and the broker makes its metrics page at most once a
+    second): the share stays what it was, and the next new reading is divided by the
+    whole time since. Unmoved for longer, the process was idle.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[float, float]] = {}
+        self._shares: dict[str, float] = {}
+
+    def share(self, key: str, cpu_seconds: float, now: float) -> float:
+        previous = self._last.get(key)
+        if previous is not None and cpu_seconds == previous[0] and now - previous[1] < REREAD:
+            return self._shares.get(key, 0.0)
+        self._last[key] = (cpu_seconds, now)
+        if previous is None or now <= previous[1]:
+            return 0.0
+        used = cpu_seconds - previous[0]
+        if used < 0:  # a new process under the same name: all it used is since
+            used = cpu_seconds
+        self._shares[key] = used / (now - previous[1])
+        return self._shares[key]
+
+
+class BrokerMetrics:
+    """The broker's and its towers' CPU and resident memory, from the broker's metrics
+    page: its own process, and each tower's agent as it reports itself, wherever the
+    towers run."""
+
+    def __init__(self, url: str, certificate: str) -> None:
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 443
+        self.context = ssl.create_default_context(cafile=certificate or None)
+        self.connection: http.client.HTTPSConnection | None = None
+        self.shares = CpuShares()
+
+    def sample(self) -> tuple[float, float, int, int]:
+        """CPU (share of one core since the last sample) and RSS of broker and towers;
+        zeros while the page cannot be read."""
+        samples = parse_metrics(self._page())
+        now = time.monotonic()
+        towers_cpu = towers_rss = 0.0
+        for name, value in samples.items():
+            if name.startswith("broker_tower_cpu_seconds_total{"):
+                towers_cpu += self.shares.share(name, value, now)
+            elif name.startswith("broker_tower_resident_memory_bytes{"):
+                towers_rss += value
+        broker_cpu = samples.get("process_cpu_seconds_total")
+        return (0.0 if broker_cpu is None else self.shares.share("broker", broker_cpu, now),
+                towers_cpu, int(samples.get("process_resident_memory_bytes", 0)),
+                int(towers_rss))
+
+    def _page(self) -> str:
+        try:
+            if self.connection is None:
+                self.connection = http.client.HTTPSConnection(
+                    self.host, self.port, context=self.context, timeout=METRICS_TIMEOUT)
+            self.connection.request("GET", "/metrics")
+            response = self.connection.getresponse()
+            body = response.read()
+            return body.decode(errors="replace") if response.status == 200 else ""
+        except (OSError, http.client.HTTPException):
+            if self.connection is not None:
+                self.connection.close()
+            self.connection = None
+            return ""
+
+
+def parse_metrics(page: str) -> dict[str, float]:
+    """The samples of a Prometheus text page, by name with labels; lines that are not
+    a sample are skipped."""
+    samples = {}
+    for line in page.splitlines():
+        if line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            samples[name] = float(value)
+        except ValueError:
+            continue
+    return samples
+
+
+class LocalProcess:
+    """The process listening on the URL's port on this machine: the floor, which has no
+    metrics page."""
 
     def __init__(self, url: str) -> None:
-        port = urlsplit(url).port or 443
-        self.broker = _listener(port)
-        self._last: dict[int, float] = {}
+        self.process = _listener(urlsplit(url).port or 443)
+        self.shares = CpuShares()
 
-    def towers(self) -> list[tuple[psutil.Process, list[str]]]:
-        """The local tower agents, with their command lines."""
-        if self.broker is None:
-            return []
-        found = []
-        for child in self.broker.children(recursive=True):
-            try:
-                command = child.cmdline()
-            except psutil.Error:
-                continue
-            if "tower" in command and "run" in command:
-                found.append((child, command))
-        return found
-
-    def sample(self, interval: float) -> tuple[float, float, int, int]:
-        """CPU (share of one core over the last interval) and RSS of broker and towers."""
-        if self.broker is None:
+    def sample(self) -> tuple[float, float, int, int]:
+        if self.process is None:
             return 0.0, 0.0, 0, 0
-        broker_cpu, broker_rss = self._measure([self.broker], interval)
-        towers_cpu, towers_rss = self._measure([tower for tower, _ in self.towers()], interval)
-        return broker_cpu, towers_cpu, broker_rss, towers_rss
+        try:
+            with self.process.oneshot():
+                times = self.process.cpu_times()
+                rss = self.process.memory_info().rss
+        except psutil.Error:
+            return 0.0, 0.0, 0, 0
+        share = self.shares.share("server", times.user + times.system, time.monotonic())
+        return share, 0.0, rss, 0
 
-    def _measure(self, processes: list[psutil.Process], interval: float) -> tuple[float, int]:
-        cpu, rss = 0.0, 0
-        for process in processes:
-            try:
-                times = process.cpu_times()
-                total = times.user + times.system
-                rss += process.memory_info().rss
-            except psutil.Error:
-                continue
-            previous = self._last.get(process.pid)
-            self._last[process.pid] = total
-            if previous is not None:
-                cpu += (total - previous) / interval
-        return cpu, rss
+
+def local_towers(url: str) -> list[tuple[psutil.Process, list[str]]]:
+    """The tower agents the broker on the URL's port runs on this machine, with their
+    command lines (for chaos)."""
+    broker = _listener(urlsplit(url).port or 443)
+    if broker is None:
+        return []
+    found = []
+    for child in broker.children(recursive=True):
+        try:
+            command = child.cmdline()
+        except psutil.Error:
+            continue
+        if "tower" in command and "run" in command:
+            found.append((child, command))
+    return found
 
 
 def _listener(port: int) -> psutil.Process | None:
@@ -157,7 +241,6 @@ class Run:
     def __init__(self, plan: LoadPlan, show_progress: bool = True) -> None:
         self.plan = plan
         self.show_progress = show_progress
-        self.servers = Servers(plan.url)
         self.seconds: list[Second] = []
         self.failed: Counter[str] = Counter()
         self.lost: Counter[str] = Counter()
@@ -169,6 +252,9 @@ class Run:
         self.generator_cpu_seen = 0.0
 
     def execute(self) -> dict[str, Any]:
+        plan = self.plan
+        self.servers = (LocalProcess(plan.url) if plan.floor
+                        else BrokerMetrics(plan.url, plan.certificate))
         workers = self._start_workers()
         began = time.monotonic()
         self.latest: dict[int, dict[str, Any]] = {}
@@ -277,7 +363,7 @@ class Run:
         second.generator_cpu = cpu - self.generator_cpu_seen
         self.generator_cpu_seen = cpu
         (second.broker_cpu, second.towers_cpu,
-         second.broker_rss, second.towers_rss) = self.servers.sample(1.0)
+         second.broker_rss, second.towers_rss) = self.servers.sample()
         self.seconds.append(second)
         if self.show_progress:
             rtt = percentile(second.rtt, 99)
@@ -294,7 +380,7 @@ class Run:
             return
         if elapsed < self.plan.kill_tower_at:
             return
-        towers = self.servers.towers()
+        towers = local_towers(self.plan.url)
         if not towers:
             self.chaos = {"at": elapsed, "killed": None, "why": "no local tower agent found"}
             return

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from broker.loadtest.run import LoadPlan, Run, Second, percentile
+from broker.loadtest.run import (
+    BrokerMetrics,
+    CpuShares,
+    LoadPlan,
+    Run,
+    Second,
+    parse_metrics,
+    percentile,
+)
 from broker.client_peer import VideoReceived
 from broker.loadtest.traffic import Tally
 
@@ -107,3 +115,40 @@ def test_seconds_before_the_last_late_setup_are_not_steady():
     report = run.report(5.0)
     assert report["round_trip_steady_ms"] == {"p50": 2.0, "p99": 2.0}
     assert report["cpu_share_of_a_core_steady"]["towers"] == 0.5
+
+
+def test_cpu_shares_come_from_new_readings_of_a_counter():
+    shares = CpuShares()
+    assert shares.share("tower", 10.0, now=100.0) == 0.0  # the first reading: nothing to compare
+    assert shares.share("tower", 10.5, now=101.0) == pytest.approx(0.5)
+    # The same reading again a second later (a cached page, a late report): the share
+    # stays, and the next new reading counts the whole time since the last one.
+    assert shares.share("tower", 10.5, now=102.0) == pytest.approx(0.5)
+    assert shares.share("tower", 11.7, now=103.0) == pytest.approx(0.6)
+    # Unmoved for longer than a re-read: an idle process.
+    assert shares.share("tower", 11.7, now=104.0) == pytest.approx(0.6)
+    assert shares.share("tower", 11.7, now=105.0) == 0.0
+    # A counter that went back is a new process: what it used since it started.
+    assert shares.share("tower", 0.4, now=106.0) == pytest.approx(0.4)
+
+
+def test_a_metrics_page_is_read_sample_by_sample_and_what_is_not_one_is_skipped():
+    page = "\n".join([
+        "# HELP process_cpu_seconds_total CPU time the broker process has used.",
+        "# TYPE process_cpu_seconds_total counter",
+        "process_cpu_seconds_total 12.5",
+        'broker_tower_cpu_seconds_total{tower="tower-1"} 3.25',
+        "garbage",
+        "broker_actors lots",
+        "",
+    ])
+    assert parse_metrics(page) == {
+        "process_cpu_seconds_total": 12.5,
+        'broker_tower_cpu_seconds_total{tower="tower-1"}': 3.25,
+    }
+    assert parse_metrics("") == {}
+
+
+def test_a_broker_that_cannot_be_read_gives_zeros_not_an_error():
+    metrics = BrokerMetrics("https://127.0.0.1:9", "")
+    assert metrics.sample() == (0.0, 0.0, 0, 0)
