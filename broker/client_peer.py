@@ -14,7 +14,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc import (
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpReceiver,
+    RTCSessionDescription,
+)
 from aiortc.mediastreams import MediaStreamError
 from aiortc.sdp import candidate_from_sdp
 
@@ -46,8 +52,9 @@ class ClientPeer:
     Args:
         ice_servers: what the broker returned with the session.
         answer_heartbeats: False makes a client that goes silent once connected.
-        video: ask for the tower's video (the demo application sends it) and count the
-            frames that arrive.
+        video: ask for the tower's video (the demo application sends it) and count what
+            arrives (``video_received``). The video is negotiated without RTX
+            retransmissions: one RTP stream, whose statistics count every packet lost.
     """
 
     def __init__(
@@ -65,6 +72,11 @@ class ClientPeer:
         self._video_receiver = None
         if video:
             transceiver = self.connection.addTransceiver("video", direction="recvonly")
+            # With RTX, aiortc files each stream's statistics under one id, so the
+            # retransmissions' would replace the video's in the report.
+            capabilities = RTCRtpReceiver.getCapabilities("video")
+            transceiver.setCodecPreferences(
+                [codec for codec in capabilities.codecs if codec.mimeType != "video/rtx"])
             self._video_receiver = transceiver.receiver
             self.connection.on("track", self._on_track)
         self.heartbeat = self.connection.createDataChannel(HEARTBEAT_LABEL)

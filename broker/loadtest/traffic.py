@@ -55,7 +55,8 @@ class Tally:
         self.video_packets += now.packets - since.packets
         self.video_packets_lost += now.packets_lost - since.packets_lost
         self.video_bytes += now.bytes - since.bytes
-        self.video_jitters.append(now.jitter)
+        if now.packets > since.packets:  # a jitter measured on packets that arrived
+            self.video_jitters.append(now.jitter)
 
 
 async def send_steadily(

@@ -44,6 +44,8 @@ def test_a_peer_that_asked_for_video_counts_frames_packets_and_bytes():
             assert 0 <= received.jitter < 1.0
             later = await client.video_received()
             assert later.packets >= received.packets and later.bytes >= received.bytes
+            # One RTP stream, no RTX: its statistics are the video's.
+            assert "rtx" not in tower.answer_sdp.lower()
         finally:
             await tower.close()
             await client.close()
