@@ -183,7 +183,8 @@ def stop_server(server: Server) -> bool:
 
 
 class Countdown:
-    """Lets a round's sessions stay open until every one of them has echoed."""
+    """Holds each of a round's sessions until all of them have arrived at the same point:
+    ready to start (so their clocks start together), or echoed (so they stay open)."""
 
     def __init__(self, count: int) -> None:
         self.remaining = count

@@ -46,7 +46,7 @@ from actors import (
 )
 from .config import Settings
 from .link import APPLICATIONS
-from .metrics import ProcessUsage, SessionCounters, TowerRow, render
+from .metrics import SessionCounters, TowerRow, process_usage, render
 from .sessions import (
     CLIENT_OUTBOX_SIZE,
     AttachClient,
@@ -312,8 +312,7 @@ class BrokerApi:
 
     def metrics(self) -> str:
         """The metrics page, made at most twice a second: anyone may ask for it, and it
-        walks every actor. (A scraper reading it every second still sees each tower's
-        report of every second.)"""
+        walks every actor."""
         now = trio.current_time()
         made_at, page = self.metrics_page
         if now - made_at < METRICS_PAGE_AGE:
@@ -330,15 +329,10 @@ class BrokerApi:
             sessions = standing.sessions if standing else 0
             draining = standing.draining if standing else False
             state = "draining" if draining else "ready" if connection.name in ready else "stale"
-            usage = self.towers.usage.get(connection.name)
-            towers[connection.name] = (
-                TowerRow(state, sessions) if usage is None
-                else TowerRow(state, sessions, usage.cpu_seconds, usage.resident_bytes)
-            )
-        with self.process.oneshot():
-            times = self.process.cpu_times()
-            process = ProcessUsage(times.user + times.system, self.process.memory_info().rss)
-        return render(self.counters, towers, self.system.snapshot(), process)
+            towers[connection.name] = TowerRow(
+                state, sessions, self.towers.usage.get(connection.name))
+        return render(self.counters, towers, self.system.snapshot(),
+                      process_usage(self.process))
 
     # The signaling WebSocket.
 

@@ -56,14 +56,16 @@ class TowerLoadReport:
 
     ``cpu_seconds`` is the CPU time the agent process has used since it started, and
     ``resident_bytes`` its resident memory now: how operators and load tests see a
-    tower's cost wherever it runs. A tower older than these fields reports neither.
+    tower's cost wherever it runs. A tower older than these fields reports neither (a
+    broker takes its reports as before); a broker older than them refuses the reports
+    of a newer tower (an unknown field), so brokers are upgraded before their towers.
     """
 
     sessions: int
     capacity: int
     draining: bool = False
-    cpu_seconds: float = 0.0
-    resident_bytes: int = 0
+    cpu_seconds: float | None = None
+    resident_bytes: int | None = None
 
 
 @codec.message("peer.answer")

@@ -11,6 +11,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import psutil
+
 from actors import ActorSnapshot
 
 from .lifecycle import FailureReason, SessionState
@@ -54,23 +56,29 @@ class SessionCounters:
 
 
 @dataclass(frozen=True)
-class TowerRow:
-    """A linked tower on the metrics page: its state (``ready``, ``draining``,
-    ``stale``), its sessions, and its agent process's CPU seconds and resident bytes
-    as it last reported them (None before its first report)."""
-
-    state: str
-    sessions: int
-    cpu_seconds: float | None = None
-    resident_bytes: int | None = None
-
-
-@dataclass(frozen=True)
 class ProcessUsage:
-    """The broker process's own CPU seconds so far and resident bytes now."""
+    """What a process costs: the CPU seconds it has used so far, its resident bytes now."""
 
     cpu_seconds: float
     resident_bytes: int
+
+
+def process_usage(process: psutil.Process) -> ProcessUsage:
+    """``process``'s usage now (raises ``psutil.Error`` when it is gone)."""
+    with process.oneshot():
+        times = process.cpu_times()
+        return ProcessUsage(times.user + times.system, process.memory_info().rss)
+
+
+@dataclass(frozen=True)
+class TowerRow:
+    """A linked tower on the metrics page: its state (``ready``, ``draining``,
+    ``stale``), its sessions, and its agent process's usage as it last reported it
+    (None before its first report, or from a tower that does not report it)."""
+
+    state: str
+    sessions: int
+    usage: ProcessUsage | None = None
 
 
 def _escape(value: str) -> str:
@@ -104,8 +112,8 @@ def render(
     actors = list(tree.walk())
     depths = [actor.mailbox_depth for actor in actors]
     tower_states = Counter(row.state for row in towers.values())
-    reported = [(f'{{tower="{_escape(name)}"}}', row) for name, row in sorted(towers.items())
-                if row.cpu_seconds is not None]
+    reported = [(f'{{tower="{_escape(name)}"}}', row.usage)
+                for name, row in sorted(towers.items()) if row.usage is not None]
     families = [
         _family(
             "broker_sessions", "gauge", "Live sessions by state.",
@@ -136,12 +144,12 @@ def render(
         _family(
             "broker_tower_cpu_seconds_total", "counter",
             "CPU time each tower's agent process has used, as it last reported.",
-            ((labels, row.cpu_seconds) for labels, row in reported),
+            ((labels, usage.cpu_seconds) for labels, usage in reported),
         ),
         _family(
             "broker_tower_resident_memory_bytes", "gauge",
             "Resident memory of each tower's agent process, as it last reported.",
-            ((labels, row.resident_bytes) for labels, row in reported),
+            ((labels, usage.resident_bytes) for labels, usage in reported),
         ),
         _family("broker_actor_restarts_total", "counter", "Actor restarts, all actors alive.",
                 [("", sum(actor.restarts for actor in actors))]),

@@ -61,6 +61,7 @@ from .link import (
     TowerLoadReport,
     codec,
 )
+from .metrics import ProcessUsage
 from .pki import CLOCK_SKEW, CertificateError
 from .placement import Placement, TowerLoad
 
@@ -143,21 +144,14 @@ class TowerConnection:
             self.undeliverable += 1
 
 
-@dataclass(frozen=True)
-class TowerUsage:
-    """What a tower's agent process costs, as it last reported (``TowerLoadReport``)."""
-
-    cpu_seconds: float
-    resident_bytes: int
-
-
 class TowerDirectory:
     """The towers linked right now, and placement over their load reports."""
 
     def __init__(self, stale_after: float) -> None:
         self._connections: dict[str, TowerConnection] = {}
         self.placement = Placement(stale_after=stale_after)
-        self.usage: dict[str, TowerUsage] = {}
+        # What each tower's agent process costs, as it last reported.
+        self.usage: dict[str, ProcessUsage] = {}
         # Towers an operator drained: they keep their sessions and take no new ones.
         self.draining: set[str] = set()
 
@@ -187,14 +181,16 @@ class TowerDirectory:
             ValueError: the report has negative or non-finite figures; nothing of it
                 is taken.
         """
-        if not (math.isfinite(report.cpu_seconds) and report.cpu_seconds >= 0
-                and report.resident_bytes >= 0):
+        cpu, resident = report.cpu_seconds, report.resident_bytes
+        if (cpu is not None and not (math.isfinite(cpu) and cpu >= 0)) or (
+                resident is not None and resident < 0):
             raise ValueError(f"{name}: a load report with impossible usage (cpu_seconds "
-                             f"{report.cpu_seconds!r}, resident_bytes {report.resident_bytes})")
+                             f"{cpu!r}, resident_bytes {resident!r})")
         if name in self._connections:
             load = TowerLoad(name, report.sessions, report.capacity, report.draining)
             self.placement.report(load, trio.current_time())
-            self.usage[name] = TowerUsage(report.cpu_seconds, report.resident_bytes)
+            if cpu is not None and resident is not None:
+                self.usage[name] = ProcessUsage(cpu, resident)
 
     def drain(self, name: str) -> None:
         """Take no new sessions on ``name``. Raises LookupError if it is not linked."""

@@ -28,10 +28,10 @@ from urllib.parse import urlsplit
 
 import psutil
 
+from ..metrics import process_usage
+
 WORKER_START_TIMEOUT = 30.0
 METRICS_TIMEOUT = 2.0
-# Seconds within which an unchanged CPU counter is taken for a reading seen before.
-REREAD = 1.5
 # After the planned end, how long workers have to close their sessions and report.
 WIND_DOWN = 20.0
 
@@ -79,37 +79,38 @@ class Second:
     video_bytes: int = 0
     video_jitter: list[float] = field(default_factory=list)
     generator_cpu: float = 0.0  # share of one core
-    broker_cpu: float = 0.0
-    towers_cpu: float = 0.0
-    broker_rss: int = 0
-    towers_rss: int = 0
+    # None: the servers could not be read that second.
+    broker_cpu: float | None = 0.0
+    towers_cpu: float | None = 0.0
+    broker_rss: int | None = 0
+    towers_rss: int | None = 0
+
+
+# One reading of the servers: CPU of the broker and of its towers (shares of one core
+# since the previous reading) and their resident bytes.
+Reading = tuple[float | None, float, int, int]
 
 
 class CpuShares:
-    """Turns CPU-seconds counters into shares of one core since the last new reading.
+    """Turns CPU-seconds counters into shares of one core since the previous reading.
 
-    A counter that has not moved within ``REREAD`` seconds is a reading seen before (a
-    tower reports once a second, and the broker makes its metrics page at most once a
-    second): the share stays what it was, and the next new reading is divided by the
-    whole time since. Unmoved for longer, the process was idle.
+    A tower's counter moves once a second, with its report: one second may see two of its
+    reports and the next none. The mean over many seconds is exact all the same.
     """
 
     def __init__(self) -> None:
         self._last: dict[str, tuple[float, float]] = {}
-        self._shares: dict[str, float] = {}
 
-    def share(self, key: str, cpu_seconds: float, now: float) -> float:
+    def share(self, key: str, cpu_seconds: float, now: float) -> float | None:
+        """None for a counter's first reading."""
         previous = self._last.get(key)
-        if previous is not None and cpu_seconds == previous[0] and now - previous[1] < REREAD:
-            return self._shares.get(key, 0.0)
         self._last[key] = (cpu_seconds, now)
         if previous is None or now <= previous[1]:
-            return 0.0
+            return None
         used = cpu_seconds - previous[0]
         if used < 0:  # a new process under the same name: all it used is since
             used = cpu_seconds
-        self._shares[key] = used / (now - previous[1])
-        return self._shares[key]
+        return used / (now - previous[1])
 
 
 class BrokerMetrics:
@@ -124,36 +125,43 @@ class BrokerMetrics:
         self.connection: http.client.HTTPSConnection | None = None
         self.shares = CpuShares()
 
-    def sample(self) -> tuple[float, float, int, int]:
-        """CPU (share of one core since the last sample) and RSS of broker and towers;
-        zeros while the page cannot be read."""
-        samples = parse_metrics(self._page())
+    def sample(self) -> Reading | None:
+        """The servers now; None when the page cannot be read."""
+        page = self._page()
+        if page is None:
+            return None
+        samples = parse_metrics(page)
         now = time.monotonic()
         towers_cpu = towers_rss = 0.0
         for name, value in samples.items():
             if name.startswith("broker_tower_cpu_seconds_total{"):
-                towers_cpu += self.shares.share(name, value, now)
+                towers_cpu += self.shares.share(name, value, now) or 0.0
             elif name.startswith("broker_tower_resident_memory_bytes{"):
                 towers_rss += value
         broker_cpu = samples.get("process_cpu_seconds_total")
-        return (0.0 if broker_cpu is None else self.shares.share("broker", broker_cpu, now),
+        return (None if broker_cpu is None else self.shares.share("broker", broker_cpu, now),
                 towers_cpu, int(samples.get("process_resident_memory_bytes", 0)),
                 int(towers_rss))
 
-    def _page(self) -> str:
-        try:
-            if self.connection is None:
-                self.connection = http.client.HTTPSConnection(
-                    self.host, self.port, context=self.context, timeout=METRICS_TIMEOUT)
-            self.connection.request("GET", "/metrics")
-            response = self.connection.getresponse()
-            body = response.read()
-            return body.decode(errors="replace") if response.status == 200 else ""
-        except (OSError, http.client.HTTPException):
-            if self.connection is not None:
-                self.connection.close()
-            self.connection = None
-            return ""
+    def _page(self) -> str | None:
+        # Once more on a new connection when a kept-alive one was closed meanwhile.
+        for _attempt in range(2):
+            reused = self.connection is not None
+            try:
+                if self.connection is None:
+                    self.connection = http.client.HTTPSConnection(
+                        self.host, self.port, context=self.context, timeout=METRICS_TIMEOUT)
+                self.connection.request("GET", "/metrics")
+                response = self.connection.getresponse()
+                body = response.read()
+                return body.decode(errors="replace") if response.status == 200 else None
+            except (OSError, http.client.HTTPException):
+                if self.connection is not None:
+                    self.connection.close()
+                self.connection = None
+                if not reused:
+                    return None
+        return None
 
 
 def parse_metrics(page: str) -> dict[str, float]:
@@ -179,17 +187,16 @@ class LocalProcess:
         self.process = _listener(urlsplit(url).port or 443)
         self.shares = CpuShares()
 
-    def sample(self) -> tuple[float, float, int, int]:
+    def sample(self) -> Reading | None:
+        """The process now; None when it cannot be read."""
         if self.process is None:
-            return 0.0, 0.0, 0, 0
+            return None
         try:
-            with self.process.oneshot():
-                times = self.process.cpu_times()
-                rss = self.process.memory_info().rss
+            usage = process_usage(self.process)
         except psutil.Error:
-            return 0.0, 0.0, 0, 0
-        share = self.shares.share("server", times.user + times.system, time.monotonic())
-        return share, 0.0, rss, 0
+            return None
+        share = self.shares.share("server", usage.cpu_seconds, time.monotonic())
+        return share, 0.0, usage.resident_bytes, 0
 
 
 def local_towers(url: str) -> list[tuple[psutil.Process, list[str]]]:
@@ -363,15 +370,15 @@ class Run:
         second.generator_cpu = cpu - self.generator_cpu_seen
         self.generator_cpu_seen = cpu
         (second.broker_cpu, second.towers_cpu,
-         second.broker_rss, second.towers_rss) = self.servers.sample()
+         second.broker_rss, second.towers_rss) = self.servers.sample() or (None,) * 4
         self.seconds.append(second)
         if self.show_progress:
             rtt = percentile(second.rtt, 99)
             line = (f"{time.monotonic() - began:5.0f} s  up {second.up}/{self.plan.sessions}"
                     f"  arrivals {second.arrivals}/s  failed {sum(self.failed.values())}"
                     f"  lost {sum(self.lost.values())}  echoes {second.echoed}/s"
-                    f"  rtt p99 {_ms(rtt)}  cpu: generator {second.generator_cpu:.0%}"
-                    f" broker {second.broker_cpu:.0%} towers {second.towers_cpu:.0%}")
+                    f"  rtt p99 {_ms(rtt)}  cpu: generator {_share(second.generator_cpu)}"
+                    f" broker {_share(second.broker_cpu)} towers {_share(second.towers_cpu)}")
             end = "\r" if sys.stderr.isatty() else "\n"
             print(line.ljust(120), end=end, file=sys.stderr, flush=True)
 
@@ -428,6 +435,7 @@ class Run:
             "video": self._video(steady),
             "repairs": {"count": len(self.repairs), **_percentiles(self.repairs, (50, 100))},
             "chaos": self.chaos,
+            # Seconds whose servers could not be read are left out.
             "cpu_share_of_a_core_steady": {
                 "generator": _mean([second.generator_cpu for second in steady]),
                 "broker": _mean([second.broker_cpu for second in steady]),
@@ -435,8 +443,8 @@ class Run:
             },
             "generator_cpu_seconds": round(generator_cpu, 1),
             "rss_mib_peak": {
-                "broker": round(max((s.broker_rss for s in self.seconds), default=0) / 2**20, 1),
-                "towers": round(max((s.towers_rss for s in self.seconds), default=0) / 2**20, 1),
+                "broker": _mib_peak([second.broker_rss for second in self.seconds]),
+                "towers": _mib_peak([second.towers_rss for second in self.seconds]),
             },
             "series": [asdict(second) | {"rtt": None,
                                          "rtt_p50_ms": _round(percentile(second.rtt, 50)),
@@ -459,7 +467,8 @@ class Run:
             "packets_lost": lost,
             "loss_percent": round(100 * max(lost, 0) / expected, 3) if expected else None,
             "kbit_per_second_per_session_steady": _mean(
-                [_kbit_per_session(second) or 0.0 for second in steady]),
+                [_kbit_per_session(second) for second in steady])
+            if self.totals["video_bytes"] else None,
             "jitter_ms": _percentiles(
                 [value for second in self.seconds for value in second.video_jitter], (50, 99)),
         }
@@ -481,13 +490,22 @@ def _percentiles(values: list[float], which: tuple[float, ...]) -> dict[str, Any
 
 def _kbit_per_session(second: Second) -> float | None:
     """The bitrate one session received in that second, on average over those up."""
-    if not second.up or not second.video_bytes:
+    if not second.up:
         return None
     return round(second.video_bytes * 8 / 1000 / second.up, 1)
 
 
-def _mean(values: list[float]) -> float:
-    return round(sum(values) / len(values), 2) if values else 0.0
+def _mean(values: list[float | None]) -> float:
+    known = [value for value in values if value is not None]
+    return round(sum(known) / len(known), 2) if known else 0.0
+
+
+def _mib_peak(values: list[int | None]) -> float:
+    return round(max((value for value in values if value is not None), default=0) / 2**20, 1)
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
 
 
 def _round(value: float | None) -> float | None:

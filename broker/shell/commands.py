@@ -39,6 +39,7 @@ import trio
 
 from actors import ActorSnapshot, ActorState
 from broker.lifecycle import SessionState
+from broker.metrics import ProcessUsage
 
 
 class Role(enum.Enum):
@@ -80,7 +81,8 @@ class TowerView:
 
     ``state`` is "ready", "draining" or "stale"; ``heartbeat_age`` is the seconds since
     the tower was last heard from (None: never); ``certificate_expires`` is when its
-    link certificate expires (a naive datetime is taken as UTC).
+    link certificate expires (a naive datetime is taken as UTC); ``usage`` is what its
+    agent process costs, as it last reported (None: not reported).
     """
 
     name: str
@@ -89,8 +91,7 @@ class TowerView:
     capacity: int
     heartbeat_age: float | None
     certificate_expires: datetime | None
-    cpu_seconds: float | None = None
-    resident_bytes: int | None = None
+    usage: ProcessUsage | None = None
 
 
 @dataclass(frozen=True)
@@ -802,13 +803,13 @@ class Shell:
                 tower.state,
                 f"{tower.sessions}/{tower.capacity}",
                 "-" if tower.heartbeat_age is None else f"{_duration(tower.heartbeat_age)} ago",
-                "-" if tower.cpu_seconds is None else _duration(tower.cpu_seconds),
-                "-" if tower.resident_bytes is None else f"{tower.resident_bytes / 2**20:.0f} MiB",
+                "-" if tower.usage is None else _duration(tower.usage.cpu_seconds),
+                "-" if tower.usage is None else f"{tower.usage.resident_bytes / 2**20:.0f} MiB",
                 _expiry(tower.certificate_expires, now),
             ]
             for tower in towers
         ]
-        headers = ["NAME", "STATE", "SESSIONS", "HEARTBEAT", "CPU", "MEMORY",
+        headers = ["NAME", "STATE", "SESSIONS", "HEARTBEAT", "CPU TIME", "MEMORY",
                    "CERTIFICATE EXPIRES"]
         return _text(_table(headers, rows, right={2, 3, 4, 5}))
 
@@ -1284,8 +1285,8 @@ def _tower_json(tower: TowerView, now: float) -> dict[str, Any]:
         "sessions": tower.sessions,
         "capacity": tower.capacity,
         "heartbeat_age": tower.heartbeat_age,
-        "cpu_seconds": tower.cpu_seconds,
-        "resident_bytes": tower.resident_bytes,
+        "cpu_seconds": None if tower.usage is None else tower.usage.cpu_seconds,
+        "resident_bytes": None if tower.usage is None else tower.usage.resident_bytes,
         "certificate_expires": None if expires is None else expires.isoformat(),
         "certificate_expires_in": None if expires is None else expires.timestamp() - now,
     }

@@ -92,7 +92,6 @@ class LiveView:
         for connection in directory:
             load = directory.placement.load_of(connection.name)
             reported_at = directory.placement.reported_at(connection.name)
-            usage = directory.usage.get(connection.name)
             if connection.name in directory.draining or (load and load.draining):
                 state = "draining"
             else:
@@ -104,8 +103,7 @@ class LiveView:
                 capacity=load.capacity if load else connection.capacity,
                 heartbeat_age=None if reported_at is None else now - reported_at,
                 certificate_expires=connection.certificate_expires,
-                cpu_seconds=None if usage is None else usage.cpu_seconds,
-                resident_bytes=None if usage is None else usage.resident_bytes,
+                usage=directory.usage.get(connection.name),
             ))
         return sorted(views, key=lambda view: view.name)
 

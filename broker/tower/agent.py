@@ -79,6 +79,7 @@ from ..link import (
     codec,
 )
 from ..collector import Collector
+from ..metrics import process_usage
 from ..outbox import Outbox, OutboxClosed
 from ..pki import (
     BROKER_NAME,
@@ -263,12 +264,10 @@ class CommunicationServer(Actor):
     async def _report_load(self) -> None:
         process = psutil.Process()
         while True:
-            with process.oneshot():
-                times = process.cpu_times()
-                resident = process.memory_info().rss
+            usage = process_usage(process)
             await self.uplink.send(TowerLoadReport(
                 len(self.peers_by_session), self.settings.capacity,
-                cpu_seconds=times.user + times.system, resident_bytes=resident,
+                cpu_seconds=usage.cpu_seconds, resident_bytes=usage.resident_bytes,
             ))
             await trio.sleep(self.settings.load_interval)
 

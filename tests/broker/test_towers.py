@@ -33,6 +33,7 @@ from broker.pki import (
     write_secret,
 )
 from broker.link import TowerHello, TowerLoadReport
+from broker.metrics import ProcessUsage
 from broker.towers import (
     LinkContext,
     TowerAddress,
@@ -40,7 +41,6 @@ from broker.towers import (
     TowerDirectory,
     TowerLink,
     TowerLinkLost,
-    TowerUsage,
     dial_tower,
     receive_hello,
     renewal_delay,
@@ -252,8 +252,12 @@ async def test_a_towers_reported_usage_is_kept_while_it_is_linked(autojump_clock
     directory, connection = linked_directory()
     directory.report(TOWER, TowerLoadReport(3, 100, cpu_seconds=1.5, resident_bytes=2**26))
     directory.report(TOWER, TowerLoadReport(4, 100, cpu_seconds=2.5, resident_bytes=2**27))
-    assert directory.usage == {TOWER: TowerUsage(2.5, 2**27)}
+    assert directory.usage == {TOWER: ProcessUsage(2.5, 2**27)}
     assert directory.placement.load_of(TOWER).sessions == 4
+    # A report without usage (a tower older than it) changes only the load.
+    directory.report(TOWER, TowerLoadReport(1, 100))
+    assert directory.usage == {TOWER: ProcessUsage(2.5, 2**27)}
+    assert directory.placement.load_of(TOWER).sessions == 1
     directory.disconnected(connection)
     assert directory.usage == {}
     # A report from a tower that is not linked is not taken.
@@ -274,6 +278,6 @@ async def test_a_load_report_with_impossible_figures_is_refused_whole(autojump_c
     with pytest.raises(ValueError, match=TOWER):
         directory.report(TOWER, TowerLoadReport(**(report | figures)))
     # Neither its usage nor its load, nor its time as the tower's latest report.
-    assert directory.usage == {TOWER: TowerUsage(1.0, 10)}
+    assert directory.usage == {TOWER: ProcessUsage(1.0, 10)}
     assert directory.placement.load_of(TOWER).sessions == 2
     assert directory.placement.reported_at(TOWER) == before

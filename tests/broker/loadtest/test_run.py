@@ -75,6 +75,7 @@ def test_a_run_without_video_reports_no_loss_rather_than_zero():
     run.seconds = [Second(at=0, up=1)]
     video = run.report(1.0)["video"]
     assert video["packets"] == 0 and video["loss_percent"] is None
+    assert video["kbit_per_second_per_session_steady"] is None
     assert video["jitter_ms"] == {"p50": None, "p99": None}
 
 
@@ -117,19 +118,18 @@ def test_seconds_before_the_last_late_setup_are_not_steady():
     assert report["cpu_share_of_a_core_steady"]["towers"] == 0.5
 
 
-def test_cpu_shares_come_from_new_readings_of_a_counter():
+def test_cpu_shares_are_what_a_counter_moved_over_the_time_between_readings():
     shares = CpuShares()
-    assert shares.share("tower", 10.0, now=100.0) == 0.0  # the first reading: nothing to compare
+    assert shares.share("tower", 10.0, now=100.0) is None  # nothing to compare yet
     assert shares.share("tower", 10.5, now=101.0) == pytest.approx(0.5)
-    # The same reading again a second later (a cached page, a late report): the share
-    # stays, and the next new reading counts the whole time since the last one.
-    assert shares.share("tower", 10.5, now=102.0) == pytest.approx(0.5)
-    assert shares.share("tower", 11.7, now=103.0) == pytest.approx(0.6)
-    # Unmoved for longer than a re-read: an idle process.
-    assert shares.share("tower", 11.7, now=104.0) == pytest.approx(0.6)
-    assert shares.share("tower", 11.7, now=105.0) == 0.0
+    # A tower reports once a second: one reading may see two reports, the next none;
+    # their mean is the tower's.
+    assert shares.share("tower", 11.5, now=102.0) == pytest.approx(1.0)
+    assert shares.share("tower", 11.5, now=103.0) == 0.0
+    assert shares.share("tower", 12.0, now=104.0) == pytest.approx(0.5)
     # A counter that went back is a new process: what it used since it started.
-    assert shares.share("tower", 0.4, now=106.0) == pytest.approx(0.4)
+    assert shares.share("tower", 0.4, now=105.0) == pytest.approx(0.4)
+    assert shares.share("other", 3.0, now=105.0) is None
 
 
 def test_a_metrics_page_is_read_sample_by_sample_and_what_is_not_one_is_skipped():
@@ -149,6 +149,21 @@ def test_a_metrics_page_is_read_sample_by_sample_and_what_is_not_one_is_skipped(
     assert parse_metrics("") == {}
 
 
-def test_a_broker_that_cannot_be_read_gives_zeros_not_an_error():
+def test_a_broker_that_cannot_be_read_gives_no_figures_not_an_error():
     metrics = BrokerMetrics("https://127.0.0.1:9", "")
-    assert metrics.sample() == (0.0, 0.0, 0, 0)
+    assert metrics.sample() is None
+
+
+def test_seconds_whose_servers_could_not_be_read_are_left_out_of_the_means():
+    plan = LoadPlan("https://127.0.0.1:9", "secret", "c", sessions=2, rate=2, duration=4)
+    run = Run(plan, show_progress=False)
+    run.seconds = [
+        Second(at=0, up=1),
+        Second(at=2, up=2, towers_cpu=0.5, towers_rss=100 * 2**20),
+        Second(at=3, up=2, broker_cpu=None, towers_cpu=None, broker_rss=None,
+               towers_rss=None),
+        Second(at=4, up=2, towers_cpu=0.7, towers_rss=120 * 2**20),
+    ]
+    report = run.report(6.0)
+    assert report["cpu_share_of_a_core_steady"]["towers"] == 0.6
+    assert report["rss_mib_peak"]["towers"] == 120.0

@@ -29,6 +29,7 @@ from actors import (
     SupervisorRef,
     open_system,
 )
+from broker.metrics import ProcessUsage
 from broker.provisioning import HostBoard
 from broker.shell.commands import (
     HostView,
@@ -140,7 +141,8 @@ class SystemView(LiveView):
         super().__init__(system, TowerDirectory(stale_after=3.0), HostBoard(()))
         self.tower_list = [
             TowerView("tower-2", "draining", 0, 500, None, None),
-            TowerView("tower-1", "ready", 12, 500, 0.4, CERTIFICATE_EXPIRES, 83.5, 150 * 2**20),
+            TowerView("tower-1", "ready", 12, 500, 0.4, CERTIFICATE_EXPIRES,
+                      ProcessUsage(83.5, 150 * 2**20)),
         ]
         self.session_list = [
             SessionView("s1", "connected", "tower-1", 1, 1, "", 12.5),
@@ -538,9 +540,10 @@ async def test_text_from_the_system_cannot_drive_the_terminal(autojump_clock, br
 async def test_towers_table_and_json(autojump_clock, broker):
     shell = broker.shell()
     assert lines(await shell.run("towers")) == [
-        "NAME     STATE     SESSIONS  HEARTBEAT    CPU   MEMORY  CERTIFICATE EXPIRES",
-        "tower-1  ready       12/500   0.4s ago  1m23s  150 MiB  2023-12-15 00:13 UTC (in 30d02h)",
-        "tower-2  draining     0/500          -      -        -  -",
+        "NAME     STATE     SESSIONS  HEARTBEAT  CPU TIME   MEMORY  CERTIFICATE EXPIRES",
+        "tower-1  ready       12/500   0.4s ago     1m23s  150 MiB  "
+        "2023-12-15 00:13 UTC (in 30d02h)",
+        "tower-2  draining     0/500          -         -        -  -",
     ]
     towers = parsed(await shell.run("towers --json"))
     assert towers[0] == {
