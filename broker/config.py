@@ -203,9 +203,8 @@ class Settings:
             inventory = parse_hosts(self.hosts)
         except InventoryError as error:
             raise ConfigError(str(error)) from None
-        local = {f"tower-{number}" for number in range(1, self.local_towers + 1)}
         for host in inventory:
-            if host.name in local:
+            if host.name in self.local_tower_names:
                 raise ConfigError(f"the host {host.name!r} has the name of a local tower "
                                   f"(tower-1 to tower-{self.local_towers}); rename it")
         try:
@@ -216,6 +215,11 @@ class Settings:
     @property
     def inventory(self) -> tuple[Host, ...]:
         return parse_hosts(self.hosts)
+
+    @property
+    def local_tower_names(self) -> tuple[str, ...]:
+        """The towers the broker runs itself: ``tower-1`` to ``tower-N``."""
+        return tuple(f"tower-{number}" for number in range(1, self.local_towers + 1))
 
     @property
     def https_origin(self) -> str:

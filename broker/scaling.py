@@ -32,6 +32,10 @@ from .towers import TowerDirectory
 
 logger = logging.getLogger(__name__)
 
+# Seconds a local tower not reporting counts as coming back (since it was last seen
+# reporting, or first looked for).
+LOCAL_TOWER_GRACE = 30.0
+
 
 @dataclass(frozen=True)
 class TowerFigures:
@@ -46,8 +50,9 @@ class TowerFigures:
 @dataclass(frozen=True)
 class ScaleView:
     """What the policy sees: towers with a fresh load report (and retiring towers whose
-    link is gone, as empty), free hosts, and towers on their way: being provisioned, or
-    provisioned but not reporting (yet, or for a moment)."""
+    link is gone, as empty), free hosts, and towers on their way: being provisioned,
+    provisioned but not reporting (yet, or for a moment), or local and not reporting
+    for less than ``LOCAL_TOWER_GRACE``."""
 
     now: float
     towers: tuple[TowerFigures, ...]
@@ -172,6 +177,8 @@ class Scaler(Actor):
             in_after=settings.scale_in_after,
             floor=min(settings.min_towers, settings.local_towers + len(board.records)),
         )
+        # When each local tower was last seen reporting (or first looked for).
+        self.local_seen_at: dict[str, float] = {}
 
     async def started(self) -> None:
         self.applying = trio.Lock()
@@ -218,7 +225,17 @@ class Scaler(Actor):
             if name not in seen and self.directory.get(name) is None:
                 # Its link is gone, and with it its sessions (moved elsewhere).
                 figures.append(TowerFigures(name, 0, 0, True, True, True))
-        on_the_way = self.board.in_state(HostState.PROVISIONING) + [
+        # A local tower not reporting is coming for a while (the broker restarts its
+        # agent itself), not missing: no host is provisioned for a moment's gap. Unseen
+        # past the grace, it is missing, and the floor replaces it.
+        for name in self.settings.local_tower_names:
+            if name in seen or name not in self.local_seen_at:
+                self.local_seen_at[name] = now
+        local_coming = [
+            name for name in self.settings.local_tower_names
+            if name not in seen and now - self.local_seen_at[name] < LOCAL_TOWER_GRACE
+        ]
+        on_the_way = self.board.in_state(HostState.PROVISIONING) + local_coming + [
             name for name in self.board.in_state(HostState.READY) if name not in seen
         ]
         return ScaleView(

@@ -64,8 +64,7 @@ async def serve_broker(
         files.directory / "provisioning" / "known_hosts", issuer, links,
     )  # fmt: skip
     tower_specs = []
-    for number in range(1, settings.local_towers + 1):
-        name = f"tower-{number}"
+    for name in settings.local_tower_names:
         credentials = functools.partial(
             prepare_local_tower, files.directory, issuer, name, settings.host
         )

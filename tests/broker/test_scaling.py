@@ -1,7 +1,20 @@
-"""The scale policy: pure decisions over a view of the towers (no actor, no clock)."""
+"""The scale policy: pure decisions over a view of the towers (no actor, no clock); and
+the view the scaler makes of what is linked and what is coming."""
 
+import trio
 
-from broker.scaling import Decision, ScalePolicy, ScaleView, TowerFigures
+from broker.config import Settings
+from broker.link import TowerHello, TowerLoadReport
+from broker.provisioning import HostBoard
+from broker.scaling import (
+    LOCAL_TOWER_GRACE,
+    Decision,
+    Scaler,
+    ScalePolicy,
+    ScaleView,
+    TowerFigures,
+)
+from broker.towers import TowerConnection, TowerDirectory
 
 
 def policy(**overrides) -> ScalePolicy:
@@ -316,3 +329,28 @@ def test_an_idle_tower_is_kept_when_the_rest_would_be_half_busy():
     towers = [local(sessions=50), tower("p1")]
     for now in range(0, 3600, 5):
         assert scale.decide(view(now, towers, free=["h1"])) == []
+
+
+async def test_a_local_tower_not_reporting_is_coming_for_a_grace_then_missing(
+    autojump_clock, tmp_path
+):
+    directory = TowerDirectory(stale_after=3.0)
+    scaler = Scaler(Settings(state_dir=tmp_path, local_towers=2), directory, HostBoard(()))
+    one = TowerConnection("tower-1", None, TowerHello("tower-1", 100, "test"))
+    directory.connected(one)
+    directory.report("tower-1", TowerLoadReport(0, 100))
+    # tower-2 has not reported yet: on its way, as it starts.
+    first = scaler.view()
+    assert [tower.name for tower in first.towers] == ["tower-1"] and first.on_the_way == 1
+    # tower-1's agent dies; the broker restarts it. Meanwhile both are coming, so the
+    # floor provisions no host for the gap.
+    directory.disconnected(one)
+    await trio.sleep(LOCAL_TOWER_GRACE - 5)
+    assert scaler.view().on_the_way == 2
+    # tower-2 never came, tower-1 is back: only tower-2 is missing once its grace is over.
+    directory.connected(one)
+    directory.report("tower-1", TowerLoadReport(0, 100))
+    await trio.sleep(5)
+    directory.report("tower-1", TowerLoadReport(0, 100))
+    back = scaler.view()
+    assert [tower.name for tower in back.towers] == ["tower-1"] and back.on_the_way == 0
