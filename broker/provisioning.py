@@ -508,9 +508,20 @@ class JobSteps(Actor):
     async def _agent(self) -> None:
         paths, host = self._paths(), self.host
         self.waiting_for = f"the agent's socket {paths.socket}"
+        # An agent found running is kept (with its sessions) when it runs with the
+        # settings just written; one started with others would keep them, so it is
+        # stopped and started again. A lock holder that left no pid is not ours to stop:
+        # the check-in then says what holds the lock.
         said = await self._run_remote("\n".join([
             f"cd {paths.root}",
-            f"if {_agent_running(paths)}; then echo running; exit 0; fi",
+            f"if {_agent_running(paths)}; then",
+            f"  if cmp -s {paths.settings} {paths.running_settings} || [ ! -s {paths.pid} ]; then",
+            "    echo running; exit 0",
+            "  fi",
+            *_stop_agent(paths),
+            "  echo restarted",
+            "fi",
+            f"cp {paths.settings} {paths.running_settings}",
             f"setsid {host.tower_command} tower run --config {paths.settings}"
             f" >> {paths.log} 2>&1 < /dev/null &",
             "agent=$!",
@@ -524,6 +535,8 @@ class JobSteps(Actor):
             "exit 1",
         ]))  # fmt: skip
         self.agent_found_running = said.strip() == "running"
+        if said.strip() == "restarted":
+            self.board.event(f"{host.name}: agent restarted: its settings changed")
 
     async def _check_in(self) -> None:
         host = self.host
@@ -579,15 +592,15 @@ class JobSteps(Actor):
         nginx_pid = f"{paths.nginx}/nginx.pid"
         await self._run_remote("\n".join([
             f"if {_agent_running(paths)}; then",
-            f'  kill "$(cat {paths.pid})"',
-            f"  {_wait_while(_agent_running(paths), STOP_POLLS)} || kill -9 \"$(cat {paths.pid})\"",
+            *_stop_agent(paths),
             "fi",
             f"if {_nginx_running(host, paths)}; then",
             f"  {quote(nginx_command(host, paths, '-s', 'quit'))}",
             f"  {_wait_while(f'[ -f {nginx_pid} ]', STOP_POLLS)}"
             f" || {quote(nginx_command(host, paths, '-s', 'stop'))}",
             "fi",
-            f"rm -rf {paths.nginx} {paths.tls} {paths.settings} {paths.socket} {paths.pid}",
+            f"rm -rf {paths.nginx} {paths.tls} {paths.settings} {paths.running_settings}"
+            f" {paths.socket} {paths.pid}",
         ]))  # fmt: skip
 
     async def _revoke(self) -> None:
@@ -624,6 +637,14 @@ def _agent_running(paths: TowerPaths) -> str:
     """A shell condition: an agent holds the tower's lock (a stale pid file says nothing:
     its pid may be another process's by now)."""
     return f"! flock -n {paths.root}/agent.lock true"
+
+
+def _stop_agent(paths: TowerPaths) -> list[str]:
+    """Shell lines: stop the running agent (SIGTERM, then SIGKILL if it lingers)."""
+    return [
+        f'  kill "$(cat {paths.pid})"',
+        f"  {_wait_while(_agent_running(paths), STOP_POLLS)} || kill -9 \"$(cat {paths.pid})\"",
+    ]
 
 
 def _nginx_running(host: Host, paths: TowerPaths) -> str:

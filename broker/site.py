@@ -3,6 +3,7 @@
 The layout under the tower's root directory (0700, owned by the SSH user):
 
     <root>/tower.toml         the agent's settings (0600)
+    <root>/agent.toml         the settings the running agent was started with
     <root>/agent.sock         the agent's link socket; only NGINX connects to it
     <root>/agent.pid, agent.lock, agent.log
     <root>/tls/pending-key.pem   the key made on the host for its first certificate
@@ -34,6 +35,11 @@ class TowerPaths:
     @property
     def settings(self) -> str:
         return f"{self.root}/tower.toml"
+
+    @property
+    def running_settings(self) -> str:
+        """The settings the running agent was started with."""
+        return f"{self.root}/agent.toml"
 
     @property
     def socket(self) -> str:

@@ -363,3 +363,34 @@ def test_a_tower_whose_agent_died_is_provisioned_again(tmp_path, make_host):  # 
         assert "provisioning it again" in events(broker)
     finally:
         stop_broker(broker)
+
+
+def test_provisioning_again_keeps_a_running_agent_unless_its_settings_changed(
+    tmp_path, make_host  # noqa: F811
+):
+    require_nginx()
+    host = make_host("host-1", broker_key(tmp_path))
+    pid_file = host.root / "agent.pid"
+
+    def provisioned_by_a_broker_with(capacity: int) -> tuple[int, list[dict], str]:
+        """A broker with this tower capacity provisions the host; its agent's pid, the
+        towers the broker sees, and the events."""
+        broker = start_broker(tmp_path, towers=0, min_towers=1, scale_interval=0.5,
+                              tower_capacity=capacity, hosts=[entry(host)])
+        try:
+            wait_for_towers(broker, 1, timeout=PROVISION_DEADLINE)
+            [towers] = run_shell(broker, "towers --json")
+            return int(pid_file.read_text()), json.loads(towers.stdout), events(broker)
+        finally:
+            stop_broker(broker)  # the tower stays up: it is the host's
+
+    first, towers, _ = provisioned_by_a_broker_with(capacity=7)
+    assert [tower["capacity"] for tower in towers] == [7]
+    # The same settings: the agent found running is kept, with its sessions.
+    same, towers, said = provisioned_by_a_broker_with(capacity=7)
+    assert same == first and [tower["capacity"] for tower in towers] == [7]
+    assert "restarted" not in said
+    # Other settings: an agent left running would keep the old ones, so it is restarted.
+    other, towers, said = provisioned_by_a_broker_with(capacity=9)
+    assert other != first and [tower["capacity"] for tower in towers] == [9]
+    assert "host-1: agent restarted: its settings changed" in said
