@@ -86,7 +86,7 @@ class Level:
     rounds: int
 
 
-FULL = (Level(1, 20), Level(10, 3), Level(50, 2))
+FULL = (Level(1, 20), Level(10, 6), Level(50, 4))
 QUICK = (Level(1, 5), Level(10, 1))
 
 
