@@ -8,6 +8,7 @@ show the new certificate.
 
 from __future__ import annotations
 
+import functools
 import math
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from trio_websocket import ConnectionClosed, serve_websocket
 
 from actors import Backoff, ChildSpec, SupervisorFlags, bridge, open_system
 from broker.config import Settings
@@ -30,9 +32,10 @@ from broker.pki import (
     CertificateAuthority,
     client_ssl_context,
     generate_key_and_csr,
+    server_ssl_context,
     write_secret,
 )
-from broker.link import TowerHello, TowerLoadReport
+from broker.link import LinkError, TowerHello, TowerLoadReport, codec
 from broker.metrics import ProcessUsage
 from broker.towers import (
     LinkContext,
@@ -281,3 +284,54 @@ async def test_a_load_report_with_impossible_figures_is_refused_whole(autojump_c
     assert directory.usage == {TOWER: ProcessUsage(1.0, 10)}
     assert directory.placement.load_of(TOWER).sessions == 2
     assert directory.placement.reported_at(TOWER) == before
+
+
+def test_a_load_report_with_impossible_figures_gets_a_link_error_and_the_link_stays(
+    authority,
+):
+    """A tower of our own CA, speaking the link protocol by hand, sends one bad report."""
+    identity = authority.identity(TOWER)
+    tower_tls = server_ssl_context(identity, identity,
+                                   client_ca_file=authority.directory / "ca" / "ca.pem")
+    settings = Settings(tower_silence=5.0, tower_load_interval=0.2)
+    directory = TowerDirectory(stale_after=settings.tower_silence)
+    context = LinkContext(directory, authority.broker_tls, settings, authority.issuer)
+    seen = {}
+
+    async def tower(request) -> None:
+        websocket = await request.accept()
+        await websocket.send_message(codec.encode(TowerHello(TOWER, 100, "test")))
+        await websocket.send_message(codec.encode(
+            TowerLoadReport(1, 100, cpu_seconds=-1.0, resident_bytes=2**20)))
+        seen["answer"] = codec.decode(await websocket.get_message())
+        try:
+            while True:
+                await websocket.send_message(codec.encode(
+                    TowerLoadReport(2, 100, cpu_seconds=1.5, resident_bytes=2**20)))
+                await trio.sleep(0.2)
+        except ConnectionClosed:
+            pass  # the broker's system closed at the end of the test
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(functools.partial(
+                serve_websocket, tower, "127.0.0.1", 0, tower_tls))
+            address = TowerAddress("127.0.0.1", server.port)
+            children = [ChildSpec("link", lambda: TowerLink(TOWER, address, context))]
+            async with open_system("broker", children=children):
+                with trio.fail_after(DEADLINE):
+                    while directory.usage.get(TOWER) is None:
+                        await trio.sleep(0.05)
+                connection = directory.get(TOWER)
+                seen["linked"] = connection is not None and not connection.closed.is_set()
+                seen["load"] = directory.placement.load_of(TOWER)
+                seen["usage"] = directory.usage[TOWER]
+            nursery.cancel_scope.cancel()
+
+    run(main)
+    assert isinstance(seen["answer"], LinkError)
+    assert "impossible usage" in seen["answer"].message
+    # The link stayed up; the next, sound report was taken.
+    assert seen["linked"]
+    assert seen["load"].sessions == 2
+    assert seen["usage"] == ProcessUsage(1.5, 2**20)
