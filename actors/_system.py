@@ -22,10 +22,15 @@ DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 
 @dataclass(frozen=True)
 class SystemStatistics:
-    """Counts for the whole system: live actors and messages told to stopped ones."""
+    """Counts for the whole system, cheap to take at any size (no snapshot of each
+    actor): live actors, their restarts, the messages waiting in their mailboxes, and
+    messages told to stopped ones."""
 
     actors: int
     dead_letters: int
+    restarts: int
+    mailbox_depth_max: int
+    mailbox_depth_total: int
 
 
 class ActorSystem:
@@ -65,7 +70,15 @@ class ActorSystem:
         return self._root.snapshot()
 
     def statistics(self) -> SystemStatistics:
-        return SystemStatistics(actors=len(self._registry), dead_letters=self.dead_letters.count)
+        cells = self._registry.values()
+        depths = [len(cell.mailbox) for cell in cells]
+        return SystemStatistics(
+            actors=len(depths),
+            dead_letters=self.dead_letters.count,
+            restarts=sum(cell.restarts for cell in cells),
+            mailbox_depth_max=max(depths, default=0),
+            mailbox_depth_total=sum(depths),
+        )
 
     def _register(self, cell: _Cell) -> None:
         self._registry[cell.path] = cell

@@ -312,7 +312,7 @@ class BrokerApi:
 
     def metrics(self) -> str:
         """The metrics page, made at most twice a second: anyone may ask for it, and it
-        walks every actor."""
+        counts over every actor."""
         now = trio.current_time()
         made_at, page = self.metrics_page
         if now - made_at < METRICS_PAGE_AGE:
@@ -331,7 +331,7 @@ class BrokerApi:
             state = "draining" if draining else "ready" if connection.name in ready else "stale"
             towers[connection.name] = TowerRow(
                 state, sessions, self.towers.usage.get(connection.name))
-        return render(self.counters, towers, self.system.snapshot(),
+        return render(self.counters, towers, self.system.statistics(),
                       process_usage(self.process))
 
     # The signaling WebSocket.

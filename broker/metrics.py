@@ -1,7 +1,7 @@
 """The broker's metrics, in the Prometheus text format (version 0.0.4).
 
 Counters are kept by the actors that see the events (``SessionCounters``); gauges are
-read when scraped, from the towers' directory and the actor system's own snapshot, so
+read when scraped, from the towers' directory and the actor system's own counts, so
 there is no second source of truth to drift.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from actors import ActorSnapshot
+from actors import SystemStatistics
 
 from .lifecycle import FailureReason, SessionState
 
@@ -98,7 +98,7 @@ def _family(
 def render(
     counters: SessionCounters,
     towers: dict[str, TowerRow],
-    tree: ActorSnapshot,
+    actors: SystemStatistics,
     process: ProcessUsage,
 ) -> str:
     """The metrics page.
@@ -106,11 +106,9 @@ def render(
     Args:
         counters: the sessions' counters.
         towers: each linked tower, by name.
-        tree: a snapshot of the whole actor system.
+        actors: the actor system's counts.
         process: the broker process's own usage.
     """
-    actors = list(tree.walk())
-    depths = [actor.mailbox_depth for actor in actors]
     tower_states = Counter(row.state for row in towers.values())
     reported = [(f'{{tower="{_escape(name)}"}}', row.usage)
                 for name, row in sorted(towers.items()) if row.usage is not None]
@@ -152,12 +150,12 @@ def render(
             ((labels, usage.resident_bytes) for labels, usage in reported),
         ),
         _family("broker_actor_restarts_total", "counter", "Actor restarts, all actors alive.",
-                [("", sum(actor.restarts for actor in actors))]),
-        _family("broker_actors", "gauge", "Actors alive.", [("", len(actors))]),
+                [("", actors.restarts)]),
+        _family("broker_actors", "gauge", "Actors alive.", [("", actors.actors)]),
         _family("broker_mailbox_depth_max", "gauge", "The deepest mailbox.",
-                [("", max(depths, default=0))]),
+                [("", actors.mailbox_depth_max)]),
         _family("broker_mailbox_depth_total", "gauge", "Messages waiting in all mailboxes.",
-                [("", sum(depths))]),
+                [("", actors.mailbox_depth_total)]),
         _family("process_cpu_seconds_total", "counter",
                 "CPU time the broker process has used.", [("", process.cpu_seconds)]),
         _family("process_resident_memory_bytes", "gauge",

@@ -102,3 +102,21 @@ def test_system_rejects_a_bad_name():
 
     with pytest.raises(ValueError):
         trio.run(main)
+
+
+async def test_statistics_count_what_a_snapshot_shows_without_taking_one(
+    autojump_clock, system, log
+):
+    crashing = await system.spawn(recorder("crashing", log))
+    busy = await system.spawn(recorder("busy", log))
+    await crashing.tell("crash")
+    await trio.sleep(1)  # restarted
+    await busy.tell("hang")
+    for number in range(3):
+        await busy.tell(number)  # waiting behind the hung message
+    await trio.sleep(0)
+    actors = list(system.snapshot().walk())
+    statistics = system.statistics()
+    assert statistics.actors == len(actors) == 3
+    assert statistics.restarts == sum(actor.restarts for actor in actors) == 1
+    assert statistics.mailbox_depth_max == 3 and statistics.mailbox_depth_total == 3

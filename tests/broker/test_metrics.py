@@ -21,7 +21,7 @@ async def test_towers_usage_and_the_brokers_own_are_on_the_page(autojump_clock):
         "tower-2": TowerRow("stale", 0),  # nothing reported yet
     }
     async with open_system("broker") as system:
-        page = render(counters, towers, system.snapshot(), ProcessUsage(2.5, 64 * 2**20))
+        page = render(counters, towers, system.statistics(), ProcessUsage(2.5, 64 * 2**20))
     found = samples(page)
     # Exact: CPU seconds and bytes keep every digit.
     assert found['broker_tower_cpu_seconds_total{tower="tower-1"}'] == "12345.678901"
