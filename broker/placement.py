@@ -1,7 +1,7 @@
 """Placement: which tower gets a new session. A core without I/O.
 
 Theory of operation: every tower reports its load (sessions, capacity) at least once a
-second; a tower not heard from within ``stale_after`` seconds (default 3) is not
+second; a tower not heard from within ``stale_after`` seconds (default 5) is not
 chosen, nor is a draining tower or a full one. Among the rest, two are drawn at random
 and the less loaded wins ("power of two choices", as LiveKit places rooms): nearly as
 even as always taking the least loaded tower, without every broker piling onto the same
@@ -16,7 +16,7 @@ import random
 from collections.abc import Collection
 from dataclasses import dataclass
 
-DEFAULT_STALE_AFTER = 3.0
+DEFAULT_STALE_AFTER = 5.0
 
 
 @dataclass(frozen=True)
