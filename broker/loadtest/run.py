@@ -166,16 +166,18 @@ class BrokerMetrics:
 
 def parse_metrics(page: str) -> dict[str, float]:
     """The samples of a Prometheus text page, by name with labels; lines that are not
-    a sample are skipped."""
+    a sample, or whose value is not a finite number, are skipped."""
     samples = {}
     for line in page.splitlines():
         if line.startswith("#"):
             continue
         name, _, value = line.rpartition(" ")
         try:
-            samples[name] = float(value)
+            number = float(value)
         except ValueError:
             continue
+        if math.isfinite(number):
+            samples[name] = number
     return samples
 
 

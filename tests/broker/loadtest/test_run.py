@@ -140,6 +140,8 @@ def test_a_metrics_page_is_read_sample_by_sample_and_what_is_not_one_is_skipped(
         'broker_tower_cpu_seconds_total{tower="tower-1"} 3.25',
         "garbage",
         "broker_actors lots",
+        "process_resident_memory_bytes NaN",
+        'broker_tower_cpu_seconds_total{tower="tower-2"} +Inf',
         "",
     ])
     assert parse_metrics(page) == {
