@@ -1,17 +1,21 @@
 """Keeping Python's cyclic garbage collector off long-lived session objects.
 
-A process holding thousands of sessions (a tower's peer connections, a load
-generator's browsers) pays, in every full collection, for traversing all of them: the
-pause grows about 0.1 ms per session and stalls the loop, which is how a bare aiortc
-server stops keeping up at 2,000-3,000 sessions. Objects that survived until now are
-almost all session state that lives as long as its session, so once a second they are
-moved out of the collector's sight (``gc.freeze``); collections then only look at what
-is new. Before each freeze, the garbage made since the last one (the cycles of a
-negotiation: futures, exceptions, frames) is collected, so that only survivors are
-frozen; that collection sees a second's worth of objects, not the sessions. What a
-closed session leaves behind in frozen objects (cycles between a peer
-connection and its transports) is reclaimed by one full collection once enough
-sessions have closed: a pause paid per batch of closures, not per second of load.
+A process holding thousands of sessions (a tower's peer connections, a broker's session
+actors and signaling sockets, a load generator's browsers) pays, in every full
+collection, for traversing all of them: the pause grows about 0.1 ms per session and
+stalls the loop, which is how a bare aiortc server stops keeping up at 2,000-3,000
+sessions. Objects that survived until now are almost all session state that lives as
+long as its session, so once a second they are moved out of the collector's sight
+(``gc.freeze``); collections then only look at what is new. Before each freeze, the
+garbage made since the last one (the cycles of a negotiation: futures, exceptions,
+frames) is collected, so that only survivors are frozen; that collection sees a second's
+worth of objects, not the sessions. What a closed session leaves behind in frozen
+objects (cycles between a peer connection and its transports; between a session's
+actors, tasks and TLS streams) is reclaimed by one full collection once enough sessions
+have closed: a pause paid per batch of closures, not per second of load, nor for each
+quarter the process grows by as Python's own rule has it. The batch is a quarter of the
+sessions alive, so with sessions coming and going the full collections are no more
+frequent than Python's.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import gc
 import trio
 
 FREEZE_INTERVAL = 1.0
-# A full collection once this many sessions closed, or a tenth of those alive if more.
+# A full collection once this many sessions closed, or a quarter of those alive if more.
 CLOSED_BEFORE_FULL_COLLECTION = 200
 
 
@@ -39,7 +43,7 @@ class Collector:
         self.closed += 1
 
     def due(self) -> bool:
-        return self.closed >= max(self.closed_before_full, self.alive // 10)
+        return self.closed >= max(self.closed_before_full, self.alive // 4)
 
     async def run(self) -> None:
         """Every second, collect what is new and freeze the survivors; collect

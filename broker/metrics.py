@@ -15,13 +15,19 @@ import psutil
 
 from actors import SystemStatistics
 
+from .collector import Collector
 from .lifecycle import FailureReason, SessionState
 
 
 class SessionCounters:
-    """What sessions count as they live: by state now, and totals."""
+    """What sessions count as they live: by state now, and totals.
 
-    def __init__(self) -> None:
+    ``collector``, when given, is told of each session's start and end (it collects in
+    full once enough sessions ended).
+    """
+
+    def __init__(self, collector: Collector | None = None) -> None:
+        self.collector = collector
         self.by_state: Counter[SessionState] = Counter()
         self.created = 0
         self.negotiations = 0
@@ -33,6 +39,8 @@ class SessionCounters:
     def session_started(self, state: SessionState) -> None:
         self.created += 1
         self.by_state[state] += 1
+        if self.collector is not None:
+            self.collector.opened()
 
     def moved(self, old: SessionState, new: SessionState) -> None:
         if old is not new:
@@ -41,6 +49,8 @@ class SessionCounters:
 
     def session_ended(self, state: SessionState) -> None:
         self.by_state[state] -= 1
+        if self.collector is not None:
+            self.collector.closed_one()
 
     def negotiation_started(self) -> None:
         self.negotiations += 1

@@ -20,10 +20,9 @@ import functools
 import logging
 from collections.abc import Callable
 
-import trio
-
 from actors import ActorSystem, Backoff, ChildSpec, SupervisorFlags, open_system
 
+from .collector import Collector
 from .config import Settings
 from .endpoint import BrokerApi, Endpoint
 from .metrics import SessionCounters
@@ -52,7 +51,8 @@ async def serve_broker(
     """Run the broker until cancelled; ``announce`` is called once it listens."""
     files, issuer = prepare(settings)
     towers = TowerDirectory(stale_after=settings.tower_silence)
-    counters = SessionCounters()
+    collector = Collector()
+    counters = SessionCounters(collector)
     tokens = SignalingTokens(files.token_secret, settings.token_lifetime)
     link_tls = client_ssl_context(
         files.ca_certificate, files.client_certificate, files.client_key
@@ -99,4 +99,4 @@ async def serve_broker(
     async with open_system("broker", children=children, flags=flags):
         shell_port = int(shell_files.port_file.read_text())
         announce(dataclasses.replace(listening[-1], shell_port=shell_port), files)
-        await trio.sleep_forever()
+        await collector.run()  # until cancelled

@@ -17,6 +17,7 @@ import trio
 import trio.testing
 
 from actors import ActorRef, ActorSystem, SupervisorRef, open_system
+from broker.collector import Collector
 from broker.config import Settings
 from broker.link import (
     AddCandidate,
@@ -178,7 +179,8 @@ async def running_broker(tmp_path) -> AsyncIterator[Broker]:
         directory.connected(connection)
         towers[name] = FakeTower(name, socket, connection)
     async with open_system("broker", children=[sessions_spec()]) as system:
-        broker = Broker(system, directory, short_settings(tmp_path), SessionCounters(), towers)
+        broker = Broker(system, directory, short_settings(tmp_path),
+                        SessionCounters(Collector()), towers)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_report_load, directory, list(towers))
             for tower in towers.values():
@@ -479,6 +481,8 @@ async def test_closing_a_session_ends_it(autojump_clock, broker):
     client = await broker.open_session()
     await client.new_frames()
     await connect(client, tower, 1)
+    collector = broker.counters.collector
+    assert collector is not None and (collector.alive, collector.closed) == (1, 0)
 
     await client.tell(CloseSession("closed by the client"))
     assert await client.new_frames() == [
@@ -490,6 +494,8 @@ async def test_closing_a_session_ends_it(autojump_clock, broker):
     assert tower.got(ClosePeer) == [ClosePeer("s-1", 1)]
     assert broker.counters.failed == 0
     assert broker.counters.live() == 0
+    # Its end counts towards the next full garbage collection.
+    assert (collector.alive, collector.closed) == (0, 1)
 
 
 async def test_the_live_sessions_gauge_follows_the_session(autojump_clock, broker):
