@@ -301,8 +301,25 @@ async def call_asyncio(function: Callable[..., Awaitable[T]], *args: object) -> 
         return task.result()
     except asyncio.CancelledError as error:
         raise AsyncioTaskCancelled(
-            "the asyncio task was cancelled from the asyncio side"
+            f"the asyncio task of {_name(function)} was cancelled from the asyncio side: "
+            f"{_origin(error)}"
         ) from error
+
+
+def _name(function: Callable[..., object]) -> str:
+    inner = getattr(function, "func", function)  # through functools.partial
+    return getattr(inner, "__qualname__", None) or repr(inner)
+
+
+def _origin(error: BaseException) -> str:
+    """Where the cancellation surfaced: the awaits it went through, innermost last."""
+    names, traceback, line = [], error.__traceback__, ""
+    while traceback is not None:
+        code = traceback.tb_frame.f_code
+        names.append(code.co_name)
+        line = f"{code.co_filename}:{traceback.tb_lineno}"
+        traceback = traceback.tb_next
+    return f"in {' > '.join(names)} ({line})" if names else "no traceback"
 
 
 def post_to(ref: SupportsTellNowait[MessageT_contra]) -> Callable[[MessageT_contra], None]:

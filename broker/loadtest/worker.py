@@ -265,7 +265,7 @@ def _reason(error: BaseException) -> str:
     if isinstance(error, trio.TooSlowError):
         return "timeout"
     text = str(error) or type(error).__name__
-    return text.split(":")[0][:60]
+    return text.split(":")[0][:120]
 
 
 def main() -> None:

@@ -326,14 +326,17 @@ def test_asyncio_side_cancellation_raises_asyncio_task_cancelled() -> None:
         asyncio.get_running_loop().call_soon(task.cancel)
         await asyncio.sleep(3600)
 
-    async def main() -> BaseException | None:
+    async def main() -> BaseException:
         with pytest.raises(bridge.AsyncioTaskCancelled) as caught:
             await bridge.call_asyncio(cancelled_by_asyncio)
-        return caught.value.__cause__
+        return caught.value
 
-    cause = bridge.run(main)
+    error = bridge.run(main)
 
-    assert isinstance(cause, asyncio.CancelledError)
+    assert isinstance(error.__cause__, asyncio.CancelledError)
+    # It names what ran, and where the cancellation surfaced.
+    assert "cancelled_by_asyncio" in str(error)
+    assert "cancelled_by_asyncio > sleep (" in str(error)
 
 
 def test_call_asyncio_under_plain_trio_run_raises_runtime_error() -> None:
