@@ -157,7 +157,15 @@ class ClientPeer:
         return await self._replies.get()
 
     async def close(self) -> None:
-        await self.connection.close()
+        """Close the peer connection, also one that aiortc is closing already."""
+        try:
+            await self.connection.close()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this close was cancelled
+            # A close after another one waits on the first one's future, which is
+            # cancelled when a task waiting on it is. The connection closes all the same.
 
 
 async def new_peer(

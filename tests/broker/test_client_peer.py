@@ -65,3 +65,30 @@ def test_a_peer_that_did_not_ask_for_video_has_no_video_figures():
             await client.close()
 
     run(scenario)
+
+
+def test_close_returns_when_another_close_it_waits_on_is_cancelled():
+    """aiortc closes a connection itself when the remote end closes it; a close called
+    meanwhile waits on that close's future, which a cancelled waiter cancels for all."""
+
+    async def scenario():
+        client = ClientPeer()
+        tower = await connected(client)
+        try:
+            first = asyncio.ensure_future(client.connection.close())
+            await asyncio.sleep(0)  # it runs until it waits for the transports to stop
+            assert not first.done()
+            cancelled_waiter = asyncio.ensure_future(client.connection.close())
+            ours = asyncio.ensure_future(client.close())
+            await asyncio.sleep(0)
+            cancelled_waiter.cancel()
+            assert await ours is None
+            # The first close stops everything; setting its cancelled future is what
+            # fails in it (aiortc 1.16: InvalidStateError).
+            await asyncio.wait([first])
+            first.exception()
+            assert client.connection.connectionState == "closed"
+        finally:
+            await tower.close()
+
+    run(scenario)
