@@ -73,6 +73,7 @@ from .site import (
     agent_settings,
     nginx_command,
     nginx_configuration,
+    prepare_directories,
     quote,
     tower_paths,
 )
@@ -462,8 +463,8 @@ class JobSteps(Actor):
     async def _prepare(self) -> None:
         paths, host = self._paths(), self.host
         await self._run_remote(
-            f"mkdir -p {paths.tls} {paths.nginx}/tmp && chmod 700 {paths.root}"
-            f" && {{ test -x {host.nginx} || {{ echo 'no NGINX at {host.nginx}' >&2; exit 1; }}; }}"
+            f"set -e\n{prepare_directories(host, paths)}\n"
+            f"test -x {host.nginx} || {{ echo 'no NGINX at {host.nginx}' >&2; exit 1; }}"
         )
         version = await self._run_remote(f"{host.tower_command} --version")
         if not version.startswith("broker "):
@@ -600,7 +601,7 @@ class JobSteps(Actor):
             f" || {quote(nginx_command(host, paths, '-s', 'stop'))}",
             "fi",
             f"rm -rf {paths.nginx} {paths.tls} {paths.settings} {paths.running_settings}"
-            f" {paths.socket} {paths.pid}",
+            f" {paths.socket} {paths.pid} {paths.run or ''}",
         ]))  # fmt: skip
 
     async def _revoke(self) -> None:

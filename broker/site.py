@@ -4,7 +4,8 @@ The layout under the tower's root directory (0700, owned by the SSH user):
 
     <root>/tower.toml         the agent's settings (0600)
     <root>/agent.toml         the settings the running agent was started with
-    <root>/agent.sock         the agent's link socket; only NGINX connects to it
+    <root>/agent.sock         the agent's link socket; only NGINX connects to it (for
+                              the root user: /run/session-tower/<name>/agent.sock)
     <root>/agent.pid, agent.lock, agent.log
     <root>/tls/pending-key.pem   the key made on the host for its first certificate
     <root>/tls/tower.pem      the tower's key and certificate (0600; renewals replace it)
@@ -14,6 +15,12 @@ The layout under the tower's root directory (0700, owned by the SSH user):
 NGINX terminates TLS with the tower's certificate, requires a client certificate issued
 by the broker's CA whose subject is exactly the broker's, and proxies the WebSocket
 upgrade on ``/link`` to the agent's socket. Everything else is refused.
+
+NGINX's workers, which parse what arrives from the network, never run as root. A master
+started by an ordinary SSH user runs its workers as that user. A master started by root
+runs them as the system user ``tower-nginx``, which provisioning creates; they reach the
+agent's socket through a directory of their group under ``/run``, since root's own
+directories are closed to them, and nothing else of the tower's.
 """
 
 from __future__ import annotations
@@ -26,11 +33,22 @@ from .inventory import Host
 from .pki import BROKER_NAME
 
 
+# The unprivileged user of NGINX's workers on a host provisioned as root.
+NGINX_WORKER_USER = "tower-nginx"
+# Where, for the root user, each tower's socket directory is: one NGINX's workers enter.
+RUN_DIRECTORY = "/run/session-tower"
+
+
 @dataclass(frozen=True)
 class TowerPaths:
-    """Absolute paths on the host, once its home directory is known."""
+    """Absolute paths on the host, once its home directory is known.
+
+    ``run`` is the directory of the agent's socket when it is not ``root``: for the root
+    user, a directory that NGINX's workers may enter (mode 2750, their group).
+    """
 
     root: str
+    run: str | None = None
 
     @property
     def settings(self) -> str:
@@ -43,7 +61,7 @@ class TowerPaths:
 
     @property
     def socket(self) -> str:
-        return f"{self.root}/agent.sock"
+        return f"{self.run or self.root}/agent.sock"
 
     @property
     def pid(self) -> str:
@@ -72,7 +90,24 @@ class TowerPaths:
 
 def tower_paths(host: Host, home: str) -> TowerPaths:
     root = host.root if host.root.startswith("/") else f"{home.rstrip('/')}/{host.root}"
-    return TowerPaths(root)
+    run = f"{RUN_DIRECTORY}/{host.name}" if host.user == "root" else None
+    return TowerPaths(root, run)
+
+
+def prepare_directories(host: Host, paths: TowerPaths) -> str:
+    """Shell lines: the tower's directories, and for the root user NGINX's worker user
+    and the socket directory its group may enter."""
+    lines = [f"mkdir -p {paths.tls} {paths.nginx}/tmp && chmod 700 {paths.root}"]
+    if paths.run is not None:
+        user = NGINX_WORKER_USER
+        lines += [
+            f"id -u {user} >/dev/null 2>&1 || useradd --system --user-group --no-create-home"
+            f" --home-dir /nonexistent --shell /usr/sbin/nologin {user}",
+            f"mkdir -p {paths.run} && chmod 755 {RUN_DIRECTORY}",
+            # Set-group-ID: the socket made in it belongs to the workers' group too.
+            f"chown root:{user} {paths.run} && chmod 2750 {paths.run}",
+        ]
+    return "\n".join(lines)
 
 
 def nginx_command(host: Host, paths: TowerPaths, *arguments: str) -> list[str]:
@@ -106,9 +141,7 @@ def agent_settings(host: Host, paths: TowerPaths, settings: Settings) -> str:
 def nginx_configuration(host: Host, paths: TowerPaths) -> str:
     """A complete ``nginx.conf`` for the tower's own NGINX instance."""
     nginx = paths.nginx
-    # Workers of a master started by root would run as nobody, who cannot reach the
-    # agent's socket in the 0700 root directory.
-    user = "user root;\n" if host.user == "root" else ""
+    user = f"user {NGINX_WORKER_USER} {NGINX_WORKER_USER};\n" if paths.run is not None else ""
     return f"""\
 {user}worker_processes 1;
 pid {nginx}/nginx.pid;

@@ -524,8 +524,10 @@ async def _unix_listener(path: Path) -> trio.SocketListener:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # Bound before the mode is narrowed would leave a moment for anyone on the host.
-    previous = os.umask(0o177)
+    # Bound before the mode is narrowed would leave a moment for anyone on the host. The
+    # owner and the directory's group may connect: NGINX's workers, as the tower's user
+    # or in the group of the socket directory a root agent gets.
+    previous = os.umask(0o117)
     try:
         await sock.bind(str(path))
     finally:

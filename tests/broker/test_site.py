@@ -14,9 +14,12 @@ from broker.config import Settings
 from broker.inventory import parse_host
 from broker.pki import CertificateAuthority, generate_key_and_csr
 from broker.site import (
+    NGINX_WORKER_USER,
+    RUN_DIRECTORY,
     agent_settings,
     nginx_command,
     nginx_configuration,
+    prepare_directories,
     quote,
     tower_paths,
 )
@@ -159,13 +162,28 @@ def test_nginx_listens_on_the_ssh_address_without_a_tower_address():
     assert "listen 10.0.0.7:8443 ssl;" in text
 
 
-def test_nginx_runs_its_workers_as_root_only_for_the_root_user():
+def test_nginx_workers_run_as_their_own_user_when_root_provisions():
     tower = host(user="root")
-    assert nginx_configuration(tower, tower_paths(tower, "/root")).startswith("user root;\n")
+    paths = tower_paths(tower, "/root")
+    text = nginx_configuration(tower, paths)
+    assert text.startswith(f"user {NGINX_WORKER_USER} {NGINX_WORKER_USER};\n")
+    # Root's home is closed to them: the socket is in a directory of their group.
+    assert paths.socket == f"{RUN_DIRECTORY}/{tower.name}/agent.sock"
+    assert f"proxy_pass http://unix:{paths.socket}:;" in text
+    assert paths.root == "/root/session-tower"
+    prepared = prepare_directories(tower, paths)
+    assert "useradd --system --user-group" in prepared
+    assert f"chown root:{NGINX_WORKER_USER} {paths.run} && chmod 2750 {paths.run}" in prepared
+
+
+def test_nginx_workers_run_as_the_ssh_user_otherwise():
     tower = host(user="tower")
-    text = nginx_configuration(tower, tower_paths(tower, "/home/tower"))
+    paths = tower_paths(tower, "/home/tower")
+    text = nginx_configuration(tower, paths)
     assert "user " not in text.split("http {")[0]
     assert text.startswith("worker_processes 1;")
+    assert paths.run is None and paths.socket == "/home/tower/session-tower/agent.sock"
+    assert "useradd" not in prepare_directories(tower, paths)
 
 
 def test_the_nginx_configuration_braces_balance():
@@ -220,9 +238,18 @@ def home():
 def test_nginx_accepts_the_rendered_configuration(home, authority, user):
     tower = host(user=user, tower_address="127.0.0.1", tower_port=free_port(), nginx=NGINX)
     paths = install(tower, home, authority)
-    result = subprocess.run(
-        nginx_command(tower, paths, "-t"), capture_output=True, text=True, timeout=30
-    )
+    try:
+        if paths.run is not None and os.geteuid() == 0:
+            # As provisioning does: NGINX checks that its workers' user exists.
+            subprocess.run(["sh", "-ec", prepare_directories(tower, paths)], check=True,
+                           timeout=30)
+            assert os.stat(paths.run).st_mode & 0o7777 == 0o2750
+        result = subprocess.run(
+            nginx_command(tower, paths, "-t"), capture_output=True, text=True, timeout=30
+        )
+    finally:
+        if paths.run is not None:
+            shutil.rmtree(paths.run, ignore_errors=True)
     assert result.returncode == 0, result.stderr
     assert "test is successful" in result.stderr
 

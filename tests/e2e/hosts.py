@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -43,6 +44,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from broker.site import RUN_DIRECTORY
 
 SSHD = Path("/usr/sbin/sshd")
 NGINX = Path("/usr/sbin/nginx")
@@ -224,6 +227,8 @@ class SimulatedHost:
                 left = sorted(pid for pid in doomed if _alive(pid))
                 raise TimeoutError(f"processes of {self.name} still alive: {left}")
             time.sleep(0.02)
+        # The one place a tower provisioned as root keeps outside the host's directory.
+        shutil.rmtree(f"{RUN_DIRECTORY}/{self.name}", ignore_errors=True)
 
     def _signal_tree(self, signum: int) -> None:
         if self.pid is None:

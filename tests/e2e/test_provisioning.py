@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from cryptography import x509
 
 from actors import bridge
 from broker.client import start_session
+from broker.site import NGINX_WORKER_USER
 from broker.state import provisioning_identity
 
 from .conftest import (
@@ -109,8 +111,26 @@ def test_three_hosts_become_towers_at_once_and_serve_sessions(tmp_path, make_hos
         run(main)
         assert towers_used <= {"host-1", "host-2", "host-3"}
         assert len(towers_used) >= 2
+        for host in hosts:
+            master, workers = nginx_users(host)
+            assert master == host.user
+            # Never root: an unprivileged user of their own when root provisions.
+            assert workers == {NGINX_WORKER_USER if host.user == "root" else host.user}
     finally:
         stop_broker(broker)
+
+
+def nginx_users(host: SimulatedHost) -> tuple[str, set[str]]:
+    """Who runs the host's tower NGINX: its master, and its workers."""
+    pid = int((host.root / "nginx" / "nginx.pid").read_text())
+    workers = {int(child) for child in
+               Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    assert workers, "the NGINX master has no workers"
+    return _user(pid), {_user(worker) for worker in workers}
+
+
+def _user(pid: int) -> str:
+    return pwd.getpwuid(os.stat(f"/proc/{pid}").st_uid).pw_name
 
 
 def test_faults_stay_within_their_own_job(tmp_path, make_host):  # noqa: F811
