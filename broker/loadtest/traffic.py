@@ -59,33 +59,47 @@ class Tally:
             self.video_jitters.append(now.jitter)
 
 
+class VideoCount:
+    """Adds to the tally what a session's peer received of the video since the last
+    look; a repair's new peer counts from zero."""
+
+    def __init__(self, tally: Tally) -> None:
+        self.tally = tally
+        self.peer: Any = None
+        self.seen = VideoReceived()
+
+    async def look(self, peer: Any) -> None:
+        if peer is not self.peer:
+            self.peer, self.seen = peer, VideoReceived()
+        received = await peer.video_received()
+        if received is not None:
+            self.tally.add_video(self.seen, received)
+            self.seen = received
+
+
 async def send_steadily(
     holder: Any, tally: Tally, rate: float, size: int, until: float
 ) -> None:
     """Echo ``size``-byte messages at ``rate`` per second over ``holder.peer`` (the
-    session's current peer: a repair replaces it) until ``until`` (``time.monotonic``)."""
+    session's current peer: a repair replaces it) until ``until`` (``time.monotonic``);
+    look at the video once a second, and once more at the end."""
     interval = 1.0 / rate
     sequence = 0
-    video_peer, video_seen, video_next = None, VideoReceived(), 0.0
+    video, video_next = VideoCount(tally), 0.0
     # Spread the sessions' sends over the interval, so they do not all send at once.
     await asyncio.sleep(random.uniform(0, interval))
     while time.monotonic() < until:
         started = time.monotonic()
         peer = holder.peer
         if peer is not None and started >= video_next:
-            # Once a second: what arrived since the last look (a repair's new peer
-            # counts from zero).
             video_next = started + VIDEO_INTERVAL
-            if peer is not video_peer:
-                video_peer, video_seen = peer, VideoReceived()
-            received = await peer.video_received()
-            if received is not None:
-                tally.add_video(video_seen, received)
-                video_seen = received
+            await video.look(peer)
         if peer is not None and peer.echo_channel.readyState == "open":
             sequence += 1
             await _one_echo(peer, sequence, size, tally)
         await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+    if holder.peer is not None:
+        await video.look(holder.peer)
 
 
 async def _one_echo(peer: Any, sequence: int, size: int, tally: Tally) -> None:

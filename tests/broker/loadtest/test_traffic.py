@@ -1,0 +1,32 @@
+"""A simulated browser's traffic against a tower's real peer, in one process."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+from broker.client_peer import ClientPeer
+from broker.loadtest.traffic import Tally, send_steadily
+from tests.broker.test_client_peer import connected, run
+
+
+def test_the_video_that_arrived_after_the_last_look_is_counted_at_the_end():
+    async def scenario():
+        client = ClientPeer(video=True)
+        tower = await connected(client)
+        try:
+            tally = Tally()
+            at_start = client.video_frames
+            # Shorter than a look's interval: only the first look and the last one.
+            await send_steadily(SimpleNamespace(peer=client), tally, rate=20, size=10,
+                                until=time.monotonic() + 0.8)
+            at_end = client.video_frames
+            assert at_end - at_start >= 4  # the tower's video kept coming
+            # Up to the last look, which came as it ended: at most a frame or two since.
+            assert at_end - 2 <= tally.video_frames <= at_end
+            assert tally.echoed > 0 and tally.timeouts == 0
+        finally:
+            await tower.close()
+            await client.close()
+
+    run(scenario)
