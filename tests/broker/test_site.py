@@ -1,10 +1,13 @@
 """What provisioning puts on a tower host: paths, the agent's tower.toml, nginx.conf."""
 
+import http.client
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
+import time
 import tomllib
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import pytest
 
 from broker.config import Settings
 from broker.inventory import parse_host
-from broker.pki import CertificateAuthority, generate_key_and_csr
+from broker.pki import BROKER_NAME, CertificateAuthority, generate_key_and_csr
 from broker.site import (
     NGINX_WORKER_USER,
     RUN_DIRECTORY,
@@ -284,3 +287,47 @@ def test_agent_settings_with_a_bad_value_are_refused_naming_the_file(tmp_path, l
     with pytest.raises(ValueError) as refused:
         load_agent_config(path)
     assert str(path) in str(refused.value) and complaint in str(refused.value)
+
+
+def _client_identity(home: Path, name: str, authority: CertificateAuthority) -> Path:
+    key, certificate = authority.issue(name, client_only=True)
+    path = home / f"client-{name}.pem"
+    path.write_bytes(key + certificate)
+    return path
+
+
+@pytest.mark.skipif(not os.path.exists(NGINX), reason=f"no NGINX at {NGINX} to check against")
+@pytest.mark.parametrize("client, expected", [
+    ("no certificate", 400),
+    ("another CA's broker", 400),
+    ("a tower of the broker's CA", 403),
+    # Through both checks, to the agent's socket; none listens in this test: 502.
+    ("the broker", 502),
+])
+def test_nginx_lets_only_the_broker_through_to_the_agent(home, authority, client, expected):
+    tower = host(tower_address="127.0.0.1", tower_port=free_port(), nginx=NGINX)
+    paths = install(tower, home, authority)
+    context = ssl.create_default_context(cafile=paths.ca)
+    if client == "another CA's broker":
+        context.load_cert_chain(_client_identity(home, BROKER_NAME, CertificateAuthority.create()))
+    elif client == "a tower of the broker's CA":
+        context.load_cert_chain(_client_identity(home, "tower-2", authority))
+    elif client == "the broker":
+        context.load_cert_chain(_client_identity(home, BROKER_NAME, authority))
+    subprocess.run(nginx_command(tower, paths), check=True, capture_output=True, timeout=30)
+    try:
+        connection = http.client.HTTPSConnection("127.0.0.1", tower.tower_port,
+                                                 context=context, timeout=30)
+        connection.request("GET", "/link", headers={
+            "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        })
+        assert connection.getresponse().status == expected
+        connection.close()
+    finally:
+        subprocess.run(nginx_command(tower, paths, "-s", "stop"), capture_output=True,
+                       timeout=30)
+        pid = Path(paths.nginx, "nginx.pid")
+        deadline = time.monotonic() + 10
+        while pid.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
