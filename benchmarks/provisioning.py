@@ -28,7 +28,7 @@ from pathlib import Path
 
 from broker.state import provisioning_identity
 from tests.e2e.conftest import run_shell, start_broker, stop_broker
-from tests.e2e.hosts import NGINX, SSHD, SimulatedHost
+from tests.e2e.hosts import NGINX, SSHD, SimulatedHost, root_tower_traces_removed
 
 from ._report import print_rows
 
@@ -39,7 +39,8 @@ STEPS = ("connect", "prepare", "certificate", "nginx", "agent", "check-in", "han
 
 def provision(count: int) -> dict:
     """Provision ``count`` hosts at once; returns their figures."""
-    with tempfile.TemporaryDirectory(prefix="provisioning-") as directory:
+    with (tempfile.TemporaryDirectory(prefix="provisioning-") as directory,
+          root_tower_traces_removed()):
         base = Path(directory)
         key = Path(f"{provisioning_identity(base / 'state')}.pub").read_text().strip()
         hosts = [SimulatedHost(base / "hosts" / f"h{n}", key, f"h{n}") for n in range(count)]

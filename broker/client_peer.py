@@ -157,15 +157,20 @@ class ClientPeer:
         return await self._replies.get()
 
     async def close(self) -> None:
-        """Close the peer connection, also one that aiortc is closing already."""
+        """Close the peer connection, also one that aiortc is closing already.
+
+        A close after another one waits on the first one's future, which is cancelled
+        for every waiter when one waiter is cancelled (and the first close then fails
+        to complete it). So this close, if cancelled, leaves the closing to go on
+        (shielded), and a cancellation that is not its own means the connection was
+        closed by another close.
+        """
         try:
-            await self.connection.close()
+            await asyncio.shield(self.connection.close())
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # this close was cancelled
-            # A close after another one waits on the first one's future, which is
-            # cancelled when a task waiting on it is. The connection closes all the same.
 
 
 async def new_peer(

@@ -9,6 +9,7 @@ A provisioning plan takes a host from the inventory to a linked tower:
 
 1. ``connect``: SSH with the broker's key; the host key must be the pinned one.
 2. ``prepare``: the tower's directory (0700); NGINX and the tower software are there.
+   For the root user, also NGINX's worker user and its socket directory (``site``).
 3. ``certificate``: the host makes its key and request (``broker tower csr``); the
    broker checks the request names this tower, signs it, and uploads the certificate,
    the CA and the agent's settings (0600).
@@ -463,8 +464,8 @@ class JobSteps(Actor):
     async def _prepare(self) -> None:
         paths, host = self._paths(), self.host
         await self._run_remote(
-            f"set -e\n{prepare_directories(host, paths)}\n"
-            f"test -x {host.nginx} || {{ echo 'no NGINX at {host.nginx}' >&2; exit 1; }}"
+            f"{prepare_directories(host, paths)}"
+            f" && {{ test -x {host.nginx} || {{ echo 'no NGINX at {host.nginx}' >&2; exit 1; }}; }}"
         )
         version = await self._run_remote(f"{host.tower_command} --version")
         if not version.startswith("broker "):
@@ -601,7 +602,8 @@ class JobSteps(Actor):
             f" || {quote(nginx_command(host, paths, '-s', 'stop'))}",
             "fi",
             f"rm -rf {paths.nginx} {paths.tls} {paths.settings} {paths.running_settings}"
-            f" {paths.socket} {paths.pid} {paths.run or ''}",
+            # The socket's directory, and where a root tower's socket was before it.
+            f" {paths.socket} {paths.pid} {paths.run or ''} {paths.root}/agent.sock",
         ]))  # fmt: skip
 
     async def _revoke(self) -> None:

@@ -43,8 +43,8 @@ RUN_DIRECTORY = "/run/session-tower"
 class TowerPaths:
     """Absolute paths on the host, once its home directory is known.
 
-    ``run`` is the directory of the agent's socket when it is not ``root``: for the root
-    user, a directory that NGINX's workers may enter (mode 2750, their group).
+    ``run``, for a tower of the root user only, is the directory the agent's socket is
+    in instead of ``root``: one that NGINX's workers may enter (mode 2750, their group).
     """
 
     root: str
@@ -95,19 +95,33 @@ def tower_paths(host: Host, home: str) -> TowerPaths:
 
 
 def prepare_directories(host: Host, paths: TowerPaths) -> str:
-    """Shell lines: the tower's directories, and for the root user NGINX's worker user
-    and the socket directory its group may enter."""
-    lines = [f"mkdir -p {paths.tls} {paths.nginx}/tmp && chmod 700 {paths.root}"]
+    """A shell command (one ``&&`` chain, failing at the first failure): the tower's
+    directories, and for the root user NGINX's worker user and the socket directory of
+    its group.
+
+    An existing ``tower-nginx`` must be what provisioning makes (no login, a group of
+    its own with no other members): a login account of that name, or others in its
+    group, could reach the agent's socket.
+    """
+    steps = [f"mkdir -p {paths.tls} {paths.nginx}/tmp", f"chmod 700 {paths.root}"]
     if paths.run is not None:
         user = NGINX_WORKER_USER
-        lines += [
-            f"id -u {user} >/dev/null 2>&1 || useradd --system --user-group --no-create-home"
-            f" --home-dir /nonexistent --shell /usr/sbin/nologin {user}",
-            f"mkdir -p {paths.run} && chmod 755 {RUN_DIRECTORY}",
+        steps += [
+            # Another tower of this host may be making it at the same moment.
+            f"{{ id -u {user} >/dev/null 2>&1 || useradd --system --user-group"
+            f" --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin {user}"
+            f" || id -u {user} >/dev/null; }}",
+            f"{{ [ \"$(getent passwd {user} | cut -d: -f7)\" = /usr/sbin/nologin ]"
+            f" && [ -z \"$(getent group {user} | cut -d: -f4)\" ]"
+            f" || {{ echo 'the account {user} exists but is not one for NGINX workers"
+            f" alone (no login, a group of its own)' >&2; false; }}; }}",
+            f"mkdir -p {paths.run}",
+            f"chmod 755 {RUN_DIRECTORY}",
             # Set-group-ID: the socket made in it belongs to the workers' group too.
-            f"chown root:{user} {paths.run} && chmod 2750 {paths.run}",
+            f"chown root:{user} {paths.run}",
+            f"chmod 2750 {paths.run}",
         ]
-    return "\n".join(lines)
+    return " && ".join(steps)
 
 
 def nginx_command(host: Host, paths: TowerPaths, *arguments: str) -> list[str]:
@@ -176,6 +190,9 @@ http {{
             proxy_set_header X-Client-Subject $ssl_client_s_dn;
             proxy_read_timeout 1h;
             proxy_send_timeout 1h;
+            # Nothing through a temporary file: the workers may not reach NGINX's.
+            proxy_buffering off;
+            proxy_request_buffering off;
         }}
         location / {{
             return 404;

@@ -14,9 +14,10 @@ Two ways to stand, one protocol:
   <port>`` once it listens, and exits when its stdin reaches end-of-file (its parent, a
   local broker, is gone) or on SIGINT/SIGTERM.
 - **Behind NGINX** (``--config``, what provisioning sets up): NGINX terminates mutual TLS
-  and proxies the link to the agent's Unix socket in the tower's private directory; the
-  agent checks the client subject NGINX passes on. It holds a lock in that directory, so a
-  second agent for the same tower exits at once, and runs until SIGINT/SIGTERM.
+  and proxies the link to the agent's Unix socket (in the tower's private directory, or
+  for a root tower in a directory of NGINX's workers' group); the agent checks the
+  client subject NGINX passes on. It holds a lock in the tower's directory, so a second
+  agent for the same tower exits at once, and runs until SIGINT/SIGTERM.
 
 Its identity (key and certificate chain, one PEM file) is renewed over the link: the key
 is made here and never leaves; after the new file is written, the local agent loads it
@@ -32,6 +33,7 @@ import logging
 import os
 import socket
 import ssl
+import stat
 import sys
 import tomllib
 from collections.abc import Awaitable, Callable
@@ -524,10 +526,11 @@ async def _unix_listener(path: Path) -> trio.SocketListener:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # Bound before the mode is narrowed would leave a moment for anyone on the host. The
-    # owner and the directory's group may connect: NGINX's workers, as the tower's user
-    # or in the group of the socket directory a root agent gets.
-    previous = os.umask(0o117)
+    # Bound before the mode is narrowed would leave a moment for anyone on the host. In a
+    # set-group-ID directory (a root tower's, of NGINX's workers' group) that group may
+    # connect too; elsewhere only the owner.
+    shared = path.parent.stat().st_mode & stat.S_ISGID
+    previous = os.umask(0o117 if shared else 0o177)
     try:
         await sock.bind(str(path))
     finally:

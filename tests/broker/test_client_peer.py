@@ -92,3 +92,24 @@ def test_close_returns_when_another_close_it_waits_on_is_cancelled():
             await tower.close()
 
     run(scenario)
+
+
+def test_a_cancelled_close_spoils_no_other_close():
+    async def scenario():
+        client = ClientPeer()
+        tower = await connected(client)
+        try:
+            first = asyncio.ensure_future(client.connection.close())
+            await asyncio.sleep(0)
+            cancelled = asyncio.ensure_future(client.close())
+            other = asyncio.ensure_future(client.close())
+            await asyncio.sleep(0)
+            cancelled.cancel()
+            assert await other is None
+            await first  # completes: the future it made was not cancelled under it
+            assert cancelled.cancelled()
+            assert client.connection.connectionState == "closed"
+        finally:
+            await tower.close()
+
+    run(scenario)

@@ -1,5 +1,6 @@
 """What provisioning puts on a tower host: paths, the agent's tower.toml, nginx.conf."""
 
+import grp
 import http.client
 import os
 import shutil
@@ -7,6 +8,7 @@ import socket
 import ssl
 import subprocess
 import tempfile
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -27,6 +29,7 @@ from broker.site import (
     tower_paths,
 )
 from broker.tower.agent import load_agent_config
+from tests.e2e.hosts import root_tower_traces_removed
 
 NGINX = "/usr/sbin/nginx"
 
@@ -241,18 +244,16 @@ def home():
 def test_nginx_accepts_the_rendered_configuration(home, authority, user):
     tower = host(user=user, tower_address="127.0.0.1", tower_port=free_port(), nginx=NGINX)
     paths = install(tower, home, authority)
-    try:
+    with root_tower_traces_removed():
         if paths.run is not None and os.geteuid() == 0:
             # As provisioning does: NGINX checks that its workers' user exists.
-            subprocess.run(["sh", "-ec", prepare_directories(tower, paths)], check=True,
+            subprocess.run(["sh", "-c", prepare_directories(tower, paths)], check=True,
                            timeout=30)
             assert os.stat(paths.run).st_mode & 0o7777 == 0o2750
+            assert os.stat(paths.run).st_gid == grp.getgrnam(NGINX_WORKER_USER).gr_gid
         result = subprocess.run(
             nginx_command(tower, paths, "-t"), capture_output=True, text=True, timeout=30
         )
-    finally:
-        if paths.run is not None:
-            shutil.rmtree(paths.run, ignore_errors=True)
     assert result.returncode == 0, result.stderr
     assert "test is successful" in result.stderr
 
@@ -296,15 +297,54 @@ def _client_identity(home: Path, name: str, authority: CertificateAuthority) -> 
     return path
 
 
+class AgentStandIn:
+    """Listens on the agent's socket and answers every request 418, with the client
+    subject NGINX passed on; it records what it saw."""
+
+    def __init__(self, path: str) -> None:
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(path)
+        os.chmod(path, 0o666)  # NGINX's workers may run as another user here
+        self.listener.listen()
+        self.listener.settimeout(0.1)
+        self.subjects: list[str] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                connection.settimeout(10)
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += connection.recv(4096)
+                headers = dict(line.split(": ", 1) for line in
+                               request.decode().split("\r\n")[1:] if ": " in line)
+                subject = headers.get("X-Client-Subject", "")
+                self.subjects.append(subject)
+                connection.sendall(f"HTTP/1.1 418 I'm a teapot\r\nX-Seen-Subject: {subject}\r\n"
+                                   "Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(10)
+        self.listener.close()
+
+
 @pytest.mark.skipif(not os.path.exists(NGINX), reason=f"no NGINX at {NGINX} to check against")
 @pytest.mark.parametrize("client, expected", [
     ("no certificate", 400),
     ("another CA's broker", 400),
     ("a tower of the broker's CA", 403),
-    # Through both checks, to the agent's socket; none listens in this test: 502.
-    ("the broker", 502),
+    ("the broker", 418),  # through both checks, to the agent's socket
 ])
 def test_nginx_lets_only_the_broker_through_to_the_agent(home, authority, client, expected):
+    home.chmod(0o755)  # for NGINX's workers, whoever they run as here
     tower = host(tower_address="127.0.0.1", tower_port=free_port(), nginx=NGINX)
     paths = install(tower, home, authority)
     context = ssl.create_default_context(cafile=paths.ca)
@@ -314,17 +354,25 @@ def test_nginx_lets_only_the_broker_through_to_the_agent(home, authority, client
         context.load_cert_chain(_client_identity(home, "tower-2", authority))
     elif client == "the broker":
         context.load_cert_chain(_client_identity(home, BROKER_NAME, authority))
+    agent = AgentStandIn(paths.socket)
     subprocess.run(nginx_command(tower, paths), check=True, capture_output=True, timeout=30)
+    connection = http.client.HTTPSConnection("127.0.0.1", tower.tower_port, context=context,
+                                             timeout=30)
     try:
-        connection = http.client.HTTPSConnection("127.0.0.1", tower.tower_port,
-                                                 context=context, timeout=30)
         connection.request("GET", "/link", headers={
             "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
             "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
         })
-        assert connection.getresponse().status == expected
-        connection.close()
+        response = connection.getresponse()
+        assert response.status == expected
+        if expected == 418:
+            assert response.getheader("X-Seen-Subject") == f"CN={BROKER_NAME}"
+            assert agent.subjects == [f"CN={BROKER_NAME}"]
+        else:
+            assert agent.subjects == []  # refused before anything reached the agent
     finally:
+        connection.close()
+        agent.stop()
         subprocess.run(nginx_command(tower, paths, "-s", "stop"), capture_output=True,
                        timeout=30)
         pid = Path(paths.nginx, "nginx.pid")

@@ -24,7 +24,10 @@ A host's "filesystem" is ``<directory>/root`` (:attr:`SimulatedHost.root`),
 which software installed on the host is expected to use as its prefix. That
 is what makes :meth:`SimulatedHost.cleanup` possible: every process on the
 machine whose command line mentions the host's directory (tower agents,
-nginx masters and workers started detached with ``setsid``) belongs to it.
+nginx masters and workers started detached with ``setsid``) belongs to it. A tower
+provisioned as root also leaves, outside that directory, NGINX's workers' account and
+its socket directory under /run: :func:`root_tower_traces_removed` (which
+:func:`make_host` uses) removes them unless they were there before.
 
 Tests use the :func:`make_host` fixture, imported into the test module
 (``from .hosts import make_host``), and call :func:`require_sshd` /
@@ -35,17 +38,19 @@ from __future__ import annotations
 
 import getpass
 import os
+import pwd
 import shutil
 import signal
 import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from broker.site import RUN_DIRECTORY
+from broker.site import NGINX_WORKER_USER, RUN_DIRECTORY
 
 SSHD = Path("/usr/sbin/sshd")
 NGINX = Path("/usr/sbin/nginx")
@@ -227,8 +232,6 @@ class SimulatedHost:
                 left = sorted(pid for pid in doomed if _alive(pid))
                 raise TimeoutError(f"processes of {self.name} still alive: {left}")
             time.sleep(0.02)
-        # The one place a tower provisioned as root keeps outside the host's directory.
-        shutil.rmtree(f"{RUN_DIRECTORY}/{self.name}", ignore_errors=True)
 
     def _signal_tree(self, signum: int) -> None:
         if self.pid is None:
@@ -260,17 +263,53 @@ def make_host(tmp_path: Path) -> Iterator[Callable[[str, str], SimulatedHost]]:
         host.start()
         return host
 
+    with root_tower_traces_removed():
+        try:
+            yield make
+        finally:
+            errors = []
+            for host in reversed(hosts):
+                try:
+                    host.cleanup()
+                except Exception as error:  # clean up the others regardless
+                    errors.append(error)
+            if errors:
+                raise errors[0]
+
+
+@contextmanager
+def root_tower_traces_removed() -> Iterator[None]:
+    """Afterwards, remove what towers provisioned as root leave on this machine outside
+    their hosts' directories, unless it was there before: NGINX's workers' account and
+    the socket directories under /run."""
+    account_existed = _account_exists(NGINX_WORKER_USER)
+    towers_before = _run_entries()
     try:
-        yield make
+        yield
     finally:
-        errors = []
-        for host in reversed(hosts):
-            try:
-                host.cleanup()
-            except Exception as error:  # clean up the others regardless
-                errors.append(error)
-        if errors:
-            raise errors[0]
+        if towers_before is None:
+            shutil.rmtree(RUN_DIRECTORY, ignore_errors=True)
+        else:
+            for name in (_run_entries() or set()) - towers_before:
+                shutil.rmtree(f"{RUN_DIRECTORY}/{name}", ignore_errors=True)
+        if not account_existed and _account_exists(NGINX_WORKER_USER):
+            subprocess.run(["userdel", NGINX_WORKER_USER], capture_output=True, check=True,
+                           timeout=30)
+
+
+def _run_entries() -> set[str] | None:
+    try:
+        return set(os.listdir(RUN_DIRECTORY))
+    except FileNotFoundError:
+        return None
+
+
+def _account_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 def _free_port() -> int:
