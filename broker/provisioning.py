@@ -464,7 +464,7 @@ class JobSteps(Actor):
     async def _prepare(self) -> None:
         paths, host = self._paths(), self.host
         await self._run_remote(
-            f"{prepare_directories(host, paths)}"
+            f"{prepare_directories(paths)}"
             f" && {{ test -x {host.nginx} || {{ echo 'no NGINX at {host.nginx}' >&2; exit 1; }}; }}"
         )
         version = await self._run_remote(f"{host.tower_command} --version")

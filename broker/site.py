@@ -94,7 +94,7 @@ def tower_paths(host: Host, home: str) -> TowerPaths:
     return TowerPaths(root, run)
 
 
-def prepare_directories(host: Host, paths: TowerPaths) -> str:
+def prepare_directories(paths: TowerPaths) -> str:
     """A shell command (one ``&&`` chain, failing at the first failure): the tower's
     directories, and for the root user NGINX's worker user and the socket directory of
     its group.

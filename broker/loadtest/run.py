@@ -551,10 +551,11 @@ def print_report(report: dict[str, Any]) -> None:
     if plan["application"] == "demo":
         video = report["video"]
         loss = "-" if video["loss_percent"] is None else f"{video['loss_percent']:g}%"
+        rate = video["kbit_per_second_per_session_steady"]
         print(f"video        {video['frames']} frames received, "
               f"{video['frames_per_second_steady']:g}/s with all up; "
               f"{video['packets']} RTP packets, {video['packets_lost']} lost ({loss}); "
-              f"{video['kbit_per_second_per_session_steady']:g} kbit/s per session; "
+              f"{'-' if rate is None else f'{rate:g}'} kbit/s per session; "
               f"jitter p50 {_ms(video['jitter_ms']['p50'])}  "
               f"p99 {_ms(video['jitter_ms']['p99'])}")
     print(f"repairs      {repairs['count']}  p50 {_ms(repairs['p50'])}  max {_ms(repairs['max'])}")

@@ -177,7 +177,7 @@ def test_nginx_workers_run_as_their_own_user_when_root_provisions():
     assert paths.socket == f"{RUN_DIRECTORY}/{tower.name}/agent.sock"
     assert f"proxy_pass http://unix:{paths.socket}:;" in text
     assert paths.root == "/root/session-tower"
-    prepared = prepare_directories(tower, paths)
+    prepared = prepare_directories(paths)
     assert "useradd --system --user-group" in prepared
     assert f"chown root:{NGINX_WORKER_USER} {paths.run} && chmod 2750 {paths.run}" in prepared
 
@@ -189,7 +189,7 @@ def test_nginx_workers_run_as_the_ssh_user_otherwise():
     assert "user " not in text.split("http {")[0]
     assert text.startswith("worker_processes 1;")
     assert paths.run is None and paths.socket == "/home/tower/session-tower/agent.sock"
-    assert "useradd" not in prepare_directories(tower, paths)
+    assert "useradd" not in prepare_directories(paths)
 
 
 def test_the_nginx_configuration_braces_balance():
@@ -247,7 +247,7 @@ def test_nginx_accepts_the_rendered_configuration(home, authority, user):
     with root_tower_traces_removed():
         if paths.run is not None and os.geteuid() == 0:
             # As provisioning does: NGINX checks that its workers' user exists.
-            subprocess.run(["sh", "-c", prepare_directories(tower, paths)], check=True,
+            subprocess.run(["sh", "-c", prepare_directories(paths)], check=True,
                            timeout=30)
             assert os.stat(paths.run).st_mode & 0o7777 == 0o2750
             assert os.stat(paths.run).st_gid == grp.getgrnam(NGINX_WORKER_USER).gr_gid

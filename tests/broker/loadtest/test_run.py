@@ -12,6 +12,7 @@ from broker.loadtest.run import (
     Second,
     parse_metrics,
     percentile,
+    print_report,
 )
 from broker.client_peer import VideoReceived
 from broker.loadtest.traffic import Tally
@@ -77,6 +78,14 @@ def test_a_run_without_video_reports_no_loss_rather_than_zero():
     assert video["packets"] == 0 and video["loss_percent"] is None
     assert video["kbit_per_second_per_session_steady"] is None
     assert video["jitter_ms"] == {"p50": None, "p99": None}
+
+
+def test_a_media_run_that_received_no_video_prints_its_report(capsys):
+    plan = LoadPlan("https://127.0.0.1:9", "secret", "c", application="demo")
+    run = Run(plan, show_progress=False)
+    run.seconds = [Second(at=0, up=1)]
+    print_report(run.report(1.0))
+    assert "0 RTP packets, 0 lost (-); - kbit/s per session" in capsys.readouterr().out
 
 
 def test_the_report_counts_outcomes_and_uses_the_seconds_with_all_up(monkeypatch):
