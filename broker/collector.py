@@ -15,11 +15,12 @@ actors, tasks and TLS streams) is reclaimed by one full collection once enough s
 have closed: a pause paid per batch of closures, not per second of load, nor for each
 quarter the process grows by as Python's own rule has it. The batch is a quarter of the
 sessions alive, so with sessions coming and going the full collections are no more
-frequent than Python's. Garbage that is no session's (in the broker, HTTP connections
-kept alive past a freeze) waits for those collections too. A full collection also once
-the frozen objects doubled would bound it without sessions closing, but, while 3,000
-sessions arrived, its pauses in the broker (0.3-0.7 s) were enough to push setups past
-their deadline: 2,112 and 2,342 of 3,000 connected, against all 3,000 without it.
+frequent than Python's. Garbage that is no session's waits for those collections too,
+so what comes and goes without sessions must not leave cycles: the broker's HTTP
+connections break theirs as they end (``endpoint.py``). A full collection also once the
+frozen objects doubled would bound such garbage without sessions closing, but, while
+3,000 sessions arrived, its pauses in the broker (0.3-0.7 s) were enough to push setups
+past their deadline: 2,112 and 2,342 of 3,000 connected, against all 3,000 without it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,164 @@
+"""The endpoint's HTTP connections: each lets go of its memory as it ends.
+
+The broker freezes what survives a second out of the garbage collector's sight
+(``collector.py``), so a connection whose objects form cycles would wait for a full
+collection; these tests run with the collector off and ask that every connection's
+objects go by reference counting alone. The clock is trio's, frozen: the server's
+timeouts pass only when a test moves it.
+"""
+
+import functools
+import gc
+import weakref
+
+import hypercorn.trio.run
+import pytest
+import trio
+import trio.testing
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from broker import endpoint
+from broker.client import trusting
+from broker.pki import self_signed_server_certificate
+
+KEEP_ALIVE = 5.0
+HANDSHAKE_TIMEOUT = 60.0
+
+
+class RecordedConnection(endpoint._ContainedTCPServer):
+    """The endpoint's connection, with weak references to it and to its stream."""
+
+    alive: list[weakref.ref] = []
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.alive.extend([weakref.ref(self), weakref.ref(self.stream)])
+
+
+async def ok(scope, receive, send) -> None:
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.fixture
+def collector_off(monkeypatch):
+    monkeypatch.setattr(RecordedConnection, "alive", [])
+    monkeypatch.setattr(hypercorn.trio.run, "TCPServer", RecordedConnection)
+    gc.collect()
+    gc.disable()
+    yield RecordedConnection.alive
+    gc.enable()
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    key, certificate = self_signed_server_certificate()
+    (tmp_path / "key.pem").write_bytes(key)
+    (tmp_path / "certificate.pem").write_bytes(certificate)
+    return tmp_path
+
+
+@pytest.fixture
+async def ports(collector_off, certificate):
+    """hypercorn as the endpoint runs it: its HTTPS and plain HTTP ports."""
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.insecure_bind = ["127.0.0.1:0"]
+    config.certfile = str(certificate / "certificate.pem")
+    config.keyfile = str(certificate / "key.pem")
+    config.keep_alive_timeout = KEEP_ALIVE
+    config.ssl_handshake_timeout = HANDSHAKE_TIMEOUT
+    config.accesslog = None
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(functools.partial(serve, ok, config, mode="asgi"))
+        yield {bind.split("://")[0]: int(bind.rsplit(":", 1)[1]) for bind in binds}
+        nursery.cancel_scope.cancel()
+
+
+async def request(stream) -> bytes:
+    await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    received = b""
+    while not received.endswith(b"ok"):
+        received += await stream.receive_some(4096)
+    return received
+
+
+async def all_released(alive: list[weakref.ref], connections: int, port: int) -> None:
+    """Asserts that the first ``connections`` connections and their streams are freed
+    once the server has nothing left to do."""
+    while len(alive) < 2 * connections:
+        await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+    measured = alive[:2 * connections]
+    # trio's listener holds the stream it accepted last until it accepts another.
+    async with await trio.open_tcp_stream("127.0.0.1", port):
+        for _ in range(20):
+            await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+        assert [ref() for ref in measured if ref() is not None] == []
+
+
+async def tls_connection(port: int, directory) -> trio.SSLStream:
+    context = trusting(str(directory / "certificate.pem"))
+    return await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=context)
+
+
+async def test_a_connection_the_client_closes_is_freed(
+    mock_clock, ports, collector_off, certificate
+):
+    https = ports["https"]
+    for _ in range(3):
+        stream = await tls_connection(https, certificate)
+        assert (await request(stream)).startswith(b"HTTP/1.1 200")
+        await stream.aclose()
+    await all_released(collector_off, 3, https)
+
+
+async def test_a_connection_closed_at_its_keep_alive_is_freed(
+    mock_clock, ports, collector_off, certificate
+):
+    https = ports["https"]
+    stream = await tls_connection(https, certificate)
+    await request(stream)
+    await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+    mock_clock.jump(KEEP_ALIVE)
+    with pytest.raises(trio.BrokenResourceError):  # closed, with no TLS close_notify
+        await stream.receive_some(4096)
+    await stream.aclose()
+    await all_released(collector_off, 1, https)
+
+
+async def test_a_failed_tls_handshake_is_freed(mock_clock, ports, collector_off):
+    https = ports["https"]
+    stream = await trio.open_tcp_stream("127.0.0.1", https)
+    await stream.send_all(b"GET / HTTP/1.1\r\n\r\n")  # not a TLS client hello
+    while await stream.receive_some(4096):  # a TLS alert, then the end
+        pass
+    await stream.aclose()
+    await all_released(collector_off, 1, https)
+
+
+async def test_a_tls_connection_that_never_finishes_its_handshake_is_freed(
+    mock_clock, ports, collector_off
+):
+    https = ports["https"]
+    stream = await trio.open_tcp_stream("127.0.0.1", https)
+    # Nothing sent: the server gives up at its handshake timeout.
+    await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+    mock_clock.jump(HANDSHAKE_TIMEOUT)
+    assert await stream.receive_some(4096) == b""
+    await stream.aclose()
+    await all_released(collector_off, 1, https)
+
+
+async def test_a_plain_http_connection_is_freed(mock_clock, ports, collector_off):
+    http = ports["http"]
+    stream = await trio.open_tcp_stream("127.0.0.1", http)
+    assert (await request(stream)).startswith(b"HTTP/1.1 200")
+    await stream.aclose()
+    await all_released(collector_off, 1, http)
