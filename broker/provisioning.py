@@ -66,14 +66,16 @@ from actors.bridge import call_asyncio
 
 from . import remote
 from .config import Settings
-from .inventory import Host, is_plain
+from .inventory import Host
 from .issuer import Issuer
 from .pki import CertificateError
 from .site import (
+    LOGIN_QUERY,
     TowerPaths,
     agent_settings,
     nginx_command,
     nginx_configuration,
+    parse_login,
     prepare_directories,
     quote,
     tower_paths,
@@ -452,10 +454,11 @@ class JobSteps(Actor):
         self.connection = await call_asyncio(
             remote.connect, self.host, context.identity, context.known_hosts
         )
-        home = (await self._run_remote("pwd")).strip()
-        if not home.startswith("/") or not is_plain(home):
-            raise StepFailed(f"connect: the home directory {home!r} is not a plain path")
-        self.paths = tower_paths(self.host, home)
+        try:
+            login = parse_login(await self._run_remote(LOGIN_QUERY))
+        except ValueError as error:
+            raise StepFailed(f"connect: {error}") from None
+        self.paths = tower_paths(self.host, login)
         if len(self.paths.socket.encode()) > MAX_SOCKET_PATH:
             raise StepFailed(f"connect: the agent's socket {self.paths.socket} is longer than "
                              f"a Unix socket path may be ({MAX_SOCKET_PATH} bytes); "

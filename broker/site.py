@@ -18,18 +18,20 @@ upgrade on ``/link`` to the agent's socket. Everything else is refused.
 
 NGINX's workers, which parse what arrives from the network, never run as root. A master
 started by an ordinary SSH user runs its workers as that user. A master started by root
-runs them as the system user ``tower-nginx``, which provisioning creates; they reach the
-agent's socket through a directory of their group under ``/run``, since root's own
-directories are closed to them, and nothing else of the tower's.
+(user id 0, whatever the login's name) runs them as the system user ``tower-nginx``,
+which provisioning creates; they reach the agent's socket through a directory of their
+group under ``/run``, since root's own directories are closed to them, and nothing else
+of the tower's.
 """
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass
 
 from .config import Settings
-from .inventory import Host
+from .inventory import Host, is_plain
 from .pki import BROKER_NAME
 
 
@@ -88,9 +90,37 @@ class TowerPaths:
         return f"{self.root}/nginx"
 
 
-def tower_paths(host: Host, home: str) -> TowerPaths:
-    root = host.root if host.root.startswith("/") else f"{home.rstrip('/')}/{host.root}"
-    run = f"{RUN_DIRECTORY}/{host.name}" if host.user == "root" else None
+# What provisioning asks the SSH login first: its home directory and its user id.
+LOGIN_QUERY = "pwd && id -u"
+
+
+@dataclass(frozen=True)
+class Login:
+    home: str
+    uid: int
+
+
+def parse_login(answer: str) -> Login:
+    """The host's answer to ``LOGIN_QUERY``.
+
+    Raises:
+        ValueError: anything but an absolute plain path, then a decimal user id.
+    """
+    lines = answer.strip().split("\n")
+    if len(lines) != 2:
+        raise ValueError(f"{LOGIN_QUERY!r} answered {answer[:80]!r}, not two lines")
+    home, uid = lines
+    if not home.startswith("/") or not is_plain(home):
+        raise ValueError(f"the home directory {home[:80]!r} is not a plain path")
+    if not re.fullmatch(r"[0-9]{1,10}", uid):
+        raise ValueError(f"the user id {uid[:80]!r} is not a number")
+    return Login(home, int(uid))
+
+
+def tower_paths(host: Host, login: Login) -> TowerPaths:
+    home = login.home.rstrip("/")
+    root = host.root if host.root.startswith("/") else f"{home}/{host.root}"
+    run = f"{RUN_DIRECTORY}/{host.name}" if login.uid == 0 else None
     return TowerPaths(root, run)
 
 

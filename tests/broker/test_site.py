@@ -21,9 +21,11 @@ from broker.pki import BROKER_NAME, CertificateAuthority, generate_key_and_csr
 from broker.site import (
     NGINX_WORKER_USER,
     RUN_DIRECTORY,
+    Login,
     agent_settings,
     nginx_command,
     nginx_configuration,
+    parse_login,
     prepare_directories,
     quote,
     tower_paths,
@@ -44,20 +46,45 @@ def host(**overrides):
 # Paths.
 
 
+def login(home: str, uid: int = 1000) -> Login:
+    return Login(home, uid)
+
+
+def test_the_login_s_answer_gives_its_home_and_user_id():
+    assert parse_login("/home/tower\n1000\n") == Login("/home/tower", 1000)
+    assert parse_login("/root\n0\n") == Login("/root", 0)
+
+
+@pytest.mark.parametrize("answer, complaint", [
+    ("", "not two lines"),
+    ("/home/tower\n", "not two lines"),
+    ("welcome!\n/home/tower\n1000\n", "not two lines"),
+    ("home/tower\n1000", "not a plain path"),
+    ("/home/tower; rm -rf /\n1000", "not a plain path"),
+    ("/home/tower\n-1", "not a number"),
+    ("/home/tower\n0x0", "not a number"),
+    ("/home/tower\n\u0660", "not a number"),  # a digit, but not an ASCII one
+    ("/home/tower\n" + "9" * 11, "not a number"),
+])
+def test_a_login_s_answer_that_is_not_a_home_and_a_user_id_is_refused(answer, complaint):
+    with pytest.raises(ValueError, match=complaint):
+        parse_login(answer)
+
+
 def test_a_relative_root_is_under_the_home_directory():
-    paths = tower_paths(host(), "/home/tower")
+    paths = tower_paths(host(), login("/home/tower"))
     assert paths.root == "/home/tower/session-tower"
-    assert tower_paths(host(), "/home/tower/").root == "/home/tower/session-tower"
-    assert tower_paths(host(root="towers/eu"), "/home/tower").root == "/home/tower/towers/eu"
-    assert tower_paths(host(), "/").root == "/session-tower"
+    assert tower_paths(host(), login("/home/tower/")).root == "/home/tower/session-tower"
+    assert tower_paths(host(root="towers/eu"), login("/home/tower")).root == "/home/tower/towers/eu"
+    assert tower_paths(host(), login("/")).root == "/session-tower"
 
 
 def test_an_absolute_root_is_kept():
-    assert tower_paths(host(root="/srv/tower"), "/home/tower").root == "/srv/tower"
+    assert tower_paths(host(root="/srv/tower"), login("/home/tower")).root == "/srv/tower"
 
 
 def test_the_layout_under_the_root():
-    paths = tower_paths(host(), "/home/tower")
+    paths = tower_paths(host(), login("/home/tower"))
     root = "/home/tower/session-tower"
     assert paths.settings == f"{root}/tower.toml"
     assert paths.socket == f"{root}/agent.sock"
@@ -71,7 +98,7 @@ def test_the_layout_under_the_root():
 
 def test_nginx_runs_with_its_own_prefix_configuration_and_error_log():
     tower = host(nginx="/opt/nginx/sbin/nginx")
-    paths = tower_paths(tower, "/home/tower")
+    paths = tower_paths(tower, login("/home/tower"))
     nginx = "/home/tower/session-tower/nginx"
     assert nginx_command(tower, paths, "-s", "reload") == [
         "/opt/nginx/sbin/nginx", "-p", f"{nginx}/", "-e", f"{nginx}/error.log",
@@ -95,7 +122,7 @@ def load(text: str, tmp_path: Path):
 
 def test_the_agent_settings_parse_and_load_as_written(tmp_path):
     tower = host(name="tower-eu-1", nginx="/usr/local/sbin/nginx")
-    paths = tower_paths(tower, "/home/tower")
+    paths = tower_paths(tower, login("/home/tower"))
     settings = Settings(
         tower_capacity=250, heartbeat_interval=0.5, heartbeat_timeout=2.5,
         tower_load_interval=0.25, tower_silence=1.0, tower_key_type="rsa",
@@ -124,7 +151,7 @@ def test_the_agent_settings_parse_and_load_as_written(tmp_path):
 
 def test_the_agent_settings_with_the_defaults(tmp_path):
     tower = host()
-    paths = tower_paths(tower, "/root")
+    paths = tower_paths(tower, login("/root"))
     agent = load(agent_settings(tower, paths, Settings()), tmp_path)
     assert agent.capacity == Settings.tower_capacity
     assert agent.key_type == Settings.tower_key_type
@@ -135,7 +162,7 @@ def test_the_agent_settings_with_the_defaults(tmp_path):
 def test_paths_with_toml_special_characters_survive(tmp_path):
     # The home directory comes from the host; quotes and backslashes must be escaped.
     tower = host()
-    paths = tower_paths(tower, '/home/o"brien\\x')
+    paths = tower_paths(tower, login('/home/o"brien\\x'))
     agent = load(agent_settings(tower, paths, Settings()), tmp_path)
     assert str(agent.socket) == '/home/o"brien\\x/session-tower/agent.sock'
     assert agent.reload[2] == '/home/o"brien\\x/session-tower/nginx/'
@@ -146,7 +173,7 @@ def test_paths_with_toml_special_characters_survive(tmp_path):
 
 def test_nginx_requires_a_client_certificate_of_the_broker_s_ca_and_name():
     tower = host(tower_address="192.168.1.9", tower_port=9443)
-    paths = tower_paths(tower, "/home/tower")
+    paths = tower_paths(tower, login("/home/tower"))
     text = nginx_configuration(tower, paths)
     assert "listen 192.168.1.9:9443 ssl;" in text
     assert "ssl_verify_client on;" in text
@@ -164,13 +191,15 @@ def test_nginx_requires_a_client_certificate_of_the_broker_s_ca_and_name():
 
 def test_nginx_listens_on_the_ssh_address_without_a_tower_address():
     tower = host(address="10.0.0.7")
-    text = nginx_configuration(tower, tower_paths(tower, "/home/tower"))
+    text = nginx_configuration(tower, tower_paths(tower, login("/home/tower")))
     assert "listen 10.0.0.7:8443 ssl;" in text
 
 
-def test_nginx_workers_run_as_their_own_user_when_root_provisions():
-    tower = host(user="root")
-    paths = tower_paths(tower, "/root")
+@pytest.mark.parametrize("user", ["root", "admin"])
+def test_nginx_workers_run_as_their_own_user_when_root_provisions(user):
+    # Root is user id 0, whatever the login's name.
+    tower = host(user=user)
+    paths = tower_paths(tower, login("/root", uid=0))
     text = nginx_configuration(tower, paths)
     assert text.startswith(f"user {NGINX_WORKER_USER} {NGINX_WORKER_USER};\n")
     # Root's home is closed to them: the socket is in a directory of their group.
@@ -183,8 +212,8 @@ def test_nginx_workers_run_as_their_own_user_when_root_provisions():
 
 
 def test_nginx_workers_run_as_the_ssh_user_otherwise():
-    tower = host(user="tower")
-    paths = tower_paths(tower, "/home/tower")
+    tower = host(user="root")  # a name only: not user id 0
+    paths = tower_paths(tower, login("/home/tower"))
     text = nginx_configuration(tower, paths)
     assert "user " not in text.split("http {")[0]
     assert text.startswith("worker_processes 1;")
@@ -193,13 +222,13 @@ def test_nginx_workers_run_as_the_ssh_user_otherwise():
 
 
 def test_the_nginx_configuration_braces_balance():
-    text = nginx_configuration(host(), tower_paths(host(), "/home/tower"))
+    text = nginx_configuration(host(), tower_paths(host(), login("/home/tower")))
     assert text.count("{") == text.count("}")
 
 
 def test_an_ipv6_link_address_is_bracketed_in_the_listen_directive():
     tower = host(tower_address="::1")
-    text = nginx_configuration(tower, tower_paths(tower, "/home/tower"))
+    text = nginx_configuration(tower, tower_paths(tower, login("/home/tower")))
     assert "listen [::1]:8443 ssl;" in text
 
 
@@ -217,9 +246,9 @@ def authority():
     return CertificateAuthority.create()
 
 
-def install(tower, home: Path, authority):
+def install(tower, home: Path, authority, uid: int = 1000):
     """Put what provisioning puts on the host: identity, CA, nginx.conf and its tmp dir."""
-    paths = tower_paths(tower, str(home))
+    paths = tower_paths(tower, login(str(home), uid))
     Path(paths.tls).mkdir(parents=True, mode=0o700)
     Path(paths.nginx, "tmp").mkdir(parents=True)
     key, csr = generate_key_and_csr(tower.name)
@@ -240,10 +269,10 @@ def home():
 
 
 @pytest.mark.skipif(not os.path.exists(NGINX), reason=f"no NGINX at {NGINX} to check against")
-@pytest.mark.parametrize("user", ["tower", "root"])
-def test_nginx_accepts_the_rendered_configuration(home, authority, user):
-    tower = host(user=user, tower_address="127.0.0.1", tower_port=free_port(), nginx=NGINX)
-    paths = install(tower, home, authority)
+@pytest.mark.parametrize("uid", [1000, 0])
+def test_nginx_accepts_the_rendered_configuration(home, authority, uid):
+    tower = host(tower_address="127.0.0.1", tower_port=free_port(), nginx=NGINX)
+    paths = install(tower, home, authority, uid)
     with root_tower_traces_removed():
         if paths.run is not None and os.geteuid() == 0:
             # As provisioning does: NGINX checks that its workers' user exists.
@@ -278,7 +307,7 @@ def test_nginx_refuses_the_configuration_without_the_tower_identity(home, author
 ])
 def test_agent_settings_with_a_bad_value_are_refused_naming_the_file(tmp_path, line, complaint):
     tower = host()
-    text = agent_settings(tower, tower_paths(tower, "/home/tower"), Settings())
+    text = agent_settings(tower, tower_paths(tower, login("/home/tower")), Settings())
     key = line.split(" = ")[0]
     text = "\n".join(
         entry for entry in text.splitlines() if not entry.startswith(f"{key} ")

@@ -115,7 +115,8 @@ def test_three_hosts_become_towers_at_once_and_serve_sessions(tmp_path, make_hos
             master, workers = nginx_users(host)
             assert master == host.user
             # Never root: an unprivileged user of their own when root provisions.
-            assert workers == {NGINX_WORKER_USER if host.user == "root" else host.user}
+            root = pwd.getpwnam(host.user).pw_uid == 0
+            assert workers == {NGINX_WORKER_USER if root else host.user}
     finally:
         stop_broker(broker)
 
