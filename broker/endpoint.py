@@ -97,6 +97,9 @@ PAGE_POLICY = (
     "base-uri 'none'; frame-ancestors 'none'"
 )
 MAX_BODY_BYTES = 16 * 1024
+# A request's body arrives whole within this, or the request ends with 408: a client
+# that stopped halfway holds no connection and no task.
+BODY_TIMEOUT = 10.0
 CLOSE_DRAIN_TIMEOUT = 2.0
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost"})
 _SESSION_PATH = re.compile(r"^/v1/sessions/(s-[0-9a-f]{16})(/tokens|/signaling)?$")
@@ -497,13 +500,18 @@ async def _ask(ref: ActorRef | None, message: object) -> Any:
 
 async def _read_json(receive: Receive) -> dict[str, Any]:
     body = b""
-    while True:
-        event = await receive()
-        body += event.get("body", b"")
-        if len(body) > MAX_BODY_BYTES:
-            raise ApiError(413, "payload_too_large", f"bodies are at most {MAX_BODY_BYTES} bytes")
-        if not event.get("more_body"):
-            break
+    with trio.move_on_after(BODY_TIMEOUT) as reading:
+        while True:
+            event = await receive()
+            body += event.get("body", b"")
+            if len(body) > MAX_BODY_BYTES:
+                raise ApiError(413, "payload_too_large",
+                               f"bodies are at most {MAX_BODY_BYTES} bytes")
+            if not event.get("more_body"):
+                break
+    if reading.cancelled_caught:
+        raise ApiError(408, "request_timeout",
+                       f"the body did not arrive within {BODY_TIMEOUT:g} s")
     if not body.strip():
         return {}
     try:

@@ -1,4 +1,5 @@
-"""The endpoint's HTTP connections: each lets go of its memory as it ends.
+"""The endpoint's HTTP connections: each lets go of its memory as it ends; and a
+request's body, which has a time to arrive in.
 
 The broker freezes what survives a second out of the garbage collector's sight
 (``collector.py``), so a connection whose objects form cycles would wait for a full
@@ -162,3 +163,36 @@ async def test_a_plain_http_connection_is_freed(mock_clock, ports, collector_off
     assert (await request(stream)).startswith(b"HTTP/1.1 200")
     await stream.aclose()
     await all_released(collector_off, 1, http)
+
+
+# A request's body.
+
+
+async def test_a_body_that_never_comes_ends_the_request_with_408(autojump_clock):
+    async def receive():
+        await trio.sleep_forever()
+
+    with pytest.raises(endpoint.ApiError) as refused:
+        await endpoint._read_json(receive)
+    assert (refused.value.status, refused.value.code) == (408, "request_timeout")
+    assert trio.current_time() == pytest.approx(endpoint.BODY_TIMEOUT)
+
+
+async def test_a_body_that_trickles_past_its_time_ends_the_request_with_408(autojump_clock):
+    async def receive():
+        await trio.sleep(1)
+        return {"type": "http.request", "body": b" ", "more_body": True}
+
+    with pytest.raises(endpoint.ApiError) as refused:
+        await endpoint._read_json(receive)
+    assert refused.value.status == 408
+
+
+async def test_a_body_in_parts_within_its_time_is_read(autojump_clock):
+    parts = [b'{"applica', b'tion": "echo"}']
+
+    async def receive():
+        await trio.sleep(1)
+        return {"type": "http.request", "body": parts.pop(0), "more_body": bool(parts)}
+
+    assert await endpoint._read_json(receive) == {"application": "echo"}
