@@ -36,6 +36,7 @@ from typing import Any
 
 import psutil
 
+from broker.cli import raise_open_file_limit
 from broker.loadtest.run import LoadPlan, run_load
 
 from ._report import print_rows
@@ -193,6 +194,7 @@ def main(arguments: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--quick", action="store_true", help="50 sessions, 5 s")
     options = parser.parse_args(arguments)
+    raise_open_file_limit()  # for the floor server and the generator, as the broker has
     if options.quick:
         options.sessions, options.rate, options.duration = [50], 25.0, 5.0
     if options.chaos:

@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -130,6 +131,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+# Each session takes at least one open file: the broker a signaling connection, a tower
+# a UDP port, a load generator both. Below this many, a process says how few it has.
+FEW_OPEN_FILES = 8192
+MOST_OPEN_FILES = 1 << 20
+
+
+def raise_open_file_limit() -> int:
+    """Raises this process's soft limit of open files to its hard limit (at most
+    ``MOST_OPEN_FILES``), and returns the soft limit it then has. Children inherit it.
+
+    Many systems start processes at 1,024 open files under a hard limit far above it: a
+    broker, tower or load generator left there fails new sessions with "Too many open
+    files" at about a thousand.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = MOST_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, MOST_OPEN_FILES)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            return soft
+        return wanted
+    return soft
+
+
+def _open_files() -> None:
+    limit = raise_open_file_limit()
+    if limit != resource.RLIM_INFINITY and limit < FEW_OPEN_FILES:
+        print(f"broker: this process may open only {limit} files, so it can hold fewer "
+              "sessions than that; raise the hard limit (ulimit -Hn; LimitNOFILE= under "
+              "systemd) for more", file=sys.stderr)
+
+
 def _logging() -> None:
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
@@ -160,6 +194,7 @@ def _serve(arguments: argparse.Namespace) -> int:
         print(f"broker: {error}", file=sys.stderr)
         return 2
     _logging()
+    _open_files()
 
     def announce(bound, files) -> None:
         origin = bound.https_origin
@@ -237,6 +272,7 @@ def _tower_run(arguments: argparse.Namespace) -> int:
     from .tower.peer import PeerSettings
 
     _logging()
+    _open_files()
     if arguments.config is not None:
         try:
             settings = load_agent_config(arguments.config)
@@ -296,6 +332,7 @@ def _loadtest(arguments: argparse.Namespace) -> int:
     if problems:
         print(f"broker loadtest: {', '.join(problems)} must be positive", file=sys.stderr)
         return 2
+    _open_files()
     plan = LoadPlan(
         url=arguments.url.rstrip("/"), api_key=api_key, certificate=certificate,
         sessions=arguments.sessions, rate=arguments.rate, duration=arguments.duration,

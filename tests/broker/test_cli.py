@@ -1,10 +1,12 @@
 """The installed ``broker`` command."""
 
+import resource
 import subprocess
 import sys
 from pathlib import Path
 
 import broker
+from broker import cli
 
 BROKER = Path(sys.executable).with_name("broker")
 
@@ -24,3 +26,35 @@ def test_an_unknown_command_is_refused_clearly():
     result = subprocess.run([BROKER, "fly"], capture_output=True, text=True)
     assert result.returncode == 2
     assert "invalid choice: 'fly'" in result.stderr
+
+
+def run_with_open_file_limit(soft: int, hard: int, code: str) -> subprocess.CompletedProcess:
+    """``code`` run in a Python whose open-file limit starts at ``soft``, ``hard``."""
+    prelude = (
+        "import resource\n"
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard}))\n"
+        "from broker import cli\n"
+    )
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True,
+                          text=True, check=True, timeout=60)
+
+
+def hard_open_file_limit() -> int:
+    """This machine's hard limit (which an unprivileged process cannot raise)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return cli.MOST_OPEN_FILES if hard == resource.RLIM_INFINITY else hard
+
+
+def test_the_open_file_limit_is_raised_to_the_hard_one():
+    hard = hard_open_file_limit()
+    result = run_with_open_file_limit(256, hard, (
+        "print(cli.raise_open_file_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])"))
+    assert result.stdout.split() == [str(hard), str(hard)]
+
+
+def test_a_low_hard_limit_is_said_at_start():
+    result = run_with_open_file_limit(256, 512, "cli._open_files()")
+    assert "may open only 512 files" in result.stderr
+    if hard_open_file_limit() >= cli.FEW_OPEN_FILES:
+        quiet = run_with_open_file_limit(256, hard_open_file_limit(), "cli._open_files()")
+        assert quiet.stderr == ""
