@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import h2.events
 import h2.settings
 import psutil
 import trio
@@ -557,7 +558,8 @@ class _ContainedTCPServer(hypercorn.trio.tcp_server.TCPServer):
     collection, which the broker holds back until a batch of sessions has closed
     (``collector.py``): connections that come and go while no session closes (health
     checks, refused requests) would pile up at about 21 KiB each. Broken here, a
-    connection's memory goes back as it ends.
+    connection's memory goes back as it ends; one that failed still leaves its tasks'
+    exceptions in cycles, for the full collection.
     """
 
     async def run(self) -> None:
@@ -575,7 +577,12 @@ class _ContainedTCPServer(hypercorn.trio.tcp_server.TCPServer):
 
 class _H2WithoutWebSockets(hypercorn.protocol.h2.H2Protocol):
     """HTTP/2 without RFC 8441 WebSockets, whose stream handling has that bug: browsers
-    open the signaling socket over HTTP/1.1 instead."""
+    open the signaling socket over HTTP/1.1 instead.
+
+    The rest of a request answered before its body ended (``408``, ``413``) is dropped,
+    its flow-control credit given back: hypercorn would fail the whole connection, and
+    every other request on it, at data for a stream it has closed.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -586,6 +593,15 @@ class _H2WithoutWebSockets(hypercorn.protocol.h2.H2Protocol):
                 if code != h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL
             },
         )
+
+    async def _handle_events(self, events: list[h2.events.Event]) -> None:
+        for event in events:
+            if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
+                self.connection.acknowledge_received_data(
+                    event.flow_controlled_length, event.stream_id)
+            else:
+                await super()._handle_events([event])
+        await self._flush()
 
 
 hypercorn.trio.run.TCPServer = _ContainedTCPServer  # type: ignore[misc]

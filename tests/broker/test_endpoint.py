@@ -12,6 +12,9 @@ import functools
 import gc
 import weakref
 
+import h2.config
+import h2.connection
+import h2.events
 import hypercorn.trio.run
 import pytest
 import trio
@@ -196,3 +199,58 @@ async def test_a_body_in_parts_within_its_time_is_read(autojump_clock):
         return {"type": "http.request", "body": parts.pop(0), "more_body": bool(parts)}
 
     assert await endpoint._read_json(receive) == {"application": "echo"}
+
+
+# HTTP/2.
+
+
+async def h2_connection(port: int, directory) -> tuple[trio.SSLStream, h2.connection.H2Connection]:
+    context = trusting(str(directory / "certificate.pem"))
+    context.set_alpn_protocols(["h2"])
+    stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=context)
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    connection.initiate_connection()
+    await stream.send_all(connection.data_to_send())
+    return stream, connection
+
+
+async def h2_events(stream, connection, until) -> list[h2.events.Event]:
+    """What the server sends, until ``until`` (a predicate on the events so far) or the
+    end of the connection."""
+    events: list[h2.events.Event] = []
+    while not until(events):
+        data = await stream.receive_some(65536)
+        if not data:
+            break
+        events += connection.receive_data(data)
+        await stream.send_all(connection.data_to_send())
+    return events
+
+
+def request_headers(method: str) -> list[tuple[str, str]]:
+    return [(":method", method), (":path", "/healthz"), (":scheme", "https"),
+            (":authority", "localhost")]
+
+
+async def test_a_request_answered_before_its_body_ended_leaves_the_connection_up(
+    mock_clock, ports, collector_off, certificate
+):
+    stream, connection = await h2_connection(ports["https"], certificate)
+    assert stream.selected_alpn_protocol() == "h2"
+    # The server answers at once (as it does a 408 or 413), with the body half sent.
+    connection.send_headers(1, request_headers("POST"))
+    connection.send_data(1, b"x" * 1000)
+    await stream.send_all(connection.data_to_send())
+    await h2_events(stream, connection, lambda events: any(
+        isinstance(event, h2.events.StreamEnded) and event.stream_id == 1 for event in events))
+    # The rest of that body, then another request on the same connection.
+    connection.send_data(1, b"y" * 1000, end_stream=True)
+    connection.send_headers(3, request_headers("GET"), end_stream=True)
+    await stream.send_all(connection.data_to_send())
+    events = await h2_events(stream, connection, lambda events: any(
+        isinstance(event, h2.events.ConnectionTerminated)
+        or isinstance(event, h2.events.StreamEnded) and event.stream_id == 3
+        for event in events))
+    [answered] = [event for event in events if isinstance(event, h2.events.ResponseReceived)]
+    assert (answered.stream_id, dict(answered.headers)[b":status"]) == (3, b"200")
+    await stream.aclose()
