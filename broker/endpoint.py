@@ -550,8 +550,9 @@ class _ContainedTCPServer(hypercorn.trio.tcp_server.TCPServer):
     go of what it held as it ends.
 
     hypercorn runs each connection as a task of the whole server, so an error in one
-    would stop them all; one such error is known (pgjones/hypercorn#329: a frame on an
-    HTTP/2 stream already closed) and a client can provoke it at will.
+    would stop them all. One such error is known (pgjones/hypercorn#329: a frame on an
+    HTTP/2 stream already closed), which a client could provoke at will; data frames of
+    that kind are now dropped before they reach it (``_H2WithoutWebSockets``).
 
     A connection and its protocol refer to each other, and trio's TLS stream refers to
     itself through its handshake. Left as they are, such cycles wait for a full garbage

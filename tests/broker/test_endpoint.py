@@ -1,5 +1,5 @@
-"""The endpoint's HTTP connections: each lets go of its memory as it ends; and a
-request's body, which has a time to arrive in.
+"""The endpoint's HTTP connections: each lets go of its memory as it ends; a request's
+body, which has a time to arrive in; and HTTP/2 data for a request already answered.
 
 The broker freezes what survives a second out of the garbage collector's sight
 (``collector.py``), so a connection whose objects form cycles would wait for a full
