@@ -164,6 +164,10 @@ class BrokerApi:
             status = error.status
             body = {"error": {"code": error.code, "message": error.message}}
             headers.update(error.headers)
+            if status in (408, 413) and scope.get("http_version", "").startswith("1"):
+                # The rest of the body is never read, so the connection cannot carry
+                # another request: HTTP/1 says so (HTTP/2 ends only the stream).
+                headers["connection"] = "close"
         if isinstance(body, str):
             await _respond(send, status, body.encode(), "text/plain; version=0.0.4",
                            self._secure_headers(headers))

@@ -7,6 +7,7 @@ last test checks that it never noticed any of the abuse.
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import urllib.error
 import urllib.request
@@ -121,6 +122,23 @@ def test_a_body_over_16_kib_is_413(broker):
     body = json.dumps({"application": "x" * 20_000}).encode()
     status, _, response = http(broker, "POST", "/v1/sessions", body, auth(broker))
     assert status == 413 and error_code(response) == "payload_too_large"
+
+
+def test_a_413_on_a_kept_alive_connection_says_it_closes(broker):
+    # urllib asks for each connection to close; a browser keeps it alive.
+    context = ssl.create_default_context(cafile=broker.certificate)
+    host, port = broker.url.split("//")[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname=host) as connection:
+        connection.sendall(
+            f"POST /v1/sessions HTTP/1.1\r\nHost: {host}\r\nContent-Length: 20000\r\n"
+            f"Authorization: Bearer {broker.api_key}\r\n\r\n".encode() + b"x" * 20_000)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += connection.recv(4096)
+    lines = head.split(b"\r\n\r\n")[0].decode().lower().split("\r\n")
+    assert lines[0].startswith("http/1.1 413")
+    assert "connection: close" in lines
 
 
 def test_too_many_sessions_for_a_key_is_429_until_one_ends(broker, healthy):
