@@ -25,6 +25,7 @@ import ssl
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psutil
 
@@ -73,8 +74,8 @@ def measure(connections: int) -> dict:
         broker = start_broker(Path(directory), 1)
         try:
             announced = broker.announced
-            host, port = announced["url"].split("//")[1].rstrip("/").rsplit(":", 1)
-            address = (host, int(port))
+            url = urlsplit(announced["url"])
+            address = (url.hostname, url.port)
             context = ssl.create_default_context(cafile=announced["certificate"])
             process = psutil.Process(broker.process.pid)
 

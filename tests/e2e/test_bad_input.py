@@ -11,6 +11,7 @@ import socket
 import ssl
 import urllib.error
 import urllib.request
+from urllib.parse import urlsplit
 
 import pytest
 import trio
@@ -127,8 +128,9 @@ def test_a_body_over_16_kib_is_413(broker):
 def test_a_413_on_a_kept_alive_connection_says_it_closes(broker):
     # urllib asks for each connection to close; a browser keeps it alive.
     context = ssl.create_default_context(cafile=broker.certificate)
-    host, port = broker.url.split("//")[1].rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=10) as raw, \
+    url = urlsplit(broker.url)
+    host = url.hostname
+    with socket.create_connection((host, url.port), timeout=10) as raw, \
             context.wrap_socket(raw, server_hostname=host) as connection:
         connection.sendall(
             f"POST /v1/sessions HTTP/1.1\r\nHost: {host}\r\nContent-Length: 20000\r\n"
