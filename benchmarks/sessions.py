@@ -27,6 +27,10 @@ have echoed, then closed (``DELETE`` and the client's peer connection) before th
 round. The target is a broker p50 at most 1.25 times the floor's; a missed target is
 reported, not raised. Wall time is ``time.perf_counter``.
 
+Each level also splits the p50 where the time went: from the start to the tower's
+answer in the client's hands (the offer, the ``POST`` and, through the broker, the
+tower's answer), and from there to the first echo (ICE, DTLS, SCTP, the data channel).
+
 Run from the project root::
 
     .venv/bin/python -m benchmarks.sessions            # full run, prints a table
@@ -197,16 +201,24 @@ class Countdown:
         await self.reached.wait()
 
 
+@dataclass(frozen=True)
+class Setup:
+    """One session's seconds from its start to the tower's answer and to its first echo."""
+
+    answered: float
+    echoed: float
+
+
 class SessionPath(Protocol):
     """One way of getting a session with an echo, timed from the client's side."""
 
     name: str
 
     async def session(
-        self, durations: list[float], all_ready: Countdown, all_echoed: Countdown
+        self, setups: list[Setup], all_ready: Countdown, all_echoed: Countdown
     ) -> None:
         """Get ready as its client would before its user asks, wait for ``all_ready``;
-        open one session, append its seconds to first echo to ``durations``, wait for
+        open one session, append its ``Setup`` to ``setups``, wait for
         ``all_echoed``, then close it."""
         ...
 
@@ -227,7 +239,7 @@ class BrokerPath:
         self.opened: list[str] = []
 
     async def session(
-        self, durations: list[float], all_ready: Countdown, all_echoed: Countdown
+        self, setups: list[Setup], all_ready: Countdown, all_echoed: Countdown
     ) -> None:
         # Each session is one browser that has loaded the page: its connection to the
         # origin is open and it knows the ICE servers before its user clicks "start".
@@ -238,7 +250,9 @@ class BrokerPath:
         async with start_session(client) as session:
             self.opened.append(session.grant.id)
             await session.echo(PAYLOAD, timeout=SESSION_TIMEOUT)
-            durations.append(time.perf_counter() - started)
+            echoed = time.perf_counter()
+            assert session.answered_at is not None, "the POST brought no answer"
+            setups.append(Setup(session.answered_at - started, echoed - started))
             await session.wait_state("connected", timeout=SESSION_TIMEOUT)
             await all_echoed.arrive_and_wait()
             await client.delete_session(session.grant.id)
@@ -276,7 +290,7 @@ class FloorPath:
         self.request = FloorClient(url).request
 
     async def session(
-        self, durations: list[float], all_ready: Countdown, all_echoed: Countdown
+        self, setups: list[Setup], all_ready: Countdown, all_echoed: Countdown
     ) -> None:
         await all_ready.arrive_and_wait()
         started = time.perf_counter()
@@ -284,11 +298,12 @@ class FloorPath:
         try:
             offer_sdp = await call_asyncio(peer.offer)
             _, created = await self.request("POST", "/peers", {"sdp": offer_sdp})
+            answered = time.perf_counter()
             await call_asyncio(peer.accept, created["sdp"])
             with trio.fail_after(SESSION_TIMEOUT):
                 await call_asyncio(peer.wait_open)
                 await call_asyncio(peer.echo, PAYLOAD)
-            durations.append(time.perf_counter() - started)
+            setups.append(Setup(answered - started, time.perf_counter() - started))
             await all_echoed.arrive_and_wait()
             await self.request("DELETE", f"/peers/{created['id']}")
         finally:
@@ -299,16 +314,16 @@ class FloorPath:
         """The floor closes its peer connection before it answers ``DELETE``."""
 
 
-async def one_round(path: SessionPath, concurrency: int) -> list[float]:
-    """Start ``concurrency`` sessions at once; returns each one's seconds to first echo."""
-    durations: list[float] = []
+async def one_round(path: SessionPath, concurrency: int) -> list[Setup]:
+    """Start ``concurrency`` sessions at once; returns each one's ``Setup``."""
+    setups: list[Setup] = []
     all_ready, all_echoed = Countdown(concurrency), Countdown(concurrency)
     gc.collect()
     async with trio.open_nursery() as nursery:
         for _ in range(concurrency):
-            nursery.start_soon(path.session, durations, all_ready, all_echoed)
+            nursery.start_soon(path.session, setups, all_ready, all_echoed)
     await path.settle()
-    return durations
+    return setups
 
 
 def cpu_seconds(server: Server) -> float:
@@ -326,7 +341,7 @@ def cpu_seconds(server: Server) -> float:
 
 async def measure(
     broker: BrokerPath, floor: FloorPath, levels: tuple[Level, ...], servers: dict[str, Server]
-) -> tuple[dict[int, dict[str, list[float]]], dict[str, float]]:
+) -> tuple[dict[int, dict[str, list[Setup]]], dict[str, float]]:
     """Every level's rounds on both paths, alternating which path goes first; and each
     server's CPU milliseconds per session over those rounds (its idle work during the
     other path's rounds included)."""
@@ -335,9 +350,9 @@ async def measure(
     for path in paths:
         await one_round(path, 1)
     before = {name: cpu_seconds(server) for name, server in servers.items()}
-    samples: dict[int, dict[str, list[float]]] = {}
+    samples: dict[int, dict[str, list[Setup]]] = {}
     for level in levels:
-        by_path: dict[str, list[float]] = {path.name: [] for path in paths}
+        by_path: dict[str, list[Setup]] = {path.name: [] for path in paths}
         for round_number in range(level.rounds):
             order = paths if round_number % 2 == 0 else paths[::-1]
             for path in order:
@@ -410,8 +425,17 @@ def run_all(levels: tuple[Level, ...]) -> dict[str, Any]:
                     stopped_cleanly[server.name] = stop_server(server)
     results_levels = []
     for level in levels:
-        broker_figures = percentiles(samples[level.concurrency]["broker"])
-        floor_figures = percentiles(samples[level.concurrency]["floor"])
+        by_path = samples[level.concurrency]
+        broker_figures = percentiles([setup.echoed for setup in by_path["broker"]])
+        floor_figures = percentiles([setup.echoed for setup in by_path["floor"]])
+        # Where the time went: to the tower's answer (offer, POST, answer), and after it
+        # (ICE, DTLS, SCTP, the data channel, the echo).
+        phases = {
+            phase: {name: percentiles([part(setup) for setup in setups])
+                    for name, setups in by_path.items()}
+            for phase, part in (("to_answer", lambda setup: setup.answered),
+                                ("after_answer", lambda setup: setup.echoed - setup.answered))
+        }
         ratio = broker_figures["p50_ms"] / floor_figures["p50_ms"]
         results_levels.append({
             "concurrency": level.concurrency,
@@ -422,6 +446,7 @@ def run_all(levels: tuple[Level, ...]) -> dict[str, Any]:
             "ratio_p95": round(broker_figures["p95_ms"] / floor_figures["p95_ms"], 3),
             "ratio_p99": round(broker_figures["p99_ms"] / floor_figures["p99_ms"], 3),
             "target_met": ratio <= RATIO_TARGET,
+            **phases,
         })
     return {
         "levels": results_levels,
@@ -460,6 +485,11 @@ def print_table(results: dict[str, Any]) -> None:
                 target,
                 verdict_cell,
             ))
+        for phase, label in (("to_answer", "start -> answer"),
+                             ("after_answer", "answer -> first echo")):
+            broker_ms, floor_ms = (level[phase][path]["p50_ms"] for path in ("broker", "floor"))
+            rows.append((f"  {label}, p50 (ms)", f"{broker_ms:,.1f}", f"{floor_ms:,.1f}",
+                         f"{broker_ms / floor_ms:.2f}", "", ""))
     print_rows(header, rows)
     cpu = results["cpu_ms_per_session"]
     print(f"CPU per session: broker and its towers {cpu['broker']:.1f} ms, "

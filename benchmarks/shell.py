@@ -43,8 +43,9 @@ OPERATORS = 50
 async def phase(broker: BrokerPath, rounds: int) -> dict[int, list[float]]:
     samples: dict[int, list[float]] = {1: [], 10: []}
     for _ in range(rounds):
-        samples[1] += await one_round(broker, 1)
-        samples[10] += await one_round(broker, 10)
+        for concurrency in samples:
+            setups = await one_round(broker, concurrency)
+            samples[concurrency] += [setup.echoed for setup in setups]
     return samples
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import ssl
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -205,6 +206,8 @@ class ClientSession:
     offered: int = 0
     peer: ClientPeer | None = None
     peers_made: int = 0
+    # ``time.perf_counter()`` when the POST brought the tower's answer (``start_session``).
+    answered_at: float | None = None
     _changed: trio.Event = field(default_factory=trio.Event)
 
     async def send(self, frame: dict[str, Any]) -> None:
@@ -337,7 +340,9 @@ async def start_session(
     )
     try:
         grant = await client.create_session(application, offer=await call_asyncio(peer.offer))
+        answered_at = None
         if grant.answer is not None:
+            answered_at = time.perf_counter()
             await call_asyncio(peer.accept, grant.answer)
     except BaseException:
         with trio.CancelScope(shield=True):
@@ -345,6 +350,7 @@ async def start_session(
         raise
     async with open_session(grant, client.ssl_context, answer_heartbeats=answer_heartbeats,
                             peer=peer, video=video) as session:
+        session.answered_at = answered_at
         yield session
 
 

@@ -27,6 +27,10 @@ def test_quick_run_prints_one_json_object_with_every_figure():
             for key in ("p50_ms", "p95_ms", "p99_ms"):
                 assert measured[key] > 0, (level["concurrency"], path, key)
             assert measured["p50_ms"] <= measured["p95_ms"] <= measured["p99_ms"]
+        for phase in ("to_answer", "after_answer"):
+            for path in ("broker", "floor"):
+                assert level[phase][path]["samples"] == level[path]["samples"], (phase, path)
+                assert 0 < level[phase][path]["p50_ms"] < level[path]["p99_ms"], (phase, path)
         for key in ("ratio_p50", "ratio_p95", "ratio_p99"):
             assert level[key] > 0, (level["concurrency"], key)
         assert isinstance(level["target_met"], bool)
