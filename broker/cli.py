@@ -143,17 +143,25 @@ def raise_open_file_limit() -> int:
 
     Many systems start processes at 1,024 open files under a hard limit far above it: a
     broker, tower or load generator left there fails new sessions with "Too many open
-    files" at about a thousand.
+    files" at about a thousand. Where the system refuses the hard limit itself (macOS
+    caps an unlimited one at ``kern.maxfilesperproc``), the soft limit goes as high as
+    it accepts.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return soft
     wanted = MOST_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, MOST_OPEN_FILES)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
+    # The highest limit accepted, by halving the range: at most 20 tries.
+    accepted = soft
+    while accepted < wanted:
+        trying = (accepted + wanted + 1) // 2
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (trying, hard))
         except (ValueError, OSError):
-            return soft
-        return wanted
-    return soft
+            wanted = trying - 1
+        else:
+            accepted = trying
+    return accepted
 
 
 def _open_files() -> None:

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import broker
 from broker import cli
 
@@ -51,6 +53,23 @@ def test_the_open_file_limit_is_raised_to_the_hard_one():
         "print(cli.raise_open_file_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])"))
     raised = min(hard, cli.MOST_OPEN_FILES)
     assert result.stdout.split() == [str(raised), str(raised)]
+
+
+def test_a_system_that_refuses_the_hard_limit_gets_the_highest_it_accepts():
+    hard = hard_open_file_limit()
+    if hard < 10_240:
+        pytest.skip(f"this machine's hard limit ({hard}) is below the cap tried here")
+    result = run_with_open_file_limit(256, hard, (
+        "set_limit = resource.setrlimit\n"
+        "def capped(kind, limits):\n"
+        "    if limits[0] > 10_240:\n"
+        "        raise ValueError('not allowed to raise maximum limit')\n"
+        "    set_limit(kind, limits)\n"
+        "resource.setrlimit = capped\n"
+        "print(cli.raise_open_file_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+        "cli._open_files()\n"))
+    assert result.stdout.split() == ["10240", "10240"]
+    assert result.stderr == ""
 
 
 def test_a_low_hard_limit_is_said_at_start():
