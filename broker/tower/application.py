@@ -283,8 +283,11 @@ class TowerPeer:
         for track in self._application.media(kinds):
             self._connection.addTrack(track)
         await self._connection.setLocalDescription(await self._connection.createAnswer())
-        for candidate in later[: MAX_MDNS_CANDIDATES + 1]:
-            self._mdns_candidates += candidate is not None
+        for candidate in later:
+            if candidate is not None:
+                if self._mdns_candidates == MAX_MDNS_CANDIDATES:
+                    continue  # a host with more interfaces than that: the rest go unused
+                self._mdns_candidates += 1
             self._add_in_background(candidate)
         return self._connection.localDescription.sdp
 
@@ -415,36 +418,46 @@ def _set_mdns_candidates_aside(offer_sdp: str) -> tuple[str, list[RTCIceCandidat
     """The offer without its mDNS (``.local``) host candidates, and those candidates.
 
     aiortc resolves every remote candidate before ``setRemoteDescription`` returns, so
-    a browser's mDNS names (Chromium's default) would hold the answer back. The offer's
-    end-of-candidates goes aside with them: it must follow them, not precede them.
+    a browser's mDNS names (Chromium's default) would hold the answer back. The
+    end-of-candidates of a section they came from goes aside with them: it must follow
+    them, not precede them; one ends them all (``None``, last). Candidate lines before
+    the first media section belong to none; they stay, and aiortc ignores them.
+
+    Raises:
+        ValueError: a media section's mDNS candidate does not parse.
     """
     description = SessionDescription.parse(offer_sdp)
     later: list[RTCIceCandidate | None] = []
     lines = []
     index = -1
-    set_aside_in_section = False
+    set_aside_in_section = ended = False
     for line in offer_sdp.splitlines():
         if line.startswith("m="):
             index += 1
             set_aside_in_section = False
-        if line.startswith("a=candidate:") and ".local " in line:
-            candidate = candidate_from_sdp(line[len("a=candidate:"):])
+        if index >= 0 and line.startswith("a=candidate:") and ".local " in line:
+            try:
+                candidate = candidate_from_sdp(line[len("a=candidate:"):])
+            except (AssertionError, IndexError, ValueError):
+                raise ValueError(f"not an ICE candidate: {line[:200]!r}") from None
             candidate.sdpMLineIndex = index
             candidate.sdpMid = _mid_of(description, index)
             later.append(candidate)
             set_aside_in_section = True
             continue
         if line == "a=end-of-candidates" and set_aside_in_section:
-            later.append(None)
+            ended = True
             continue
         lines.append(line)
     if not later:
         return offer_sdp, []
+    if ended:
+        later.append(None)
     return "\r\n".join(lines) + "\r\n", later
 
 
 def _mid_of(description: SessionDescription, index: int) -> str | None:
-    return description.media[index].rtp.muxId if index >= 0 else None
+    return description.media[index].rtp.muxId if index < len(description.media) else None
 
 
 def _check_offer(offer_sdp: str) -> None:
@@ -513,9 +526,33 @@ async def answer_offer(
         heartbeat_interval=heartbeat_interval,
         heartbeat_timeout=heartbeat_timeout,
     )
+    answering = asyncio.ensure_future(peer._answer(offer_sdp))
     try:
-        peer.answer_sdp = await peer._answer(offer_sdp)
+        peer.answer_sdp = await asyncio.shield(answering)
+    except asyncio.CancelledError:
+        if answering.done():
+            await peer.close()
+        else:
+            # aioice keeps the sockets of the candidates it is gathering where closing
+            # the peer connection cannot reach them until the gathering is over.
+            _close_once_answered(answering, peer)
+        raise
     except BaseException:
         await peer.close()
         raise
     return peer
+
+
+# Peers whose answer was cancelled, until the answer is over and they are closed.
+_closing: set[asyncio.Future[Any]] = set()
+
+
+def _close_once_answered(answering: asyncio.Future[str], peer: TowerPeer) -> None:
+    def close(_: asyncio.Future[str]) -> None:
+        if not answering.cancelled():
+            answering.exception()  # retrieved: the answer no longer matters
+        closing = asyncio.ensure_future(peer.close())
+        _closing.add(closing)
+        closing.add_done_callback(_closing.discard)
+
+    answering.add_done_callback(close)
