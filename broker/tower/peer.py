@@ -25,6 +25,10 @@ from .application import APPLICATIONS, PeerEvent, TowerPeer, answer_offer
 
 Send = Callable[[object], Awaitable[None]]
 
+# Candidates one offer may be given after it: a browser trickles a few per network
+# interface; each one more makes the tower check another pair of addresses.
+MAX_CANDIDATES = 100
+
 
 @dataclass(frozen=True)
 class PeerSettings:
@@ -49,6 +53,7 @@ class Peer(Actor):
         self.settings = settings
         self.tower_peer: TowerPeer | None = None
         self.early_candidates: list[AddCandidate] = []
+        self.candidates = 0
         self.ended = False
 
     async def _live(self) -> None:
@@ -96,7 +101,12 @@ class Peer(Actor):
         elif isinstance(message, PeerEvent):
             await self._event(message)
         elif isinstance(message, AddCandidate):
-            if self.tower_peer is None:
+            self.candidates += 1
+            if self.candidates > MAX_CANDIDATES:
+                await self.send(PeerRejected(
+                    self.session, self.negotiation, "invalid_message",
+                    f"more than {MAX_CANDIDATES} candidates for one offer"))
+            elif self.tower_peer is None:
                 self.early_candidates.append(message)
             else:
                 await self._add_candidate(message)

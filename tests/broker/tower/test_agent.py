@@ -24,6 +24,7 @@ from actors import bridge
 from broker.client_peer import ClientPeer, new_peer
 from broker.link import (
     MAX_FRAME_BYTES,
+    AddCandidate,
     ClosePeer,
     LinkError,
     OpenPeer,
@@ -335,6 +336,33 @@ def test_a_peer_that_ends_on_its_own_leaves_the_load(agent, credentials):
             # The client goes away without the broker closing anything.
             await bridge.call_asyncio(peer.close)
             await receive(link, PeerState, where=lambda m: m.state != "connected")
+            await receive(link, TowerLoadReport, where=lambda m: m.sessions == 0)
+
+    run(main)
+
+
+def test_candidates_past_the_hundredth_for_one_offer_are_refused(agent, credentials):
+    async def main():
+        async with client_peer() as peer, \
+                open_link(agent, credentials.context(credentials.broker)) as link:
+            await receive(link, TowerHello)
+            offer = await bridge.call_asyncio(peer.offer)
+            await link.send_message(codec.encode(OpenPeer("s-1", 1, offer, "echo")))
+            # Before the answer and after it, as they come.
+            for port in range(10_000, 10_102):
+                await link.send_message(codec.encode(AddCandidate(
+                    "s-1", 1, f"candidate:{port} 1 udp 2113937151 127.0.0.1 {port} typ host",
+                    "0", 0)))
+            refusals = []
+            with trio.move_on_after(2):
+                while True:
+                    message = codec.decode(await link.get_message())
+                    if isinstance(message, PeerRejected):
+                        refusals.append(message)
+            assert refusals == [
+                PeerRejected("s-1", 1, "invalid_message", "more than 100 candidates for one offer")
+            ] * 2
+            await link.send_message(codec.encode(ClosePeer("s-1", 1)))
             await receive(link, TowerLoadReport, where=lambda m: m.sessions == 0)
 
     run(main)
