@@ -313,6 +313,12 @@ class CommunicationServer(Actor):
     async def _open(self, request: OpenPeer, opened_by: object) -> None:
         previous = self.peers_by_session.get(request.session)
         if previous is not None:
+            if request.negotiation < previous.negotiation:
+                # Never from a broker that works: its negotiations only count up.
+                await self.uplink.send(LinkError(
+                    f"an offer for negotiation {request.negotiation} of {request.session}, "
+                    f"whose peer is at negotiation {previous.negotiation}: not taken"))
+                return
             self._close(request.session, previous.negotiation)
         self.opened += 1
         # Unique even when a refused offer's peer is still on its way out.

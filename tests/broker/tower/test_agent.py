@@ -341,6 +341,26 @@ def test_a_peer_that_ends_on_its_own_leaves_the_load(agent, credentials):
     run(main)
 
 
+def test_an_offer_for_an_older_negotiation_leaves_the_live_peer_alone(agent, credentials):
+    async def main():
+        async with client_peer() as peer, \
+                open_link(agent, credentials.context(credentials.broker)) as link:
+            await receive(link, TowerHello)
+            offer = await bridge.call_asyncio(peer.offer)
+            await link.send_message(codec.encode(OpenPeer("s-1", 2, offer, "echo")))
+            answer = await receive(link, PeerAnswer)
+            await bridge.call_asyncio(peer.accept, answer.sdp)
+            await receive(link, PeerState, where=lambda m: m.state == "connected")
+            await link.send_message(codec.encode(OpenPeer("s-1", 1, offer, "echo")))
+            error = await receive(link, LinkError)
+            assert "negotiation 1 of s-1" in error.message
+            with trio.fail_after(DEADLINE):
+                await bridge.call_asyncio(peer.wait_open)
+                await bridge.call_asyncio(peer.echo, "still the live peer")
+
+    run(main)
+
+
 def test_candidates_past_the_hundredth_for_one_offer_are_refused(agent, credentials):
     async def main():
         async with client_peer() as peer, \
