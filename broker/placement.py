@@ -5,10 +5,8 @@ second; a tower not heard from within ``stale_after`` seconds (default 5) is not
 chosen, nor is a draining tower or a full one. Among the rest, two are drawn at random
 and the less loaded wins ("power of two choices", as LiveKit places rooms): nearly as
 even as always taking the least loaded tower, without every broker piling onto the same
-one between two reports. Between two reports a tower's count moves with what this
-broker did since the last one: a session placed on it counts against it, and a session
-that left it (ended, or moved elsewhere) no longer does. So a burst of arrivals spreads
-out, also right after a burst of departures that the last reports still counted.
+one between two reports. A session placed since a tower's last report counts against
+that tower until its next report, so a burst of arrivals spreads out.
 """
 
 from __future__ import annotations
@@ -42,13 +40,10 @@ class _Standing:
     load: TowerLoad
     reported_at: float
     placed_since_report: int = 0
-    left_since_report: int = 0
 
     @property
     def sessions(self) -> int:
-        # A session placed just before the report may not have reached the tower by
-        # then and still leave after it: never below zero.
-        return max(0, self.load.sessions + self.placed_since_report - self.left_since_report)
+        return self.load.sessions + self.placed_since_report
 
     @property
     def share_used(self) -> float:
@@ -80,13 +75,6 @@ class Placement:
         """The tower is gone (down, decommissioned): never choose it again until it reports."""
         self._towers.pop(tower, None)
 
-    def session_left(self, tower: str) -> None:
-        """A session placed on ``tower`` ended there or moved elsewhere; it stops counting
-        against the tower now, not at its next report."""
-        standing = self._towers.get(tower)
-        if standing is not None:
-            standing.left_since_report += 1
-
     def load_of(self, tower: str) -> TowerLoad | None:
         """The tower's last report, counting sessions placed on it since."""
         standing = self._towers.get(tower)
@@ -116,7 +104,7 @@ class Placement:
 
         ``exclude`` names towers the session must not go to (e.g. the one it is being
         repaired away from). Returns None when no tower is ready. The chosen tower's
-        count goes up by one until its next report (``session_left`` takes it back).
+        count goes up by one until its next report.
         """
         candidates = self.ready(now, exclude)
         if not candidates:

@@ -276,7 +276,6 @@ class Session(Supervisor):
         if tower is None:
             self._fail("no other tower is ready")
             return None
-        self.towers.session_left(lifecycle.tower)
         lifecycle.placed(tower.name)
         self.forget_restarts()
         return tower
@@ -366,7 +365,6 @@ class Session(Supervisor):
             self._send_all(self.lifecycle.close("the broker is shutting down"))
         self.counters.session_ended(self.counted_state)
         self.counters.by_key[self.api_key] -= 1
-        self.towers.session_left(self.lifecycle.tower)
         if self.client is not None:
             self.client.close()
 

@@ -203,10 +203,6 @@ class TowerDirectory:
         name = self.placement.choose(trio.current_time(), exclude=exclude | self.draining)
         return None if name is None else self._connections.get(name)
 
-    def session_left(self, name: str) -> None:
-        """A session placed on ``name`` ended there or moved away (see ``Placement``)."""
-        self.placement.session_left(name)
-
     def ready_count(self) -> int:
         return len(self.placement.ready(trio.current_time(), exclude=self.draining))
 

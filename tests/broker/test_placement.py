@@ -60,37 +60,6 @@ def test_sessions_placed_since_the_last_report_count():
     assert placement.choose(now=0.6) == "a"
 
 
-def test_sessions_that_left_since_the_last_report_no_longer_count():
-    placement = placement_with(TowerLoad("a", 2, 2))
-    assert placement.choose(now=0.0) is None
-    placement.session_left("a")
-    assert placement.choose(now=0.1) == "a"
-    assert placement.load_of("a").sessions == 2
-    placement.report(TowerLoad("a", 2, 2), now=1.0)
-    assert placement.choose(now=1.1) is None
-
-
-def test_a_tower_count_never_goes_below_zero():
-    # A session placed just before a report that did not yet count it, leaving after.
-    placement = placement_with(TowerLoad("a", 0, 10))
-    placement.session_left("a")
-    placement.session_left("unknown")
-    assert placement.load_of("a").sessions == 0
-
-
-def test_a_burst_after_a_burst_of_departures_spreads_over_towers():
-    # Both towers reported while a burst of 50 was still on them; then all 50 left
-    # and the next burst came before either tower reported again.
-    placement = placement_with(TowerLoad("a", 0, 1000), TowerLoad("b", 0, 1000))
-    first = Counter(placement.choose(now=0.0) for _ in range(50))
-    placement.report(TowerLoad("a", first["a"], 1000), now=0.5)
-    for tower, count in first.items():
-        for _ in range(count):
-            placement.session_left(tower)
-    second = Counter(placement.choose(now=0.6) for _ in range(50))
-    assert second == {"a": 25, "b": 25}
-
-
 def test_a_burst_spreads_over_towers():
     towers = [TowerLoad(f"t{n}", 0, 1000) for n in range(4)]
     placement = placement_with(*towers)

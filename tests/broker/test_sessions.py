@@ -342,21 +342,6 @@ async def test_restarts_used_up_on_one_tower_move_the_session(autojump_clock, br
     )
 
 
-async def test_a_session_stops_counting_against_each_tower_it_leaves(
-        autojump_clock, broker, monkeypatch):
-    # Placement counts it there until the tower's next load report otherwise.
-    left: list[str] = []
-    monkeypatch.setattr(broker.directory, "session_left", left.append)
-    client = await broker.open_session()
-    for _ in range(2):
-        await fail_current(broker, client)
-    assert left == []
-    await fail_current(broker, client)
-    assert left == ["tower-1"]
-    await client.tell(CloseSession("closed by the client"))
-    assert left == ["tower-1", "tower-2"]
-
-
 async def test_past_its_placements_a_session_fails(autojump_clock, broker):
     first, second = broker.towers["tower-1"], broker.towers["tower-2"]
     client = await broker.open_session()
