@@ -480,8 +480,22 @@ def session_name(session_id: str) -> str:
 
 
 def session_spec(session: Session) -> ChildSpec:
-    """A session under ``sessions``: temporary, as its repairs are its own business."""
-    return ChildSpec(session_name(session.session_id), lambda: session, Restart.TEMPORARY)
+    """A session under ``sessions``: temporary, as its repairs are its own business.
+
+    It runs once. An operator's restart stops it, as a close would, and then fails: a
+    session that started again would be its closed self, holding its API key's count
+    until a second close gave it back twice.
+    """
+    ready: Session | None = session
+
+    def start() -> Session:
+        nonlocal ready
+        if ready is None:
+            raise RuntimeError("a session does not start again; its client creates a new one")
+        started, ready = ready, None
+        return started
+
+    return ChildSpec(session_name(session.session_id), start, Restart.TEMPORARY)
 
 
 def sessions_spec() -> ChildSpec:

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 import trio
 
-from actors import ActorSnapshot, ActorState
+from actors import ActorCrashed, ActorSnapshot, ActorState
 from broker.lifecycle import SessionState
 from broker.metrics import ProcessUsage
 
@@ -963,6 +963,12 @@ class Shell:
         except ValueError:
             raise _CommandError(
                 f"cannot restart {_printable(path)}: it has no supervisor"
+            ) from None
+        except ActorCrashed as crashed:
+            error = crashed.error
+            raise _CommandError(
+                f"{_printable(path)} stopped and did not start again: "
+                f"{_printable(f'{type(error).__name__}: {error}')}"
             ) from None
         if arguments["json"]:
             return _json({"restarted": path})

@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from actors import ActorRef, ActorSystem, SupervisorRef, open_system
+from actors import ActorCrashed, ActorRef, ActorSystem, SupervisorRef, open_system
 from broker.collector import Collector
 from broker.config import Settings
 from broker.link import (
@@ -340,6 +340,21 @@ async def test_restarts_used_up_on_one_tower_move_the_session(autojump_clock, br
     assert (described["state"], described["tower"], described["placements"]) == (
         "negotiating", "tower-2", 2
     )
+
+
+async def test_an_operators_restart_ends_a_session_once(autojump_clock, broker):
+    # As the endpoint counts it, and the session gives it back when it ends.
+    broker.counters.by_key["key"] += 1
+    client = await broker.open_session()
+    sessions = broker.system.lookup("/broker/sessions")
+    assert isinstance(sessions, SupervisorRef)
+    with pytest.raises(ActorCrashed, match="does not start again"):
+        await sessions.restart_child("session:s-1")
+    await trio.testing.wait_all_tasks_blocked()
+    assert broker.session("s-1") is None
+    assert client.closed
+    assert broker.counters.by_key["key"] == 0
+    assert broker.counters.live() == 0
 
 
 async def test_past_its_placements_a_session_fails(autojump_clock, broker):

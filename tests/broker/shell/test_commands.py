@@ -23,6 +23,7 @@ from actors import (
     ActorRef,
     ActorSystem,
     ChildSpec,
+    Restart,
     Strategy,
     Supervisor,
     SupervisorFlags,
@@ -833,6 +834,24 @@ async def test_kill_goes_through_the_view_and_the_supervisor_restarts(autojump_c
     assert await shell.run("kill /broker/nowhere") == Output(
         "no actor at /broker/nowhere\n", Status.ERROR
     )
+
+
+async def test_a_restart_that_does_not_start_again_is_said(autojump_clock, broker):
+    starts = [Worker(broker.gate)]
+
+    def start_once() -> Worker:
+        if not starts:
+            raise RuntimeError("runs once")
+        return starts.pop()
+
+    sessions = broker.ref("/broker/sessions")
+    await sessions.start_child(ChildSpec("session:s3", start_once, Restart.TEMPORARY))
+    assert await broker.shell().run("restart /broker/sessions/session:s3") == Output(
+        "/broker/sessions/session:s3 stopped and did not start again: "
+        "RuntimeError: runs once\n", Status.ERROR
+    )
+    await trio.testing.wait_all_tasks_blocked()
+    assert broker.system.lookup("/broker/sessions/session:s3") is None
 
 
 async def test_restart_and_drain(autojump_clock, broker):
