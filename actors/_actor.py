@@ -43,7 +43,8 @@ SUMMARY_LENGTH = 200
 class Actor:
     """Base class of all actors: private state, a bounded mailbox, one message at a time.
 
-    Subclass it and override ``receive``; optionally ``started`` and ``stopping``.
+    Subclass it and override ``receive``; optionally ``started``, ``stopping`` and
+    ``release``.
     The runtime sets ``ref`` before ``started`` runs. Class attributes declare the
     mailbox: ``mailbox_capacity`` (default 1000) and ``overflow`` (default
     ``Overflow.BACKPRESSURE``); ``runs_tasks = True`` lets it ``start_soon`` tasks.
@@ -92,7 +93,16 @@ class Actor:
         raise TypeError(f"{type(self).__name__} does not handle {type(message).__name__}")
 
     async def stopping(self, exit: Exit) -> None:
-        """Called when the incarnation ends, unless it was killed: release resources here."""
+        """Called when the incarnation ends, unless it was killed: release resources here
+        (what others count on the actor's behalf goes in ``release``)."""
+
+    def release(self, exit: Exit) -> None:
+        """Called last, however the incarnation ended, killed included (``stopping`` then
+        did not run): give back here what others count on this actor's behalf.
+
+        Synchronous, so that nothing can cut it short. If it raises, an incarnation that
+        ended well is recorded as crashed with that error.
+        """
 
     def stop(self) -> None:
         """End this actor normally once the current message is handled."""
@@ -882,6 +892,12 @@ async def run_incarnation(
     finally:
         if exit is None:
             exit = Exit(ExitKind.KILLED, detail="cancelled with its parent")
+        if actor is not None:
+            try:
+                actor.release(exit)
+            except Exception as error:
+                if not exit.abnormal:
+                    exit = Exit(ExitKind.CRASHED, error)
         incarnation.exit = exit
         # An abandoned incarnation that ends late must not touch its successor's state.
         if cell.incarnation is incarnation:

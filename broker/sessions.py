@@ -363,6 +363,10 @@ class Session(Supervisor):
     async def stopping(self, exit: Exit) -> None:
         if not self.lifecycle.state.ended:
             self._send_all(self.lifecycle.close("the broker is shutting down"))
+
+    def release(self, exit: Exit) -> None:
+        # Also for a session an operator killed: its API key's count, the live gauge and
+        # its client's socket must not wait for a close that will never come.
         self.counters.session_ended(self.counted_state)
         self.counters.by_key[self.api_key] -= 1
         if self.client is not None:
@@ -463,13 +467,16 @@ class Negotiation(Actor):
         tower = self.tower
         if tower is None:
             return
-        tower.unroute(self.session_id, self.ref)
         if not tower.closed.is_set():
             with trio.move_on_after(1):
                 try:
                     await tower.send(ClosePeer(self.session_id, self.number))
                 except TowerGone:
                     pass
+
+    def release(self, exit: Exit) -> None:
+        if self.tower is not None:
+            self.tower.unroute(self.session_id, self.ref)
 
 
 SESSIONS_PATH = "/broker/sessions"

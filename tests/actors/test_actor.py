@@ -220,6 +220,53 @@ async def test_kill_is_an_abnormal_end_with_the_reason(autojump_clock, system, l
     assert snapshot.state is ActorState.RUNNING
 
 
+class Holding(Actor):
+    """Holds something others count for it, and says when its hooks run."""
+
+    def __init__(self, seen: list) -> None:
+        self.seen = seen
+
+    async def receive(self, message):
+        if message == "stop":
+            self.stop()
+        elif message == "crash":
+            raise RuntimeError("asked to crash")
+
+    async def stopping(self, exit):
+        self.seen.append(("stopping", exit.kind))
+
+    def release(self, exit):
+        self.seen.append(("release", exit.kind))
+
+
+@pytest.mark.parametrize(("how", "hooks"), [
+    ("stop", [("stopping", ExitKind.NORMAL), ("release", ExitKind.NORMAL)]),
+    ("crash", [("stopping", ExitKind.CRASHED), ("release", ExitKind.CRASHED)]),
+    ("kill", [("release", ExitKind.KILLED)]),
+])
+async def test_release_runs_last_however_the_incarnation_ended(autojump_clock, system, how, hooks):
+    seen: list = []
+    ref = await system.spawn(ChildSpec("holding", lambda: Holding(seen), Restart.TEMPORARY))
+    if how == "kill":
+        ref.kill("operator said so")
+    else:
+        await ref.tell(how)
+    exit = await ref.join()
+    assert seen == hooks
+    assert exit.kind is hooks[-1][1]
+
+
+async def test_a_release_that_raises_makes_a_good_end_a_crash(autojump_clock, system):
+    class Leaking(Holding):
+        def release(self, exit):
+            raise ValueError("could not give it back")
+
+    ref = await system.spawn(ChildSpec("leaking", lambda: Leaking([]), Restart.TEMPORARY))
+    await ref.tell("stop")
+    exit = await ref.join()
+    assert exit.kind is ExitKind.CRASHED and isinstance(exit.error, ValueError)
+
+
 async def test_snapshot_is_data(autojump_clock, system, log):
     ref = await system.spawn(recorder("r", log))
     await ref.ask("x")

@@ -357,6 +357,22 @@ async def test_an_operators_restart_ends_a_session_once(autojump_clock, broker):
     assert broker.counters.live() == 0
 
 
+async def test_a_killed_session_gives_back_what_it_held(autojump_clock, broker):
+    # As the endpoint counts it, and the session gives it back when it ends.
+    broker.counters.by_key["key"] += 1
+    tower = broker.towers["tower-1"]
+    client = await broker.open_session()
+    await offer(client, tower, 1)
+    assert "s-1" in tower.connection._routes
+    broker.session("s-1").kill("killed from the operators' shell")
+    await trio.testing.wait_all_tasks_blocked()
+    assert broker.session("s-1") is None
+    assert client.closed
+    assert broker.counters.by_key["key"] == 0
+    assert broker.counters.live() == 0
+    assert "s-1" not in tower.connection._routes
+
+
 async def test_past_its_placements_a_session_fails(autojump_clock, broker):
     first, second = broker.towers["tower-1"], broker.towers["tower-2"]
     client = await broker.open_session()
