@@ -277,12 +277,13 @@ class BrokerApi:
         sessions = self.system.lookup(SESSIONS_PATH)
         assert isinstance(sessions, SupervisorRef)
         # Counted before the wait, so concurrent requests cannot all pass the limit; the
-        # session gives its count back when it ends.
+        # session gives its count back when it ends, also one that failed to start.
         self.counters.by_key[key] += 1
         try:
             await sessions.start_child(session_spec(session))
         except ActorCrashed as error:
-            self.counters.by_key[key] -= 1
+            if not session.released:  # it never ran at all
+                self.counters.by_key[key] -= 1
             raise ApiError(503, "no_tower", f"the session could not start: {error.error}")
         created = {"id": session_id, "state": session.state.value, "tower": tower.name}
         created.update(self._token(session_id))

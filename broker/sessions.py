@@ -172,6 +172,8 @@ class Session(Supervisor):
         self.negotiation: ActorRef | None = None
         self.counted_state = self.lifecycle.state
         self.counting = False
+        # Whether it gave back its API key's count (see ``release``).
+        self.released = False
         self.answer_reply: tuple[int, trio.MemorySendChannel[dict[str, Any]]] | None = None
         self.unsent_answer: dict[str, Any] | None = None
 
@@ -367,7 +369,9 @@ class Session(Supervisor):
     def release(self, exit: Exit) -> None:
         # Also for a session an operator killed: its API key's count, the live gauge and
         # its client's socket must not wait for a close that will never come.
-        self.counters.session_ended(self.counted_state)
+        self.released = True
+        if self.counting:
+            self.counters.session_ended(self.counted_state)
         self.counters.by_key[self.api_key] -= 1
         if self.client is not None:
             self.client.close()

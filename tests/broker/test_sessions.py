@@ -37,6 +37,7 @@ from broker.sessions import (
     CloseSession,
     Describe,
     DetachClient,
+    Negotiation,
     Session,
     session_spec,
     sessions_spec,
@@ -371,6 +372,24 @@ async def test_a_killed_session_gives_back_what_it_held(autojump_clock, broker):
     assert broker.counters.by_key["key"] == 0
     assert broker.counters.live() == 0
     assert "s-1" not in tower.connection._routes
+
+
+async def test_a_session_that_fails_to_start_gives_back_its_key_once(
+        autojump_clock, broker, monkeypatch):
+    async def broken(self):
+        raise RuntimeError("no negotiation today")
+
+    monkeypatch.setattr(Negotiation, "started", broken)
+    broker.counters.by_key["key"] += 1
+    session = Session("s-1", "key", "echo", "tower-1", broker.directory, broker.settings,
+                      broker.counters)
+    sessions = broker.system.lookup("/broker/sessions")
+    assert isinstance(sessions, SupervisorRef)
+    with pytest.raises(ActorCrashed):
+        await sessions.start_child(session_spec(session))
+    assert session.released
+    assert broker.counters.by_key["key"] == 0
+    assert dict(broker.counters.by_state) == {}
 
 
 async def test_past_its_placements_a_session_fails(autojump_clock, broker):
