@@ -206,7 +206,8 @@ class ClientSession:
     offered: int = 0
     peer: ClientPeer | None = None
     peers_made: int = 0
-    # ``time.perf_counter()`` when the POST brought the tower's answer (``start_session``).
+    # ``time.perf_counter()`` when the tower's first answer reached the client: with the
+    # ``POST`` (``start_session``) or on the socket.
     answered_at: float | None = None
     _changed: trio.Event = field(default_factory=trio.Event)
 
@@ -276,6 +277,8 @@ class ClientSession:
                 await self._offer(frame["negotiation"])
             elif kind == "answer" and self.peer is not None:
                 if frame["negotiation"] == self.offered:
+                    if self.answered_at is None:
+                        self.answered_at = time.perf_counter()
                     await call_asyncio(self.peer.accept, frame["sdp"])
 
     def _record(self, frame: dict[str, Any]) -> None:
@@ -350,7 +353,7 @@ async def start_session(
         raise
     async with open_session(grant, client.ssl_context, answer_heartbeats=answer_heartbeats,
                             peer=peer, video=video) as session:
-        session.answered_at = answered_at
+        session.answered_at = session.answered_at or answered_at
         yield session
 
 
