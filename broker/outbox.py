@@ -36,6 +36,14 @@ class Outbox:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise OutboxClosed() from None
 
+    def put_nowait(self, frame: bytes) -> bool:
+        """Queue ``frame`` if there is room now; False if the outbox is full or closed."""
+        try:
+            self._send.send_nowait(frame)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+        return True
+
     async def write_all(self) -> None:
         """The writer task: write frames in order until the link ends."""
         try:

@@ -29,6 +29,7 @@ from actors import (
     Backoff,
     ChildSpec,
     Exit,
+    ExitKind,
     Restart,
     Supervisor,
     SupervisorFlags,
@@ -479,8 +480,14 @@ class Negotiation(Actor):
                     pass
 
     def release(self, exit: Exit) -> None:
-        if self.tower is not None:
-            self.tower.unroute(self.session_id, self.ref)
+        tower = self.tower
+        if tower is None:
+            return
+        tower.unroute(self.session_id, self.ref)
+        if exit.kind is ExitKind.KILLED:
+            # Its stopping did not close the tower's peer (or not surely): the client's
+            # connection to it would live on with no session behind it.
+            tower.send_nowait(ClosePeer(self.session_id, self.number))
 
 
 SESSIONS_PATH = "/broker/sessions"

@@ -124,6 +124,11 @@ class TowerConnection:
         except trio.TooSlowError:
             raise TowerGone(f"{self.name} took over {SEND_TIMEOUT:g} s to take a frame") from None
 
+    def send_nowait(self, message: object) -> bool:
+        """Queue one message if the link takes it at once (for whoever cannot wait: an
+        actor that was killed); False if it is full or gone."""
+        return not self.closed.is_set() and self.outbox.put_nowait(codec.encode(message))
+
     def route(self, session: str, ref: ActorRef) -> None:
         """Deliver the tower's messages about ``session`` to ``ref`` from now on."""
         self._routes[session] = ref

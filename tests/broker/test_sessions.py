@@ -372,6 +372,8 @@ async def test_a_killed_session_gives_back_what_it_held(autojump_clock, broker):
     assert broker.counters.by_key["key"] == 0
     assert broker.counters.live() == 0
     assert "s-1" not in tower.connection._routes
+    # The tower closes its peer: the client's connection does not outlive the session.
+    assert tower.got(ClosePeer) == [ClosePeer("s-1", 1)]
 
 
 async def test_a_session_that_fails_to_start_gives_back_its_key_once(
