@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--capacity", type=int, default=Settings.tower_capacity)
     run.add_argument("--heartbeat-interval", type=float, default=Settings.heartbeat_interval)
     run.add_argument("--heartbeat-timeout", type=float, default=Settings.heartbeat_timeout)
+    run.add_argument("--negotiation-deadline", type=float,
+                     default=Settings.negotiation_deadline)
     run.add_argument("--load-interval", type=float, default=Settings.tower_load_interval)
     csr = tower_commands.add_parser(
         "csr", help="make the tower's key (kept in DIRECTORY) and print its signing request"
@@ -299,6 +301,14 @@ def _tower_run(arguments: argparse.Namespace) -> int:
             print("broker tower run: give --config, or --name, --listen HOST:PORT, "
                   "--identity and --ca", file=sys.stderr)
             return 2
+        try:
+            peer = PeerSettings(
+                arguments.heartbeat_interval, arguments.heartbeat_timeout, tower=arguments.name,
+                negotiation_deadline=arguments.negotiation_deadline,
+            )
+        except ValueError as error:
+            print(f"broker tower run: {error}", file=sys.stderr)
+            return 2
         settings = AgentSettings(
             name=arguments.name,
             identity=arguments.identity,
@@ -307,9 +317,7 @@ def _tower_run(arguments: argparse.Namespace) -> int:
             ca=arguments.ca,
             capacity=arguments.capacity,
             load_interval=arguments.load_interval,
-            peer=PeerSettings(
-                arguments.heartbeat_interval, arguments.heartbeat_timeout, tower=arguments.name
-            ),
+            peer=peer,
         )
     try:
         bridge.run(run_agent, settings)

@@ -177,6 +177,7 @@ def agent_settings(host: Host, paths: TowerPaths, settings: Settings) -> str:
         f"capacity = {settings.tower_capacity}",
         f"heartbeat_interval = {settings.heartbeat_interval!r}",
         f"heartbeat_timeout = {settings.heartbeat_timeout!r}",
+        f"negotiation_deadline = {settings.negotiation_deadline!r}",
         f"load_interval = {settings.tower_load_interval!r}",
         "",
     ])  # fmt: skip

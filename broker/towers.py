@@ -556,6 +556,7 @@ class LocalTowerAgent(Actor):
             "--capacity", str(self.settings.tower_capacity),
             "--heartbeat-interval", str(self.settings.heartbeat_interval),
             "--heartbeat-timeout", str(self.settings.heartbeat_timeout),
+            "--negotiation-deadline", str(self.settings.negotiation_deadline),
             "--load-interval", str(self.settings.tower_load_interval),
         ]  # fmt: skip
 

@@ -499,6 +499,9 @@ def load_agent_config(path: Path) -> AgentSettings:
         peer = PeerSettings(
             float(values["heartbeat_interval"]), float(values["heartbeat_timeout"]),
             tower=str(values["name"]),
+            # Absent from the files of towers provisioned before it was written there.
+            negotiation_deadline=float(
+                values.get("negotiation_deadline", PeerSettings.negotiation_deadline)),
         )
         return AgentSettings(
             name=str(values["name"]),

@@ -35,6 +35,14 @@ class PeerSettings:
     heartbeat_interval: float = Settings.heartbeat_interval
     heartbeat_timeout: float = Settings.heartbeat_timeout
     tower: str = ""
+    # The broker gives up on a negotiation this long after it began, before its answer:
+    # a peer not connected this long after its answer is one the broker gave up on.
+    negotiation_deadline: float = Settings.negotiation_deadline
+
+    def __post_init__(self) -> None:
+        for name in ("heartbeat_interval", "heartbeat_timeout", "negotiation_deadline"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a positive number of seconds")
 
 
 class Peer(Actor):
@@ -54,6 +62,7 @@ class Peer(Actor):
         self.tower_peer: TowerPeer | None = None
         self.early_candidates: list[AddCandidate] = []
         self.candidates = 0
+        self.connected = False
         self.ended = False
 
     async def _live(self) -> None:
@@ -65,6 +74,10 @@ class Peer(Actor):
             for candidate in self.early_candidates:
                 await self._add_candidate(candidate)
             self.early_candidates.clear()
+            # Its close from the broker may never come (a link congested past a send's
+            # deadline): the peer and its ports must not wait for it for ever.
+            await trio.sleep(self.settings.negotiation_deadline)
+            await self.ref.tell(_Deadline())
             await trio.sleep_forever()
         finally:
             with trio.CancelScope(shield=True):
@@ -110,6 +123,11 @@ class Peer(Actor):
                 self.early_candidates.append(message)
             else:
                 await self._add_candidate(message)
+        elif isinstance(message, _Deadline):
+            if not self.connected:
+                deadline = self.settings.negotiation_deadline
+                await self._event(
+                    PeerEvent("failed", f"not connected {deadline:g} s after its answer"))
         elif isinstance(message, _End):
             self.stop()
         else:
@@ -119,7 +137,9 @@ class Peer(Actor):
         if self.ended:
             return
         await self.send(PeerState(self.session, self.negotiation, event.kind, event.detail))
-        if event.kind != "connected":
+        if event.kind == "connected":
+            self.connected = True
+        else:
             self.ended = True
             self.stop()
 
@@ -146,3 +166,7 @@ class Peer(Actor):
 
 class _End:
     """Sent by the peer to itself: its task is done with it."""
+
+
+class _Deadline:
+    """Sent by the peer to itself: the negotiation deadline has passed since its answer."""

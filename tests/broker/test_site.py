@@ -126,6 +126,7 @@ def test_the_agent_settings_parse_and_load_as_written(tmp_path):
     settings = Settings(
         tower_capacity=250, heartbeat_interval=0.5, heartbeat_timeout=2.5,
         tower_load_interval=0.25, tower_silence=1.0, tower_key_type="rsa",
+        negotiation_deadline=7.5,
     )
     text = agent_settings(tower, paths, settings)
     values = tomllib.loads(text)
@@ -144,6 +145,7 @@ def test_the_agent_settings_parse_and_load_as_written(tmp_path):
     assert agent.load_interval == 0.25
     assert agent.peer.heartbeat_interval == 0.5
     assert agent.peer.heartbeat_timeout == 2.5
+    assert agent.peer.negotiation_deadline == 7.5
     assert agent.peer.tower == "tower-eu-1"
     # Behind NGINX: no port of its own, no CA of its own.
     assert (agent.host, agent.port, agent.ca) == ("", 0, None)
@@ -157,6 +159,15 @@ def test_the_agent_settings_with_the_defaults(tmp_path):
     assert agent.key_type == Settings.tower_key_type
     assert agent.load_interval == Settings.tower_load_interval
     assert agent.peer.heartbeat_interval == Settings.heartbeat_interval
+    assert agent.peer.negotiation_deadline == Settings.negotiation_deadline
+
+
+def test_agent_settings_written_before_the_negotiation_deadline_was_load(tmp_path):
+    tower = host()
+    text = agent_settings(tower, tower_paths(tower, login("/root")), Settings())
+    text = "\n".join(line for line in text.splitlines()
+                     if not line.startswith("negotiation_deadline"))
+    assert load(text, tmp_path).peer.negotiation_deadline == Settings.negotiation_deadline
 
 
 def test_paths_with_toml_special_characters_survive(tmp_path):
@@ -304,6 +315,8 @@ def test_nginx_refuses_the_configuration_without_the_tower_identity(home, author
     ('key_type = "dsa"', "key_type is 'ec' or 'rsa'"),
     ("capacity = [1]", "int()"),
     ('load_interval = "soon"', "could not convert"),
+    ("negotiation_deadline = 0.0", "negotiation_deadline must be a positive number"),
+    ("heartbeat_timeout = nan", "heartbeat_timeout must be a positive number"),
 ])
 def test_agent_settings_with_a_bad_value_are_refused_naming_the_file(tmp_path, line, complaint):
     tower = host()

@@ -116,6 +116,20 @@ class RunningAgent:
 
 @pytest.fixture
 def agent(credentials, tmp_path) -> Iterator[RunningAgent]:
+    yield from running_agent(credentials, tmp_path)
+
+
+# Short, for the test of a peer that never connects; the others connect well within it.
+SHORT_NEGOTIATION_DEADLINE = 2.0
+
+
+@pytest.fixture
+def impatient_agent(credentials, tmp_path) -> Iterator[RunningAgent]:
+    yield from running_agent(credentials, tmp_path, "--negotiation-deadline",
+                             str(SHORT_NEGOTIATION_DEADLINE))
+
+
+def running_agent(credentials, tmp_path, *options: str) -> Iterator[RunningAgent]:
     log = tmp_path / "agent.log"
     with open(log, "wb") as stderr:
         process = subprocess.Popen(
@@ -123,7 +137,7 @@ def agent(credentials, tmp_path) -> Iterator[RunningAgent]:
              "--listen", "127.0.0.1:0",
              "--identity", str(credentials.tower.combined),
              "--ca", str(credentials.ca),
-             "--load-interval", str(LOAD_INTERVAL)],
+             "--load-interval", str(LOAD_INTERVAL), *options],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
         )
     try:
@@ -357,6 +371,32 @@ def test_an_offer_for_an_older_negotiation_leaves_the_live_peer_alone(agent, cre
             with trio.fail_after(DEADLINE):
                 await bridge.call_asyncio(peer.wait_open)
                 await bridge.call_asyncio(peer.echo, "still the live peer")
+
+    run(main)
+
+
+def test_a_peer_not_connected_within_the_negotiation_deadline_fails_on_its_own(
+        impatient_agent, credentials):
+    """The broker gave up on it by then; its close may have been lost on the way."""
+
+    async def main():
+        async with client_peer() as peer, \
+                open_link(impatient_agent, credentials.context(credentials.broker)) as link:
+            await receive(link, TowerHello)
+            # Candidates still to come, as a browser that trickles them: without the
+            # deadline the tower would wait for them for ever.
+            offer = "".join(
+                line for line in (await bridge.call_asyncio(peer.offer)).splitlines(True)
+                if not line.startswith(("a=candidate:", "a=end-of-candidates")))
+            await link.send_message(codec.encode(OpenPeer("s-1", 1, offer, "echo")))
+            await receive(link, PeerAnswer)
+            answered = trio.current_time()
+            state = await receive(link, PeerState)
+            assert (state.session, state.negotiation, state.state) == ("s-1", 1, "failed")
+            assert state.detail == (
+                f"not connected {SHORT_NEGOTIATION_DEADLINE:g} s after its answer")
+            assert trio.current_time() - answered >= SHORT_NEGOTIATION_DEADLINE - 0.1
+            await receive(link, TowerLoadReport, where=lambda m: m.sessions == 0)
 
     run(main)
 
