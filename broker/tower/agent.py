@@ -329,16 +329,25 @@ class CommunicationServer(Actor):
         make = functools.partial(
             Peer, request.session, request.negotiation, self.uplink.send, self.settings.peer
         )
-        try:
-            ref = await self.peers.start_child(ChildSpec(name, make, restart=Restart.TEMPORARY))
-        except ValueError as error:
-            await self.uplink.send(LinkError(f"cannot open {name}: {error}"))
-            return
-        await ref.tell(request)
-        self.peers_by_session[request.session] = PeerEntry(request.negotiation, ref, opened_by)
-        self.session_of_peer[ref] = request.session
-        self.collector.opened()
-        self.monitor(ref)
+        # Started, given its offer and recorded as one step: a link replaced half-way
+        # (its reader cancelled) would leave a peer that nobody tracks, counts or closes.
+        # Recorded, it is closed with the rest of that link's peers.
+        with trio.CancelScope(shield=True):
+            try:
+                ref = await self.peers.start_child(
+                    ChildSpec(name, make, restart=Restart.TEMPORARY))
+            except ValueError as error:
+                refused = error
+            else:
+                refused = None
+                await ref.tell(request)
+                self.peers_by_session[request.session] = PeerEntry(
+                    request.negotiation, ref, opened_by)
+                self.session_of_peer[ref] = request.session
+                self.collector.opened()
+                self.monitor(ref)
+        if refused is not None:
+            await self.uplink.send(LinkError(f"cannot open {name}: {refused}"))
 
     async def receive(self, message: object) -> None:
         if not isinstance(message, Down):

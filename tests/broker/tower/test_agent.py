@@ -11,7 +11,7 @@ from __future__ import annotations
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,13 +156,26 @@ def running_agent(credentials, tmp_path, *options: str) -> Iterator[RunningAgent
 async def open_link(agent: RunningAgent, context: ssl.SSLContext
                     ) -> AsyncIterator[WebSocketConnection]:
     """The broker's end of a link: TCP, TLS naming the tower, then the WebSocket."""
+
+    async def connect() -> trio.abc.Stream:
+        stream = await trio.open_tcp_stream(agent.host, agent.port)
+        tls_stream = trio.SSLStream(stream, context, server_hostname=TOWER)
+        await tls_stream.do_handshake()
+        return tls_stream
+
+    async with link_over(connect) as websocket:
+        yield websocket
+
+
+@asynccontextmanager
+async def link_over(connect: Callable[[], Awaitable[trio.abc.Stream]], **options: object
+                    ) -> AsyncIterator[WebSocketConnection]:
+    """A link's WebSocket over the stream ``connect`` makes; closed on the way out."""
     async with trio.open_nursery() as nursery:
         with trio.fail_after(DEADLINE):
-            stream = await trio.open_tcp_stream(agent.host, agent.port)
-            tls_stream = trio.SSLStream(stream, context, server_hostname=TOWER)
-            await tls_stream.do_handshake()
             websocket = await wrap_client_stream(
-                nursery, tls_stream, TOWER, "/link", max_message_size=MAX_FRAME_BYTES
+                nursery, await connect(), TOWER, "/link", max_message_size=MAX_FRAME_BYTES,
+                **options,
             )
         try:
             yield websocket

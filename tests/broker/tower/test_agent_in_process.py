@@ -1,0 +1,80 @@
+"""The tower agent's communication server in this process, on the asyncio-host/trio-guest
+runner, linked as NGINX links it (a plain WebSocket, the client's certificate subject in
+a header): for the races that need a hand inside the agent. ``test_agent`` runs the real
+agent process over TLS."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+
+import trio
+from trio_websocket import WebSocketConnection
+
+from actors import ActorSystem, ChildSpec, Supervisor, SupervisorFlags, bridge, open_system
+from broker.client_peer import new_peer
+from broker.link import OpenPeer, TowerHello, TowerLoadReport, codec
+from broker.tower import peer as tower_peer
+from broker.tower.agent import AgentSettings, CommunicationServer
+
+from .test_agent import DEADLINE, TOWER, link_over, receive
+
+
+@asynccontextmanager
+async def agent() -> AsyncIterator[tuple[ActorSystem, int]]:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    settings = AgentSettings(name=TOWER, identity=Path("/nonexistent"),
+                             socket=Path("/nonexistent"), load_interval=0.2)
+    peers = SupervisorFlags(intensity=1_000_000, period=1)
+    children = [
+        ChildSpec("peers", lambda: Supervisor((), peers)),
+        ChildSpec("link", lambda: CommunicationServer(settings, listeners)),
+    ]
+    async with open_system(TOWER, children=children) as system:
+        yield system, port
+
+
+def peer_actors(system: ActorSystem) -> list[str]:
+    return [child.name for child in system.lookup(f"/{TOWER}/peers").which_children()]
+
+
+def link(port: int) -> AbstractAsyncContextManager[WebSocketConnection]:
+    """The broker's end of a link as NGINX passes it on: no TLS, the broker's subject."""
+
+    async def connect() -> trio.abc.Stream:
+        return await trio.open_tcp_stream("127.0.0.1", port)
+
+    return link_over(connect, extra_headers=[(b"x-client-subject", b"CN=broker")])
+
+
+def test_a_link_replaced_while_a_peer_starts_leaves_no_peer_behind(monkeypatch):
+    """The broker gave the old link's sessions up: the peer it was opening is closed
+    with them, not left running where nobody tracks or counts it."""
+    started = tower_peer.Peer.started
+
+    async def slow_started(self):
+        # The peers' supervisor busy elsewhere (closing other peers, say).
+        await trio.sleep(0.5)
+        await started(self)
+
+    monkeypatch.setattr(tower_peer.Peer, "started", slow_started)
+
+    async def main():
+        client = await bridge.call_asyncio(new_peer)
+        offer = await bridge.call_asyncio(client.offer)
+        async with agent() as (system, port):
+            async with link(port) as old:
+                await receive(old, TowerHello)
+                await old.send_message(codec.encode(OpenPeer("s-1", 1, offer, "echo")))
+                await trio.sleep(0.1)  # the old link is starting the peer
+                async with link(port) as new:
+                    await receive(new, TowerHello)
+                    await receive(new, TowerLoadReport, where=lambda m: m.sessions == 0)
+                    with trio.fail_after(DEADLINE):
+                        while peer_actors(system):
+                            await trio.sleep(0.05)
+        await bridge.call_asyncio(client.close)
+
+    bridge.run(main, handle_signals=False)
