@@ -549,8 +549,7 @@ _closing: set[asyncio.Future[Any]] = set()
 
 def _close_once_answered(answering: asyncio.Future[str], peer: TowerPeer) -> None:
     def close(_: asyncio.Future[str]) -> None:
-        if not answering.cancelled():
-            answering.exception()  # retrieved: the answer no longer matters
+        # Its outcome no longer matters (``asyncio.shield`` marked it retrieved).
         closing = asyncio.ensure_future(peer.close())
         _closing.add(closing)
         closing.add_done_callback(_closing.discard)

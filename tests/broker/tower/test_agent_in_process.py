@@ -53,10 +53,13 @@ def test_a_link_replaced_while_a_peer_starts_leaves_no_peer_behind(monkeypatch):
     """The broker gave the old link's sessions up: the peer it was opening is closed
     with them, not left running where nobody tracks or counts it."""
     started = tower_peer.Peer.started
+    starting, replaced = trio.Event(), trio.Event()
 
     async def slow_started(self):
-        # The peers' supervisor busy elsewhere (closing other peers, say).
-        await trio.sleep(0.5)
+        # The peers' supervisor busy elsewhere (closing other peers, say) until the link
+        # that asked for this peer has been replaced.
+        starting.set()
+        await replaced.wait()
         await started(self)
 
     monkeypatch.setattr(tower_peer.Peer, "started", slow_started)
@@ -68,9 +71,11 @@ def test_a_link_replaced_while_a_peer_starts_leaves_no_peer_behind(monkeypatch):
             async with link(port) as old:
                 await receive(old, TowerHello)
                 await old.send_message(codec.encode(OpenPeer("s-1", 1, offer, "echo")))
-                await trio.sleep(0.1)  # the old link is starting the peer
+                with trio.fail_after(DEADLINE):
+                    await starting.wait()
                 async with link(port) as new:
                     await receive(new, TowerHello)
+                    replaced.set()
                     await receive(new, TowerLoadReport, where=lambda m: m.sessions == 0)
                     with trio.fail_after(DEADLINE):
                         while peer_actors(system):
