@@ -1,19 +1,10 @@
 """The actor benchmark runs and reports every figure (no timing is asserted here)."""
 
-import json
-import subprocess
-import sys
+from . import quick_run
 
 
 def test_quick_run_prints_one_json_object_with_every_figure():
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.actors", "--quick", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    figures = json.loads(result.stdout)
+    figures = quick_run("actors")
     for key in (
         "tell_per_second",
         "bare_tell_per_second",

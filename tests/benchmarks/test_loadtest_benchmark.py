@@ -1,20 +1,10 @@
 """The load-test benchmark runs and reports its figures (no timing is asserted here)."""
 
-import json
-import subprocess
-import sys
-
-
-def run(*arguments: str) -> dict:
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.loadtest", "--quick", "--json", *arguments],
-        capture_output=True, text=True, timeout=300, check=True,
-    )
-    return json.loads(result.stdout)
+from . import quick_run
 
 
 def test_quick_run_reports_the_floor_and_the_broker_side_by_side():
-    [level] = run()["levels"]
+    [level] = quick_run("loadtest")["levels"]
     for name in ("floor", "broker"):
         figures = level[name]
         assert figures["connected"] == figures["sessions"] == 50, figures
@@ -23,7 +13,7 @@ def test_quick_run_reports_the_floor_and_the_broker_side_by_side():
 
 
 def test_quick_chaos_run_repairs_the_sessions_of_the_killed_tower():
-    results = run("--chaos")
+    results = quick_run("loadtest", "--chaos")
     assert results["chaos"]["killed"] in ("tower-1", "tower-2")
     assert results["sessions"]["lost"] == 0
     assert results["repairs"]["count"] > 0

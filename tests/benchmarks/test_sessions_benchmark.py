@@ -1,24 +1,11 @@
 """The session benchmark runs end to end and reports every figure (no timing is asserted
 here: these machines are shared and noisy)."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent.parent
+from . import quick_run
 
 
 def test_quick_run_prints_one_json_object_with_every_figure():
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.sessions", "--quick", "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    figures = json.loads(result.stdout)
+    figures = quick_run("sessions")
     assert [level["concurrency"] for level in figures["levels"]] == [1, 10]
     for level in figures["levels"]:
         for path in ("broker", "floor"):

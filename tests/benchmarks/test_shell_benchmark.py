@@ -1,16 +1,10 @@
 """The shell benchmark runs and reports its figures (no timing is asserted here)."""
 
-import json
-import subprocess
-import sys
+from . import quick_run
 
 
 def test_quick_run_reports_session_setup_with_and_without_operators():
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.shell", "--quick", "--json"],
-        capture_output=True, text=True, timeout=300, check=True,
-    )
-    results = json.loads(result.stdout)
+    results = quick_run("shell")
     assert results["operators"] == 10
     for concurrency in ("1", "10"):
         figure = results["figures"][concurrency]
