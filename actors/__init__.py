@@ -26,6 +26,7 @@ from ._errors import MailboxFull as MailboxFull
 from ._errors import RestartIntensityExceeded as RestartIntensityExceeded
 from ._exit import Exit as Exit
 from ._exit import ExitKind as ExitKind
+from ._exit import SYSTEM_SHUTDOWN as SYSTEM_SHUTDOWN
 from ._exit import Failure as Failure
 from ._mailbox import Overflow as Overflow
 from ._restart import Backoff as Backoff

@@ -26,7 +26,7 @@ import outcome
 import trio
 
 from ._errors import ActorCrashed, ActorStopped, AskTimeout, safe_repr
-from ._exit import NORMAL, SHUTDOWN, Exit, ExitKind, Failure
+from ._exit import NORMAL, Exit, ExitKind, Failure
 from ._mailbox import Mailbox, Overflow
 from ._restart import DEFAULT_WORKER_SHUTDOWN, ChildSpec
 from ._snapshot import ActorSnapshot, ActorState, SupervisorInfo
@@ -200,7 +200,7 @@ class Actor:
     async def _system_message(self, item: Any) -> Exit | None:
         cell = self._cell
         if item.__class__ is _Stop:
-            return SHUTDOWN if item.incarnation is cell.incarnation else None
+            return item.incarnation.stop_with if item.incarnation is cell.incarnation else None
         if item.__class__ is Down:
             await self.receive(item)
             cell.handled += 1
@@ -390,6 +390,8 @@ def _record(cell: _Cell, item: Any) -> None:
 
 
 class _Stop:
+    """Stop in order, with the ``SHUTDOWN`` exit in the incarnation's ``stop_with``."""
+
     __slots__ = ("incarnation",)
 
     def __init__(self, incarnation: _Incarnation) -> None:
@@ -647,7 +649,7 @@ class _Incarnation:
         "handled",
         "started_at",
         "kill_reason",
-        "stop_requested",
+        "stop_with",
     )
 
     def __init__(self, cell: _Cell) -> None:
@@ -660,7 +662,8 @@ class _Incarnation:
         self.handled = False
         self.started_at: float | None = None
         self.kill_reason = ""
-        self.stop_requested = False
+        # The ``SHUTDOWN`` exit, with its reason, once its supervisor asks it to stop.
+        self.stop_with: Exit | None = None
 
 
 class _Cell:
@@ -885,8 +888,8 @@ async def run_incarnation(
             except Exception as error:
                 exit = Exit(ExitKind.CRASHED, error)
         if incarnation.scope.cancelled_caught:
-            if actor is None and incarnation.stop_requested:
-                exit = SHUTDOWN
+            if actor is None and incarnation.stop_with is not None:
+                exit = incarnation.stop_with
             else:
                 exit = Exit(ExitKind.KILLED, detail=incarnation.kill_reason or "cancelled")
     finally:

@@ -13,7 +13,8 @@ class ExitKind(enum.Enum):
     """How an actor's run ended.
 
     - ``NORMAL``: the actor stopped itself (``Actor.stop``).
-    - ``SHUTDOWN``: its supervisor (or the system) stopped it in order.
+    - ``SHUTDOWN``: its supervisor (or the system) stopped it in order; the detail says
+      why (``SYSTEM_SHUTDOWN``, terminated, restarted, its supervisor stopping).
     - ``CRASHED``: it raised an exception.
     - ``KILLED``: it was cancelled: it missed its shutdown deadline, or someone killed it
       on purpose (``ActorRef.kill``).
@@ -45,8 +46,14 @@ class Exit:
         return self.kind.value
 
 
+def shutdown(reason: str) -> Exit:
+    """An ordered stop, and why."""
+    return Exit(ExitKind.SHUTDOWN, detail=reason)
+
+
 NORMAL = Exit(ExitKind.NORMAL)
-SHUTDOWN = Exit(ExitKind.SHUTDOWN)
+# Every actor's exit when the system itself stops: its supervisors pass it down.
+SYSTEM_SHUTDOWN = shutdown("the actor system is shutting down")
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from ._actor import (
     run_incarnation,
 )
 from ._errors import ActorCrashed, RestartIntensityExceeded
-from ._exit import Exit, ExitKind
+from ._exit import Exit, ExitKind, shutdown
 from ._restart import (
     DEFAULT_WORKER_SHUTDOWN,
     ChildSpec,
@@ -89,10 +89,13 @@ class Supervisor(Actor):
                             await self._start_new_child(spec)
                     except Exception as error:
                         start_failure = error
-                        await self._stop_all_children()
+                        await self._stop_all_children(shutdown(f"{self.path} failed to start"))
                     else:
                         yield
-                        await self._stop_all_children()
+                        # Stopped in order, its children stop for the same reason.
+                        incarnation = self._cell.incarnation
+                        why = incarnation.stop_with if incarnation is not None else None
+                        await self._stop_all_children(why or shutdown(f"{self.path} stopped"))
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
@@ -190,8 +193,9 @@ class Supervisor(Actor):
             return
         group = restart_group(self.flags.strategy, tuple(self._children), cell.name)
         siblings = [self._children[name] for name in group if name != cell.name]
+        why = shutdown(f"restarted with {cell.path}")
         for sibling in reversed(siblings):
-            stopped = await self._stop_child(sibling)
+            stopped = await self._stop_child(sibling, why)
             if sibling.spec.restart is Restart.TEMPORARY:
                 self._remove(sibling, stopped)
         if delay > 0:
@@ -222,8 +226,11 @@ class Supervisor(Actor):
         )
         return failed
 
-    async def _stop_child(self, cell: _Cell) -> Exit:
-        """Stop one child in order: ask, wait its deadline, cancel, wait again, abandon."""
+    async def _stop_child(self, cell: _Cell, why: Exit) -> Exit:
+        """Stop one child in order: ask, wait its deadline, cancel, wait again, abandon.
+
+        ``why`` is the ``SHUTDOWN`` exit it ends with if it stops in time.
+        """
         incarnation = cell.incarnation
         assert incarnation is not None
         incarnation.handled = True
@@ -232,8 +239,8 @@ class Supervisor(Actor):
             return incarnation.exit
         cell.state = ActorState.STOPPING
         deadline = cell.shutdown_deadline()
+        incarnation.stop_with = why
         if cell.actor is None:
-            incarnation.stop_requested = True
             incarnation.scope.cancel()
         elif deadline > 0:
             cell.mailbox.put_system(_Stop(incarnation))
@@ -248,9 +255,9 @@ class Supervisor(Actor):
             return Exit(ExitKind.KILLED, detail="abandoned: still running after cancellation")
         return incarnation.exit
 
-    async def _stop_all_children(self) -> None:
+    async def _stop_all_children(self, why: Exit) -> None:
         for cell in reversed(list(self._children.values())):
-            self._remove(cell, await self._stop_child(cell))
+            self._remove(cell, await self._stop_child(cell, why))
 
     def _remove(self, cell: _Cell, exit: Exit) -> None:
         if self._children.get(cell.name) is cell:
@@ -265,13 +272,13 @@ class Supervisor(Actor):
 
     async def _terminate_child(self, name: str) -> Exit:
         cell = self._child(name)
-        exit = await self._stop_child(cell)
+        exit = await self._stop_child(cell, shutdown("terminated on request"))
         self._remove(cell, exit)
         return exit
 
     async def _restart_child(self, name: str) -> ActorRef:
         cell = self._child(name)
-        await self._stop_child(cell)
+        await self._stop_child(cell, shutdown("restarted on request"))
         failed = await self._restart_now(cell)
         if failed is not None:
             # Its ChildExited is still queued and decides, as for any crash, what next.

@@ -11,7 +11,7 @@ import trio
 
 from ._actor import ActorRef, SupervisorRef, _Cell, _Incarnation, _Stop, run_incarnation
 from ._errors import ActorCrashed, ActorError, ActorStopped
-from ._exit import Exit, ExitKind
+from ._exit import SYSTEM_SHUTDOWN, Exit, ExitKind
 from ._mailbox import DeadLetters
 from ._restart import ChildSpec, SupervisorFlags, validate_name
 from ._snapshot import ActorSnapshot
@@ -113,6 +113,7 @@ class ActorSystem:
         assert incarnation is not None
         incarnation.handled = True
         if not incarnation.done.is_set():
+            incarnation.stop_with = SYSTEM_SHUTDOWN
             self._root.mailbox.put_system(_Stop(incarnation))
             with trio.move_on_after(timeout):
                 await incarnation.done.wait()

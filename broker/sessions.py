@@ -24,6 +24,7 @@ from typing import Any
 import trio
 
 from actors import (
+    SYSTEM_SHUTDOWN,
     Actor,
     ActorRef,
     Backoff,
@@ -365,7 +366,7 @@ class Session(Supervisor):
 
     async def stopping(self, exit: Exit) -> None:
         if not self.lifecycle.state.ended:
-            self._send_all(self.lifecycle.close("the broker is shutting down"))
+            self._send_all(self.lifecycle.close(_stop_reason(exit)))
 
     def release(self, exit: Exit) -> None:
         # Also for a session an operator killed: its API key's count, the live gauge and
@@ -376,6 +377,16 @@ class Session(Supervisor):
         self.counters.by_key[self.api_key] -= 1
         if self.client is not None:
             self.client.close()
+
+
+def _stop_reason(exit: Exit) -> str:
+    """What the client hears when its session ends from inside the broker."""
+    if exit == SYSTEM_SHUTDOWN:
+        return "the broker is shutting down"
+    if exit.kind is ExitKind.CRASHED:
+        return "the session failed inside the broker"
+    # An operator's restart or stop, through the shell.
+    return "an operator stopped the session"
 
 
 def _send(outbox: trio.MemorySendChannel[dict[str, Any]], frame: dict[str, Any]) -> bool:

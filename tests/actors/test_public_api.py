@@ -31,6 +31,7 @@ PUBLIC = {
     "SupervisorFlags",
     "SupervisorInfo",
     "SupervisorRef",
+    "SYSTEM_SHUTDOWN",
     "SystemStatistics",
     "Trace",
     "TracedMessage",

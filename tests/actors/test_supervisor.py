@@ -13,10 +13,13 @@ from actors import (
     ChildSpec,
     ExitKind,
     Restart,
+    SYSTEM_SHUTDOWN,
+    Exit,
     RestartIntensityExceeded,
     Strategy,
     Supervisor,
     SupervisorFlags,
+    open_system,
 )
 
 from .conftest import Recorder, recorder
@@ -219,6 +222,49 @@ async def test_a_child_in_backoff_can_be_terminated(autojump_clock, system, log)
     await trio.sleep(1)
     exit = await group.terminate_child("w")
     assert exit.kind is ExitKind.SHUTDOWN
+
+
+class Witness(Actor):
+    """Keeps the exit its ``stopping`` was given."""
+
+    def __init__(self, exits: dict[str, Exit], name: str) -> None:
+        self.exits = exits
+        self.name = name
+
+    async def receive(self, message):
+        raise RuntimeError(message)
+
+    async def stopping(self, exit: Exit) -> None:
+        self.exits[self.name] = exit
+
+
+async def test_an_ordered_stop_says_why_down_the_tree(autojump_clock):
+    exits: dict[str, Exit] = {}
+
+    def witness(name: str) -> ChildSpec:
+        return ChildSpec(name, lambda: Witness(exits, name))
+
+    async with open_system("test") as system:
+        inner = supervisor_spec("inner", [witness("deep")])
+        group = await system.spawn(supervisor_spec(
+            "group", [witness("a"), inner, witness("b")], strategy=Strategy.REST_FOR_ONE,
+            intensity=5,
+        ))
+        await group.restart_child("b")
+        assert str(exits.pop("b")) == "shutdown: restarted on request"
+        await group.terminate_child("inner")
+        assert str(exits.pop("deep")) == "shutdown: terminated on request"
+        await group.start_child(inner)
+        await system.lookup("/test/group/a").tell("crash")
+        await trio.sleep(1)
+        # rest_for_one: those after it stop too, saying with which one, in reverse order.
+        assert [(name, str(exit)) for name, exit in exits.items()] == [
+            ("a", "crashed: RuntimeError('crash')"),
+            ("deep", "shutdown: restarted with /test/group/a"),
+            ("b", "shutdown: restarted with /test/group/a"),
+        ]
+        exits.clear()
+    assert exits == {"b": SYSTEM_SHUTDOWN, "deep": SYSTEM_SHUTDOWN, "a": SYSTEM_SHUTDOWN}
 
 
 class Stubborn(Actor):

@@ -353,9 +353,21 @@ async def test_an_operators_restart_ends_a_session_once(autojump_clock, broker):
         await sessions.restart_child("session:s-1")
     await trio.testing.wait_all_tasks_blocked()
     assert broker.session("s-1") is None
+    closed = (await client.new_frames())[-1]
+    assert (closed["state"], closed["reason"]) == ("closed", "an operator stopped the session")
     assert client.closed
     assert broker.counters.by_key["key"] == 0
     assert broker.counters.live() == 0
+
+
+async def test_a_broker_shutting_down_says_so_to_its_clients(autojump_clock, tmp_path):
+    async with running_broker(tmp_path) as broker:
+        client = await broker.open_session()
+        await client.new_frames()
+    assert [(frame["state"], frame["reason"]) for frame in await client.new_frames()] == [
+        ("closed", "the broker is shutting down")
+    ]
+    assert client.closed
 
 
 async def test_a_killed_session_gives_back_what_it_held(autojump_clock, broker):
