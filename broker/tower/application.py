@@ -34,13 +34,12 @@ from aiortc import (
     RTCDataChannel,
     RTCIceCandidate,
     RTCIceServer,
-    RTCPeerConnection,
     RTCSessionDescription,
 )
 from aiortc.sdp import SessionDescription, candidate_from_sdp
 
 from ..config import check_ice_servers
-from .dtls import share_certificate
+from .dtls import peer_connection
 from .media import SyntheticVideoTrack
 
 __all__ = [
@@ -201,8 +200,7 @@ class TowerPeer:
     ) -> None:
         self.answer_sdp = ""
         self._configuration = configuration
-        self._connection = RTCPeerConnection(configuration)
-        share_certificate(self._connection)
+        self._connection = peer_connection(configuration)
         self._application = application
         self._on_event = on_event
         self._heartbeat_interval = heartbeat_interval

@@ -9,7 +9,9 @@ are still its own: SRTP and SCTP are keyed by each DTLS handshake. The shared co
 keeps no session cache, so no DTLS session is resumed across peer connections.
 
 The certificate is replaced a day before it expires (aiortc's last 30 days); connections
-made with the previous one keep it.
+made with the previous one keep it. ``peer_connection`` also spares aiortc making a
+certificate only to have it replaced: a key and a signature per session, on the way to
+its answer.
 """
 
 from __future__ import annotations
@@ -17,13 +19,17 @@ from __future__ import annotations
 import datetime
 import logging
 
-from aiortc import RTCCertificate, RTCPeerConnection
+import aiortc.rtcpeerconnection
+from aiortc import RTCCertificate, RTCConfiguration, RTCPeerConnection
 from aiortc.rtcdtlstransport import SRTPProtectionProfile
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
 
-__all__ = ["RENEW_BEFORE", "SharedCertificate", "share_certificate", "tower_certificate"]
+__all__ = [
+    "RENEW_BEFORE", "SharedCertificate", "peer_connection", "share_certificate",
+    "tower_certificate",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -76,3 +82,28 @@ def share_certificate(connection: RTCPeerConnection) -> None:
                            "certificate and context", _CERTIFICATES)
         return
     setattr(connection, _CERTIFICATES, [tower_certificate()])
+
+
+class _Given:
+    """Stands in for ``RTCCertificate`` while a peer connection is made: it hands out
+    the tower's certificate instead of generating one."""
+
+    def __init__(self, certificate: SharedCertificate) -> None:
+        self.certificate = certificate
+
+    def generateCertificate(self) -> SharedCertificate:  # noqa: N802 (aiortc's name)
+        return self.certificate
+
+
+def peer_connection(configuration: RTCConfiguration) -> RTCPeerConnection:
+    """A new peer connection with the tower's certificate, made without one of its own."""
+    certificate = tower_certificate()
+    module = aiortc.rtcpeerconnection
+    generator = module.RTCCertificate
+    module.RTCCertificate = _Given(certificate)  # type: ignore[misc,assignment]
+    try:
+        connection = RTCPeerConnection(configuration)
+    finally:
+        module.RTCCertificate = generator  # type: ignore[misc]
+    share_certificate(connection)  # whatever aiortc did with the stand-in
+    return connection

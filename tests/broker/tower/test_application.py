@@ -16,6 +16,7 @@ import pytest
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
 from broker.tower import application as tower_application
+from broker.tower import dtls
 from broker.tower.dtls import SharedCertificate, tower_certificate
 from broker.tower.application import (
     APPLICATIONS,
@@ -310,7 +311,7 @@ def made_connections(monkeypatch) -> list[tuple[RTCPeerConnection, RTCConfigurat
             super().__init__(configuration)
             made.append((self, configuration))
 
-    monkeypatch.setattr(tower_application, "RTCPeerConnection", RecordedConnection)
+    monkeypatch.setattr(dtls, "RTCPeerConnection", RecordedConnection)
     return made
 
 

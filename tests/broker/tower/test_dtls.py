@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 
+import aiortc.rtcpeerconnection
+from aiortc import RTCCertificate, RTCConfiguration
 from aiortc.rtcdtlstransport import SRTP_AEAD_AES_128_GCM, SRTP_AES128_CM_SHA1_80
 from OpenSSL import SSL
 
 from broker.tower import dtls
-from broker.tower.dtls import RENEW_BEFORE, SharedCertificate, share_certificate, tower_certificate
+from broker.tower.dtls import (
+    RENEW_BEFORE,
+    SharedCertificate,
+    peer_connection,
+    share_certificate,
+    tower_certificate,
+)
 
 PROFILES = [SRTP_AEAD_AES_128_GCM, SRTP_AES128_CM_SHA1_80]
 
@@ -43,3 +52,21 @@ def test_an_aiortc_without_the_attribute_is_left_alone_with_one_warning(caplog, 
         share_certificate(Elsewhere())
     assert len(caplog.records) == 1
     assert "own DTLS certificate" in caplog.records[0].getMessage()
+
+
+def test_a_peer_connection_gets_the_towers_certificate_without_making_one(monkeypatch):
+    shared = tower_certificate()
+
+    def refuse(cls):
+        raise AssertionError("a certificate was generated")
+
+    async def scenario():
+        connection = peer_connection(RTCConfiguration([]))
+        try:
+            assert connection._RTCPeerConnection__certificates == [shared]
+            assert aiortc.rtcpeerconnection.RTCCertificate is RTCCertificate
+        finally:
+            await connection.close()
+
+    monkeypatch.setattr(RTCCertificate, "generateCertificate", classmethod(refuse))
+    asyncio.run(scenario())
