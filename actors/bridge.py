@@ -122,13 +122,21 @@ class _GuestRun(Generic[T]):
     def wait(self) -> outcome.Outcome[T]:
         try:
             return self.loop.run_until_complete(self.finished)
-        except BaseException:
+        except BaseException as broke_out:
             # Something broke out of the host loop itself (loop.stop(), or a
             # KeyboardInterrupt when signals are not ours). Trio's state is undefined if
-            # its host stops under it, so let the guest unwind before giving up.
-            if not self.finished.done():
+            # its host stops under it, so let the guest unwind before giving up, however
+            # often the loop is stopped again meanwhile.
+            while not self.finished.done():
                 self.cancel_main()
-                self.loop.run_until_complete(self.finished)
+                try:
+                    self.loop.run_until_complete(self.finished)
+                except BaseException:
+                    continue
+            unwound = self.finished.result()
+            if isinstance(unwound, outcome.Error):
+                # What main raised while it unwound is not lost.
+                broke_out.__context__ = unwound.error
             raise
 
 

@@ -147,6 +147,32 @@ def test_run_lets_main_unwind_when_the_host_loop_is_stopped_under_it() -> None:
     assert unwound == ["main"]
 
 
+def test_run_lets_main_unwind_however_often_the_host_loop_is_stopped() -> None:
+    unwound: list[str] = []
+
+    async def stop_the_loop_twice() -> None:
+        loop = asyncio.get_running_loop()
+        loop.stop()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            loop.stop()  # a library's clean-up that stops the loop again
+            raise
+
+    async def main() -> None:
+        try:
+            await bridge.call_asyncio(stop_the_loop_twice)
+        finally:
+            with trio.CancelScope(shield=True):
+                await bridge.call_asyncio(asyncio.sleep, 0)
+            unwound.append("main")
+
+    with pytest.raises(RuntimeError, match="Event loop stopped"):
+        bridge.run(main)
+    assert unwound == ["main"]
+    assert bridge.run(trio.sleep, 0) is None  # and the next run is unaffected
+
+
 # signals
 
 
