@@ -15,6 +15,7 @@ message.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,6 +34,8 @@ from ._snapshot import ActorSnapshot, ActorState, SupervisorInfo
 
 if TYPE_CHECKING:
     from ._system import ActorSystem
+
+logger = logging.getLogger("actors")
 
 DEFAULT_ASK_TIMEOUT = 5.0
 FAILURES_KEPT = 5
@@ -105,8 +108,12 @@ class Actor:
         """
 
     def stop(self) -> None:
-        """End this actor normally once the current message is handled."""
-        self._cell.stop_requested = True
+        """End this actor normally once the current message is handled (at once when
+        called from one of its tasks while it waits for mail)."""
+        cell = self._cell
+        if not cell.stop_requested:
+            cell.stop_requested = True
+            cell.mailbox.put_system(_WAKE)
 
     def monitor(self, ref: ActorRef) -> Monitor:
         """Watch ``ref``: when it ends for good, a ``Down`` message arrives in ``receive``.
@@ -126,7 +133,7 @@ class Actor:
         start tasks: the others pay for no nursery.
         """
         self._task_nursery_or_raise().start_soon(
-            self._run_task, function, args, self._cell.incarnation
+            self._run_task, function, args, self._cell.incarnation, self._task_scope()
         )
 
     async def start(self, function: Callable[..., Awaitable[object]], *args: object) -> Any:
@@ -139,7 +146,7 @@ class Actor:
         that crashes the actor.
         """
         return await self._task_nursery_or_raise().start(
-            self._run_task, function, args, self._cell.incarnation
+            self._run_task, function, args, self._cell.incarnation, self._task_scope()
         )
 
     def _task_nursery_or_raise(self) -> trio.Nursery:
@@ -147,18 +154,28 @@ class Actor:
             raise RuntimeError(f"{type(self).__name__} must set runs_tasks = True to start tasks")
         return self._tasks
 
+    def _task_scope(self) -> trio.CancelScope:
+        """A new task's scope, counted from the moment it is started: a task that has not
+        run yet when the incarnation ends never runs."""
+        scope = trio.CancelScope()
+        self._task_scopes.add(scope)
+        if self._tasks_ended is not None:  # the tasks are ending already
+            scope.cancel()
+        return scope
+
     async def _run_task(
         self,
         function: Callable[..., Awaitable[object]],
         args: tuple,
         incarnation: Any,
+        scope: trio.CancelScope,
         task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         reporting = None if task_status is trio.TASK_STATUS_IGNORED else _Reporting(task_status)
-        scope = trio.CancelScope()
-        self._task_scopes.add(scope)
         try:
             with scope:
+                if scope.cancel_called:
+                    await trio.lowlevel.checkpoint()  # raises Cancelled: never begun
                 if reporting is None:
                     await function(*args)
                 else:
@@ -166,7 +183,11 @@ class Actor:
         except Exception as error:
             if reporting is not None and not reporting.reported:
                 raise
-            self._cell.mailbox.put_system(_TaskFailed(incarnation, error))
+            if self._tasks_ended is not None:
+                # Its incarnation is ending: nobody is left to crash.
+                _log_late_error(self._cell, "a task", error)
+            else:
+                self._cell.mailbox.put_system(_TaskFailed(incarnation, error))
         finally:
             self._task_scopes.discard(scope)
             if not self._task_scopes and self._tasks_ended is not None:
@@ -208,6 +229,8 @@ class Actor:
         if item.__class__ is _TaskFailed:
             if item.incarnation is cell.incarnation:
                 raise item.error
+            return None
+        if item is _WAKE:
             return None
         raise TypeError(f"{cell.path} got an unexpected system message {item!r}")
 
@@ -387,6 +410,28 @@ def _record(cell: _Cell, item: Any) -> None:
         trace._buffer.append(traced)
         if trace._readers:
             trace._readers.unpark_all()
+
+
+async def _stopping(actor: Actor, exit: Exit) -> Exit:
+    """Run the actor's ``stopping``; returns the exit, a crash if it raised."""
+    try:
+        await actor.stopping(exit)
+    except Exception as error:
+        if exit.kind is ExitKind.CRASHED:
+            _log_late_error(actor._cell, "stopping", error)
+        else:
+            return Exit(ExitKind.CRASHED, error)
+    return exit
+
+
+# Wakes an actor waiting for mail, to see that one of its tasks asked it to stop.
+_WAKE = object()
+
+
+def _log_late_error(cell: _Cell, where: str, error: Exception) -> None:
+    """An error raised where it can no longer change how the incarnation ends."""
+    logger.warning("%s: %s raised after its end was decided: %s", cell.path, where,
+                   safe_repr(error), exc_info=error)
 
 
 class _Stop:
@@ -854,11 +899,12 @@ async def run_incarnation(
                 await trio.lowlevel.checkpoint_if_cancelled()
             cell.state = ActorState.STARTING
             try:
-                actor = cell.spec.start()
-                if not isinstance(actor, Actor):
+                made = cell.spec.start()
+                if not isinstance(made, Actor):
                     raise TypeError(
-                        f"the start function of {cell.path} returned {actor!r}, not an Actor"
+                        f"the start function of {cell.path} returned {made!r}, not an Actor"
                     )
+                actor = made
                 actor._cell = cell
                 actor_class = actor.__class__
                 if actor_class._is_supervisor and cell.ref.__class__ is ActorRef:
@@ -880,13 +926,12 @@ async def run_incarnation(
                         exit = Exit(ExitKind.CRASHED, error)
                     cell.state = ActorState.STOPPING
                     await actor._end_tasks()
-                    try:
-                        await actor.stopping(exit)
-                    except Exception as error:
-                        if exit.kind is not ExitKind.CRASHED:
-                            exit = Exit(ExitKind.CRASHED, error)
+                    exit = await _stopping(actor, exit)
             except Exception as error:
                 exit = Exit(ExitKind.CRASHED, error)
+                if actor is not None and cell.state is ActorState.STARTING:
+                    # Its lifetime did not begin: a supervisor whose children did not start.
+                    exit = await _stopping(actor, exit)
         if incarnation.scope.cancelled_caught:
             if actor is None and incarnation.stop_with is not None:
                 exit = incarnation.stop_with
@@ -899,7 +944,9 @@ async def run_incarnation(
             try:
                 actor.release(exit)
             except Exception as error:
-                if not exit.abnormal:
+                if exit.abnormal:
+                    _log_late_error(cell, "release", error)
+                else:
                     exit = Exit(ExitKind.CRASHED, error)
         incarnation.exit = exit
         # An abandoned incarnation that ends late must not touch its successor's state.

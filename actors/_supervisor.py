@@ -133,6 +133,9 @@ class Supervisor(Actor):
         if item.__class__ is ChildExited:
             await self._child_exited(item.incarnation)
             return None
+        if item.__class__ is _GroupDue:
+            await self._restart_group(item.group)
+            return None
         if item.__class__ is Control:
             await self._control(item)
             return None
@@ -199,11 +202,33 @@ class Supervisor(Actor):
             if sibling.spec.restart is Restart.TEMPORARY:
                 self._remove(sibling, stopped)
         if delay > 0:
-            await trio.sleep(delay)
+            # The backoff is waited out in a task: stop requests and control calls are
+            # still handled meanwhile.
+            restart_at = now + delay
+            for name in group:
+                self._children[name].restart_at = restart_at
+            assert self._nursery is not None
+            self._nursery.start_soon(self._restart_group_after, delay, group)
+        else:
+            await self._restart_group(group)
+
+    async def _restart_group_after(self, delay: float, group: tuple[str, ...]) -> None:
+        await trio.sleep(delay)
+        self._cell.mailbox.put_system(_GroupDue(group))
+
+    async def _restart_group(self, group: tuple[str, ...]) -> None:
+        """Start again, in order, the members of a restart group still stopped."""
         for name in group:
             member = self._children.get(name)
-            if member is not None:
-                await self._restart_now(member)
+            if member is None or member.incarnation is None:
+                continue  # gone meanwhile (terminated)
+            if not member.incarnation.done.is_set():
+                continue  # started again meanwhile (an operator's restart)
+            member.restart_at = None
+            if await self._restart_now(member) is not None:
+                # Its queued ChildExited restarts the group again, counted, as OTP's
+                # try_again does: those after it do not start without it meanwhile.
+                break
 
     def _backoff_delay(self, cell: _Cell, incarnation: _Incarnation, now: float) -> float:
         backoff = self.flags.backoff
@@ -301,3 +326,12 @@ class Supervisor(Actor):
             raise
         else:
             request.reply.succeed(result)
+
+
+class _GroupDue:
+    """A restart group's backoff is over."""
+
+    __slots__ = ("group",)
+
+    def __init__(self, group: tuple[str, ...]) -> None:
+        self.group = group

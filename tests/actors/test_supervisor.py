@@ -78,6 +78,29 @@ async def test_rest_for_one_restarts_the_failed_child_and_those_after_it(
     assert events(log, "started") == ["b", "c", "d"]
 
 
+async def test_a_group_restart_stops_at_a_child_that_fails_to_start(autojump_clock, system):
+    log = []
+    fail_next_start = []
+
+    class Needed(Recorder):
+        async def started(self):
+            if fail_next_start:
+                fail_next_start.pop()
+                raise RuntimeError("cannot start")
+            await super().started()
+
+    children = [recorder("a", log), ChildSpec("b", lambda: Needed(log, "b")), recorder("c", log)]
+    await system.spawn(
+        supervisor_spec("group", children, strategy=Strategy.REST_FOR_ONE, intensity=5)
+    )
+    log.clear()
+    fail_next_start.append(True)
+    await system.lookup("/test/group/a").tell("crash")
+    await trio.sleep(1)
+    # c depends on b: it waits for b's own restart instead of starting without it.
+    assert events(log, "started") == ["a", "b", "c"]
+
+
 async def test_temporary_siblings_are_not_restarted_with_the_group(autojump_clock, system, log):
     children = [recorder("a", log), recorder("temporary", log, restart=Restart.TEMPORARY)]
     group = await system.spawn(
@@ -211,6 +234,23 @@ async def test_a_child_in_backoff_is_shown_restarting(autojump_clock, system, lo
     assert worker.snapshot().state is ActorState.RUNNING
     assert worker.snapshot().restart_in is None
     assert await worker.ask("back") == "back"
+
+
+async def test_a_group_in_backoff_leaves_its_supervisor_free(autojump_clock, system, log):
+    backoff = Backoff(initial=20.0, maximum=20.0, jitter=0.0)
+    group = await system.spawn(supervisor_spec(
+        "group", [recorder("a", log), recorder("b", log), recorder("c", log)],
+        strategy=Strategy.ONE_FOR_ALL, intensity=5, backoff=backoff,
+    ))
+    log.clear()
+    await system.lookup("/test/group/b").tell("crash")
+    await trio.sleep(1)
+    assert [child.restart_in for child in group.which_children()] == [19.0, 19.0, 19.0]
+    # Control calls are answered during the backoff, not after it.
+    with trio.fail_after(1):
+        await group.terminate_child("c")
+    await trio.sleep(20)
+    assert events(log, "started") == ["a", "b"]
 
 
 async def test_a_child_in_backoff_can_be_terminated(autojump_clock, system, log):
@@ -375,6 +415,26 @@ async def test_a_supervisor_that_cannot_start_its_children_fails_to_start(
     assert system.lookup("/test/group/first") is None
 
 
+async def test_a_supervisor_whose_children_did_not_start_still_runs_its_stopping(
+    autojump_clock, system
+):
+    class Broken(Actor):
+        async def started(self):
+            raise ValueError("broken child")
+
+    class Watched(Supervisor):
+        async def stopping(self, exit):
+            log.append(("stopping", exit.kind))
+
+        def release(self, exit):
+            log.append(("release", exit.kind))
+
+    log = []
+    with pytest.raises(ActorCrashed):
+        await system.spawn(ChildSpec("group", lambda: Watched([ChildSpec("broken", Broken)])))
+    assert log == [("stopping", ExitKind.CRASHED), ("release", ExitKind.CRASHED)]
+
+
 async def test_supervisor_shutdown_waits_for_grandchildren(autojump_clock, system, log):
     inner = supervisor_spec("inner", [recorder("leaf", log)])
     await system.spawn(supervisor_spec("outer", [inner]))
@@ -460,6 +520,76 @@ async def test_tasks_end_with_the_incarnation(autojump_clock, system, log):
     await ticker.join()
     await trio.sleep(10)
     assert log == [("tick", 0)]
+
+
+class Closer(Actor):
+    """Starts a task that uses its resource, then stops at once."""
+
+    runs_tasks = True
+
+    def __init__(self, log) -> None:
+        self.log = log
+        self.open = True
+
+    async def receive(self, message):
+        self.start_soon(self.use)
+        self.stop()
+
+    async def use(self) -> None:
+        self.log.append(("used", self.open))
+
+    async def stopping(self, exit) -> None:
+        self.open = False
+
+
+async def test_a_task_not_yet_run_when_its_incarnation_ends_never_runs(
+    autojump_clock, system, log
+):
+    closer = await system.spawn(ChildSpec("closer", lambda: Closer(log), Restart.TEMPORARY))
+    await closer.tell("go")
+    await closer.join()
+    await trio.sleep(1)
+    assert log == []
+
+
+class Reader(Actor):
+    """Stops from its own task, as a reader at the end of its stream does."""
+
+    runs_tasks = True
+
+    async def started(self) -> None:
+        self.start_soon(self.read)
+
+    async def read(self) -> None:
+        await trio.sleep(1)
+        self.stop()
+
+
+async def test_stop_from_a_task_ends_an_actor_waiting_for_mail(autojump_clock, system):
+    reader = await system.spawn(ChildSpec("reader", Reader, Restart.TEMPORARY))
+    with trio.fail_after(2):
+        assert (await reader.join()).kind is ExitKind.NORMAL
+
+
+async def test_errors_after_a_crash_are_logged_not_lost(autojump_clock, system, caplog):
+    class Leaky(Actor):
+        async def receive(self, message):
+            raise RuntimeError("the crash")
+
+        async def stopping(self, exit):
+            raise OSError("stopping failed")
+
+        def release(self, exit):
+            raise KeyError("release failed")
+
+    leaky = await system.spawn(ChildSpec("leaky", Leaky, Restart.TEMPORARY))
+    await leaky.tell("go")
+    exit = await leaky.join()
+    assert str(exit) == "crashed: RuntimeError('the crash')"
+    logged = [record.getMessage() for record in caplog.records]
+    late = "/test/leaky: {} raised after its end was decided: {}"
+    assert late.format("stopping", "OSError('stopping failed')") in logged
+    assert late.format("release", "KeyError('release failed')") in logged
 
 
 async def test_start_soon_needs_runs_tasks(autojump_clock, system, log):
