@@ -508,6 +508,11 @@ def session_name(session_id: str) -> str:
     return f"session:{session_id}"
 
 
+def session_id_of(name: str) -> str:
+    """The session id in a session actor's name (``session_name``)."""
+    return name.removeprefix("session:")
+
+
 def session_spec(session: Session) -> ChildSpec:
     """A session under ``sessions``: temporary, as its repairs are its own business.
 

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 import trio
 
-from actors import ActorCrashed, ActorSnapshot, ActorState
+from actors import ActorCrashed, ActorSnapshot, ActorState, ActorStopped, AskTimeout
 from broker.lifecycle import SessionState
 from broker.metrics import ProcessUsage
 
@@ -169,6 +169,7 @@ class BrokerView(Protocol):
 
         Raises:
             LookupError: no actor at ``path``.
+            ValueError: the actor has no supervisor (the root: the whole system ends).
         """
         ...
 
@@ -178,6 +179,9 @@ class BrokerView(Protocol):
         Raises:
             LookupError: no actor at ``path``.
             ValueError: the actor has no supervisor (the root).
+            ActorCrashed: it stopped and did not start again.
+            AskTimeout: it is still restarting past the deadline.
+            ActorStopped: its supervisor ended.
         """
         ...
 
@@ -950,6 +954,10 @@ class Shell:
             await self._view.kill(path, reason)
         except LookupError:
             raise _CommandError(f"no actor at {_printable(path)}") from None
+        except ValueError:
+            raise _CommandError(
+                f"cannot kill {_printable(path)}: it has no supervisor"
+            ) from None
         if arguments["json"]:
             return _json({"killed": path, "reason": reason})
         return _text(f"killed {_printable(path)}: {_printable(reason)}")
@@ -969,6 +977,15 @@ class Shell:
             raise _CommandError(
                 f"{_printable(path)} stopped and did not start again: "
                 f"{_printable(f'{type(error).__name__}: {error}')}"
+            ) from None
+        except AskTimeout as waited:
+            raise _CommandError(
+                f"{_printable(path)} is still restarting after {waited.timeout:g} s; "
+                "its supervisor goes on with it"
+            ) from None
+        except ActorStopped:
+            raise _CommandError(
+                f"cannot restart {_printable(path)}: its supervisor ended"
             ) from None
         if arguments["json"]:
             return _json({"restarted": path})

@@ -13,6 +13,7 @@ restart, a provisioning request) goes on.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from dataclasses import dataclass
@@ -22,13 +23,13 @@ from typing import Any
 
 import trio
 
-from actors import Actor, ActorError, ActorStopped, AskTimeout, SupervisorRef
+from actors import Actor, ActorError, ActorSnapshot, ActorStopped, SupervisorRef
 from actors.bridge import call_asyncio, post_to
 
 from ..pki import write_secret
 from ..provisioning import Answer, Cancel, Decommission, HostBoard, HostRecord, Provision
 from ..scaling import ScaleTo
-from ..sessions import SESSIONS_PATH, Describe
+from ..sessions import SESSIONS_PATH, Describe, session_id_of
 from ..towers import TowerDirectory
 from . import ssh
 from .commands import HostView, Role, SessionView, Shell, Status, TowerView
@@ -41,6 +42,9 @@ PROVISIONING_PATH = "/broker/provisioning"
 SCALER_PATH = "/broker/scaler"
 # How long provisioning and the scaler have to answer the shell.
 ANSWER_TIMEOUT = 10.0
+RESTART_TIMEOUT = 10.0
+DESCRIBE_AT_ONCE = 64
+DESCRIBE_TIMEOUT = 1.0
 # The exit status of an interrupted command, as a POSIX shell reports one ended by SIGINT.
 INTERRUPTED = 130
 
@@ -108,23 +112,40 @@ class LiveView:
         return sorted(views, key=lambda view: view.name)
 
     async def sessions(self) -> list[SessionView]:
+        """Every session as it describes itself; asked at most ``DESCRIBE_AT_ONCE`` at a
+        time, a session that does not answer within ``DESCRIBE_TIMEOUT`` is listed as
+        ``unanswered`` rather than left out (a busy session is the one to look at)."""
         sessions = self.system.lookup(SESSIONS_PATH)
-        views = []
         if not isinstance(sessions, SupervisorRef):
-            return views
-        for child in sessions.which_children():
+            return []
+        views: list[SessionView] = []
+        asking = trio.CapacityLimiter(DESCRIBE_AT_ONCE)
+
+        async def describe(child: ActorSnapshot) -> None:
             ref = self.system.lookup(child.path)
             if ref is None:
-                continue
-            try:
-                described = await ref.ask(Describe(None), timeout=1.0)
-            except (ActorStopped, AskTimeout):
-                continue
+                return
+            async with asking:
+                try:
+                    described = await ref.ask(Describe(None), timeout=DESCRIBE_TIMEOUT)
+                except ActorStopped:
+                    return  # ended meanwhile
+                except ActorError as error:
+                    views.append(SessionView(
+                        id=session_id_of(child.name), state="unanswered",
+                        tower="", negotiation=0, placements=0, age=child.uptime,
+                        reason=f"did not answer: {type(error).__name__}",
+                    ))
+                    return
             views.append(SessionView(
                 id=described["id"], state=described["state"], tower=described["tower"],
                 negotiation=described["negotiation"], placements=described["placements"],
                 reason=described["reason"], age=described["age"],
             ))
+
+        async with trio.open_nursery() as nursery:
+            for child in sessions.which_children():
+                nursery.start_soon(describe, child)
         return views
 
     def _ref(self, path: str) -> Any:
@@ -133,16 +154,27 @@ class LiveView:
             raise LookupError(f"no actor at {path}")
         return ref
 
-    async def kill(self, path: str, reason: str) -> None:
-        self._ref(path).kill(reason)
+    def _supervisor_of(self, path: str) -> tuple[SupervisorRef, str]:
+        """The supervisor of the actor at ``path``, and the actor's name under it.
 
-    async def restart(self, path: str) -> None:
+        Raises:
+            LookupError: no actor there.
+            ValueError: it has none (the root: the whole system would end).
+        """
         self._ref(path)
         parent_path, _, name = path.rstrip("/").rpartition("/")
         parent = self.system.lookup(parent_path)
         if not isinstance(parent, SupervisorRef):
             raise ValueError(f"{path} has no supervisor to restart it")
-        await parent.restart_child(name, timeout=10)
+        return parent, name
+
+    async def kill(self, path: str, reason: str) -> None:
+        self._supervisor_of(path)
+        self._ref(path).kill(reason)
+
+    async def restart(self, path: str) -> None:
+        parent, name = self._supervisor_of(path)
+        await parent.restart_child(name, timeout=RESTART_TIMEOUT)
 
     async def drain(self, tower: str) -> None:
         self.towers_directory.drain(tower)
@@ -269,6 +301,8 @@ class ShellServer(Actor):
         except Exception as error:
             logger.warning("a shell session failed: %r", error)
             status = 1
+            with trio.CancelScope(shield=True), contextlib.suppress(ssh.SessionGone):
+                await call_asyncio(session.write, f"error: {error!r}\n")
         finally:
             with trio.CancelScope(shield=True):
                 await call_asyncio(session.finish, max(status, 0))

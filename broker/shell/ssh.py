@@ -230,6 +230,11 @@ async def start_server(
         server_host_keys=[str(host_key)],
         process_factory=handle,
         encoding="utf-8",
+        # A byte that is not UTF-8 is the operator's typo, not a reason to drop the
+        # connection (asyncssh's strict default) with every channel on it.
+        errors="replace",
+        # The shell never needs the operator's keys: no agent socket on this host.
+        agent_forwarding=False,
         line_history=200,
         max_line_length=MAX_LINE,
         password_auth=False,

@@ -145,6 +145,24 @@ def test_the_interactive_shell_completes_and_exits(broker):
     assert "/broker" in output
 
 
+def test_bytes_that_are_not_utf8_are_a_typo_not_a_dropped_connection(broker):
+    async def main():
+        async with connect(broker) as connection:
+            process = await connection.create_process(term_type="xterm", encoding=None)
+            await read_until(process, b"broker> ")
+            process.stdin.write(b"inspect /caf\xe9\r")
+            typo = await read_until(process, b"broker> ")
+            process.stdin.write(b"tree\r")
+            tree = await read_until(process, b"broker> ")
+            process.stdin.write(b"exit\r")
+            await asyncio.wait_for(process.wait(), 10)
+            return typo.decode(), tree.decode()
+
+    typo, tree = asyncio.run(main())
+    assert "no actor at /caf\ufffd" in typo
+    assert "/broker" in tree
+
+
 @pytest.mark.skipif(shutil.which("ssh") is None, reason="no ssh client (openssh-client)")
 def test_the_system_ssh_client_through_broker_shell(broker):
     result = subprocess.run(
@@ -195,7 +213,7 @@ def connect(broker, key: Path | None = None):
     )
 
 
-async def read_until(process, text: str, timeout: float = 10) -> str:
+async def read_until(process, text: str | bytes, timeout: float = 10) -> str | bytes:
     return await asyncio.wait_for(process.stdout.readuntil(text), timeout)
 
 

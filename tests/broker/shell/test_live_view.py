@@ -27,6 +27,7 @@ from actors import (
 from broker.inventory import Host
 from broker.provisioning import Answer, Cancel, HostBoard, HostState, Provision
 from broker.scaling import ScaleTo
+from broker.sessions import Describe, session_name
 from broker.shell.commands import HostView, Role, Shell, Status
 from broker.shell.server import LiveView
 from broker.towers import TowerDirectory
@@ -199,3 +200,64 @@ async def test_an_empty_inventory(autojump_clock, live):
     output = await Shell(view, Role.ADMIN).run("jobs")
     assert output.status == Status.ERROR
     assert output.text == "not available: this broker has no host inventory\n"
+
+
+class DescribedSession(Actor):
+    """Describes itself after ``delay`` seconds, as a busy session answers late."""
+
+    def __init__(self, session_id: str, delay: float) -> None:
+        self.session_id = session_id
+        self.delay = delay
+
+    async def receive(self, message: Any) -> dict[str, Any]:
+        assert isinstance(message, Describe)
+        await trio.sleep(self.delay)
+        return {"id": self.session_id, "state": "connected", "tower": "tower-1",
+                "negotiation": 1, "placements": 1, "reason": "", "age": 7.0}
+
+
+async def test_sessions_are_asked_at_once_and_a_busy_one_is_shown_not_left_out(
+    autojump_clock,
+):
+    delays = {"quick": 0.0, **{f"slow-{n}": 0.5 for n in range(100)}, "busy": 60.0}
+    children = [
+        ChildSpec(session_name(name), lambda name=name, delay=delay: DescribedSession(name, delay))
+        for name, delay in delays.items()
+    ]
+    sessions = ChildSpec("sessions", lambda: Supervisor(children, SupervisorFlags()))
+    async with open_system("broker", children=[sessions]) as system:
+        view = LiveView(system, TowerDirectory(stale_after=3.0), HostBoard(()))
+        began = trio.current_time()
+        views = {view.id: view for view in await view.sessions()}
+        # 100 sessions taking half a second each, 64 at a time: a second or two on
+        # trio's virtual clock, not 50 one after the other.
+        assert trio.current_time() - began <= 2.0
+        assert len(views) == 102
+        assert views["quick"].state == "connected"
+        busy = views["busy"]
+        assert (busy.state, busy.reason) == ("unanswered", "did not answer: AskTimeout")
+        output = await Shell(view, Role.ADMIN).run("stats")
+        assert "sessions   102: 101 connected, 1 unanswered" in output.text
+
+
+async def test_the_root_is_neither_killed_nor_restarted_from_the_shell(autojump_clock, live):
+    shell = Shell(live.view, Role.ADMIN)
+    for command, verb in (("kill /broker", "kill"), ("restart /broker", "restart")):
+        output = await shell.run(command)
+        assert output.status == Status.ERROR
+        assert output.text == f"cannot {verb} /broker: it has no supervisor\n"
+    assert live.system.lookup("/broker/scaler") is not None
+
+
+class SlowToStop(Actor):
+    async def stopping(self, exit: Any) -> None:
+        await trio.sleep(30)
+
+
+async def test_a_restart_still_going_after_its_deadline_is_said(autojump_clock, live):
+    await live.system.root.start_child(ChildSpec("slow", SlowToStop, shutdown=60))
+    output = await Shell(live.view, Role.ADMIN).run("restart /broker/slow")
+    assert (output.text, output.status) == (
+        "/broker/slow is still restarting after 10 s; its supervisor goes on with it\n",
+        Status.ERROR,
+    )
