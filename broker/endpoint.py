@@ -336,7 +336,7 @@ class BrokerApi:
         for connection in self.towers:
             standing = self.towers.placement.load_of(connection.name)
             sessions = standing.sessions if standing else 0
-            draining = standing.draining if standing else False
+            draining = self.towers.is_draining(connection.name)
             state = "draining" if draining else "ready" if connection.name in ready else "stale"
             towers[connection.name] = TowerRow(
                 state, sessions, self.towers.usage.get(connection.name))

@@ -214,7 +214,7 @@ class Scaler(Actor):
             reported_at = placement.reported_at(connection.name)
             if load is None or reported_at is None or now - reported_at >= placement.stale_after:
                 continue
-            draining = connection.name in self.directory.draining or load.draining
+            draining = self.directory.is_draining(connection.name)
             record = self.board.records.get(connection.name)
             provisioned = record is not None and record.state is HostState.READY
             retiring = record is not None and record.state is HostState.DRAINING

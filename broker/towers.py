@@ -203,6 +203,18 @@ class TowerDirectory:
             raise LookupError(f"no tower {name} is linked")
         self.draining.add(name)
 
+    def undrain(self, name: str) -> None:
+        """Place new sessions on ``name`` again. Raises LookupError if it is not linked."""
+        if name not in self._connections:
+            raise LookupError(f"no tower {name} is linked")
+        self.draining.discard(name)
+
+    def is_draining(self, name: str) -> bool:
+        """Whether ``name`` takes no new sessions: drained here (by an operator or the
+        scaler) or by itself (its load report says so)."""
+        load = self.placement.load_of(name)
+        return name in self.draining or (load is not None and load.draining)
+
     def choose(self, exclude: frozenset[str] = frozenset()) -> TowerConnection | None:
         """A linked tower for a new session (two choices), or None if none is ready."""
         name = self.placement.choose(trio.current_time(), exclude=exclude | self.draining)

@@ -193,6 +193,16 @@ class BrokerView(Protocol):
         """
         ...
 
+    async def undrain(self, tower: str) -> None:
+        """Place new sessions on ``tower`` again (a drain by mistake, or the scaler's).
+
+        Raises:
+            LookupError: no tower of that name.
+            ValueError: it cannot take sessions again (it is being decommissioned, or it
+                drains itself).
+        """
+        ...
+
     def has_inventory(self) -> bool:
         """Whether the broker has inventory hosts to provision towers on."""
         ...
@@ -553,9 +563,9 @@ class Shell:
 
         The first word completes to the commands the role may run; then a command's
         options (after ``-``), an option's choices, actor paths one segment at a time
-        (``/broker/se`` gives ``/broker/sessions``), tower names for ``drain``, inventory
-        hosts for ``provision`` and ``cancel`` (those not typed already) and command
-        names for ``help``.
+        (``/broker/se`` gives ``/broker/sessions``), tower names for ``drain`` and
+        ``undrain``, inventory hosts for ``provision`` and ``cancel`` (those not typed
+        already) and command names for ``help``.
         """
         try:
             words = shlex.split(line)
@@ -1000,6 +1010,20 @@ class Shell:
         if arguments["json"]:
             return _json({"draining": tower})
         return _text(f"draining {_printable(tower)}: it takes no new sessions")
+
+    async def _undrain(self, arguments: dict[str, Any]) -> Output:
+        tower = arguments["tower"]
+        try:
+            await self._view.undrain(tower)
+        except LookupError:
+            raise _CommandError(f"no tower named {_printable(tower)}") from None
+        except ValueError as refused:
+            raise _CommandError(
+                f"cannot undrain {_printable(tower)}: {_printable(str(refused))}"
+            ) from None
+        if arguments["json"]:
+            return _json({"undrained": tower})
+        return _text(f"undrained {_printable(tower)}: it takes new sessions again")
 
     async def _provision(self, arguments: dict[str, Any]) -> Output:
         self._need_inventory()
@@ -1595,6 +1619,15 @@ _COMMANDS: dict[str, _Command] = {
             "place no new sessions on a tower",
             "Its sessions stay; new ones go to other towers.",
             Shell._drain,
+            (_Argument("TOWER", completes="tower"),),
+            admin=True,
+        ),
+        _Command(
+            "undrain",
+            "place new sessions on a drained tower again",
+            "Undoes a drain, the operator's or the scaler's; not a tower being\n"
+            "decommissioned, nor one that drains itself.",
+            Shell._undrain,
             (_Argument("TOWER", completes="tower"),),
             admin=True,
         ),

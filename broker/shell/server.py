@@ -27,7 +27,15 @@ from actors import Actor, ActorError, ActorSnapshot, ActorStopped, SupervisorRef
 from actors.bridge import call_asyncio, post_to
 
 from ..pki import write_secret
-from ..provisioning import Answer, Cancel, Decommission, HostBoard, HostRecord, Provision
+from ..provisioning import (
+    Answer,
+    Cancel,
+    Decommission,
+    HostBoard,
+    HostRecord,
+    HostState,
+    Provision,
+)
 from ..scaling import ScaleTo
 from ..sessions import SESSIONS_PATH, Describe, session_id_of
 from ..towers import TowerDirectory
@@ -96,7 +104,7 @@ class LiveView:
         for connection in directory:
             load = directory.placement.load_of(connection.name)
             reported_at = directory.placement.reported_at(connection.name)
-            if connection.name in directory.draining or (load and load.draining):
+            if directory.is_draining(connection.name):
                 state = "draining"
             else:
                 state = "ready" if connection.name in ready else "stale"
@@ -178,6 +186,19 @@ class LiveView:
 
     async def drain(self, tower: str) -> None:
         self.towers_directory.drain(tower)
+
+    async def undrain(self, tower: str) -> None:
+        directory = self.towers_directory
+        record = self.board.records.get(tower)
+        if record is not None and record.state not in (HostState.READY, HostState.DRAINING):
+            raise ValueError(f"its host is {record.state.value}")
+        load = directory.placement.load_of(tower)
+        if load is not None and load.draining:
+            raise ValueError("the tower itself says it is draining")
+        directory.undrain(tower)
+        if record is not None and record.state is HostState.DRAINING:
+            # The scaler's drain: the host serves again, no longer to be decommissioned.
+            self.board.set(tower, HostState.READY)
 
     def trace(self, path: str, capacity: int) -> Any:
         return self._ref(path).trace(capacity=capacity)

@@ -1017,7 +1017,9 @@ async def test_completion(autojump_clock, broker):
     shell = broker.shell()
     everything = ("cancel decommission drain exit help inspect jobs kill provision ps quit "
                   "restart scale")
-    assert shell.complete("") == (everything + " sessions stats top towers trace tree").split()
+    assert shell.complete("") == (
+        everything + " sessions stats top towers trace tree undrain"
+    ).split()
     assert shell.complete("tr") == ["trace", "tree"]
     assert shell.complete("inspect ") == ["/broker"]
     assert shell.complete("inspect /") == ["/broker"]

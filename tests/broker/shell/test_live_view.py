@@ -30,7 +30,10 @@ from broker.scaling import ScaleTo
 from broker.sessions import Describe, session_name
 from broker.shell.commands import HostView, Role, Shell, Status
 from broker.shell.server import LiveView
-from broker.towers import TowerDirectory
+from broker.link import TowerHello, TowerLoadReport
+from broker.towers import TowerConnection, TowerDirectory
+
+from ..test_sessions import RecordingSocket
 
 EPOCH = 1_700_000_000.0
 BACKOFF = 30.0
@@ -261,3 +264,25 @@ async def test_a_restart_still_going_after_its_deadline_is_said(autojump_clock, 
         "/broker/slow is still restarting after 10 s; its supervisor goes on with it\n",
         Status.ERROR,
     )
+
+
+async def test_undrain_undoes_a_drain_not_a_decommission(autojump_clock, live):
+    directory = live.view.towers_directory
+    hello = TowerHello("host-1", 100, "test")
+    directory.connected(TowerConnection("host-1", RecordingSocket(), hello))
+    directory.report("host-1", TowerLoadReport(0, 100))
+    stand(live.board)
+    shell = Shell(live.view, Role.ADMIN)
+    await shell.run("drain host-1")
+    live.board.set("host-1", HostState.DRAINING)  # as the scaler's drain does
+    assert [tower.state for tower in live.view.towers()] == ["draining"]
+    output = await shell.run("undrain host-1")
+    assert output.text == "undrained host-1: it takes new sessions again\n"
+    assert [tower.state for tower in live.view.towers()] == ["ready"]
+    assert live.board.get("host-1").state is HostState.READY
+    live.board.set("host-1", HostState.DECOMMISSIONING)
+    refused = await shell.run("undrain host-1")
+    assert (refused.text, refused.status) == (
+        "cannot undrain host-1: its host is decommissioning\n", Status.ERROR
+    )
+    assert (await shell.run("undrain host-9")).text == "no tower named host-9\n"
