@@ -64,6 +64,11 @@ class ActorSystem:
         cell = self._registry.get(path)
         return cell.ref if cell is not None else None
 
+    def paths(self) -> list[str]:
+        """The paths of the live actors, in no particular order: what a snapshot of the
+        whole tree would walk, without the snapshot's cost."""
+        return list(self._registry)
+
     def snapshot(self) -> ActorSnapshot:
         """The whole tree as data, from the root."""
         assert self._root is not None

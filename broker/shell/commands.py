@@ -156,6 +156,10 @@ class BrokerView(Protocol):
         """The whole system's snapshot, from the root supervisor."""
         ...
 
+    def snapshot_of(self, path: str) -> ActorSnapshot | None:
+        """The snapshot of the live actor at ``path`` and what is under it, or None."""
+        ...
+
     def towers(self) -> list[TowerView]: ...
 
     async def sessions(self) -> list[SessionView]: ...
@@ -657,10 +661,10 @@ class Shell:
     # Reading the tree.
 
     def _find(self, path: str) -> ActorSnapshot:
-        for snapshot in self._view.tree().walk():
-            if snapshot.path == path:
-                return snapshot
-        raise _CommandError(f"no actor at {_printable(path)}")
+        snapshot = self._view.snapshot_of(path)
+        if snapshot is None:
+            raise _CommandError(f"no actor at {_printable(path)}")
+        return snapshot
 
     def _wall(self, trio_time: float) -> float:
         """A time on trio's clock, as wall-clock seconds since the epoch."""

@@ -81,9 +81,13 @@ class LiveView:
     def tree(self) -> Any:
         return self.system.snapshot()
 
+    def snapshot_of(self, path: str) -> ActorSnapshot | None:
+        ref = self.system.lookup(path)
+        return None if ref is None else ref.snapshot()
+
     def refresh(self) -> None:
         """Take what tab completion will offer while the next line is typed."""
-        self.paths = [actor.path for actor in self.system.snapshot().walk()]
+        self.paths = sorted(self.system.paths())
         self.towers()
         self.hosts()
 

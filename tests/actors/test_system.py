@@ -24,9 +24,11 @@ async def test_lookup_by_path_and_the_registry_forgets_the_dead(autojump_clock, 
     assert system.lookup("/test/r") is ref
     assert system.lookup("/test") is system.root
     assert system.lookup("/test/nobody") is None
+    assert sorted(system.paths()) == ["/test", "/test/r"]
     await ref.tell("stop")
     await ref.join()
     assert system.lookup("/test/r") is None
+    assert system.paths() == ["/test"]
     assert system.statistics().actors == 1
 
 
