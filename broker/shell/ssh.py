@@ -78,9 +78,26 @@ class OperatorSession:
                     return None
                 if line == "":
                     return None
-                return line.rstrip("\r\n")[:MAX_LINE]
+                # Cut short without a terminal when longer than asyncssh buffers.
+                cut = not line.endswith("\n") and not self.process.stdin.at_eof()
+                if cut:
+                    await self._skip_to_end_of_line()
+                line = line.rstrip("\r\n")
+                if cut or len(line) > MAX_LINE:
+                    await self.write(f"line too long: at most {MAX_LINE} characters\n")
+                    return ""
+                return line
         finally:
             self._reading = False
+
+    async def _skip_to_end_of_line(self) -> None:
+        try:
+            while rest := await self.process.stdin.readline():
+                if rest.endswith("\n"):
+                    return
+        except (asyncssh.Error, asyncssh.BreakReceived, asyncssh.SignalReceived,
+                asyncssh.TerminalSizeChanged, OSError):
+            return  # the next read says what became of the session
 
     async def wait_for_interrupt(self, any_key: bool) -> bool:
         """Until the operator interrupts the command that runs, or goes away (terminals only).
@@ -236,7 +253,8 @@ async def start_server(
         # The shell never needs the operator's keys: no agent socket on this host.
         agent_forwarding=False,
         line_history=200,
-        max_line_length=MAX_LINE,
+        # One more than a line may have: the editor keeps it, read_line refuses it.
+        max_line_length=MAX_LINE + 1,
         password_auth=False,
         kbdint_auth=False,
         gss_host=None,

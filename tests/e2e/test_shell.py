@@ -163,6 +163,27 @@ def test_bytes_that_are_not_utf8_are_a_typo_not_a_dropped_connection(broker):
     assert "/broker" in tree
 
 
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_line_too_long_is_refused_whole(broker, terminal):
+    async def main():
+        async with connect(broker) as connection:
+            process = await connection.create_process(term_type="xterm" if terminal else None)
+            if terminal:
+                await read_until(process, "broker> ")
+            # Without a terminal, longer than asyncssh's buffer: it comes in pieces.
+            long = "help " + "x" * (5000 if terminal else 3_000_000)
+            enter = "\r" if terminal else "\n"
+            process.stdin.write(long + enter + "tree" + enter)
+            answers = await read_until(process, "shell (ShellServer")
+            process.stdin.write("exit" + enter)
+            await asyncio.wait_for(process.wait(), 10)
+            return answers.replace("\r\n", "\n")
+
+    answers = asyncio.run(main())
+    assert "line too long: at most 4096 characters\nbroker> /broker (" in answers
+    assert "unknown command" not in answers
+
+
 @pytest.mark.skipif(shutil.which("ssh") is None, reason="no ssh client (openssh-client)")
 def test_the_system_ssh_client_through_broker_shell(broker):
     result = subprocess.run(
