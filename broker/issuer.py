@@ -117,6 +117,13 @@ class Issuer:
         record = self._records.get(_serial(serial))
         return record is not None and record.revoked
 
+    def newest(self, tower: str) -> Issued | None:
+        """The certificate last issued to ``tower`` (the one it links with), if any."""
+        self._refresh()
+        # The ledger keeps the order of issue.
+        issued = [record for record in self._records.values() if record.tower == tower]
+        return issued[-1] if issued else None
+
     def records(self) -> list[Issued]:
         self._refresh()
         return sorted(self._records.values(), key=lambda record: (record.tower, record.expires))

@@ -255,9 +255,10 @@ class Provisioning(Actor):
         return await self._start(Provision(message.host))
 
     def _revoked(self, host: str) -> bool:
-        now = datetime.now(timezone.utc)
-        return any(record.tower == host and record.revoked and record.expires > now
-                   for record in self.context.issuer.records())
+        # Its newest certificate only: one provisioned again after a decommission has
+        # a new one, while those revoked then stay in the ledger until they expire.
+        newest = self.context.issuer.newest(host)
+        return newest is not None and newest.revoked
 
     def _job(self, host: str) -> ActorRef | None:
         return self.system.lookup(f"{self.jobs.path}/job:{host}")
@@ -604,6 +605,8 @@ class JobSteps(Actor):
             f"  {_wait_while(f'[ -f {nginx_pid} ]', STOP_POLLS)}"
             f" || {quote(nginx_command(host, paths, '-s', 'stop'))}",
             "fi",
+            f"if {_agent_running(paths)}; then echo 'the agent did not stop' >&2; exit 1; fi",
+            f"if {_nginx_running(host, paths)}; then echo 'NGINX did not stop' >&2; exit 1; fi",
             f"rm -rf {paths.nginx} {paths.tls} {paths.settings} {paths.running_settings}"
             # The socket's directory, and where a root tower's socket was before it.
             f" {paths.socket} {paths.pid} {paths.run or ''} {paths.root}/agent.sock",
@@ -654,10 +657,13 @@ def _stop_agent(paths: TowerPaths) -> list[str]:
 
 
 def _nginx_running(host: Host, paths: TowerPaths) -> str:
-    """A shell condition: the tower's NGINX master runs (its pid is an NGINX)."""
+    """A shell condition: the tower's NGINX master runs (its pid is an NGINX that runs
+    this tower's configuration: a stale pid file's may be another tower's by now)."""
     pid = f"{paths.nginx}/nginx.pid"
     return (f'[ -f {pid} ] && [ "$(readlink /proc/$(cat {pid})/exe)" = '
-            f'"$(readlink -f {host.nginx})" ]')
+            f'"$(readlink -f {host.nginx})" ]'
+            f" && tr '\\0' ' ' < /proc/$(cat {pid})/cmdline"
+            f" | grep -qF -- ' -c {paths.nginx}/nginx.conf'")
 
 
 def _wait_while(condition: str, polls: int) -> str:

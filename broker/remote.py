@@ -25,6 +25,9 @@ T = TypeVar("T")
 CONNECT_TIMEOUT = 10.0
 # What an error message quotes of a failed command's output.
 OUTPUT_TAIL = 600
+# The most a command may write on its output or its errors; what provisioning reads is
+# a few KiB (a certificate request, NGINX's test): more is a host out of order.
+MAX_OUTPUT = 1 << 20
 
 
 class HostKeyRefused(Exception):
@@ -59,6 +62,9 @@ async def connect(host: Host, identity: Path, known_hosts: Path) -> HostConnecti
                 known_hosts=None if pinned is None else asyncssh.import_known_hosts(
                     f"{_known_hosts_pattern(host)} {pinned}\n"
                 ),
+                # Every key type, not only the pinned one's: a host showing another type
+                # is then refused for its key, at once, not retried as a lost connection.
+                server_host_key_algs="default",
                 agent_path=None,
                 password=None,
                 kbdint_auth=False,
@@ -95,17 +101,65 @@ async def run(host: HostConnection, command: str, stdin: bytes | None = None) ->
             or the connection broke.
     """
     try:
-        result = await _abort_if_cancelled(
-            host, host.connection.run(command, input=stdin, encoding=None, check=False)
-        )
+        result = await _abort_if_cancelled(host, _run(host.connection, command, stdin))
     except (OSError, asyncssh.Error) as error:
         raise RemoteError(f"{host.host.name}: the connection broke: {error}") from None
-    stdout = (result.stdout or b"").decode(errors="replace")
-    if result.exit_status != 0:
-        stderr = (result.stderr or b"").decode(errors="replace")
+    stdout = result.stdout.decode(errors="replace")
+    if result.status != 0:
+        stderr = result.stderr.decode(errors="replace")
         output = (stderr.strip() or stdout.strip())[-OUTPUT_TAIL:]
-        raise RemoteError(f"exited with {result.exit_status}: {output}")
+        if result.signal:
+            raise RemoteError(f"killed by SIG{result.signal}: {output}")
+        if result.status is None:
+            raise RemoteError(f"the channel closed before the command finished: {output}")
+        raise RemoteError(f"exited with {result.status}: {output}")
     return stdout
+
+
+@dataclass(frozen=True)
+class _Finished:
+    status: int | None  # None: the channel closed first (asyncssh: -1 when ``signal``)
+    signal: str
+    stdout: bytes
+    stderr: bytes
+
+
+async def _run(
+    connection: asyncssh.SSHClientConnection, command: str, stdin: bytes | None
+) -> _Finished:
+    process = await connection.create_process(command, encoding=None)
+    try:
+        if stdin:
+            process.stdin.write(stdin)
+        process.stdin.write_eof()
+        # Both at once: a host that fills one while the other is read would otherwise
+        # wait on the channel's window for good.
+        read = await asyncio.gather(
+            _read_at_most(process, process.stdout, "output"),
+            _read_at_most(process, process.stderr, "errors"),
+            return_exceptions=True,
+        )
+        for outcome in read:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        await process.wait_closed()
+    finally:
+        process.close()
+    signal = process.exit_signal[0] if process.exit_signal else ""
+    return _Finished(process.exit_status, signal, *read)  # type: ignore[arg-type]
+
+
+async def _read_at_most(
+    process: asyncssh.SSHClientProcess, stream: asyncssh.SSHReader, name: str
+) -> bytes:
+    data = bytearray()
+    while chunk := await stream.read(65536):
+        data += chunk
+        if len(data) > MAX_OUTPUT:
+            process.close()
+            raise RemoteError(f"the command wrote more than {MAX_OUTPUT // 1024} KiB on its "
+                              f"{name}; the host is not as provisioning expects it")
+    return bytes(data)
 
 
 async def put(host: HostConnection, path: str, data: bytes) -> None:

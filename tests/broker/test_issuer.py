@@ -139,11 +139,15 @@ def test_revoking_again_or_an_unknown_tower_returns_nothing(issuer):
 
 
 def test_a_certificate_signed_after_a_revocation_is_not_revoked(issuer):
+    assert issuer.newest("tower-1") is None
     old = sign(issuer, "tower-1")
     issuer.revoke("tower-1")
+    assert issuer.newest("tower-1").revoked
     new = sign(issuer, "tower-1")
     assert issuer.is_revoked(old.serial_number)
     assert not issuer.is_revoked(new.serial_number)
+    newest = issuer.newest("tower-1")
+    assert (newest.serial, newest.revoked) == (format(new.serial_number, "x"), False)
 
 
 def test_an_unknown_serial_is_not_revoked(issuer):

@@ -23,7 +23,9 @@ from cryptography import x509
 
 from actors import bridge
 from broker.client import start_session
-from broker.site import NGINX_WORKER_USER
+from broker.inventory import parse_host
+from broker.provisioning import _nginx_running
+from broker.site import NGINX_WORKER_USER, TowerPaths, nginx_command
 from broker.state import provisioning_identity
 
 from .conftest import (
@@ -415,3 +417,25 @@ def test_provisioning_again_keeps_a_running_agent_unless_its_settings_changed(
     other, towers, said = provisioned_by_a_broker_with(capacity=9)
     assert other != first and [tower["capacity"] for tower in towers] == [9]
     assert "host-1: agent restarted: its settings changed" in said
+
+
+def test_a_stale_nginx_pid_file_is_not_taken_for_the_towers_nginx(tmp_path):
+    require_nginx()
+    host = parse_host({"name": "tower-x", "address": "127.0.0.1", "user": "tower",
+                       "trust_on_first_use": True})
+    towers = {name: TowerPaths(str(tmp_path / name)) for name in ("tower-x", "tower-y")}
+    for paths in towers.values():
+        Path(paths.nginx).mkdir(parents=True)
+        Path(f"{paths.nginx}/nginx.conf").write_text(
+            "pid nginx.pid;\nerror_log error.log;\nevents {}\n")
+    x = towers["tower-x"]
+    subprocess.run(nginx_command(host, x), check=True, timeout=10)
+    try:
+        master = Path(f"{x.nginx}/nginx.pid").read_text().strip()
+        # tower-y's NGINX died long ago; its pid file's pid is tower-x's master now.
+        Path(f"{towers['tower-y'].nginx}/nginx.pid").write_text(f"{master}\n")
+        running = {name: subprocess.run(["sh", "-c", _nginx_running(host, paths)]).returncode
+                   for name, paths in towers.items()}
+        assert running == {"tower-x": 0, "tower-y": 1}
+    finally:
+        subprocess.run(nginx_command(host, x, "-s", "stop"), timeout=10)

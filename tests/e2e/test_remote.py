@@ -41,6 +41,14 @@ def test_commands_files_and_failures(tmp_path, make_host, identity):  # noqa: F8
             await remote.put(connection, str(host.directory / "settings.toml"), b"a = 1\n")
             with pytest.raises(remote.RemoteError, match="exited with 3: broken"):
                 await remote.run(connection, "echo broken >&2; exit 3")
+            assert await remote.run(connection, "cat", stdin=b"given") == "given"
+            with pytest.raises(remote.RemoteError, match="killed by SIGKILL: last words"):
+                await remote.run(connection, "echo last words >&2; kill -9 $$")
+            # A host that floods: refused past the cap, not kept in the broker's memory.
+            for stream in ("", ">&2"):
+                with pytest.raises(remote.RemoteError, match="more than 1024 KiB"):
+                    await remote.run(connection, f"head -c 400000000 /dev/zero {stream}")
+            assert (await remote.run(connection, "echo still here")).strip() == "still here"
         finally:
             await remote.close(connection)
 
@@ -67,10 +75,11 @@ def test_trust_on_first_use_pins_the_first_key_and_refuses_another_after(
     asyncio.run(connect(trusting))  # the same key again: accepted
     assert len(known_hosts.read_text().splitlines()) == 1
     # The host shows another key (rebuilt, or an impostor on its address).
-    impostor = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
-    known_hosts.write_text(f"[{host.address}]:{host.port} {impostor}")
-    with pytest.raises(remote.HostKeyRefused, match="other than the one pinned"):
-        asyncio.run(connect(trusting))
+    for key_type in ("ssh-ed25519", "ecdsa-sha2-nistp256"):  # another type: refused too
+        impostor = asyncssh.generate_private_key(key_type).export_public_key().decode()
+        known_hosts.write_text(f"[{host.address}]:{host.port} {impostor}")
+        with pytest.raises(remote.HostKeyRefused, match="other than the one pinned"):
+            asyncio.run(connect(trusting))
 
 
 def test_unreachable_and_refused_hosts_are_clear_errors(tmp_path, make_host, identity):  # noqa: F811
