@@ -32,7 +32,7 @@ from typing import Any
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 # Characters that would need quoting in a remote shell, or break a config file line.
-_UNSAFE = re.compile(r"[\s'\"\\$`;&|<>(){}*?!#~]")
+_UNSAFE = re.compile(r"[\s'\"\\$`;&|<>(){}\[\]*?!#~]")
 
 
 def is_plain(text: str) -> bool:
@@ -73,10 +73,29 @@ def parse_hosts(entries: Sequence[Any]) -> tuple[Host, ...]:
     hosts: list[Host] = []
     for index, entry in enumerate(entries):
         host = parse_host(entry, f"hosts[{index}]")
-        if any(other.name == host.name for other in hosts):
-            raise InventoryError(f"hosts[{index}]: the name {host.name!r} is used twice")
+        for other in hosts:
+            if other.name == host.name:
+                raise InventoryError(f"hosts[{index}]: the name {host.name!r} is used twice")
+            if _directory(other) == _directory(host):
+                # One directory, one tower: two would keep replacing each other's files.
+                raise InventoryError(f"hosts[{index}] ({host.name}): {other.name} has its "
+                                     "tower in the same directory of the same machine")
+            if (other.link_address, other.tower_port) == (host.link_address, host.tower_port):
+                raise InventoryError(f"hosts[{index}] ({host.name}): {other.name} listens "
+                                     f"on the same address and tower_port")
         hosts.append(host)
     return tuple(hosts)
+
+
+def _directory(host: Host) -> tuple[str, int, str, str]:
+    """Where the host's tower lives: a relative root is in its user's home."""
+    root = posixpath.normpath(host.root)
+    return (host.address, host.ssh_port, "" if root.startswith("/") else host.user, root)
+
+
+# System directories a tower's root must not be, nor be in: provisioning makes its root
+# 0700 and decommissioning removes what it put there (nginx/, tls/, ...).
+_SYSTEM_PREFIXES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/proc", "/sbin", "/sys", "/usr")
 
 
 def parse_host(entry: Any, where: str = "host") -> Host:
@@ -121,8 +140,17 @@ def parse_host(entry: Any, where: str = "host") -> Host:
         _UNSAFE.search(word) for word in host.tower_command.split()
     ):
         raise InventoryError(f"{where}: tower_command must be plain words")
-    if posixpath.normpath(host.root) in ("/", ".", "//") or ".." in host.root.split("/"):
-        raise InventoryError(f"{where}: root must be a directory of its own, not {host.root!r}")
+    root = posixpath.normpath(host.root)
+    if root in ("/", ".", "//") or ".." in host.root.split("/") or (
+        root.startswith("/") and (
+            root.count("/") == 1  # /opt, /home, /tmp, /var: shared by all
+            or root.startswith("/var/") and root.count("/") == 2  # /var/lib, /var/www
+            or any(root == prefix or root.startswith(prefix + "/")
+                   for prefix in _SYSTEM_PREFIXES)
+        )
+    ):
+        raise InventoryError(f"{where}: root must be a directory of its own (say "
+                             f"/opt/session-tower), not {host.root!r}")
     if host.host_key:
         import asyncssh  # only to check keys: the command line loads without it
 

@@ -73,7 +73,8 @@ def test_parse_hosts_keeps_the_order_and_accepts_none():
 
 
 def test_settings_take_hosts_and_build_the_inventory():
-    settings = settings_from_mapping({"hosts": [entry(), entry(name="tower-eu-2")]})
+    second = entry(name="tower-eu-2", address="10.0.0.8")
+    settings = settings_from_mapping({"hosts": [entry(), second]})
     assert [host.name for host in settings.inventory] == ["tower-eu-1", "tower-eu-2"]
     assert settings.inventory[0] == parse_host(entry())
 
@@ -149,12 +150,28 @@ def test_broker_is_the_broker_s_name_not_a_tower_s():
 
 
 def test_a_name_used_twice_is_refused_naming_the_second_entry():
-    entries = [entry(), entry(name="tower-eu-2"), entry(address="10.0.0.9")]
+    entries = [entry(), entry(name="tower-eu-2", address="10.0.0.8"), entry(address="10.0.0.9")]
     with pytest.raises(InventoryError) as caught:
         parse_hosts(entries)
     assert "hosts[2]" in str(caught.value)
     assert "'tower-eu-1' is used twice" in str(caught.value)
     assert "used twice" in config_refusal(*entries)
+
+
+@pytest.mark.parametrize("second", [
+    entry(name="tower-eu-2", tower_port=8444),  # the same user's home, the same root
+    entry(name="tower-eu-2", tower_port=8444, user="other", root="/opt/tower"),
+])
+def test_two_towers_in_one_directory_of_one_machine_are_refused(second):
+    first = entry(root="/opt/tower") if second["user"] == "other" else entry()
+    message = config_refusal(first, second)
+    assert "hosts[1] (tower-eu-2): tower-eu-1 has its tower in the same directory" in message
+
+
+def test_two_towers_on_one_machine_need_their_own_directory_and_port():
+    one, two = entry(), entry(name="tower-eu-2", root="second-tower")
+    assert "listens on the same address and tower_port" in config_refusal(one, two)
+    assert len(parse_hosts([one, {**two, "tower_port": 8444}])) == 2
 
 
 # Ports and addresses.
@@ -176,7 +193,7 @@ def test_the_ends_of_the_port_range_are_accepted(port):
 
 UNSAFE = [
     "two words", "a;b", "$(id)", "`id`", "a'b", 'a"b', "a\\b", "a|b", "a&b", "a>b", "a<b",
-    "a\nb", "a\tb", "${HOME}", "a*", "~x", "#x", "",
+    "a\nb", "a\tb", "${HOME}", "a*", "~x", "#x", "t[12]", "",
 ]
 
 
@@ -186,6 +203,22 @@ def test_shell_unsafe_or_empty_words_are_refused(field, value):
     message = refusal(entry(**{field: value}))
     assert f"{field} must be a plain word" in message
     assert field in config_refusal(entry(**{field: value}))
+
+
+@pytest.mark.parametrize("root", [
+    "/", ".", "//", "a/../..", "/etc", "/etc/nginx", "/usr/local/tower", "/tmp", "/home",
+    "/opt", "/var/lib", "/var/www", "/boot/x", "/sys/x",
+])
+def test_a_root_shared_with_the_system_is_refused(root):
+    assert "root must be a directory of its own" in refusal(entry(root=root))
+
+
+@pytest.mark.parametrize("root", [
+    "session-tower", "towers/eu-1", "/opt/session-tower", "/srv/tower", "/home/tower/t",
+    "/var/lib/session-tower", "/tmp/pytest-of-root/host/root",
+])
+def test_a_root_of_its_own_is_taken(root):
+    assert parse_host(entry(root=root)).root == root
 
 
 @pytest.mark.parametrize("command", [
