@@ -25,8 +25,10 @@ and NGINX stopped, the site and credentials removed, the certificates revoked.
 
 Every step is idempotent and has a deadline (``provision_step_timeout``); a failed step
 crashes the steps actor and its job restarts it (all steps again) with exponential
-backoff. Past ``provision_restarts`` within ``provision_restart_period`` the host is
-marked failed with the reason. A host key that is not the pinned one fails the host at
+backoff spread over ``provision_restart_period`` (the first wait a 40th of it, each next
+twice as long: 15, 30, 60 s by default), so that a host rebooting under a ready tower
+is provisioned again once it is back. Past ``provision_restarts`` within
+``provision_restart_period`` the host is marked failed with the reason. A host key that is not the pinned one fails the host at
 once: retrying cannot fix it. Jobs are independent: one failing, hanging or cancelled
 job does nothing to another, or to the towers already linked.
 
@@ -320,12 +322,11 @@ class Job(Supervisor):
 
     def __init__(self, host: Host, plan: str, context: ProvisioningContext) -> None:
         settings = context.settings
+        period = settings.provision_restart_period
         flags = SupervisorFlags(
             intensity=settings.provision_restarts,
-            period=settings.provision_restart_period,
-            backoff=Backoff(
-                initial=1.0, maximum=30.0, reset_after=settings.provision_restart_period
-            ),
+            period=period,
+            backoff=Backoff(initial=period / 40, maximum=period / 5, reset_after=period),
         )
         super().__init__([ChildSpec("steps", self._steps, Restart.TRANSIENT)], flags)
         self.host = host
