@@ -28,9 +28,11 @@ crashes the steps actor and its job restarts it (all steps again) with exponenti
 backoff spread over ``provision_restart_period`` (the first wait a 40th of it, each next
 twice as long: 15, 30, 60 s by default), so that a host rebooting under a ready tower
 is provisioned again once it is back. Past ``provision_restarts`` within
-``provision_restart_period`` the host is marked failed with the reason. A host key that is not the pinned one fails the host at
-once: retrying cannot fix it. Jobs are independent: one failing, hanging or cancelled
-job does nothing to another, or to the towers already linked.
+``provision_restart_period`` the host is marked failed with the reason. A host key that
+is not the pinned one fails the host at once: retrying cannot fix it. A provisioning
+that does not finish revokes the certificates it had issued. Jobs are independent: one
+failing, hanging or cancelled job does nothing to another, or to the towers already
+linked.
 
 ``HostBoard`` is where each host stands (free, provisioning, ready, draining,
 decommissioning, failed, cancelled), with the current step, attempts, last error and the
@@ -349,6 +351,16 @@ class Job(Supervisor):
             self.stop()
         elif isinstance(message, _JobDone):
             self.stop()
+
+    def release(self, exit: Exit) -> None:
+        # A provisioning that did not finish (failed, cancelled, killed, cut short) leaves
+        # no valid certificate behind: each attempt may have had one issued.
+        name, board = self.host.name, self.context.board
+        if self.plan == "provision" and board.get(name).state is not HostState.READY:
+            revoked = self.context.issuer.revoke(name)
+            if revoked:
+                board.event(f"{name}: revoked {len(revoked)} certificate(s) of a "
+                            "provisioning that did not finish")
 
     async def escalate(self, child: str, exit: Exit) -> bool:
         record = self.context.board.get(self.host.name)

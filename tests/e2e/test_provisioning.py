@@ -191,6 +191,9 @@ def test_faults_stay_within_their_own_job(tmp_path, make_host):  # noqa: F811
         assert "agent.lock) does not answer" in outcome["lock-held"]["error"]
         assert outcome["hung"]["state"] == "failed"
         assert "certificate: no progress within 4 s" in outcome["hung"]["error"]
+        # The failed hosts keep no valid certificate (each attempt had one issued).
+        unrevoked = {record["tower"] for record in ledger(broker) if not record["revoked"]}
+        assert unrevoked == {"healthy", "sshd-down"}
 
         # An operator tries the hung host again, and cancels the job while it hangs.
         [again] = run_shell(broker, "provision hung")
