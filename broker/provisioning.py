@@ -21,7 +21,8 @@ A provisioning plan takes a host from the inventory to a linked tower:
 7. ``hand-over``: the tower joins the towers supervisor and takes sessions.
 
 A decommission plan does the reverse for a drained tower: the link is dropped, the agent
-and NGINX stopped, the site and credentials removed, the certificates revoked.
+and NGINX stopped, the tower's directory removed (site, credentials, the agent's log),
+the certificates revoked.
 
 Every step is idempotent and has a deadline (``provision_step_timeout``); a failed step
 crashes the steps actor and its job restarts it (all steps again) with exponential
@@ -622,7 +623,10 @@ class JobSteps(Actor):
             f"if {_nginx_running(host, paths)}; then echo 'NGINX did not stop' >&2; exit 1; fi",
             f"rm -rf {paths.nginx} {paths.tls} {paths.settings} {paths.running_settings}"
             # The socket's directory, and where a root tower's socket was before it.
-            f" {paths.socket} {paths.pid} {paths.run or ''} {paths.root}/agent.sock",
+            f" {paths.socket} {paths.pid} {paths.run or ''} {paths.root}/agent.sock"
+            # The agent's log (sessions' traces), its lock, an upload cut short.
+            f" {paths.log} {paths.root}/agent.lock {paths.settings}.new",
+            f"rmdir {paths.root} 2>/dev/null || true",  # unless something else is there
         ]))  # fmt: skip
 
     async def _revoke(self) -> None:

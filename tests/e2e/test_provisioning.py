@@ -360,8 +360,8 @@ def test_scale_out_under_load_then_scale_in_without_losing_a_session(
         wait_until(lambda: any(record["tower"] == "host-b" and record["revoked"]
                                for record in ledger(broker)), 30, "host-b decommissioned")
         wait_until(lambda: not processes_of(second), 10, "host-b's agent and NGINX gone")
-        assert not (second.root / "nginx").exists()
-        assert not (second.root / "tls").exists()
+        # Its whole directory: site, credentials, settings, the agent's log and lock.
+        assert not second.root.exists(), sorted(path.name for path in second.root.iterdir())
         assert ready_towers(broker) == 1
         assert processes_of(first)  # host-a untouched
         summary = clients[0].finish()
