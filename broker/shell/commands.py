@@ -1420,7 +1420,8 @@ def _matching(candidates: list[str], prefix: str) -> list[str]:
 
 
 def _path_segments(paths: list[str], prefix: str) -> list[str]:
-    """The paths under ``prefix``, cut after their next segment."""
+    """The paths under ``prefix``, cut after their next segment; one with actors under
+    it ends in ``/``, so that completion goes on into them."""
     segments = set()
     start = 0 if prefix else 1
     for path in paths:
@@ -1428,8 +1429,9 @@ def _path_segments(paths: list[str], prefix: str) -> list[str]:
             continue
         rest = path[len(prefix) :]
         cut = rest.find("/", start)
-        segments.add(prefix + (rest if cut < 0 else rest[:cut]))
-    return list(segments)
+        segments.add(prefix + (rest if cut < 0 else rest[: cut + 1]))
+    # "/broker/" stands for "/broker" too.
+    return [segment for segment in segments if segment + "/" not in segments]
 
 
 def _positional_count(command: _Command, words: list[str]) -> int:

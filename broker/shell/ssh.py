@@ -15,6 +15,7 @@ so that any key stops them.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -173,13 +174,20 @@ class OperatorSession:
         self.ended.set()
 
     def _complete_key(self, line: str, position: int) -> tuple[str, int]:
+        """Tab: the word being typed becomes the one candidate (and a space, unless it is
+        a path that goes on), or as much as all candidates share."""
         candidates = self.complete(line[:position])
-        if len(candidates) != 1:
+        if not candidates:
             return line, position
         head = line[:position]
-        # Replace the word being typed by the one candidate.
         start = head.rfind(" ") + 1
-        completed = head[:start] + candidates[0] + " "
+        if len(candidates) == 1:
+            word = candidates[0] if candidates[0].endswith("/") else candidates[0] + " "
+        else:
+            word = os.path.commonprefix(candidates)
+        completed = head[:start] + word
+        if len(completed) < len(head):
+            return line, position
         return completed + line[position:], len(completed)
 
 

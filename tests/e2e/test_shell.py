@@ -131,6 +131,10 @@ def test_the_interactive_shell_completes_and_exits(broker):
             await asyncio.wait_for(process.stdout.readuntil("broker> "), 10)
             process.stdin.write("tre\t\r")
             output = await asyncio.wait_for(process.stdout.readuntil("broker> "), 10)
+            # Down a path, one segment a tab: "/broker/", then "/broker/towers/".
+            process.stdin.write("tree /bro\ttow\t\r")
+            towers = await asyncio.wait_for(process.stdout.readuntil("broker> "), 10)
+            assert "towers (Supervisor" in towers and "jobs (" not in towers
             # Ctrl-C throws the line being typed away.
             process.stdin.write("dance\x03")
             await asyncio.wait_for(process.stdout.readuntil("broker> "), 10)

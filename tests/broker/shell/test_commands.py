@@ -1021,11 +1021,12 @@ async def test_completion(autojump_clock, broker):
         everything + " sessions stats top towers trace tree undrain"
     ).split()
     assert shell.complete("tr") == ["trace", "tree"]
-    assert shell.complete("inspect ") == ["/broker"]
-    assert shell.complete("inspect /") == ["/broker"]
-    assert shell.complete("inspect /broker") == ["/broker"]
-    assert shell.complete("inspect /broker/") == ["/broker/sessions", "/broker/towers"]
-    assert shell.complete("tree --depth 2 /broker/t") == ["/broker/towers"]
+    # A path with actors under it ends in "/": completion goes on into them.
+    assert shell.complete("inspect ") == ["/broker/"]
+    assert shell.complete("inspect /") == ["/broker/"]
+    assert shell.complete("inspect /broker") == ["/broker/"]
+    assert shell.complete("inspect /broker/") == ["/broker/sessions/", "/broker/towers/"]
+    assert shell.complete("tree --depth 2 /broker/t") == ["/broker/towers/"]
     assert shell.complete("kill /broker/towers/") == [
         "/broker/towers/tower-1",
         "/broker/towers/tower-2",
