@@ -103,11 +103,12 @@ class OperatorSession:
     async def wait_for_interrupt(self, any_key: bool) -> bool:
         """Until the operator interrupts the command that runs, or goes away (terminals only).
 
-        Returns True for an interrupt: Ctrl-C (or a break or signal from the client),
-        pressed since the command's line was read. With ``any_key`` (a streaming
-        command), the line editor is left meanwhile, so that any key stops the command
-        and is not echoed: False for a key other than Ctrl-C. False when the session
-        closed.
+        Returns True for an interrupt: Ctrl-C pressed since the command's line was read
+        (for a streaming command, a break or signal from the client too; during another
+        command those wait in the input and reach the next prompt as a Ctrl-C). With
+        ``any_key`` (a streaming command), the line editor is left meanwhile, so that
+        any key stops the command and is not echoed: False for a key other than Ctrl-C.
+        False when the session closed.
         """
         if self._interrupted.is_set():
             return True
