@@ -4,7 +4,9 @@ Every frame is one binary WebSocket message: a registered message below, msgpack
 runtime's versioned envelope (``actors.Codec``). The tower speaks first (``TowerHello``)
 and then reports its load every ``load_interval`` seconds; those reports are also the
 link's heartbeat. A frame that does not decode is answered with ``LinkError``, counted,
-and otherwise ignored: one bad frame never closes the link.
+and otherwise ignored: one bad frame does not close the link. One longer than
+``MAX_FRAME_BYTES`` does: the WebSocket refuses it (close code 1009), as it must refuse
+a message at some length, and the tower's sessions are moved.
 
 Certificates are renewed over the link: the broker asks (``RenewCertificate``), the
 tower makes a new key on its own host and sends only its request (``CertificateRequest``),

@@ -4,7 +4,8 @@ A WebSocket over TLS must never have a write cancelled half-way: ``trio.SSLStrea
 broken from then on, and with it the link and every session on it. So no sender writes
 to the socket itself. Senders put encoded frames in the outbox (waiting, cancellably,
 while it is full) and the link's writer task sends them in order, uncancelled until the
-link itself ends.
+link itself ends, or until the other side has not read for ``WRITE_TIMEOUT``: then the
+writer gives up and the link must be dropped.
 """
 
 from __future__ import annotations
@@ -14,10 +15,17 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 # Frames waiting to be written; a sender waits (its own deadline applies) beyond this.
 CAPACITY = 4096
+# A frame not written within this long: the other side has stopped reading.
+WRITE_TIMEOUT = 10.0
 
 
 class OutboxClosed(Exception):
     """The link behind the outbox has ended."""
+
+
+class OutboxStalled(Exception):
+    """The other side stopped reading: the link is of no use, and must be dropped (the
+    frame was cut off half-way)."""
 
 
 class Outbox:
@@ -45,10 +53,18 @@ class Outbox:
         return True
 
     async def write_all(self) -> None:
-        """The writer task: write frames in order until the link ends."""
+        """The writer task: write frames in order until the link ends.
+
+        Raises:
+            OutboxStalled: a frame could not be written within ``WRITE_TIMEOUT``.
+        """
         try:
             async for frame in self._receive:
-                await self.websocket.send_message(frame)
+                with trio.move_on_after(WRITE_TIMEOUT) as writing:
+                    await self.websocket.send_message(frame)
+                if writing.cancelled_caught:
+                    raise OutboxStalled(f"a frame waited over {WRITE_TIMEOUT:g} s to be "
+                                        "written: the other side does not read")
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:

@@ -86,7 +86,9 @@ class ScalePolicy:
         decisions: list[Decision] = []
         serving = [tower for tower in view.towers if not tower.draining]
         capacity = sum(tower.capacity for tower in serving)
-        used = sum(tower.sessions for tower in serving) / capacity if capacity else 0.0
+        # A tower cannot use more than all of its capacity, whatever it reports.
+        used = sum(min(tower.sessions, tower.capacity) for tower in serving)
+        used = used / capacity if capacity else 0.0
         free = list(view.free_hosts)
         self._track_idle(view)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
+import reprlib
 import ssl
 import subprocess
 import sys
@@ -44,7 +45,7 @@ from actors import DecodeError, Exit, Restart, SupervisorFlags
 
 from .config import Settings
 from .issuer import Issuer
-from .outbox import Outbox, OutboxClosed
+from .outbox import Outbox, OutboxClosed, OutboxStalled
 from .link import (
     CLOSE_TIMEOUT,
     CertificateInstalled,
@@ -69,6 +70,8 @@ logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
 RENEWAL_TIMEOUT = 30.0
+# The longest renewal sleeps before it reads the wall clock again.
+RENEWAL_RECHECK = 60.0
 SEND_TIMEOUT = 5.0
 AGENT_START_TIMEOUT = 30.0
 AGENT_STOP_TIMEOUT = 3.0
@@ -183,15 +186,21 @@ class TowerDirectory:
         """Take a linked tower's load report.
 
         Raises:
-            ValueError: the report has negative or non-finite figures; nothing of it
-                is taken.
+            ValueError: the report has negative or non-finite figures, or claims more
+                capacity than the tower's hello did; nothing of it is taken.
         """
         cpu, resident = report.cpu_seconds, report.resident_bytes
         if (cpu is not None and not (math.isfinite(cpu) and cpu >= 0)) or (
                 resident is not None and resident < 0):
             raise ValueError(f"{name}: a load report with impossible usage (cpu_seconds "
                              f"{cpu!r}, resident_bytes {resident!r})")
-        if name in self._connections:
+        connection = self._connections.get(name)
+        if connection is not None and report.capacity > connection.capacity:
+            # One tower's word must not steer placement and the scaler for all.
+            raise ValueError(f"{name}: a load report claiming a capacity of "
+                             f"{report.capacity}, more than the {connection.capacity} "
+                             "of its hello")
+        if connection is not None:
             load = TowerLoad(name, report.sessions, report.capacity, report.draining)
             self.placement.report(load, trio.current_time())
             if cpu is not None and resident is not None:
@@ -299,7 +308,7 @@ class TowerLink(Actor):
             send, receive = trio.open_memory_channel[object](1)
             self.renewal_replies = send
             try:
-                nursery.start_soon(connection.outbox.write_all)
+                nursery.start_soon(self._write, connection)
                 nursery.start_soon(self._renew, connection, receive)
                 await self._read(websocket, connection)
             finally:
@@ -307,6 +316,12 @@ class TowerLink(Actor):
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                 await websocket.aclose()
+
+    async def _write(self, connection: TowerConnection) -> None:
+        try:
+            await connection.outbox.write_all()
+        except OutboxStalled as error:
+            raise TowerLinkLost(f"{self.name}: {error}") from None
 
     async def _read(self, websocket: WebSocketConnection, connection: TowerConnection) -> None:
         silence = self.settings.tower_silence
@@ -322,7 +337,7 @@ class TowerLink(Actor):
                 message = codec.decode(data)
             except DecodeError as error:
                 self.bad_frames += 1
-                await connection.send(LinkError(str(error)))
+                connection.send_nowait(LinkError(str(error)))  # best effort: never wait on it
                 continue
             if isinstance(message, TowerLoadReport):
                 self._check_not_revoked()
@@ -331,7 +346,7 @@ class TowerLink(Actor):
                 except ValueError as error:
                     # Not taken, not even as the tower's heartbeat for placement.
                     self.bad_frames += 1
-                    await connection.send(LinkError(str(error)))
+                    connection.send_nowait(LinkError(str(error)))  # best effort: never wait on it
             elif isinstance(message, (PeerAnswer, PeerRejected, PeerState)):
                 connection.deliver(message)
             elif isinstance(message, (CertificateRequest, CertificateInstalled)):
@@ -341,7 +356,7 @@ class TowerLink(Actor):
                 except trio.WouldBlock:
                     self.bad_frames += 1
             elif isinstance(message, LinkError):
-                logger.warning("%s refused a frame: %s", self.name, message.message)
+                logger.warning("%s refused a frame: %s", self.name, _quoted(message.message))
             else:
                 self.bad_frames += 1
 
@@ -366,7 +381,13 @@ class TowerLink(Actor):
         lasts; a failed attempt is tried again after a tenth of the time left."""
         while True:
             assert self.certificate is not None
-            await trio.sleep(renewal_delay(self.certificate, datetime.now(timezone.utc)))
+            # In steps of at most a minute, the wall clock read again each time: one that
+            # jumps (NTP at boot, a resume) must not carry renewal past the expiry.
+            while True:
+                delay = renewal_delay(self.certificate, datetime.now(timezone.utc))
+                await trio.sleep(min(delay, RENEWAL_RECHECK))
+                if delay <= RENEWAL_RECHECK:
+                    break
             try:
                 await self._renew_once(connection, replies)
             except (RenewalFailed, TowerGone) as error:
@@ -494,7 +515,7 @@ async def receive_hello(websocket: WebSocketConnection, name: str, silence: floa
         except DecodeError as error:
             raise TowerLinkLost(f"{name}: its hello did not decode: {error}") from None
         if not isinstance(hello, TowerHello) or hello.tower != name:
-            raise TowerLinkLost(f"{name}: expected its hello, got {hello!r}")
+            raise TowerLinkLost(f"{name}: expected its hello, got {_quoted(hello)}")
         return hello
     raise TowerLinkLost(f"{name}: no hello within {silence:g} s")
 
@@ -682,3 +703,13 @@ def towers_spec(specs: Callable[[], list[ChildSpec]]) -> ChildSpec:
     """The ``towers`` supervisor: one child per tower; a failing tower is retried alone."""
     flags = SupervisorFlags(intensity=1000, period=60, backoff=Backoff(initial=1, maximum=30))
     return ChildSpec("towers", lambda: Supervisor(specs(), flags))
+
+
+_QUOTE = reprlib.Repr()
+_QUOTE.maxstring = _QUOTE.maxother = 200
+
+
+def _quoted(said: object) -> str:
+    """What a tower said, for a log line or a crash reason: at most about 200 characters
+    (a tower may send a frame of 256 KiB, as often as it likes)."""
+    return _QUOTE.repr(said)

@@ -82,7 +82,7 @@ from ..link import (
 )
 from ..collector import Collector
 from ..metrics import process_usage
-from ..outbox import Outbox, OutboxClosed
+from ..outbox import Outbox, OutboxClosed, OutboxStalled
 from ..pki import (
     BROKER_NAME,
     KeyType,
@@ -253,6 +253,10 @@ class CommunicationServer(Actor):
                     nursery.start_soon(self._report_load)
                     await self._read(websocket)
                     nursery.cancel_scope.cancel()
+            except* OutboxStalled as stalled:
+                # The broker stopped reading: it will link again once it can.
+                logger.warning("%s: the broker's link dropped: %s", self.settings.name,
+                               stalled.exceptions[0])
             finally:
                 # The broker gave those sessions up with this connection (it moves them
                 # elsewhere), whether the connection broke or a new one replaced it.
@@ -307,6 +311,10 @@ class CommunicationServer(Actor):
                 logger.warning("%s: the broker refused a new certificate: %s",
                                self.settings.name, message.reason)
                 self.pending_key = None
+            elif isinstance(message, LinkError):
+                # Why the broker refused one of ours (a load report, say): said, not answered.
+                logger.warning("%s: the broker refused a frame: %s", self.settings.name,
+                               message.message[:200])
             else:
                 await self.uplink.send(LinkError(f"a tower does not take {type(message).__name__}"))
 

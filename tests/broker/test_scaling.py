@@ -141,6 +141,15 @@ def test_the_load_is_the_used_share_of_serving_towers_only():
     assert actions(scale.decide(view(30, towers, free=["h1"]))) == [("provision", "h1")]
 
 
+def test_a_tower_counts_at_most_all_of_its_capacity_whatever_it_reports():
+    # 2**62 sessions on one tower of 100 would be a used share of 10**16 %.
+    towers = [local(sessions=2**62), tower("p1", 0), tower("p2", 0), tower("p3", 0)]
+    scale = policy()
+    scale.decide(view(0, towers, free=["h1"]))
+    # 100 of 400 used, 25 %: nothing to provision.
+    assert scale.decide(view(30, towers, free=["h1"])) == []
+
+
 def test_no_serving_capacity_is_no_load():
     towers = [local(sessions=5, draining=True)]
     scale = policy(floor=0)

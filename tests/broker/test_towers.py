@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from trio_websocket import ConnectionClosed, serve_websocket
 
 from actors import Backoff, ChildSpec, SupervisorFlags, bridge, open_system
+from broker import outbox
 from broker.config import Settings
 from broker.issuer import Issuer
 from broker.pki import (
@@ -271,6 +272,7 @@ async def test_a_towers_reported_usage_is_kept_while_it_is_linked(autojump_clock
 @pytest.mark.parametrize("figures", [
     {"cpu_seconds": -1.0}, {"cpu_seconds": math.nan}, {"cpu_seconds": math.inf},
     {"resident_bytes": -1}, {"sessions": -1}, {"capacity": -5},
+    {"capacity": 2**63 - 1},  # more than its hello's: it would draw every session
 ])
 async def test_a_load_report_with_impossible_figures_is_refused_whole(autojump_clock, figures):
     directory, _ = linked_directory()
@@ -335,3 +337,51 @@ def test_a_load_report_with_impossible_figures_gets_a_link_error_and_the_link_st
     assert seen["linked"]
     assert seen["load"].sessions == 2
     assert seen["usage"] == ProcessUsage(1.5, 2**20)
+
+
+def test_a_tower_that_stops_reading_is_dropped_not_kept_ready(authority, monkeypatch):
+    """A tower of our own CA that reports its load but never reads what it is sent."""
+    monkeypatch.setattr(outbox, "WRITE_TIMEOUT", 1.0)
+    identity = authority.identity(TOWER)
+    tower_tls = server_ssl_context(identity, identity,
+                                   client_ca_file=authority.directory / "ca" / "ca.pem")
+    settings = Settings(tower_silence=5.0, tower_load_interval=0.2)
+    directory = TowerDirectory(stale_after=settings.tower_silence)
+    context = LinkContext(directory, authority.broker_tls, settings, authority.issuer)
+    seen = {}
+
+    async def tower(request) -> None:
+        websocket = await request.accept()
+        await websocket.send_message(codec.encode(TowerHello(TOWER, 100, "test")))
+        with trio.move_on_after(DEADLINE):
+            try:
+                while True:
+                    await websocket.send_message(codec.encode(TowerLoadReport(0, 100)))
+                    await trio.sleep(0.2)
+            except ConnectionClosed:
+                pass  # the broker dropped it
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(functools.partial(
+                serve_websocket, tower, "127.0.0.1", 0, tower_tls))
+            address = TowerAddress("127.0.0.1", server.port)
+            children = [ChildSpec("link", lambda: TowerLink(TOWER, address, context))]
+            async with open_system("broker", children=children) as system:
+                with trio.fail_after(DEADLINE):
+                    while (connection := directory.get(TOWER)) is None:
+                        await trio.sleep(0.05)
+                    # More than the socket buffers hold, never read.
+                    while connection.send_nowait(LinkError("x" * 200_000)):
+                        await trio.sleep(0)
+                    await connection.closed.wait()
+                    seen["ready"] = directory.placement.ready(trio.current_time())
+                    link = system.lookup("/broker/link")
+                    while not link.snapshot().failures:
+                        await trio.sleep(0.05)
+                seen["failure"] = link.snapshot().failures[0].reason
+            nursery.cancel_scope.cancel()
+
+    run(main)
+    assert TOWER not in seen["ready"]
+    assert "the other side does not read" in seen["failure"]

@@ -14,7 +14,7 @@ from trio_websocket import WebSocketConnection
 
 from actors import ActorSystem, ChildSpec, Supervisor, SupervisorFlags, bridge, open_system
 from broker.client_peer import new_peer
-from broker.link import OpenPeer, TowerHello, TowerLoadReport, codec
+from broker.link import LinkError, OpenPeer, TowerHello, TowerLoadReport, codec
 from broker.tower import peer as tower_peer
 from broker.tower.agent import AgentSettings, CommunicationServer
 
@@ -83,3 +83,18 @@ def test_a_link_replaced_while_a_peer_starts_leaves_no_peer_behind(monkeypatch):
         await bridge.call_asyncio(client.close)
 
     bridge.run(main, handle_signals=False)
+
+
+def test_the_brokers_link_error_is_logged_not_answered(caplog):
+    async def main():
+        async with agent() as (_, port):
+            async with link(port) as broker:
+                await receive(broker, TowerHello)
+                await broker.send_message(codec.encode(LinkError("a report it refused")))
+                # What comes next is a load report, not a LinkError about the LinkError.
+                await receive(broker, TowerLoadReport)
+                await receive(broker, TowerLoadReport)
+
+    bridge.run(main, handle_signals=False)
+    said = [record.getMessage() for record in caplog.records]
+    assert f"{TOWER}: the broker refused a frame: a report it refused" in said
