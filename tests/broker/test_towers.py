@@ -12,7 +12,8 @@ import functools
 import math
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -291,13 +292,7 @@ async def test_a_load_report_with_impossible_figures_is_refused_whole(autojump_c
 def test_a_load_report_with_impossible_figures_gets_a_link_error_and_the_link_stays(
     authority,
 ):
-    """A tower of our own CA, speaking the link protocol by hand, sends one bad report."""
-    identity = authority.identity(TOWER)
-    tower_tls = server_ssl_context(identity, identity,
-                                   client_ca_file=authority.directory / "ca" / "ca.pem")
-    settings = Settings(tower_silence=5.0, tower_load_interval=0.2)
-    directory = TowerDirectory(stale_after=settings.tower_silence)
-    context = LinkContext(directory, authority.broker_tls, settings, authority.issuer)
+    """A tower speaking the link protocol by hand sends one bad report."""
     seen = {}
 
     async def tower(request) -> None:
@@ -315,20 +310,14 @@ def test_a_load_report_with_impossible_figures_gets_a_link_error_and_the_link_st
             pass  # the broker's system closed at the end of the test
 
     async def main():
-        async with trio.open_nursery() as nursery:
-            server = await nursery.start(functools.partial(
-                serve_websocket, tower, "127.0.0.1", 0, tower_tls))
-            address = TowerAddress("127.0.0.1", server.port)
-            children = [ChildSpec("link", lambda: TowerLink(TOWER, address, context))]
-            async with open_system("broker", children=children):
-                with trio.fail_after(DEADLINE):
-                    while directory.usage.get(TOWER) is None:
-                        await trio.sleep(0.05)
-                connection = directory.get(TOWER)
-                seen["linked"] = connection is not None and not connection.closed.is_set()
-                seen["load"] = directory.placement.load_of(TOWER)
-                seen["usage"] = directory.usage[TOWER]
-            nursery.cancel_scope.cancel()
+        async with linked_by_hand(authority, tower) as (_, directory):
+            with trio.fail_after(DEADLINE):
+                while directory.usage.get(TOWER) is None:
+                    await trio.sleep(0.05)
+            connection = directory.get(TOWER)
+            seen["linked"] = connection is not None and not connection.closed.is_set()
+            seen["load"] = directory.placement.load_of(TOWER)
+            seen["usage"] = directory.usage[TOWER]
 
     run(main)
     assert isinstance(seen["answer"], LinkError)
@@ -340,14 +329,8 @@ def test_a_load_report_with_impossible_figures_gets_a_link_error_and_the_link_st
 
 
 def test_a_tower_that_stops_reading_is_dropped_not_kept_ready(authority, monkeypatch):
-    """A tower of our own CA that reports its load but never reads what it is sent."""
+    """A tower that reports its load but never reads what it is sent."""
     monkeypatch.setattr(outbox, "WRITE_TIMEOUT", 1.0)
-    identity = authority.identity(TOWER)
-    tower_tls = server_ssl_context(identity, identity,
-                                   client_ca_file=authority.directory / "ca" / "ca.pem")
-    settings = Settings(tower_silence=5.0, tower_load_interval=0.2)
-    directory = TowerDirectory(stale_after=settings.tower_silence)
-    context = LinkContext(directory, authority.broker_tls, settings, authority.issuer)
     seen = {}
 
     async def tower(request) -> None:
@@ -362,26 +345,41 @@ def test_a_tower_that_stops_reading_is_dropped_not_kept_ready(authority, monkeyp
                 pass  # the broker dropped it
 
     async def main():
-        async with trio.open_nursery() as nursery:
-            server = await nursery.start(functools.partial(
-                serve_websocket, tower, "127.0.0.1", 0, tower_tls))
-            address = TowerAddress("127.0.0.1", server.port)
-            children = [ChildSpec("link", lambda: TowerLink(TOWER, address, context))]
-            async with open_system("broker", children=children) as system:
-                with trio.fail_after(DEADLINE):
-                    while (connection := directory.get(TOWER)) is None:
-                        await trio.sleep(0.05)
-                    # More than the socket buffers hold, never read.
-                    while connection.send_nowait(LinkError("x" * 200_000)):
-                        await trio.sleep(0)
-                    await connection.closed.wait()
-                    seen["ready"] = directory.placement.ready(trio.current_time())
-                    link = system.lookup("/broker/link")
-                    while not link.snapshot().failures:
-                        await trio.sleep(0.05)
-                seen["failure"] = link.snapshot().failures[0].reason
-            nursery.cancel_scope.cancel()
+        async with linked_by_hand(authority, tower) as (system, directory):
+            with trio.fail_after(DEADLINE):
+                while (connection := directory.get(TOWER)) is None:
+                    await trio.sleep(0.05)
+                # More than the socket buffers hold, never read.
+                while connection.send_nowait(LinkError("x" * 200_000)):
+                    await trio.sleep(0)
+                await connection.closed.wait()
+                seen["ready"] = directory.placement.ready(trio.current_time())
+                link = system.lookup("/broker/link")
+                while not link.snapshot().failures:
+                    await trio.sleep(0.05)
+            seen["failure"] = link.snapshot().failures[0].reason
 
     run(main)
     assert TOWER not in seen["ready"]
     assert "the other side does not read" in seen["failure"]
+
+
+@asynccontextmanager
+async def linked_by_hand(authority: Authority, tower) -> AsyncIterator[tuple]:
+    """The broker's own link (``TowerLink``) to a tower of our own CA whose end is
+    ``tower``, a WebSocket handler speaking the link protocol by hand; yields the system
+    and the tower directory."""
+    identity = authority.identity(TOWER)
+    tower_tls = server_ssl_context(identity, identity,
+                                   client_ca_file=authority.directory / "ca" / "ca.pem")
+    settings = Settings(tower_silence=5.0, tower_load_interval=0.2)
+    directory = TowerDirectory(stale_after=settings.tower_silence)
+    context = LinkContext(directory, authority.broker_tls, settings, authority.issuer)
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(functools.partial(
+            serve_websocket, tower, "127.0.0.1", 0, tower_tls))
+        address = TowerAddress("127.0.0.1", server.port)
+        children = [ChildSpec("link", lambda: TowerLink(TOWER, address, context))]
+        async with open_system("broker", children=children) as system:
+            yield system, directory
+        nursery.cancel_scope.cancel()
