@@ -28,6 +28,7 @@ import h2.events
 import h2.settings
 import psutil
 import trio
+import hypercorn.events
 import hypercorn.protocol
 import hypercorn.protocol.h2
 import hypercorn.trio.run
@@ -48,6 +49,7 @@ from actors import (
 from .config import Settings
 from .link import APPLICATIONS
 from .metrics import SessionCounters, TowerRow, process_usage, render
+from .outbox import WRITE_TIMEOUT
 from .sessions import (
     CLIENT_OUTBOX_SIZE,
     AttachClient,
@@ -567,6 +569,28 @@ class _ContainedTCPServer(hypercorn.trio.tcp_server.TCPServer):
     connection's memory goes back as it ends; one that failed still leaves its tasks'
     exceptions in cycles, for the full collection.
     """
+
+    async def protocol_send(self, event: hypercorn.events.Event) -> None:
+        if not isinstance(event, hypercorn.events.RawData):
+            await super().protocol_send(event)
+            return
+        # hypercorn writes shielded, for a TLS stream cut half-way is broken, but with no
+        # deadline: a client that stops reading held its connection, and the broker's
+        # shutdown, for good. Past the deadline the connection is dropped instead.
+        async with self.send_lock:
+            with trio.CancelScope(shield=True) as writing:
+                writing.deadline = trio.current_time() + WRITE_TIMEOUT
+                try:
+                    await self.stream.send_all(event.data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                else:
+                    return
+        if writing.cancelled_caught:
+            logger.info("dropped an HTTP connection whose client did not read for %g s",
+                        WRITE_TIMEOUT)
+            await trio.aclose_forcefully(self.stream)
+        await self.protocol.handle(hypercorn.events.Closed())
 
     async def run(self) -> None:
         stream = self.stream

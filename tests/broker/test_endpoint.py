@@ -27,6 +27,8 @@ from broker.client import trusting
 from broker.pki import self_signed_server_certificate
 
 KEEP_ALIVE = 5.0
+# More than the sockets between a client and the server hold.
+BIG = b"x" * (64 * 2**20)
 HANDSHAKE_TIMEOUT = 60.0
 
 
@@ -46,9 +48,10 @@ async def ok(scope, receive, send) -> None:
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
         return
+    body = BIG if scope["path"] == "/big" else b"ok"
     await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-length", b"2")]})
-    await send({"type": "http.response.body", "body": b"ok"})
+                "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 @pytest.fixture
@@ -135,6 +138,34 @@ async def test_a_connection_closed_at_its_keep_alive_is_freed(
         await stream.receive_some(4096)
     await stream.aclose()
     await all_released(collector_off, 1, https)
+
+
+@pytest.mark.parametrize("scheme", ["https", "http"])
+async def test_a_client_that_stops_reading_is_dropped_and_freed(
+    mock_clock, ports, collector_off, certificate, scheme
+):
+    port = ports[scheme]
+    if scheme == "https":
+        stream = await tls_connection(port, certificate)
+    else:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(b"GET /big HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    await trio.testing.wait_all_tasks_blocked(cushion=0.01)  # the server's write is stuck
+    mock_clock.jump(endpoint.WRITE_TIMEOUT)
+    # What the sockets held, then the end: the server dropped the connection.
+    received = 0
+    try:
+        while received < len(BIG) and (chunk := await stream.receive_some(2**20)):
+            received += len(chunk)
+    except trio.BrokenResourceError:
+        pass  # reset, or closed without TLS's close_notify
+    assert received < len(BIG)
+    await trio.aclose_forcefully(stream)
+    # Its last task, hypercorn's idle timer, ends at the keep-alive.
+    await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+    mock_clock.jump(KEEP_ALIVE)
+    gc.collect()  # the cut write leaves its exception's cycles, as a failure does
+    await all_released(collector_off, 1, port)
 
 
 async def test_a_failed_tls_handshake_is_freed(mock_clock, ports, collector_off):
