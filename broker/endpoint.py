@@ -387,7 +387,7 @@ class BrokerApi:
             async with trio.open_nursery() as nursery:
                 # The session's state frame goes out before any answer to the client.
                 await nursery.start(self._write, frames, send_frame, close, nursery.cancel_scope)
-                await self._read(receive, session, send_frame, close)
+                await self._read(receive, session, frames, send_frame, close)
                 nursery.cancel_scope.cancel()
         finally:
             try:
@@ -438,7 +438,10 @@ class BrokerApi:
         await close(close_code)
         scope.cancel()
 
-    async def _read(self, receive: Receive, session: ActorRef, send_frame, close) -> None:
+    async def _read(
+        self, receive: Receive, session: ActorRef,
+        frames: trio.MemoryReceiveChannel[dict[str, Any]], send_frame, close,
+    ) -> None:
         limit = RateLimit()
         while True:
             event = await receive()
@@ -458,6 +461,10 @@ class BrokerApi:
                     await close(error.close_code)
                     await _drain(receive)
                     return
+                continue
+            if frames.statistics().open_send_channels == 0:
+                # The session let go of this connection (another replaced it, or it was
+                # too slow to read): its writer closes it; nothing more reaches the session.
                 continue
             # To a session that has ended, a dead letter; its writer closes the socket.
             await session.tell(message)

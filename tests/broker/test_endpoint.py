@@ -285,3 +285,27 @@ async def test_a_request_answered_before_its_body_ended_leaves_the_connection_up
     [answered] = [event for event in events if isinstance(event, h2.events.ResponseReceived)]
     assert (answered.stream_id, dict(answered.headers)[b":status"]) == (3, b"200")
     await stream.aclose()
+
+
+async def test_a_connection_its_session_let_go_of_reaches_the_session_no_more(autojump_clock):
+    """Replaced by another, or dropped for not reading: its frames go nowhere (each would
+    otherwise add its own 100 frames a second to the session's, and the tower's link)."""
+    told = []
+
+    class Session:
+        async def tell(self, message) -> None:
+            told.append(message)
+
+    events = [{"type": "websocket.receive", "text": '{"type": "candidate", "candidate": ""}'}]
+    events.append({"type": "websocket.disconnect"})
+
+    async def receive():
+        return events.pop(0)
+
+    async def ignore(*arguments) -> None:
+        pass
+
+    outbox, frames = trio.open_memory_channel(1)
+    outbox.close()  # as the session does when it lets go
+    await endpoint.BrokerApi._read(None, receive, Session(), frames, ignore, ignore)
+    assert told == []
