@@ -37,6 +37,10 @@ CLOSE_TIMEOUT = 1.0
 # The session applications every tower runs (``broker.tower.application.APPLICATIONS``).
 APPLICATIONS = ("echo", "demo")
 
+# The most ICE candidates an offer may carry in its SDP, and the most a client may
+# trickle after it: each is an address the tower's ICE checks (PROTOCOL.md).
+MAX_CANDIDATES = 100
+
 
 # Tower to broker.
 

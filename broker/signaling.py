@@ -19,6 +19,7 @@ from typing import Any
 
 from aiortc.sdp import SessionDescription
 
+from .link import MAX_CANDIDATES
 from .sessions import ClientCandidate, ClientOffer, CloseSession
 
 MAX_FRAME_BYTES = 64 * 1024
@@ -123,6 +124,8 @@ def check_offer_sdp(sdp: str) -> None:
             raise SignalingError("invalid_sdp", "the data section has no DTLS fingerprint")
         if not media.ice.usernameFragment or not media.ice.password:
             raise SignalingError("invalid_sdp", "a section has no ICE credentials")
+    if sum(len(media.ice_candidates) for media in description.media) > MAX_CANDIDATES:
+        raise SignalingError("invalid_sdp", f"more than {MAX_CANDIDATES} candidates in the offer")
 
 
 def _expect_fields(frame: dict[str, Any], allowed: set[str]) -> None:

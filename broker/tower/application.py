@@ -39,6 +39,7 @@ from aiortc import (
 from aiortc.sdp import SessionDescription, candidate_from_sdp
 
 from ..config import check_ice_servers
+from ..link import MAX_CANDIDATES
 from .dtls import peer_connection
 from .media import SyntheticVideoTrack
 
@@ -465,6 +466,8 @@ def _check_offer(offer_sdp: str) -> None:
         raise ValueError(f"the offer is not valid SDP ({type(error).__name__})") from None
     if not description.media:
         raise ValueError("the offer is not valid SDP: it has no media sections")
+    if sum(len(media.ice_candidates) for media in description.media) > MAX_CANDIDATES:
+        raise ValueError(f"more than {MAX_CANDIDATES} candidates in the offer")
     for index, media in enumerate(description.media):
         if media.dtls is None:
             raise ValueError(f"the offer's media section {index} has no a=setup attribute")

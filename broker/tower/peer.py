@@ -20,15 +20,17 @@ from actors import Actor
 from actors.bridge import call_asyncio, post_to
 
 from ..config import Settings
-from ..link import AddCandidate, OpenPeer, PeerAnswer, PeerRejected, PeerState
+from ..link import (
+    MAX_CANDIDATES,
+    AddCandidate,
+    OpenPeer,
+    PeerAnswer,
+    PeerRejected,
+    PeerState,
+)
 from .application import APPLICATIONS, PeerEvent, TowerPeer, answer_offer
 
 Send = Callable[[object], Awaitable[None]]
-
-# Candidates one offer may be given after it: a browser trickles a few per network
-# interface; each one more makes the tower check another pair of addresses.
-MAX_CANDIDATES = 100
-
 
 @dataclass(frozen=True)
 class PeerSettings:

@@ -107,6 +107,22 @@ def test_an_sdp_without_media_is_invalid(offer_sdp):
     assert (error.code, error.message) == ("invalid_sdp", "the SDP has no media or data section")
 
 
+def with_candidates(sdp: str, count: int) -> str:
+    """The offer with ``count`` host candidates in its first media section."""
+    lines = [f"a=candidate:{n} 1 udp 2130706431 192.0.2.{n % 250 + 1} {10000 + n} typ host"
+             for n in range(count)]
+    head, _, tail = sdp.partition("a=ice-ufrag:")
+    return head + "\r\n".join(lines) + "\r\na=ice-ufrag:" + tail
+
+
+def test_an_offer_carries_at_most_100_candidates(offer_sdp):
+    room = 100 - offer_sdp.count("a=candidate:")  # its own host candidates
+    sdp = with_candidates(offer_sdp, room)
+    assert parse_client_frame(frame(type="offer", sdp=sdp)) == ClientOffer(sdp)
+    error = refused(frame(type="offer", sdp=with_candidates(offer_sdp, room + 1)))
+    assert (error.code, error.message) == ("invalid_sdp", "more than 100 candidates in the offer")
+
+
 @pytest.mark.parametrize("attribute", ["a=ice-ufrag:", "a=ice-pwd:"])
 def test_an_sdp_without_ice_credentials_is_invalid(offer_sdp, attribute):
     error = refused(frame(type="offer", sdp=without_lines(offer_sdp, attribute)))

@@ -27,6 +27,8 @@ from broker.tower.application import (
     rtc_configuration,
 )
 
+from ..test_signaling import with_candidates
+
 INTERVAL = 0.2
 TIMEOUT = 1.0
 # Generous: loaded CI machines stall; a healthy run is far below these.
@@ -344,8 +346,9 @@ def _without_ice_password(offer: str) -> str:
         (lambda offer: "", "no media sections"),
         (lambda offer: "m=application\r\n", "not valid SDP"),
         (_without_ice_password, "not accepted"),
+        (lambda offer: with_candidates(offer, 101), "more than 100 candidates in the offer"),
     ],
-    ids=["garbage", "empty", "broken media line", "no ICE password"],
+    ids=["garbage", "empty", "broken media line", "no ICE password", "101 candidates"],
 )
 def test_a_bad_offer_raises_and_leaves_nothing_running(made_connections, spoil, message):
     async def scenario():
