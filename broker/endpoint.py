@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import h2.errors
 import h2.events
 import h2.settings
 import psutil
@@ -186,8 +187,11 @@ class BrokerApi:
         return headers
 
     async def _redirect(self, scope: Scope, send: Send) -> None:
-        # The target is built from our own name, never the request's Host header.
-        location = self.settings.https_origin + scope["raw_path"].decode("latin-1")
+        # The target is built from our own name, never the request's Host header; a
+        # request target that is not a path ("@evil.example/", an absolute URL) is
+        # sent to the front page rather than spliced in after our name.
+        path = scope["raw_path"].decode("latin-1")
+        location = self.settings.https_origin + (path if path.startswith("/") else "/")
         if scope.get("query_string"):
             location += "?" + scope["query_string"].decode("latin-1")
         await _respond(send, 301, b"", None, {"location": location})
@@ -222,7 +226,7 @@ class BrokerApi:
         _allow(method, "GET", "DELETE")
         key = self._authenticate(scope)
         if method == "GET":
-            return 200, await self._describe(key, session_id)
+            return 200, await self._describe(key, session_id, ended_too=True)
         closed = await _ask(
             self._session(session_id), CloseSession("deleted through the API", key)
         )
@@ -244,9 +248,19 @@ class BrokerApi:
     def _session(self, session_id: str) -> ActorRef | None:
         return self.system.lookup(f"{SESSIONS_PATH}/{session_name(session_id)}")
 
-    async def _describe(self, key: str, session_id: str) -> dict[str, Any]:
-        """The session, if it exists and belongs to ``key`` (the session knows its key)."""
-        described = await _ask(self._session(session_id), Describe(key))
+    async def _describe(
+        self, key: str, session_id: str, *, ended_too: bool = False
+    ) -> dict[str, Any]:
+        """The session, if it exists and belongs to ``key`` (the session knows its key);
+        ``ended_too``: or how it ended, if it did within ``ENDED_KEPT`` seconds."""
+        described = None
+        try:
+            described = await _ask(self._session(session_id), Describe(key))
+        except ApiError as error:
+            if not (ended_too and error.code == "not_found"):
+                raise
+        if described is None and ended_too:
+            described = self.counters.last_word(session_id, key, trio.current_time())
         if described is None:
             raise ApiError(404, "not_found", f"there is no session {session_id}")
         return described
@@ -636,6 +650,11 @@ class _H2WithoutWebSockets(hypercorn.protocol.h2.H2Protocol):
             if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
                 self.connection.acknowledge_received_data(
                     event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.RequestReceived) and any(
+                name in (b":protocol", ":protocol") for name, _ in event.headers
+            ):
+                # An extended CONNECT (a WebSocket) we did not offer: malformed (RFC 8441).
+                self.connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
             else:
                 await super()._handle_events([event])
         await self._flush()

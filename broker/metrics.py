@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 
@@ -17,6 +18,11 @@ from actors import SystemStatistics
 
 from .collector import Collector
 from .lifecycle import FailureReason, SessionState
+
+
+# How long, and how many, ended sessions are still shown.
+ENDED_KEPT = 60.0
+ENDED_MAX = 10_000
 
 
 class SessionCounters:
@@ -35,6 +41,30 @@ class SessionCounters:
         self.failures: Counter[FailureReason] = Counter()
         # Live sessions by API key: taken when a session is created, given back at its end.
         self.by_key: Counter[str] = Counter()
+        # The last word of each session that ended, by id, oldest first: (when, API key,
+        # its description), for ``GET /v1/sessions/{id}`` to show a while.
+        self.ended: dict[str, tuple[float, str, dict[str, Any]]] = {}
+
+    def remember_end(
+        self, session_id: str, api_key: str, described: dict[str, Any], now: float
+    ) -> None:
+        self._forget_ended(now)
+        self.ended[session_id] = (now, api_key, described)
+        if len(self.ended) > ENDED_MAX:
+            del self.ended[next(iter(self.ended))]
+
+    def last_word(self, session_id: str, api_key: str, now: float) -> dict[str, Any] | None:
+        """How ``api_key``'s session ended, if it did within ``ENDED_KEPT`` seconds."""
+        self._forget_ended(now)
+        entry = self.ended.get(session_id)
+        return entry[2] if entry is not None and entry[1] == api_key else None
+
+    def _forget_ended(self, now: float) -> None:
+        while self.ended:
+            oldest = next(iter(self.ended))
+            if now - self.ended[oldest][0] < ENDED_KEPT:
+                return
+            del self.ended[oldest]
 
     def session_started(self, state: SessionState) -> None:
         self.created += 1

@@ -372,6 +372,10 @@ class Session(Supervisor):
         # Also for a session an operator killed: its API key's count, the live gauge and
         # its client's socket must not wait for a close that will never come.
         self.released = True
+        if not self.lifecycle.state.ended:  # killed: stopping did not run
+            self.lifecycle.close(_stop_reason(exit))
+        self.counters.remember_end(
+            self.session_id, self.api_key, self.describe(), trio.current_time())
         if self.counting:
             self.counters.session_ended(self.counted_state)
         self.counters.by_key[self.api_key] -= 1

@@ -13,6 +13,7 @@ import gc
 import weakref
 
 import h2.config
+import h2.errors
 import h2.connection
 import h2.events
 import hypercorn.trio.run
@@ -309,3 +310,22 @@ async def test_a_connection_its_session_let_go_of_reaches_the_session_no_more(au
     outbox.close()  # as the session does when it lets go
     await endpoint.BrokerApi._read(None, receive, Session(), frames, ignore, ignore)
     assert told == []
+
+
+async def test_an_http2_websocket_we_did_not_offer_is_reset_and_the_connection_stays(
+    mock_clock, ports, collector_off, certificate
+):
+    stream, connection = await h2_connection(ports["https"], certificate)
+    connection.send_headers(1, [
+        (":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "https"),
+        (":path", "/healthz"), (":authority", "localhost"), ("sec-websocket-version", "13"),
+    ])
+    connection.send_headers(3, request_headers("GET"), end_stream=True)
+    await stream.send_all(connection.data_to_send())
+    events = await h2_events(stream, connection, lambda events: any(
+        isinstance(event, h2.events.StreamEnded) and event.stream_id == 3 for event in events))
+    [reset] = [event for event in events if isinstance(event, h2.events.StreamReset)]
+    assert (reset.stream_id, reset.error_code) == (1, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+    [answered] = [event for event in events if isinstance(event, h2.events.ResponseReceived)]
+    assert (answered.stream_id, dict(answered.headers)[b":status"]) == (3, b"200")
+    await stream.aclose()

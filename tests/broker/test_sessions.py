@@ -380,6 +380,8 @@ async def test_a_killed_session_gives_back_what_it_held(autojump_clock, broker):
     broker.session("s-1").kill("killed from the operators' shell")
     await trio.testing.wait_all_tasks_blocked()
     assert broker.session("s-1") is None
+    last = broker.counters.last_word("s-1", "key", trio.current_time())
+    assert (last["state"], last["reason"]) == ("closed", "an operator stopped the session")
     assert client.closed
     assert broker.counters.by_key["key"] == 0
     assert broker.counters.live() == 0
@@ -560,6 +562,12 @@ async def test_closing_a_session_ends_it(autojump_clock, broker):
     assert broker.counters.live() == 0
     # Its end counts towards the next full garbage collection.
     assert (collector.alive, collector.closed) == (0, 1)
+    # How it ended is shown to its key for a minute.
+    last = broker.counters.last_word("s-1", "key", trio.current_time())
+    assert (last["state"], last["reason"]) == ("closed", "closed by the client")
+    assert broker.counters.last_word("s-1", "another key", trio.current_time()) is None
+    await trio.sleep(60)
+    assert broker.counters.last_word("s-1", "key", trio.current_time()) is None
 
 
 async def test_the_live_sessions_gauge_follows_the_session(autojump_clock, broker):

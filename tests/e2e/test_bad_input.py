@@ -10,6 +10,7 @@ import json
 import socket
 import ssl
 import urllib.error
+import urllib.parse
 import urllib.request
 from urllib.parse import urlsplit
 
@@ -85,6 +86,19 @@ def test_plain_http_is_redirected_to_https_with_the_same_path(broker):
     assert headers["location"] == broker.url + "/v1/sessions/x?y=1"
 
 
+@pytest.mark.parametrize("target", ["@evil.example/x", "http://evil.example/x"])
+def test_a_redirect_never_splices_a_target_that_is_not_a_path_after_our_name(broker, target):
+    parts = urllib.parse.urlsplit(broker.http_url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as raw:
+        raw.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := raw.recv(4096):
+            answer += chunk
+    head = answer.decode("latin-1").split("\r\n\r\n")[0].lower()
+    assert head.startswith("http/1.1 301")
+    assert f"location: {broker.url}/\r\n".lower() in head + "\r\n"
+
+
 def test_https_responses_carry_hsts(broker):
     status, headers, body = http(broker, "GET", "/healthz")
     assert status == 200 and json.loads(body)["towers_ready"] == 2
@@ -154,6 +168,12 @@ def test_too_many_sessions_for_a_key_is_429_until_one_ends(broker, healthy):
     assert len(created) == SESSIONS_PER_KEY - 1  # the healthy session holds one
     assert http(broker, "DELETE", f"/v1/sessions/{created[0]}", headers=auth(broker))[0] == 204
     assert http(broker, "POST", "/v1/sessions", b"", auth(broker))[0] == 201
+    # The deleted session is shown as it ended for a while, to its key only.
+    status, _, body = http(broker, "GET", f"/v1/sessions/{created[0]}", headers=auth(broker))
+    assert status == 200
+    assert (json.loads(body)["state"], json.loads(body)["reason"]) == (
+        "closed", "deleted through the API")
+    assert http(broker, "DELETE", f"/v1/sessions/{created[0]}", headers=auth(broker))[0] == 404
     for session_id in created[1:]:
         http(broker, "DELETE", f"/v1/sessions/{session_id}", headers=auth(broker))
 
