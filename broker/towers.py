@@ -323,15 +323,24 @@ class TowerLink(Actor):
         except OutboxStalled as error:
             raise TowerLinkLost(f"{self.name}: {error}") from None
 
+    async def _receive(self, websocket: WebSocketConnection, within: float) -> bytes | None:
+        """The tower's next frame, or None when none came within ``within`` seconds."""
+        with trio.move_on_after(within):
+            try:
+                return await websocket.get_message()
+            except ConnectionClosed as closed:
+                raise TowerLinkLost(f"{self.name}: link closed ({closed.reason})") from None
+        return None
+
     async def _read(self, websocket: WebSocketConnection, connection: TowerConnection) -> None:
         silence = self.settings.tower_silence
         while True:
-            with trio.move_on_after(silence) as waiting:
-                try:
-                    data = await websocket.get_message()
-                except ConnectionClosed as closed:
-                    raise TowerLinkLost(f"{self.name}: link closed ({closed.reason})") from None
-            if waiting.cancelled_caught:
+            data = await self._receive(websocket, silence)
+            if data is None:
+                # One more short wait: after a pause of this very process (a VM paused,
+                # swapping), the tower's reports may be in the socket, not yet read.
+                data = await self._receive(websocket, self.settings.tower_load_interval)
+            if data is None:
                 raise TowerLinkLost(f"{self.name}: silent for {silence:g} s")
             try:
                 message = codec.decode(data)

@@ -12,6 +12,7 @@ import functools
 import math
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -364,15 +365,45 @@ def test_a_tower_that_stops_reading_is_dropped_not_kept_ready(authority, monkeyp
     assert "the other side does not read" in seen["failure"]
 
 
+def test_a_pause_of_the_broker_itself_is_not_taken_for_its_towers_silence(authority):
+    """The broker's process stops for longer than the towers' silence (a VM paused,
+    swapping): their reports are waiting in the sockets, and the links stay."""
+    seen = {}
+
+    async def tower(request) -> None:
+        websocket = await request.accept()
+        await websocket.send_message(codec.encode(TowerHello(TOWER, 100, "test")))
+        try:
+            while True:
+                await websocket.send_message(codec.encode(TowerLoadReport(0, 100)))
+                await trio.sleep(0.1)
+        except ConnectionClosed:
+            pass
+
+    async def main():
+        async with linked_by_hand(authority, tower, silence=1.0) as (system, directory):
+            with trio.fail_after(DEADLINE):
+                while (connection := directory.get(TOWER)) is None:
+                    await trio.sleep(0.05)
+            time.sleep(1.5)  # the whole process, trio's loop included, stands still
+            await trio.sleep(0.5)
+            seen["open"] = not connection.closed.is_set()
+            seen["restarts"] = system.lookup("/broker/link").snapshot().restarts
+
+    run(main)
+    assert seen == {"open": True, "restarts": 0}
+
+
 @asynccontextmanager
-async def linked_by_hand(authority: Authority, tower) -> AsyncIterator[tuple]:
+async def linked_by_hand(authority: Authority, tower, silence: float = 5.0
+                         ) -> AsyncIterator[tuple]:
     """The broker's own link (``TowerLink``) to a tower of our own CA whose end is
     ``tower``, a WebSocket handler speaking the link protocol by hand; yields the system
     and the tower directory."""
     identity = authority.identity(TOWER)
     tower_tls = server_ssl_context(identity, identity,
                                    client_ca_file=authority.directory / "ca" / "ca.pem")
-    settings = Settings(tower_silence=5.0, tower_load_interval=0.2)
+    settings = Settings(tower_silence=silence, tower_load_interval=0.2)
     directory = TowerDirectory(stale_after=settings.tower_silence)
     context = LinkContext(directory, authority.broker_tls, settings, authority.issuer)
     async with trio.open_nursery() as nursery:
