@@ -40,8 +40,11 @@ def test_a_session_negotiates_and_echoes_100_messages_then_ends(broker):
             await client.delete_session(grant.id)
             await session.wait_state("closed")
             await session.wait_for(lambda frame: frame["type"] == "disconnected", 5)
+        # Shown as it ended for a while; gone for anything else at once.
+        ended = await client.get_session(grant.id)
+        assert (ended["state"], ended["reason"]) == ("closed", "deleted through the API")
         try:
-            await client.get_session(grant.id)
+            await client.delete_session(grant.id)
         except ApiError as error:
             assert (error.status, error.code) == (404, "not_found")
         else:
