@@ -6,13 +6,16 @@ chosen, nor is a draining tower or a full one. Among the rest, two are drawn at 
 and the less loaded wins ("power of two choices", as LiveKit places rooms): nearly as
 even as always taking the least loaded tower, without every broker piling onto the same
 one between two reports. A session placed since a tower's last report counts against
-that tower until its next report, so a burst of arrivals spreads out.
+that tower until its next report, so a burst of arrivals spreads out. A tower reports
+the sessions that have offered; the broker's sessions on it (``assign``, ``unassign``)
+count too, offered or not: a tower's load is never taken as fewer than those.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -39,11 +42,13 @@ class TowerLoad:
 class _Standing:
     load: TowerLoad
     reported_at: float
+    assigned: Counter[str]
     placed_since_report: int = 0
 
     @property
     def sessions(self) -> int:
-        return self.load.sessions + self.placed_since_report
+        reported = self.load.sessions + self.placed_since_report
+        return max(reported, self.assigned[self.load.tower])
 
     @property
     def share_used(self) -> float:
@@ -66,10 +71,21 @@ class Placement:
         self.stale_after = stale_after
         self._chooser = chooser or random.Random()
         self._towers: dict[str, _Standing] = {}
+        self._assigned: Counter[str] = Counter()
 
     def report(self, load: TowerLoad, now: float) -> None:
         """Record a tower's load as of ``now``; it replaces what was known before."""
-        self._towers[load.tower] = _Standing(load, now)
+        self._towers[load.tower] = _Standing(load, now, self._assigned)
+
+    def assign(self, tower: str) -> None:
+        """One of this broker's sessions is on ``tower`` now (until ``unassign``)."""
+        self._assigned[tower] += 1
+
+    def unassign(self, tower: str) -> None:
+        """That session left ``tower`` (moved, or ended)."""
+        self._assigned[tower] -= 1
+        if self._assigned[tower] <= 0:
+            del self._assigned[tower]
 
     def forget(self, tower: str) -> None:
         """The tower is gone (down, decommissioned): never choose it again until it reports."""

@@ -174,6 +174,8 @@ class Session(Supervisor):
         self.negotiation: ActorRef | None = None
         self.counted_state = self.lifecycle.state
         self.counting = False
+        # The tower whose load counts this session (``Placement.assign``).
+        self.counted_on: str | None = None
         # Whether it gave back its API key's count (see ``release``).
         self.released = False
         self.answer_reply: tuple[int, trio.MemorySendChannel[dict[str, Any]]] | None = None
@@ -266,10 +268,22 @@ class Session(Supervisor):
             tower = self._move()
             if tower is None:
                 return None
+        self._count_on(tower.name)
         decisions = lifecycle.negotiation_started(number)
         self.counters.negotiation_started()
         self._send_all(decisions)
         return tower
+
+    def _count_on(self, tower: str | None) -> None:
+        """Count this session on ``tower``'s load (None: on no tower's), not the last's."""
+        if tower == self.counted_on:
+            return
+        placement = self.towers.placement
+        if self.counted_on is not None:
+            placement.unassign(self.counted_on)
+        if tower is not None:
+            placement.assign(tower)
+        self.counted_on = tower
 
     def _move(self) -> TowerConnection | None:
         lifecycle = self.lifecycle
@@ -372,6 +386,7 @@ class Session(Supervisor):
         # Also for a session an operator killed: its API key's count, the live gauge and
         # its client's socket must not wait for a close that will never come.
         self.released = True
+        self._count_on(None)
         if not self.lifecycle.state.ended:  # killed: stopping did not run
             self.lifecycle.close(_stop_reason(exit))
         self.counters.remember_end(

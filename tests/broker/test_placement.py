@@ -93,3 +93,21 @@ def test_load_reports_are_checked(arguments):
 def test_stale_after_must_be_positive():
     with pytest.raises(ValueError):
         Placement(stale_after=0)
+
+
+def test_sessions_assigned_here_count_whatever_the_tower_reports():
+    # Created without an offer, a session is on no tower's report: it still counts.
+    placement = placement_with(TowerLoad("a", 0, 3))
+    for _ in range(3):
+        placement.assign("a")
+    placement.report(TowerLoad("a", 0, 3), now=1.0)
+    assert placement.load_of("a").sessions == 3
+    assert placement.choose(now=1.0) is None  # full
+    placement.unassign("a")
+    assert placement.choose(now=1.0) == "a"
+    # A report of more than this broker's own sessions stands (another broker's, say).
+    placement.report(TowerLoad("a", 2, 3), now=2.0)
+    placement.unassign("a")
+    placement.unassign("a")
+    placement.unassign("a")  # one too many: the count does not go below nothing
+    assert placement.load_of("a").sessions == 2

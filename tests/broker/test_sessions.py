@@ -432,10 +432,20 @@ async def test_past_its_placements_a_session_fails(autojump_clock, broker):
     assert broker.counters.live() == 0
 
 
+def counted_on(broker: Broker) -> dict[str, int]:
+    """Each tower's load in placement's eyes: the fake towers report no session."""
+    placement = broker.directory.placement
+    loads = {name: placement.load_of(name) for name in broker.towers}
+    return {name: load.sessions for name, load in loads.items() if load is not None}
+
+
 async def test_a_lost_tower_moves_the_session_at_once(autojump_clock, broker):
     first, second = broker.towers["tower-1"], broker.towers["tower-2"]
     client = await broker.open_session()
     await client.new_frames()
+    await trio.sleep(1)  # a load report since the session was placed
+    # Before it even offers, the session counts on its tower's load.
+    assert counted_on(broker) == {"tower-1": 1, "tower-2": 0}
     await connect(client, first, 1)
 
     broker.lose("tower-1")
@@ -456,6 +466,10 @@ async def test_a_lost_tower_moves_the_session_at_once(autojump_clock, broker):
     assert (described["state"], described["tower"], described["placements"]) == (
         "connected", "tower-2", 2
     )
+    await trio.sleep(1)
+    assert counted_on(broker) == {"tower-2": 1}  # tower-1 is gone
+    await client.tell(CloseSession("closed by the client"))
+    assert counted_on(broker) == {"tower-2": 0}
 
 
 async def test_a_lost_tower_with_no_other_ready_fails_the_session(autojump_clock, broker):
