@@ -359,12 +359,13 @@ class Session(Supervisor):
         self._send_to_socket(frame)
 
     def _send_to_socket(self, frame: dict[str, Any]) -> None:
-        if self.client is None and frame.get("type") == "answer":
-            self.unsent_answer = frame
         if self.client is not None and not _send(self.client, frame):
             # A client too slow to take its frames loses its connection, not the session.
             self.client.close()
             self.client = None
+        if self.client is None and frame.get("type") == "answer":
+            # For the next connection: the client may still take it.
+            self.unsent_answer = frame
 
     def describe(self) -> dict[str, Any]:
         lifecycle = self.lifecycle

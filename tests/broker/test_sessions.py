@@ -645,6 +645,10 @@ async def test_a_client_too_slow_to_read_loses_its_outbox(autojump_clock, broker
     assert client.ref.alive
     await client.tell(ClientCandidate("", None, None))
     assert tower.got(AddCandidate) == [AddCandidate("s-1", 1, "", None, None)]
+    # The answer it could not take comes with its next connection.
+    outbox, frames = trio.open_memory_channel[dict[str, Any]](8)
+    await client.ref.ask(AttachClient(outbox))
+    assert [frames.receive_nowait()["type"] for _ in range(2)] == ["state", "answer"]
 
 
 async def test_an_answer_nobody_was_there_to_take_comes_with_the_next_attach(
