@@ -255,7 +255,7 @@ class ClientSession:
         self.peers_made += 1
         self.offered = negotiation
         sdp = await call_asyncio(self.peer.offer)
-        await self.send({"type": "offer", "sdp": sdp})
+        await self.send({"type": "offer", "sdp": sdp, "negotiation": negotiation})
 
     async def _follow(self) -> None:
         while True:

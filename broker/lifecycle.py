@@ -142,8 +142,17 @@ class SessionLifecycle:
             SendToClient({"type": "reoffer", "negotiation": number, "reason": self.reason}),
         ]
 
-    def offer(self, sdp: str) -> list[Decision]:
-        """The client sent an offer."""
+    def offer(self, sdp: str, negotiation: int | None = None) -> list[Decision]:
+        """The client sent an offer (made for ``negotiation``, if it says)."""
+        if negotiation is not None and negotiation != self.negotiation:
+            # Late, for a negotiation that failed meanwhile: its answer would be for a
+            # peer connection the client has closed.
+            frame = error_frame(
+                "unexpected_message",
+                f"an offer for negotiation {negotiation}; the session is at negotiation "
+                f"{self.negotiation}",
+            )
+            return [SendToClient({**frame, "negotiation": negotiation})]
         if self.state is not SessionState.NEGOTIATING or self.offer_taken:
             return [SendToClient(error_frame(
                 "unexpected_message",
@@ -153,11 +162,14 @@ class SessionLifecycle:
         return [ForwardOffer(self.negotiation, sdp)]
 
     def candidate(
-        self, candidate: str, sdp_mid: str | None, sdp_mline_index: int | None
+        self, candidate: str, sdp_mid: str | None, sdp_mline_index: int | None,
+        negotiation: int | None = None,
     ) -> list[Decision]:
-        """The client trickled a candidate for its current offer."""
-        if self.state is SessionState.REPAIRING:
-            # Late candidates of a negotiation that just failed: harmless, dropped.
+        """The client trickled a candidate for its current offer (for ``negotiation``'s,
+        if it says)."""
+        late = negotiation is not None and negotiation != self.negotiation
+        if self.state is SessionState.REPAIRING or late:
+            # Late candidates of a negotiation that failed: harmless, dropped.
             return []
         if self.state.ended or not self.offer_taken:
             return [SendToClient(error_frame(

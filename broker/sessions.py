@@ -88,6 +88,7 @@ class ClientOffer:
 
     sdp: str
     reply: trio.MemorySendChannel[dict[str, Any]] | None = None
+    negotiation: int | None = None  # the one it was made for, when the client says
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class ClientCandidate:
     candidate: str
     sdp_mid: str | None
     sdp_mline_index: int | None
+    negotiation: int | None = None  # the offer's, when the client says
 
 
 @dataclass(frozen=True)
@@ -217,7 +219,7 @@ class Session(Supervisor):
     async def _handle(self, message: Any) -> Any:
         lifecycle = self.lifecycle
         if isinstance(message, ClientOffer):
-            decisions = lifecycle.offer(message.sdp)
+            decisions = lifecycle.offer(message.sdp, message.negotiation)
             if message.reply is not None:
                 if isinstance(decisions[0], ForwardOffer):
                     self.answer_reply = (lifecycle.negotiation, message.reply)
@@ -226,9 +228,9 @@ class Session(Supervisor):
                     message.reply.close()
             return await self._carry_out(decisions)
         if isinstance(message, ClientCandidate):
-            return await self._carry_out(
-                lifecycle.candidate(message.candidate, message.sdp_mid, message.sdp_mline_index)
-            )
+            return await self._carry_out(lifecycle.candidate(
+                message.candidate, message.sdp_mid, message.sdp_mline_index, message.negotiation
+            ))
         if isinstance(message, Answered):
             return await self._carry_out(lifecycle.answer(message.number, message.sdp))
         if isinstance(message, Rejected):

@@ -82,19 +82,19 @@ def parse_client_frame(data: str | bytes) -> ClientMessage:
         raise SignalingError("malformed_json", "a frame is a JSON object")
     kind = frame.get("type")
     if kind == "offer":
-        _expect_fields(frame, {"type", "sdp"})
+        _expect_fields(frame, {"type", "sdp", "negotiation"})
         sdp = _field(frame, "sdp", str)
         check_offer_sdp(sdp)
-        return ClientOffer(sdp)
+        return ClientOffer(sdp, negotiation=_negotiation(frame))
     if kind == "candidate":
         _expect_fields(frame, {"type", "candidate", "sdpMid", "sdpMLineIndex",
-                               "usernameFragment"})
+                               "usernameFragment", "negotiation"})
         candidate = _field(frame, "candidate", str, nullable=True) or ""
         sdp_mid = _field(frame, "sdpMid", str, nullable=True, required=False)
         index = _field(frame, "sdpMLineIndex", int, nullable=True, required=False)
         if len(candidate) > 1024:
             raise SignalingError("invalid_message", "a candidate is at most 1024 characters")
-        return ClientCandidate(candidate, sdp_mid, index)
+        return ClientCandidate(candidate, sdp_mid, index, _negotiation(frame))
     if kind == "close":
         _expect_fields(frame, {"type"})
         return CloseSession("closed by the client")
@@ -132,6 +132,17 @@ def _expect_fields(frame: dict[str, Any], allowed: set[str]) -> None:
     unknown = sorted(set(frame) - allowed)
     if unknown:
         raise SignalingError("invalid_message", f"unexpected field(s): {', '.join(unknown)[:80]}")
+
+
+def _negotiation(frame: dict[str, Any]) -> int | None:
+    """The negotiation an offer or a candidate is for, when the client says (optional)."""
+    if "negotiation" not in frame:
+        return None
+    value = frame["negotiation"]
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value < 2**31:
+        raise SignalingError("invalid_message", "the field 'negotiation' must be a "
+                                                "positive integer")
+    return value
 
 
 def _field(

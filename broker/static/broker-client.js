@@ -257,12 +257,12 @@ export class Session extends EventTarget {
   /** A new peer connection (the old one closed) and its offer, for `negotiation`. */
   async _makeOffer(negotiation) {
     this._offered = negotiation;
-    const peerConnection = this._newPeerConnection();
+    const peerConnection = this._newPeerConnection(negotiation);
     await peerConnection.setLocalDescription(await peerConnection.createOffer());
     return peerConnection.localDescription.sdp;
   }
 
-  _newPeerConnection() {
+  _newPeerConnection(negotiation) {
     this._closePeerConnection();
     const generation = ++this._generation;
     const peerConnection = new RTCPeerConnection({ iceServers: this._iceServers });
@@ -283,7 +283,7 @@ export class Session extends EventTarget {
     };
     peerConnection.onicecandidate = ({ candidate: found }) => this._send({ type: "candidate",
       candidate: found?.candidate ?? "", sdpMid: found?.sdpMid ?? null,
-      sdpMLineIndex: found?.sdpMLineIndex ?? null }, generation);
+      sdpMLineIndex: found?.sdpMLineIndex ?? null, negotiation }, generation);
     for (const track of this.stream.getTracks()) this.stream.removeTrack(track);
     this.peerConnection = peerConnection;
     this.channel = channel;
@@ -314,7 +314,7 @@ export class Session extends EventTarget {
       this._emit("error", { error: new BrokerError("offer_failed",
         `the browser could not make an offer: ${failure?.message || failure}`, { fatal: false }) });
     } else if (this._socket?.readyState === WebSocket.OPEN) {
-      this._socket.send(JSON.stringify({ type: "offer", sdp }));
+      this._socket.send(JSON.stringify({ type: "offer", sdp, negotiation }));
     } else {
       // Not sent: the broker's state frame on reconnecting asks for a fresh offer.
       this._offered = negotiation - 1;

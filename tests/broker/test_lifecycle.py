@@ -133,6 +133,23 @@ def test_an_offer_while_repairing_is_refused():
     assert lifecycle.state is SessionState.REPAIRING
 
 
+def test_an_offer_made_for_an_earlier_negotiation_is_refused_saying_so():
+    # Made for negotiation 1, it arrives once negotiation 2 has started: its answer
+    # would be for a peer connection the client has closed since.
+    lifecycle = repairing()
+    lifecycle.negotiation_started(2)
+    [refused] = frames(lifecycle.offer(OFFER, negotiation=1))
+    assert (refused["code"], refused["negotiation"], refused["fatal"]) == (
+        "unexpected_message", 1, False)
+    assert "negotiation 2" in refused["message"]
+    # The offer made for this one is still taken.
+    assert lifecycle.offer(OFFER, negotiation=2) == [ForwardOffer(2, OFFER)]
+    # A candidate for the old offer is dropped, one for the current one goes on.
+    assert lifecycle.candidate("candidate:1", "0", 0, negotiation=1) == []
+    assert lifecycle.candidate("candidate:1", "0", 0, negotiation=2) == [
+        ForwardCandidate(2, "candidate:1", "0", 0)]
+
+
 @pytest.mark.parametrize("how", ["failed", "closed"])
 def test_an_offer_after_the_end_is_refused(how):
     lifecycle = ended(how)

@@ -164,9 +164,20 @@ def test_an_offer_needs_a_string_sdp(fields):
 
 
 def test_an_offer_with_an_unknown_field_is_invalid(offer_sdp):
-    error = refused(frame(type="offer", sdp=offer_sdp, negotiation=1))
+    error = refused(frame(type="offer", sdp=offer_sdp, number=1))
     assert error.code == "invalid_message"
-    assert "negotiation" in error.message
+    assert "number" in error.message
+
+
+def test_an_offer_and_a_candidate_may_say_their_negotiation(offer_sdp):
+    assert parse_client_frame(frame(type="offer", sdp=offer_sdp, negotiation=3)) == ClientOffer(
+        offer_sdp, negotiation=3)
+    candidate = parse_client_frame(frame(type="candidate", candidate="", negotiation=2))
+    assert candidate.negotiation == 2
+    for wrong in (0, -1, 2**31, "1", 1.5, True, None):
+        error = refused(frame(type="offer", sdp=offer_sdp, negotiation=wrong))
+        assert (error.code, error.message) == (
+            "invalid_message", "the field 'negotiation' must be a positive integer")
 
 
 # Candidates.
