@@ -82,9 +82,10 @@ def test_used_share_counts_fresh_serving_towers():
     assert placement.used_share(now=10.0) == 0.0
 
 
-@pytest.mark.parametrize(
-    "arguments", [{"tower": "", "sessions": 0, "capacity": 1}, {"tower": "a", "sessions": -1, "capacity": 1}]
-)
+@pytest.mark.parametrize("arguments", [
+    {"tower": "", "sessions": 0, "capacity": 1},
+    {"tower": "a", "sessions": -1, "capacity": 1},
+])
 def test_load_reports_are_checked(arguments):
     with pytest.raises(ValueError):
         TowerLoad(**arguments)
