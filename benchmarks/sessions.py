@@ -269,13 +269,14 @@ class BrokerPath:
                 await trio.sleep(0.1)
 
     async def settle(self) -> None:
-        """Until the broker has forgotten the closed sessions (they count against the
-        API key's limit while they are still winding down)."""
+        """Until the closed sessions have ended in the broker (they count against the API
+        key's limit while they are still winding down): then it shows them as ended."""
         with trio.fail_after(GONE_TIMEOUT):
             for session_id in self.opened:
                 while True:
-                    status, _ = await self.client.request("GET", f"/v1/sessions/{session_id}")
-                    if status == 404:
+                    status, shown = await self.client.request(
+                        "GET", f"/v1/sessions/{session_id}")
+                    if status == 404 or shown.get("state") in ("closed", "failed"):
                         break
                     await trio.sleep(0.02)
         self.opened.clear()
