@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import asyncssh
+from asyncssh.public_key import get_default_certificate_algs, get_default_public_key_algs
 
 from .inventory import Host
 from .pki import write_secret
@@ -62,9 +63,9 @@ async def connect(host: Host, identity: Path, known_hosts: Path) -> HostConnecti
                 known_hosts=None if pinned is None else asyncssh.import_known_hosts(
                     f"{_known_hosts_pattern(host)} {pinned}\n"
                 ),
-                # Every key type, not only the pinned one's: a host showing another type
-                # is then refused for its key, at once, not retried as a lost connection.
-                server_host_key_algs="default",
+                server_host_key_algs=(
+                    "default" if pinned is None else _host_key_algorithms(pinned)
+                ),
                 agent_path=None,
                 password=None,
                 kbdint_auth=False,
@@ -203,6 +204,15 @@ async def _abort_if_cancelled(host: HostConnection, operation: Awaitable[T]) -> 
 async def close(host: HostConnection) -> None:
     host.connection.close()
     await host.connection.wait_closed()
+
+
+def _host_key_algorithms(pinned: str) -> list[str]:
+    """The pinned key's own algorithms first, so that a host with keys of several types
+    shows that one; then every other, so that a host without it shows another and is
+    refused for its key at once, not retried as a lost connection."""
+    first = [name.decode() for name in asyncssh.import_public_key(pinned).sig_algorithms]
+    others = get_default_certificate_algs() + get_default_public_key_algs()
+    return first + [name.decode() for name in others if name.decode() not in first]
 
 
 def _known_hosts_pattern(host: Host) -> str:

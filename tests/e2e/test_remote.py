@@ -90,3 +90,43 @@ def test_unreachable_and_refused_hosts_are_clear_errors(tmp_path, make_host, ide
     host.stop()
     with pytest.raises(remote.RemoteError, match="cannot connect"):
         asyncio.run(remote.connect(host_entry(host), identity, tmp_path / "known"))
+
+
+@pytest.mark.parametrize(("shown", "pinned", "connects"), [
+    (("ssh-rsa", "ssh-ed25519"), "ssh-ed25519", True),  # a stock sshd: RSA comes first
+    (("ssh-rsa", "ssh-ed25519"), "ssh-rsa", True),
+    (("ssh-ed25519",), "ssh-rsa", False),  # refused for its key, not a lost connection
+])
+def test_a_host_with_several_keys_shows_the_pinned_one(tmp_path, identity, shown, pinned,
+                                                       connects):
+    keys = {kind: asyncssh.generate_private_key(kind) for kind in shown}
+    keys.setdefault(pinned, asyncssh.generate_private_key(pinned))
+
+    class AnyKey(asyncssh.SSHServer):
+        def begin_auth(self, username: str) -> bool:
+            return True
+
+        def public_key_auth_supported(self) -> bool:
+            return True
+
+        def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+            return True
+
+    async def main():
+        server = await asyncssh.create_server(
+            AnyKey, "127.0.0.1", 0, server_host_keys=[keys[kind] for kind in shown])
+        port = server.sockets[0].getsockname()[1]
+        entry = parse_host({"name": "host-1", "address": "127.0.0.1", "ssh_port": port,
+                            "user": "tower",
+                            "host_key": keys[pinned].export_public_key().decode().strip()})
+        try:
+            connection = await remote.connect(entry, identity, tmp_path / "known")
+            await remote.close(connection)
+        finally:
+            server.close()
+
+    if connects:
+        asyncio.run(main())
+    else:
+        with pytest.raises(remote.HostKeyRefused):
+            asyncio.run(main())
