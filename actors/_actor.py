@@ -194,10 +194,12 @@ class Actor:
                 self._tasks_ended.set()
 
     async def _end_tasks(self) -> None:
-        """Cancel this incarnation's tasks and wait until they have ended."""
-        if not self._task_scopes:
-            return
+        """Cancel this incarnation's tasks and wait until they have ended; from now on,
+        a task started (from ``stopping``, say) never runs."""
         self._tasks_ended = trio.Event()
+        if not self._task_scopes:
+            self._tasks_ended.set()
+            return
         for scope in self._task_scopes:
             scope.cancel()
         await self._tasks_ended.wait()

@@ -134,7 +134,7 @@ class Supervisor(Actor):
             await self._child_exited(item.incarnation)
             return None
         if item.__class__ is _GroupDue:
-            await self._restart_group(item.group)
+            await self._restart_group(item.group, item.due)
             return None
         if item.__class__ is Control:
             await self._control(item)
@@ -201,30 +201,34 @@ class Supervisor(Actor):
             stopped = await self._stop_child(sibling, why)
             if sibling.spec.restart is Restart.TEMPORARY:
                 self._remove(sibling, stopped)
+        group = tuple(name for name in group if name in self._children)
+        # Each member is marked with its group restart's time: a later group restart
+        # that takes it over marks it again, and the earlier one leaves it alone.
+        due = now + delay
+        for name in group:
+            self._children[name].restart_at = due
         if delay > 0:
             # The backoff is waited out in a task: stop requests and control calls are
             # still handled meanwhile.
-            restart_at = now + delay
-            for name in group:
-                self._children[name].restart_at = restart_at
             assert self._nursery is not None
-            self._nursery.start_soon(self._restart_group_after, delay, group)
+            self._nursery.start_soon(self._restart_group_after, group, due)
         else:
-            await self._restart_group(group)
+            await self._restart_group(group, due)
 
-    async def _restart_group_after(self, delay: float, group: tuple[str, ...]) -> None:
-        await trio.sleep(delay)
-        self._cell.mailbox.put_system(_GroupDue(group))
+    async def _restart_group_after(self, group: tuple[str, ...], due: float) -> None:
+        await trio.sleep_until(due)
+        self._cell.mailbox.put_system(_GroupDue(group, due))
 
-    async def _restart_group(self, group: tuple[str, ...]) -> None:
-        """Start again, in order, the members of a restart group still stopped."""
+    async def _restart_group(self, group: tuple[str, ...], due: float) -> None:
+        """Start again, in order, the members of the group restart due at ``due``."""
         for name in group:
             member = self._children.get(name)
-            if member is None or member.incarnation is None:
-                continue  # gone meanwhile (terminated)
-            if not member.incarnation.done.is_set():
+            if member is None:
+                continue  # terminated meanwhile
+            if member.restart_at != due:
+                if member.restart_at is not None:
+                    break  # a later group restart has it, and those after it
                 continue  # started again meanwhile (an operator's restart)
-            member.restart_at = None
             if await self._restart_now(member) is not None:
                 # Its queued ChildExited restarts the group again, counted, as OTP's
                 # try_again does: those after it do not start without it meanwhile.
@@ -245,6 +249,7 @@ class Supervisor(Actor):
 
     async def _restart_now(self, cell: _Cell) -> Exit | None:
         cell.restarts += 1
+        cell.restart_at = None
         assert self._nursery is not None
         failed: Exit | None = await self._nursery.start(
             run_incarnation, cell.new_incarnation(), 0.0
@@ -329,9 +334,10 @@ class Supervisor(Actor):
 
 
 class _GroupDue:
-    """A restart group's backoff is over."""
+    """A group restart's backoff is over."""
 
-    __slots__ = ("group",)
+    __slots__ = ("group", "due")
 
-    def __init__(self, group: tuple[str, ...]) -> None:
+    def __init__(self, group: tuple[str, ...], due: float) -> None:
         self.group = group
+        self.due = due

@@ -253,6 +253,52 @@ async def test_a_group_in_backoff_leaves_its_supervisor_free(autojump_clock, sys
     assert events(log, "started") == ["a", "b"]
 
 
+async def test_a_group_in_backoff_with_a_temporary_member_restarts_the_others(
+    autojump_clock, system, log
+):
+    children = [recorder("a", log), recorder("b", log, restart=Restart.TEMPORARY)]
+    group = await system.spawn(supervisor_spec(
+        "group", children, strategy=Strategy.ONE_FOR_ALL, intensity=5,
+        backoff=Backoff(initial=1.0, jitter=0.0)))
+    log.clear()
+    await system.lookup("/test/group/a").tell("crash")
+    await trio.sleep(5)
+    assert group.alive and group.snapshot().restarts == 0
+    assert [child.name for child in group.which_children()] == ["a"]
+    assert events(log, "started") == ["a"]
+
+
+async def test_overlapping_group_restarts_start_their_members_in_order(
+    autojump_clock, system, log
+):
+    # b fails, then a during b's backoff: c depends on b, b on a, so a comes first.
+    children = [recorder(name, log) for name in "abc"]
+    await system.spawn(supervisor_spec(
+        "group", children, strategy=Strategy.REST_FOR_ONE, intensity=5,
+        backoff=Backoff(initial=1.0, jitter=0.0)))
+    log.clear()
+    await system.lookup("/test/group/b").tell("crash")
+    await trio.sleep(0.5)
+    await system.lookup("/test/group/a").tell("crash")
+    await trio.sleep(5)
+    assert events(log, "started") == ["a", "b", "c"]
+
+
+async def test_a_member_restarted_by_hand_during_its_groups_backoff(autojump_clock, system, log):
+    children = [recorder("a", log), recorder("b", log)]
+    group = await system.spawn(supervisor_spec(
+        "group", children, strategy=Strategy.ONE_FOR_ALL, intensity=5,
+        backoff=Backoff(initial=10.0, jitter=0.0)))
+    log.clear()
+    await system.lookup("/test/group/a").tell("crash")
+    await trio.sleep(1)
+    await group.restart_child("b")
+    await trio.sleep(20)
+    assert [(child.state, child.restart_in) for child in group.which_children()] == [
+        (ActorState.RUNNING, None), (ActorState.RUNNING, None)]
+    assert events(log, "started") == ["b", "a"]
+
+
 async def test_a_child_in_backoff_can_be_terminated(autojump_clock, system, log):
     backoff = Backoff(initial=30.0, maximum=30.0, jitter=0.0)
     group = await system.spawn(
@@ -550,6 +596,31 @@ async def test_a_task_not_yet_run_when_its_incarnation_ends_never_runs(
     await closer.join()
     await trio.sleep(1)
     assert log == []
+
+
+@pytest.mark.parametrize("had_a_task", [False, True])
+async def test_a_task_started_from_stopping_never_runs(autojump_clock, system, had_a_task):
+    ran = []
+
+    class Late(Actor):
+        runs_tasks = True
+
+        async def started(self) -> None:
+            if had_a_task:
+                self.start_soon(trio.sleep_forever)
+
+        async def receive(self, message):
+            self.stop()
+
+        async def stopping(self, exit) -> None:
+            self.start_soon(trio.to_thread.run_sync, ran.append, "ran")
+            await trio.sleep(0.1)
+
+    late = await system.spawn(ChildSpec("late", Late, Restart.TEMPORARY))
+    await late.tell("go")
+    assert (await late.join()).kind is ExitKind.NORMAL
+    await trio.sleep(1)
+    assert ran == []
 
 
 class Reader(Actor):
