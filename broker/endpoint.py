@@ -599,8 +599,8 @@ class _ContainedTCPServer(hypercorn.trio.tcp_server.TCPServer):
         # deadline: a client that stops reading held its connection, and the broker's
         # shutdown, for good. Past the deadline the connection is dropped instead.
         async with self.send_lock:
-            with trio.CancelScope(shield=True) as writing:
-                writing.deadline = trio.current_time() + WRITE_TIMEOUT
+            deadline = trio.current_time() + WRITE_TIMEOUT
+            with trio.CancelScope(shield=True, deadline=deadline) as writing:
                 try:
                     await self.stream.send_all(event.data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -31,7 +31,7 @@ twice as long: 15, 30, 60 s by default), so that a host rebooting under a ready 
 is provisioned again once it is back. Past ``provision_restarts`` within
 ``provision_restart_period`` the host is marked failed with the reason. A host key that
 is not the pinned one fails the host at once: retrying cannot fix it. A provisioning
-that does not finish revokes the certificates it had issued. Jobs are independent: one
+that does not finish revokes the tower's certificates. Jobs are independent: one
 failing, hanging or cancelled job does nothing to another, or to the towers already
 linked.
 
@@ -355,13 +355,18 @@ class Job(Supervisor):
 
     def release(self, exit: Exit) -> None:
         # A provisioning that did not finish (failed, cancelled, killed, cut short) leaves
-        # no valid certificate behind: each attempt may have had one issued.
+        # the tower no valid certificate: each attempt may have had one issued.
         name, board = self.host.name, self.context.board
-        if self.plan == "provision" and board.get(name).state is not HostState.READY:
+        if self.plan != "provision" or board.get(name).state is HostState.READY:
+            return
+        try:
             revoked = self.context.issuer.revoke(name)
-            if revoked:
-                board.event(f"{name}: revoked {len(revoked)} certificate(s) of a "
-                            "provisioning that did not finish")
+        except (OSError, CertificateError) as error:
+            board.event(f"{name}: its certificates could not be revoked: {error}")
+            return
+        if revoked:
+            board.event(f"{name}: revoked {len(revoked)} certificate(s): its provisioning "
+                        "did not finish")
 
     async def escalate(self, child: str, exit: Exit) -> bool:
         record = self.context.board.get(self.host.name)
@@ -617,7 +622,8 @@ class JobSteps(Actor):
             f"if {_nginx_running(host, paths)}; then",
             f"  {quote(nginx_command(host, paths, '-s', 'quit'))}",
             f"  {_wait_while(f'[ -f {nginx_pid} ]', STOP_POLLS)}"
-            f" || {quote(nginx_command(host, paths, '-s', 'stop'))}",
+            f" || {{ {quote(nginx_command(host, paths, '-s', 'stop'))};"
+            f" {_wait_while(f'[ -f {nginx_pid} ]', STOP_POLLS)}; }}",
             "fi",
             f"if {_agent_running(paths)}; then echo 'the agent did not stop' >&2; exit 1; fi",
             f"if {_nginx_running(host, paths)}; then echo 'NGINX did not stop' >&2; exit 1; fi",
@@ -666,10 +672,13 @@ def _agent_running(paths: TowerPaths) -> str:
 
 
 def _stop_agent(paths: TowerPaths) -> list[str]:
-    """Shell lines: stop the running agent (SIGTERM, then SIGKILL if it lingers)."""
+    """Shell lines: stop the running agent (SIGTERM, then SIGKILL if it lingers, and
+    wait for that too: its lock goes only once it has exited)."""
+    running = _agent_running(paths)
     return [
         f'  kill "$(cat {paths.pid})"',
-        f"  {_wait_while(_agent_running(paths), STOP_POLLS)} || kill -9 \"$(cat {paths.pid})\"",
+        f"  {_wait_while(running, STOP_POLLS)} || {{ kill -9 \"$(cat {paths.pid})\";"
+        f" {_wait_while(running, STOP_POLLS)}; }}",
     ]
 
 

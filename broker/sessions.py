@@ -391,7 +391,7 @@ class Session(Supervisor):
         self.released = True
         self._count_on(None)
         if not self.lifecycle.state.ended:  # killed: stopping did not run
-            self.lifecycle.close(_stop_reason(exit))
+            self._send_all(self.lifecycle.close(_stop_reason(exit)))
         self.counters.remember_end(
             self.session_id, self.api_key, self.describe(), trio.current_time())
         if self.counting:

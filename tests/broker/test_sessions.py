@@ -377,11 +377,15 @@ async def test_a_killed_session_gives_back_what_it_held(autojump_clock, broker):
     client = await broker.open_session()
     await offer(client, tower, 1)
     assert "s-1" in tower.connection._routes
+    await client.new_frames()
     broker.session("s-1").kill("killed from the operators' shell")
     await trio.testing.wait_all_tasks_blocked()
     assert broker.session("s-1") is None
     last = broker.counters.last_word("s-1", "key", trio.current_time())
     assert (last["state"], last["reason"]) == ("closed", "an operator stopped the session")
+    # Its client is told so, then its socket closes.
+    [closed] = await client.new_frames()
+    assert (closed["state"], closed["reason"]) == ("closed", "an operator stopped the session")
     assert client.closed
     assert broker.counters.by_key["key"] == 0
     assert broker.counters.live() == 0

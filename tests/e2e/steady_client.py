@@ -18,7 +18,8 @@ from broker.client import BrokerClient, open_session, trusting
 
 async def main(url: str, api_key: str, certificate: str) -> None:
     context = trusting(certificate)
-    grant = await BrokerClient(url, api_key, context).create_session()
+    client = BrokerClient(url, api_key, context)
+    grant = await client.create_session()
     summary = {"id": grant.id, "echoes": 0, "failed_echoes": 0}
     async with open_session(grant, context) as session:
         await session.wait_state("connected")
@@ -35,6 +36,8 @@ async def main(url: str, api_key: str, certificate: str) -> None:
                 await trio.sleep(0.05)
         summary["negotiation"] = session.negotiation
         summary["states"] = [f["state"] for f in session.frames if f.get("type") == "state"]
+    # As a page leaving does: its session ends now, not once its repairs run out.
+    await client.delete_session(grant.id)
     print(json.dumps(summary), flush=True)
 
 
