@@ -7,8 +7,9 @@ and the less loaded wins ("power of two choices", as LiveKit places rooms): near
 even as always taking the least loaded tower, without every broker piling onto the same
 one between two reports. A session placed since a tower's last report counts against
 that tower until its next report, so a burst of arrivals spreads out. A tower reports
-the sessions that have offered; the broker's sessions on it (``assign``, ``unassign``)
-count too, offered or not: a tower's load is never taken as fewer than those.
+the sessions that have offered (its peers); the broker's sessions there that have not
+offered yet (``assign``, ``unassign``) count too: a tower's load is never taken as fewer
+than those.
 """
 
 from __future__ import annotations

@@ -176,8 +176,10 @@ class Session(Supervisor):
         self.negotiation: ActorRef | None = None
         self.counted_state = self.lifecycle.state
         self.counting = False
-        # The tower whose load counts this session (``Placement.assign``).
+        # The tower whose load counts this session (``Placement.assign``), until it
+        # has offered.
         self.counted_on: str | None = None
+        self.offered = False
         # Whether it gave back its API key's count (see ``release``).
         self.released = False
         self.answer_reply: tuple[int, trio.MemorySendChannel[dict[str, Any]]] | None = None
@@ -220,6 +222,9 @@ class Session(Supervisor):
         lifecycle = self.lifecycle
         if isinstance(message, ClientOffer):
             decisions = lifecycle.offer(message.sdp, message.negotiation)
+            if isinstance(decisions[0], ForwardOffer) and not self.offered:
+                self.offered = True
+                self._count_on(None)
             if message.reply is not None:
                 if isinstance(decisions[0], ForwardOffer):
                     self.answer_reply = (lifecycle.negotiation, message.reply)
@@ -270,14 +275,20 @@ class Session(Supervisor):
             tower = self._move()
             if tower is None:
                 return None
-        self._count_on(tower.name)
+        if not self.offered:
+            self._count_on(tower.name)
         decisions = lifecycle.negotiation_started(number)
         self.counters.negotiation_started()
         self._send_all(decisions)
         return tower
 
     def _count_on(self, tower: str | None) -> None:
-        """Count this session on ``tower``'s load (None: on no tower's), not the last's."""
+        """Count this session on ``tower``'s load (None: on no tower's), not the last's.
+
+        Until its first offer: from then on its tower counts it, by its peer. (Counted
+        after that, a session whose client left without a word would hold a place on its
+        tower until its repairs ran out.)
+        """
         if tower == self.counted_on:
             return
         placement = self.towers.placement

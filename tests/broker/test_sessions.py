@@ -448,9 +448,11 @@ async def test_a_lost_tower_moves_the_session_at_once(autojump_clock, broker):
     client = await broker.open_session()
     await client.new_frames()
     await trio.sleep(1)  # a load report since the session was placed
-    # Before it even offers, the session counts on its tower's load.
+    # Before it even offers, the session counts on its tower's load; from its offer on,
+    # the tower's reports count it (its peer: the fake towers report none).
     assert counted_on(broker) == {"tower-1": 1, "tower-2": 0}
     await connect(client, first, 1)
+    assert counted_on(broker) == {"tower-1": 0, "tower-2": 0}
 
     broker.lose("tower-1")
     [repairing] = await client.new_frames()
@@ -470,9 +472,12 @@ async def test_a_lost_tower_moves_the_session_at_once(autojump_clock, broker):
     assert (described["state"], described["tower"], described["placements"]) == (
         "connected", "tower-2", 2
     )
+
+    # One that never offers counts until it ends.
+    waiting = await broker.open_session("s-2", "tower-2")
     await trio.sleep(1)
     assert counted_on(broker) == {"tower-2": 1}  # tower-1 is gone
-    await client.tell(CloseSession("closed by the client"))
+    await waiting.tell(CloseSession("closed by the client"))
     assert counted_on(broker) == {"tower-2": 0}
 
 
