@@ -236,13 +236,19 @@ async def test_a_child_in_backoff_is_shown_restarting(autojump_clock, system, lo
     assert await worker.ask("back") == "back"
 
 
-async def test_a_group_in_backoff_leaves_its_supervisor_free(autojump_clock, system, log):
-    backoff = Backoff(initial=20.0, maximum=20.0, jitter=0.0)
+async def group_in_backoff(system, log, children, strategy: Strategy, backoff: float):
+    """A group under ``strategy`` whose restarts wait ``backoff`` seconds; the log cleared
+    of its starts."""
     group = await system.spawn(supervisor_spec(
-        "group", [recorder("a", log), recorder("b", log), recorder("c", log)],
-        strategy=Strategy.ONE_FOR_ALL, intensity=5, backoff=backoff,
-    ))
+        "group", children, strategy=strategy, intensity=5,
+        backoff=Backoff(initial=backoff, maximum=backoff, jitter=0.0)))
     log.clear()
+    return group
+
+
+async def test_a_group_in_backoff_leaves_its_supervisor_free(autojump_clock, system, log):
+    children = [recorder(name, log) for name in "abc"]
+    group = await group_in_backoff(system, log, children, Strategy.ONE_FOR_ALL, 20.0)
     await system.lookup("/test/group/b").tell("crash")
     await trio.sleep(1)
     assert [child.restart_in for child in group.which_children()] == [19.0, 19.0, 19.0]
@@ -257,10 +263,7 @@ async def test_a_group_in_backoff_with_a_temporary_member_restarts_the_others(
     autojump_clock, system, log
 ):
     children = [recorder("a", log), recorder("b", log, restart=Restart.TEMPORARY)]
-    group = await system.spawn(supervisor_spec(
-        "group", children, strategy=Strategy.ONE_FOR_ALL, intensity=5,
-        backoff=Backoff(initial=1.0, jitter=0.0)))
-    log.clear()
+    group = await group_in_backoff(system, log, children, Strategy.ONE_FOR_ALL, 1.0)
     await system.lookup("/test/group/a").tell("crash")
     await trio.sleep(5)
     assert group.alive and group.snapshot().restarts == 0
@@ -273,10 +276,7 @@ async def test_overlapping_group_restarts_start_their_members_in_order(
 ):
     # b fails, then a during b's backoff: c depends on b, b on a, so a comes first.
     children = [recorder(name, log) for name in "abc"]
-    await system.spawn(supervisor_spec(
-        "group", children, strategy=Strategy.REST_FOR_ONE, intensity=5,
-        backoff=Backoff(initial=1.0, jitter=0.0)))
-    log.clear()
+    await group_in_backoff(system, log, children, Strategy.REST_FOR_ONE, 1.0)
     await system.lookup("/test/group/b").tell("crash")
     await trio.sleep(0.5)
     await system.lookup("/test/group/a").tell("crash")
@@ -286,10 +286,7 @@ async def test_overlapping_group_restarts_start_their_members_in_order(
 
 async def test_a_member_restarted_by_hand_during_its_groups_backoff(autojump_clock, system, log):
     children = [recorder("a", log), recorder("b", log)]
-    group = await system.spawn(supervisor_spec(
-        "group", children, strategy=Strategy.ONE_FOR_ALL, intensity=5,
-        backoff=Backoff(initial=10.0, jitter=0.0)))
-    log.clear()
+    group = await group_in_backoff(system, log, children, Strategy.ONE_FOR_ALL, 10.0)
     await system.lookup("/test/group/a").tell("crash")
     await trio.sleep(1)
     await group.restart_child("b")

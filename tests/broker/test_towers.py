@@ -385,8 +385,11 @@ def test_a_pause_of_the_broker_itself_is_not_taken_for_its_towers_silence(author
             with trio.fail_after(DEADLINE):
                 while (connection := directory.get(TOWER)) is None:
                     await trio.sleep(0.05)
+            before = directory.placement.reported_at(TOWER)
             time.sleep(1.5)  # the whole process, trio's loop included, stands still
-            await trio.sleep(0.5)
+            with trio.fail_after(DEADLINE):  # until a report has been read since
+                while directory.placement.reported_at(TOWER) in (None, before):
+                    await trio.sleep(0.05)
             seen["open"] = not connection.closed.is_set()
             seen["restarts"] = system.lookup("/broker/link").snapshot().restarts
 
