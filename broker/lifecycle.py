@@ -45,6 +45,7 @@ class FailureReason(enum.Enum):
     SILENT = "silent"
     PEER_FAILED = "peer_failed"
     TOWER_LOST = "tower_lost"
+    TOWER_FULL = "tower_full"
 
 
 _TRANSITIONS: dict[SessionState, dict[str, SessionState]] = {
@@ -208,7 +209,7 @@ class SessionLifecycle:
         if number != self.negotiation or self.state.ended:
             return []
         self.reason = f"{reason.value}: {detail}" if detail else reason.value
-        if reason is FailureReason.TOWER_LOST:
+        if reason in (FailureReason.TOWER_LOST, FailureReason.TOWER_FULL):
             self.move_requested = True
         if self.state is SessionState.REPAIRING:
             return []

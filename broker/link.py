@@ -85,12 +85,18 @@ class PeerAnswer:
 @codec.message("peer.rejected")
 @dataclass(frozen=True)
 class PeerRejected:
-    """The tower could not use what it was sent (an offer or candidate that does not parse)."""
+    """The tower could not use what it was sent (an offer or candidate that does not parse),
+    or took no new peer (``TOWER_FULL``)."""
 
     session: str
     negotiation: int
     code: str
     message: str
+
+
+# The code of a PeerRejected for an offer that came when the tower held its capacity:
+# the broker places the session again, elsewhere.
+TOWER_FULL = "tower_full"
 
 
 @codec.message("peer.state")

@@ -46,7 +46,15 @@ from .lifecycle import (
     SessionState,
     error_frame,
 )
-from .link import AddCandidate, ClosePeer, OpenPeer, PeerAnswer, PeerRejected, PeerState
+from .link import (
+    TOWER_FULL,
+    AddCandidate,
+    ClosePeer,
+    OpenPeer,
+    PeerAnswer,
+    PeerRejected,
+    PeerState,
+)
 from .metrics import SessionCounters
 from .towers import TowerConnection, TowerDirectory, TowerGone
 
@@ -473,6 +481,8 @@ class Negotiation(Actor):
                                           message.sdp_mid, message.sdp_mline_index))
         elif isinstance(message, PeerAnswer):
             await self.session.tell(Answered(self.number, message.sdp))
+        elif isinstance(message, PeerRejected) and message.code == TOWER_FULL:
+            await self._fail(FailureReason.TOWER_FULL, message.message)
         elif isinstance(message, PeerRejected):
             await self.session.tell(Rejected(self.number, message.code, message.message))
         elif isinstance(message, PeerState):

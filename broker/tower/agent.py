@@ -66,6 +66,7 @@ from ..config import Settings
 from ..link import (
     CLOSE_TIMEOUT,
     MAX_FRAME_BYTES,
+    TOWER_FULL,
     AddCandidate,
     CertificateInstalled,
     CertificateIssued,
@@ -328,6 +329,13 @@ class CommunicationServer(Actor):
                     f"whose peer is at negotiation {previous.negotiation}: not taken"))
                 return
             self._close(request.session, previous.negotiation)
+        elif len(self.peers_by_session) >= self.settings.capacity:
+            # The broker places by this tower's reports, which lag: the offer goes
+            # elsewhere, and the peers here are not overloaded.
+            await self.uplink.send(PeerRejected(
+                request.session, request.negotiation, TOWER_FULL,
+                f"{self.settings.name} is full (capacity {self.settings.capacity})"))
+            return
         self.opened += 1
         # Unique even when a refused offer's peer is still on its way out.
         name = f"peer:{request.session}:{request.negotiation}:{self.opened}"

@@ -24,11 +24,13 @@ from broker.link import (
     ClosePeer,
     OpenPeer,
     PeerAnswer,
+    PeerRejected,
     PeerState,
     TowerHello,
     TowerLoadReport,
     codec,
 )
+from broker.lifecycle import FailureReason
 from broker.metrics import SessionCounters
 from broker.sessions import (
     AttachClient,
@@ -479,6 +481,25 @@ async def test_a_lost_tower_moves_the_session_at_once(autojump_clock, broker):
     assert counted_on(broker) == {"tower-2": 1}  # tower-1 is gone
     await waiting.tell(CloseSession("closed by the client"))
     assert counted_on(broker) == {"tower-2": 0}
+
+
+async def test_a_full_tower_moves_the_session_at_once(autojump_clock, broker):
+    first, second = broker.towers["tower-1"], broker.towers["tower-2"]
+    client = await broker.open_session()
+    await client.new_frames()
+    await offer(client, first, 1)
+    # Its reports had not caught up with its sessions yet.
+    first.connection.deliver(PeerRejected("s-1", 1, "tower_full", "tower-1 is full (capacity 1)"))
+    [repairing] = await client.new_frames()
+    assert state(repairing) == ("repairing", 1, "tower-1")
+    assert repairing["reason"] == "tower_full: tower-1 is full (capacity 1)"
+    await trio.sleep(0.5)
+    negotiating, reoffer = await client.new_frames()
+    assert state(negotiating) == ("negotiating", 2, "tower-2")
+    assert reoffer["type"] == "reoffer"
+    await connect(client, second, 2)
+    assert negotiations_at(first) == [1]
+    assert broker.counters.failures == {FailureReason.TOWER_FULL: 1}
 
 
 async def test_a_lost_tower_with_no_other_ready_fails_the_session(autojump_clock, broker):

@@ -413,6 +413,40 @@ def test_a_peer_not_connected_within_the_negotiation_deadline_fails_on_its_own(
     run(main)
 
 
+@pytest.fixture
+def agent_of_one(credentials, tmp_path) -> Iterator[RunningAgent]:
+    yield from running_agent(credentials, tmp_path, "--capacity", "1")
+
+
+def test_an_offer_past_the_towers_capacity_is_refused_as_tower_full(agent_of_one, credentials):
+    """The broker's placement counts by load reports, which lag: the tower holds the line."""
+
+    async def main():
+        async with client_peer() as first, client_peer() as second, \
+                open_link(agent_of_one, credentials.context(credentials.broker)) as link:
+            await receive(link, TowerHello)
+            await offer_over(link, first)
+            await receive(link, PeerState, where=lambda m: m.state == "connected")
+            offer = await bridge.call_asyncio(second.offer)
+            await link.send_message(codec.encode(OpenPeer("s-2", 1, offer, "echo")))
+            rejected = await receive(link, PeerRejected)
+            assert rejected == PeerRejected(
+                "s-2", 1, "tower_full", f"{TOWER} is full (capacity 1)")
+            # The session it holds may negotiate again: its new peer replaces its old one.
+            renewed = await bridge.call_asyncio(first.offer)
+            await link.send_message(codec.encode(OpenPeer("s-1", 2, renewed, "echo")))
+            answer = await receive(link, PeerAnswer)
+            assert (answer.session, answer.negotiation) == ("s-1", 2)
+            # Once it leaves, there is room.
+            await link.send_message(codec.encode(ClosePeer("s-1", 2)))
+            await receive(link, TowerLoadReport, where=lambda m: m.sessions == 0)
+            await link.send_message(codec.encode(OpenPeer("s-2", 2, offer, "echo")))
+            answer = await receive(link, PeerAnswer)
+            assert (answer.session, answer.negotiation) == ("s-2", 2)
+
+    run(main)
+
+
 async def refusals_until(link: WebSocketConnection, enough: Callable[[list], bool],
                          done: Callable[[object], bool] = lambda message: False) -> list:
     """The ``PeerRejected`` frames that arrive until ``enough`` of them, or a ``done``
