@@ -46,6 +46,13 @@ class ActorSystem:
         self._registry: dict[str, _Cell] = {}
         self._root: _Cell | None = None
         self._failure: Exception | None = None
+        self._shutting_down = False
+
+    @property
+    def shutting_down(self) -> bool:
+        """Whether the system is stopping: from the moment ``open_system``'s block is left,
+        so also for an actor cancelled when the shutdown ran out of time."""
+        return self._shutting_down
 
     @property
     def root(self) -> SupervisorRef:
@@ -117,6 +124,7 @@ class ActorSystem:
         incarnation = self._root.incarnation
         assert incarnation is not None
         incarnation.handled = True
+        self._shutting_down = True
         if not incarnation.done.is_set():
             incarnation.stop_with = SYSTEM_SHUTDOWN
             self._root.mailbox.put_system(_Stop(incarnation))

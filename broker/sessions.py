@@ -24,7 +24,6 @@ from typing import Any
 import trio
 
 from actors import (
-    SYSTEM_SHUTDOWN,
     Actor,
     ActorRef,
     Backoff,
@@ -402,7 +401,7 @@ class Session(Supervisor):
 
     async def stopping(self, exit: Exit) -> None:
         if not self.lifecycle.state.ended:
-            self._send_all(self.lifecycle.close(_stop_reason(exit)))
+            self._send_all(self.lifecycle.close(_stop_reason(exit, self.system.shutting_down)))
 
     def release(self, exit: Exit) -> None:
         # Also for a session an operator killed: its API key's count, the live gauge and
@@ -410,7 +409,7 @@ class Session(Supervisor):
         self.released = True
         self._count_on(None)
         if not self.lifecycle.state.ended:  # killed: stopping did not run
-            self._send_all(self.lifecycle.close(_stop_reason(exit)))
+            self._send_all(self.lifecycle.close(_stop_reason(exit, self.system.shutting_down)))
         self.counters.remember_end(
             self.session_id, self.api_key, self.describe(), trio.current_time())
         if self.counting:
@@ -420,13 +419,14 @@ class Session(Supervisor):
             self.client.close()
 
 
-def _stop_reason(exit: Exit) -> str:
+def _stop_reason(exit: Exit, shutting_down: bool) -> str:
     """What the client hears when its session ends from inside the broker."""
-    if exit == SYSTEM_SHUTDOWN:
-        return "the broker is shutting down"
     if exit.kind is ExitKind.CRASHED:
         return "the session failed inside the broker"
-    # An operator's restart or stop, through the shell.
+    if shutting_down:
+        # Stopped in order, or killed once the shutdown ran out of time.
+        return "the broker is shutting down"
+    # An operator's restart, stop or kill, through the shell.
     return "an operator stopped the session"
 
 

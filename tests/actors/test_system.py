@@ -90,6 +90,27 @@ async def test_shutdown_timeout_cancels_what_does_not_stop(autojump_clock):
     assert (await worker.join()).kind is ExitKind.KILLED
 
 
+async def test_actors_can_tell_the_system_is_shutting_down_even_when_killed(autojump_clock):
+    seen = []
+
+    class Watcher(Actor):
+        async def receive(self, message):
+            seen.append(("receive", self.system.shutting_down))
+            await trio.sleep_forever()
+
+        def release(self, exit):
+            seen.append((exit.kind.value, self.system.shutting_down))
+
+    async with open_system(
+        "app", children=[ChildSpec("w", Watcher, shutdown=3600)], shutdown_timeout=1,
+    ) as system:
+        assert not system.shutting_down
+        await system.lookup("/app/w").tell("busy")
+        await trio.sleep(0)
+    assert system.shutting_down
+    assert seen == [("receive", False), ("killed", True)]
+
+
 async def test_snapshot_of_the_whole_tree(autojump_clock, system, log):
     await system.spawn(ChildSpec("group", lambda: Supervisor([recorder("leaf", log)])))
     tree = system.snapshot()

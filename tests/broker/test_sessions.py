@@ -172,7 +172,7 @@ async def _report_load(directory: TowerDirectory, names: list[str]) -> None:
 
 
 @asynccontextmanager
-async def running_broker(tmp_path) -> AsyncIterator[Broker]:
+async def running_broker(tmp_path, shutdown_timeout: float = 10.0) -> AsyncIterator[Broker]:
     """The broker's sessions supervisor, with two fake towers ready in its directory."""
     directory = TowerDirectory(stale_after=3.0)
     towers = {}
@@ -181,7 +181,8 @@ async def running_broker(tmp_path) -> AsyncIterator[Broker]:
         connection = TowerConnection(name, socket, TowerHello(name, 100, "test"))
         directory.connected(connection)
         towers[name] = FakeTower(name, socket, connection)
-    async with open_system("broker", children=[sessions_spec()]) as system:
+    async with open_system("broker", children=[sessions_spec()],
+                           shutdown_timeout=shutdown_timeout) as system:
         broker = Broker(system, directory, short_settings(tmp_path),
                         SessionCounters(Collector()), towers)
         async with trio.open_nursery() as nursery:
@@ -364,6 +365,18 @@ async def test_an_operators_restart_ends_a_session_once(autojump_clock, broker):
 
 async def test_a_broker_shutting_down_says_so_to_its_clients(autojump_clock, tmp_path):
     async with running_broker(tmp_path) as broker:
+        client = await broker.open_session()
+        await client.new_frames()
+    assert [(frame["state"], frame["reason"]) for frame in await client.new_frames()] == [
+        ("closed", "the broker is shutting down")
+    ]
+    assert client.closed
+
+
+async def test_a_broker_whose_shutdown_overran_says_so_to_its_clients(autojump_clock,
+                                                                       tmp_path):
+    # No time to stop in order: the sessions are killed, and their clients told why.
+    async with running_broker(tmp_path, shutdown_timeout=0) as broker:
         client = await broker.open_session()
         await client.new_frames()
     assert [(frame["state"], frame["reason"]) for frame in await client.new_frames()] == [
