@@ -275,12 +275,14 @@ class CommandStream:
     """The output of one command as chunks of text, for ``async for``; see ``Shell.stream``.
 
     ``status`` is None until the last chunk was taken, then the command's exit status.
-    Close it (``aclose``, or ``contextlib.aclosing``) when it is left before its end, so
+    ``is_error`` says whether the chunk just taken is an error message (unknown command,
+    bad usage, refused, a command that could not be done) rather than output. Close it (``aclose``, or ``contextlib.aclosing``) when it is left before its end, so
     what the command holds (a trace) is released at once.
     """
 
     def __init__(self, chunks: Callable[[CommandStream], AsyncGenerator[str, None]]) -> None:
         self.status: int | None = None
+        self.is_error = False
         self._chunks = chunks(self)
 
     def __aiter__(self) -> CommandStream:
@@ -656,6 +658,7 @@ class Shell:
                 stream.status = output.status
         except _CommandError as error:
             stream.status = error.status
+            stream.is_error = True
             yield _ended(error.message)
 
     # Reading the tree.

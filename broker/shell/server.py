@@ -327,7 +327,7 @@ class ShellServer(Actor):
             logger.warning("a shell session failed: %r", error)
             status = 1
             with trio.CancelScope(shield=True), contextlib.suppress(ssh.SessionGone):
-                await call_asyncio(session.write, f"error: {error!r}\n")
+                await call_asyncio(session.write_error, f"error: {error!r}\n")
         finally:
             with trio.CancelScope(shield=True):
                 await call_asyncio(session.finish, max(status, 0))
@@ -347,7 +347,7 @@ class ShellServer(Actor):
             except Exception as error:
                 # One command's failure is that command's, not the session's.
                 logger.warning("shell command %r failed: %r", line[:200], error)
-                await call_asyncio(session.write, f"error: {error!r}\n")
+                await call_asyncio(session.write_error, f"error: {error!r}\n")
                 continue
             if status < 0:
                 return
@@ -383,7 +383,8 @@ async def run_line(session: ssh.OperatorSession, shell: Shell, line: str) -> int
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch, nursery.cancel_scope)
                 async for chunk in stream:
-                    await call_asyncio(session.write, chunk)
+                    write = session.write_error if stream.is_error else session.write
+                    await call_asyncio(write, chunk)
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # The command's own error (or SessionGone) as itself, as the caller expects.

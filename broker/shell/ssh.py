@@ -85,7 +85,7 @@ class OperatorSession:
                     await self._skip_to_end_of_line()
                 line = line.rstrip("\r\n")
                 if cut or len(line) > MAX_LINE:
-                    await self.write(f"line too long: at most {MAX_LINE} characters\n")
+                    await self.write_error(f"line too long: at most {MAX_LINE} characters\n")
                     return ""
                 return line
         finally:
@@ -161,11 +161,21 @@ class OperatorSession:
 
     async def write(self, text: str) -> None:
         """Write to the operator. Raises ``SessionGone`` once the session is closed."""
+        await self._write(self.process.stdout, text)
+
+    async def write_error(self, text: str) -> None:
+        """Write an error message: to stderr without a terminal, so that a script tells
+        it from the output (``ssh broker sessions --json | jq``); a terminal shows it in
+        line with the rest. Raises ``SessionGone`` once the session is closed."""
+        stream = self.process.stdout if self.has_terminal else self.process.stderr
+        await self._write(stream, text)
+
+    async def _write(self, stream: asyncssh.SSHWriter, text: str) -> None:
         if self.process.is_closing():
             raise SessionGone()
         try:
-            self.process.stdout.write(text)
-            await self.process.stdout.drain()
+            stream.write(text)
+            await stream.drain()
         except (asyncssh.DisconnectError, BrokenPipeError, ConnectionError):
             raise SessionGone() from None
 

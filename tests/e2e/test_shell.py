@@ -82,9 +82,11 @@ def test_read_commands_show_the_live_system(broker):
 
 def test_bad_input_gets_a_clear_answer(broker):
     unknown, bad_path, bad_args = run(broker, "dance", "inspect /nowhere", "ps --limit x")
-    assert unknown.exit_status == 2 and "unknown command" in unknown.stdout
-    assert bad_path.exit_status == 1 and "/nowhere" in bad_path.stdout
-    assert bad_args.exit_status == 2
+    # Without a terminal, on stderr: output piped on is only output.
+    assert unknown.exit_status == 2 and "unknown command" in unknown.stderr
+    assert bad_path.exit_status == 1 and "/nowhere" in bad_path.stderr
+    assert bad_args.exit_status == 2 and "usage: ps" in bad_args.stderr
+    assert unknown.stdout == bad_path.stdout == bad_args.stdout == ""
 
 
 def test_kill_on_a_negotiation_shows_the_restart(broker):
@@ -100,7 +102,7 @@ def test_kill_on_a_negotiation_shows_the_restart(broker):
 def test_a_read_only_key_reads_but_may_not_act(broker, read_only_key):
     tree, kill = run(broker, "tree", "kill /broker/endpoint", key=read_only_key)
     assert tree.exit_status == 0
-    assert kill.exit_status == 3 and "refused" in kill.stdout
+    assert kill.exit_status == 3 and "refused" in kill.stderr
     alive, = run(broker, "inspect /broker/endpoint --json")
     assert json.loads(alive.stdout)["restarts"] == 0
 
@@ -109,7 +111,7 @@ def test_provisioning_commands_without_an_inventory(broker):
     jobs, provision = run(broker, "jobs --json", "provision host-1")
     for result in (jobs, provision):
         assert result.exit_status == 1
-        assert result.stdout == "not available: this broker has no host inventory\n"
+        assert result.stderr == "not available: this broker has no host inventory\n"
 
 
 def test_an_unknown_key_is_refused(broker, tmp_path):
@@ -180,12 +182,18 @@ def test_a_line_too_long_is_refused_whole(broker, terminal):
             process.stdin.write(long + enter + "tree" + enter)
             answers = await read_until(process, "shell (ShellServer")
             process.stdin.write("exit" + enter)
-            await asyncio.wait_for(process.wait(), 10)
-            return answers.replace("\r\n", "\n")
+            completed = await asyncio.wait_for(process.wait(), 10)
+            return answers.replace("\r\n", "\n"), completed.stderr
 
-    answers = asyncio.run(main())
-    assert "line too long: at most 4096 characters\nbroker> /broker (" in answers
-    assert "unknown command" not in answers
+    answers, errors = asyncio.run(main())
+    refused = "line too long: at most 4096 characters\n"
+    if terminal:
+        assert refused + "broker> /broker (" in answers
+    else:
+        # Without a terminal, the refusal goes to stderr.
+        assert errors == refused
+        assert "broker> broker> /broker (" in answers
+    assert "unknown command" not in answers + errors
 
 
 @pytest.mark.skipif(shutil.which("ssh") is None, reason="no ssh client (openssh-client)")

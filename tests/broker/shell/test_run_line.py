@@ -45,6 +45,7 @@ class FakeSession:
         self.has_terminal = has_terminal
         self.username, self.peer, self.role = "operator", "127.0.0.1:50000", "admin"
         self.written: list[str] = []
+        self.errors: list[str] = []  # what went to stderr
         self.keys: asyncio.Queue[str] = asyncio.Queue()
         self.closed = asyncio.Event()
         # The ``any_key`` of each interrupt watch, and how many watches are still open.
@@ -55,6 +56,13 @@ class FakeSession:
         if self.closed.is_set():
             raise ssh.SessionGone()
         self.written.append(text)
+
+    async def write_error(self, text: str) -> None:
+        if self.has_terminal:
+            return await self.write(text)
+        if self.closed.is_set():
+            raise ssh.SessionGone()
+        self.errors.append(text)
 
     async def wait_for_interrupt(self, any_key: bool) -> bool:
         self.watches.append(any_key)
@@ -207,6 +215,22 @@ def test_a_command_that_ends_on_its_own_leaves_no_watch_behind():
             "/broker (Supervisor, running)  [one_for_one, intensity 1 in 5s]  +1 child\n"
         ]
         assert session.watches == [False] and session.watching == 0
+
+    live(test)
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_an_error_message_goes_to_stderr_without_a_terminal(terminal):
+    async def test(view: StuckView, shell: Shell) -> None:
+        session = FakeSession(has_terminal=terminal)
+        assert await run_line(session, shell, "inspect /nowhere") == Status.ERROR
+        assert await run_line(session, shell, "tree --depth 0") == Status.OK
+        error = "no actor at /nowhere\n"
+        output = "/broker (Supervisor, running)  [one_for_one, intensity 1 in 5s]  +1 child\n"
+        if terminal:
+            assert (session.written, session.errors) == ([error, output], [])
+        else:
+            assert (session.written, session.errors) == ([output], [error])
 
     live(test)
 
