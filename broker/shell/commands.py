@@ -276,8 +276,9 @@ class CommandStream:
 
     ``status`` is None until the last chunk was taken, then the command's exit status.
     ``is_error`` says whether the chunk just taken is an error message (unknown command,
-    bad usage, refused, a command that could not be done) rather than output. Close it (``aclose``, or ``contextlib.aclosing``) when it is left before its end, so
-    what the command holds (a trace) is released at once.
+    bad usage, refused, a command that could not be done) rather than output. Close it
+    (``aclose``, or ``contextlib.aclosing``) when it is left before its end, so what the
+    command holds (a trace) is released at once.
     """
 
     def __init__(self, chunks: Callable[[CommandStream], AsyncGenerator[str, None]]) -> None:
