@@ -390,13 +390,7 @@ class TowerLink(Actor):
         lasts; a failed attempt is tried again after a tenth of the time left."""
         while True:
             assert self.certificate is not None
-            # In steps of at most a minute, the wall clock read again each time: one that
-            # jumps (NTP at boot, a resume) must not carry renewal past the expiry.
-            while True:
-                delay = renewal_delay(self.certificate, datetime.now(timezone.utc))
-                await trio.sleep(min(delay, RENEWAL_RECHECK))
-                if delay <= RENEWAL_RECHECK:
-                    break
+            await sleep_until_renewal(self.certificate)
             try:
                 await self._renew_once(connection, replies)
             except (RenewalFailed, TowerGone) as error:
@@ -548,6 +542,22 @@ def renewal_delay(certificate: x509.Certificate, now: datetime) -> float:
     issued = certificate.not_valid_before_utc + CLOCK_SKEW
     due = issued + (certificate.not_valid_after_utc - issued) * 2 / 3
     return max(1.0, (due - now).total_seconds())
+
+
+async def sleep_until_renewal(
+    certificate: x509.Certificate,
+    wall_clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+) -> None:
+    """Until ``certificate`` is due for renewal (``renewal_delay``).
+
+    In steps of at most ``RENEWAL_RECHECK`` seconds, the wall clock read again each time:
+    one that jumps (NTP at boot, a resumed VM) must not carry renewal past the expiry.
+    """
+    while True:
+        delay = renewal_delay(certificate, wall_clock())
+        await trio.sleep(min(delay, RENEWAL_RECHECK))
+        if delay <= RENEWAL_RECHECK:
+            return
 
 
 def is_ip_address(text: str) -> bool:

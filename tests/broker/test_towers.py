@@ -50,6 +50,7 @@ from broker.towers import (
     dial_tower,
     receive_hello,
     renewal_delay,
+    sleep_until_renewal,
 )
 
 TOWER = "tower-5"
@@ -245,6 +246,23 @@ def test_renewal_is_due_at_two_thirds_of_the_lifetime(authority):
     now = datetime.now(timezone.utc)
     assert renewal_delay(certificate, now) == pytest.approx(16 * 3600, abs=5)
     assert renewal_delay(certificate, now + timedelta(hours=20)) == 1.0
+
+
+async def test_renewal_follows_a_wall_clock_that_jumps(autojump_clock, authority):
+    ca = authority.authority
+    _, csr = generate_key_and_csr(TOWER)
+    certificate = x509.load_pem_x509_certificate(
+        ca.sign_tower_csr(csr, TOWER, lifetime=timedelta(hours=24)))
+    start = datetime.now(timezone.utc)
+
+    def wall_clock() -> datetime:
+        # Two minutes in, the machine learns it is 20 hours later (a VM resumed, say).
+        elapsed = trio.current_time()
+        return start + timedelta(seconds=elapsed, hours=20 if elapsed >= 120 else 0)
+
+    await sleep_until_renewal(certificate, wall_clock)
+    # Due at 16 hours; renewed within a minute of the jump, not 16 hours after the start.
+    assert 120 <= trio.current_time() <= 181
 
 
 def linked_directory() -> tuple[TowerDirectory, TowerConnection]:
