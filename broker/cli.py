@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import resource
 import sys
@@ -188,7 +189,7 @@ def _serve(arguments: argparse.Namespace) -> int:
     from actors import ActorCrashed, bridge
 
     from .config import ConfigError, load_settings
-    from .serve import serve_broker
+    from .serve import NotStarted, serve_broker
 
     try:
         settings = load_settings(
@@ -239,6 +240,9 @@ def _serve(arguments: argparse.Namespace) -> int:
         print(f"broker: {crash.path.rsplit('/', 1)[-1]} failed to start: {crash.error}",
               file=sys.stderr)
         return 1
+    except NotStarted as error:
+        print(f"broker: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -270,7 +274,7 @@ def _shell(arguments: argparse.Namespace) -> int:
 
 
 def _tower_run(arguments: argparse.Namespace) -> int:
-    from actors import bridge
+    from actors import ActorCrashed, bridge
 
     from .tower.agent import (
         AgentSettings,
@@ -306,23 +310,33 @@ def _tower_run(arguments: argparse.Namespace) -> int:
                 arguments.heartbeat_interval, arguments.heartbeat_timeout, tower=arguments.name,
                 negotiation_deadline=arguments.negotiation_deadline,
             )
+            settings = AgentSettings(
+                name=arguments.name,
+                identity=arguments.identity,
+                host=host,
+                port=int(port),
+                ca=arguments.ca,
+                capacity=arguments.capacity,
+                load_interval=arguments.load_interval,
+                peer=peer,
+            )
         except ValueError as error:
             print(f"broker tower run: {error}", file=sys.stderr)
             return 2
-        settings = AgentSettings(
-            name=arguments.name,
-            identity=arguments.identity,
-            host=host,
-            port=int(port),
-            ca=arguments.ca,
-            capacity=arguments.capacity,
-            load_interval=arguments.load_interval,
-            peer=peer,
-        )
+        for path in (arguments.identity, arguments.ca):
+            if not path.is_file():
+                print(f"broker tower run: {path}: no such file", file=sys.stderr)
+                return 2
     try:
         bridge.run(run_agent, settings)
     except bridge.Interrupted:
         pass
+    except ActorCrashed as crash:
+        print(f"broker tower run: cannot start: {crash.error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"broker tower run: cannot start: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -337,16 +351,25 @@ def _loadtest(arguments: argparse.Namespace) -> int:
         print(f"broker loadtest: no --api-key, and none in {state}", file=sys.stderr)
         return 2
     certificate = arguments.certificate or str(state / "https" / "certificate.pem")
+    # Written so that NaN fails each test, as it fails every comparison.
     problems = [
         name for name, value in (("--sessions", arguments.sessions), ("--workers",
                                  arguments.workers), ("--message-size", arguments.message_size))
-        if value < 1
+        if not value >= 1
     ] + [name for name, value in (("--rate", arguments.rate),
-                                  ("--message-rate", arguments.message_rate)) if value <= 0]
-    if arguments.duration < 0:
+                                  ("--message-rate", arguments.message_rate))
+         if not 0 < value < math.inf]
+    if not 0 <= arguments.duration < math.inf:
         problems.append("--duration")
+    if arguments.kill_tower_at is not None and not 0 <= arguments.kill_tower_at < math.inf:
+        problems.append("--kill-tower-at")
     if problems:
         print(f"broker loadtest: {', '.join(problems)} must be positive", file=sys.stderr)
+        return 2
+    usable = os.sched_getaffinity(0)
+    if not set(arguments.generator_cpus) <= usable:
+        print(f"broker loadtest: --generator-cpus: this process may use CPUs "
+              f"{', '.join(map(str, sorted(usable)))}", file=sys.stderr)
         return 2
     _open_files()
     plan = LoadPlan(

@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from .inventory import Host, InventoryError, parse_hosts
 
@@ -24,6 +26,14 @@ class ConfigError(ValueError):
 
 
 _ICE_SERVER_KEYS = frozenset({"urls", "username", "credential"})
+_SHELL_KEY_KEYS = frozenset({"key", "role"})
+# Every duration setting lies between these, in seconds: a shorter interval is a busy
+# loop, and an infinite one ends up in JSON (Infinity) or past the last date there is.
+SHORTEST = 0.01
+LONGEST = 10 * 365 * 86_400.0
+MAX_LOCAL_TOWERS = 256
+# A DNS name: dot-separated labels of letters, digits and inner hyphens.
+_HOSTNAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*\.?")
 
 
 def check_ice_servers(ice_servers: Sequence[Any]) -> None:
@@ -60,6 +70,22 @@ def check_ice_servers(ice_servers: Sequence[Any]) -> None:
         for name in ("username", "credential"):
             if entry.get(name) is not None and not isinstance(entry[name], str):
                 raise ValueError(f"ICE server {index}: {name!r} must be a string")
+        if any(url.startswith(("turn:", "turns:")) for url in url_list) and not (
+                entry.get("username") and entry.get("credential")):
+            # A browser refuses the whole configuration (InvalidAccessError) otherwise.
+            raise ValueError(f"ICE server {index}: a TURN server needs 'username' and "
+                             "'credential'")
+
+
+def check_seconds(name: str, value: float) -> None:
+    """Refuse a duration setting outside ``SHORTEST`` to ``LONGEST`` seconds (or NaN).
+
+    Raises:
+        ConfigError: naming the setting.
+    """
+    if not SHORTEST <= value <= LONGEST:
+        raise ConfigError(f"{name} must be a number of seconds from {SHORTEST:g} "
+                          f"to {LONGEST:.0f} (ten years)")
 
 
 def default_state_dir() -> Path:
@@ -163,12 +189,13 @@ class Settings:
             "scale_in_after",
             "scale_interval",
         ):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be a positive number of seconds")
+            check_seconds(name, getattr(self, name))
         for name in ("local_towers", "negotiation_restarts", "hsts_max_age",
                      "provision_restarts", "min_towers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} cannot be negative")
+        if self.local_towers > MAX_LOCAL_TOWERS:
+            raise ConfigError(f"local_towers is at most {MAX_LOCAL_TOWERS}")
         for name in ("tower_capacity", "max_sessions_per_key", "placements_per_session"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
@@ -183,15 +210,11 @@ class Settings:
                 raise ConfigError(
                     f"{name} must be an IP address to listen on, not {getattr(self, name)!r}"
                 ) from None
-        if not all(isinstance(origin, str) for origin in self.allowed_origins):
-            raise ConfigError(f"allowed_origins must be strings, not {self.allowed_origins!r}")
-        for entry in self.shell_keys:
-            if not isinstance(entry, Mapping) or not isinstance(entry.get("key"), str):
-                raise ConfigError(f"each of shell_keys needs 'key', not {entry!r}")
-            if entry.get("role", "read-only") not in ("admin", "read-only"):
-                raise ConfigError("a shell key's role is 'admin' or 'read-only'")
-            if len(entry["key"].split()) < 2:
-                raise ConfigError("a shell key is an OpenSSH public key: 'type base64'")
+        self._check_public_host()
+        for origin in self.allowed_origins:
+            _check_origin(origin)
+        for index, entry in enumerate(self.shell_keys):
+            _check_shell_key(index, entry)
         for name in ("ca_key_type", "tower_key_type"):
             if getattr(self, name) not in ("ec", "rsa"):
                 raise ConfigError(f"{name} is 'ec' (ECDSA P-256) or 'rsa' (RSA-2048)")
@@ -206,13 +229,25 @@ class Settings:
         except InventoryError as error:
             raise ConfigError(str(error)) from None
         for host in inventory:
-            if host.name in self.local_tower_names:
+            local = re.fullmatch(r"tower-([1-9][0-9]*)", host.name)
+            if local and int(local.group(1)) <= self.local_towers:
                 raise ConfigError(f"the host {host.name!r} has the name of a local tower "
                                   f"(tower-1 to tower-{self.local_towers}); rename it")
         try:
             check_ice_servers(self.ice_servers)
         except ValueError as error:
             raise ConfigError(f"ice_servers: {error}") from None
+
+    def _check_public_host(self) -> None:
+        host = self.public_host
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if not _HOSTNAME.fullmatch(host.lower()):
+                raise ConfigError(
+                    f"public_host must be a DNS name or an IP address, not {host!r}") from None
+        # Browsers send their origin's host in lower case.
+        object.__setattr__(self, "public_host", host.lower())
 
     @property
     def inventory(self) -> tuple[Host, ...]:
@@ -226,11 +261,50 @@ class Settings:
     @property
     def https_origin(self) -> str:
         port = "" if self.https_port == 443 else f":{self.https_port}"
-        return f"https://{self.public_host}{port}"
+        host = f"[{self.public_host}]" if ":" in self.public_host else self.public_host
+        return f"https://{host}{port}"
 
     def with_ports(self, https_port: int, http_port: int) -> Settings:
         """These settings with the ports actually bound (when 0 was asked for)."""
         return dataclasses.replace(self, https_port=https_port, http_port=http_port)
+
+
+def _check_origin(origin: Any) -> None:
+    if not isinstance(origin, str):
+        raise ConfigError(f"allowed_origins must be strings, not {origin!r}")
+    try:
+        parts = urlsplit(origin)
+        parts.port  # noqa: B018 - raises for a port out of range
+    except ValueError:
+        parts = None
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+            or parts.path not in ("", "/") or parts.query or parts.fragment
+            or parts.username is not None):
+        raise ConfigError(f"allowed_origins: {origin!r} is not an origin such as "
+                          "'https://app.example.com' or 'https://app.example.com:8443'")
+
+
+def _check_shell_key(index: int, entry: Any) -> None:
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("key"), str):
+        raise ConfigError(f"shell key {index} needs 'key', not {entry!r}")
+    unknown = set(entry) - _SHELL_KEY_KEYS
+    if unknown:
+        raise ConfigError(f"shell key {index}: unknown keys {sorted(unknown)}")
+    if entry.get("role", "read-only") not in ("admin", "read-only"):
+        raise ConfigError(f"shell key {index}: the role is 'admin' or 'read-only'")
+    import asyncssh  # here: the command line reads settings without it
+
+    try:
+        asyncssh.import_public_key(entry["key"])
+    except (asyncssh.KeyImportError, ValueError) as error:
+        raise ConfigError(
+            f"shell key {index} is not an OpenSSH public key ('type base64'): {error}"
+        ) from None
+
+
+# Settings that name files: relative ones in a configuration file are taken from the
+# file's own directory, wherever the broker is started from.
+_PATH_SETTINGS = ("state_dir", "https_certificate", "https_key")
 
 
 def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
@@ -249,6 +323,10 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
             raise ConfigError(f"cannot read {path}: {error.strerror}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise ConfigError(f"{path} is not valid TOML: {error}") from None
+        for name in _PATH_SETTINGS:
+            value = values.get(name)
+            if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+                values[name] = str(path.parent / value)
     values.update({key: value for key, value in overrides.items() if value is not None})
     return settings_from_mapping(values)
 

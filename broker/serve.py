@@ -26,7 +26,7 @@ from .collector import Collector
 from .config import Settings
 from .endpoint import BrokerApi, Endpoint
 from .metrics import SessionCounters
-from .pki import client_ssl_context
+from .pki import CertificateError, client_ssl_context
 from .sessions import sessions_spec
 from .signaling import SignalingTokens
 from .shell.server import ShellServer, authorized_keys
@@ -45,11 +45,26 @@ from .towers import LinkContext, TowerDirectory, local_tower_spec, towers_spec
 logger = logging.getLogger(__name__)
 
 
+class NotStarted(Exception):
+    """The broker could not start; the message says what to fix."""
+
+
 async def serve_broker(
     settings: Settings, announce: Callable[[Settings, BrokerFiles], None]
 ) -> None:
-    """Run the broker until cancelled; ``announce`` is called once it listens."""
-    files, issuer = prepare(settings)
+    """Run the broker until cancelled; ``announce`` is called once it listens.
+
+    Raises:
+        NotStarted: the state directory or the HTTPS certificate cannot be used.
+    """
+    try:
+        files, issuer = prepare(settings)
+        shell_files, operator_key = prepare_shell(files.directory)
+    except CertificateError as error:
+        raise NotStarted(str(error)) from None
+    except OSError as error:
+        raise NotStarted(f"cannot use {error.filename or settings.state_dir}: "
+                         f"{error.strerror or error}") from None
     towers = TowerDirectory(stale_after=settings.tower_silence)
     collector = Collector()
     counters = SessionCounters(collector)
@@ -78,7 +93,6 @@ async def serve_broker(
         return Endpoint(make_app, str(files.https_certificate), str(files.https_key),
                         listening.append)
 
-    shell_files, operator_key = prepare_shell(files.directory)
     own_keys = [] if settings.shell_keys else user_public_keys()
     authorized = authorized_keys(settings.shell_keys, operator_key, own_keys)
 

@@ -62,7 +62,7 @@ from actors import (
 )
 
 from .. import __version__
-from ..config import Settings
+from ..config import Settings, check_seconds
 from ..link import (
     CLOSE_TIMEOUT,
     MAX_FRAME_BYTES,
@@ -124,6 +124,13 @@ class AgentSettings:
     capacity: int = Settings.tower_capacity
     load_interval: float = Settings.tower_load_interval
     peer: PeerSettings = PeerSettings()
+
+    def __post_init__(self) -> None:
+        if self.capacity < 1:
+            raise ValueError(f"capacity must be at least 1, not {self.capacity}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"the port must be a port number (0-65535), not {self.port}")
+        check_seconds("load_interval", self.load_interval)
 
 
 class Uplink:

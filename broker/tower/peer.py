@@ -19,7 +19,7 @@ import trio
 from actors import Actor
 from actors.bridge import call_asyncio, post_to
 
-from ..config import Settings
+from ..config import Settings, check_seconds
 from ..link import (
     MAX_CANDIDATES,
     AddCandidate,
@@ -43,8 +43,9 @@ class PeerSettings:
 
     def __post_init__(self) -> None:
         for name in ("heartbeat_interval", "heartbeat_timeout", "negotiation_deadline"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be a positive number of seconds")
+            check_seconds(name, getattr(self, name))
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ValueError("heartbeat_timeout must be longer than heartbeat_interval")
 
 
 class Peer(Actor):

@@ -78,3 +78,44 @@ def test_a_low_hard_limit_is_said_at_start():
     if hard_open_file_limit() >= cli.FEW_OPEN_FILES:
         quiet = run_with_open_file_limit(256, hard_open_file_limit(), "cli._open_files()")
         assert quiet.stderr == ""
+
+
+def test_a_broker_that_cannot_start_says_why_without_a_traceback(tmp_path):
+    state = tmp_path / "a-file"
+    state.write_text("")
+    result = subprocess.run([BROKER, "serve", "--state-dir", str(state)],
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (2, f"broker: cannot use {state}: File exists\n")
+
+
+@pytest.mark.parametrize("options, refused", [
+    (["--capacity", "0"], "capacity must be at least 1, not 0"),
+    (["--load-interval", "inf"], "load_interval must be a number of seconds"),
+    (["--heartbeat-interval", "10", "--heartbeat-timeout", "1"],
+     "heartbeat_timeout must be longer than heartbeat_interval"),
+    (["--listen", "127.0.0.1:99999"], "the port must be a port number (0-65535), not 99999"),
+    (["--identity", "/nonexistent/identity.pem"], "/nonexistent/identity.pem: no such file"),
+])
+def test_a_tower_agent_refuses_settings_that_make_no_sense(tmp_path, options, refused):
+    files = []
+    for name in ("identity.pem", "ca.pem"):
+        (tmp_path / name).write_text("")
+        files.append(str(tmp_path / name))
+    command = [BROKER, "tower", "run", "--name", "tower-1", "--listen", "127.0.0.1:0",
+               "--identity", files[0], "--ca", files[1], *options]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"broker tower run: {refused}")
+
+
+@pytest.mark.parametrize("options, refused", [
+    (["--rate", "nan"], "--rate must be positive"),
+    (["--kill-tower-at", "-5"], "--kill-tower-at must be positive"),
+    (["--generator-cpus", "9999"], "--generator-cpus: this process may use CPUs"),
+])
+def test_a_load_test_refuses_figures_that_make_no_sense(options, refused):
+    result = subprocess.run([BROKER, "loadtest", "https://127.0.0.1:9", "--api-key", "k",
+                             *options], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"broker loadtest: {refused}")

@@ -98,9 +98,20 @@ SECONDS = [
 
 
 @pytest.mark.parametrize("name", SECONDS)
-@pytest.mark.parametrize("value", [0, 0.0, -1.5, math.nan])
-def test_times_are_positive(name, value):
-    assert name in refusal(**{name: value})
+@pytest.mark.parametrize("value", [0, 0.0, -1.5, math.nan, math.inf, 0.001, 1e300])
+def test_times_are_finite_and_neither_a_busy_loop_nor_past_ten_years(name, value):
+    # An infinite token lifetime was sent to browsers as JSON's non-standard Infinity.
+    assert f"{name} must be a number of seconds from 0.01 to 315360000" in refusal(
+        **{name: value})
+
+
+def test_a_tower_certificate_may_not_outlast_the_calendar():
+    assert "tower_certificate_lifetime" in refusal(tower_certificate_lifetime=1e12)
+
+
+def test_local_towers_has_a_ceiling():
+    assert "local_towers is at most 256" in refusal(local_towers=100_000_000)
+    assert settings_from_mapping({"local_towers": 256}).local_towers == 256
 
 
 @pytest.mark.parametrize("name", ["local_towers", "negotiation_restarts", "hsts_max_age"])
@@ -144,6 +155,23 @@ def test_the_public_host_may_be_a_name():
     assert settings_from_mapping({"public_host": "broker.example"}).https_origin == (
         "https://broker.example:8443"
     )
+
+
+def test_the_public_host_is_taken_in_lower_case_as_browsers_send_it():
+    settings = settings_from_mapping({"public_host": "Broker.Example.com"})
+    assert settings.public_host == "broker.example.com"
+
+
+def test_an_ipv6_public_host_is_bracketed_in_urls():
+    settings = settings_from_mapping({"public_host": "2001:db8::7", "https_port": 443})
+    assert settings.https_origin == "https://[2001:db8::7]"
+
+
+@pytest.mark.parametrize("host", ["", "broker example", "https://broker.example",
+                                  "broker.example:8443", "-broker.example", "a/b"])
+def test_the_public_host_is_a_name_or_an_address(host):
+    assert f"public_host must be a DNS name or an IP address, not {host!r}" in refusal(
+        public_host=host)
 
 
 def test_the_settings_are_checked_when_made_directly_too():
@@ -192,6 +220,14 @@ def test_allowed_origins_are_strings(value):
     assert "allowed_origins" in refusal(allowed_origins=value)
 
 
+@pytest.mark.parametrize("origin", ["not a url", "ftp://a.example", "https://",
+                                    "https://a.example/app", "https://a.example:99999",
+                                    "https://user@a.example", "https://a.example?x=1"])
+def test_allowed_origins_are_origins(origin):
+    # "not a url" refused every browser that sent an Origin, with no word why.
+    assert f"allowed_origins: {origin!r} is not an origin" in refusal(allowed_origins=[origin])
+
+
 def test_allowed_origins_become_a_tuple():
     settings = settings_from_mapping({"allowed_origins": ["https://a.example"]})
     assert settings.allowed_origins == ("https://a.example",)
@@ -227,6 +263,16 @@ def test_ice_servers_are_kept_as_given():
 ])
 def test_each_ice_server_needs_urls(server):
     assert "ice_servers" in refusal(ice_servers=[server])
+
+
+@pytest.mark.parametrize("server", [
+    {"urls": "turn:turn.example.net:3478"},
+    {"urls": ["stun:stun.example.net", "turns:turn.example.net"], "username": "u"},
+    {"urls": "turn:turn.example.net", "username": "u", "credential": ""},
+])
+def test_a_turn_server_needs_its_credentials(server):
+    # A browser refuses a whole configuration with one TURN server lacking them.
+    assert "a TURN server needs 'username' and 'credential'" in refusal(ice_servers=[server])
 
 
 def test_ice_servers_is_a_list():
@@ -297,7 +343,7 @@ def test_a_table_of_unknown_settings_is_refused(tmp_path):
     ("https_port = 8443.0", "https_port must be an integer"),
     ("token_lifetime = \"60\"", "token_lifetime must be a number"),
     ("token_lifetime = false", "token_lifetime must be a number"),
-    ("token_lifetime = nan", "token_lifetime must be a positive"),
+    ("token_lifetime = nan", "token_lifetime must be a number of seconds"),
     ("host = 127", "host must be a string"),
     ("host = 2024-01-01", "host must be a string"),
     ("state_dir = 1", "state_dir must be a path"),
@@ -390,6 +436,41 @@ def test_an_override_of_the_state_dir_expands_the_home(tmp_path, monkeypatch):
 def test_an_unknown_override_is_refused():
     with pytest.raises(ConfigError, match="colour"):
         load_settings(None, colour="blue")
+
+
+ED25519 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+
+
+def test_shell_keys_are_public_keys_with_a_role():
+    settings = settings_from_mapping({"shell_keys": [{"key": ED25519, "role": "admin"}]})
+    assert settings.shell_keys == ({"key": ED25519, "role": "admin"},)
+
+
+@pytest.mark.parametrize("entry, refused", [
+    ({"key": ED25519, "rol": "admin"}, "shell key 0: unknown keys ['rol']"),
+    ({"key": "foo bar"}, "shell key 0 is not an OpenSSH public key"),
+    ({"key": ED25519[:40]}, "shell key 0 is not an OpenSSH public key"),
+    ({"key": ED25519, "role": "root"}, "shell key 0: the role is 'admin' or 'read-only'"),
+    ({"role": "admin"}, "shell key 0 needs 'key'"),
+])
+def test_a_wrong_shell_key_is_refused_not_ignored(entry, refused):
+    # A typo in "role" gave the key read-only access; a bad key locked its operator out.
+    assert refused in refusal(shell_keys=[entry])
+
+
+def test_relative_paths_in_a_file_are_taken_from_its_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir("/")
+    directory = tmp_path / "etc"
+    directory.mkdir()
+    path = directory / "broker.toml"
+    path.write_text('state_dir = "state"\nhttps_certificate = "tls/cert.pem"\n'
+                    'https_key = "/keys/key.pem"\n')
+    settings = load_settings(path)
+    assert settings.state_dir == directory / "state"
+    assert settings.https_certificate == str(directory / "tls" / "cert.pem")
+    assert settings.https_key == "/keys/key.pem"
+    # One given on the command line is the caller's own, from where it runs.
+    assert load_settings(path, state_dir="here").state_dir == Path("here")
 
 
 def test_an_inventory_host_may_not_take_a_local_towers_name():
