@@ -8,8 +8,7 @@ even as always taking the least loaded tower, without every broker piling onto t
 one between two reports. A session placed since a tower's last report counts against
 that tower until its next report, so a burst of arrivals spreads out. A tower reports
 the sessions that have offered (its peers); the broker's sessions there that have not
-offered yet (``assign``, ``unassign``) count too: a tower's load is never taken as fewer
-than those.
+offered yet (``assign``, ``unassign``) count on top of those.
 """
 
 from __future__ import annotations
@@ -48,8 +47,11 @@ class _Standing:
 
     @property
     def sessions(self) -> int:
-        reported = self.load.sessions + self.placed_since_report
-        return max(reported, self.assigned[self.load.tower])
+        # The report counts peers; the sessions that have not offered are not among
+        # them. Those placed since the report are among the assigned ones, or have
+        # offered since (their peers are in the next report).
+        unreported = max(self.placed_since_report, self.assigned[self.load.tower])
+        return self.load.sessions + unreported
 
     @property
     def share_used(self) -> float:

@@ -112,3 +112,20 @@ def test_sessions_assigned_here_count_whatever_the_tower_reports():
     placement.unassign("a")
     placement.unassign("a")  # one too many: the count does not go below nothing
     assert placement.load_of("a").sessions == 2
+
+
+def test_sessions_that_have_not_offered_count_on_top_of_the_towers_peers():
+    # Six peers on the tower, and four of this broker's sessions that have not offered:
+    # the tower is full, report after report.
+    placement = placement_with(TowerLoad("a", 6, 10))
+    for _ in range(4):
+        assert placement.choose(now=0.0) == "a"
+        placement.assign("a")
+    for now in (1.0, 2.0, 3.0):
+        placement.report(TowerLoad("a", 6, 10), now=now)
+        assert placement.load_of("a").sessions == 10
+        assert placement.choose(now=now) is None
+    # One offers: its peer is in the next report, and it is no longer assigned.
+    placement.unassign("a")
+    placement.report(TowerLoad("a", 7, 10), now=4.0)
+    assert placement.load_of("a").sessions == 10
