@@ -243,12 +243,12 @@ class Supervisor(Actor):
         return backoff.delay(cell.consecutive_failures, self._random.random())
 
     def _restart_soon(self, cell: _Cell, delay: float) -> None:
-        cell.restarts += 1
+        _count_restart(cell)
         assert self._nursery is not None
         self._nursery.start_soon(run_incarnation, cell.new_incarnation(), delay)
 
     async def _restart_now(self, cell: _Cell) -> Exit | None:
-        cell.restarts += 1
+        _count_restart(cell)
         cell.restart_at = None
         assert self._nursery is not None
         failed: Exit | None = await self._nursery.start(
@@ -341,3 +341,8 @@ class _GroupDue:
     def __init__(self, group: tuple[str, ...], due: float) -> None:
         self.group = group
         self.due = due
+
+
+def _count_restart(cell: _Cell) -> None:
+    cell.restarts += 1
+    cell.system._restarted()

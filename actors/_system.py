@@ -23,8 +23,9 @@ DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 @dataclass(frozen=True)
 class SystemStatistics:
     """Counts for the whole system, cheap to take at any size (no snapshot of each
-    actor): live actors, their restarts, the messages waiting in their mailboxes, and
-    messages told to stopped ones."""
+    actor): live actors, restarts since the system started (those of actors that ended
+    since included: the count only goes up), the messages waiting in live actors'
+    mailboxes, and messages told to stopped ones."""
 
     actors: int
     dead_letters: int
@@ -47,6 +48,7 @@ class ActorSystem:
         self._root: _Cell | None = None
         self._failure: Exception | None = None
         self._shutting_down = False
+        self._restarts = 0
 
     @property
     def shutting_down(self) -> bool:
@@ -87,10 +89,13 @@ class ActorSystem:
         return SystemStatistics(
             actors=len(depths),
             dead_letters=self.dead_letters.count,
-            restarts=sum(cell.restarts for cell in cells),
+            restarts=self._restarts,
             mailbox_depth_max=max(depths, default=0),
             mailbox_depth_total=sum(depths),
         )
+
+    def _restarted(self) -> None:
+        self._restarts += 1
 
     def _register(self, cell: _Cell) -> None:
         self._registry[cell.path] = cell

@@ -189,7 +189,7 @@ def render(
             "Resident memory of each tower's agent process, as it last reported.",
             ((labels, usage.resident_bytes) for labels, usage in reported),
         ),
-        _family("broker_actor_restarts_total", "counter", "Actor restarts, all actors alive.",
+        _family("broker_actor_restarts_total", "counter", "Actor restarts since the broker started.",
                 [("", actors.restarts)]),
         _family("broker_actors", "gauge", "Actors alive.", [("", actors.actors)]),
         _family("broker_mailbox_depth_max", "gauge", "The deepest mailbox.",

@@ -143,3 +143,6 @@ async def test_statistics_count_what_a_snapshot_shows_without_taking_one(
     assert statistics.actors == len(actors) == 3
     assert statistics.restarts == sum(actor.restarts for actor in actors) == 1
     assert statistics.mailbox_depth_max == 3 and statistics.mailbox_depth_total == 3
+    # A count that only goes up: an actor that ended takes none of it along.
+    await system.root.terminate_child("crashing")
+    assert system.statistics().restarts == 1
