@@ -347,15 +347,13 @@ class BrokerApi:
         return page
 
     def _render_metrics(self, now: float) -> str:
-        ready = set(self.towers.placement.ready(now))
         towers = {}
         for connection in self.towers:
             standing = self.towers.placement.load_of(connection.name)
             sessions = standing.sessions if standing else 0
-            draining = self.towers.is_draining(connection.name)
-            state = "draining" if draining else "ready" if connection.name in ready else "stale"
             towers[connection.name] = TowerRow(
-                state, sessions, self.towers.usage.get(connection.name))
+                self.towers.state_of(connection.name, now), sessions,
+                self.towers.usage.get(connection.name))
         return render(self.counters, towers, self.system.statistics(),
                       process_usage(self.process))
 

@@ -107,13 +107,18 @@ class Placement:
         standing = self._towers.get(tower)
         return None if standing is None else standing.reported_at
 
+    def is_fresh(self, tower: str, now: float) -> bool:
+        """Whether the tower reported within ``stale_after`` seconds of ``now``."""
+        standing = self._towers.get(tower)
+        return standing is not None and now - standing.reported_at < self.stale_after
+
     def ready(self, now: float, exclude: Collection[str] = ()) -> list[str]:
         """Towers that may take a session now: fresh, not draining, not full, not excluded."""
         return [
             name
             for name, standing in self._towers.items()
             if name not in exclude
-            and now - standing.reported_at < self.stale_after
+            and self.is_fresh(name, now)
             and not standing.load.draining
             and standing.sessions < standing.load.capacity
         ]
@@ -142,8 +147,8 @@ class Placement:
         """Sessions over capacity across fresh, non-draining towers (0 when there are none)."""
         fresh = [
             standing
-            for standing in self._towers.values()
-            if now - standing.reported_at < self.stale_after and not standing.load.draining
+            for name, standing in self._towers.items()
+            if self.is_fresh(name, now) and not standing.load.draining
         ]
         capacity = sum(standing.load.capacity for standing in fresh)
         return sum(standing.sessions for standing in fresh) / capacity if capacity else 0.0

@@ -134,7 +134,10 @@ class ScalePolicy:
             if idle_since is None or view.now - idle_since < self.in_after:
                 continue
             rest = capacity - tower.capacity
-            rest_used = sum(other.sessions for other in serving) / rest if rest else 1.0
+            rest_used = (
+                sum(min(other.sessions, other.capacity) for other in serving) / rest
+                if rest else 1.0
+            )
             if rest_used < self.threshold / 2:
                 decisions.append(Decision(
                     "drain", tower.name, f"idle for {view.now - idle_since:.0f} s"
@@ -213,8 +216,7 @@ class Scaler(Actor):
         figures = []
         for connection in self.directory:
             load = placement.load_of(connection.name)
-            reported_at = placement.reported_at(connection.name)
-            if load is None or reported_at is None or now - reported_at >= placement.stale_after:
+            if load is None or not placement.is_fresh(connection.name, now):
                 continue
             draining = self.directory.is_draining(connection.name)
             record = self.board.records.get(connection.name)
@@ -224,9 +226,17 @@ class Scaler(Actor):
                                         provisioned, draining, retiring))
         seen = {figure.name for figure in figures}
         for name in self.board.in_state(HostState.DRAINING):
-            if name not in seen and self.directory.get(name) is None:
+            if name in seen:
+                continue
+            if self.directory.get(name) is None:
                 # Its link is gone, and with it its sessions (moved elsewhere).
                 figures.append(TowerFigures(name, 0, 0, True, True, True))
+            else:
+                # Linked but stale: still retiring (no second scale-in meanwhile), and
+                # not known to be empty.
+                load = placement.load_of(name)
+                sessions = max(1, load.sessions if load else 0)
+                figures.append(TowerFigures(name, sessions, 0, True, True, True))
         # A local tower not reporting is coming for a while (the broker restarts its
         # agent itself), not missing: no host is provisioned for a moment's gap. Unseen
         # past the grace, it is missing, and the floor replaces it.

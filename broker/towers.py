@@ -224,6 +224,13 @@ class TowerDirectory:
         load = self.placement.load_of(name)
         return name in self.draining or (load is not None and load.draining)
 
+    def state_of(self, name: str, now: float) -> str:
+        """``draining``, ``stale`` (no load report within the staleness window) or
+        ``ready`` (full or not), as metrics and the shell show a linked tower."""
+        if self.is_draining(name):
+            return "draining"
+        return "ready" if self.placement.is_fresh(name, now) else "stale"
+
     def choose(self, exclude: frozenset[str] = frozenset()) -> TowerConnection | None:
         """A linked tower for a new session (two choices), or None if none is ready."""
         name = self.placement.choose(trio.current_time(), exclude=exclude | self.draining)

@@ -103,18 +103,13 @@ class LiveView:
 
     def _towers(self, now: float) -> list[TowerView]:
         directory = self.towers_directory
-        ready = set(directory.placement.ready(now))
         views = []
         for connection in directory:
             load = directory.placement.load_of(connection.name)
             reported_at = directory.placement.reported_at(connection.name)
-            if directory.is_draining(connection.name):
-                state = "draining"
-            else:
-                state = "ready" if connection.name in ready else "stale"
             views.append(TowerView(
                 name=connection.name,
-                state=state,
+                state=directory.state_of(connection.name, now),
                 sessions=load.sessions if load else 0,
                 capacity=load.capacity if load else connection.capacity,
                 heartbeat_age=None if reported_at is None else now - reported_at,

@@ -5,7 +5,8 @@ import trio
 
 from broker.config import Settings
 from broker.link import TowerHello, TowerLoadReport
-from broker.provisioning import HostBoard
+from broker.inventory import Host
+from broker.provisioning import HostBoard, HostState
 from broker.scaling import (
     LOCAL_TOWER_GRACE,
     Decision,
@@ -212,6 +213,18 @@ def test_no_drain_unless_the_rest_would_stay_under_half_the_threshold():
     ]
 
 
+def test_a_tower_counts_at_most_all_of_its_capacity_when_scaling_in_too():
+    # A tower reporting absurdly many sessions kept every idle tower for ever.
+    scale = policy()
+    scale.decide(quiet(0, tower("p1")))
+    assert actions(scale.decide(view(400, [local(sessions=2**62, capacity=1000),
+                                           tower("p1")]))) == []
+    scale = policy()
+    fleet = [local(sessions=2**62), tower("p1"), tower("p2"), tower("p3")]
+    scale.decide(view(0, fleet))
+    assert actions(scale.decide(view(400, fleet))) == [("drain", "p1")]
+
+
 def test_idle_towers_are_drained_one_at_a_time():
     scale = policy()
     scale.decide(quiet(0, tower("p1"), tower("p2")))
@@ -363,3 +376,29 @@ async def test_a_local_tower_not_reporting_is_coming_for_a_grace_then_missing(
     directory.report("tower-1", TowerLoadReport(0, 100))
     back = scaler.view()
     assert [tower.name for tower in back.towers] == ["tower-1"] and back.on_the_way == 0
+
+
+async def test_a_retiring_tower_gone_stale_still_holds_back_a_second_scale_in(
+    autojump_clock, tmp_path
+):
+    hosts = tuple(Host(name, f"10.0.0.{number}", "tower")
+                  for number, name in enumerate(["h1", "h2"], 1))
+    board = HostBoard(hosts)
+    directory = TowerDirectory(stale_after=5.0)
+    scaler = Scaler(Settings(state_dir=tmp_path, local_towers=1), directory, board)
+    for name in ("tower-1", "h1", "h2"):
+        directory.connected(TowerConnection(name, None, TowerHello(name, 100, "test")))
+        directory.report(name, TowerLoadReport(0, 100))
+    for name in ("h1", "h2"):
+        board.set(name, HostState.READY)
+    board.set("h1", HostState.DRAINING)  # being drained, still linked
+    directory.drain("h1")
+    await trio.sleep(5)
+    for name in ("tower-1", "h2"):
+        directory.report(name, TowerLoadReport(0, 100))
+    # h1's reports lag: stale, but still retiring, and not known to be empty.
+    [retiring] = [figures for figures in scaler.view().towers if figures.name == "h1"]
+    assert retiring.retiring and retiring.sessions >= 1
+    scale = policy()
+    scale.decide(scaler.view())
+    assert actions(scale.decide(view(1000, scaler.view().towers))) == []

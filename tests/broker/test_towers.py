@@ -289,6 +289,18 @@ async def test_a_towers_reported_usage_is_kept_while_it_is_linked(autojump_clock
     assert directory.usage == {} and directory.placement.load_of(TOWER) is None
 
 
+async def test_a_towers_state_is_draining_stale_or_ready_full_or_not(autojump_clock):
+    directory, _ = linked_directory()
+    directory.report(TOWER, TowerLoadReport(100, 100))
+    # Full: placement does not choose it, but it is no less alive for that.
+    assert directory.choose() is None
+    assert directory.state_of(TOWER, trio.current_time()) == "ready"
+    await trio.sleep(3)
+    assert directory.state_of(TOWER, trio.current_time()) == "stale"
+    directory.drain(TOWER)
+    assert directory.state_of(TOWER, trio.current_time()) == "draining"
+
+
 @pytest.mark.parametrize("figures", [
     {"cpu_seconds": -1.0}, {"cpu_seconds": math.nan}, {"cpu_seconds": math.inf},
     {"resident_bytes": -1}, {"sessions": -1}, {"capacity": -5},
