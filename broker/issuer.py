@@ -28,6 +28,10 @@ LEDGER_FILE = "ledger.json"
 KEEP_EXPIRED = timedelta(days=7)
 
 
+class LedgerDamaged(CertificateError):
+    """The ledger does not parse: nothing can be decided from it until it is repaired."""
+
+
 @dataclass(frozen=True)
 class Issued:
     serial: str  # hexadecimal
@@ -70,17 +74,28 @@ class Issuer:
         self._read_version: tuple[int, int] | None = None
         self._refresh()
 
-    def sign(self, csr_pem: bytes, tower: str, addresses: Sequence[str] = ()) -> bytes:
+    def sign(self, csr_pem: bytes, tower: str, addresses: Sequence[str] = (),
+             replacing: int | None = None) -> bytes:
         """Check and sign a tower's request, and record the certificate.
 
+        ``replacing`` is the serial of the certificate a renewal replaces: checked in the
+        same step as the new one is recorded, so that a revocation in between (another
+        process's) cannot be outlived by the new certificate.
+
         Raises:
-            CertificateError: the request is refused (see ``sign_tower_csr``).
+            CertificateError: the request is refused (see ``sign_tower_csr``), or the
+                certificate it replaces is revoked.
+            LedgerDamaged: the ledger cannot be read.
         """
         certificate = self.authority.sign_tower_csr(
             csr_pem, expected_name=tower, lifetime=self.lifetime, addresses=addresses
         )
         parsed = x509.load_pem_x509_certificate(certificate)
         with self._locked():
+            if replacing is not None:
+                record = self._records.get(_serial(replacing))
+                if record is not None and record.revoked:
+                    raise CertificateError(f"the certificate {replacing:x} it replaces is revoked")
             self._records[_serial(parsed.serial_number)] = Issued(
                 _serial(parsed.serial_number), tower, parsed.not_valid_after_utc.isoformat()
             )
@@ -142,7 +157,7 @@ class Issuer:
             for record in records.values():
                 record.check()
         except (ValueError, TypeError, KeyError) as error:
-            raise CertificateError(f"{self.path} is damaged: {error}") from None
+            raise LedgerDamaged(f"{self.path} is damaged: {error}") from None
         self._records = records
         self._read_version = version
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -58,12 +59,22 @@ class CertificateError(Exception):
     """A certificate signing request or certificate that is refused; the message says why."""
 
 
+def _make_private_directories(directory: Path) -> None:
+    # Path.mkdir(parents=True) gives its mode to the last directory only.
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for directory in reversed(missing):
+        directory.mkdir(mode=0o700, exist_ok=True)
+
+
 def write_secret(path: Path, data: bytes) -> None:
     """Write a file only its owner can read, atomically.
 
     The data goes to a temporary file (mode 0600) in the same directory, is flushed to
     disk, then renamed over ``path``: a reader sees the old content or the new, never a
-    part. A missing parent directory is created with mode 0700.
+    part. Missing directories on the way are created with mode 0700, each of them.
 
     Args:
         path: the file to write.
@@ -74,7 +85,7 @@ def write_secret(path: Path, data: bytes) -> None:
     """
     path = Path(path)
     directory = path.parent
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _make_private_directories(directory)
     descriptor, temporary_name = tempfile.mkstemp(
         dir=directory, prefix=f".{path.name}.", suffix=".tmp"
     )
@@ -739,6 +750,26 @@ def _check_authority_certificate(certificate: x509.Certificate, path: Path) -> N
         raise CertificateError(
             f"{path} has no subject key identifier, which the certificates it signs refer to"
         ) from None
+    try:
+        usage = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    if usage is not None and not usage.key_cert_sign:
+        raise CertificateError(f"{path} may not sign certificates (its key usage has no "
+                               "keyCertSign)")
+    try:
+        # Towers and NGINX trust this one certificate alone: it must be a root.
+        certificate.verify_directly_issued_by(certificate)
+    except (ValueError, TypeError, InvalidSignature):
+        raise CertificateError(f"{path} is not self-signed: give the root certificate "
+                               "authority, not an intermediate one") from None
+    key = certificate.public_key()
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MINIMUM_RSA_BITS:
+        raise CertificateError(f"{path} has a {key.key_size}-bit RSA key; at least "
+                               f"{MINIMUM_RSA_BITS} bits are required")
+    if not isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
+        raise CertificateError(f"{path} has a {type(key).__name__}; only ECDSA and RSA "
+                               "keys are accepted")
     expiry = certificate.not_valid_after_utc
     if expiry <= _now():
         raise CertificateError(

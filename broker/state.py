@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+
 from .config import Settings
 from .issuer import Issuer
 from .pki import (
@@ -41,14 +44,21 @@ from .shell.ssh import ensure_host_key, ensure_operator_key, read_public_keys
 from .towers import TowerFiles
 
 
-# The broker's client certificate is made anew when it has less than this left.
-CLIENT_RENEWAL = timedelta(days=30)
+# The broker's own certificates (its client one, its self-signed HTTPS one) are made
+# again this long before they expire.
+RENEWAL_MARGIN = timedelta(days=30)
 
 
-def _valid_for(certificate: Path, margin: timedelta) -> bool:
+def _valid_for(certificate: Path, margin: timedelta,
+               issuer: x509.Certificate | None = None) -> bool:
+    """Whether the certificate in the file is good for ``margin`` longer (and issued by
+    ``issuer``, if given: a CA imported since makes it useless)."""
     try:
-        expiry = certificate_expiry(certificate.read_bytes())
-    except (OSError, CertificateError):
+        data = certificate.read_bytes()
+        expiry = certificate_expiry(data)
+        if issuer is not None:
+            x509.load_pem_x509_certificate(data).verify_directly_issued_by(issuer)
+    except (OSError, CertificateError, ValueError, TypeError, InvalidSignature):
         return False
     return expiry - datetime.now(timezone.utc) > margin
 
@@ -92,13 +102,14 @@ def prepare(settings: Settings) -> tuple[BrokerFiles, Issuer]:
         https_certificate = Path(settings.https_certificate).expanduser()
         https_key = Path(settings.https_key).expanduser()
         check_server_identity(https_certificate, https_key)
-    elif not https_certificate.exists() or not https_key.exists():
+    elif not _valid_for(https_certificate, RENEWAL_MARGIN) or not https_key.exists():
         key, certificate = self_signed_server_certificate()
         write_secret(https_key, key)
         write_secret(https_certificate, certificate)
     authority = CertificateAuthority.load_or_create(directory / "ca", settings.ca_key_type)
     client = directory / "broker"
-    if not _valid_for(client / "certificate.pem", CLIENT_RENEWAL) or not (
+    if not _valid_for(client / "certificate.pem", RENEWAL_MARGIN,
+                      authority.certificate) or not (
         client / "key.pem"
     ).exists():
         key, certificate = authority.issue(BROKER_NAME, client_only=True)

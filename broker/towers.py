@@ -44,7 +44,7 @@ from actors import Actor, ActorRef, Backoff, ChildSpec, MailboxFull, Strategy, S
 from actors import DecodeError, Exit, Restart, SupervisorFlags
 
 from .config import Settings
-from .issuer import Issuer
+from .issuer import Issuer, LedgerDamaged
 from .outbox import Outbox, OutboxClosed, OutboxStalled
 from .link import (
     CLOSE_TIMEOUT,
@@ -419,9 +419,13 @@ class TowerLink(Actor):
         try:
             self._check_not_revoked()
             addresses = [self.address.host] if is_ip_address(self.address.host) else []
-            certificate = self.issuer.sign(request.csr, self.name, addresses)
+            certificate = self.issuer.sign(request.csr, self.name, addresses,
+                                           replacing=self.certificate.serial_number)
         except OSError as error:
             raise RenewalFailed(f"the ledger cannot be written: {error}") from None
+        except LedgerDamaged as error:
+            # As for the revocation check: the tower is not to blame; tried again later.
+            raise RenewalFailed(str(error)) from None
         except (TowerLinkLost, CertificateError) as error:
             with trio.move_on_after(CLOSE_TIMEOUT):
                 await connection.send(CertificateRefused(str(error)))

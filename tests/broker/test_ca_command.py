@@ -1,10 +1,13 @@
 """``broker ca``: status, revoke and import, through the command line."""
 
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 
 from broker.cli import main
 from broker.config import Settings
@@ -212,6 +215,55 @@ def test_import_refuses_a_certificate_that_is_not_a_ca(capsys, tmp_path, state_d
     assert out == ""
     assert "not the certificate of a certificate authority" in err
     assert "leaf.pem" in err
+    assert not (state_dir / "ca" / "ca.pem").exists()
+
+
+def _authority_certificate(tmp_path, key, *, signer=None, key_cert_sign=True) -> tuple:
+    """A CA certificate for ``key`` (signed by ``signer``, a (key, name) pair, or by itself)
+    and the files of it and its key."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "odd CA")])
+    signing_key, issuer = signer or (key, name)
+    now = datetime.now(timezone.utc)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(issuer)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
+        .add_extension(x509.KeyUsage(
+            digital_signature=False, content_commitment=False, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=key_cert_sign,
+            crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .sign(signing_key, hashes.SHA256())
+    )
+    (tmp_path / "odd.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "odd-key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return tmp_path / "odd.pem", tmp_path / "odd-key.pem"
+
+
+@pytest.mark.parametrize("kind, refused", [
+    ("intermediate", "is not self-signed: give the root certificate authority"),
+    ("no keyCertSign", "may not sign certificates"),
+    ("RSA-1024", "has a 1024-bit RSA key; at least 2048 bits are required"),
+])
+def test_import_refuses_a_ca_no_tower_could_trust(capsys, tmp_path, state_dir, kind, refused):
+    # Each of these was imported, and every link failed at its TLS handshake after.
+    if kind == "intermediate":
+        root = ec.generate_private_key(ec.SECP256R1())
+        root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "root")])
+        files = _authority_certificate(tmp_path, ec.generate_private_key(ec.SECP256R1()),
+                                       signer=(root, root_name))
+    elif kind == "no keyCertSign":
+        files = _authority_certificate(tmp_path, ec.generate_private_key(ec.SECP256R1()),
+                                       key_cert_sign=False)
+    else:
+        files = _authority_certificate(tmp_path, rsa.generate_private_key(65537, 1024))
+    status, out, err = ca(capsys, state_dir, "import", *map(str, files))
+    assert (status, out) == (1, "")
+    assert refused in err and "odd.pem" in err
     assert not (state_dir / "ca" / "ca.pem").exists()
 
 

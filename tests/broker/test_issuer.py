@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from cryptography import x509
 
-from broker.issuer import KEEP_EXPIRED, LEDGER_FILE, Issued, Issuer
+from broker.issuer import KEEP_EXPIRED, LEDGER_FILE, Issued, Issuer, LedgerDamaged
 from broker.pki import CertificateAuthority, CertificateError, generate_key_and_csr
 
 LIFETIME = timedelta(hours=2)
@@ -150,6 +150,22 @@ def test_a_certificate_signed_after_a_revocation_is_not_revoked(issuer):
     assert (newest.serial, newest.revoked) == (format(new.serial_number, "x"), False)
 
 
+def test_a_renewal_of_a_certificate_revoked_meanwhile_is_refused(authority, tmp_path):
+    # The broker checked the old certificate, then `broker ca revoke` ran, then the
+    # broker signs: the new certificate must not outlive the revocation.
+    broker = Issuer(authority, tmp_path / "ca", LIFETIME)
+    old = sign(broker, "tower-1")
+    assert not broker.is_revoked(old.serial_number)
+    Issuer(authority, tmp_path / "ca", LIFETIME).revoke("tower-1")
+    _, csr = generate_key_and_csr("tower-1")
+    with pytest.raises(CertificateError, match=f"{old.serial_number:x} it replaces is revoked"):
+        broker.sign(csr, "tower-1", replacing=old.serial_number)
+    assert broker.newest("tower-1").serial == format(old.serial_number, "x")
+    # A renewal of a certificate still good goes through.
+    current = sign(broker, "tower-1")
+    broker.sign(csr, "tower-1", replacing=current.serial_number)
+
+
 def test_an_unknown_serial_is_not_revoked(issuer):
     assert not issuer.is_revoked(12345)
 
@@ -220,7 +236,8 @@ def test_a_damaged_ledger_is_refused_naming_the_file(authority, tmp_path, conten
     path = tmp_path / "ca" / LEDGER_FILE
     path.parent.mkdir()
     path.write_bytes(content)
-    with pytest.raises(CertificateError) as caught:
+    # Its own kind: a tower renewing meanwhile is not to blame (tried again later).
+    with pytest.raises(LedgerDamaged) as caught:
         Issuer(authority, tmp_path / "ca", LIFETIME)
     assert str(path) in str(caught.value)
     assert "damaged" in str(caught.value)

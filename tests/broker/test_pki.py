@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import ssl
 import stat
@@ -69,13 +70,17 @@ def assert_issued_by(certificate: x509.Certificate, authority: CertificateAuthor
 # write_secret
 
 
-def test_a_secret_is_written_owner_only_into_a_new_owner_only_directory(tmp_path):
-    path = tmp_path / "keys" / "secret.pem"
-    write_secret(path, b"first")
+def test_a_secret_is_written_owner_only_into_new_owner_only_directories(tmp_path):
+    path = tmp_path / "state" / "keys" / "secret.pem"
+    old_mask = os.umask(0)  # whatever the umask, no directory on the way is left open
+    try:
+        write_secret(path, b"first")
+    finally:
+        os.umask(old_mask)
     write_secret(path, b"second")
     assert path.read_bytes() == b"second"
     assert file_mode(path) == 0o600
-    assert file_mode(path.parent) == 0o700
+    assert file_mode(path.parent) == file_mode(path.parent.parent) == 0o700
     assert sorted(path.parent.iterdir()) == [path]
 
 

@@ -4,12 +4,18 @@ the operator instead."""
 from __future__ import annotations
 
 import stat
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from cryptography import x509
 
 from broker.config import Settings
-from broker.pki import CertificateError, self_signed_server_certificate, write_secret
+from broker.pki import (
+    CertificateAuthority,
+    CertificateError,
+    self_signed_server_certificate,
+    write_secret,
+)
 from broker.state import prepare, prepare_local_tower, provisioning_identity
 
 
@@ -22,6 +28,28 @@ def test_first_start_makes_everything_private_and_a_second_reuses_it(tmp_path):
     again, issuer_again = prepare(settings)
     assert again == files
     assert issuer_again.authority.certificate == issuer.authority.certificate
+
+
+def test_a_ca_replaced_since_gets_the_broker_a_client_certificate_of_its_own(tmp_path):
+    settings = Settings(state_dir=tmp_path / "state")
+    files, _ = prepare(settings)
+    # The operator moved the CA away and imported another: the towers it signs would
+    # refuse a client certificate of the old one for the rest of its year.
+    for name in ("ca.pem", "ca-key.pem"):
+        (tmp_path / "state" / "ca" / name).unlink()
+    CertificateAuthority.create("operator CA").save(tmp_path / "state" / "ca")
+    files, issuer = prepare(settings)
+    client = x509.load_pem_x509_certificate(files.client_certificate.read_bytes())
+    client.verify_directly_issued_by(issuer.authority.certificate)
+
+
+def test_a_self_signed_https_certificate_near_its_end_is_made_again(tmp_path):
+    key, certificate = self_signed_server_certificate(lifetime=timedelta(days=10))
+    write_secret(tmp_path / "state" / "https" / "key.pem", key)
+    write_secret(tmp_path / "state" / "https" / "certificate.pem", certificate)
+    files, _ = prepare(Settings(state_dir=tmp_path / "state"))
+    renewed = x509.load_pem_x509_certificate(files.https_certificate.read_bytes())
+    assert renewed.not_valid_after_utc - datetime.now(timezone.utc) > timedelta(days=300)
 
 
 def test_the_operators_https_certificate_is_used_as_it_is(tmp_path):
