@@ -23,6 +23,7 @@ session, not a task.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,11 @@ from aiortc import (
     RTCIceCandidate,
     RTCIceServer,
     RTCSessionDescription,
+)
+from aiortc.rtcsctptransport import (
+    LOCAL_MAX_MESSAGE_SIZE,
+    SCTP_DATA_FIRST_FRAG,
+    SCTP_DATA_LAST_FRAG,
 )
 from aiortc.sdp import SessionDescription, candidate_from_sdp
 
@@ -58,6 +64,9 @@ logger = logging.getLogger(__name__)
 
 HEARTBEAT_LABEL = "heartbeat"
 MAX_MDNS_CANDIDATES = 16
+# The largest message a client may send: what the tower's answer advertises
+# (a=max-message-size).
+MAX_MESSAGE_SIZE = LOCAL_MAX_MESSAGE_SIZE
 
 
 
@@ -91,9 +100,32 @@ class Application(Protocol):
         ...
 
 
+# What a data channel may hold unsent before the application gives up on it: a client
+# that sends and never reads would otherwise grow the tower's memory without end.
+CHANNEL_BUFFER_LIMIT = 1024 * 1024
+
+
+def send_or_close(channel: RTCDataChannel, message: str | bytes) -> None:
+    """Send ``message`` on ``channel``, or close the channel if the client cannot take it:
+    more than ``CHANNEL_BUFFER_LIMIT`` unsent already (the client does not read), or a
+    message over the client's own ``max-message-size``."""
+    if channel.bufferedAmount > CHANNEL_BUFFER_LIMIT:
+        logger.info("closed channel %r: the client left %d bytes unread", channel.label,
+                    channel.bufferedAmount)
+        channel.close()
+        return
+    try:
+        channel.send(message)
+    except ValueError as error:  # larger than the client said it takes
+        logger.info("closed channel %r: %s", channel.label, error)
+        channel.close()
+
+
 class EchoApplication:
     """The default application: sends every message (text or bytes) back on the channel
-    it came from, in order."""
+    it came from, in order. A channel whose client does not read its echoes (over
+    ``CHANNEL_BUFFER_LIMIT`` unsent), or sent a message larger than it can take back,
+    is closed."""
 
     def __init__(self, session: str = "", tower: str = "") -> None:
         self.session = session
@@ -108,7 +140,7 @@ class EchoApplication:
 
         def echo(message: str | bytes) -> None:
             if not self._closed and channel.readyState == "open":
-                channel.send(message)
+                send_or_close(channel, message)
 
         channel.on("message", echo)
 
@@ -279,6 +311,7 @@ class TowerPeer:
             transceiver.kind for transceiver in self._connection.getTransceivers()
             if transceiver.direction in ("recvonly", "sendrecv")
         )
+        self._guard_messages()
         for track in self._application.media(kinds):
             self._connection.addTrack(track)
         await self._connection.setLocalDescription(await self._connection.createAnswer())
@@ -297,6 +330,39 @@ class TowerPeer:
         task = asyncio.ensure_future(self._add_quietly(candidate))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def _guard_messages(self) -> None:
+        """Fail the peer when its client sends a message over the tower's advertised
+        ``max-message-size`` or ignores the SCTP receive window.
+
+        aiortc enforces neither on receipt: it keeps every fragment of an unfinished
+        message, and looks through all of them again for each one that arrives, so one
+        endless message took the whole tower's CPU and memory.
+        """
+        sctp = self._connection.sctp
+        if sctp is None:
+            return
+        receive = sctp._receive_data_chunk
+        window = sctp._advertised_rwnd
+
+        async def guarded(chunk: Any) -> None:
+            if self._closed or self._reported & {"failed", "closed"}:
+                return  # already on its way out: nothing more is reassembled
+            await receive(chunk)
+            held = window - sctp._advertised_rwnd
+            if held <= MAX_MESSAGE_SIZE:
+                return  # the usual case: less than one message's worth held in all
+            if sctp._advertised_rwnd < 0:
+                why = "the client ignored the receive window"
+            elif any(_longest_message(stream.reassembly) > MAX_MESSAGE_SIZE
+                     for stream in sctp._inbound_streams.values()):
+                why = f"the client sent a message over {MAX_MESSAGE_SIZE} bytes"
+            else:
+                return
+            self._stop_heartbeat()
+            self._report(PeerEvent("failed", why))
+
+        sctp._receive_data_chunk = guarded
 
     async def _add_quietly(self, candidate: RTCIceCandidate | None) -> None:
         try:
@@ -399,10 +465,29 @@ class TowerPeer:
             if now >= ping_at:
                 self._pings_sent += 1
                 self._last_ping_sent_at = now
-                channel.send(f"ping {self._pings_sent}")
                 ping_at = now + self._heartbeat_interval
+                # A client that cannot take a ping (a max-message-size of a few bytes)
+                # is left to the timeout: the timer is set again whatever the send does.
+                with contextlib.suppress(ValueError, ConnectionError):
+                    channel.send(f"ping {self._pings_sent}")
             wake_at = min(ping_at, silent_at)
         self._heartbeat = self._loop.call_at(wake_at, self._check_heartbeat)
+
+
+def _longest_message(fragments: Sequence[Any]) -> int:
+    """The bytes held of the longest message among a stream's fragments waiting for
+    reassembly (in order of their TSNs; later messages may wait behind a lost one)."""
+    longest = length = 0
+    started = False
+    for fragment in fragments:
+        if fragment.flags & SCTP_DATA_FIRST_FRAG:
+            started, length = True, 0
+        if started:
+            length += len(fragment.user_data)
+            longest = max(longest, length)
+        if fragment.flags & SCTP_DATA_LAST_FRAG:
+            started = False
+    return longest
 
 
 async def _close_application(application: Application) -> None:

@@ -63,7 +63,9 @@ class Peer(Actor):
         self.send = send
         self.settings = settings
         self.tower_peer: TowerPeer | None = None
-        self.early_candidates: list[AddCandidate] = []
+        # Candidates that came before the answer went out, until they have been added:
+        # None from then on. Kept in order: one after the end-of-candidates is ignored.
+        self.early_candidates: list[AddCandidate] | None = []
         self.candidates = 0
         self.connected = False
         self.ended = False
@@ -74,9 +76,10 @@ class Peer(Actor):
             return
         try:
             await self.send(PeerAnswer(self.session, self.negotiation, self.tower_peer.answer_sdp))
-            for candidate in self.early_candidates:
-                await self._add_candidate(candidate)
-            self.early_candidates.clear()
+            # Those that arrive meanwhile join the queue, behind the earlier ones.
+            while self.early_candidates:
+                await self._add_candidate(self.early_candidates.pop(0))
+            self.early_candidates = None
             # Its close from the broker may never come (a link congested past a send's
             # deadline): the peer and its ports must not wait for it for ever.
             await trio.sleep(self.settings.negotiation_deadline)
@@ -122,7 +125,7 @@ class Peer(Actor):
                 await self.send(PeerRejected(
                     self.session, self.negotiation, "invalid_message",
                     f"more than {MAX_CANDIDATES} candidates for one offer"))
-            elif self.tower_peer is None:
+            elif self.early_candidates is not None:
                 self.early_candidates.append(message)
             else:
                 await self._add_candidate(message)

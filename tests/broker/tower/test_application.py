@@ -14,12 +14,14 @@ from contextlib import asynccontextmanager
 import psutil
 import pytest
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.rtcsctptransport import WEBRTC_BINARY
 
 from broker.tower import application as tower_application
 from broker.tower import dtls
 from broker.tower.dtls import SharedCertificate, tower_certificate
 from broker.tower.application import (
     APPLICATIONS,
+    CHANNEL_BUFFER_LIMIT,
     EchoApplication,
     PeerEvent,
     TowerPeer,
@@ -246,6 +248,98 @@ def test_a_client_that_stops_answering_is_declared_silent_once():
             silent = await events.wait_for("silent")
             assert silent.detail == "nothing heard from the client for 1 s"
             assert events.kinds() == ["connected", "silent"]
+
+    run(scenario)
+
+
+def test_a_client_that_cannot_take_a_ping_is_still_declared_silent():
+    # Its offer says it takes messages of 4 bytes at most: every ping fails to send, and
+    # the heartbeat's timer must go on regardless.
+    class TinyClient(Client):
+        async def offer(self) -> str:
+            return _with_max_message_size(await super().offer(), 4)
+
+    async def scenario():
+        client = TinyClient()
+        client.answering = False
+        async with session(client) as (_, _, events):
+            silent = await events.wait_for("silent")
+            assert silent.detail == "nothing heard from the client for 1 s"
+
+    run(scenario)
+
+
+def _with_max_message_size(offer: str, size: int | None) -> str:
+    """The offer with its a=max-message-size set to ``size`` (None: left out, which
+    means 64 KiB)."""
+    lines = [line for line in offer.split("\r\n") if not line.startswith("a=max-message-size:")]
+    if size is not None:
+        at = next(index for index, line in enumerate(lines) if line.startswith("a=sctp-port"))
+        lines.insert(at + 1, f"a=max-message-size:{size}")
+    return "\r\n".join(lines)
+
+
+def test_a_message_over_the_towers_max_message_size_fails_the_peer():
+    # The answer says 262144 bytes; aiortc would reassemble any size, for ever.
+    async def scenario():
+        async with session() as (client, peer, events):
+            # Past the client's own check of the tower's limit, straight into SCTP.
+            await client.connection.sctp._send(client.echo.id, WEBRTC_BINARY, b"z" * 300_000)
+            failed = await events.wait_for("failed")
+            assert failed.detail == "the client sent a message over 262144 bytes"
+            assert client.echoed == []
+
+    run(scenario)
+
+
+def test_a_message_larger_than_the_client_takes_back_closes_its_channel_only():
+    # Without a=max-message-size a client takes 64 KiB; the tower takes 256 KiB.
+    class PlainClient(Client):
+        async def offer(self) -> str:
+            return _with_max_message_size(await super().offer(), None)
+
+    async def scenario():
+        async with session(PlainClient()) as (client, _, events):
+            closed = asyncio.Event()
+            client.echo.on("close", closed.set)
+            client.echo.send(b"y" * 100_000)
+            async with asyncio.timeout(WAIT):
+                await closed.wait()
+            # The session goes on: its heartbeat still answers.
+            pings = len(client.pings)
+            await client.wait_for_pings(pings + 2)
+            assert events.kinds() == ["connected"]
+
+    run(scenario)
+
+
+def test_a_client_that_does_not_read_its_echoes_loses_the_channel():
+    # It sends and sends, and never takes (acknowledges) what the tower sends back: the
+    # tower would hold every echo in memory.
+    async def scenario():
+        async with session() as (client, peer, events):
+            async def dropped(chunk) -> None:
+                return None
+
+            client.connection.sctp._receive_data_chunk = dropped
+            [echo] = [channel for channel in peer._connection.sctp._data_channels.values()
+                      if channel.label == "echo"]
+
+            async def flood_while(going_on: Callable[[], bool]) -> None:
+                while going_on():
+                    if client.echo.bufferedAmount < 2**20:  # the client's own limit
+                        client.echo.send(b"x" * 60_000)
+                    await asyncio.sleep(0.01)
+
+            async with asyncio.timeout(WAIT):
+                await flood_while(lambda: echo.readyState == "open")
+            # The tower closes its end (the close waits on what the client never took)
+            # and echoes no more, however much more comes.
+            loop = asyncio.get_running_loop()
+            until = loop.time() + 0.5
+            await flood_while(lambda: loop.time() < until)
+            assert echo.readyState in ("closing", "closed")
+            assert echo.bufferedAmount <= CHANNEL_BUFFER_LIMIT + 60_000
 
     run(scenario)
 
