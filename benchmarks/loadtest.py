@@ -111,7 +111,9 @@ def level(
         "echoed_per_second": echoed,
         "server_cores": cpu,
         "echoed_per_core_second": round(echoed / cpu) if cpu else None,
-        "kib_per_session": round((peak_rss - idle_rss) / 1024 / sessions, 1),
+        # Over the sessions that were up together, not those asked for.
+        "kib_per_session": (round((peak_rss - idle_rss) / 1024 / report["sessions"]["peak_up"], 1)
+                            if report["sessions"]["peak_up"] else None),
         "generator_cores": report["cpu_share_of_a_core_steady"]["generator"],
         "broker_cores": None if floor else report["cpu_share_of_a_core_steady"]["broker"],
     }

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import psutil
 
 from ..metrics import process_usage
+from .traffic import ECHO_TIMEOUT
 
 WORKER_START_TIMEOUT = 30.0
 METRICS_TIMEOUT = 2.0
@@ -64,13 +65,17 @@ class LoadPlan:
 
 @dataclass
 class Second:
-    """The figures of one second of the run."""
+    """The figures of one second of the run: counts over ``seconds`` of wall-clock time,
+    more than one when the coordinator was held up (a slow metrics page), so rates are
+    counts over ``seconds``."""
 
     at: float
+    seconds: float = 1.0
     up: int = 0
     arrivals: int = 0
     connected: int = 0
     rtt: list[float] = field(default_factory=list)
+    sent: int = 0
     echoed: int = 0
     bytes: int = 0
     video_frames: int = 0
@@ -265,7 +270,7 @@ class Run:
         self.servers = (LocalProcess(plan.url) if plan.floor
                         else BrokerMetrics(plan.url, plan.certificate))
         workers = self._start_workers()
-        began = time.monotonic()
+        began = self.last_close = time.monotonic()
         self.latest: dict[int, dict[str, Any]] = {}
         lines = {index: WorkerLines(worker) for index, worker in enumerate(workers)}
         next_tick = began + 1.0
@@ -341,6 +346,7 @@ class Run:
 
     def _take(self, index: int, figures: dict[str, Any], second: Second) -> None:
         second.rtt += figures["rtt"]
+        second.sent += figures["sent"]
         second.echoed += figures["echoed"]
         second.bytes += figures["bytes"]
         second.video_frames += figures["video_frames"]
@@ -356,6 +362,9 @@ class Run:
         self.worker_cpu[index] = figures["cpu"]
 
     def _close_second(self, second: Second, latest: dict[int, dict], began: float) -> None:
+        now = time.monotonic()
+        second.seconds = max(now - self.last_close, 1e-3)
+        self.last_close = now
         second.up = sum(figures["up"] for figures in latest.values())
         connected = sum(figures["connected"] for figures in latest.values())
         requested = sum(figures["requested"] for figures in latest.values())
@@ -369,7 +378,7 @@ class Run:
             self.failed.update(figures["failed"])
             self.lost.update(figures["lost"])
         cpu = sum(self.worker_cpu.values())
-        second.generator_cpu = cpu - self.generator_cpu_seen
+        second.generator_cpu = (cpu - self.generator_cpu_seen) / second.seconds
         self.generator_cpu_seen = cpu
         (second.broker_cpu, second.towers_cpu,
          second.broker_rss, second.towers_rss) = self.servers.sample() or (None,) * 4
@@ -378,7 +387,8 @@ class Run:
             rtt = percentile(second.rtt, 99)
             line = (f"{time.monotonic() - began:5.0f} s  up {second.up}/{self.plan.sessions}"
                     f"  arrivals {second.arrivals}/s  failed {sum(self.failed.values())}"
-                    f"  lost {sum(self.lost.values())}  echoes {second.echoed}/s"
+                    f"  lost {sum(self.lost.values())}"
+                    f"  echoes {second.echoed / second.seconds:.0f}/s"
                     f"  rtt p99 {_ms(rtt)}  cpu: generator {_share(second.generator_cpu)}"
                     f" broker {_share(second.broker_cpu)} towers {_share(second.towers_cpu)}")
             end = "\r" if sys.stderr.isatty() else "\n"
@@ -407,14 +417,17 @@ class Run:
         peak_up = max((second.up for second in self.seconds), default=0)
         full_at = next((second.at for second in self.seconds if second.up == peak_up), 0)
         start = max(self.plan.ramp + 1, full_at)
+        # None at all (setups still landing until the end): the "with all up" figures are
+        # then empty, and say so (steady_seconds 0), rather than the ramp's averages.
         steady = [second for second in self.seconds
-                  if start <= second.at <= self.plan.end - 1] or self.seconds
+                  if start <= second.at <= self.plan.end - 1]
         all_rtt = [value for second in self.seconds for value in second.rtt]
         steady_rtt = [value for second in steady for value in second.rtt]
         generator_cpu = sum(self.worker_cpu.values())
         report: dict[str, Any] = {
             "plan": asdict(self.plan) | {"api_key": "(hidden)"},
             "run_seconds": round(seconds, 1),
+            "steady_seconds": round(sum(second.seconds for second in steady), 1),
             "sessions": {
                 "requested": self.totals["requested"],
                 "connected": self.totals["connected"],
@@ -431,8 +444,11 @@ class Run:
                 "sent": self.totals["sent"],
                 "echoed": self.totals["echoed"],
                 "timeouts": self.totals["timeouts"],
-                "echoed_per_second_steady": _mean([second.echoed for second in steady]),
-                "bytes_per_second_steady": _mean([second.bytes for second in steady]),
+                # Each session waits for its echo before it sends again: past a round
+                # trip of 1/message_rate, fewer are sent than planned, and this says so.
+                "sent_per_second_steady": _rate(steady, "sent"),
+                "echoed_per_second_steady": _rate(steady, "echoed"),
+                "bytes_per_second_steady": _rate(steady, "bytes"),
             },
             "video": self._video(steady),
             "repairs": {"count": len(self.repairs), **_percentiles(self.repairs, (50, 100))},
@@ -464,7 +480,7 @@ class Run:
         expected = packets + max(lost, 0)
         return {
             "frames": self.totals["video_frames"],
-            "frames_per_second_steady": _mean([second.video_frames for second in steady]),
+            "frames_per_second_steady": _rate(steady, "video_frames"),
             "packets": packets,
             "packets_lost": lost,
             "loss_percent": round(100 * max(lost, 0) / expected, 3) if expected else None,
@@ -494,7 +510,13 @@ def _kbit_per_session(second: Second) -> float | None:
     """The bitrate one session received in that second, on average over those up."""
     if not second.up:
         return None
-    return round(second.video_bytes * 8 / 1000 / second.up, 1)
+    return round(second.video_bytes * 8 / 1000 / second.seconds / second.up, 1)
+
+
+def _rate(seconds: list[Second], count: str) -> float:
+    """A count per second of wall-clock time over ``seconds``."""
+    elapsed = sum(second.seconds for second in seconds)
+    return round(sum(getattr(second, count) for second in seconds) / elapsed, 2) if elapsed else 0.0
 
 
 def _mean(values: list[float | None]) -> float:
@@ -546,8 +568,10 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"round trip   p50 {_ms(rtt['p50'])}  p99 {_ms(rtt['p99'])}   "
           f"(all up: p50 {_ms(steady['p50'])}  p99 {_ms(steady['p99'])})")
     print(f"messages     {messages['echoed']} echoed of {messages['sent']}, "
-          f"{messages['timeouts']} timed out; {messages['echoed_per_second_steady']:g}/s and "
-          f"{messages['bytes_per_second_steady'] / 1024:.1f} KiB/s with all up")
+          f"{messages['timeouts']} timed out (counted as {ECHO_TIMEOUT:g} s round trips); "
+          f"{messages['sent_per_second_steady']:g}/s sent, "
+          f"{messages['echoed_per_second_steady']:g}/s and "
+          f"{messages['bytes_per_second_steady'] / 1024:.1f} KiB/s echoed with all up")
     if plan["application"] == "demo":
         video = report["video"]
         loss = "-" if video["loss_percent"] is None else f"{video['loss_percent']:g}%"
@@ -563,6 +587,8 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"chaos        {report['chaos']}")
     print(f"cpu (cores)  generator {cpu['generator']:.2f}  broker {cpu['broker']:.2f}  "
           f"towers {cpu['towers']:.2f}  (mean with all up)")
+    if not report["steady_seconds"]:
+        print("             (no second had every session up: the 'all up' figures are empty)")
     print(f"memory       broker {report['rss_mib_peak']['broker']} MiB, "
           f"towers {report['rss_mib_peak']['towers']} MiB (peak resident)")
 

@@ -115,6 +115,9 @@ async def _one_echo(peer: Any, sequence: int, size: int, tally: Tally) -> None:
             reply = await asyncio.wait_for(peer.reply(), max(left, 0.001))
         except asyncio.TimeoutError:
             tally.timeouts += 1
+            # In the round trips too, at the least it took: left out, the slowest
+            # messages of an overloaded run would vanish from its percentiles.
+            tally.round_trips.append(ECHO_TIMEOUT)
             return
         if reply == payload:
             tally.round_trips.append(time.perf_counter() - started)

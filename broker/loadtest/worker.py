@@ -90,12 +90,14 @@ class Worker:
         if self.plan.floor:
             await self._floor_browser()
             return
-        started = time.perf_counter()
         client = BrokerClient(self.plan.url, self.plan.api_key, self.ssl_context)
         try:
             # The deadline covers the setup only; it is lifted once the first echo is back.
             with trio.CancelScope(deadline=trio.current_time() + SETUP_TIMEOUT) as setup:
+                # The page's load, as a browser's: its clock starts once it has its ICE
+                # servers, as the floor's, which has none to fetch, starts at its offer.
                 await client.ice_servers()
+                started = time.perf_counter()
                 video = self.plan.application == "demo"
                 async with start_session(client, application=self.plan.application,
                                          video=video) as session:
@@ -106,12 +108,13 @@ class Worker:
                     self.up += 1
                     self.collector.opened()
                     try:
-                        await self._live(session)
+                        kept = await self._live(session)
                     finally:
                         self.up -= 1
                         self.collector.closed_one()
-                    with trio.move_on_after(5):
-                        await client.delete_session(session.grant.id)
+                    if kept:  # a lost one is gone already: counted as lost, not failed
+                        with trio.move_on_after(5):
+                            await client.delete_session(session.grant.id)
             if setup.cancelled_caught:
                 self.failed["setup timeout"] += 1
         except Exception as error:
@@ -152,13 +155,24 @@ class Worker:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await call_asyncio(holder.peer.close)
 
-    async def _live(self, session: ClientSession) -> None:
+    async def _live(self, session: ClientSession) -> bool:
+        """Echo until the end of the run; False if the session was lost before it (its
+        sends stop then, and it no longer counts as up)."""
         until = time.monotonic() + max(0.0, self.plan.end - self._elapsed())
+        lost = False
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._follow_repairs, session)
+
+            async def follow() -> None:
+                nonlocal lost
+                await self._follow_repairs(session)
+                lost = True
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(follow)
             await call_asyncio(send_steadily, session, self.tally, self.plan.message_rate,
                                self.plan.message_size, until)
             nursery.cancel_scope.cancel()
+        return not lost
 
     async def _follow_repairs(self, session: ClientSession) -> None:
         """Time each repair, from "repairing" to "connected" again; count losses."""

@@ -127,6 +127,34 @@ def test_seconds_before_the_last_late_setup_are_not_steady():
     assert report["cpu_share_of_a_core_steady"]["towers"] == 0.5
 
 
+def test_a_second_held_up_counts_its_echoes_over_the_time_it_covered():
+    # The coordinator waited 1.6 s on a slow metrics page: that "second" has 1.6 s of the
+    # workers' echoes, which are not 1.6 times the rate.
+    plan = LoadPlan("https://127.0.0.1:9", "secret", "c", sessions=4, rate=4, duration=4)
+    run = Run(plan, show_progress=False)
+    run.seconds = [
+        Second(at=0, up=0),
+        Second(at=2, up=4, echoed=200, bytes=20_000),
+        Second(at=3, seconds=1.6, up=4, echoed=320, bytes=32_000),
+        Second(at=4, seconds=0.4, up=4, echoed=80, bytes=8_000),
+    ]
+    report = run.report(5.0)
+    assert report["messages"]["echoed_per_second_steady"] == 200
+    assert report["messages"]["bytes_per_second_steady"] == 20_000
+    assert report["steady_seconds"] == 3.0
+
+
+def test_a_run_never_all_up_says_so_rather_than_averaging_the_ramp(capsys):
+    plan = LoadPlan("https://127.0.0.1:9", "secret", "c", sessions=4, rate=4, duration=1)
+    run = Run(plan, show_progress=False)
+    run.seconds = [Second(at=0, up=1, echoed=1), Second(at=1, up=3, echoed=3)]
+    report = run.report(2.0)
+    assert report["steady_seconds"] == 0
+    assert report["messages"]["echoed_per_second_steady"] == 0
+    print_report(report)
+    assert "no second had every session up" in capsys.readouterr().out
+
+
 def test_cpu_shares_are_what_a_counter_moved_over_the_time_between_readings():
     shares = CpuShares()
     assert shares.share("tower", 10.0, now=100.0) is None  # nothing to compare yet

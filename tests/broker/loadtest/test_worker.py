@@ -1,10 +1,14 @@
-"""How a simulated browser's failure is named in the report."""
+"""How a simulated browser's failure is named in the report, and what a lost session
+counts as."""
 
 from __future__ import annotations
 
+import time
+
 import trio
 
-from broker.loadtest.worker import _reason
+from actors import bridge
+from broker.loadtest.worker import Plan, Worker, _reason
 
 
 def test_a_failure_is_named_by_its_first_clause():
@@ -17,3 +21,43 @@ def test_a_failure_inside_a_nursery_is_named_by_what_failed():
     nested = ExceptionGroup("outer", [ExceptionGroup("inner", [OSError("refused: port")])])
     assert _reason(nested) == "refused"
     assert _reason(ExceptionGroup("nursery", [trio.TooSlowError()])) == "timeout"
+
+
+class LosingSession:
+    """A session as a browser follows it, without a peer (so nothing is sent), whose
+    broker says it failed once ``lose`` is called."""
+
+    peer = None
+
+    def __init__(self) -> None:
+        self.frames: list[dict] = [{"type": "state", "state": "connected"}]
+
+    def lose(self) -> None:
+        self.frames.append({"type": "state", "state": "failed"})
+
+    async def wait_for(self, predicate, timeout: float) -> None:
+        while not predicate(None):
+            await trio.sleep(0.01)
+
+
+def test_a_session_lost_before_the_end_stops_there_and_counts_as_lost_only():
+    # It used to go on "sending" until the end of the run, counted as up, and then its
+    # DELETE's 404 counted it failed as well.
+    worker = Worker(Plan("http://127.0.0.1:9", "", "", arrivals=[0.0], end=60.0,
+                         message_rate=1.0, message_size=10, floor=True))
+    worker.started = time.monotonic()
+    session = LosingSession()
+
+    async def lose_soon() -> None:
+        await trio.sleep(0.1)
+        session.lose()
+
+    async def main() -> bool:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lose_soon)
+                kept = await worker._live(session)
+        return kept
+
+    assert bridge.run(main, handle_signals=False) is False
+    assert worker.lost == {"failed": 1}
