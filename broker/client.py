@@ -2,9 +2,10 @@
 
 ``BrokerClient`` makes the HTTPS API calls; ``open_session`` opens the signaling
 WebSocket and a peer connection, and follows the broker's repairs on its own: on
-``reoffer`` it closes its peer connection, makes a new one and offers again. It runs as
-trio code under ``actors.bridge.run``; the peer connection itself lives on the asyncio
-side (``client_peer``).
+``reoffer`` it closes its peer connection, makes a new one and offers again. Given a way
+to get a fresh token (``start_session`` gives one), it opens a dropped signaling socket
+again, as the browser client does. It runs as trio code under ``actors.bridge.run``; the
+peer connection itself lives on the asyncio side (``client_peer``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import functools
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,11 +22,25 @@ from urllib.parse import urlsplit
 
 import h11
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    HandshakeError,
+    WebSocketConnection,
+    connect_websocket_url,
+)
 
 from actors.bridge import call_asyncio
 
 from .client_peer import ClientPeer, new_peer
+
+
+RECONNECT_FIRST_DELAY = 0.5
+RECONNECT_MAX_DELAY = 5.0
+CLOSE_TIMEOUT = 2.0
+# Fatal signaling errors after which following the session cannot go on (as the browser
+# client has them): the session is gone, or another connection follows it now.
+FINAL_CODES = frozenset({"session_not_found", "replaced", "origin_not_allowed"})
+ENDED_STATES = frozenset({"failed", "closed"})
 
 
 class ApiError(Exception):
@@ -200,6 +215,9 @@ class ClientSession:
     websocket: WebSocketConnection
     answer_heartbeats: bool = True
     video: bool = False
+    # Opens the signaling socket again at a URL with a fresh token; None: a dropped
+    # socket ends the following.
+    reconnect: Callable[[], Awaitable[WebSocketConnection]] | None = None
     frames: list[dict[str, Any]] = field(default_factory=list)
     state: str = ""
     negotiation: int = 0
@@ -263,7 +281,9 @@ class ClientSession:
                 text = await self.websocket.get_message()
             except ConnectionClosed:
                 self._record({"type": "disconnected"})
-                return
+                if not await self._reconnect():
+                    return
+                continue
             frame = json.loads(text)
             self._record(frame)
             kind = frame.get("type")
@@ -281,6 +301,28 @@ class ClientSession:
                         self.answered_at = time.perf_counter()
                     await call_asyncio(self.peer.accept, frame["sdp"])
 
+    async def _reconnect(self) -> bool:
+        """Open the signaling socket again, unless the session is over; whether it is
+        open again. Waits between attempts, longer each time up to a few seconds."""
+        errors = [frame for frame in self.frames if frame.get("type") == "error"]
+        final = bool(errors) and errors[-1].get("fatal") and errors[-1]["code"] in FINAL_CODES
+        if self.reconnect is None or self.state in ENDED_STATES or final:
+            return False
+        delay = RECONNECT_FIRST_DELAY
+        while True:
+            await trio.sleep(delay)
+            try:
+                self.websocket = await self.reconnect()
+            except ApiError as error:
+                if error.code == "not_found":  # the session is gone
+                    return False
+            except (OSError, HandshakeError, trio.BrokenResourceError, h11.ProtocolError):
+                pass
+            else:
+                self._record({"type": "reconnected"})
+                return True
+            delay = min(delay * 2, RECONNECT_MAX_DELAY)
+
     def _record(self, frame: dict[str, Any]) -> None:
         self.frames.append(frame)
         self._changed.set()
@@ -296,6 +338,7 @@ async def open_session(
     offer: bool = True,
     peer: ClientPeer | None = None,
     video: bool = False,
+    new_token: Callable[[], Awaitable[dict[str, Any]]] | None = None,
 ) -> AsyncIterator[ClientSession]:
     """Connect to a session's signaling socket and negotiate; repairs are followed.
 
@@ -304,22 +347,34 @@ async def open_session(
         peer: a peer that already offered for negotiation 1 in the ``POST`` (its
             answer, if the grant has one, is taken here).
         video: every peer asks for the tower's video (see ``ClientPeer``).
+        new_token: a fresh signaling token (``POST /v1/sessions/{id}/tokens``), to open
+            a dropped socket again with; without it a dropped socket ends the following.
     """
-    async with open_websocket_url(grant.signaling_url, ssl_context=ssl_context) as websocket:
-        session = ClientSession(grant, websocket, answer_heartbeats, video)
+    async with trio.open_nursery() as nursery:
+
+        async def connect_again() -> WebSocketConnection:
+            assert new_token is not None
+            url = (await new_token())["signaling_url"]
+            return await connect_websocket_url(nursery, url, ssl_context=ssl_context)
+
+        websocket = await connect_websocket_url(nursery, grant.signaling_url,
+                                                ssl_context=ssl_context)
+        session = ClientSession(grant, websocket, answer_heartbeats, video,
+                                reconnect=None if new_token is None else connect_again)
         if not offer:
             session.offered = 1 << 30
         if peer is not None:
             session.peer, session.offered, session.peers_made = peer, 1, 1
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(session._follow)
-            try:
-                yield session
-            finally:
+        nursery.start_soon(session._follow)
+        try:
+            yield session
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await session.websocket.aclose()
                 nursery.cancel_scope.cancel()
                 if session.peer is not None:
-                    with trio.CancelScope(shield=True):
-                        await call_asyncio(session.peer.close)
+                    await call_asyncio(session.peer.close)
 
 
 @asynccontextmanager
@@ -351,8 +406,9 @@ async def start_session(
         with trio.CancelScope(shield=True):
             await call_asyncio(peer.close)
         raise
+    new_token = functools.partial(client.new_token, grant.id)
     async with open_session(grant, client.ssl_context, answer_heartbeats=answer_heartbeats,
-                            peer=peer, video=video) as session:
+                            peer=peer, video=video, new_token=new_token) as session:
         session.answered_at = session.answered_at or answered_at
         yield session
 

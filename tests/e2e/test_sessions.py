@@ -235,3 +235,41 @@ def test_a_client_that_connects_late_offers_for_the_negotiation_it_missed(broker
             assert session.offered >= 2 and session.peers_made == 1
 
     run(main)
+
+
+def test_a_dropped_signaling_socket_is_opened_again_with_a_fresh_token(broker):
+    wait_for_towers(broker, 2)
+
+    async def main():
+        client = broker.client()
+        async with start_session(client) as session:
+            await session.wait_state("connected")
+            # A frame over 64 KiB: the broker answers with a fatal error and closes.
+            await session.websocket.send_message("x" * 70_000)
+            error = await session.wait_for(lambda f: f["type"] == "error", 10)
+            assert (error["code"], error["fatal"]) == ("frame_too_large", True)
+            await session.wait_for(lambda f: f["type"] == "reconnected", 10)
+            # The broker greets the new connection with the session's state, as it is.
+            with trio.fail_after(10):
+                while not [f for f in _after_reconnecting(session) if f["type"] == "state"]:
+                    await trio.sleep(0.05)
+            [state] = [f for f in _after_reconnecting(session) if f["type"] == "state"]
+            assert state["state"] == "connected"
+            await session.echo("still the same session")
+            assert session.peers_made == 1
+            await client.delete_session(session.grant.id)
+            await session.wait_state("closed")
+            # Ended: the broker closes the socket, and it is not opened again.
+            with trio.fail_after(10):
+                while [f["type"] for f in session.frames].count("disconnected") < 2:
+                    await trio.sleep(0.05)
+            await trio.sleep(1)
+            assert session.frames[-1]["type"] == "disconnected"
+        await client.aclose()
+
+    run(main)
+
+
+def _after_reconnecting(session) -> list[dict]:
+    kinds = [frame["type"] for frame in session.frames]
+    return session.frames[kinds.index("reconnected") + 1:]
