@@ -52,8 +52,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -318,19 +316,15 @@ class FloorPath:
         """The floor closes its peer connection before it answers ``DELETE``."""
 
 
-async def one_round(path: SessionPath, concurrency: int,
-                    settling: Callable[[], AbstractContextManager[None]] = nullcontext,
-                    ) -> list[Setup]:
-    """Start ``concurrency`` sessions at once; returns each one's ``Setup``. The wait for
-    them to end in the server comes last, inside ``settling``."""
+async def one_round(path: SessionPath, concurrency: int) -> list[Setup]:
+    """Start ``concurrency`` sessions at once; returns each one's ``Setup``."""
     setups: list[Setup] = []
     all_ready, all_echoed = Countdown(concurrency), Countdown(concurrency)
     gc.collect()
     async with trio.open_nursery() as nursery:
         for _ in range(concurrency):
             nursery.start_soon(path.session, setups, all_ready, all_echoed)
-    with settling():
-        await path.settle()
+    await path.settle()
     return setups
 
 
@@ -358,27 +352,16 @@ async def measure(
     for path in paths:
         await one_round(path, 1)
     before = {name: cpu_seconds(server) for name, server in servers.items()}
-    # The benchmark's own polling while sessions wind down (GET /v1/sessions/{id}, a
-    # request the floor is never asked) is no session's cost: left out.
-    polled = {name: 0.0 for name in servers}
-
-    @contextmanager
-    def unmetered() -> Iterator[None]:
-        at = {name: cpu_seconds(server) for name, server in servers.items()}
-        yield
-        for name, server in servers.items():
-            polled[name] += cpu_seconds(server) - at[name]
-
     samples: dict[int, dict[str, list[Setup]]] = {}
     for level in levels:
         by_path: dict[str, list[Setup]] = {path.name: [] for path in paths}
         for round_number in range(level.rounds):
             order = paths if round_number % 2 == 0 else paths[::-1]
             for path in order:
-                by_path[path.name] += await one_round(path, level.concurrency, unmetered)
+                by_path[path.name] += await one_round(path, level.concurrency)
         samples[level.concurrency] = by_path
     sessions = sum(level.concurrency * level.rounds for level in levels)
-    cpu = {name: round(1000 * (cpu_seconds(server) - before[name] - polled[name]) / sessions, 2)
+    cpu = {name: round(1000 * (cpu_seconds(server) - before[name]) / sessions, 2)
            for name, server in servers.items()}
     return samples, cpu
 

@@ -213,7 +213,7 @@ def _serve(arguments: argparse.Namespace) -> int:
             print(json.dumps({
                 "shell_port": bound.shell_port,
                 "url": origin + "/",
-                "http_url": f"http://{bound.public_host}:{bound.http_port}/",
+                "http_url": f"http://{bound.url_host}:{bound.http_port}/",
                 "api_key": files.api_key,
                 "state_dir": str(files.directory),
                 "certificate": str(files.https_certificate),

@@ -27,6 +27,7 @@ from trio_websocket import (
     HandshakeError,
     WebSocketConnection,
     connect_websocket_url,
+    open_websocket_url,
 )
 
 from actors.bridge import call_asyncio
@@ -271,35 +272,38 @@ class ClientSession:
                               answer_heartbeats=self.answer_heartbeats, video=self.video)
         )
         self.peers_made += 1
-        self.offered = negotiation
         sdp = await call_asyncio(self.peer.offer)
+        # Counted as offered once sent: one lost with its socket is made again, as the
+        # broker's state frame on the next socket asks for it.
         await self.send({"type": "offer", "sdp": sdp, "negotiation": negotiation})
+        self.offered = negotiation
 
     async def _follow(self) -> None:
         while True:
             try:
-                text = await self.websocket.get_message()
+                await self._take(json.loads(await self.websocket.get_message()))
             except ConnectionClosed:
                 self._record({"type": "disconnected"})
                 if not await self._reconnect():
                     return
-                continue
-            frame = json.loads(text)
-            self._record(frame)
-            kind = frame.get("type")
-            if kind == "state":
-                self.state = frame["state"]
-                self.negotiation = max(self.negotiation, frame["negotiation"])
-                if self.state == "negotiating" and frame["negotiation"] > self.offered:
-                    await self._offer(frame["negotiation"])
-            elif kind == "reoffer" and frame["negotiation"] > self.offered:
-                self.negotiation = frame["negotiation"]
+
+    async def _take(self, frame: dict[str, Any]) -> None:
+        """One frame from the broker: recorded, and acted on."""
+        self._record(frame)
+        kind = frame.get("type")
+        if kind == "state":
+            self.state = frame["state"]
+            self.negotiation = max(self.negotiation, frame["negotiation"])
+            if self.state == "negotiating" and frame["negotiation"] > self.offered:
                 await self._offer(frame["negotiation"])
-            elif kind == "answer" and self.peer is not None:
-                if frame["negotiation"] == self.offered:
-                    if self.answered_at is None:
-                        self.answered_at = time.perf_counter()
-                    await call_asyncio(self.peer.accept, frame["sdp"])
+        elif kind == "reoffer" and frame["negotiation"] > self.offered:
+            self.negotiation = frame["negotiation"]
+            await self._offer(frame["negotiation"])
+        elif kind == "answer" and self.peer is not None:
+            if frame["negotiation"] == self.offered:
+                if self.answered_at is None:
+                    self.answered_at = time.perf_counter()
+                await call_asyncio(self.peer.accept, frame["sdp"])
 
     async def _reconnect(self) -> bool:
         """Open the signaling socket again, unless the session is over; whether it is
@@ -314,9 +318,10 @@ class ClientSession:
             try:
                 self.websocket = await self.reconnect()
             except ApiError as error:
-                if error.code == "not_found":  # the session is gone
+                if error.status in (401, 403, 404):  # gone, or no longer ours to follow
                     return False
-            except (OSError, HandshakeError, trio.BrokenResourceError, h11.ProtocolError):
+            except (OSError, HandshakeError, trio.BrokenResourceError, h11.ProtocolError,
+                    KeyError, TypeError):  # also a token reply that is not the protocol's
                 pass
             else:
                 self._record({"type": "reconnected"})
@@ -350,15 +355,14 @@ async def open_session(
         new_token: a fresh signaling token (``POST /v1/sessions/{id}/tokens``), to open
             a dropped socket again with; without it a dropped socket ends the following.
     """
-    async with trio.open_nursery() as nursery:
+    async with open_websocket_url(grant.signaling_url, ssl_context=ssl_context) as websocket, \
+            trio.open_nursery() as nursery:
 
         async def connect_again() -> WebSocketConnection:
             assert new_token is not None
             url = (await new_token())["signaling_url"]
             return await connect_websocket_url(nursery, url, ssl_context=ssl_context)
 
-        websocket = await connect_websocket_url(nursery, grant.signaling_url,
-                                                ssl_context=ssl_context)
         session = ClientSession(grant, websocket, answer_heartbeats, video,
                                 reconnect=None if new_token is None else connect_again)
         if not offer:
@@ -370,8 +374,9 @@ async def open_session(
             yield session
         finally:
             with trio.CancelScope(shield=True):
-                with trio.move_on_after(CLOSE_TIMEOUT):
-                    await session.websocket.aclose()
+                if session.websocket is not websocket:  # a later one: closed here
+                    with trio.move_on_after(CLOSE_TIMEOUT):
+                        await session.websocket.aclose()
                 nursery.cancel_scope.cancel()
                 if session.peer is not None:
                     await call_asyncio(session.peer.close)

@@ -70,8 +70,8 @@ def check_ice_servers(ice_servers: Sequence[Any]) -> None:
         for name in ("username", "credential"):
             if entry.get(name) is not None and not isinstance(entry[name], str):
                 raise ValueError(f"ICE server {index}: {name!r} must be a string")
-        if any(url.startswith(("turn:", "turns:")) for url in url_list) and not (
-                entry.get("username") and entry.get("credential")):
+        if any(url.startswith(("turn:", "turns:")) for url in url_list) and (
+                entry.get("username") is None or entry.get("credential") is None):
             # A browser refuses the whole configuration (InvalidAccessError) otherwise.
             raise ValueError(f"ICE server {index}: a TURN server needs 'username' and "
                              "'credential'")
@@ -95,8 +95,8 @@ def default_state_dir() -> Path:
 
 
 def default_tower_count() -> int:
-    """One local tower agent per CPU core, at least two."""
-    return max(2, os.cpu_count() or 1)
+    """One local tower agent per CPU core, at least two and at most ``MAX_LOCAL_TOWERS``."""
+    return min(MAX_LOCAL_TOWERS, max(2, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -261,8 +261,12 @@ class Settings:
     @property
     def https_origin(self) -> str:
         port = "" if self.https_port == 443 else f":{self.https_port}"
-        host = f"[{self.public_host}]" if ":" in self.public_host else self.public_host
-        return f"https://{host}{port}"
+        return f"https://{self.url_host}{port}"
+
+    @property
+    def url_host(self) -> str:
+        """``public_host`` as a URL takes it (an IPv6 address in brackets)."""
+        return f"[{self.public_host}]" if ":" in self.public_host else self.public_host
 
     def with_ports(self, https_port: int, http_port: int) -> Settings:
         """These settings with the ports actually bound (when 0 was asked for)."""

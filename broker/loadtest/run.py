@@ -284,7 +284,10 @@ class Run:
                 if time.monotonic() >= next_tick:
                     self._close_second(self.current, self.latest, began)
                     self.current = Second(at=round(time.monotonic() - began))
-                    next_tick += 1.0
+                    # After a hold-up, the next second starts now, rather than several
+                    # "seconds" of nothing being closed one after another to catch up.
+                    while next_tick <= time.monotonic():
+                        next_tick += 1.0
                     self._chaos_if_due(time.monotonic() - began)
         finally:
             # Closing their stdin stops workers still running; each still says its last.
@@ -455,9 +458,9 @@ class Run:
             "chaos": self.chaos,
             # Seconds whose servers could not be read are left out.
             "cpu_share_of_a_core_steady": {
-                "generator": _mean([second.generator_cpu for second in steady]),
-                "broker": _mean([second.broker_cpu for second in steady]),
-                "towers": _mean([second.towers_cpu for second in steady]),
+                "generator": _over_time(steady, "generator_cpu"),
+                "broker": _over_time(steady, "broker_cpu"),
+                "towers": _over_time(steady, "towers_cpu"),
             },
             "generator_cpu_seconds": round(generator_cpu, 1),
             "rss_mib_peak": {
@@ -511,6 +514,15 @@ def _kbit_per_session(second: Second) -> float | None:
     if not second.up:
         return None
     return round(second.video_bytes * 8 / 1000 / second.seconds / second.up, 1)
+
+
+def _over_time(seconds: list[Second], share: str) -> float:
+    """The mean of a share (of a core) over ``seconds``, each weighed by the time it
+    covered; seconds without a reading (None) are left out."""
+    known = [(getattr(second, share), second.seconds) for second in seconds
+             if getattr(second, share) is not None]
+    elapsed = sum(covered for _, covered in known)
+    return round(sum(value * covered for value, covered in known) / elapsed, 2) if elapsed else 0.0
 
 
 def _rate(seconds: list[Second], count: str) -> float:

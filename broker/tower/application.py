@@ -41,6 +41,7 @@ from aiortc.rtcsctptransport import (
     LOCAL_MAX_MESSAGE_SIZE,
     SCTP_DATA_FIRST_FRAG,
     SCTP_DATA_LAST_FRAG,
+    tsn_plus_one,
 )
 from aiortc.sdp import SessionDescription, candidate_from_sdp
 
@@ -342,27 +343,39 @@ class TowerPeer:
         sctp = self._connection.sctp
         if sctp is None:
             return
-        receive = sctp._receive_data_chunk
+        receive, deliver = sctp._receive_data_chunk, sctp._receive
         window = sctp._advertised_rwnd
+        too_large = f"the client sent a message over {MAX_MESSAGE_SIZE} bytes"
+
+        def fail(why: str) -> None:
+            self._stop_heartbeat()
+            self._report(PeerEvent("failed", why))
+
+        def failing() -> bool:
+            return self._closed or bool(self._reported & {"failed", "closed"})
 
         async def guarded(chunk: Any) -> None:
-            if self._closed or self._reported & {"failed", "closed"}:
-                return  # already on its way out: nothing more is reassembled
+            if failing():
+                return  # on its way out: nothing more is reassembled
             await receive(chunk)
             held = window - sctp._advertised_rwnd
             if held <= MAX_MESSAGE_SIZE:
                 return  # the usual case: less than one message's worth held in all
             if sctp._advertised_rwnd < 0:
-                why = "the client ignored the receive window"
+                fail("the client ignored the receive window")
             elif any(_longest_message(stream.reassembly) > MAX_MESSAGE_SIZE
                      for stream in sctp._inbound_streams.values()):
-                why = f"the client sent a message over {MAX_MESSAGE_SIZE} bytes"
-            else:
-                return
-            self._stop_heartbeat()
-            self._report(PeerEvent("failed", why))
+                fail(too_large)
+
+        async def checked(stream_id: int, pp_id: int, data: bytes) -> None:
+            # One whose last fragment took it over: whole, but still too large.
+            if len(data) > MAX_MESSAGE_SIZE:
+                fail(too_large)
+            if not failing():
+                await deliver(stream_id, pp_id, data)
 
         sctp._receive_data_chunk = guarded
+        sctp._receive = checked
 
     async def _add_quietly(self, candidate: RTCIceCandidate | None) -> None:
         try:
@@ -476,17 +489,23 @@ class TowerPeer:
 
 def _longest_message(fragments: Sequence[Any]) -> int:
     """The bytes held of the longest message among a stream's fragments waiting for
-    reassembly (in order of their TSNs; later messages may wait behind a lost one)."""
-    longest = length = 0
-    started = False
+    reassembly (in order of their TSNs; later messages may wait behind a lost one): a
+    run of consecutive TSNs from a first fragment. A gap ends a run, as the fragments
+    on either side of a lost packet may be two messages'."""
+    longest = 0
+    length: int | None = None  # of the message the run belongs to, if known
+    previous: int | None = None
     for fragment in fragments:
         if fragment.flags & SCTP_DATA_FIRST_FRAG:
-            started, length = True, 0
-        if started:
+            length = 0
+        elif previous is None or fragment.tsn != tsn_plus_one(previous):
+            length = None  # not known to be one message with what came before
+        if length is not None:
             length += len(fragment.user_data)
             longest = max(longest, length)
         if fragment.flags & SCTP_DATA_LAST_FRAG:
-            started = False
+            length = None
+        previous = fragment.tsn
     return longest
 
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,11 @@ def test_times_are_finite_and_neither_a_busy_loop_nor_past_ten_years(name, value
 
 def test_a_tower_certificate_may_not_outlast_the_calendar():
     assert "tower_certificate_lifetime" in refusal(tower_certificate_lifetime=1e12)
+
+
+def test_the_default_local_towers_stay_under_the_ceiling_on_a_big_machine(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 384)
+    assert Settings().local_towers == 256
 
 
 def test_local_towers_has_a_ceiling():
@@ -268,7 +274,7 @@ def test_each_ice_server_needs_urls(server):
 @pytest.mark.parametrize("server", [
     {"urls": "turn:turn.example.net:3478"},
     {"urls": ["stun:stun.example.net", "turns:turn.example.net"], "username": "u"},
-    {"urls": "turn:turn.example.net", "username": "u", "credential": ""},
+    {"urls": "turn:turn.example.net", "credential": "c"},
 ])
 def test_a_turn_server_needs_its_credentials(server):
     # A browser refuses a whole configuration with one TURN server lacking them.

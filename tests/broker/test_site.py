@@ -315,8 +315,8 @@ def test_nginx_refuses_the_configuration_without_the_tower_identity(home, author
     ('key_type = "dsa"', "key_type is 'ec' or 'rsa'"),
     ("capacity = [1]", "int()"),
     ('load_interval = "soon"', "could not convert"),
-    ("negotiation_deadline = 0.0", "negotiation_deadline must be a positive number"),
-    ("heartbeat_timeout = nan", "heartbeat_timeout must be a positive number"),
+    ("negotiation_deadline = 0.0", "negotiation_deadline must be a number of seconds"),
+    ("heartbeat_timeout = nan", "heartbeat_timeout must be a number of seconds"),
 ])
 def test_agent_settings_with_a_bad_value_are_refused_naming_the_file(tmp_path, line, complaint):
     tower = host()

@@ -134,14 +134,16 @@ def test_a_second_held_up_counts_its_echoes_over_the_time_it_covered():
     run = Run(plan, show_progress=False)
     run.seconds = [
         Second(at=0, up=0),
-        Second(at=2, up=4, echoed=200, bytes=20_000),
-        Second(at=3, seconds=1.6, up=4, echoed=320, bytes=32_000),
-        Second(at=4, seconds=0.4, up=4, echoed=80, bytes=8_000),
+        Second(at=2, up=4, echoed=200, bytes=20_000, generator_cpu=1.0),
+        Second(at=3, seconds=1.6, up=4, echoed=320, bytes=32_000, generator_cpu=1.0),
+        Second(at=4, seconds=0.4, up=4, echoed=80, bytes=8_000, generator_cpu=0.25),
     ]
     report = run.report(5.0)
     assert report["messages"]["echoed_per_second_steady"] == 200
     assert report["messages"]["bytes_per_second_steady"] == 20_000
     assert report["steady_seconds"] == 3.0
+    # Shares of a core too, each second weighed by the time it covered.
+    assert report["cpu_share_of_a_core_steady"]["generator"] == 0.9
 
 
 def test_a_run_never_all_up_says_so_rather_than_averaging_the_ramp(capsys):

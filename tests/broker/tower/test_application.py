@@ -14,7 +14,12 @@ from contextlib import asynccontextmanager
 import psutil
 import pytest
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
-from aiortc.rtcsctptransport import WEBRTC_BINARY
+from aiortc.rtcsctptransport import (
+    SCTP_DATA_FIRST_FRAG,
+    SCTP_DATA_LAST_FRAG,
+    WEBRTC_BINARY,
+    DataChunk,
+)
 
 from broker.tower import application as tower_application
 from broker.tower import dtls
@@ -279,17 +284,42 @@ def _with_max_message_size(offer: str, size: int | None) -> str:
     return "\r\n".join(lines)
 
 
-def test_a_message_over_the_towers_max_message_size_fails_the_peer():
-    # The answer says 262144 bytes; aiortc would reassemble any size, for ever.
+@pytest.mark.parametrize("size", [300_000, 262_144 + 500])
+def test_a_message_over_the_towers_max_message_size_fails_the_peer(size):
+    # The answer says 262144 bytes; aiortc would reassemble any size, for ever. Just over
+    # it, the message is whole before the fragments held are over it: checked then.
     async def scenario():
         async with session() as (client, peer, events):
             # Past the client's own check of the tower's limit, straight into SCTP.
-            await client.connection.sctp._send(client.echo.id, WEBRTC_BINARY, b"z" * 300_000)
+            await client.connection.sctp._send(client.echo.id, WEBRTC_BINARY, b"z" * size)
             failed = await events.wait_for("failed")
             assert failed.detail == "the client sent a message over 262144 bytes"
             assert client.echoed == []
 
     run(scenario)
+
+
+def _fragments(first_tsn: int, size: int, fragment: int = 1000) -> list[DataChunk]:
+    """One message of ``size`` bytes, as SCTP carries it."""
+    count = size // fragment
+    chunks = []
+    for index in range(count):
+        flags = (SCTP_DATA_FIRST_FRAG if index == 0 else 0) | (
+            SCTP_DATA_LAST_FRAG if index == count - 1 else 0)
+        chunk = DataChunk(flags=flags)
+        chunk.tsn, chunk.user_data = first_tsn + index, b"x" * fragment
+        chunks.append(chunk)
+    return chunks
+
+
+def test_fragments_either_side_of_a_lost_packet_are_not_taken_for_one_message():
+    # Two messages of 200 kB back to back; the packet with the first one's last fragment
+    # and the second one's first fragment is lost: 398 kB wait, in no message over 256 KiB.
+    first, second = _fragments(1, 200_000), _fragments(201, 200_000)
+    waiting = first[:-1] + second[1:]
+    assert tower_application._longest_message(waiting) == 199_000
+    # One message over the limit, whole but for its last fragment, is one.
+    assert tower_application._longest_message(_fragments(1, 300_000)[:-1]) == 299_000
 
 
 def test_a_message_larger_than_the_client_takes_back_closes_its_channel_only():
