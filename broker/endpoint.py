@@ -98,7 +98,7 @@ STATIC_FILES = {
 PAGE_POLICY = (
     "default-src 'self'; connect-src 'self' wss:; media-src 'self' blob: mediastream:; "
     "img-src 'self' data:; style-src 'self'; script-src 'self'; object-src 'none'; "
-    "base-uri 'none'; frame-ancestors 'none'"
+    "base-uri 'none'; frame-ancestors 'none'; form-action 'none'"
 )
 MAX_BODY_BYTES = 16 * 1024
 # A request's body arrives whole within this, or the request ends with 408: a client
@@ -162,6 +162,8 @@ class BrokerApi:
             return
         headers = {"cache-control": "no-store"}
         try:
+            if page is not None:
+                _allow(scope["method"], "GET", "HEAD")
             status, body = await self._route(scope, receive)
         except ApiError as error:
             status = error.status

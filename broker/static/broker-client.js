@@ -58,17 +58,19 @@ export class BrokerClient {
 
   /**
    * One JSON request to `path` (e.g. `/v1/sessions`), with `body` as JSON when given.
+   * @param {{keepalive?: boolean}} [options] - `keepalive`: the request outlives the
+   *   page (a session ended as the page goes away).
    * @returns {Promise<any>} the decoded body, or null when there is none.
    * @throws {BrokerError} on a non-2xx answer, or `unreachable`.
    */
-  async request(method, path, body) {
+  async request(method, path, body, { keepalive = false } = {}) {
     const headers = { Accept: "application/json" };
     if (this.apiKey) headers.Authorization = `Bearer ${this.apiKey}`;
     if (body !== undefined) headers["Content-Type"] = "application/json";
     let response, text;
     try {
       response = await fetch(this.origin + path, {
-        method, headers, cache: "no-store",
+        method, headers, cache: "no-store", keepalive,
         body: body === undefined ? undefined : JSON.stringify(body),
         signal: AbortSignal.timeout(this.requestTimeout),
       });
@@ -121,7 +123,8 @@ export class BrokerClient {
 
   /** `DELETE /v1/sessions/{id}`: ends the session. @param {string} id */
   async deleteSession(id) {
-    await this.request("DELETE", `/v1/sessions/${encodeURIComponent(id)}`);
+    await this.request("DELETE", `/v1/sessions/${encodeURIComponent(id)}`, undefined,
+      { keepalive: true });
   }
 
   /** `POST /v1/sessions/{id}/tokens`: `{token, token_expires_in, signaling_url}`. @param {string} id */
@@ -217,8 +220,9 @@ export class Session extends EventTarget {
   }
 
   /**
-   * Ends the session: `{"type":"close"}` on the signaling socket (or `DELETE` when it is
-   * not open), then closes the socket and the peer connection and emits "closed".
+   * Ends the session: `{"type":"close"}` on the signaling socket; when it is not open,
+   * `DELETE` (with an API key) or `close` on a socket opened for it (with `getToken`).
+   * Then closes the socket and the peer connection and emits "closed".
    * @returns {Promise<void>} once closed; never rejects.
    */
   close() {
@@ -234,14 +238,39 @@ export class Session extends EventTarget {
       // side at once rather than by the broker: a server-side close of a WebSocket over
       // HTTP/2 is what hypercorn 0.18 mishandles (a KeyError that drops the connection).
       socket.send(JSON.stringify({ type: "close" }));
-    } else if (this.id && this._client.apiKey) {
+    } else if (this.id && (this._client.apiKey || this._getToken)) {
       try {
-        await this._client.deleteSession(this.id);
+        if (this._client.apiKey) await this._client.deleteSession(this.id);
+        else await this._closeOverNewSocket();
       } catch (error) {
         if (!GONE_CODES.has(error.code)) this._emit("error", { error });
       }
     }
     this._finish("closed by the client", { state: "closed" });
+  }
+
+  /** `close` on a signaling socket opened only for it: no API key to `DELETE` with. */
+  async _closeOverNewSocket() {
+    const granted = await this._getToken(this.id);
+    const url = typeof granted === "string" ? granted : granted?.signaling_url;
+    if (!url) throw new BrokerError("token_failed", "getToken gave no signaling_url");
+    await new Promise((resolve, reject) => {
+      const socket = new WebSocket(url);
+      const timer = setTimeout(() => {
+        socket.close();
+        reject(new BrokerError("unreachable", "the signaling socket did not open to close"));
+      }, this._client.requestTimeout);
+      socket.onopen = () => {
+        clearTimeout(timer);
+        socket.send(JSON.stringify({ type: "close" }));
+        socket.close();
+        resolve();
+      };
+      socket.onclose = () => {
+        clearTimeout(timer);
+        reject(new BrokerError("unreachable", "the signaling socket closed before it opened"));
+      };
+    });
   }
 
   _emit(type, detail) {

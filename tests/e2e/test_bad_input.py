@@ -124,6 +124,18 @@ def test_a_wrong_method_is_405_with_allow(broker):
     status, headers, body = http(broker, "GET", "/v1/sessions", headers=auth(broker))
     assert status == 405 and error_code(body) == "method_not_allowed"
     assert headers["allow"] == "POST"
+    # The page's URLs too (they answered 404, "there is nothing at /").
+    status, headers, body = http(broker, "POST", "/", b"key=bk_x")
+    assert status == 405 and error_code(body) == "method_not_allowed"
+    assert headers["allow"] == "GET, HEAD"
+
+
+def test_the_page_may_submit_no_form_anywhere(broker):
+    # Its API key field is in a form: never sent in a URL, whatever the browser does.
+    status, headers, page = http(broker, "GET", "/")
+    assert status == 200
+    assert "form-action 'none'" in headers["content-security-policy"]
+    assert b'name="key"' not in page
 
 
 @pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'{"colour": "red"}',

@@ -187,6 +187,35 @@ def test_an_expired_token_is_reported_and_the_client_gets_a_fresh_one(broker, pa
     assert outcome["state"] in ("connected", "closed")
 
 
+def test_a_session_followed_without_an_api_key_is_ended_by_close_while_reconnecting(
+        broker, page):
+    """A page whose backend made the grant holds no key: with its socket down, its close
+    goes over a socket opened for it (it used to end nothing at the broker)."""
+    open_demo(page, broker)
+    outcome = page.evaluate("""async () => {
+        const { BrokerClient } = await import('/client/broker-client.js');
+        const backend = new BrokerClient({ apiKey: window.demo.client.apiKey });
+        const grant = await backend.createSession({ application: 'echo' });
+        const keyless = new BrokerClient({ apiKey: null });
+        const session = keyless.openSession(grant, {
+            getToken: id => backend.newToken(id) });
+        await new Promise((resolve, reject) => {
+            session.addEventListener('open', resolve, { once: true });
+            setTimeout(() => reject(new Error('never opened')), 15000);
+        });
+        session._socket.close();  // dropped: the session is reconnecting as it closes
+        await new Promise(resolve => setTimeout(resolve, 50));
+        await session.close();
+        for (let tries = 0; tries < 50; tries++) {
+            const shown = await backend.getSession(grant.id).catch(e => ({ state: e.code }));
+            if (shown.state !== 'connected' && shown.state !== 'negotiating') return shown;
+            await new Promise(resolve => setTimeout(resolve, 100));
+        }
+        return { state: 'still live' };
+    }""")
+    assert (outcome["state"], outcome.get("reason")) == ("closed", "closed by the client")
+
+
 def test_a_session_that_fails_for_good_shows_its_reason(tmp_path, page):
     broker = start_broker(tmp_path, towers=1, negotiation_deadline=3.0, heartbeat_interval=0.5,
                           heartbeat_timeout=2.0, negotiation_restarts=0,
