@@ -48,6 +48,7 @@ from actors import (
     SupervisorRef,
 )
 from .config import Settings
+from .lifecycle import OFFER_REFUSALS, SessionState
 from .link import APPLICATIONS
 from .metrics import SessionCounters, TowerRow, process_usage, render
 from .outbox import WRITE_TIMEOUT
@@ -308,6 +309,12 @@ class BrokerApi:
         created["ice_servers"] = list(self.settings.ice_servers)
         if offer is not None:
             created["answer"] = await self._answer(session_id, offer)
+            if session.state is SessionState.FAILED:
+                # It had nowhere to go before its answer (its tower full or gone, and
+                # no other ready): as if no tower had been ready in the first place.
+                raise ApiError(503, "no_tower",
+                               f"the session failed before its answer: {session.lifecycle.reason}")
+            created["state"] = session.state.value
         return created
 
     async def _answer(self, session_id: str, offer: str) -> str | None:
@@ -322,10 +329,15 @@ class BrokerApi:
                 async for frame in answers:
                     if frame["type"] == "answer":
                         return frame["sdp"]
-                    # The tower refused the offer: a session nobody can use is ended.
-                    ref.tell_nowait(CloseSession(f"the offer was refused: {frame['message']}"))
-                    raise ApiError(400, frame["code"], frame["message"])
-        # No answer in time: it will come on the signaling socket.
+                    if frame.get("code") in OFFER_REFUSALS:
+                        # The tower refused the offer: a session nobody can use is ended.
+                        ref.tell_nowait(
+                            CloseSession(f"the offer was refused: {frame['message']}"))
+                        raise ApiError(400, frame["code"], frame["message"])
+                    # Not the offer's fault (it reached a session already repairing): the
+                    # client offers again on the signaling socket, as it is asked there.
+                    return None
+        # No answer in time, or none to come: it will come on the signaling socket.
         return None
 
     def _token(self, session_id: str) -> dict[str, Any]:

@@ -190,6 +190,8 @@ class Session(Supervisor):
         # Whether it gave back its API key's count (see ``release``).
         self.released = False
         self.answer_reply: tuple[int, trio.MemorySendChannel[dict[str, Any]]] | None = None
+        # The last negotiation whose failure was taken (``_negotiation_failed``).
+        self.last_failed = 0
         self.unsent_answer: dict[str, Any] | None = None
 
     def _negotiation(self) -> Negotiation:
@@ -252,10 +254,8 @@ class Session(Supervisor):
         if isinstance(message, Connected):
             return await self._carry_out(lifecycle.connected(message.number))
         if isinstance(message, Failed):
-            self.counters.negotiation_failed(message.reason)
-            return await self._carry_out(
-                lifecycle.negotiation_failed(message.number, message.reason, message.detail)
-            )
+            return await self._negotiation_failed(message.number, message.reason,
+                                                  message.detail)
         if isinstance(message, AttachClient):
             return self._attach(message.outbox)
         if isinstance(message, DetachClient):
@@ -272,6 +272,17 @@ class Session(Supervisor):
             mine = message.api_key is None or message.api_key == self.api_key
             return self.describe() if mine else None
         raise TypeError(f"a session does not handle {type(message).__name__}")
+
+    async def _negotiation_failed(self, number: int, reason: FailureReason,
+                                  detail: str) -> None:
+        """Negotiation ``number`` failed: counted and told once, however many times it
+        says so (its tower lost while a send was under way, say) and in whichever order
+        its ``Failed`` and its end reach the session (see ``escalate``)."""
+        if number <= self.last_failed:
+            return
+        self.last_failed = number
+        self.counters.negotiation_failed(reason)
+        await self._carry_out(self.lifecycle.negotiation_failed(number, reason, detail))
 
     def _begin(self, number: int) -> TowerConnection | None:
         lifecycle = self.lifecycle
@@ -327,9 +338,21 @@ class Session(Supervisor):
         if self.client is not None:
             self.client.close()
             self.client = None
+        self._let_go_of_answer_reply()
         self.stop()
 
+    def _let_go_of_answer_reply(self) -> None:
+        # A POST waiting for an answer that will not come returns now, not at its deadline.
+        if self.answer_reply is not None:
+            self.answer_reply[1].close()
+            self.answer_reply = None
+
     async def escalate(self, child: str, exit: Exit) -> bool:
+        if isinstance(exit.error, NegotiationFailed):
+            # Its end can overtake its Failed message (client frames queued before it):
+            # the failure is taken first, so that the client hears it and its reason.
+            await self._negotiation_failed(self.negotiations, exit.error.reason,
+                                           exit.error.detail)
         if self.lifecycle.restarts_used_up():
             return True
         self._fail("the restarts on each tower were used up")
@@ -415,6 +438,7 @@ class Session(Supervisor):
         if self.counting:
             self.counters.session_ended(self.counted_state)
         self.counters.by_key[self.api_key] -= 1
+        self._let_go_of_answer_reply()
         if self.client is not None:
             self.client.close()
 

@@ -31,6 +31,8 @@ from broker.link import (
     codec,
 )
 from broker.lifecycle import FailureReason
+from broker import endpoint
+from broker.endpoint import BrokerApi
 from broker.metrics import SessionCounters
 from broker.sessions import (
     AttachClient,
@@ -44,6 +46,7 @@ from broker.sessions import (
     session_spec,
     sessions_spec,
 )
+from broker.signaling import SignalingTokens
 from broker.towers import TowerConnection, TowerDirectory
 
 ICE_SERVERS = ({"urls": "stun:stun.example.org:3478"},)
@@ -718,3 +721,103 @@ async def test_an_answer_nobody_was_there_to_take_comes_with_the_next_attach(
     assert later.receive_nowait()["type"] == "state"
     with pytest.raises(trio.WouldBlock):
         later.receive_nowait()
+
+
+# A negotiation's failure, counted and told once.
+
+
+async def test_the_last_failure_is_told_even_when_its_end_overtakes_its_message(
+        autojump_clock, broker):
+    # The negotiation's end is a system message: it jumps the client's candidates queued
+    # before its Failed, and the session escalates before it has heard of the failure.
+    client = await broker.open_session()
+    for _ in range(5):
+        await fail_current(broker, client, "deadline")
+    tower = broker.towers["tower-2"]
+    await offer(client, tower, 6)
+    before = sum(broker.counters.failures.values())
+    tower.peer("s-1", 6, "failed", "ICE failed")
+    for number in range(20):
+        client.ref.tell_nowait(
+            ClientCandidate(f"candidate:{number} 1 udp 1 192.0.2.1 9 typ host", "0", 0))
+    await client.ref.join()
+    await client.new_frames()
+    states = [(f["state"], f["negotiation"]) for f in client.seen if f["type"] == "state"]
+    assert states[-2:] == [("repairing", 6), ("failed", 6)]
+    assert "peer_failed: ICE failed" in client.seen[-1]["reason"]
+    assert sum(broker.counters.failures.values()) - before == 1
+
+
+async def test_a_negotiation_failing_twice_over_counts_once(autojump_clock, broker):
+    # Its tower goes away as a candidate is forwarded to it: the send and the watch on
+    # the tower both fail it.
+    tower = broker.towers["tower-1"]
+    clients = []
+    for number in range(20):
+        client = await broker.open_session(f"s-{number}")
+        await client.new_frames()
+        await offer(client, tower, 1)
+        clients.append(client)
+    for client in clients:
+        client.ref.tell_nowait(ClientCandidate("candidate:1 1 udp 1 192.0.2.1 9 typ host", "0", 0))
+    broker.lose("tower-1")
+    await trio.sleep(1)
+    assert broker.counters.failures == {FailureReason.TOWER_LOST: 20}
+
+
+# The POST with an offer (BrokerApi._create and _answer over these sessions).
+
+
+def api_for(broker: Broker) -> BrokerApi:
+    return BrokerApi(broker.settings, ("key",), SignalingTokens(bytes(32), lifetime=60.0),
+                     broker.directory, broker.system, broker.counters)
+
+
+async def test_a_post_whose_session_fails_before_its_answer_is_answered_at_once(
+        autojump_clock, broker, monkeypatch):
+    # It waited the whole negotiation deadline, then said 201 "negotiating" for a session
+    # that had ended.
+    monkeypatch.setattr(endpoint, "check_offer_sdp", lambda sdp: None)
+    api = api_for(broker)
+    await trio.testing.wait_all_tasks_blocked()  # the towers' first load reports
+    broker.lose("tower-2")
+    tower = broker.towers["tower-1"]
+    outcome: dict[str, Any] = {}
+
+    async def post() -> None:
+        started = trio.current_time()
+        with pytest.raises(endpoint.ApiError) as refused:
+            await api._create("key", {"offer": OFFER})
+        outcome["error"], outcome["took"] = refused.value, trio.current_time() - started
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(post)
+        await trio.testing.wait_all_tasks_blocked()
+        [opened] = tower.got(OpenPeer)
+        tower.connection.deliver(PeerRejected(opened.session, 1, "tower_full", "full"))
+    error = outcome["error"]
+    assert (error.status, error.code) == (503, "no_tower")
+    assert "tower_full: full" in error.message
+    assert outcome["took"] < 1
+    await trio.testing.wait_all_tasks_blocked()
+    assert broker.counters.by_key["key"] == 0
+
+
+async def test_a_post_offer_reaching_a_session_under_repair_is_left_to_the_socket(
+        mock_clock, broker, monkeypatch):
+    # Its tower was lost between the session's start and the offer: the session moves
+    # on, and the client offers on the socket when asked; it used to be closed with 400.
+    monkeypatch.setattr(endpoint, "check_offer_sdp", lambda sdp: None)
+    api = api_for(broker)
+    await trio.testing.wait_all_tasks_blocked()  # the towers' first load reports
+    created = await api._create("key", {})
+    broker.lose(created["tower"])
+    await trio.testing.wait_all_tasks_blocked()
+    described = await broker.session(created["id"]).ask(Describe("key"))
+    assert described["state"] == "repairing"
+    assert await api._answer(created["id"], OFFER) is None
+    mock_clock.jump(1)  # past the repair's backoff
+    await trio.testing.wait_all_tasks_blocked()
+    described = await broker.session(created["id"]).ask(Describe("key"))
+    assert described["state"] == "negotiating"
+    assert described["tower"] not in (created["tower"], None)
