@@ -6,7 +6,8 @@ is a map from field name to field value. Nested registered dataclasses travel as
 own body map, without an envelope.
 
 Frames come from other processes, so ``Codec.decode`` treats every byte as hostile: the
-only exception it lets out is ``DecodeError``. ``Codec.encode`` treats a bad message as
+only exception it lets out is ``DecodeError``. A float is a finite number, in a typed
+field or under ``Any``: NaN and the infinities are refused both ways. ``Codec.encode`` treats a bad message as
 the caller's bug and raises ``TypeError`` or ``ValueError``.
 
 Each field annotation is compiled once, at registration, into a pair of converters
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import reprlib
 import threading
 import types
@@ -184,6 +186,9 @@ def _check_plain(value: Any, depth: int) -> None:
         _Invalid: the value is not plain data.
     """
     kind = type(value)
+    if kind is float:
+        _check_finite(value)
+        return
     if kind in _PLAIN_SCALAR_TYPES:
         return
     if kind is not tuple and kind is not dict:
@@ -210,6 +215,14 @@ def _check_plain(value: Any, depth: int) -> None:
 
 def _same(value: object) -> object:
     """Returns its argument; the converter of values that need no conversion."""
+    return value
+
+
+def _check_finite(value: float) -> float:
+    """Returns a float that is a number: NaN and the infinities are refused (NaN is not
+    even equal to itself, so a message holding one is not equal to itself either)."""
+    if not math.isfinite(value):
+        raise _Invalid(f"expected a finite float, got {value!r}")
     return value
 
 
@@ -248,7 +261,7 @@ def _scalar_conversion(scalar_type: type) -> _Conversion:
 
     def decode(value: Any) -> Any:
         if type(value) is scalar_type:
-            return value
+            return _check_finite(value) if scalar_type is float else value
         if scalar_type is float and type(value) is int:
             return float(value)
         raise _Invalid(f"expected {name}, got {_wire_kind(value)}")
@@ -257,12 +270,13 @@ def _scalar_conversion(scalar_type: type) -> _Conversion:
         if isinstance(value, bool) and refuses_bool:
             raise _Invalid(f"expected {name}, got bool")
         if isinstance(value, scalar_type):
-            return value
+            return _check_finite(value) if scalar_type is float else value
         if scalar_type is float and isinstance(value, int):
             return float(value)
         raise _Invalid(f"expected {name}, got {type(value).__qualname__}")
 
-    return _Conversion(scalar_type, decode, encode)
+    # A float is checked both ways: no value of that type passes through unlooked at.
+    return _Conversion(_NoPassthrough if scalar_type is float else scalar_type, decode, encode)
 
 
 def _optional_conversion(inner: _Conversion) -> _Conversion:
@@ -286,8 +300,10 @@ def _scalar_union_conversion(members: tuple[type, ...], name: str) -> _Conversio
     to a union holding ``float`` but not ``int``: it becomes a float.
     """
     decoders: dict[type, Callable[[Any], Any]] = {member: _same for member in members}
-    if float in decoders and int not in decoders:
-        decoders[int] = float
+    if float in decoders:
+        decoders[float] = _check_finite
+        if int not in decoders:
+            decoders[int] = float
     fallbacks = tuple(
         _none_conversion().encode if member is type(None) else _scalar_conversion(member).encode
         for member in members
@@ -301,7 +317,7 @@ def _scalar_union_conversion(members: tuple[type, ...], name: str) -> _Conversio
 
     def encode(value: Any) -> Any:
         if type(value) in members:
-            return value
+            return _check_finite(value) if type(value) is float else value
         # Subclasses (an IntEnum, a StrEnum) and ints for floats end up here.
         for member_encode in fallbacks:
             try:

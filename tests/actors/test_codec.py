@@ -2,6 +2,7 @@
 
 import dataclasses
 import enum
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Literal, NewType, Optional, TypeVar
@@ -198,6 +199,20 @@ def test_float_fields_accept_ints_and_return_floats() -> None:
     assert decoded == Point(3.0, -2.0)
     assert type(decoded.x) is float
     assert type(decode_as(Point, codec.encode(Point(5))).x) is float
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_a_float_is_a_finite_number_in_typed_and_any_fields(value: float) -> None:
+    # NaN is not equal to itself: a message holding one is not equal to its own decoding.
+    with pytest.raises(DecodeError, match="expected a finite float"):
+        codec.decode(frame(1, "test.point", {"x": value}))
+    for changes in ({"ratio": value}, {"anything": (1, value)}):
+        with pytest.raises(TypeError, match="expected a finite float"):
+            codec.encode(make_everything(**changes))
+    body = msgpack.unpackb(codec.encode(make_everything()))[2]
+    for name, wrong in (("ratio", value), ("anything", [value])):
+        with pytest.raises(DecodeError, match="expected a finite float"):
+            codec.decode(frame(1, "test.everything", dict(body, **{name: wrong})))
 
 
 @pytest.mark.parametrize("value", [None, 5, "five", b"five"])
@@ -700,7 +715,7 @@ plain_data = st.recursive(
     st.none()
     | st.booleans()
     | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-    | st.floats(allow_nan=False)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=10)
     | st.binary(max_size=10),
     lambda children: st.lists(children, max_size=4).map(tuple)
@@ -708,7 +723,7 @@ plain_data = st.recursive(
     max_leaves=20,
 )
 
-finite_floats = st.floats(allow_nan=False)
+finite_floats = st.floats(allow_nan=False, allow_infinity=False)
 points = st.builds(Point, finite_floats, finite_floats)
 
 
