@@ -6,9 +6,9 @@ is a map from field name to field value. Nested registered dataclasses travel as
 own body map, without an envelope.
 
 Frames come from other processes, so ``Codec.decode`` treats every byte as hostile: the
-only exception it lets out is ``DecodeError``. A float is a finite number, in a typed
-field or under ``Any``: NaN and the infinities are refused both ways. ``Codec.encode`` treats a bad message as
-the caller's bug and raises ``TypeError`` or ``ValueError``.
+only exception it lets out is ``DecodeError``. ``Codec.encode`` treats a bad message as
+the caller's bug and raises ``TypeError`` or ``ValueError``. A float is a finite number,
+in a typed field or under ``Any``: NaN and the infinities are refused both ways.
 
 Each field annotation is compiled once, at registration, into a pair of converters
 (one per direction); encoding and decoding only call them.
