@@ -58,7 +58,7 @@ def check_ice_servers(ice_servers: Sequence[Any]) -> None:
             raise ValueError(f"ICE server {index}: unknown keys {sorted(unknown)}")
         urls = entry.get("urls")
         url_list = [urls] if isinstance(urls, str) else urls
-        if not isinstance(url_list, list) or not url_list:
+        if not isinstance(url_list, (list, tuple)) or not url_list:
             raise ValueError(f"ICE server {index}: 'urls' must be a URL or a list of URLs")
         for url in url_list:
             if not isinstance(url, str):
@@ -237,6 +237,11 @@ class Settings:
             check_ice_servers(self.ice_servers)
         except ValueError as error:
             raise ConfigError(f"ice_servers: {error}") from None
+        # As the tower link carries them: plain data holds tuples, not lists.
+        object.__setattr__(self, "ice_servers", tuple(
+            {**entry, "urls": tuple(entry["urls"])} if isinstance(entry["urls"], list)
+            else dict(entry)
+            for entry in self.ice_servers))
 
     def _check_public_host(self) -> None:
         host = self.public_host

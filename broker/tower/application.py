@@ -204,7 +204,8 @@ def rtc_configuration(ice_servers: Sequence[Mapping[str, Any]] = ()) -> RTCConfi
     check_ice_servers(ice_servers)
     servers = [
         RTCIceServer(
-            urls=entry["urls"], username=entry.get("username"), credential=entry.get("credential")
+            urls=entry["urls"] if isinstance(entry["urls"], str) else list(entry["urls"]),
+            username=entry.get("username"), credential=entry.get("credential"),
         )
         for entry in ice_servers
     ]

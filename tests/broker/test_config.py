@@ -15,6 +15,8 @@ from broker.config import (
     load_settings,
     settings_from_mapping,
 )
+from broker.link import OpenPeer, codec
+from broker.tower.application import rtc_configuration
 
 
 def refusal(**values) -> str:
@@ -247,12 +249,22 @@ def test_unknown_settings_are_named():
 # ICE servers.
 
 
-def test_ice_servers_are_kept_as_given():
+def test_ice_servers_are_kept_as_given_and_go_over_the_tower_link():
     servers = [
         {"urls": "stun:stun.example.net:3478"},
-        {"urls": ["turn:turn.example.net:3478"], "username": "u", "credential": "c"},
+        {"urls": ["turn:turn.example.net:3478", "turns:turn.example.net:5349"],
+         "username": "u", "credential": "c"},
     ]
-    assert settings_from_mapping({"ice_servers": servers}).ice_servers == tuple(servers)
+    settings = settings_from_mapping({"ice_servers": servers})
+    assert settings.ice_servers == (
+        servers[0], {**servers[1], "urls": tuple(servers[1]["urls"])})
+    # A list of URLs made every offer fail to encode for its tower.
+    opened = codec.decode(codec.encode(
+        OpenPeer("s-1", 1, "v=0", "echo", settings.ice_servers)))
+    assert [server.urls for server in rtc_configuration(opened.ice_servers).iceServers] == [
+        "stun:stun.example.net:3478",
+        ["turn:turn.example.net:3478", "turns:turn.example.net:5349"],
+    ]
 
 
 @pytest.mark.parametrize("server", [
@@ -318,7 +330,7 @@ def test_ice_servers_from_a_file(tmp_path):
         """)
     assert load_settings(path).ice_servers == (
         {"urls": "stun:stun.example.net:3478"},
-        {"urls": ["turn:turn.example.net:3478?transport=tcp"], "username": "broker",
+        {"urls": ("turn:turn.example.net:3478?transport=tcp",), "username": "broker",
          "credential": "secret"},
     )
 
