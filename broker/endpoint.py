@@ -48,7 +48,7 @@ from actors import (
     SupervisorRef,
 )
 from .config import Settings
-from .lifecycle import OFFER_REFUSALS, SessionState
+from .lifecycle import OFFER_REFUSALS
 from .link import APPLICATIONS
 from .metrics import SessionCounters, TowerRow, process_usage, render
 from .outbox import WRITE_TIMEOUT
@@ -308,12 +308,13 @@ class BrokerApi:
         created.update(self._token(session_id))
         created["ice_servers"] = list(self.settings.ice_servers)
         if offer is not None:
-            created["answer"] = await self._answer(session_id, offer)
-            if session.state is SessionState.FAILED:
-                # It had nowhere to go before its answer (its tower full or gone, and
-                # no other ready): as if no tower had been ready in the first place.
+            if not session.state.ended:  # (it may have had nowhere to go from its start)
+                created["answer"] = await self._answer(session_id, offer)
+            if session.state.ended:
+                # Its tower full or gone and no other ready, or the broker stopping:
+                # as if no tower had been ready in the first place.
                 raise ApiError(503, "no_tower",
-                               f"the session failed before its answer: {session.lifecycle.reason}")
+                               f"the session ended before its answer: {session.lifecycle.reason}")
             created["state"] = session.state.value
         return created
 

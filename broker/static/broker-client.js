@@ -232,6 +232,12 @@ export class Session extends EventTarget {
 
   async _close() {
     if (this._done) return;
+    if (this._socket?.readyState === WebSocket.CONNECTING) {
+      // One on its way: the close goes over it once it opens, not over a second socket
+      // (one of the two would replace the other, and its close could go nowhere).
+      await withinTime(openedOrClosed(this._socket), this._client.requestTimeout,
+        "the signaling socket did not open").catch(() => {});
+    }
     const socket = this._socket;
     if (socket?.readyState === WebSocket.OPEN) {
       // The close frame follows the message in order, so the socket is closed from this
@@ -242,7 +248,9 @@ export class Session extends EventTarget {
       try {
         if (this._client.apiKey) await this._client.deleteSession(this.id);
         else await this._closeOverNewSocket();
-      } catch (error) {
+      } catch (caught) {
+        const error = caught instanceof BrokerError ? caught
+          : new BrokerError("token_failed", `no signaling token: ${caught?.message || caught}`);
         if (!GONE_CODES.has(error.code)) this._emit("error", { error });
       }
     }
@@ -251,25 +259,38 @@ export class Session extends EventTarget {
 
   /** `close` on a signaling socket opened only for it: no API key to `DELETE` with. */
   async _closeOverNewSocket() {
-    const granted = await this._getToken(this.id);
+    const timeout = this._client.requestTimeout;
+    const granted = await withinTime(Promise.resolve(this._getToken(this.id)), timeout,
+      "getToken did not answer");
     const url = typeof granted === "string" ? granted : granted?.signaling_url;
     if (!url) throw new BrokerError("token_failed", "getToken gave no signaling_url");
     await new Promise((resolve, reject) => {
       const socket = new WebSocket(url);
-      const timer = setTimeout(() => {
-        socket.close();
-        reject(new BrokerError("unreachable", "the signaling socket did not open to close"));
-      }, this._client.requestTimeout);
-      socket.onopen = () => {
+      const fail = (error) => {
         clearTimeout(timer);
-        socket.send(JSON.stringify({ type: "close" }));
+        socket.onmessage = socket.onclose = null;
         socket.close();
-        resolve();
+        reject(error);
       };
-      socket.onclose = () => {
-        clearTimeout(timer);
-        reject(new BrokerError("unreachable", "the signaling socket closed before it opened"));
+      const timer = setTimeout(() => fail(new BrokerError("unreachable",
+        "the signaling socket did not answer, to close the session")), timeout);
+      socket.onmessage = (event) => {
+        // An accepted connection is greeted with the session's state; an error (its
+        // token or origin refused, the session gone) means a close would go nowhere.
+        const frame = parseJson(event.data);
+        if (frame?.type === "state") {
+          clearTimeout(timer);
+          socket.onmessage = socket.onclose = null;
+          socket.send(JSON.stringify({ type: "close" }));
+          socket.close();
+          resolve();
+        } else if (frame?.type === "error") {
+          fail(new BrokerError(frame.code || "unknown", frame.message || "",
+            { fatal: Boolean(frame.fatal) }));
+        }
       };
+      socket.onclose = () => fail(new BrokerError("unreachable",
+        "the signaling socket closed before the session could be closed"));
     });
   }
 
@@ -499,6 +520,23 @@ export class Session extends EventTarget {
 }
 
 /** The JSON value of `text`, or undefined when it is not JSON. */
+/** `promise`, or a rejection (`unreachable`, `message`) after `ms` milliseconds. */
+function withinTime(promise, ms, message) {
+  let timer;
+  const late = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new BrokerError("unreachable", message)), ms);
+  });
+  return Promise.race([promise, late]).finally(() => clearTimeout(timer));
+}
+
+/** Settles once `socket` (connecting) opens or closes. */
+function openedOrClosed(socket) {
+  return new Promise((resolve) => {
+    socket.addEventListener("open", resolve, { once: true });
+    socket.addEventListener("close", resolve, { once: true });
+  });
+}
+
 function parseJson(text) {
   try {
     return JSON.parse(text);

@@ -797,7 +797,7 @@ async def test_a_post_whose_session_fails_before_its_answer_is_answered_at_once(
         tower.connection.deliver(PeerRejected(opened.session, 1, "tower_full", "full"))
     error = outcome["error"]
     assert (error.status, error.code) == (503, "no_tower")
-    assert "tower_full: full" in error.message
+    assert "tower_full: full" in error.message and "ended before its answer" in error.message
     assert outcome["took"] < 1
     await trio.testing.wait_all_tasks_blocked()
     assert broker.counters.by_key["key"] == 0

@@ -216,6 +216,34 @@ def test_a_session_followed_without_an_api_key_is_ended_by_close_while_reconnect
     assert (outcome["state"], outcome.get("reason")) == ("closed", "closed by the client")
 
 
+def test_a_close_as_the_signaling_socket_connects_goes_over_that_socket(broker, page):
+    """Right after openSession: a second socket for the close would replace the first
+    (a false 'replaced' error), or be replaced (and its close go nowhere)."""
+    open_demo(page, broker)
+    outcome = page.evaluate("""async () => {
+        const { BrokerClient } = await import('/client/broker-client.js');
+        const backend = new BrokerClient({ apiKey: window.demo.client.apiKey });
+        const grant = await backend.createSession({ application: 'echo' });
+        const keyless = new BrokerClient({ apiKey: null });
+        const tokens = [];
+        const session = keyless.openSession(grant, {
+            getToken: id => { tokens.push(id); return backend.newToken(id); } });
+        const errors = [];
+        session.addEventListener('error', e => errors.push(e.detail.error.code));
+        await session.close();
+        for (let tries = 0; tries < 50; tries++) {
+            const shown = await backend.getSession(grant.id).catch(e => ({ state: e.code }));
+            if (shown.state !== 'connected' && shown.state !== 'negotiating') {
+                return { shown, errors, tokens: tokens.length };
+            }
+            await new Promise(resolve => setTimeout(resolve, 100));
+        }
+        return { shown: { state: 'still live' }, errors, tokens: tokens.length };
+    }""")
+    assert outcome["shown"]["state"] == "closed"
+    assert outcome["errors"] == [] and outcome["tokens"] == 0
+
+
 def test_a_session_that_fails_for_good_shows_its_reason(tmp_path, page):
     broker = start_broker(tmp_path, towers=1, negotiation_deadline=3.0, heartbeat_interval=0.5,
                           heartbeat_timeout=2.0, negotiation_restarts=0,
