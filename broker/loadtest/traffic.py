@@ -1,8 +1,9 @@
 """The data a simulated browser sends: echo messages at a steady rate (asyncio side);
 and what it counts of the tower's video, once a second, when it asked for video.
 
-Each message carries a sequence number, so a late reply is told from the current one
-and a lost one costs one timeout, not every later measurement. The figures go into the
+The messages go on a fixed timetable, whether or not the earlier ones are back (open
+loop), each with a sequence number, so that every reply is matched to its message and a
+lost one costs one timeout, not every later measurement. The figures go into the
 worker's ``Tally`` (plain counters and lists, read by the worker's trio side between
 reports; both sides run on the one thread of the asyncio loop).
 """
@@ -82,46 +83,100 @@ async def send_steadily(
 ) -> None:
     """Echo ``size``-byte messages at ``rate`` per second over ``holder.peer`` (the
     session's current peer: a repair replaces it) until ``until`` (``time.monotonic``);
-    look at the video once a second, and once more at the end."""
+    look at the video once a second, and once more at the end.
+
+    The messages go on a fixed timetable (open loop): each when its time comes, whether
+    or not the earlier ones are back, so a slow server is offered the same load as a
+    quick one and its slowness shows in every round trip it caused. A message not back
+    within ``ECHO_TIMEOUT`` counts as a timeout, and as a round trip of that long.
+    """
     interval = 1.0 / rate
-    sequence = 0
+    echoes = Echoes(tally)
     video, video_next = VideoCount(tally), 0.0
     # Spread the sessions' sends over the interval, so they do not all send at once.
     await asyncio.sleep(random.uniform(0, interval))
-    while time.monotonic() < until:
-        started = time.monotonic()
-        peer = holder.peer
-        if peer is not None and started >= video_next:
-            video_next = started + VIDEO_INTERVAL
-            await video.look(peer)
-        if peer is not None and peer.echo_channel.readyState == "open":
-            sequence += 1
-            await _one_echo(peer, sequence, size, tally)
-        await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
-    if holder.peer is not None:
-        await video.look(holder.peer)
+    due = time.monotonic()
+    try:
+        while due < until:
+            peer = holder.peer
+            if peer is not None and due >= video_next:
+                video_next = due + VIDEO_INTERVAL
+                await video.look(peer)
+            if peer is not None and peer.echo_channel.readyState == "open":
+                echoes.send(peer, size)
+            echoes.expire()
+            due += interval
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+        # The last ones may still come back: counted either way.
+        await echoes.settle()
+        if holder.peer is not None:
+            await video.look(holder.peer)
+    finally:
+        echoes.stop()
 
 
-async def _one_echo(peer: Any, sequence: int, size: int, tally: Tally) -> None:
-    head = f"{sequence}:"
-    payload = head + "x" * max(0, size - len(head))
-    tally.sent += 1
-    started = time.perf_counter()
-    peer.echo_channel.send(payload)
-    deadline = started + ECHO_TIMEOUT
-    while True:
-        left = deadline - time.perf_counter()
-        try:
-            reply = await asyncio.wait_for(peer.reply(), max(left, 0.001))
-        except asyncio.TimeoutError:
-            tally.timeouts += 1
+class Echoes:
+    """The echo messages of one session in flight, by sequence number: sent by
+    ``send``, matched as their replies come (a reader per peer), expired after
+    ``ECHO_TIMEOUT``."""
+
+    def __init__(self, tally: Tally) -> None:
+        self.tally = tally
+        self.sequence = 0
+        self.in_flight: dict[int, tuple[float, int]] = {}  # sequence: sent at, size
+        self.peer: Any = None
+        self.reader: asyncio.Task[None] | None = None
+        self.changed = asyncio.Event()
+
+    def send(self, peer: Any, size: int) -> None:
+        if peer is not self.peer:
+            # A repair's new peer: the old one's replies will not come.
+            self.stop()
+            self.peer, self.reader = peer, asyncio.ensure_future(self._read(peer))
+        self.sequence += 1
+        head = f"{self.sequence}:"
+        payload = head + "x" * max(0, size - len(head))
+        self.in_flight[self.sequence] = (time.perf_counter(), len(payload))
+        self.tally.sent += 1
+        peer.echo_channel.send(payload)
+
+    def expire(self) -> None:
+        oldest = time.perf_counter() - ECHO_TIMEOUT
+        for sequence, (sent_at, _) in list(self.in_flight.items()):
+            if sent_at > oldest:
+                break  # in order of sending
+            del self.in_flight[sequence]
+            self.tally.timeouts += 1
             # In the round trips too, at the least it took: left out, the slowest
             # messages of an overloaded run would vanish from its percentiles.
-            tally.round_trips.append(ECHO_TIMEOUT)
-            return
-        if reply == payload:
-            tally.round_trips.append(time.perf_counter() - started)
-            tally.echoed += 1
-            tally.bytes_echoed += len(payload)
-            return
-        # A reply to an earlier message that timed out: skip it.
+            self.tally.round_trips.append(ECHO_TIMEOUT)
+
+    async def settle(self) -> None:
+        """Until every message in flight is back or expired."""
+        while self.in_flight:
+            self.changed.clear()
+            oldest = next(iter(self.in_flight.values()))[0]
+            left = oldest + ECHO_TIMEOUT - time.perf_counter()
+            try:
+                await asyncio.wait_for(self.changed.wait(), max(left, 0.0))
+            except asyncio.TimeoutError:
+                pass
+            self.expire()
+
+    def stop(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+            self.reader = None
+
+    async def _read(self, peer: Any) -> None:
+        while True:
+            reply = await peer.reply()
+            head = reply.partition(":")[0] if isinstance(reply, str) else ""
+            sent = self.in_flight.pop(int(head), None) if head.isdigit() else None
+            if sent is None:
+                continue  # one that had expired already
+            sent_at, size = sent
+            self.tally.round_trips.append(time.perf_counter() - sent_at)
+            self.tally.echoed += 1
+            self.tally.bytes_echoed += size
+            self.changed.set()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from types import SimpleNamespace
+from typing import Any
 
 from broker.client_peer import ClientPeer
 from broker.loadtest import traffic
@@ -34,25 +36,60 @@ def test_the_video_that_arrived_after_the_last_look_is_counted_at_the_end():
     run(scenario)
 
 
+class Deaf(EchoApplication):
+    """Takes the client's channels, and answers nothing on them."""
+
+    def channel_opened(self, channel) -> None:
+        pass
+
+
+class Slow(EchoApplication):
+    """Echoes every message 0.3 s after it came."""
+
+    def channel_opened(self, channel) -> None:
+        loop = asyncio.get_running_loop()
+        channel.on("message", lambda message: loop.call_later(0.3, channel.send, message))
+
+
+async def answered_by(application: EchoApplication) -> tuple[ClientPeer, Any]:
+    client = ClientPeer()
+    tower = await answer_offer(await client.offer(), application=application,
+                               on_event=lambda _: None)
+    await client.accept(tower.answer_sdp)
+    await client.wait_open()
+    return client, tower
+
+
 def test_a_message_never_echoed_counts_in_the_round_trips_at_the_timeout(monkeypatch):
     monkeypatch.setattr(traffic, "ECHO_TIMEOUT", 0.2)
 
-    class Deaf(EchoApplication):
-        """Takes the client's channels, and answers nothing on them."""
-
-        def channel_opened(self, channel) -> None:
-            pass
-
     async def scenario():
-        client = ClientPeer()
-        tower = await answer_offer(await client.offer(), application=Deaf(),
-                                   on_event=lambda _: None)
+        client, tower = await answered_by(Deaf())
         try:
-            await client.accept(tower.answer_sdp)
-            await client.wait_open()
             tally = Tally()
-            await traffic._one_echo(client, 1, 10, tally)
-            assert (tally.timeouts, tally.round_trips) == (1, [0.2])
+            echoes = traffic.Echoes(tally)
+            echoes.send(client, 10)
+            await echoes.settle()
+            echoes.stop()
+            assert (tally.sent, tally.timeouts, tally.round_trips) == (1, 1, [0.2])
+        finally:
+            await tower.close()
+            await client.close()
+
+    run(scenario)
+
+
+def test_messages_go_on_their_timetable_whatever_the_round_trip():
+    # A round trip of 0.3 s at 10 messages a second: waiting for each echo before the
+    # next, a session sent 3 a second, and a slow server was offered a third of the load.
+    async def scenario():
+        client, tower = await answered_by(Slow())
+        try:
+            tally = Tally()
+            await send_steadily(SimpleNamespace(peer=client), tally, rate=10, size=10,
+                                until=time.monotonic() + 1.0)
+            assert tally.sent >= 9 and tally.echoed == tally.sent and tally.timeouts == 0
+            assert min(tally.round_trips) >= 0.3
         finally:
             await tower.close()
             await client.close()
