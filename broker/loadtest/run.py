@@ -447,8 +447,8 @@ class Run:
                 "sent": self.totals["sent"],
                 "echoed": self.totals["echoed"],
                 "timeouts": self.totals["timeouts"],
-                # Each session waits for its echo before it sends again: past a round
-                # trip of 1/message_rate, fewer are sent than planned, and this says so.
+                # What the sessions sent: as planned, unless they were repairing (they
+                # send on a timetable, not after each echo).
                 "sent_per_second_steady": _rate(steady, "sent"),
                 "echoed_per_second_steady": _rate(steady, "echoed"),
                 "bytes_per_second_steady": _rate(steady, "bytes"),
