@@ -331,11 +331,9 @@ def _tower_run(arguments: argparse.Namespace) -> int:
         bridge.run(run_agent, settings)
     except bridge.Interrupted:
         pass
-    except ActorCrashed as crash:
-        print(f"broker tower run: cannot start: {crash.error}", file=sys.stderr)
-        return 1
-    except OSError as error:
-        print(f"broker tower run: cannot start: {error}", file=sys.stderr)
+    except (ActorCrashed, OSError) as error:
+        reason = error.error if isinstance(error, ActorCrashed) else error
+        print(f"broker tower run: cannot start: {reason}", file=sys.stderr)
         return 1
     return 0
 

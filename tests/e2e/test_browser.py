@@ -187,12 +187,25 @@ def test_an_expired_token_is_reported_and_the_client_gets_a_fresh_one(broker, pa
     assert outcome["state"] in ("connected", "closed")
 
 
+# In a page's script: the session as its backend sees it once it is no longer live.
+UNTIL_ENDED = """
+    async function untilEnded(backend, id) {
+        for (let tries = 0; tries < 50; tries++) {
+            const shown = await backend.getSession(id).catch(e => ({ state: e.code }));
+            if (shown.state !== 'connected' && shown.state !== 'negotiating') return shown;
+            await new Promise(resolve => setTimeout(resolve, 100));
+        }
+        return { state: 'still live' };
+    }
+"""
+
+
 def test_a_session_followed_without_an_api_key_is_ended_by_close_while_reconnecting(
         broker, page):
     """A page whose backend made the grant holds no key: with its socket down, its close
     goes over a socket opened for it (it used to end nothing at the broker)."""
     open_demo(page, broker)
-    outcome = page.evaluate("""async () => {
+    outcome = page.evaluate("""async () => {""" + UNTIL_ENDED + """
         const { BrokerClient } = await import('/client/broker-client.js');
         const backend = new BrokerClient({ apiKey: window.demo.client.apiKey });
         const grant = await backend.createSession({ application: 'echo' });
@@ -203,15 +216,13 @@ def test_a_session_followed_without_an_api_key_is_ended_by_close_while_reconnect
             session.addEventListener('open', resolve, { once: true });
             setTimeout(() => reject(new Error('never opened')), 15000);
         });
-        session._socket.close();  // dropped: the session is reconnecting as it closes
-        await new Promise(resolve => setTimeout(resolve, 50));
+        // Dropped: the session is reconnecting as it closes.
+        const down = new Promise(resolve => session.addEventListener(
+            'signaling', e => { if (!e.detail.connected) resolve(); }));
+        session._socket.close();
+        await down;
         await session.close();
-        for (let tries = 0; tries < 50; tries++) {
-            const shown = await backend.getSession(grant.id).catch(e => ({ state: e.code }));
-            if (shown.state !== 'connected' && shown.state !== 'negotiating') return shown;
-            await new Promise(resolve => setTimeout(resolve, 100));
-        }
-        return { state: 'still live' };
+        return untilEnded(backend, grant.id);
     }""")
     assert (outcome["state"], outcome.get("reason")) == ("closed", "closed by the client")
 
@@ -220,7 +231,7 @@ def test_a_close_as_the_signaling_socket_connects_goes_over_that_socket(broker, 
     """Right after openSession: a second socket for the close would replace the first
     (a false 'replaced' error), or be replaced (and its close go nowhere)."""
     open_demo(page, broker)
-    outcome = page.evaluate("""async () => {
+    outcome = page.evaluate("""async () => {""" + UNTIL_ENDED + """
         const { BrokerClient } = await import('/client/broker-client.js');
         const backend = new BrokerClient({ apiKey: window.demo.client.apiKey });
         const grant = await backend.createSession({ application: 'echo' });
@@ -231,14 +242,7 @@ def test_a_close_as_the_signaling_socket_connects_goes_over_that_socket(broker, 
         const errors = [];
         session.addEventListener('error', e => errors.push(e.detail.error.code));
         await session.close();
-        for (let tries = 0; tries < 50; tries++) {
-            const shown = await backend.getSession(grant.id).catch(e => ({ state: e.code }));
-            if (shown.state !== 'connected' && shown.state !== 'negotiating') {
-                return { shown, errors, tokens: tokens.length };
-            }
-            await new Promise(resolve => setTimeout(resolve, 100));
-        }
-        return { shown: { state: 'still live' }, errors, tokens: tokens.length };
+        return { shown: await untilEnded(backend, grant.id), errors, tokens: tokens.length };
     }""")
     assert outcome["shown"]["state"] == "closed"
     assert outcome["errors"] == [] and outcome["tokens"] == 0

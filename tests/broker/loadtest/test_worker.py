@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import trio
+import trio.testing
 
 from actors import bridge
 from broker.loadtest.worker import Plan, Worker, _reason
@@ -31,13 +32,15 @@ class LosingSession:
 
     def __init__(self) -> None:
         self.frames: list[dict] = [{"type": "state", "state": "connected"}]
+        self.lost = trio.Event()
 
     def lose(self) -> None:
         self.frames.append({"type": "state", "state": "failed"})
+        self.lost.set()
 
     async def wait_for(self, predicate, timeout: float) -> None:
-        while not predicate(None):
-            await trio.sleep(0.01)
+        if not predicate(None):
+            await self.lost.wait()
 
 
 def test_a_session_lost_before_the_end_stops_there_and_counts_as_lost_only():
@@ -49,7 +52,7 @@ def test_a_session_lost_before_the_end_stops_there_and_counts_as_lost_only():
     session = LosingSession()
 
     async def lose_soon() -> None:
-        await trio.sleep(0.1)
+        await trio.testing.wait_all_tasks_blocked()  # sending, and following the session
         session.lose()
 
     async def main() -> bool:

@@ -4,6 +4,7 @@ a real aiortc client on the asyncio side, the actor on trio as the agent runs it
 from __future__ import annotations
 
 import trio
+import trio.testing
 
 from actors import ChildSpec, Restart, bridge, open_system
 from broker.client_peer import new_peer
@@ -44,7 +45,7 @@ def test_a_candidate_before_the_answer_is_added_before_the_end_of_candidates():
                     await peer.tell(AddCandidate("s-1", 1, EARLY, "0", 0))
                     await answering.wait()
                     await peer.tell(AddCandidate("s-1", 1, "", "0", 0))
-                    await trio.sleep(0.1)
+                    await trio.testing.wait_all_tasks_blocked()  # the peer has it queued
                     link_free.set()
                     ice = made[0].tower_peer._connection.sctp.transport.transport._connection
                     while not ice._remote_candidates_end:  # the end, once it is added
