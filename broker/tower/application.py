@@ -41,6 +41,7 @@ from aiortc.rtcsctptransport import (
     LOCAL_MAX_MESSAGE_SIZE,
     SCTP_DATA_FIRST_FRAG,
     SCTP_DATA_LAST_FRAG,
+    RTCSctpTransport,
     tsn_plus_one,
 )
 from aiortc.sdp import SessionDescription, candidate_from_sdp
@@ -49,6 +50,7 @@ from ..config import check_ice_servers
 from ..link import MAX_CANDIDATES
 from .dtls import peer_connection
 from .media import SyntheticVideoTrack
+from .sctp import bundle_acknowledgements
 
 __all__ = [
     "APPLICATIONS",
@@ -313,7 +315,10 @@ class TowerPeer:
             transceiver.kind for transceiver in self._connection.getTransceivers()
             if transceiver.direction in ("recvonly", "sendrecv")
         )
-        self._guard_messages()
+        sctp = self._connection.sctp
+        if sctp is not None:  # an offer with data channels
+            self._guard_messages(sctp)
+            bundle_acknowledgements(sctp)
         for track in self._application.media(kinds):
             self._connection.addTrack(track)
         await self._connection.setLocalDescription(await self._connection.createAnswer())
@@ -333,7 +338,7 @@ class TowerPeer:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _guard_messages(self) -> None:
+    def _guard_messages(self, sctp: RTCSctpTransport) -> None:
         """Fail the peer when its client sends a message over the tower's advertised
         ``max-message-size`` or ignores the SCTP receive window.
 
@@ -341,9 +346,6 @@ class TowerPeer:
         message, and looks through all of them again for each one that arrives, so one
         endless message took the whole tower's CPU and memory.
         """
-        sctp = self._connection.sctp
-        if sctp is None:
-            return
         receive, deliver = sctp._receive_data_chunk, sctp._receive
         window = sctp._advertised_rwnd
         too_large = f"the client sent a message over {MAX_MESSAGE_SIZE} bytes"
