@@ -32,6 +32,7 @@ import trio
 import hypercorn.events
 import hypercorn.protocol
 import hypercorn.protocol.h2
+import hypercorn.protocol.ws_stream
 import hypercorn.trio.run
 import hypercorn.trio.tcp_server
 from hypercorn.config import Config
@@ -71,6 +72,7 @@ from .signaling import (
     SignalingError,
     SignalingTokens,
     check_offer_sdp,
+    frame_cost,
     parse_client_frame,
 )
 from .towers import TowerDirectory
@@ -305,8 +307,6 @@ class BrokerApi:
                 self.counters.by_key[key] -= 1
             raise ApiError(503, "no_tower", f"the session could not start: {error.error}")
         created = {"id": session_id, "state": session.state.value, "tower": tower.name}
-        created.update(self._token(session_id))
-        created["ice_servers"] = list(self.settings.ice_servers)
         if offer is not None:
             if not session.state.ended:  # (it may have had nowhere to go from its start)
                 created["answer"] = await self._answer(session_id, offer)
@@ -316,6 +316,9 @@ class BrokerApi:
                 raise ApiError(503, "no_tower",
                                f"the session ended before its answer: {session.lifecycle.reason}")
             created["state"] = session.state.value
+        # Issued once the answer is in: its lifetime is the client's from the response.
+        created.update(self._token(session_id))
+        created["ice_servers"] = list(self.settings.ice_servers)
         return created
 
     async def _answer(self, session_id: str, offer: str) -> str | None:
@@ -403,8 +406,13 @@ class BrokerApi:
             outbox, frames = trio.open_memory_channel[dict[str, Any]](CLIENT_OUTBOX_SIZE)
             try:
                 await session.ask(AttachClient(outbox))
-            except (ActorStopped, AskTimeout):
+            except ActorStopped:
                 raise SignalingError("session_not_found", "the session has ended") from None
+            except AskTimeout:
+                frames.close()  # so the session, when it comes to the attach, passes it by
+                raise SignalingError(
+                    "busy", "the session did not take the connection in time; connect again"
+                ) from None
         except SignalingError as error:
             await send_frame(error.frame())
             await close(error.close_code)
@@ -478,9 +486,9 @@ class BrokerApi:
             if data is None:
                 data = event.get("bytes") or b""
             try:
-                if not limit.allow(trio.current_time()):
-                    raise SignalingError(
-                        "rate_limited", f"more than {MAX_FRAMES_PER_SECOND} frames a second")
+                if not limit.allow(trio.current_time(), frame_cost(data)):
+                    raise SignalingError("rate_limited", f"more than {MAX_FRAMES_PER_SECOND} "
+                                         "frames, or KiB of frames, a second")
                 message = parse_client_frame(data)
             except SignalingError as error:
                 await send_frame(error.frame())
@@ -506,12 +514,13 @@ async def _drain(receive: Receive) -> None:
 
 
 def _origin(origin: str) -> tuple[str, str, int]:
-    """(scheme, host, port) of an origin, with the scheme's default port filled in."""
-    parts = urlsplit(origin.strip().lower())
+    """(scheme, host, port) of an origin, with the scheme's default port filled in; one
+    that does not parse (``https://[``) is no host's."""
     try:
+        parts = urlsplit(origin.strip().lower())
         port = parts.port
     except ValueError:
-        port = -1
+        return "", "", -1
     default = {"https": 443, "http": 80}.get(parts.scheme, -1)
     return parts.scheme, parts.hostname or "", default if port is None else port
 
@@ -639,6 +648,20 @@ class _ContainedTCPServer(hypercorn.trio.tcp_server.TCPServer):
                 vars(stream).pop("_handshook", None)
 
 
+class _HandshakeWithoutCompression(hypercorn.protocol.ws_stream.Handshake):
+    """A WebSocket handshake that turns down ``permessage-deflate``.
+
+    hypercorn accepts compression whenever a client offers it, and wsproto inflates a
+    frame whole before any size is looked at: 200 KB sent with no valid token were
+    inflated to 200 MiB, half a second of the broker's CPU. Signaling frames are small
+    JSON: they go uncompressed, and a compressed frame is a protocol error (1002).
+    """
+
+    def __init__(self, headers: Any, http_version: str) -> None:
+        super().__init__(headers, http_version)
+        self.extensions = None
+
+
 class _H2WithoutWebSockets(hypercorn.protocol.h2.H2Protocol):
     """HTTP/2 without RFC 8441 WebSockets, whose stream handling has that bug: browsers
     open the signaling socket over HTTP/1.1 instead.
@@ -675,6 +698,7 @@ class _H2WithoutWebSockets(hypercorn.protocol.h2.H2Protocol):
 
 hypercorn.trio.run.TCPServer = _ContainedTCPServer  # type: ignore[misc]
 hypercorn.protocol.H2Protocol = _H2WithoutWebSockets  # type: ignore[misc]
+hypercorn.protocol.ws_stream.Handshake = _HandshakeWithoutCompression  # type: ignore[misc]
 
 
 class Endpoint(Actor):

@@ -25,6 +25,8 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+from .link import MAX_CANDIDATES
+
 
 class SessionState(enum.Enum):
     NEGOTIATING = "negotiating"
@@ -121,6 +123,7 @@ class SessionLifecycle:
         self.max_placements = max_placements
         self.reason = ""
         self.offer_taken = False
+        self.candidates = 0  # forwarded for the offer taken
         self.move_requested = False
 
     # What happens.
@@ -160,6 +163,7 @@ class SessionLifecycle:
                 f"an offer is not expected while the session is {self._describe_wait()}",
             ))]
         self.offer_taken = True
+        self.candidates = 0
         return [ForwardOffer(self.negotiation, sdp)]
 
     def candidate(
@@ -176,6 +180,12 @@ class SessionLifecycle:
             return [SendToClient(error_frame(
                 "unexpected_message", "a candidate must follow the offer it belongs to"
             ))]
+        if self.candidates == MAX_CANDIDATES:
+            # The tower would refuse it too, but each would cross the link all sessions
+            # on that tower share.
+            return [SendToClient(error_frame(
+                "invalid_message", f"more than {MAX_CANDIDATES} candidates for one offer"))]
+        self.candidates += 1
         return [ForwardCandidate(self.negotiation, candidate, sdp_mid, sdp_mline_index)]
 
     def offer_rejected(self, number: int, code: str, message: str) -> list[Decision]:

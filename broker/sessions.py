@@ -358,7 +358,11 @@ class Session(Supervisor):
         self._fail("the restarts on each tower were used up")
         return False
 
-    def _attach(self, outbox: trio.MemorySendChannel[dict[str, Any]]) -> dict[str, Any]:
+    def _attach(self, outbox: trio.MemorySendChannel[dict[str, Any]]) -> dict[str, Any] | None:
+        if outbox.statistics().open_receive_channels == 0:
+            # Its connection stopped waiting for this attach (the session was busy): the
+            # one attached, if any, stays, and nothing is sent where nobody reads.
+            return None
         if self.client is not None:
             _send(self.client, error_frame(
                 "replaced", "another signaling connection took over this session", fatal=True

@@ -26,6 +26,8 @@ MAX_FRAME_BYTES = 64 * 1024
 MAX_FRAMES_PER_SECOND = 100
 # More media sections than any offer has; an index past it names nothing.
 MAX_SECTIONS = 1024
+# A media section's identification (RFC 8843 keeps it to 16 bytes on the wire).
+MAX_MID_LENGTH = 64
 # Close codes: 4000 + the HTTP status the error resembles.
 CLOSE_CODES = {
     "invalid_token": 4401,
@@ -34,6 +36,7 @@ CLOSE_CODES = {
     "replaced": 4409,
     "frame_too_large": 4413,
     "rate_limited": 4429,
+    "busy": 4503,
 }
 
 
@@ -94,6 +97,9 @@ def parse_client_frame(data: str | bytes) -> ClientMessage:
         index = _field(frame, "sdpMLineIndex", int, nullable=True, required=False)
         if len(candidate) > 1024:
             raise SignalingError("invalid_message", "a candidate is at most 1024 characters")
+        if sdp_mid is not None and len(sdp_mid) > MAX_MID_LENGTH:
+            raise SignalingError(
+                "invalid_message", f"an sdpMid is at most {MAX_MID_LENGTH} characters")
         return ClientCandidate(candidate, sdp_mid, index, _negotiation(frame))
     if kind == "close":
         _expect_fields(frame, {"type"})
@@ -175,21 +181,31 @@ def is_encodable(text: str) -> bool:
 
 
 class RateLimit:
-    """A token bucket: ``rate`` frames per second, bursts up to ``rate``."""
+    """A token bucket: ``rate`` tokens a second, bursts up to ``rate``.
+
+    A frame takes one token and one more per KiB (``frame_cost``): parsing an offer
+    costs the broker about 8 us a line, so a socket sending only the largest offers
+    would otherwise have it parse 6 MiB of SDP a second.
+    """
 
     def __init__(self, rate: float = MAX_FRAMES_PER_SECOND) -> None:
         self.rate = rate
         self.tokens = rate
         self.updated: float | None = None
 
-    def allow(self, now: float) -> bool:
+    def allow(self, now: float, cost: int = 1) -> bool:
         if self.updated is not None:
             self.tokens = min(self.rate, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
-        if self.tokens < 1:
+        if self.tokens < cost:
             return False
-        self.tokens -= 1
+        self.tokens -= cost
         return True
+
+
+def frame_cost(data: str | bytes) -> int:
+    """The tokens a frame takes: one, and one per KiB up to the largest frame's 64."""
+    return 1 + min(len(data), MAX_FRAME_BYTES) // 1024
 
 
 class SignalingTokens:

@@ -20,7 +20,8 @@ const GONE_CODES = new Set(["not_found", "session_not_found"]);
 const FINAL_CODES = new Set(["session_not_found", "replaced", "origin_not_allowed"]);
 // Close codes of fatal errors, for a close whose error frame was not seen.
 const CLOSE_CODE_ERRORS = { 4401: "invalid_token", 4403: "origin_not_allowed",
-  4404: "session_not_found", 4409: "replaced", 4413: "frame_too_large", 4429: "rate_limited" };
+  4404: "session_not_found", 4409: "replaced", 4413: "frame_too_large", 4429: "rate_limited",
+  4503: "busy" };
 
 /** An error from the broker (HTTP or signaling), or from reaching it. */
 export class BrokerError extends Error {

@@ -10,7 +10,10 @@ timeouts pass only when a test moves it.
 
 import functools
 import gc
+import json
 import weakref
+import zlib
+from types import SimpleNamespace
 
 import h2.config
 import h2.errors
@@ -20,9 +23,14 @@ import hypercorn.trio.run
 import pytest
 import trio
 import trio.testing
+import wsproto
+import wsproto.events
+import wsproto.frame_protocol
 from hypercorn.config import Config
 from hypercorn.trio import serve
+from wsproto.extensions import PerMessageDeflate
 
+from actors import AskTimeout
 from broker import endpoint
 from broker.client import trusting
 from broker.pki import self_signed_server_certificate
@@ -329,3 +337,89 @@ async def test_an_http2_websocket_we_did_not_offer_is_reset_and_the_connection_s
     [answered] = [event for event in events if isinstance(event, h2.events.ResponseReceived)]
     assert (answered.stream_id, dict(answered.headers)[b":status"]) == (3, b"200")
     await stream.aclose()
+
+
+async def echo_socket(scope, receive, send) -> None:
+    if scope["type"] != "websocket":
+        await ok(scope, receive, send)
+        return
+    await receive()
+    await send({"type": "websocket.accept"})
+    while (event := await receive())["type"] == "websocket.receive":
+        await send({"type": "websocket.send", "text": event["text"]})
+
+
+async def test_a_websocket_turns_down_compression_and_refuses_a_compressed_frame(
+    mock_clock, certificate
+):
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.certfile = str(certificate / "certificate.pem")
+    config.keyfile = str(certificate / "key.pem")
+    config.accesslog = None
+    async with trio.open_nursery() as nursery:
+        [bind] = await nursery.start(functools.partial(serve, echo_socket, config, mode="asgi"))
+        client = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+        stream = await tls_connection(int(bind.rsplit(":", 1)[1]), certificate)
+        await stream.send_all(client.send(wsproto.events.Request(
+            host="localhost", target="/", extensions=[PerMessageDeflate()])))
+        client.receive_data(await stream.receive_some(4096))
+        [accepted] = list(client.events())
+        assert isinstance(accepted, wsproto.events.AcceptConnection)
+        assert accepted.extensions == []
+        # A frame marked compressed (RSV1), as a client that ignored the answer sends it.
+        deflate = zlib.compressobj(wbits=-15)
+        payload = deflate.compress(b"x" * 10_000) + deflate.flush(zlib.Z_SYNC_FLUSH)
+        await stream.send_all(bytes([0xC1, 0xFE]) + len(payload[:-4]).to_bytes(2, "big")
+                              + bytes(4) + payload[:-4])
+        # wsproto takes it for a protocol error and hypercorn drops the connection.
+        received = b""
+        with pytest.raises(trio.BrokenResourceError):
+            while data := await stream.receive_some(4096):
+                received += data
+        assert received == b""
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("origin, parts", [
+    ("https://Broker.example", ("https", "broker.example", 443)),
+    ("http://127.0.0.1:8080", ("http", "127.0.0.1", 8080)),
+    ("https://[", ("", "", -1)),
+    ("https://[zz]", ("", "", -1)),
+    ("https://x:99999", ("", "", -1)),
+    ("null", ("", "", -1)),
+])
+def test_an_origin_is_read_and_a_malformed_one_is_no_hosts(origin, parts):
+    assert endpoint._origin(origin) == parts
+
+
+async def test_a_session_too_busy_to_take_the_socket_is_not_called_ended(autojump_clock):
+    # It used to be told session_not_found (4404), and the clients, taking that for final,
+    # left a live session.
+    attaching = []
+
+    class BusySession:
+        async def ask(self, message):
+            attaching.append(message.outbox)
+            raise AskTimeout("/broker/sessions/session:s-1", 5.0)
+
+    api = SimpleNamespace(_signaling_session=lambda scope: BusySession())
+    events = [{"type": "websocket.connect"}, {"type": "websocket.disconnect"}]
+    sent = []
+
+    async def receive():
+        return events.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    await endpoint.BrokerApi._websocket(api, {"scheme": "wss"}, receive, send)
+    accept, error, close = sent
+    assert accept["type"] == "websocket.accept"
+    frame = json.loads(error["text"])
+    assert (frame["code"], frame["fatal"]) == ("busy", True)
+    assert close == {"type": "websocket.close", "code": 4503}
+    # The session, coming to the attach later, finds nobody reading.
+    [outbox] = attaching
+    assert outbox.statistics().open_receive_channels == 0

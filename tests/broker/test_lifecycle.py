@@ -13,6 +13,7 @@ from broker.lifecycle import (
     SessionState,
     error_frame,
 )
+from broker.link import MAX_CANDIDATES
 
 OFFER = "v=0 offer"
 
@@ -205,6 +206,17 @@ def test_a_candidate_after_the_offer_is_forwarded():
 def test_the_end_of_candidates_is_forwarded_too():
     lifecycle = offered()
     assert lifecycle.candidate("", None, None) == [ForwardCandidate(1, "", None, None)]
+
+
+def test_candidates_past_the_100th_for_one_offer_are_refused_by_the_broker():
+    lifecycle = offered()
+    for _ in range(MAX_CANDIDATES):
+        assert lifecycle.candidate("", "0", 0) == [ForwardCandidate(1, "", "0", 0)]
+    assert error_codes(lifecycle.candidate("", "0", 0)) == ["invalid_message"]
+    # A new offer (here, after the first was refused) has its own 100.
+    lifecycle.offer_rejected(1, "invalid_sdp", "no")
+    lifecycle.offer(OFFER)
+    assert lifecycle.candidate("", "0", 0) == [ForwardCandidate(1, "", "0", 0)]
 
 
 def test_candidates_once_connected_still_reach_the_negotiation():

@@ -697,6 +697,23 @@ async def test_a_client_too_slow_to_read_loses_its_outbox(autojump_clock, broker
     assert [frames.receive_nowait()["type"] for _ in range(2)] == ["state", "answer"]
 
 
+async def test_an_attach_whose_connection_stopped_waiting_replaces_nobody(
+    autojump_clock, broker
+):
+    # The endpoint gave up on a busy session's attach and closed its end: when the
+    # session comes to it, the client attached meanwhile stays, and no answer is lost.
+    tower = broker.towers["tower-1"]
+    client = await broker.open_session()
+    await client.new_frames()
+    await offer(client, tower, 1)
+    given_up, its_frames = trio.open_memory_channel[dict[str, Any]](64)
+    its_frames.close()
+    assert await client.ref.ask(AttachClient(given_up)) is None
+    tower.answer(client.session_id, 1)
+    [answer] = await client.new_frames()
+    assert answer["type"] == "answer" and not client.closed
+
+
 async def test_an_answer_nobody_was_there_to_take_comes_with_the_next_attach(
     autojump_clock, broker
 ):
@@ -801,6 +818,30 @@ async def test_a_post_whose_session_fails_before_its_answer_is_answered_at_once(
     assert outcome["took"] < 1
     await trio.testing.wait_all_tasks_blocked()
     assert broker.counters.by_key["key"] == 0
+
+
+async def test_the_token_of_a_post_with_an_offer_lives_its_whole_lifetime_from_the_answer(
+        autojump_clock, broker, monkeypatch):
+    # It was issued before the wait for the tower's answer, which may take the
+    # negotiation's deadline: a client had that much less of token_expires_in.
+    monkeypatch.setattr(endpoint, "check_offer_sdp", lambda sdp: None)
+    api = api_for(broker)
+    await trio.testing.wait_all_tasks_blocked()  # the towers' first load reports
+    created: dict[str, Any] = {}
+
+    async def post() -> None:
+        created.update(await api._create("key", {"offer": OFFER}))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(post)
+        await trio.testing.wait_all_tasks_blocked()
+        [tower] = [tower for tower in broker.towers.values() if tower.got(OpenPeer)]
+        [opened] = tower.got(OpenPeer)
+        await trio.sleep(8)  # a slow tower
+        tower.connection.deliver(PeerAnswer(opened.session, 1, "v=0 answer"))
+    assert created["answer"] == "v=0 answer"
+    last_moment = trio.current_time() + created["token_expires_in"] - 0.001
+    api.tokens.check(created["token"], created["id"], last_moment)
 
 
 async def test_a_post_offer_reaching_a_session_under_repair_is_left_to_the_socket(

@@ -22,6 +22,7 @@ from broker.signaling import (
     SignalingError,
     SignalingTokens,
     check_offer_sdp,
+    frame_cost,
     parse_client_frame,
 )
 
@@ -64,7 +65,8 @@ def without_lines(sdp: str, prefix: str) -> str:
 
 @functools.cache
 def protocol_error_table() -> dict[str, tuple[str, str]]:
-    """code -> (where, HTTP column) from PROTOCOL.md's table of errors."""
+    """code -> (where, HTTP column) from PROTOCOL.md's table of errors; of a code with a
+    row for the API and one for the socket, the socket's."""
     errors = PROTOCOL.read_text().split("\n## Errors\n")[1].split("\n## ")[0]
     rows = re.findall(r"^\| `([a-z_]+)` \| ([^|]*) \| ([^|]*) \|", errors, flags=re.MULTILINE)
     return {code: (where.strip(), http.strip()) for code, http, where in rows}
@@ -236,6 +238,13 @@ def test_a_candidate_is_at_most_1024_characters():
     assert error.code == "invalid_message"
 
 
+def test_an_sdp_mid_is_at_most_64_characters():
+    assert parse_client_frame(frame(type="candidate", candidate="", sdpMid="m" * 64)).sdp_mid \
+        == "m" * 64
+    error = refused(frame(type="candidate", candidate="", sdpMid="m" * 65))
+    assert (error.code, error.fatal) == ("invalid_message", False)
+
+
 # Close, and frames that are no message.
 
 
@@ -384,6 +393,7 @@ def test_fatal_errors_are_those_the_protocol_calls_fatal():
     ("replaced", 4409),
     ("frame_too_large", 4413),
     ("rate_limited", 4429),
+    ("busy", 4503),
 ])
 def test_fatal_errors_close_with_4000_plus_their_status(code, close_code):
     assert SignalingError(code, "").close_code == close_code
@@ -585,6 +595,25 @@ def test_a_quiet_connection_does_not_save_up_more_than_a_burst():
 def test_a_steady_100_frames_a_second_is_allowed():
     limit = RateLimit()
     assert all(limit.allow(index / 100) for index in range(1000))
+
+
+def test_a_frame_takes_one_token_and_one_per_kib():
+    assert [frame_cost(text) for text in ("", "x" * 1023, "x" * 1024, "x" * MAX_FRAME_BYTES)] \
+        == [1, 1, 2, 65]
+    # Larger frames are refused as too large, after taking no more than the largest.
+    assert frame_cost(b"x" * 2**20) == 65
+
+
+def test_large_offers_are_limited_by_their_size():
+    # A socket sending only 64 KiB offers gets the broker to parse 100 KiB a second.
+    limit = RateLimit()
+    offer = "x" * MAX_FRAME_BYTES
+    assert [limit.allow(0.0, frame_cost(offer)) for _ in range(2)] == [True, False]
+    assert not limit.allow(0.25, frame_cost(offer))  # 35 tokens left, 25 more since
+    assert limit.allow(0.3, frame_cost(offer))
+    # Ten a second for ten seconds: the burst and then 100 KiB a second get through.
+    allowed = sum(limit.allow(100 + attempt / 10, frame_cost(offer)) for attempt in range(100))
+    assert allowed == 16 and allowed * 65 <= 100 + 10 * 100
 
 
 def test_a_lower_rate():

@@ -265,6 +265,10 @@ def test_a_foreign_origin_is_refused_and_the_own_origin_accepted(broker, new_gra
         frames, close = await _first_frames(grant.signaling_url, certificate,
                                             origin="https://evil.example")
         assert frames[0]["code"] == "origin_not_allowed" and close == 4403
+        for malformed in ("https://[", "https://[zz]", "https://x:99999"):
+            frames, close = await _first_frames(grant.signaling_url, certificate,
+                                                origin=malformed)
+            assert frames[0]["code"] == "origin_not_allowed" and close == 4403
         frames, _ = await _first_frames(grant.signaling_url, certificate, origin=broker.url)
         assert frames[0]["type"] == "state"
         # Both names of the development certificate are the broker's own origin.
