@@ -3,9 +3,10 @@
 Theory of operation: an actor lives in a *cell* that outlasts its restarts: the cell
 holds the path, the mailbox, the counters and the monitors; the ``Actor`` object and the
 trio task that runs it make up one *incarnation*. A supervisor starts each incarnation
-in its own nursery and is told when it ends; the runner catches every ``Exception`` so
-that one actor's crash never cancels its siblings. A ref points at the cell, so it stays
-valid across restarts and only goes dead when the actor ends for good.
+in its own nursery and is told when it ends; the runner catches every ``Exception``, and
+lets nothing but the cancellation out of a cancelled actor, so that one actor's crash
+never cancels its siblings. A ref points at the cell, so it stays valid across restarts
+and only goes dead when the actor ends for good.
 
 A trace is an operator's window on the messages an actor takes. It hangs off the cell, so
 it outlives restarts; the actor's loop records into it without ever waiting (a full
@@ -19,7 +20,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -60,6 +61,10 @@ class Actor:
     _tasks: trio.Nursery | None = None
     _task_scopes: set[trio.CancelScope] = frozenset()  # type: ignore[assignment]
     _tasks_ended: trio.Event | None = None
+    # Around ``started`` and the mailbox loop of an actor that runs tasks: a task that
+    # raises cancels it, and the incarnation crashes with ``_task_failure``.
+    _work_scope: trio.CancelScope | None = None
+    _task_failure: Exception | None = None
     _cell: _Cell
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -128,9 +133,10 @@ class Actor:
 
         For the I/O an actor waits on besides its mailbox (a socket's reader, a child
         process, a timer). The task is cancelled when the incarnation ends, before
-        ``stopping`` runs; if it raises, the actor crashes with that error, as if
-        ``receive`` had raised it. Only actors whose class sets ``runs_tasks = True`` may
-        start tasks: the others pay for no nursery.
+        ``stopping`` runs; if it raises, the actor crashes with that error at once, as if
+        ``receive`` had raised it: a ``started`` or ``receive`` under way is cancelled
+        (an ask being handled fails with ``ActorCrashed``). Only actors whose class sets
+        ``runs_tasks = True`` may start tasks: the others pay for no nursery.
         """
         self._task_nursery_or_raise().start_soon(
             self._run_task, function, args, self._cell.incarnation, self._task_scope()
@@ -183,11 +189,19 @@ class Actor:
         except Exception as error:
             if reporting is not None and not reporting.reported:
                 raise
-            if self._tasks_ended is not None:
-                # Its incarnation is ending: nobody is left to crash.
+            if (
+                self._tasks_ended is not None
+                or self._task_failure is not None
+                or incarnation.scope.cancel_called
+            ):
+                # Its incarnation is ending already: nobody is left to crash.
                 _log_late_error(self._cell, "a task", error)
             else:
-                self._cell.mailbox.put_system(_TaskFailed(incarnation, error))
+                # Not queued as mail: the actor may be waiting on what this task was to
+                # produce, and would never read it.
+                self._task_failure = error
+                assert self._work_scope is not None
+                self._work_scope.cancel()
         finally:
             self._task_scopes.discard(scope)
             if not self._task_scopes and self._tasks_ended is not None:
@@ -212,6 +226,8 @@ class Actor:
     @asynccontextmanager
     async def _task_nursery(self) -> AsyncIterator[None]:
         self._task_scopes = set()
+        self._work_scope = trio.CancelScope()
+        self._task_failure = None
         async with trio.open_nursery() as nursery:
             self._tasks = nursery
             try:
@@ -227,10 +243,6 @@ class Actor:
         if item.__class__ is Down:
             await self.receive(item)
             cell.handled += 1
-            return None
-        if item.__class__ is _TaskFailed:
-            if item.incarnation is cell.incarnation:
-                raise item.error
             return None
         if item is _WAKE:
             return None
@@ -257,6 +269,9 @@ class Actor:
                     except BaseException as error:
                         if isinstance(error, Exception):
                             reply.crashed(cell.path, error)
+                        elif self._task_failure is not None:
+                            # Cut short by one of its tasks: that is the crash.
+                            reply.crashed(cell.path, self._task_failure)
                         else:
                             # Killed mid-request: the asker learns now, not at its deadline.
                             reply.fail(
@@ -288,6 +303,7 @@ class _NoResources:
 
 
 _NO_RESOURCES = _NoResources()
+_NO_SCOPE = nullcontext()
 
 
 @dataclass(frozen=True)
@@ -457,14 +473,6 @@ class _Reporting:
     def started(self, value: Any = None) -> None:
         self.reported = True
         self.status.started(value)
-
-
-class _TaskFailed:
-    __slots__ = ("incarnation", "error")
-
-    def __init__(self, incarnation: _Incarnation, error: Exception) -> None:
-        self.incarnation = incarnation
-        self.error = error
 
 
 class ChildExited:
@@ -917,15 +925,19 @@ async def run_incarnation(
                 incarnation.started_at = trio.current_time()
                 async with actor._lifetime():
                     try:
-                        await actor.started()
-                        cell.state = ActorState.RUNNING
-                        task_status.started(None)
-                        reported_start = True
-                        # Let go of the start-up nursery trio keeps behind task_status.
-                        task_status = trio.TASK_STATUS_IGNORED
-                        exit = await actor._serve()
+                        with actor._work_scope or _NO_SCOPE:
+                            await actor.started()
+                            cell.state = ActorState.RUNNING
+                            task_status.started(None)
+                            reported_start = True
+                            # Let go of the start-up nursery trio keeps behind task_status.
+                            task_status = trio.TASK_STATUS_IGNORED
+                            exit = await actor._serve()
                     except Exception as error:
                         exit = Exit(ExitKind.CRASHED, error)
+                    if actor._task_failure is not None:
+                        # One of its tasks raised and cut ``started`` or ``receive`` short.
+                        exit = Exit(ExitKind.CRASHED, actor._task_failure)
                     cell.state = ActorState.STOPPING
                     await actor._end_tasks()
                     exit = await _stopping(actor, exit)
@@ -934,6 +946,16 @@ async def run_incarnation(
                 if actor is not None and cell.state is ActorState.STARTING:
                     # Its lifetime did not begin: a supervisor whose children did not start.
                     exit = await _stopping(actor, exit)
+            except BaseExceptionGroup as group:
+                # Cancelled while a nursery of its own had a task raise on the way out. The
+                # cancellation decides the end; the errors must not escape into the
+                # parent's nursery, where they would take the siblings down with them.
+                errors, cancelled = group.split(Exception)
+                if cancelled is None:
+                    raise  # not cancelled at all: as any other error here, it escapes
+                if errors is not None:
+                    _log_late_error(cell, "its code unwinding from a cancellation", errors)
+                raise cancelled from None
         if incarnation.scope.cancelled_caught:
             if actor is None and incarnation.stop_with is not None:
                 exit = incarnation.stop_with

@@ -10,8 +10,12 @@ way out, and its own supervisor decides what comes next.
 
 A supervisor's control requests (start, terminate, restart a child) travel as system
 messages, ahead of its ordinary mailbox, so a subclass is free to use ``receive`` for
-its own messages. Dynamic children are not kept across a restart of the supervisor
-itself: a restarted supervisor starts with the children it was built with.
+its own messages; a plain supervisor logs and ignores them. That ``receive`` must not
+wait on the supervisor's own children (a ``tell`` that waits for room in a child's
+mailbox, an ``ask``): a child's exit is only handled between two messages, so a crashed
+child would never be restarted to take its mail. Dynamic children are not kept across
+a restart of the supervisor itself: a restarted supervisor starts with the children it
+was built with.
 """
 
 from __future__ import annotations
@@ -109,6 +113,12 @@ class Supervisor(Actor):
         if start_failure is not None:
             raise start_failure
 
+    async def receive(self, message: Any) -> Any:
+        """Log a message nobody expects a plain supervisor to get, and carry on, as OTP's
+        supervisor does: a stray message must not take the children down. An ask of it
+        gets None."""
+        logger.warning("%s ignored an unexpected %s", self.path, type(message).__qualname__)
+
     def forget_restarts(self) -> None:
         """Start counting restarts (and backoff) afresh, as if none had happened yet.
 
@@ -125,7 +135,8 @@ class Supervisor(Actor):
         The default is OTP's: give up by raising ``RestartIntensityExceeded``, so that this
         supervisor crashes and its own supervisor decides. A subclass that can do better
         itself (a session moving to another tower) returns True to restart the child
-        under a fresh restart window, or False to leave it ended and removed.
+        under a fresh restart window, or False to leave it ended and removed (members of
+        its group that a restart of that group left waiting then start without it).
         """
         raise RestartIntensityExceeded(self.path, self.flags.intensity, self.flags.period)
 
@@ -186,6 +197,8 @@ class Supervisor(Actor):
         if not self._window.allow(now):
             if not await self.escalate(cell.name, exit):
                 self._remove(cell, exit)
+                if self.flags.strategy is not Strategy.ONE_FOR_ONE:
+                    await self._start_left_waiting(now)
                 return
             # The escalated restart starts afresh: it is not counted against the new window.
             self.forget_restarts()
@@ -233,6 +246,21 @@ class Supervisor(Actor):
                 # Its queued ChildExited restarts the group again, counted, as OTP's
                 # try_again does: those after it do not start without it meanwhile.
                 break
+
+    async def _start_left_waiting(self, now: float) -> None:
+        """Start, in order, the members still waiting for a group restart that is due:
+        one that a member failing to start broke off, when that member is given up on
+        instead of restarting the group again."""
+        for member in list(self._children.values()):
+            incarnation = member.incarnation
+            if (
+                member.restart_at is not None
+                and member.restart_at <= now
+                and incarnation is not None
+                and incarnation.done.is_set()
+            ):
+                if await self._restart_now(member) is not None:
+                    break  # its queued ChildExited decides, as in ``_restart_group``
 
     def _backoff_delay(self, cell: _Cell, incarnation: _Incarnation, now: float) -> float:
         backoff = self.flags.backoff

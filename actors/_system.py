@@ -159,6 +159,8 @@ async def open_system(
 
     Raises:
         ActorCrashed: a child failed to start.
+        Exception: what the block raised, itself (not in an exception group), once the
+            tree has stopped.
     """
     if not shutdown_timeout >= 0 or math.isnan(shutdown_timeout):
         raise ValueError("shutdown_timeout must be >= 0")
@@ -168,6 +170,7 @@ async def open_system(
         ChildSpec(name, lambda: Supervisor(children, flags)), parent=None, system=system
     )
     system._root = root
+    body_error: Exception | None = None
     async with trio.open_nursery() as nursery:
         incarnation = root.new_incarnation()
         failed: Exit | None = await nursery.start(
@@ -176,11 +179,15 @@ async def open_system(
         if failed is None:
             try:
                 yield system
+            except Exception as error:
+                body_error = error
             finally:
                 with trio.CancelScope(shield=True):
                     await system._shutdown(shutdown_timeout)
     # Raised out here, not inside the nursery, so callers see the error itself rather
     # than an exception group around it.
+    if body_error is not None:
+        raise body_error
     if failed is not None:
         if isinstance(failed.error, ActorCrashed):
             raise failed.error

@@ -338,8 +338,9 @@ def post_to(ref: SupportsTellNowait[MessageT_contra]) -> Callable[[MessageT_cont
     the message to trio with ``TrioToken.run_sync_soon``, where ``ref.tell_nowait`` runs.
     Messages posted from one thread arrive in the order they were posted. A message
     refused because the mailbox is full or the actor has stopped is dropped with a
-    warning on the ``actors.bridge`` logger (the content is never logged); after the
-    trio run has finished, messages are dropped silently.
+    warning on the ``actors.bridge`` logger (the content is never logged; an actor's ref
+    also counts it as a dead letter); after the trio run has finished, messages are
+    dropped silently.
 
     Args:
         ref: The receiver; its ``tell_nowait`` is only ever called inside trio.
@@ -356,6 +357,10 @@ def post_to(ref: SupportsTellNowait[MessageT_contra]) -> Callable[[MessageT_cont
         # An exception escaping a run_sync_soon callback would crash the whole trio run.
         try:
             ref.tell_nowait(message)
+            if getattr(ref, "alive", True) is False:
+                # An actor's ref takes a message for a stopped actor quietly, as a dead
+                # letter (already counted): the warning is ours to give.
+                raise ActorStopped(getattr(ref, "path", repr(ref)))
         except (MailboxFull, ActorStopped) as error:
             logger.warning(
                 "dropped a %s posted from asyncio: %s", type(message).__name__, error

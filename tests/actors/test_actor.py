@@ -17,6 +17,7 @@ from actors import (
     MailboxFull,
     Overflow,
     Restart,
+    Supervisor,
 )
 
 from .conftest import Recorder, recorder
@@ -218,6 +219,91 @@ async def test_kill_is_an_abnormal_end_with_the_reason(autojump_clock, system, l
     assert snapshot.last_failure.kind is ExitKind.KILLED
     assert "operator said so" in snapshot.last_failure.reason
     assert snapshot.state is ActorState.RUNNING
+
+
+class FailsToClose(Actor):
+    """Handles a message in a nursery whose task raises as it is cancelled, as a
+    resource whose close fails does."""
+
+    async def receive(self, message):
+        async def hold() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                raise OSError("close failed")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hold)
+            await trio.sleep_forever()
+
+
+@pytest.mark.parametrize("under_root", [True, False])
+@pytest.mark.parametrize(("how", "reason"), [
+    ("kill", "operator said so"),
+    ("terminate", "missed its shutdown deadline of 1 s"),
+])
+async def test_an_error_while_a_cancellation_unwinds_disturbs_nobody_else(
+    autojump_clock, system, log, caplog, under_root, how, reason
+):
+    parent = system.root if under_root else await system.spawn(ChildSpec("group", Supervisor))
+    sibling = await parent.start_child(recorder("sibling", log))
+    ref = await parent.start_child(
+        ChildSpec("closing", FailsToClose, Restart.TEMPORARY, shutdown=1))
+    await ref.tell("go")
+    await trio.sleep(1)
+    if how == "kill":
+        ref.kill("operator said so")
+        exit = await ref.join()
+    else:
+        exit = await parent.terminate_child("closing")
+    assert exit.kind is ExitKind.KILLED and reason in str(exit)
+    await trio.sleep(1)
+    assert parent.alive and parent.snapshot().restarts == 0
+    assert await sibling.ask("still here") == "still here"
+    assert sibling.snapshot().restarts == 0
+    assert "OSError('close failed')" in caplog.text
+
+
+class WaitsOnItsTask(Actor):
+    """Waits, in ``started`` or in ``receive``, for what its task never produces."""
+
+    runs_tasks = True
+
+    def __init__(self, wait_in_started: bool) -> None:
+        self.wait_in_started = wait_in_started
+
+    async def started(self) -> None:
+        self.connected = trio.Event()
+        self.start_soon(self.connect)
+        if self.wait_in_started:
+            await self.connected.wait()
+
+    async def connect(self) -> None:
+        await trio.sleep(1)
+        raise ConnectionRefusedError("refused")
+
+    async def receive(self, message):
+        await self.connected.wait()
+        return "connected"
+
+
+async def test_a_task_failing_while_started_waits_on_it_fails_the_start(autojump_clock, system):
+    with trio.fail_after(60), pytest.raises(ActorCrashed, match="refused") as caught:
+        await system.spawn(ChildSpec("w", lambda: WaitsOnItsTask(True), Restart.TEMPORARY))
+    assert isinstance(caught.value.__cause__, ConnectionRefusedError)
+    assert system.lookup("/test/w") is None
+
+
+async def test_a_task_failing_while_receive_waits_on_it_crashes_the_actor_at_once(
+    autojump_clock, system
+):
+    ref = await system.spawn(ChildSpec("w", lambda: WaitsOnItsTask(False), Restart.TEMPORARY))
+    with trio.fail_after(60):
+        with pytest.raises(ActorCrashed, match="refused") as caught:
+            await ref.ask("connect", timeout=math.inf)
+        exit = await ref.join()
+    assert isinstance(caught.value.__cause__, ConnectionRefusedError)
+    assert exit.kind is ExitKind.CRASHED and isinstance(exit.error, ConnectionRefusedError)
 
 
 class Holding(Actor):

@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from actors import Actor, ChildSpec, bridge, open_system
+from actors import Actor, ChildSpec, Restart, bridge, open_system
 from actors._errors import ActorStopped, MailboxFull
 
 
@@ -426,6 +426,30 @@ def test_post_to_a_stopped_actor_drops_with_a_warning(
 
     with caplog.at_level(logging.WARNING, logger="actors.bridge"):
         bridge.run(main)
+
+    assert "/test/gone is stopped" in caplog.text
+    assert "secret" not in caplog.text
+
+
+class Stops(Actor):
+    async def receive(self, message: object) -> None:
+        self.stop()
+
+
+def test_post_to_an_actor_that_really_stopped_drops_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> int:
+        async with open_system("test") as system:
+            ref = await system.spawn(ChildSpec("gone", Stops, Restart.TEMPORARY))
+            post = bridge.post_to(ref)
+            await ref.tell("stop")
+            await ref.join()
+            await bridge.call_asyncio(post_from_asyncio_callbacks, post, ["secret"])
+            return system.dead_letters.count
+
+    with caplog.at_level(logging.WARNING, logger="actors.bridge"):
+        assert bridge.run(main) == 1
 
     assert "/test/gone is stopped" in caplog.text
     assert "secret" not in caplog.text

@@ -527,6 +527,53 @@ async def test_escalate_lets_a_subclass_restart_under_a_fresh_window_or_give_up(
     assert mover.alive and mover.snapshot().children == ()
 
 
+async def test_a_stray_message_to_a_plain_supervisor_is_logged_and_ignored(
+    autojump_clock, system, log, caplog
+):
+    group = await system.spawn(supervisor_spec("group", [recorder("w", log)]))
+    await group.tell("hello")
+    await system.root.tell("hello")
+    assert await group.ask("hello") is None
+    await trio.sleep(1)
+    assert group.alive and system.root.alive
+    assert group.snapshot().restarts == 0
+    assert events(log, "started") == ["w"]
+    assert "/test/group ignored an unexpected str" in caplog.text
+    assert "/test ignored an unexpected str" in caplog.text
+
+
+class GivesUpOnOne(Supervisor):
+    """Restarts its children all together; leaves one that fails too often behind."""
+
+    def __init__(self, children) -> None:
+        super().__init__(children, SupervisorFlags(strategy=Strategy.ONE_FOR_ALL, intensity=1))
+
+    async def escalate(self, child, exit) -> bool:
+        return False
+
+
+async def test_given_up_on_while_its_group_restarts_the_rest_still_start(
+    autojump_clock, system, log
+):
+    starts = []
+
+    class StartsOnce(Recorder):
+        async def started(self) -> None:
+            starts.append(self.name)
+            if starts.count(self.name) > 1:
+                raise RuntimeError("cannot start again")
+
+    children = [
+        recorder("a", log), ChildSpec("b", lambda: StartsOnce(log, "b")), recorder("c", log)
+    ]
+    group = await system.spawn(ChildSpec("group", lambda: GivesUpOnOne(children)))
+    await system.lookup("/test/group/b").tell("crash")
+    await trio.sleep(1)
+    states = {child.name: child.state for child in group.snapshot().children}
+    assert states == {"a": ActorState.RUNNING, "c": ActorState.RUNNING}
+    assert events(log, "started") == ["a", "c", "a", "c"]
+
+
 class Ticker(Actor):
     runs_tasks = True
 

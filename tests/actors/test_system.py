@@ -65,6 +65,16 @@ async def test_root_failure_cancels_the_body_and_raises(autojump_clock, log):
     assert not reached_the_end
 
 
+async def test_an_error_in_the_body_comes_out_as_itself_once_the_tree_stopped(
+    autojump_clock, log
+):
+    with pytest.raises(ValueError, match="bad settings") as caught:
+        async with open_system("app", children=[recorder(n, log) for n in "ab"]):
+            raise ValueError("bad settings")
+    assert type(caught.value) is ValueError
+    assert [name for name, event in log if event == "stopping:shutdown"] == ["b", "a"]
+
+
 async def test_cancelling_the_body_still_stops_the_tree_in_order(autojump_clock, log):
     with trio.move_on_after(5):
         async with open_system("app", children=[recorder(n, log) for n in "ab"]):
