@@ -28,8 +28,8 @@ Every step is idempotent and has a deadline (``provision_step_timeout``); a fail
 crashes the steps actor and its job restarts it (all steps again) with exponential
 backoff spread over ``provision_restart_period`` (the first wait a 40th of it, each next
 twice as long: 15, 30, 60 s by default), so that a host rebooting under a ready tower
-is provisioned again once it is back. Past ``provision_restarts`` within
-``provision_restart_period`` the host is marked failed with the reason. A host key that
+is provisioned again once it is back. Past ``provision_restarts`` restarts, however
+long each attempt took, the host is marked failed with the reason. A host key that
 is not the pinned one fails the host at once: retrying cannot fix it. A provisioning
 that does not finish revokes the tower's certificates. Jobs are independent: one
 failing, hanging or cancelled job does nothing to another, or to the towers already
@@ -61,6 +61,7 @@ from actors import (
     Backoff,
     ActorState,
     ChildSpec,
+    Down,
     Exit,
     Restart,
     Supervisor,
@@ -237,13 +238,18 @@ class Provisioning(Actor):
         assert isinstance(jobs, SupervisorRef)
         self.jobs = jobs
 
-    async def receive(self, message: Any) -> Answer:
+    async def receive(self, message: Any) -> Answer | None:
         if isinstance(message, (Provision, Decommission)):
             return await self._start(message)
         if isinstance(message, Cancel):
             return await self._cancel(message.host)
         if isinstance(message, Repair):
             return await self._repair(message)
+        if isinstance(message, Down):
+            # A job ended for good; one killed from the shell left its host working.
+            with contextlib.suppress(LookupError):  # a host no longer in the inventory
+                self._forget_lost_job(self.board.get(message.ref.path.rsplit("/job:", 1)[1]))
+            return None
         raise TypeError(f"provisioning does not take {type(message).__name__}")
 
     async def _repair(self, message: Repair) -> Answer:
@@ -300,10 +306,11 @@ class Provisioning(Actor):
         self.board.set(request.host, state)
         spec = ChildSpec(name, lambda: Job(host, plan, context), Restart.TEMPORARY)
         try:
-            await self.jobs.start_child(spec)
+            job = await self.jobs.start_child(spec)
         except ActorError as error:
             self.board.set(host.name, HostState.FAILED, f"the job did not start: {error}")
             return Answer(False, f"{plan} {host.name}: the job did not start")
+        self.monitor(job)
         return Answer(True, f"{plan} {host.name}: started")
 
     async def _cancel(self, name: str) -> Answer:
@@ -313,7 +320,7 @@ class Provisioning(Actor):
         job = self._job(name)
         if job is None or record is None or record.state not in _WORKING:
             return Answer(False, f"no job runs for {name}")
-        if record.step in _TOO_LATE_TO_CANCEL:
+        if _joining(record, self.system.lookup(f"{job.path}/steps")):
             return Answer(False, f"{name} is joining the towers; decommission it instead")
         job.tell_nowait(_CancelJob())
         return Answer(True, f"{name}: cancelling")
@@ -321,7 +328,8 @@ class Provisioning(Actor):
 
 class Job(Supervisor):
     """One host's job: runs its steps, restarting them with backoff until they succeed or
-    the restart intensity is used up (the host is then failed with the reason)."""
+    ``provision_restarts`` retries have failed too (the host is then failed with the
+    reason)."""
 
     def __init__(self, host: Host, plan: str, context: ProvisioningContext) -> None:
         settings = context.settings
@@ -342,7 +350,7 @@ class Job(Supervisor):
     async def receive(self, message: Any) -> None:
         if isinstance(message, _CancelJob):
             record = self.context.board.get(self.host.name)
-            if record.step in _TOO_LATE_TO_CANCEL:
+            if _joining(record, self.system.lookup(f"{self.path}/steps")):
                 # The tower joined while the request was on its way: it stays.
                 self.context.board.event(f"{self.host.name}: too late to cancel, it joined")
                 return
@@ -369,13 +377,22 @@ class Job(Supervisor):
                         "did not finish")
 
     async def escalate(self, child: str, exit: Exit) -> bool:
-        record = self.context.board.get(self.host.name)
-        self.context.board.set(
-            self.host.name, HostState.FAILED,
-            f"gave up after {record.attempts} attempts; last: {record.error}",
-        )  # fmt: skip
+        _give_up(self.context.board, self.host.name)
         self.stop()
         return False
+
+
+def _give_up(board: HostBoard, name: str) -> None:
+    record = board.get(name)
+    board.set(name, HostState.FAILED,
+              f"gave up after {record.attempts} attempts; last: {record.error}")
+
+
+def _joining(record: HostRecord, steps: ActorRef | None) -> bool:
+    """Whether the host's tower joins the towers (or joined): too late to cancel its job.
+    A hand-over that failed and waits for its retry does not."""
+    waiting = steps is not None and steps.snapshot().state is ActorState.RESTARTING
+    return record.step in _TOO_LATE_TO_CANCEL and not waiting
 
 
 class StepFailed(Exception):
@@ -457,6 +474,12 @@ class JobSteps(Actor):
         if failure is not None:
             record.error = str(failure)
             self.board.event(f"{name}: attempt {record.attempts} failed at {failure}")
+            if record.attempts > self.settings.provision_restarts:
+                # The job's restart window alone would let attempts that each take
+                # longer than its share of the period go on for good.
+                _give_up(self.board, name)
+                self.job.tell_nowait(_JobDone())
+                return
             raise failure
         record.step = "done"
         if self.plan == "provision":
@@ -667,8 +690,10 @@ class JobSteps(Actor):
 
 def _agent_running(paths: TowerPaths) -> str:
     """A shell condition: an agent holds the tower's lock (a stale pid file says nothing:
-    its pid may be another process's by now)."""
-    return f"! flock -n {paths.root}/agent.lock true"
+    its pid may be another process's by now). Without the lock file (the tower's
+    directory removed already) none does: flock would fail to open it."""
+    lock = f"{paths.root}/agent.lock"
+    return f"[ -e {lock} ] && ! flock -n {lock} true"
 
 
 def _stop_agent(paths: TowerPaths) -> list[str]:
@@ -684,10 +709,11 @@ def _stop_agent(paths: TowerPaths) -> list[str]:
 
 def _nginx_running(host: Host, paths: TowerPaths) -> str:
     """A shell condition: the tower's NGINX master runs (its pid is an NGINX that runs
-    this tower's configuration: a stale pid file's may be another tower's by now)."""
+    this tower's configuration: a stale pid file's may be another tower's by now). A
+    master started before NGINX was upgraded runs a binary that reads as deleted."""
     pid = f"{paths.nginx}/nginx.pid"
-    return (f'[ -f {pid} ] && [ "$(readlink /proc/$(cat {pid})/exe)" = '
-            f'"$(readlink -f {host.nginx})" ]'
+    exe = f"readlink /proc/$(cat {pid})/exe | sed 's/ (deleted)$//'"
+    return (f'[ -f {pid} ] && [ "$({exe})" = "$(readlink -f {host.nginx})" ]'
             f" && tr '\\0' ' ' < /proc/$(cat {pid})/cmdline"
             f" | grep -qF -- ' -c {paths.nginx}/nginx.conf'")
 

@@ -51,6 +51,7 @@ async def connect(host: Host, identity: Path, known_hosts: Path) -> HostConnecti
     Raises:
         HostKeyRefused: the host key is not the pinned one.
         RemoteError: the connection or authentication failed.
+        OSError: the host's first key could not be pinned in ``known_hosts``.
     """
     pinned = _pinned_key(host, known_hosts)
     try:
@@ -90,7 +91,11 @@ async def connect(host: Host, identity: Path, known_hosts: Path) -> HostConnecti
     if pinned is None:
         shown = connection.get_server_host_key()
         assert shown is not None
-        _pin(known_hosts, host, shown.export_public_key().decode().strip())
+        try:
+            _pin(known_hosts, host, shown.export_public_key().decode().strip())
+        except OSError:
+            await close(HostConnection(host, connection))
+            raise
     return HostConnection(host, connection)
 
 

@@ -1,0 +1,233 @@
+"""Provisioning jobs on trio's virtual clock, with their steps stood in for; and the
+shell conditions the steps run on a host, run by a local shell."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import trio
+
+from actors import ActorRef, ActorSystem, SupervisorFlags, SupervisorRef, open_system
+from broker import provisioning
+from broker.config import Settings
+from broker.inventory import Host
+from broker.issuer import Issuer
+from broker.pki import CertificateAuthority, generate_key_and_csr
+from broker.provisioning import (
+    Cancel,
+    Decommission,
+    HostBoard,
+    HostState,
+    JobSteps,
+    Provision,
+    ProvisioningContext,
+    StepFailed,
+    _agent_running,
+    _nginx_running,
+    provisioning_specs,
+)
+from broker.site import TowerPaths
+
+Plan = list[tuple[str, Callable[[], Awaitable[None]]]]
+
+
+def tower_host() -> Host:
+    return Host(name="tower-a", address="192.0.2.7", user="tower", trust_on_first_use=True)
+
+
+@dataclass
+class Jobs:
+    system: ActorSystem
+    board: HostBoard
+    issuer: Issuer
+    provisioning: ActorRef
+
+    def job(self) -> ActorRef | None:
+        return self.system.lookup("/broker/jobs/job:tower-a")
+
+
+@pytest.fixture
+def plan(monkeypatch) -> Callable[[Callable[[JobSteps], Plan]], None]:
+    """Stand in for the steps of every job: ``plan(lambda steps: [(name, action)])``."""
+    return lambda make: monkeypatch.setattr(JobSteps, "_plan", make)
+
+
+@pytest.fixture
+async def jobs(tmp_path, request) -> AsyncIterator[Jobs]:
+    ca = CertificateAuthority.load_or_create(tmp_path / "ca")
+    issuer = Issuer(ca, tmp_path / "ca", timedelta(hours=24))
+    board = HostBoard((tower_host(),))
+    settings = Settings(state_dir=tmp_path, **getattr(request, "param", {}))
+    context = ProvisioningContext(settings, board, tmp_path / "id", tmp_path / "known_hosts",
+                                  issuer, None)  # type: ignore[arg-type]
+    async with open_system("broker", children=provisioning_specs(context),
+                           flags=SupervisorFlags(intensity=100)) as system:
+        provisioning_ref = system.lookup("/broker/provisioning")
+        assert provisioning_ref is not None
+        yield Jobs(system, board, issuer, provisioning_ref)
+
+
+# Giving up.
+
+
+@pytest.mark.parametrize("jobs", [
+    {"provision_step_timeout": 60},
+    # Each attempt takes longer than the restart window's share of its period.
+    {"provision_step_timeout": 200},
+], indirect=True)  # fmt: skip
+async def test_a_host_failing_at_any_pace_is_failed_past_its_restarts(autojump_clock, jobs, plan):
+    async def certificate() -> None:
+        _key, csr = generate_key_and_csr("tower-a")
+        jobs.issuer.sign(csr, "tower-a")
+
+    plan(lambda steps: [("certificate", certificate), ("check-in", trio.sleep_forever)])
+    assert (await jobs.provisioning.ask(Provision("tower-a"))).ok
+    await trio.sleep(6 * 3600)
+    record = jobs.board.get("tower-a")
+    assert record.state is HostState.FAILED
+    assert record.attempts == Settings().provision_restarts + 1
+    assert record.error.startswith("gave up after 4 attempts; last: check-in: no progress")
+    assert jobs.job() is None
+    issued = jobs.issuer.records()
+    assert len(issued) == 4 and all(certificate.revoked for certificate in issued)
+
+
+# A job that ends without saying how.
+
+
+async def test_a_job_killed_from_the_shell_leaves_its_host_cancelled(autojump_clock, jobs, plan):
+    plan(lambda steps: [("connect", trio.sleep_forever)])
+    await jobs.provisioning.ask(Provision("tower-a"))
+    await trio.sleep(1)
+    job = jobs.job()
+    assert job is not None
+    job.kill("killed from the operators' shell")
+    await trio.sleep(1)
+    record = jobs.board.get("tower-a")
+    assert record.state is HostState.CANCELLED
+    assert record.error == "its job is gone (at connect)"
+
+
+async def test_a_job_restarted_from_the_shell_keeps_its_host_provisioning(
+    autojump_clock, jobs, plan
+):
+    plan(lambda steps: [("connect", trio.sleep_forever)])
+    await jobs.provisioning.ask(Provision("tower-a"))
+    await trio.sleep(1)
+    job_supervisor = jobs.system.lookup("/broker/jobs")
+    assert isinstance(job_supervisor, SupervisorRef)
+    await job_supervisor.restart_child("job:tower-a")
+    await trio.sleep(1)
+    assert jobs.board.get("tower-a").state is HostState.PROVISIONING
+    assert jobs.job() is not None
+
+
+# Cancelling at hand-over.
+
+
+async def test_a_job_waiting_to_retry_its_hand_over_can_be_cancelled(autojump_clock, jobs, plan):
+    async def hand_over() -> None:
+        raise StepFailed("hand-over: the link to tower-a failed for good")
+
+    plan(lambda steps: [("hand-over", hand_over)])
+    await jobs.provisioning.ask(Provision("tower-a"))
+    await trio.sleep(5)  # the first attempt failed; the job waits 15 s to retry
+    assert jobs.board.get("tower-a").step == "hand-over"
+    assert (await jobs.provisioning.ask(Cancel("tower-a"))).ok
+    await trio.sleep(1)
+    assert jobs.board.get("tower-a").state is HostState.CANCELLED
+    assert (await jobs.provisioning.ask(Decommission("tower-a"))).ok
+
+
+async def test_a_job_handing_over_cannot_be_cancelled(autojump_clock, jobs, plan):
+    plan(lambda steps: [("hand-over", trio.sleep_forever)])
+    await jobs.provisioning.ask(Provision("tower-a"))
+    await trio.sleep(5)
+    answer = await jobs.provisioning.ask(Cancel("tower-a"))
+    assert not answer.ok and "decommission it instead" in answer.text
+    assert jobs.board.get("tower-a").state is HostState.PROVISIONING
+
+
+# The shell the steps run on the host.
+
+
+def holds(condition: str) -> bool:
+    return subprocess.run(["sh", "-c", condition]).returncode == 0
+
+
+def stop_script(tmp_path: Path, monkeypatch) -> str:
+    """The decommission's stop step, as it is sent to the host."""
+    monkeypatch.setattr(provisioning, "STOP_POLLS", 2)
+    host = Host(name="tower-a", address="192.0.2.7", user="tower", trust_on_first_use=True,
+                nginx="/usr/sbin/nginx")
+    context = ProvisioningContext(Settings(state_dir=tmp_path), HostBoard((host,)),
+                                  tmp_path / "id", tmp_path / "known_hosts",
+                                  None, None)  # type: ignore[arg-type]
+    steps = JobSteps(host, "decommission", context, None)  # type: ignore[arg-type]
+    steps.paths = TowerPaths(str(tmp_path / "home" / "session-tower"))
+    sent: list[str] = []
+
+    async def run_remote(command: str) -> str:
+        sent.append(command)
+        return ""
+
+    steps._run_remote = run_remote  # type: ignore[method-assign]
+    trio.run(steps._stop_tower)
+    [script] = sent
+    return script
+
+
+def test_an_agent_runs_while_it_holds_the_tower_s_lock(tmp_path):
+    paths = TowerPaths(str(tmp_path / "session-tower"))
+    assert not holds(_agent_running(paths))  # no tower's directory at all
+    os.makedirs(paths.root)
+    assert not holds(_agent_running(paths))
+    lock = f"{paths.root}/agent.lock"
+    # The lock is held by flock itself (-o) until the command ends: its input closes.
+    with subprocess.Popen(["flock", "-o", lock, "sh", "-c", "echo locked; read line"],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as agent:
+        assert agent.stdout is not None and agent.stdout.readline() == "locked\n"
+        assert holds(_agent_running(paths))
+
+
+def test_the_stop_step_runs_again_once_the_tower_s_directory_is_gone(tmp_path, monkeypatch):
+    script = stop_script(tmp_path, monkeypatch)
+    root = tmp_path / "home" / "session-tower"
+    (root / "tls").mkdir(parents=True)
+    first = subprocess.run(["sh", "-c", script], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert not root.exists()
+    # Its answer lost (the SSH connection dropped), the step is run again.
+    again = subprocess.run(["sh", "-c", script], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+
+
+def test_a_running_nginx_is_found_after_its_binary_was_upgraded(tmp_path):
+    binary = tmp_path / "nginx"
+    shutil.copy("/bin/sh", binary)
+    paths = TowerPaths(str(tmp_path / "session-tower"))
+    os.makedirs(paths.nginx)
+    host = Host(name="tower-a", address="192.0.2.7", user="tower", trust_on_first_use=True,
+                nginx=str(binary))
+    # Stands for the master: its command line has this tower's configuration.
+    master = subprocess.Popen([str(binary), "-c", "read line", "nginx",
+                               "-c", f"{paths.nginx}/nginx.conf"], stdin=subprocess.PIPE)
+    try:
+        Path(f"{paths.nginx}/nginx.pid").write_text(f"{master.pid}\n")
+        assert holds(_nginx_running(host, paths))
+        # A package upgrade renames the new binary over the old one.
+        shutil.copy("/bin/sh", f"{binary}.dpkg-new")
+        os.replace(f"{binary}.dpkg-new", binary)
+        assert holds(_nginx_running(host, paths))
+        # Another program under the pid is not this tower's NGINX.
+        assert not holds(_nginx_running(replace(host, nginx="/bin/true"), paths))
+    finally:
+        master.kill()
+        master.wait()
