@@ -130,7 +130,7 @@ class Settings:
     negotiation_restart_period: float = 60.0
     # Towers a session may be placed on in all before it fails.
     placements_per_session: int = 2
-    # A tower link silent for this long (no load report) is considered lost. Five
+    # A tower link with no load report taken for this long is considered lost. Five
     # reports' worth: under load, a full garbage collection on either side (up to 1.5 s
     # at 3,000 sessions) and a busy tower loop together outlasted 3 s.
     tower_silence: float = 5.0

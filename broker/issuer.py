@@ -5,7 +5,7 @@ each renewal over a link, and for local towers) and records it in ``ca/ledger.js
 the state directory: serial, tower, expiry, and whether it is revoked. Revoking a tower
 revokes every unexpired certificate it holds; a link presenting a revoked certificate is
 closed, and its renewal refused. The ledger is re-read when another process (``broker ca
-revoke``) changed it, so a revocation reaches a running broker within a load report.
+revoke``) changed it; each link checks it every load interval, whatever its tower sends.
 """
 
 from __future__ import annotations

@@ -1,18 +1,21 @@
 """What the broker and a tower say to each other over their mutual-TLS WebSocket.
 
 Every frame is one binary WebSocket message: a registered message below, msgpack in the
-runtime's versioned envelope (``actors.Codec``). The tower speaks first (``TowerHello``)
-and then reports its load every ``load_interval`` seconds; those reports are also the
-link's heartbeat. A frame that does not decode is answered with ``LinkError``, counted,
-and otherwise ignored: one bad frame does not close the link. One longer than
-``MAX_FRAME_BYTES`` does: the WebSocket refuses it (close code 1009), as it must refuse
-a message at some length, and the tower's sessions are moved.
+runtime's versioned envelope (``actors.Codec``). The tower speaks first (``TowerHello``,
+whose capacity may not exceed the broker's ``tower_capacity``) and then reports its load
+every ``load_interval`` seconds; those reports are also the link's heartbeat, and only a
+report the broker takes counts as one. A frame that does not decode is answered with
+``LinkError``, counted, and otherwise ignored: one bad frame does not close the link.
+One longer than ``MAX_FRAME_BYTES`` does: the WebSocket refuses it (close code 1009), as
+it must refuse a message at some length, and the tower's sessions are moved.
 
 Certificates are renewed over the link: the broker asks (``RenewCertificate``), the
 tower makes a new key on its own host and sends only its request (``CertificateRequest``),
 the broker signs it (``CertificateIssued``) or refuses and closes the link
 (``CertificateRefused``), and the tower installs it and says so (``CertificateInstalled``).
-The link stays up throughout: sessions do not notice.
+The link stays up throughout: sessions do not notice. A tower that cannot install it says
+so in a ``LinkError``, and the broker asks again later; a link whose certificate expires
+unrenewed is closed.
 
 Session messages name the session and the negotiation number, so a late answer or state
 from an earlier negotiation of the same session is recognised and dropped.
@@ -64,7 +67,8 @@ class TowerLoadReport:
     ``resident_bytes`` its resident memory now: how operators and load tests see a
     tower's cost wherever it runs. A tower older than these fields reports neither (a
     broker takes its reports as before); a broker older than them refuses the reports
-    of a newer tower (an unknown field), so brokers are upgraded before their towers.
+    of a newer tower (an unknown field), and from this broker on drops its link as
+    silent, naming the refusal: brokers are upgraded before their towers.
     """
 
     sessions: int

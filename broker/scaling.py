@@ -32,9 +32,9 @@ from .towers import TowerDirectory
 
 logger = logging.getLogger(__name__)
 
-# Seconds a local tower not reporting counts as coming back (since it was last seen
-# reporting, or first looked for).
-LOCAL_TOWER_GRACE = 30.0
+# Seconds a tower not reporting (local, or provisioned and ready) counts as coming back
+# (since it was last seen reporting, or first looked for).
+TOWER_GRACE = 30.0
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,8 @@ class TowerFigures:
 @dataclass(frozen=True)
 class ScaleView:
     """What the policy sees: towers with a fresh load report (and retiring towers whose
-    link is gone, as empty), free hosts, and towers on their way: being provisioned,
-    provisioned but not reporting (yet, or for a moment), or local and not reporting
-    for less than ``LOCAL_TOWER_GRACE``."""
+    link is gone, as empty), free hosts, and towers on their way: being provisioned, or
+    provisioned or local and not reporting for less than ``TOWER_GRACE``."""
 
     now: float
     towers: tuple[TowerFigures, ...]
@@ -183,7 +182,7 @@ class Scaler(Actor):
             floor=min(settings.min_towers, settings.local_towers + len(board.records)),
         )
         # When each local tower was last seen reporting (or first looked for).
-        self.local_seen_at: dict[str, float] = {}
+        self.seen_at: dict[str, float] = {}
 
     async def started(self) -> None:
         self.applying = trio.Lock()
@@ -237,19 +236,20 @@ class Scaler(Actor):
                 load = placement.load_of(name)
                 sessions = max(1, load.sessions if load else 0)
                 figures.append(TowerFigures(name, sessions, 0, True, True, True))
-        # A local tower not reporting is coming for a while (the broker restarts its
-        # agent itself), not missing: no host is provisioned for a moment's gap. Unseen
-        # past the grace, it is missing, and the floor replaces it.
-        for name in self.settings.local_tower_names:
-            if name in seen or name not in self.local_seen_at:
-                self.local_seen_at[name] = now
-        local_coming = [
-            name for name in self.settings.local_tower_names
-            if name not in seen and now - self.local_seen_at[name] < LOCAL_TOWER_GRACE
+        # A tower not reporting is coming for a while (the broker restarts a local agent
+        # itself; a provisioned one is relinked or provisioned again), not missing: no
+        # host is provisioned for a moment's gap. Unseen past the grace, it is missing:
+        # the floor replaces it, and it no longer holds back a scale-out (a tower whose
+        # link keeps coming back without a load report taken would hold it for good).
+        expected = [*self.settings.local_tower_names, *self.board.in_state(HostState.READY)]
+        for name in expected:
+            if name in seen or name not in self.seen_at:
+                self.seen_at[name] = now
+        coming_back = [
+            name for name in expected
+            if name not in seen and now - self.seen_at[name] < TOWER_GRACE
         ]
-        on_the_way = self.board.in_state(HostState.PROVISIONING) + local_coming + [
-            name for name in self.board.in_state(HostState.READY) if name not in seen
-        ]
+        on_the_way = self.board.in_state(HostState.PROVISIONING) + coming_back
         return ScaleView(
             now, tuple(figures), tuple(self.board.in_state(HostState.FREE)), len(on_the_way)
         )

@@ -3,8 +3,9 @@
 Theory of operation: each tower has a ``tower:<name>`` supervisor. Its ``link`` actor
 dials the tower's communication server (a WebSocket over mutual TLS: the broker shows
 its client certificate, the tower's certificate must name the tower and be issued by
-the broker's CA), waits for ``TowerHello``, then reads frames until the link breaks or
-the tower stays silent for ``tower_silence`` seconds. While a link is up its
+the broker's CA), waits for ``TowerHello``, then reads frames until the link breaks, the
+tower's certificate is revoked or expires, or no load report of the tower's is taken
+for ``tower_silence`` seconds (whatever else it sends). While a link is up its
 ``TowerConnection`` is in the ``TowerDirectory``, where sessions find towers: placement
 reads the load reports, negotiations send their offers and get their answers routed
 back by session id. When a link ends, its connection's ``closed`` event fires and every
@@ -75,6 +76,8 @@ RENEWAL_RECHECK = 60.0
 SEND_TIMEOUT = 5.0
 AGENT_START_TIMEOUT = 30.0
 AGENT_STOP_TIMEOUT = 3.0
+# At most one log line per this long about the frames a tower refused (LinkError).
+REFUSAL_LOG_INTERVAL = 60.0
 
 
 class TowerGone(Exception):
@@ -272,6 +275,12 @@ class TowerLink(Actor):
         self.settings = context.settings
         self.issuer = context.issuer
         self.bad_frames = 0
+        # Why the last frame was refused, since the last load report taken.
+        self.last_refusal = ""
+        # The frames the tower refused (its LinkErrors), and the logging of them.
+        self.refused_by_tower = 0
+        self.refusals_unlogged = 0
+        self.refusal_logged_at: float | None = None
         self.renewals = 0
         # The tower's certificate now: the one it showed, then each one renewed.
         self.certificate: x509.Certificate | None = None
@@ -309,6 +318,12 @@ class TowerLink(Actor):
         )
         try:
             hello = await receive_hello(websocket, self.name, self.settings.tower_silence)
+            if hello.capacity > self.settings.tower_capacity:
+                # Every tower is given tower_capacity; one claiming more would draw
+                # every session and hide the load from the scaler.
+                raise TowerLinkLost(
+                    f"{self.name}: its hello claims a capacity of {hello.capacity}, more "
+                    f"than the {self.settings.tower_capacity} of tower_capacity")
             self._check_not_revoked()
             connection = TowerConnection(self.name, websocket, hello, self.certificate_expires)
             self.directory.connected(connection)
@@ -317,6 +332,7 @@ class TowerLink(Actor):
             try:
                 nursery.start_soon(self._write, connection)
                 nursery.start_soon(self._renew, connection, receive)
+                nursery.start_soon(self._watch_certificate)
                 await self._read(websocket, connection)
             finally:
                 self.directory.disconnected(connection)
@@ -330,9 +346,9 @@ class TowerLink(Actor):
         except OutboxStalled as error:
             raise TowerLinkLost(f"{self.name}: {error}") from None
 
-    async def _receive(self, websocket: WebSocketConnection, within: float) -> bytes | None:
-        """The tower's next frame, or None when none came within ``within`` seconds."""
-        with trio.move_on_after(within):
+    async def _receive(self, websocket: WebSocketConnection, deadline: float) -> bytes | None:
+        """The tower's next frame, or None when none came by ``deadline``."""
+        with trio.move_on_at(deadline):
             try:
                 return await websocket.get_message()
             except ConnectionClosed as closed:
@@ -341,28 +357,35 @@ class TowerLink(Actor):
 
     async def _read(self, websocket: WebSocketConnection, connection: TowerConnection) -> None:
         silence = self.settings.tower_silence
+        # Only a load report that is taken is the tower's heartbeat: a tower that sends
+        # anything else, or reports nothing placement can use, is silent all the same.
+        deadline = trio.current_time() + silence
+        waited_more = False
         while True:
-            data = await self._receive(websocket, silence)
-            if data is None:
+            data = await self._receive(websocket, deadline)
+            if data is None and not waited_more:
                 # One more short wait: after a pause of this very process (a VM paused,
                 # swapping), the tower's reports may be in the socket, not yet read.
-                data = await self._receive(websocket, self.settings.tower_load_interval)
+                waited_more = True
+                deadline = trio.current_time() + self.settings.tower_load_interval
+                continue
             if data is None:
-                raise TowerLinkLost(f"{self.name}: silent for {silence:g} s")
+                raise TowerLinkLost(self._silent(silence))
             try:
                 message = codec.decode(data)
             except DecodeError as error:
-                self.bad_frames += 1
-                connection.send_nowait(LinkError(str(error)))  # best effort: never wait on it
+                self._refuse(connection, str(error))
                 continue
             if isinstance(message, TowerLoadReport):
-                self._check_not_revoked()
                 try:
                     self.directory.report(self.name, message)
                 except ValueError as error:
                     # Not taken, not even as the tower's heartbeat for placement.
-                    self.bad_frames += 1
-                    connection.send_nowait(LinkError(str(error)))  # best effort: never wait on it
+                    self._refuse(connection, str(error))
+                else:
+                    deadline = trio.current_time() + silence
+                    waited_more = False
+                    self.last_refusal = ""
             elif isinstance(message, (PeerAnswer, PeerRejected, PeerState)):
                 connection.deliver(message)
             elif isinstance(message, (CertificateRequest, CertificateInstalled)):
@@ -372,9 +395,49 @@ class TowerLink(Actor):
                 except trio.WouldBlock:
                     self.bad_frames += 1
             elif isinstance(message, LinkError):
-                logger.warning("%s refused a frame: %s", self.name, _quoted(message.message))
+                self._refused_by_tower(message)
             else:
                 self.bad_frames += 1
+
+    def _refuse(self, connection: TowerConnection, reason: str) -> None:
+        self.bad_frames += 1
+        self.last_refusal = reason
+        connection.send_nowait(LinkError(reason))  # best effort: never wait on it
+
+    def _silent(self, silence: float) -> str:
+        """Why the link is dropped for silence: a tower whose reports are all refused
+        (one newer than this broker, say) must not look as if it said nothing."""
+        if not self.last_refusal:
+            return f"{self.name}: silent for {silence:g} s: no load report"
+        return (f"{self.name}: silent for {silence:g} s: no load report taken, the last "
+                f"frame refused: {self.last_refusal[:200]}")
+
+    def _refused_by_tower(self, refusal: LinkError) -> None:
+        # Logged at most once per REFUSAL_LOG_INTERVAL: a tower may send one per frame.
+        self.refused_by_tower += 1
+        now = trio.current_time()
+        if (self.refusal_logged_at is not None
+                and now - self.refusal_logged_at < REFUSAL_LOG_INTERVAL):
+            self.refusals_unlogged += 1
+            return
+        more = (f" (and {self.refusals_unlogged} more since the last logged)"
+                if self.refusals_unlogged else "")
+        logger.warning("%s refused a frame: %s%s", self.name, _quoted(refusal.message), more)
+        self.refusal_logged_at = now
+        self.refusals_unlogged = 0
+
+    async def _watch_certificate(self) -> None:
+        """Drop the link once the tower's certificate is revoked, or expired without a
+        renewal: checked every load interval, whatever the tower sends (or does not)."""
+        while True:
+            self._check_not_revoked()
+            assert self.certificate is not None
+            expires = self.certificate.not_valid_after_utc
+            if datetime.now(timezone.utc) >= expires:
+                raise TowerLinkLost(
+                    f"{self.name}: its certificate {self.certificate.serial_number:x} "
+                    f"expired at {expires} and was not renewed")
+            await trio.sleep(self.settings.tower_load_interval)
 
     def _check_not_revoked(self) -> None:
         assert self.certificate is not None

@@ -186,6 +186,11 @@ class CommunicationServer(Actor):
         peers = self.system.lookup(f"/{self.settings.name}/peers")
         assert isinstance(peers, SupervisorRef)
         self.peers = peers
+        # Peers of this server's previous incarnation, if it crashed: their broker
+        # connection ended with it (the broker moved their sessions), and nothing here
+        # would track, count or close them.
+        for child in peers.which_children():
+            self.start_soon(self._terminate, child.name)
         self.tls: ssl.SSLContext | None = None
         if self.settings.ca is not None:
             self.tls = server_ssl_context(
@@ -399,8 +404,16 @@ class CommunicationServer(Actor):
             pass
 
     async def _renewal_step(self, step: Callable[..., Awaitable[None]], *args: Any) -> None:
-        with trio.move_on_after(RENEWAL_STEP_TIMEOUT) as deadline:
-            await step(*args)
+        # A step that fails here (an identity file that cannot be written, a full disk)
+        # fails the renewal, which the broker tries again; it never ends the server.
+        try:
+            with trio.move_on_after(RENEWAL_STEP_TIMEOUT) as deadline:
+                await step(*args)
+        except OSError as error:
+            logger.warning("%s: a certificate renewal step failed: %s", self.settings.name,
+                           error)
+            await self.uplink.send(LinkError(f"a certificate renewal step failed: {error}"))
+            return
         if deadline.cancelled_caught:
             await self.uplink.send(LinkError(
                 f"a certificate renewal step took over {RENEWAL_STEP_TIMEOUT:g} s"))
@@ -445,9 +458,12 @@ async def _run(command: tuple[str, ...]) -> str:
     """Run ``command`` (if any); returns its complaint when it fails, else ""."""
     if not command:
         return ""
-    result = await trio.run_process(
-        list(command), capture_stdout=True, capture_stderr=True, check=False
-    )
+    try:
+        result = await trio.run_process(
+            list(command), capture_stdout=True, capture_stderr=True, check=False
+        )
+    except OSError as error:  # not there, not executable
+        return str(error)
     if result.returncode == 0:
         return ""
     return (result.stderr or result.stdout).decode(errors="replace").strip()[-500:]

@@ -8,7 +8,7 @@ from broker.link import TowerHello, TowerLoadReport
 from broker.inventory import Host
 from broker.provisioning import HostBoard, HostState
 from broker.scaling import (
-    LOCAL_TOWER_GRACE,
+    TOWER_GRACE,
     Decision,
     Scaler,
     ScalePolicy,
@@ -367,7 +367,7 @@ async def test_a_local_tower_not_reporting_is_coming_for_a_grace_then_missing(
     # tower-1's agent dies; the broker restarts it. Meanwhile both are coming, so the
     # floor provisions no host for the gap.
     directory.disconnected(one)
-    await trio.sleep(LOCAL_TOWER_GRACE - 5)
+    await trio.sleep(TOWER_GRACE - 5)
     assert scaler.view().on_the_way == 2
     # tower-2 never came, tower-1 is back: only tower-2 is missing once its grace is over.
     directory.connected(one)
@@ -376,6 +376,30 @@ async def test_a_local_tower_not_reporting_is_coming_for_a_grace_then_missing(
     directory.report("tower-1", TowerLoadReport(0, 100))
     back = scaler.view()
     assert [tower.name for tower in back.towers] == ["tower-1"] and back.on_the_way == 0
+
+
+async def test_a_provisioned_tower_not_reporting_holds_back_a_scale_out_only_for_a_grace(
+    autojump_clock, tmp_path
+):
+    # Its link kept coming back with no load report taken (a tower newer than the
+    # broker, say): counted on its way for good, it stopped every scale-out.
+    board = HostBoard(tuple(Host(name, f"10.0.0.{number}", "tower")
+                            for number, name in enumerate(["stuck", "busy", "spare"], 1)))
+    board.set("stuck", HostState.READY)
+    board.set("busy", HostState.READY)
+    directory = TowerDirectory(stale_after=5.0)
+    for name in ("stuck", "busy"):
+        directory.connected(TowerConnection(name, None, TowerHello(name, 100, "test")))
+    scaler = Scaler(Settings(state_dir=tmp_path, local_towers=0), directory, board)
+    policy = ScalePolicy(threshold=0.8, out_after=0, in_after=600, floor=1)
+    directory.report("busy", TowerLoadReport(100, 100))
+    assert scaler.view().on_the_way == 1  # "stuck" has not reported yet
+    assert not [d for d in policy.decide(scaler.view()) if d.action == "provision"]
+    await trio.sleep(TOWER_GRACE)
+    directory.report("busy", TowerLoadReport(100, 100))
+    view = scaler.view()
+    assert view.on_the_way == 0
+    assert [(d.action, d.host) for d in policy.decide(view)] == [("provision", "spare")]
 
 
 async def test_a_retiring_tower_gone_stale_still_holds_back_a_second_scale_in(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import msgpack
 import pytest
 import trio
 from cryptography import x509
@@ -38,7 +39,8 @@ from broker.pki import (
     server_ssl_context,
     write_secret,
 )
-from broker.link import LinkError, TowerHello, TowerLoadReport, codec
+from broker import towers
+from broker.link import LINK_VERSION, LinkError, PeerState, TowerHello, TowerLoadReport, codec
 from broker.metrics import ProcessUsage
 from broker.towers import (
     LinkContext,
@@ -427,13 +429,175 @@ def test_a_pause_of_the_broker_itself_is_not_taken_for_its_towers_silence(author
     assert seen == {"open": True, "restarts": 0}
 
 
+# A link that fails again and again while the test looks at its first failure.
+PATIENT = SupervisorFlags(intensity=100, period=1, backoff=Backoff(initial=0.2))
+
+
+async def first_failure(system) -> str:
+    """Why the broker's link (of ``linked_by_hand``) first ended."""
+    link = system.lookup("/broker/link")
+    with trio.fail_after(DEADLINE):
+        while not link.snapshot().failures:
+            await trio.sleep(0.05)
+    return str(link.snapshot().failures[0].reason)
+
+
+def sends_forever(frame: bytes, hello: TowerHello = TowerHello(TOWER, 100, "test")):
+    """A tower that says ``hello``, then ``frame`` every 0.2 s until the link ends."""
+    async def tower(request) -> None:
+        websocket = await request.accept()
+        await websocket.send_message(codec.encode(hello))
+        try:
+            while True:
+                await websocket.send_message(frame)
+                await trio.sleep(0.2)
+        except ConnectionClosed:
+            pass
+
+    return tower
+
+
+async def linked_then_dropped(directory: TowerDirectory) -> None:
+    with trio.fail_after(DEADLINE):
+        while (connection := directory.get(TOWER)) is None:
+            await trio.sleep(0.05)
+        await connection.closed.wait()
+
+
+@pytest.mark.parametrize("frame, why", [
+    # Anything but load reports: a tower that is broken, or not what it claims.
+    (codec.encode(PeerState("s-1", 1, "closed")), "silent for 1 s: no load report"),
+    # Reports that are all refused: a tower that is broken.
+    (codec.encode(TowerLoadReport(0, 100, cpu_seconds=-1.0)), "impossible usage"),
+    # A newer tower than this broker: its reports have a field this broker does not know.
+    (msgpack.packb([LINK_VERSION, "tower.load", {"sessions": 0, "capacity": 100, "gpu": 1}]),
+     "unknown field 'gpu'"),
+], ids=["other frames", "refused reports", "newer agent"])
+def test_only_a_load_report_taken_keeps_a_tower_linked(authority, frame, why):
+    """Whatever else a tower sends, without a load report taken it is as good as silent:
+    dropped (its sessions moved), not kept linked but never chosen."""
+    seen = {}
+
+    async def main():
+        async with linked_by_hand(authority, sends_forever(frame), silence=1.0,
+                                  flags=PATIENT) as (system, directory):
+            await linked_then_dropped(directory)
+            seen["failure"] = await first_failure(system)
+
+    run(main)
+    assert "silent for 1 s: no load report" in seen["failure"]
+    assert why in seen["failure"]
+
+
+def test_a_revoked_tower_is_dropped_whatever_it_sends(authority):
+    """``broker ca revoke`` reaches a link with no load reports too, and says why."""
+    key, csr = generate_key_and_csr(TOWER)
+    identity = authority.directory / "ledgered.pem"
+    write_secret(identity, key + authority.issuer.sign(csr, TOWER))
+    seen = {}
+
+    async def main():
+        tower = sends_forever(codec.encode(PeerState("s-1", 1, "closed")))
+        async with linked_by_hand(authority, tower, silence=DEADLINE, identity=identity,
+                                  flags=PATIENT) as (system, directory):
+            with trio.fail_after(DEADLINE):
+                while directory.get(TOWER) is None:
+                    await trio.sleep(0.05)
+            authority.issuer.revoke(TOWER)
+            seen["failure"] = await first_failure(system)
+
+    run(main)
+    assert "is revoked" in seen["failure"]
+
+
+def test_a_link_ends_when_its_certificate_expires_unrenewed(authority):
+    """A tower that reports its load but never answers a renewal: its link does not
+    outlive the certificate it was opened with."""
+    identity = authority.identity(TOWER, not_after=timedelta(seconds=3),
+                                  issued_ago=timedelta(hours=1))
+    seen = {}
+
+    async def main():
+        tower = sends_forever(codec.encode(TowerLoadReport(0, 100)))
+        async with linked_by_hand(authority, tower, silence=1.0, identity=identity,
+                                  flags=PATIENT) as (system, directory):
+            await linked_then_dropped(directory)
+            seen["failure"] = await first_failure(system)
+
+    run(main)
+    assert "expired at" in seen["failure"] and "not renewed" in seen["failure"]
+
+
+def test_a_hello_claiming_more_than_tower_capacity_is_refused(authority):
+    """Every tower is given ``tower_capacity``: one claiming more would draw every new
+    session and hide the load from the scaler."""
+    claim = Settings().tower_capacity + 1
+    hello = TowerHello(TOWER, claim, "test")
+    seen = {}
+
+    async def main():
+        tower = sends_forever(codec.encode(TowerLoadReport(0, claim)), hello)
+        async with linked_by_hand(authority, tower, flags=PATIENT) as (system, directory):
+            seen["failure"] = await first_failure(system)
+            seen["linked"] = directory.get(TOWER)
+
+    run(main)
+    assert f"claims a capacity of {claim}" in seen["failure"]
+    assert "tower_capacity" in seen["failure"]
+    assert seen["linked"] is None
+
+
+def test_a_towers_refusals_are_logged_once_not_per_frame(authority, caplog):
+    async def tower(request) -> None:
+        websocket = await request.accept()
+        await websocket.send_message(codec.encode(TowerHello(TOWER, 100, "test")))
+        try:
+            for number in range(1000):
+                await websocket.send_message(codec.encode(LinkError(f"refusal {number}")))
+            while True:
+                await websocket.send_message(codec.encode(TowerLoadReport(0, 100)))
+                await trio.sleep(0.2)
+        except ConnectionClosed:
+            pass
+
+    async def main():
+        async with linked_by_hand(authority, tower) as (_, directory):
+            # Frames are read in order: once a report is taken, every refusal was read.
+            with trio.fail_after(DEADLINE):
+                while directory.placement.load_of(TOWER) is None:
+                    await trio.sleep(0.05)
+
+    run(main)
+    lines = [r.getMessage() for r in caplog.records if "refused a frame" in r.getMessage()]
+    assert lines == [f"{TOWER} refused a frame: 'refusal 0'"]
+
+
+async def test_refusals_past_the_first_are_summed_up_once_per_interval(autojump_clock, caplog):
+    directory, _ = linked_directory()
+    context = LinkContext(directory, None, Settings(), None)
+    link = TowerLink(TOWER, TowerAddress(), context)
+    for number in range(1000):
+        link._refused_by_tower(LinkError(f"refusal {number}"))
+        await trio.sleep(0.01)
+    await trio.sleep(towers.REFUSAL_LOG_INTERVAL)
+    link._refused_by_tower(LinkError("refusal 1000"))
+    lines = [r.getMessage() for r in caplog.records if "refused a frame" in r.getMessage()]
+    assert lines == [
+        f"{TOWER} refused a frame: 'refusal 0'",
+        f"{TOWER} refused a frame: 'refusal 1000' (and 999 more since the last logged)",
+    ]
+    assert link.refused_by_tower == 1001
+
+
 @asynccontextmanager
-async def linked_by_hand(authority: Authority, tower, silence: float = 5.0
-                         ) -> AsyncIterator[tuple]:
+async def linked_by_hand(authority: Authority, tower, silence: float = 5.0,
+                         identity: Path | None = None,
+                         flags: SupervisorFlags = SupervisorFlags()) -> AsyncIterator[tuple]:
     """The broker's own link (``TowerLink``) to a tower of our own CA whose end is
     ``tower``, a WebSocket handler speaking the link protocol by hand; yields the system
-    and the tower directory."""
-    identity = authority.identity(TOWER)
+    and the tower directory. The tower shows ``identity`` (by default, a certificate of
+    an hour made outside the issuer's ledger); ``flags`` are the link's supervisor's."""
+    identity = identity or authority.identity(TOWER)
     tower_tls = server_ssl_context(identity, identity,
                                    client_ca_file=authority.directory / "ca" / "ca.pem")
     settings = Settings(tower_silence=silence, tower_load_interval=0.2)
@@ -444,6 +608,6 @@ async def linked_by_hand(authority: Authority, tower, silence: float = 5.0
             serve_websocket, tower, "127.0.0.1", 0, tower_tls))
         address = TowerAddress("127.0.0.1", server.port)
         children = [ChildSpec("link", lambda: TowerLink(TOWER, address, context))]
-        async with open_system("broker", children=children) as system:
+        async with open_system("broker", children=children, flags=flags) as system:
             yield system, directory
         nursery.cancel_scope.cancel()

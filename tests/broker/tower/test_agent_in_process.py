@@ -14,19 +14,31 @@ from trio_websocket import WebSocketConnection
 
 from actors import ActorSystem, ChildSpec, Supervisor, SupervisorFlags, bridge, open_system
 from broker.client_peer import new_peer
-from broker.link import LinkError, OpenPeer, TowerHello, TowerLoadReport, codec
+from broker.link import (
+    CertificateIssued,
+    CertificateRequest,
+    LinkError,
+    OpenPeer,
+    PeerAnswer,
+    RenewCertificate,
+    TowerHello,
+    TowerLoadReport,
+    codec,
+)
+from broker.pki import CertificateAuthority
 from broker.tower import peer as tower_peer
 from broker.tower.agent import AgentSettings, CommunicationServer
+from broker.tower.peer import PeerSettings
 
 from .test_agent import DEADLINE, TOWER, link_over, receive
 
 
 @asynccontextmanager
-async def agent() -> AsyncIterator[tuple[ActorSystem, int]]:
+async def agent(peer: PeerSettings = PeerSettings()) -> AsyncIterator[tuple[ActorSystem, int]]:
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     settings = AgentSettings(name=TOWER, identity=Path("/nonexistent"),
-                             socket=Path("/nonexistent"), load_interval=0.2)
+                             socket=Path("/nonexistent"), load_interval=0.2, peer=peer)
     peers = SupervisorFlags(intensity=1_000_000, period=1)
     children = [
         ChildSpec("peers", lambda: Supervisor((), peers)),
@@ -98,3 +110,64 @@ def test_the_brokers_link_error_is_logged_not_answered(caplog):
     bridge.run(main, handle_signals=False)
     said = [record.getMessage() for record in caplog.records]
     assert f"{TOWER}: the broker refused a frame: a report it refused" in said
+
+
+def test_a_certificate_that_cannot_be_installed_fails_the_renewal_not_the_link():
+    """The identity file cannot be written (here: it cannot even be read): the broker is
+    told, and tries the renewal again later; the link and its sessions stay."""
+    authority = CertificateAuthority.create()
+    seen = {}
+
+    async def main():
+        client = await bridge.call_asyncio(new_peer)
+        offer = await bridge.call_asyncio(client.offer)
+        async with agent() as (system, port):
+            async with link(port) as broker:
+                await receive(broker, TowerHello)
+                await broker.send_message(codec.encode(OpenPeer("s-1", 1, offer, "echo")))
+                await receive(broker, PeerAnswer)
+                await broker.send_message(codec.encode(RenewCertificate()))
+                request = await receive(broker, CertificateRequest)
+                certificate = authority.sign_tower_csr(request.csr, TOWER)
+                await broker.send_message(codec.encode(CertificateIssued(certificate)))
+                seen["error"] = (await receive(broker, LinkError)).message
+                seen["report"] = await receive(broker, TowerLoadReport)
+                seen["restarts"] = system.lookup(f"/{TOWER}/link").snapshot().restarts
+                seen["peers"] = peer_actors(system)
+        await bridge.call_asyncio(client.close)
+
+    bridge.run(main, handle_signals=False)
+    assert "a certificate renewal step failed" in seen["error"]
+    assert seen["report"].sessions == 1
+    assert seen["restarts"] == 0
+    assert len(seen["peers"]) == 1
+
+
+def test_a_server_that_crashed_closes_the_peers_of_its_previous_incarnation(monkeypatch):
+    """Their broker connection ended with the server that opened them: nothing would
+    track, count or close them."""
+    async def bug(self) -> None:
+        raise RuntimeError("a bug in a renewal step")
+
+    monkeypatch.setattr(CommunicationServer, "_request_certificate", bug)
+
+    async def main():
+        client = await bridge.call_asyncio(new_peer)
+        offer = await bridge.call_asyncio(client.offer)
+        # A peer that would not end by itself (never connected) before the test does.
+        patient = PeerSettings(negotiation_deadline=10 * DEADLINE)
+        async with agent(patient) as (system, port):
+            async with link(port) as broker:
+                await receive(broker, TowerHello)
+                await broker.send_message(codec.encode(OpenPeer("s-1", 1, offer, "echo")))
+                await receive(broker, PeerAnswer)
+                await broker.send_message(codec.encode(RenewCertificate()))
+                with trio.fail_after(DEADLINE):
+                    while not system.lookup(f"/{TOWER}/link").snapshot().restarts:
+                        await trio.sleep(0.05)
+            with trio.fail_after(DEADLINE):
+                while peer_actors(system):
+                    await trio.sleep(0.05)
+        await bridge.call_asyncio(client.close)
+
+    bridge.run(main, handle_signals=False)
