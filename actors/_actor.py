@@ -100,6 +100,11 @@ class Actor:
         """
         raise TypeError(f"{type(self).__name__} does not handle {type(message).__name__}")
 
+    async def finishing(self, exit: Exit) -> None:
+        """Called when the incarnation is stopped in order (by its supervisor, or by
+        ``stop``), before its tasks are cancelled: work its tasks have in flight may end
+        here, within the child's shutdown deadline. Not called after a crash or a kill."""
+
     async def stopping(self, exit: Exit) -> None:
         """Called when the incarnation ends, unless it was killed: release resources here
         (what others count on the actor's behalf goes in ``release``)."""
@@ -933,6 +938,7 @@ async def run_incarnation(
                             # Let go of the start-up nursery trio keeps behind task_status.
                             task_status = trio.TASK_STATUS_IGNORED
                             exit = await actor._serve()
+                            await actor.finishing(exit)
                     except Exception as error:
                         exit = Exit(ExitKind.CRASHED, error)
                     if actor._task_failure is not None:

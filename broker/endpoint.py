@@ -45,6 +45,7 @@ from actors import (
     ActorStopped,
     ActorSystem,
     AskTimeout,
+    Exit,
     MailboxFull,
     SupervisorRef,
 )
@@ -108,6 +109,8 @@ MAX_BODY_BYTES = 16 * 1024
 # that stopped halfway holds no connection and no task.
 BODY_TIMEOUT = 10.0
 CLOSE_DRAIN_TIMEOUT = 2.0
+# How long the connections open as the broker stops may take to end on their own.
+CLOSE_GRACE = 2.0
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost"})
 _SESSION_PATH = re.compile(r"^/v1/sessions/(s-[0-9a-f]{16})(/tokens|/signaling)?$")
 
@@ -296,7 +299,8 @@ class BrokerApi:
         session = Session(session_id, key, application, tower.name, self.towers,
                           self.settings, self.counters)
         sessions = self.system.lookup(SESSIONS_PATH)
-        assert isinstance(sessions, SupervisorRef)
+        if not isinstance(sessions, SupervisorRef):  # the broker is starting or stopping
+            raise ApiError(503, "no_tower", "the broker is not taking sessions; retry later")
         # Counted before the wait, so concurrent requests cannot all pass the limit; the
         # session gives its count back when it ends, also one that failed to start.
         self.counters.by_key[key] += 1
@@ -735,21 +739,33 @@ class Endpoint(Actor):
         config.websocket_max_message_size = 1024 * 1024
         config.keep_alive_max_requests = 1_000_000
         config.accesslog = None
+        config.graceful_timeout = CLOSE_GRACE
         # Through the logging module once, not also on hypercorn's own stderr handler.
         config.errorlog = logging.getLogger("hypercorn.error")
         return config
 
     async def started(self) -> None:
+        self.closing = trio.Event()
+        self.closed = trio.Event()
         await self.start(self._serve_forever)
+
+    async def finishing(self, exit: Exit) -> None:
+        """Take no more connections, and give those open a moment to end on their own:
+        the endpoint stops after the sessions, so each signaling socket is still there
+        to send its client the session's closed state, then close with 1000."""
+        self.closing.set()
+        with trio.move_on_after(CLOSE_GRACE):
+            await self.closed.wait()
 
     async def _serve_forever(self, task_status: trio.TaskStatus[None]) -> None:
         app = self.make_app(self.system)
         settings = app.settings
         async with trio.open_nursery() as nursery:
             try:
-                binds = await nursery.start(
-                    functools.partial(serve, app, self.config(settings), mode="asgi")
-                )
+                binds = await nursery.start(functools.partial(
+                    serve, app, self.config(settings), mode="asgi",
+                    shutdown_trigger=self.closing.wait,
+                ))
             except OSError as error:
                 raise OSError(
                     error.errno, f"cannot listen on {settings.host} "
@@ -760,3 +776,5 @@ class Endpoint(Actor):
             app.settings = settings.with_ports(ports["https"], ports["http"])
             self.on_listening(app.settings)
             task_status.started()
+        # hypercorn returns once the connections open when ``closing`` was set have ended.
+        self.closed.set()

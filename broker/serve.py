@@ -101,12 +101,14 @@ async def serve_broker(
             settings.shell_host, settings.shell_port, shell_files, authorized, towers, board
         )
 
+    # Stopped in the reverse order: the sessions before the endpoint, so that each
+    # client hears over its signaling socket that the broker is shutting down.
     children = [
         towers_spec(lambda: tower_specs),
         *provisioning_specs(provisioning),
+        ChildSpec("endpoint", make_endpoint),
         sessions_spec(),
         ChildSpec("scaler", lambda: Scaler(settings, towers, board)),
-        ChildSpec("endpoint", make_endpoint),
         ChildSpec("shell", make_shell),
     ]
     flags = SupervisorFlags(intensity=5, period=60, backoff=Backoff(initial=0.5, maximum=10))

@@ -318,6 +318,9 @@ class Holding(Actor):
         elif message == "crash":
             raise RuntimeError("asked to crash")
 
+    async def finishing(self, exit):
+        self.seen.append(("finishing", exit.kind))
+
     async def stopping(self, exit):
         self.seen.append(("stopping", exit.kind))
 
@@ -326,7 +329,8 @@ class Holding(Actor):
 
 
 @pytest.mark.parametrize(("how", "hooks"), [
-    ("stop", [("stopping", ExitKind.NORMAL), ("release", ExitKind.NORMAL)]),
+    ("stop", [("finishing", ExitKind.NORMAL), ("stopping", ExitKind.NORMAL),
+              ("release", ExitKind.NORMAL)]),
     ("crash", [("stopping", ExitKind.CRASHED), ("release", ExitKind.CRASHED)]),
     ("kill", [("release", ExitKind.KILLED)]),
 ])
@@ -340,6 +344,34 @@ async def test_release_runs_last_however_the_incarnation_ended(autojump_clock, s
     exit = await ref.join()
     assert seen == hooks
     assert exit.kind is hooks[-1][1]
+
+
+async def test_an_ordered_stop_lets_the_tasks_finish_their_work_first(autojump_clock, system):
+    # A server whose connections still have a last word to send: its tasks run on
+    # through ``finishing``, and are cancelled after it.
+    ticks: list[float] = []
+
+    class Flushing(Actor):
+        runs_tasks = True
+
+        async def started(self):
+            self.start_soon(self._tick)
+
+        async def _tick(self):
+            while True:
+                await trio.sleep(1)
+                ticks.append(trio.current_time())
+
+        async def finishing(self, exit):
+            await trio.sleep(2.2)
+
+    await system.spawn(ChildSpec("flushing", Flushing))
+    await trio.sleep(0.5)
+    stopped_at = trio.current_time()
+    await system.root.terminate_child("flushing")
+    assert [tick - stopped_at for tick in ticks] == [0.5, 1.5]
+    await trio.sleep(5)
+    assert len(ticks) == 2
 
 
 async def test_a_release_that_raises_makes_a_good_end_a_crash(autojump_clock, system):

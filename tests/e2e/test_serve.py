@@ -18,6 +18,11 @@ import h2.events
 import h2.settings
 import psutil
 import pytest
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+from actors import bridge
+from broker.client import trusting
 
 from .conftest import start_broker, stop_broker, wait_for_towers
 
@@ -54,6 +59,35 @@ def test_ctrl_c_stops_the_broker_and_every_tower_agent(tmp_path):
     assert broker.process.returncode == 0
     assert not [pid for pid in agents if psutil.pid_exists(pid)]
     print(f"stopped in {time.monotonic() - started:.2f} s")
+
+
+def test_on_ctrl_c_each_client_hears_that_the_broker_is_shutting_down(tmp_path):
+    broker = start_broker(tmp_path, towers=1)
+    try:
+        wait_for_towers(broker, 1)
+
+        async def main():
+            grant = await broker.client().create_session()
+            frames, code = [], None
+            async with open_websocket_url(grant.signaling_url,
+                                          ssl_context=trusting(broker.certificate)) as socket:
+                frames.append(json.loads(await socket.get_message()))
+                broker.process.send_signal(signal.SIGINT)
+                with trio.fail_after(15):
+                    try:
+                        while True:
+                            frames.append(json.loads(await socket.get_message()))
+                    except ConnectionClosed as closed:
+                        code = closed.reason.code
+            return frames, code
+
+        frames, code = bridge.run(main, handle_signals=False)
+    finally:
+        assert stop_broker(broker) == []
+    assert frames[0]["state"] == "negotiating"
+    assert (frames[-1]["type"], frames[-1]["state"]) == ("state", "closed")
+    assert frames[-1]["reason"] == "the broker is shutting down"
+    assert code == 1000
 
 
 def test_tower_agents_exit_when_their_broker_is_killed(tmp_path):
