@@ -103,7 +103,8 @@ class Actor:
     async def finishing(self, exit: Exit) -> None:
         """Called when the incarnation is stopped in order (by its supervisor, or by
         ``stop``), before its tasks are cancelled: work its tasks have in flight may end
-        here, within the child's shutdown deadline. Not called after a crash or a kill."""
+        here, within the child's shutdown deadline. Not called after a crash or a kill;
+        a task that raises meanwhile makes the stop a crash, as it would at any time."""
 
     async def stopping(self, exit: Exit) -> None:
         """Called when the incarnation ends, unless it was killed: release resources here

@@ -299,17 +299,19 @@ class BrokerApi:
         session = Session(session_id, key, application, tower.name, self.towers,
                           self.settings, self.counters)
         sessions = self.system.lookup(SESSIONS_PATH)
-        if not isinstance(sessions, SupervisorRef):  # the broker is starting or stopping
+        if not isinstance(sessions, SupervisorRef) or self.system.shutting_down:
+            # Starting, or stopping: the endpoint stops after the sessions.
             raise ApiError(503, "no_tower", "the broker is not taking sessions; retry later")
         # Counted before the wait, so concurrent requests cannot all pass the limit; the
         # session gives its count back when it ends, also one that failed to start.
         self.counters.by_key[key] += 1
         try:
             await sessions.start_child(session_spec(session))
-        except ActorCrashed as error:
+        except (ActorCrashed, ActorStopped) as error:
             if not session.released:  # it never ran at all
                 self.counters.by_key[key] -= 1
-            raise ApiError(503, "no_tower", f"the session could not start: {error.error}")
+            why = error.error if isinstance(error, ActorCrashed) else "the broker is stopping"
+            raise ApiError(503, "no_tower", f"the session could not start: {why}") from None
         created = {"id": session_id, "state": session.state.value, "tower": tower.name}
         if offer is not None:
             if not session.state.ended:  # (it may have had nowhere to go from its start)
@@ -658,7 +660,8 @@ class _HandshakeWithoutCompression(hypercorn.protocol.ws_stream.Handshake):
     hypercorn accepts compression whenever a client offers it, and wsproto inflates a
     frame whole before any size is looked at: 200 KB sent with no valid token were
     inflated to 200 MiB, half a second of the broker's CPU. Signaling frames are small
-    JSON: they go uncompressed, and a compressed frame is a protocol error (1002).
+    JSON: they go uncompressed, and a frame marked compressed is a protocol error, on
+    which hypercorn drops the connection (the client sees 1006).
     """
 
     def __init__(self, headers: Any, http_version: str) -> None:
@@ -754,8 +757,7 @@ class Endpoint(Actor):
         the endpoint stops after the sessions, so each signaling socket is still there
         to send its client the session's closed state, then close with 1000."""
         self.closing.set()
-        with trio.move_on_after(CLOSE_GRACE):
-            await self.closed.wait()
+        await self.closed.wait()  # hypercorn's graceful_timeout (CLOSE_GRACE) bounds it
 
     async def _serve_forever(self, task_status: trio.TaskStatus[None]) -> None:
         app = self.make_app(self.system)

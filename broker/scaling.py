@@ -242,9 +242,11 @@ class Scaler(Actor):
         # the floor replaces it, and it no longer holds back a scale-out (a tower whose
         # link keeps coming back without a load report taken would hold it for good).
         expected = [*self.settings.local_tower_names, *self.board.in_state(HostState.READY)]
-        for name in expected:
-            if name in seen or name not in self.seen_at:
-                self.seen_at[name] = now
+        # Made anew each time: a host back to ready after a while elsewhere (free, then
+        # provisioned again) is looked for from now, not from when it was last seen.
+        self.seen_at = {
+            name: now if name in seen else self.seen_at.get(name, now) for name in expected
+        }
         coming_back = [
             name for name in expected
             if name not in seen and now - self.seen_at[name] < TOWER_GRACE

@@ -183,9 +183,9 @@ def is_encodable(text: str) -> bool:
 class RateLimit:
     """A token bucket: ``rate`` tokens a second, bursts up to ``rate``.
 
-    A frame takes one token and one more per KiB (``frame_cost``): parsing an offer
-    costs the broker about 8 us a line, so a socket sending only the largest offers
-    would otherwise have it parse 6 MiB of SDP a second.
+    A frame takes one token and one more per 1,024 characters (``frame_cost``): parsing
+    an offer costs the broker about 8 us a line, so a socket sending only the largest
+    offers would otherwise have it parse 6 MiB of SDP a second.
     """
 
     def __init__(self, rate: float = MAX_FRAMES_PER_SECOND) -> None:
@@ -204,7 +204,8 @@ class RateLimit:
 
 
 def frame_cost(data: str | bytes) -> int:
-    """The tokens a frame takes: one, and one per KiB up to the largest frame's 64."""
+    """The tokens a frame takes: one, and one per 1,024 characters (what parsing costs
+    goes by them), up to the largest frame's 64."""
     return 1 + min(len(data), MAX_FRAME_BYTES) // 1024
 
 

@@ -19,6 +19,7 @@ runs ``broker tower run`` as a child process and restarts it when it dies
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import math
@@ -282,6 +283,7 @@ class TowerLink(Actor):
         self.refusals_unlogged = 0
         self.refusal_logged_at: float | None = None
         self.renewals = 0
+        self.renewing = False
         # The tower's certificate now: the one it showed, then each one renewed.
         self.certificate: x509.Certificate | None = None
         self.renewal_replies: trio.MemorySendChannel[object] | None = None
@@ -396,6 +398,10 @@ class TowerLink(Actor):
                     self.bad_frames += 1
             elif isinstance(message, LinkError):
                 self._refused_by_tower(message)
+                if self.renewing:  # most likely the renewal's own failure: heard at once
+                    assert self.renewal_replies is not None
+                    with contextlib.suppress(trio.WouldBlock):
+                        self.renewal_replies.send_nowait(message)
             else:
                 self.bad_frames += 1
 
@@ -462,7 +468,11 @@ class TowerLink(Actor):
             assert self.certificate is not None
             await sleep_until_renewal(self.certificate)
             try:
-                await self._renew_once(connection, replies)
+                self.renewing = True
+                try:
+                    await self._renew_once(connection, replies)
+                finally:
+                    self.renewing = False
             except (RenewalFailed, TowerGone) as error:
                 logger.warning("%s: certificate renewal failed: %s", self.name, error)
                 left = self.certificate.not_valid_after_utc - datetime.now(timezone.utc)
@@ -604,6 +614,8 @@ class RenewalFailed(Exception):
 async def _reply(replies: trio.MemoryReceiveChannel[object], expected: type) -> Any:
     with trio.move_on_after(RENEWAL_TIMEOUT):
         message = await replies.receive()
+        if isinstance(message, LinkError):
+            raise RenewalFailed(f"the tower: {message.message[:200]}")
         if not isinstance(message, expected):
             raise RenewalFailed(f"expected {expected.__name__}, got {type(message).__name__}")
         return message

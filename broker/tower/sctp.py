@@ -73,6 +73,7 @@ def bundle_acknowledgements(sctp: RTCSctpTransport) -> None:
         finally:
             holding = False
         try:
+            # On the receive path, as aiortc's own flush after a SACK is.
             await sctp._data_channel_flush()
         finally:
             unsent, held = held, None

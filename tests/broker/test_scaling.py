@@ -402,6 +402,23 @@ async def test_a_provisioned_tower_not_reporting_holds_back_a_scale_out_only_for
     assert [(d.action, d.host) for d in policy.decide(view)] == [("provision", "spare")]
 
 
+async def test_a_host_ready_again_after_a_while_elsewhere_is_coming_from_then(
+    autojump_clock, tmp_path
+):
+    # Drained to free, provisioned again two minutes later: until its first report it is
+    # on its way, not missing since it was last seen two minutes ago.
+    board = HostBoard((Host("h1", "10.0.0.1", "tower"),))
+    board.set("h1", HostState.READY)
+    scaler = Scaler(Settings(state_dir=tmp_path, local_towers=0),
+                    TowerDirectory(stale_after=5.0), board)
+    assert scaler.view().on_the_way == 1
+    board.set("h1", HostState.FREE)
+    assert scaler.view().on_the_way == 0
+    await trio.sleep(120)
+    board.set("h1", HostState.READY)
+    assert scaler.view().on_the_way == 1
+
+
 async def test_a_retiring_tower_gone_stale_still_holds_back_a_second_scale_in(
     autojump_clock, tmp_path
 ):

@@ -820,6 +820,18 @@ async def test_a_post_whose_session_fails_before_its_answer_is_answered_at_once(
     assert broker.counters.by_key["key"] == 0
 
 
+async def test_a_post_as_the_broker_stops_is_refused_at_once(autojump_clock, broker, monkeypatch):
+    # The endpoint stops after the sessions: a session asked for meanwhile waited on a
+    # supervisor busy stopping its children, then failed with a 500.
+    api = api_for(broker)
+    await trio.testing.wait_all_tasks_blocked()  # the towers' first load reports
+    monkeypatch.setattr(type(broker.system), "shutting_down", property(lambda system: True))
+    with pytest.raises(endpoint.ApiError) as refused:
+        await api._create("key", {})
+    assert (refused.value.status, refused.value.code) == (503, "no_tower")
+    assert broker.counters.by_key["key"] == 0
+
+
 async def test_the_token_of_a_post_with_an_offer_lives_its_whole_lifetime_from_the_answer(
         autojump_clock, broker, monkeypatch):
     # It was issued before the wait for the tower's answer, which may take the

@@ -40,7 +40,15 @@ from broker.pki import (
     write_secret,
 )
 from broker import towers
-from broker.link import LINK_VERSION, LinkError, PeerState, TowerHello, TowerLoadReport, codec
+from broker.link import (
+    LINK_VERSION,
+    LinkError,
+    PeerState,
+    RenewCertificate,
+    TowerHello,
+    TowerLoadReport,
+    codec,
+)
 from broker.metrics import ProcessUsage
 from broker.towers import (
     LinkContext,
@@ -526,6 +534,40 @@ def test_a_link_ends_when_its_certificate_expires_unrenewed(authority):
 
     run(main)
     assert "expired at" in seen["failure"] and "not renewed" in seen["failure"]
+
+
+def test_a_renewal_the_tower_cannot_install_fails_at_once_with_its_reason(authority, caplog):
+    """The tower says so in a LinkError; the broker used to wait 30 s for an answer that
+    would never come, and log only that."""
+    identity = authority.identity(TOWER, not_after=timedelta(minutes=10),
+                                  issued_ago=timedelta(hours=1))  # due at once
+
+    async def tower(request) -> None:
+        websocket = await request.accept()
+        await websocket.send_message(codec.encode(TowerHello(TOWER, 100, "test")))
+        try:
+            while True:
+                await websocket.send_message(codec.encode(TowerLoadReport(0, 100)))
+                with trio.move_on_after(0.2):
+                    if isinstance(codec.decode(await websocket.get_message()),
+                                  RenewCertificate):
+                        await websocket.send_message(codec.encode(
+                            LinkError("a certificate renewal step failed: disk full")))
+        except ConnectionClosed:
+            pass
+
+    def failures() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "renewal failed" in r.getMessage()]
+
+    async def main():
+        async with linked_by_hand(authority, tower, identity=identity):
+            with trio.fail_after(towers.RENEWAL_TIMEOUT / 2):
+                while not failures():
+                    await trio.sleep(0.05)
+
+    run(main)
+    assert failures()[0] == (f"{TOWER}: certificate renewal failed: the tower: "
+                             "a certificate renewal step failed: disk full")
 
 
 def test_a_hello_claiming_more_than_tower_capacity_is_refused(authority):

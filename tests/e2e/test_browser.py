@@ -12,6 +12,7 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from .conftest import start_broker, stop_broker, wait_for_towers
@@ -271,12 +272,28 @@ def test_a_session_that_fails_for_good_shows_its_reason(tmp_path, page):
         stop_broker(broker)
 
 
-def test_a_broker_that_goes_away_and_comes_back_is_shown(tmp_path, page):
+def test_a_broker_stopping_tells_the_page_why(tmp_path, page):
     broker = start_broker(tmp_path, towers=2)
     wait_for_towers(broker, 2)
     open_demo(page, broker)
     start(page)
     stop_broker(broker)
+    closed = page.wait_for_function(
+        "() => window.demo.events.find(e => e.type === 'closed')").json_value()
+    assert closed["detail"] == {"reason": "the broker is shutting down", "state": "closed"}
+
+
+def test_a_broker_that_crashes_and_comes_back_is_shown(tmp_path, page):
+    broker = start_broker(tmp_path, towers=2)
+    wait_for_towers(broker, 2)
+    open_demo(page, broker)
+    start(page)
+    agents = [psutil.Process(pid) for pid in broker.tower_pids().values()]
+    os.kill(broker.process.pid, signal.SIGKILL)
+    broker.process.wait(10)
+    _gone, alive = psutil.wait_procs(agents, timeout=10)  # they follow their broker
+    for agent in alive:
+        agent.kill()
     page.wait_for_function(
         "() => window.demo.events.some(e => e.type === 'signaling' && !e.detail.connected)")
     port = broker.url.rsplit(":", 1)[1]
