@@ -131,11 +131,18 @@ def parse_host(entry: Any, where: str = "host") -> Host:
         value = getattr(host, key)
         if not value or _UNSAFE.search(value):
             raise InventoryError(f"{where}: {key} must be a plain word, not {value!r}")
+    if ":" in host.root:
+        # NGINX ends a unix: socket's path at the first ':' (proxy_pass to the agent).
+        raise InventoryError(f"{where}: root must not contain ':', not {host.root!r}")
     if host.tower_address:
         try:
             ipaddress.ip_address(host.tower_address)
         except ValueError:
             raise InventoryError(f"{where}: tower_address must be an IP address") from None
+        if "%" in host.tower_address:
+            # A zone (fe80::1%eth0) takes any text, and NGINX's listen takes none.
+            raise InventoryError(f"{where}: tower_address must be an IP address without "
+                                 "a zone")
     if not host.tower_command.strip() or any(
         _UNSAFE.search(word) for word in host.tower_command.split()
     ):

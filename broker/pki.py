@@ -22,9 +22,11 @@ seen half-written.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import os
 import ssl
+import stat
 import tempfile
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
@@ -67,6 +69,24 @@ def _make_private_directories(directory: Path) -> None:
         directory = directory.parent
     for directory in reversed(missing):
         directory.mkdir(mode=0o700, exist_ok=True)
+
+
+def keep_private(path: Path) -> None:
+    """Check that a secret the broker reuses from its state directory is a plain file of
+    its own user, and make it readable by that user alone if it was not.
+
+    Raises:
+        PermissionError: it is a symbolic link or not a plain file, or another user's.
+    """
+    status = os.lstat(path)
+    if not stat.S_ISREG(status.st_mode):
+        raise PermissionError(errno.EPERM, "a secret must be a plain file, not a link",
+                              str(path))
+    if status.st_uid != os.geteuid():
+        raise PermissionError(errno.EPERM, "a secret must belong to the broker's own user",
+                              str(path))
+    if status.st_mode & 0o077:
+        os.chmod(path, 0o600)
 
 
 def write_secret(path: Path, data: bytes) -> None:
@@ -290,6 +310,7 @@ class CertificateAuthority:
                 f"{present} exists but {missing} does not; restore the missing file, or "
                 f"remove {present} to create a new certificate authority"
             )
+        keep_private(key_path)
         try:
             return cls.from_files(certificate_path, key_path)
         except CertificateError as error:

@@ -26,6 +26,7 @@ of the tower's.
 
 from __future__ import annotations
 
+import posixpath
 import re
 import shlex
 from dataclasses import dataclass
@@ -110,7 +111,8 @@ def parse_login(answer: str) -> Login:
     if len(lines) != 2:
         raise ValueError(f"{LOGIN_QUERY!r} answered {answer[:80]!r}, not two lines")
     home, uid = lines
-    if not home.startswith("/") or not is_plain(home):
+    if not home.startswith("/") or not is_plain(home) or ":" in home:
+        # (NGINX ends a unix: socket's path at the first ':')
         raise ValueError(f"the home directory {home[:80]!r} is not a plain path")
     if not re.fullmatch(r"[0-9]{1,10}", uid):
         raise ValueError(f"the user id {uid[:80]!r} is not a number")
@@ -124,6 +126,12 @@ def tower_paths(host: Host, login: Login) -> TowerPaths:
     return TowerPaths(root, run)
 
 
+def _owned(path: str, uid: int | None = None) -> str:
+    """A shell condition: ``path`` belongs to user ``uid`` (by default, the login)."""
+    owner = "$(id -u)" if uid is None else str(uid)
+    return f'[ "$(stat -c %u {path})" = "{owner}" ]'
+
+
 def prepare_directories(paths: TowerPaths) -> str:
     """A shell command (one ``&&`` chain, failing at the first failure): the tower's
     directories, and for the root user NGINX's worker user and the socket directory of
@@ -133,7 +141,16 @@ def prepare_directories(paths: TowerPaths) -> str:
     its own with no other members): a login account of that name, or others in its
     group, could reach the agent's socket.
     """
-    steps = [f"mkdir -p {paths.tls} {paths.nginx}/tmp", f"chmod 700 {paths.root}"]
+    parent = posixpath.dirname(paths.root)
+    steps = [
+        f"mkdir -p {paths.tls} {paths.nginx}/tmp",
+        # One made before by another user stays theirs, whatever chmod says, and one in
+        # another user's directory may be swapped for theirs: they could change the
+        # settings whose commands the agent runs, or NGINX's configuration.
+        f"{{ {_owned(paths.root)} && {{ {_owned(parent, 0)} || {_owned(parent)}; }}"
+        f" || {{ echo '{paths.root} or {parent} belongs to another user' >&2; false; }}; }}",
+        f"chmod 700 {paths.root}",
+    ]
     if paths.run is not None:
         user = NGINX_WORKER_USER
         steps += [

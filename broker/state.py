@@ -18,6 +18,7 @@ every start (and renewed over the link); everything else is kept.
 
 from __future__ import annotations
 
+import errno
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from .pki import (
     certificate_expiry,
     check_server_identity,
     generate_key_and_csr,
+    keep_private,
     self_signed_server_certificate,
     write_secret,
 )
@@ -76,7 +78,8 @@ class BrokerFiles:
 
 
 def _read_or_make(path: Path, make: Callable[[], bytes]) -> bytes:
-    if path.exists():
+    if path.exists() or path.is_symlink():
+        keep_private(path)
         return path.read_bytes()
     data = make()
     write_secret(path, data)
@@ -94,7 +97,11 @@ def prepare(settings: Settings) -> tuple[BrokerFiles, Issuer]:
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     api_key = _read_or_make(
         directory / "api-key", lambda: ("bk_" + secrets.token_urlsafe(24)).encode()
-    ).decode().strip()
+    ).decode(errors="replace").strip()
+    if api_key.split() != [api_key] or not api_key.isprintable():
+        # An empty key would let "Authorization: Bearer" with none through.
+        raise OSError(errno.EINVAL, "the API key must be one word; remove the file to "
+                      "have a new one made", str(directory / "api-key"))
     token_secret = _read_or_make(directory / "token-secret", lambda: secrets.token_bytes(32))
     https = directory / "https"
     https_certificate, https_key = https / "certificate.pem", https / "key.pem"

@@ -221,6 +221,11 @@ def test_a_root_of_its_own_is_taken(root):
     assert parse_host(entry(root=root)).root == root
 
 
+def test_a_root_with_a_colon_is_refused():
+    # proxy_pass http://unix:<root>/agent.sock: NGINX ends the path at the first ':'.
+    assert "root must not contain ':'" in refusal(entry(root="/srv/tow:er"))
+
+
 @pytest.mark.parametrize("command", [
     "broker; rm -rf /", "broker $(id)", "broker `id`", "'broker'", 'broker "x"',
     "broker && id", "broker | tee", "", "   ",
@@ -230,7 +235,10 @@ def test_an_unsafe_or_empty_tower_command_is_refused(command):
     assert "tower_command" in config_refusal(entry(tower_command=command))
 
 
-@pytest.mark.parametrize("address", ["tower.example", "10.0.0", "", "10.0.0.7:8443", "[::1]"])
+@pytest.mark.parametrize("address", [
+    "tower.example", "10.0.0", "", "10.0.0.7:8443", "[::1]", "fe80::1%eth0",
+    "fe80::1%eth0\nssl_verify_client optional_no_ca;\nlisten [::1",
+])
 def test_a_tower_address_must_be_an_ip_address(address):
     if address == "":
         # Empty means "the SSH address".
@@ -238,6 +246,7 @@ def test_a_tower_address_must_be_an_ip_address(address):
         return
     assert "tower_address must be an IP address" in refusal(entry(tower_address=address))
     assert "tower_address" in config_refusal(entry(tower_address=address))
+    assert "\n" not in config_refusal(entry(tower_address=address))
 
 
 # Host keys.

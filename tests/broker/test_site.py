@@ -22,6 +22,7 @@ from broker.site import (
     NGINX_WORKER_USER,
     RUN_DIRECTORY,
     Login,
+    TowerPaths,
     agent_settings,
     nginx_command,
     nginx_configuration,
@@ -61,6 +62,7 @@ def test_the_login_s_answer_gives_its_home_and_user_id():
     ("welcome!\n/home/tower\n1000\n", "not two lines"),
     ("home/tower\n1000", "not a plain path"),
     ("/home/tower; rm -rf /\n1000", "not a plain path"),
+    ("/home/to:wer\n1000", "not a plain path"),  # NGINX would cut its socket path there
     ("/home/tower\n-1", "not a number"),
     ("/home/tower\n0x0", "not a number"),
     ("/home/tower\n\u0660", "not a number"),  # a digit, but not an ASCII one
@@ -296,6 +298,30 @@ def test_nginx_accepts_the_rendered_configuration(home, authority, uid):
         )
     assert result.returncode == 0, result.stderr
     assert "test is successful" in result.stderr
+
+
+def test_a_tower_directory_of_its_own_is_prepared(home):
+    root = home / "session-tower"
+    result = subprocess.run(["sh", "-c", prepare_directories(TowerPaths(str(root)))],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert os.stat(root).st_mode & 0o777 == 0o700
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user needs root")
+@pytest.mark.parametrize("theirs", ["the directory", "the one it is in"])
+def test_a_tower_directory_another_user_could_swap_is_refused(home, theirs):
+    # Made beforehand by another local user (root's chmod leaves it theirs), or in a
+    # directory of theirs (they may rename it and put their own in its place): they could
+    # change the settings whose commands the agent runs.
+    parent = home / "shared"
+    root = parent / "session-tower"
+    root.mkdir(parents=True)
+    os.chown(root if theirs == "the directory" else parent, 65534, 65534)
+    result = subprocess.run(["sh", "-c", prepare_directories(TowerPaths(str(root)))],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert "belongs to another user" in result.stderr
 
 
 @pytest.mark.skipif(not os.path.exists(NGINX), reason=f"no NGINX at {NGINX} to check against")

@@ -3,6 +3,7 @@ the operator instead."""
 
 from __future__ import annotations
 
+import os
 import stat
 from datetime import datetime, timedelta, timezone
 
@@ -95,3 +96,42 @@ def test_the_provisioning_identity_is_made_once(tmp_path):
     assert provisioning_identity(tmp_path) == key
     assert key.with_name("id_ed25519.pub").read_text() == public
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"   \n", b"two words\n"])
+def test_an_api_key_file_that_is_not_one_word_is_refused(tmp_path, content):
+    # An empty key let "Authorization: Bearer" with none at all through.
+    settings = Settings(state_dir=tmp_path)
+    prepare(settings)
+    (tmp_path / "api-key").write_bytes(content)
+    with pytest.raises(OSError, match="the API key must be one word"):
+        prepare(settings)
+
+
+def test_secrets_found_readable_by_others_are_made_private(tmp_path):
+    settings = Settings(state_dir=tmp_path)
+    prepare(settings)
+    secrets = [tmp_path / "api-key", tmp_path / "token-secret", tmp_path / "ca" / "ca-key.pem"]
+    for path in secrets:
+        path.chmod(0o644)
+    prepare(settings)
+    assert [stat.S_IMODE(path.stat().st_mode) for path in secrets] == [0o600] * 3
+
+
+def test_a_secret_that_is_a_link_is_refused(tmp_path):
+    settings = Settings(state_dir=tmp_path)
+    prepare(settings)
+    elsewhere = tmp_path / "elsewhere"
+    (tmp_path / "token-secret").rename(elsewhere)
+    (tmp_path / "token-secret").symlink_to(elsewhere)
+    with pytest.raises(PermissionError, match="plain file"):
+        prepare(settings)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_a_secret_of_another_user_is_refused(tmp_path):
+    settings = Settings(state_dir=tmp_path)
+    prepare(settings)
+    os.chown(tmp_path / "ca" / "ca-key.pem", 65534, 65534)
+    with pytest.raises(PermissionError, match="broker's own user"):
+        prepare(settings)
