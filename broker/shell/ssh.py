@@ -26,6 +26,15 @@ from ..pki import write_secret
 
 MAX_LINE = 4096
 CLOSE_TIMEOUT = 2.0
+# Bounds on what operators' clients may hold of the broker's process: sessions open in
+# all and per connection (each streaming view costs the broker's thread a snapshot of
+# the tree per refresh), connections not yet logged in, and how long one may take to log
+# in or to read what it is sent.
+MAX_SESSIONS = 32
+MAX_SESSIONS_PER_CONNECTION = 8
+MAX_CONNECTIONS_LOGGING_IN = 16
+LOGIN_TIMEOUT = 10.0
+WRITE_TIMEOUT = 10.0
 CTRL_C = "\x03"
 
 
@@ -175,8 +184,13 @@ class OperatorSession:
             raise SessionGone()
         try:
             stream.write(text)
-            await stream.drain()
+            await asyncio.wait_for(stream.drain(), WRITE_TIMEOUT)
         except (asyncssh.DisconnectError, BrokenPipeError, ConnectionError):
+            raise SessionGone() from None
+        except TimeoutError:
+            # A client that stops reading would hold the command (a trace past its
+            # deadline) and what it has written, for as long as the connection lasts.
+            self.process.channel.close()
             raise SessionGone() from None
 
     async def finish(self, status: int) -> None:
@@ -223,14 +237,24 @@ async def start_server(
     """
     keys = {_key_id(text): role for text, role in authorized.items()}
     connections: set[asyncssh.SSHServerConnection] = set()
+    logging_in: set[asyncssh.SSHServerConnection] = set()
+    sessions: dict[asyncssh.SSHServerConnection, int] = {}
 
     class Server(asyncssh.SSHServer):
         def connection_made(self, connection: asyncssh.SSHServerConnection) -> None:
             self.connection = connection
             connections.add(connection)
+            if len(logging_in) >= MAX_CONNECTIONS_LOGGING_IN:
+                connection.close()  # as OpenSSH's MaxStartups does
+                return
+            logging_in.add(connection)
+
+        def auth_completed(self) -> None:
+            logging_in.discard(self.connection)
 
         def connection_lost(self, error: Exception | None) -> None:
             connections.discard(self.connection)
+            logging_in.discard(self.connection)
 
         def begin_auth(self, username: str) -> bool:
             return True
@@ -251,13 +275,25 @@ async def start_server(
             # Only a key validated above carries a role; anything else gets nothing.
             process.exit(3)
             return
+        connection = process.channel.get_connection()
+        if (sum(sessions.values()) >= MAX_SESSIONS
+                or sessions.get(connection, 0) >= MAX_SESSIONS_PER_CONNECTION):
+            process.stderr.write("too many shell sessions are open; close one and retry\n")
+            process.exit(1)
+            return
         session = OperatorSession(process, role)
         if session.has_terminal:
             process.channel.register_key(CTRL_C, session._interrupt_key)
             if session.interactive:
                 process.channel.register_key("\t", session._complete_key)
-        on_session(session)
-        await session.ended.wait()
+        sessions[connection] = sessions.get(connection, 0) + 1
+        try:
+            on_session(session)
+            await session.ended.wait()
+        finally:
+            sessions[connection] -= 1
+            if not sessions[connection]:
+                del sessions[connection]
 
     acceptor = await asyncssh.create_server(
         Server,
@@ -276,6 +312,7 @@ async def start_server(
         max_line_length=MAX_LINE + 1,
         password_auth=False,
         kbdint_auth=False,
+        login_timeout=LOGIN_TIMEOUT,
         gss_host=None,
         x509_trusted_certs=None,
     )

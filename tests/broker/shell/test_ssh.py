@@ -1,0 +1,146 @@
+"""The operators' SSH server itself, over real SSH: what one client may hold of the
+broker's process (sessions, connections not logged in, a trace it does not read)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncio
+import asyncssh
+import trio
+
+from actors import Actor, ChildSpec, Supervisor, SupervisorFlags, bridge, open_system
+from actors.bridge import call_asyncio
+from broker.provisioning import HostBoard
+from broker.shell import ssh
+from broker.shell.server import ShellFiles, ShellServer
+from broker.towers import TowerDirectory
+
+DEADLINE = 30.0
+
+
+class Worker(Actor):
+    async def receive(self, message: Any) -> None:
+        pass
+
+
+def run_with_shell(tmp: Path, test: Callable[[Any, int, Path], Awaitable[None]]) -> None:
+    """``test(system, port, key)`` with a real shell listening; ``key`` is read-only."""
+    host_key, key = tmp / "host-key", tmp / "operator"
+    ssh.ensure_host_key(host_key)
+    private = asyncssh.generate_private_key("ssh-ed25519")
+    private.write_private_key(str(key))
+    authorized = {private.export_public_key().decode().strip(): "read-only"}
+    files = ShellFiles(host_key, tmp / "operator-key", tmp / "known_hosts", tmp / "port")
+
+    async def main() -> None:
+        children = [
+            ChildSpec("towers", lambda: Supervisor([ChildSpec("tower-1", Worker)],
+                                                   SupervisorFlags())),
+            ChildSpec("shell", lambda: ShellServer(
+                "127.0.0.1", 0, files, authorized, TowerDirectory(stale_after=3.0),
+                HostBoard(()))),
+        ]
+        async with open_system("broker", children=children) as system:
+            with trio.fail_after(DEADLINE):
+                await test(system, int(files.port_file.read_text()), key)
+
+    bridge.run(main, handle_signals=False)
+
+
+def connect(port: int, key: Path, **options: Any) -> Any:
+    return asyncssh.connect("127.0.0.1", port, username="operator", known_hosts=None,
+                            client_keys=[str(key)], agent_path=None, **options)
+
+
+def test_sessions_past_the_cap_of_a_connection_are_refused(tmp_path, monkeypatch):
+    # Each streaming view costs the broker's one thread a snapshot of the actor tree per
+    # refresh; sessions also queue in the shell's mailbox, which drops past its capacity.
+    monkeypatch.setattr(ssh, "MAX_SESSIONS_PER_CONNECTION", 2)
+    seen = {}
+
+    async def test(system, port, key):
+        async def client() -> None:
+            async with connect(port, key) as connection:
+                held = [await connection.create_process("trace /broker/towers/tower-1")
+                        for _ in range(2)]
+                for process in held:
+                    await process.stdout.readline()  # "tracing ..."
+                refused = await connection.run("ps")
+                seen["refused"] = (refused.exit_status, refused.stderr)
+                for process in held:
+                    process.close()
+                    await process.wait_closed()
+                # The shell lets go of a closed session's place once it has ended it.
+                for _ in range(100):
+                    again = await connection.run("ps")
+                    if again.exit_status == 0:
+                        break
+                    await asyncio.sleep(0.05)
+                seen["again"] = again.exit_status
+
+        await call_asyncio(client)
+
+    run_with_shell(tmp_path, test)
+    assert seen["refused"] == (1, "too many shell sessions are open; close one and retry\n")
+    assert seen["again"] == 0
+
+
+def test_connections_not_logged_in_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(ssh, "MAX_CONNECTIONS_LOGGING_IN", 3)
+    seen = {}
+
+    async def test(system, port, key):
+        async def idle_connections() -> None:
+            opened = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
+            for _, writer in opened:
+                writer.write(b"SSH-2.0-idle\r\n")  # and then nothing
+            closed = []
+            for reader, _ in opened:
+                try:
+                    # EOF (or a reset) for those turned away.
+                    await asyncio.wait_for(reader.read(), 2.0)
+                    closed.append(True)
+                except ConnectionResetError:
+                    closed.append(True)
+                except TimeoutError:
+                    closed.append(False)
+            seen["closed"] = closed
+            for _, writer in opened:
+                writer.close()
+
+        await call_asyncio(idle_connections)
+
+    run_with_shell(tmp_path, test)
+    assert seen["closed"] == [False, False, False, True, True]
+
+
+def test_a_client_that_stops_reading_does_not_hold_its_trace(tmp_path, monkeypatch):
+    monkeypatch.setattr(ssh, "WRITE_TIMEOUT", 0.5)
+    seen = {}
+
+    async def test(system, port, key):
+        tower = system.lookup("/broker/towers/tower-1")
+        held = {}
+
+        async def client() -> None:
+            held["connection"] = await connect(port, key)
+            # A small window, never read: a client stuck, or gone without a FIN.
+            held["process"] = await held["connection"].create_process(
+                "trace /broker/towers/tower-1 --seconds 1 --limit 10000", window=1024)
+
+        await call_asyncio(client)
+        while tower.snapshot().traces == 0:
+            await trio.sleep(0.05)
+        for number in range(500):  # far more than the window holds
+            await tower.tell("x" * 190 + str(number))
+        with trio.move_on_after(10):
+            while tower.snapshot().traces:
+                await trio.sleep(0.05)
+        seen["traces"] = tower.snapshot().traces
+        held["connection"].close()
+
+    run_with_shell(tmp_path, test)
+    assert seen["traces"] == 0
