@@ -123,13 +123,16 @@ def tower_paths(host: Host, login: Login) -> TowerPaths:
     home = login.home.rstrip("/")
     root = host.root if host.root.startswith("/") else f"{home}/{host.root}"
     run = f"{RUN_DIRECTORY}/{host.name}" if login.uid == 0 else None
-    return TowerPaths(root, run)
+    return TowerPaths(posixpath.normpath(root), run)
 
 
-def _owned(path: str, uid: int | None = None) -> str:
-    """A shell condition: ``path`` belongs to user ``uid`` (by default, the login)."""
-    owner = "$(id -u)" if uid is None else str(uid)
-    return f'[ "$(stat -c %u {path})" = "{owner}" ]'
+def _owned(path: str) -> str:
+    """A shell condition: ``path`` is the login's, and every directory above it the
+    login's or root's (as OpenSSH's StrictModes asks of a user's files): nobody else
+    could replace it, or a directory on its way, with their own."""
+    return (f'[ "$(stat -c %u {path})" = "$(id -u)" ] && d={path} && while [ "$d" != / ];'
+            f' do d=$(dirname "$d"); o=$(stat -c %u "$d");'
+            f' [ "$o" = 0 ] || [ "$o" = "$(id -u)" ] || exit 1; done')
 
 
 def prepare_directories(paths: TowerPaths) -> str:
@@ -141,14 +144,14 @@ def prepare_directories(paths: TowerPaths) -> str:
     its own with no other members): a login account of that name, or others in its
     group, could reach the agent's socket.
     """
-    parent = posixpath.dirname(paths.root)
     steps = [
         f"mkdir -p {paths.tls} {paths.nginx}/tmp",
         # One made before by another user stays theirs, whatever chmod says, and one in
         # another user's directory may be swapped for theirs: they could change the
         # settings whose commands the agent runs, or NGINX's configuration.
-        f"{{ {_owned(paths.root)} && {{ {_owned(parent, 0)} || {_owned(parent)}; }}"
-        f" || {{ echo '{paths.root} or {parent} belongs to another user' >&2; false; }}; }}",
+        f"{{ ( {_owned(paths.root)} )"
+        f" || {{ echo '{paths.root} or a directory above it belongs to another user' >&2;"
+        f" false; }}; }}",
         f"chmod 700 {paths.root}",
     ]
     if paths.run is not None:

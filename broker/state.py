@@ -113,6 +113,8 @@ def prepare(settings: Settings) -> tuple[BrokerFiles, Issuer]:
         key, certificate = self_signed_server_certificate()
         write_secret(https_key, key)
         write_secret(https_certificate, certificate)
+    else:
+        keep_private(https_key)
     authority = CertificateAuthority.load_or_create(directory / "ca", settings.ca_key_type)
     client = directory / "broker"
     if not _valid_for(client / "certificate.pem", RENEWAL_MARGIN,
@@ -122,6 +124,8 @@ def prepare(settings: Settings) -> tuple[BrokerFiles, Issuer]:
         key, certificate = authority.issue(BROKER_NAME, client_only=True)
         write_secret(client / "key.pem", key)
         write_secret(client / "certificate.pem", certificate)
+    else:
+        keep_private(client / "key.pem")
     files = BrokerFiles(
         directory=directory,
         api_key=api_key,

@@ -31,9 +31,11 @@ CLOSE_TIMEOUT = 2.0
 # the tree per refresh), connections not yet logged in, and how long one may take to log
 # in or to read what it is sent.
 MAX_SESSIONS = 32
+ADMIN_RESERVE = 8  # of MAX_SESSIONS, that read-only keys cannot take
 MAX_SESSIONS_PER_CONNECTION = 8
 MAX_CONNECTIONS_LOGGING_IN = 16
-LOGIN_TIMEOUT = 10.0
+# Time for a key's passphrase, or a security key's touch, too.
+LOGIN_TIMEOUT = 30.0
 WRITE_TIMEOUT = 10.0
 CTRL_C = "\x03"
 
@@ -189,8 +191,9 @@ class OperatorSession:
             raise SessionGone() from None
         except TimeoutError:
             # A client that stops reading would hold the command (a trace past its
-            # deadline) and what it has written, for as long as the connection lasts.
-            self.process.channel.close()
+            # deadline) and what it has written, for as long as the connection lasts;
+            # a close would still keep the unsent output for it.
+            self.process.channel.abort()
             raise SessionGone() from None
 
     async def finish(self, status: int) -> None:
@@ -276,7 +279,8 @@ async def start_server(
             process.exit(3)
             return
         connection = process.channel.get_connection()
-        if (sum(sessions.values()) >= MAX_SESSIONS
+        room = MAX_SESSIONS - (0 if role == "admin" else ADMIN_RESERVE)
+        if (sum(sessions.values()) >= room
                 or sessions.get(connection, 0) >= MAX_SESSIONS_PER_CONNECTION):
             process.stderr.write("too many shell sessions are open; close one and retry\n")
             process.exit(1)

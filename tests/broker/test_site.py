@@ -309,16 +309,19 @@ def test_a_tower_directory_of_its_own_is_prepared(home):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user needs root")
-@pytest.mark.parametrize("theirs", ["the directory", "the one it is in"])
-def test_a_tower_directory_another_user_could_swap_is_refused(home, theirs):
-    # Made beforehand by another local user (root's chmod leaves it theirs), or in a
+@pytest.mark.parametrize("theirs", [0, 1, 2])
+@pytest.mark.parametrize("slash", ["", "/"])
+def test_a_tower_directory_another_user_could_swap_is_refused(home, theirs, slash):
+    # Made beforehand by another local user (root's chmod leaves it theirs), or under a
     # directory of theirs (they may rename it and put their own in its place): they could
     # change the settings whose commands the agent runs.
-    parent = home / "shared"
-    root = parent / "session-tower"
+    root = home / "shared" / "theirs" / "session-tower"
     root.mkdir(parents=True)
-    os.chown(root if theirs == "the directory" else parent, 65534, 65534)
-    result = subprocess.run(["sh", "-c", prepare_directories(TowerPaths(str(root)))],
+    os.chown([root, root.parent, root.parent.parent][theirs], 65534, 65534)
+    tower = host(root=str(root) + slash)
+    paths = tower_paths(tower, login("/home/tower"))  # (no tower-nginx account made)
+    assert paths.root == str(root) and paths.run is None
+    result = subprocess.run(["sh", "-c", prepare_directories(paths)],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
     assert "belongs to another user" in result.stderr

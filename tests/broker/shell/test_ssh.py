@@ -88,33 +88,51 @@ def test_sessions_past_the_cap_of_a_connection_are_refused(tmp_path, monkeypatch
     assert seen["again"] == 0
 
 
+async def _turned_away(reader: asyncio.StreamReader) -> bool:
+    try:
+        await asyncio.wait_for(reader.read(), 2.0)  # EOF (or a reset) when turned away
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        return False
+    return True
+
+
 def test_connections_not_logged_in_are_bounded(tmp_path, monkeypatch):
     monkeypatch.setattr(ssh, "MAX_CONNECTIONS_LOGGING_IN", 3)
     seen = {}
 
     async def test(system, port, key):
         async def idle_connections() -> None:
-            opened = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
-            for _, writer in opened:
-                writer.write(b"SSH-2.0-idle\r\n")  # and then nothing
-            closed = []
-            for reader, _ in opened:
-                try:
-                    # EOF (or a reset) for those turned away.
-                    await asyncio.wait_for(reader.read(), 2.0)
-                    closed.append(True)
-                except ConnectionResetError:
-                    closed.append(True)
-                except TimeoutError:
-                    closed.append(False)
-            seen["closed"] = closed
+            opened = []
+            for _ in range(5):
+                opened.append(await asyncio.open_connection("127.0.0.1", port))
+                opened[-1][1].write(b"SSH-2.0-idle\r\n")  # and then nothing
+            seen["turned away"] = await asyncio.gather(
+                *(_turned_away(reader) for reader, _ in opened))
             for _, writer in opened:
                 writer.close()
 
         await call_asyncio(idle_connections)
 
     run_with_shell(tmp_path, test)
-    assert seen["closed"] == [False, False, False, True, True]
+    assert seen["turned away"] == [False, False, False, True, True]
+
+
+def test_a_connection_logged_in_no_longer_counts_as_logging_in(tmp_path, monkeypatch):
+    monkeypatch.setattr(ssh, "MAX_CONNECTIONS_LOGGING_IN", 1)
+    seen = {}
+
+    async def test(system, port, key):
+        async def two_operators() -> None:
+            async with connect(port, key) as first, connect(port, key) as second:
+                seen["statuses"] = [(await first.run("ps")).exit_status,
+                                    (await second.run("ps")).exit_status]
+
+        await call_asyncio(two_operators)
+
+    run_with_shell(tmp_path, test)
+    assert seen["statuses"] == [0, 0]
 
 
 def test_a_client_that_stops_reading_does_not_hold_its_trace(tmp_path, monkeypatch):
@@ -144,3 +162,25 @@ def test_a_client_that_stops_reading_does_not_hold_its_trace(tmp_path, monkeypat
 
     run_with_shell(tmp_path, test)
     assert seen["traces"] == 0
+
+
+def test_read_only_keys_leave_admins_their_reserve(tmp_path, monkeypatch):
+    monkeypatch.setattr(ssh, "MAX_SESSIONS", 3)
+    monkeypatch.setattr(ssh, "ADMIN_RESERVE", 1)
+    seen = {}
+
+    async def test(system, port, key):
+        async def client() -> None:
+            async with connect(port, key) as connection:
+                held = [await connection.create_process("trace /broker/towers/tower-1")
+                        for _ in range(2)]
+                for process in held:
+                    await process.stdout.readline()
+                seen["third"] = (await connection.run("ps")).exit_status
+                for process in held:
+                    process.close()
+
+        await call_asyncio(client)
+
+    run_with_shell(tmp_path, test)
+    assert seen["third"] == 1  # the last place is an admin's
