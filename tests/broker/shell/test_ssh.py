@@ -55,6 +55,15 @@ def connect(port: int, key: Path, **options: Any) -> Any:
                             client_keys=[str(key)], agent_path=None, **options)
 
 
+async def hold_traces(connection: Any, count: int) -> list[Any]:
+    """``count`` sessions kept open on ``connection``, each tracing tower-1."""
+    held = [await connection.create_process("trace /broker/towers/tower-1")
+            for _ in range(count)]
+    for process in held:
+        await process.stdout.readline()  # "tracing ..."
+    return held
+
+
 def test_sessions_past_the_cap_of_a_connection_are_refused(tmp_path, monkeypatch):
     # Each streaming view costs the broker's one thread a snapshot of the actor tree per
     # refresh; sessions also queue in the shell's mailbox, which drops past its capacity.
@@ -64,10 +73,7 @@ def test_sessions_past_the_cap_of_a_connection_are_refused(tmp_path, monkeypatch
     async def test(system, port, key):
         async def client() -> None:
             async with connect(port, key) as connection:
-                held = [await connection.create_process("trace /broker/towers/tower-1")
-                        for _ in range(2)]
-                for process in held:
-                    await process.stdout.readline()  # "tracing ..."
+                held = await hold_traces(connection, 2)
                 refused = await connection.run("ps")
                 seen["refused"] = (refused.exit_status, refused.stderr)
                 for process in held:
@@ -172,10 +178,7 @@ def test_read_only_keys_leave_admins_their_reserve(tmp_path, monkeypatch):
     async def test(system, port, key):
         async def client() -> None:
             async with connect(port, key) as connection:
-                held = [await connection.create_process("trace /broker/towers/tower-1")
-                        for _ in range(2)]
-                for process in held:
-                    await process.stdout.readline()
+                held = await hold_traces(connection, 2)
                 seen["third"] = (await connection.run("ps")).exit_status
                 for process in held:
                     process.close()
