@@ -130,9 +130,10 @@ def _owned(path: str) -> str:
     """A shell condition: ``path`` is the login's, and every directory above it the
     login's or root's (as OpenSSH's StrictModes asks of a user's files): nobody else
     could replace it, or a directory on its way, with their own."""
-    return (f'[ "$(stat -c %u {path})" = "$(id -u)" ] && d={path} && while [ "$d" != / ];'
+    # A subshell of its own, which the loop's exit leaves at the first stranger's.
+    return (f'( [ "$(stat -c %u {path})" = "$(id -u)" ] && d={path} && while [ "$d" != / ];'
             f' do d=$(dirname "$d"); o=$(stat -c %u "$d");'
-            f' [ "$o" = 0 ] || [ "$o" = "$(id -u)" ] || exit 1; done')
+            f' [ "$o" = 0 ] || [ "$o" = "$(id -u)" ] || exit 1; done )')
 
 
 def prepare_directories(paths: TowerPaths) -> str:
@@ -149,7 +150,7 @@ def prepare_directories(paths: TowerPaths) -> str:
         # One made before by another user stays theirs, whatever chmod says, and one in
         # another user's directory may be swapped for theirs: they could change the
         # settings whose commands the agent runs, or NGINX's configuration.
-        f"{{ ( {_owned(paths.root)} )"
+        f"{{ {_owned(paths.root)}"
         f" || {{ echo '{paths.root} or a directory above it belongs to another user' >&2;"
         f" false; }}; }}",
         f"chmod 700 {paths.root}",

@@ -11,6 +11,7 @@ import pytest
 from broker import remote
 from broker.inventory import parse_host
 from broker.state import provisioning_identity
+from tests.broker.test_remote import AnyKey
 
 from .hosts import SimulatedHost, make_host  # noqa: F401
 
@@ -101,16 +102,6 @@ def test_a_host_with_several_keys_shows_the_pinned_one(tmp_path, identity, shown
                                                        connects):
     keys = {kind: asyncssh.generate_private_key(kind) for kind in shown}
     keys.setdefault(pinned, asyncssh.generate_private_key(pinned))
-
-    class AnyKey(asyncssh.SSHServer):
-        def begin_auth(self, username: str) -> bool:
-            return True
-
-        def public_key_auth_supported(self) -> bool:
-            return True
-
-        def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-            return True
 
     async def main():
         server = await asyncssh.create_server(
