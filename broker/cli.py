@@ -393,14 +393,16 @@ def _loadtest(arguments: argparse.Namespace) -> int:
 
 
 def _tower_csr(arguments: argparse.Namespace) -> int:
-    """Keep (or make) ``pending-key.pem`` in the directory; print its request."""
+    """Make a new ``pending-key.pem`` in the directory; print its request.
+
+    A key left pending by an earlier attempt is replaced, never reused: a certificate
+    signed for it then may since have been revoked."""
     from .pki import tower_csr_for_key, write_secret, generate_private_key, private_key_pem
 
     directory: Path = arguments.directory
     key_file = directory / "pending-key.pem"
     try:
-        if not key_file.exists():
-            write_secret(key_file, private_key_pem(generate_private_key(arguments.key_type)))
+        write_secret(key_file, private_key_pem(generate_private_key(arguments.key_type)))
         sys.stdout.write(tower_csr_for_key(key_file.read_bytes(), arguments.name).decode())
     except (OSError, ValueError) as error:
         print(f"broker tower csr: {error}", file=sys.stderr)

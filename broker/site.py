@@ -7,7 +7,8 @@ The layout under the tower's root directory (0700, owned by the SSH user):
     <root>/agent.sock         the agent's link socket; only NGINX connects to it (for
                               the root user: /run/session-tower/<name>/agent.sock)
     <root>/agent.pid, agent.lock, agent.log
-    <root>/tls/pending-key.pem   the key made on the host for its first certificate
+    <root>/tls/pending-key.pem   a new key made on the host by each provisioning, until
+                              its certificate is installed
     <root>/tls/tower.pem      the tower's key and certificate (0600; renewals replace it)
     <root>/tls/ca.pem         the broker's CA: NGINX checks client certificates against it
     <root>/nginx/nginx.conf   the tower's own NGINX instance (master runs as the SSH user)

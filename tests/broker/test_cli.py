@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 import broker
 from broker import cli
@@ -119,3 +121,22 @@ def test_a_load_test_refuses_figures_that_make_no_sense(options, refused):
                              *options], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.startswith(f"broker loadtest: {refused}")
+
+
+def test_each_signing_request_comes_with_a_new_key(tmp_path):
+    # A key left pending by an earlier provisioning attempt may have had its certificate
+    # revoked since: the next attempt never asks for that key to be signed again.
+    command = [BROKER, "tower", "csr", "--directory", str(tmp_path), "--name", "tower-1"]
+    requests, keys = [], []
+    for _ in range(2):
+        result = subprocess.run(command, capture_output=True, text=True, check=True, timeout=60)
+        requests.append(x509.load_pem_x509_csr(result.stdout.encode()))
+        keys.append((tmp_path / "pending-key.pem").read_bytes())
+    assert keys[0] != keys[1]
+    public_keys = [request.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        for request in requests]
+    assert public_keys[0] != public_keys[1]
+    assert public_keys[1] == serialization.load_pem_private_key(keys[1], None).public_key(
+    ).public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert (tmp_path / "pending-key.pem").stat().st_mode & 0o777 == 0o600
