@@ -102,6 +102,9 @@ HAND_OVER_POLL = 0.05
 # A stopping agent or NGINX has this many 0.1 s polls before it is killed.
 STOP_POLLS = 100
 MAX_SOCKET_PATH = 107
+# Where the serving tree keeps its towers (``broker.serve``), whose children jobs hand
+# their towers to.
+TOWERS_PATH = "/broker/towers"
 EVENTS_KEPT = 200
 # The agent has this long to create its socket once started, within the step's deadline.
 AGENT_START_POLLS = 300  # of 0.1 s
@@ -248,7 +251,9 @@ class Provisioning(Actor):
         if isinstance(message, Down):
             # A job ended for good; one killed from the shell left its host working.
             with contextlib.suppress(LookupError):  # a host no longer in the inventory
-                self._forget_lost_job(self.board.get(message.ref.path.rsplit("/job:", 1)[1]))
+                record = self.board.get(message.ref.path.rsplit("/job:", 1)[1])
+                self._forget_lost_job(record)
+                await self._unlink_unfinished(record)
             return None
         raise TypeError(f"provisioning does not take {type(message).__name__}")
 
@@ -280,6 +285,18 @@ class Provisioning(Actor):
         if record.state in _WORKING and self._job(record.host.name) is None:
             self.board.set(record.host.name, HostState.CANCELLED,
                            f"its job is gone (at {record.step or 'start'})")
+
+    async def _unlink_unfinished(self, record: HostRecord) -> None:
+        """A provisioning that ended with its host not ready (cancelled or failed while
+        its hand-over waited to be retried) had its certificates revoked: the tower its
+        hand-over started stops trying to link with them."""
+        name = record.host.name
+        if record.plan != "provision" or record.state is HostState.READY:
+            return
+        towers = self.system.lookup(TOWERS_PATH)
+        if self._job(name) is None and isinstance(towers, SupervisorRef):
+            with contextlib.suppress(LookupError):  # never handed over
+                await towers.terminate_child(f"tower:{name}")
 
     async def _start(self, request: Provision | Decommission) -> Answer:
         try:
@@ -669,7 +686,7 @@ class JobSteps(Actor):
         return self.paths
 
     def _towers(self) -> SupervisorRef:
-        towers = self.system.lookup("/broker/towers")
+        towers = self.system.lookup(TOWERS_PATH)
         assert isinstance(towers, SupervisorRef)
         return towers
 

@@ -3,6 +3,7 @@ shell conditions the steps run on a host, run by a local shell."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -14,7 +15,16 @@ from pathlib import Path
 import pytest
 import trio
 
-from actors import ActorRef, ActorSystem, SupervisorFlags, SupervisorRef, open_system
+from actors import (
+    Actor,
+    ActorRef,
+    ActorSystem,
+    ChildSpec,
+    Supervisor,
+    SupervisorFlags,
+    SupervisorRef,
+    open_system,
+)
 from broker import provisioning
 from broker.config import Settings
 from broker.inventory import Host
@@ -144,6 +154,32 @@ async def test_a_job_waiting_to_retry_its_hand_over_can_be_cancelled(autojump_cl
     await trio.sleep(1)
     assert jobs.board.get("tower-a").state is HostState.CANCELLED
     assert (await jobs.provisioning.ask(Decommission("tower-a"))).ok
+
+
+async def test_a_tower_whose_job_ended_unfinished_stops_linking(autojump_clock, jobs, plan):
+    # The towers supervisor of the serving tree, with the tower a hand-over started.
+    root = jobs.system.lookup("/broker")
+    assert isinstance(root, SupervisorRef)
+    towers = await root.start_child(ChildSpec("towers", lambda: Supervisor((), SupervisorFlags())))
+    assert towers.path == provisioning.TOWERS_PATH
+
+    async def hand_over() -> None:
+        with contextlib.suppress(ValueError):  # a retry: it is there already
+            await towers.start_child(ChildSpec("tower:tower-a", Linking))
+        raise StepFailed("hand-over: the link to tower-a failed for good")
+
+    plan(lambda steps: [("hand-over", hand_over)])
+    await jobs.provisioning.ask(Provision("tower-a"))
+    await trio.sleep(5)  # the first attempt failed; the job waits 15 s to retry
+    assert jobs.system.lookup("/broker/towers/tower:tower-a") is not None
+    assert (await jobs.provisioning.ask(Cancel("tower-a"))).ok
+    await trio.sleep(1)
+    assert jobs.board.get("tower-a").state is HostState.CANCELLED
+    assert jobs.system.lookup("/broker/towers/tower:tower-a") is None
+
+
+class Linking(Actor):
+    """Stands in for a remote tower that keeps trying to link."""
 
 
 async def test_a_job_handing_over_cannot_be_cancelled(autojump_clock, jobs, plan):
