@@ -16,6 +16,8 @@ const RECONNECT_MAX_DELAY_MS = 5000;
 const ENDED_STATES = new Set(["failed", "closed"]);
 // The session is gone: no token or reconnection will bring it back.
 const GONE_CODES = new Set(["not_found", "session_not_found"]);
+// No fresh token will come: the key was refused (revoked, say), or there is none.
+const NO_TOKEN_CODES = new Set(["unauthorized", "no_credentials"]);
 // Fatal signaling errors after which following the session cannot go on.
 const FINAL_CODES = new Set(["session_not_found", "replaced", "origin_not_allowed"]);
 // Close codes of fatal errors, for a close whose error frame was not seen.
@@ -465,7 +467,7 @@ export class Session extends EventTarget {
     error ??= url ? null : new BrokerError("token_failed", "getToken gave no signaling_url");
     if (!error) return this._connect(url);
     this._emit("error", { error });
-    if (GONE_CODES.has(error.code) || error.code === "no_credentials") {
+    if (GONE_CODES.has(error.code) || NO_TOKEN_CODES.has(error.code)) {
       this._finish(`${error.code}: ${error.message}`);
     } else {
       this._scheduleReconnect();
@@ -520,7 +522,6 @@ export class Session extends EventTarget {
   }
 }
 
-/** The JSON value of `text`, or undefined when it is not JSON. */
 /** `promise`, or a rejection (`unreachable`, `message`) after `ms` milliseconds. */
 function withinTime(promise, ms, message) {
   let timer;
@@ -538,6 +539,7 @@ function openedOrClosed(socket) {
   });
 }
 
+/** The JSON value of `text`, or undefined when it is not JSON. */
 function parseJson(text) {
   try {
     return JSON.parse(text);

@@ -228,6 +228,39 @@ def test_a_session_followed_without_an_api_key_is_ended_by_close_while_reconnect
     assert (outcome["state"], outcome.get("reason")) == ("closed", "closed by the client")
 
 
+def test_a_session_whose_key_is_refused_stops_asking_for_tokens(broker, page):
+    """A dropped socket needs a fresh token; once the key asking for it is refused
+    (revoked, say), asking again every few seconds cannot help."""
+    open_demo(page, broker)
+    outcome = page.evaluate("""async () => {
+        const { BrokerClient } = await import('/client/broker-client.js');
+        const backend = new BrokerClient({ apiKey: window.demo.client.apiKey });
+        const grant = await backend.createSession({ application: 'echo' });
+        const refused = new BrokerClient({ apiKey: 'bk_revoked' });
+        let asked = 0;
+        const session = refused.openSession(grant, {
+            getToken: id => { asked++; return refused.newToken(id); } });
+        const errors = [];
+        session.addEventListener('error', e => errors.push(e.detail.error.code));
+        await new Promise((resolve, reject) => {
+            session.addEventListener('open', resolve, { once: true });
+            setTimeout(() => reject(new Error('never opened')), 15000);
+        });
+        const closed = new Promise((resolve, reject) => {
+            session.addEventListener('closed', e => resolve(e.detail), { once: true });
+            setTimeout(() => reject(new Error('still following')), 10000);
+        });
+        session._socket.close();
+        const detail = await closed;
+        await new Promise(resolve => setTimeout(resolve, 1500));  // past a retry's delay
+        await backend.deleteSession(grant.id);
+        return { errors, asked, reason: detail.reason };
+    }""")
+    assert outcome["errors"] == ["unauthorized"]
+    assert outcome["asked"] == 1
+    assert outcome["reason"].startswith("unauthorized: ")
+
+
 def test_a_close_as_the_signaling_socket_connects_goes_over_that_socket(broker, page):
     """Right after openSession: a second socket for the close would replace the first
     (a false 'replaced' error), or be replaced (and its close go nowhere)."""
