@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--identity", type=Path, help="the tower's key and certificate (PEM)")
     run.add_argument("--ca", type=Path, help="the broker's CA certificate")
     run.add_argument("--capacity", type=int, default=Settings.tower_capacity)
+    run.add_argument("--video-weight", type=int, default=Settings.video_weight)
     run.add_argument("--heartbeat-interval", type=float, default=Settings.heartbeat_interval)
     run.add_argument("--heartbeat-timeout", type=float, default=Settings.heartbeat_timeout)
     run.add_argument("--negotiation-deadline", type=float,
@@ -317,6 +318,7 @@ def _tower_run(arguments: argparse.Namespace) -> int:
                 port=int(port),
                 ca=arguments.ca,
                 capacity=arguments.capacity,
+                video_weight=arguments.video_weight,
                 load_interval=arguments.load_interval,
                 peer=peer,
             )

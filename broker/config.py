@@ -120,6 +120,8 @@ class Settings:
     ice_servers: tuple[dict[str, Any], ...] = ()
     local_towers: int = field(default_factory=default_tower_count)
     tower_capacity: int = 500
+    # A session a tower sends video to counts as this many against its capacity.
+    video_weight: int = 25
     max_sessions_per_key: int = 50
     token_lifetime: float = 60.0
     negotiation_deadline: float = 10.0
@@ -196,7 +198,8 @@ class Settings:
                 raise ConfigError(f"{name} cannot be negative")
         if self.local_towers > MAX_LOCAL_TOWERS:
             raise ConfigError(f"local_towers is at most {MAX_LOCAL_TOWERS}")
-        for name in ("tower_capacity", "max_sessions_per_key", "placements_per_session"):
+        for name in ("tower_capacity", "video_weight", "max_sessions_per_key",
+                     "placements_per_session"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.heartbeat_timeout <= self.heartbeat_interval:

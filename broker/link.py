@@ -63,6 +63,10 @@ class TowerHello:
 class TowerLoadReport:
     """Sessions open on the tower now; also the link's heartbeat.
 
+    ``used`` is how much of the capacity they take: a session the tower sends video to
+    counts as the tower's ``video_weight`` sessions, one with data only as one. A tower
+    older than it reports none (each session then counts as one).
+
     ``cpu_seconds`` is the CPU time the agent process has used since it started, and
     ``resident_bytes`` its resident memory now: how operators and load tests see a
     tower's cost wherever it runs. A tower older than these fields reports neither (a
@@ -76,6 +80,7 @@ class TowerLoadReport:
     draining: bool = False
     cpu_seconds: float | None = None
     resident_bytes: int | None = None
+    used: int | None = None
 
 
 @codec.message("peer.answer")

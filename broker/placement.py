@@ -2,13 +2,15 @@
 
 Theory of operation: every tower reports its load (sessions, capacity) at least once a
 second; a tower not heard from within ``stale_after`` seconds (default 5) is not
-chosen, nor is a draining tower or a full one. Among the rest, two are drawn at random
-and the less loaded wins ("power of two choices", as LiveKit places rooms): nearly as
-even as always taking the least loaded tower, without every broker piling onto the same
-one between two reports. A session placed since a tower's last report counts against
-that tower until its next report, so a burst of arrivals spreads out. A tower reports
-the sessions that have offered (its peers); the broker's sessions there that have not
-offered yet (``assign``, ``unassign``) count on top of those.
+chosen, nor is a draining tower or a full one; a session the tower sends video to takes
+more of its capacity than one with data only (the tower weighs them: ``used``). Among
+the rest, two are drawn at random and the less loaded wins ("power of two choices", as
+LiveKit places rooms): nearly as even as always taking the least loaded tower, without
+every broker piling onto the same one between two reports. A session placed since a
+tower's last report counts against that tower until its next report, so a burst of
+arrivals spreads out. A tower reports the sessions that have offered (its peers); the
+broker's sessions there that have not offered yet (``assign``, ``unassign``) count on
+top of those.
 """
 
 from __future__ import annotations
@@ -30,12 +32,22 @@ class TowerLoad:
     sessions: int
     capacity: int
     draining: bool = False
+    # How much of the capacity the sessions take: a session with video counts as the
+    # tower's video_weight. None (a tower that does not weigh): one each.
+    used: int | None = None
 
     def __post_init__(self) -> None:
         if not self.tower:
             raise ValueError("a load report names its tower")
         if self.sessions < 0 or self.capacity < 0:
             raise ValueError(f"{self.tower}: sessions and capacity cannot be negative")
+        if self.used is not None and self.used < self.sessions:
+            raise ValueError(f"{self.tower}: its sessions cannot take less than one each")
+
+    @property
+    def taken(self) -> int:
+        """The capacity the sessions take."""
+        return self.sessions if self.used is None else self.used
 
 
 @dataclass
@@ -46,16 +58,24 @@ class _Standing:
     placed_since_report: int = 0
 
     @property
-    def sessions(self) -> int:
+    def unreported(self) -> int:
         # The report counts peers; the sessions that have not offered are not among
         # them. Those placed since the report are among the assigned ones, or have
-        # offered since (their peers are in the next report).
-        unreported = max(self.placed_since_report, self.assigned[self.load.tower])
-        return self.load.sessions + unreported
+        # offered since (their peers are in the next report). Each counts as one until
+        # the tower weighs it.
+        return max(self.placed_since_report, self.assigned[self.load.tower])
+
+    @property
+    def sessions(self) -> int:
+        return self.load.sessions + self.unreported
+
+    @property
+    def taken(self) -> int:
+        return self.load.taken + self.unreported
 
     @property
     def share_used(self) -> float:
-        return self.sessions / self.load.capacity if self.load.capacity else math.inf
+        return self.taken / self.load.capacity if self.load.capacity else math.inf
 
 
 class Placement:
@@ -100,7 +120,8 @@ class Placement:
         if standing is None:
             return None
         load = standing.load
-        return TowerLoad(load.tower, standing.sessions, load.capacity, load.draining)
+        return TowerLoad(load.tower, standing.sessions, load.capacity, load.draining,
+                         standing.taken)
 
     def reported_at(self, tower: str) -> float | None:
         """When the tower last reported, or None if it never did (or was forgotten)."""
@@ -120,7 +141,7 @@ class Placement:
             if name not in exclude
             and self.is_fresh(name, now)
             and not standing.load.draining
-            and standing.sessions < standing.load.capacity
+            and standing.taken < standing.load.capacity
         ]
 
     def choose(self, now: float, exclude: Collection[str] = ()) -> str | None:
@@ -144,11 +165,12 @@ class Placement:
         return chosen
 
     def used_share(self, now: float) -> float:
-        """Sessions over capacity across fresh, non-draining towers (0 when there are none)."""
+        """Capacity taken over capacity across fresh, non-draining towers (0 when there
+        are none)."""
         fresh = [
             standing
             for name, standing in self._towers.items()
             if self.is_fresh(name, now) and not standing.load.draining
         ]
         capacity = sum(standing.load.capacity for standing in fresh)
-        return sum(standing.sessions for standing in fresh) / capacity if capacity else 0.0
+        return sum(standing.taken for standing in fresh) / capacity if capacity else 0.0

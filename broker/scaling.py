@@ -1,8 +1,9 @@
 """Scale-out and scale-in: a pure policy over towers' load, and the actor that applies it.
 
 Every ``scale_interval`` seconds the ``scaler`` actor shows the policy what is linked
-(sessions and capacity of each fresh tower), which hosts are free, and what is under way;
-the policy answers with decisions, which the actor carries out and records as events:
+(each fresh tower's capacity, and how much of it its sessions take), which hosts are
+free, and what is under way; the policy answers with decisions, which the actor carries
+out and records as events:
 
 - **provision** a free host, when fewer towers than the floor (``min_towers``, or what
   ``scale N`` set) are up or coming, or when the used share of capacity across ready
@@ -40,7 +41,9 @@ TOWER_GRACE = 30.0
 @dataclass(frozen=True)
 class TowerFigures:
     name: str
-    sessions: int
+    # The capacity its sessions take (a session with video counts as several); 0 when
+    # it has none.
+    used: int
     capacity: int
     provisioned: bool  # from the inventory (may be drained), not a local tower
     draining: bool
@@ -86,13 +89,13 @@ class ScalePolicy:
         serving = [tower for tower in view.towers if not tower.draining]
         capacity = sum(tower.capacity for tower in serving)
         # A tower cannot use more than all of its capacity, whatever it reports.
-        used = sum(min(tower.sessions, tower.capacity) for tower in serving)
+        used = sum(min(tower.used, tower.capacity) for tower in serving)
         used = used / capacity if capacity else 0.0
         free = list(view.free_hosts)
         self._track_idle(view)
 
         for tower in view.towers:
-            if tower.retiring and tower.sessions == 0:
+            if tower.retiring and tower.used == 0:
                 decisions.append(Decision("decommission", tower.name, "drained and empty"))
 
         coming = len(serving) + view.on_the_way
@@ -122,7 +125,7 @@ class ScalePolicy:
             return decisions  # one scale-in at a time
         drainable = [tower for tower in serving if tower.provisioned]
         if self.ceiling is not None and len(serving) > self.ceiling and drainable:
-            victim = min(drainable, key=lambda tower: tower.sessions)
+            victim = min(drainable, key=lambda tower: tower.used)
             decisions.append(Decision("drain", victim.name,
                                       f"{len(serving)} towers, more than {self.ceiling}"))
             return decisions
@@ -134,7 +137,7 @@ class ScalePolicy:
                 continue
             rest = capacity - tower.capacity
             rest_used = (
-                sum(min(other.sessions, other.capacity) for other in serving) / rest
+                sum(min(other.used, other.capacity) for other in serving) / rest
                 if rest else 1.0
             )
             if rest_used < self.threshold / 2:
@@ -146,7 +149,7 @@ class ScalePolicy:
 
     def _track_idle(self, view: ScaleView) -> None:
         for tower in view.towers:
-            if tower.sessions == 0 and not tower.draining:
+            if tower.used == 0 and not tower.draining:
                 self.idle_since.setdefault(tower.name, view.now)
             else:
                 self.idle_since.pop(tower.name, None)
@@ -221,7 +224,7 @@ class Scaler(Actor):
             record = self.board.records.get(connection.name)
             provisioned = record is not None and record.state is HostState.READY
             retiring = record is not None and record.state is HostState.DRAINING
-            figures.append(TowerFigures(connection.name, load.sessions, load.capacity,
+            figures.append(TowerFigures(connection.name, load.taken, load.capacity,
                                         provisioned, draining, retiring))
         seen = {figure.name for figure in figures}
         for name in self.board.in_state(HostState.DRAINING):
@@ -234,8 +237,8 @@ class Scaler(Actor):
                 # Linked but stale: still retiring (no second scale-in meanwhile), and
                 # not known to be empty.
                 load = placement.load_of(name)
-                sessions = max(1, load.sessions if load else 0)
-                figures.append(TowerFigures(name, sessions, 0, True, True, True))
+                used = max(1, load.taken if load else 0)
+                figures.append(TowerFigures(name, used, 0, True, True, True))
         # A tower not reporting is coming for a while (the broker restarts a local agent
         # itself; a provisioned one is relinked or provisioned again), not missing: no
         # host is provisioned for a moment's gap. Unseen past the grace, it is missing:

@@ -197,6 +197,7 @@ def agent_settings(host: Host, paths: TowerPaths, settings: Settings) -> str:
         f"reload = [{words('-s', 'reload')}]",
         f"key_type = {_toml_string(settings.tower_key_type)}",
         f"capacity = {settings.tower_capacity}",
+        f"video_weight = {settings.video_weight}",
         f"heartbeat_interval = {settings.heartbeat_interval!r}",
         f"heartbeat_timeout = {settings.heartbeat_timeout!r}",
         f"negotiation_deadline = {settings.negotiation_deadline!r}",

@@ -205,7 +205,8 @@ class TowerDirectory:
                              f"{report.capacity}, more than the {connection.capacity} "
                              "of its hello")
         if connection is not None:
-            load = TowerLoad(name, report.sessions, report.capacity, report.draining)
+            load = TowerLoad(name, report.sessions, report.capacity, report.draining,
+                             report.used)
             self.placement.report(load, trio.current_time())
             if cpu is not None and resident is not None:
                 self.usage[name] = ProcessUsage(cpu, resident)
@@ -692,6 +693,7 @@ class LocalTowerAgent(Actor):
             "--identity", str(self.files.identity),
             "--ca", str(self.files.ca),
             "--capacity", str(self.settings.tower_capacity),
+            "--video-weight", str(self.settings.video_weight),
             "--heartbeat-interval", str(self.settings.heartbeat_interval),
             "--heartbeat-timeout", str(self.settings.heartbeat_timeout),
             "--negotiation-deadline", str(self.settings.negotiation_deadline),

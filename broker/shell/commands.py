@@ -82,7 +82,9 @@ class TowerView:
     ``state`` is "ready", "draining" or "stale"; ``heartbeat_age`` is the seconds since
     the tower was last heard from (None: never); ``certificate_expires`` is when its
     link certificate expires (a naive datetime is taken as UTC); ``usage`` is what its
-    agent process costs, as it last reported (None: not reported).
+    agent process costs, as it last reported (None: not reported); ``used`` how much of
+    its capacity the sessions take, a session with video counting as several (None: one
+    each).
     """
 
     name: str
@@ -92,6 +94,7 @@ class TowerView:
     heartbeat_age: float | None
     certificate_expires: datetime | None
     usage: ProcessUsage | None = None
+    used: int | None = None
 
 
 @dataclass(frozen=True)
@@ -823,7 +826,8 @@ class Shell:
             [
                 tower.name,
                 tower.state,
-                f"{tower.sessions}/{tower.capacity}",
+                f"{tower.sessions}/{tower.capacity}" + (
+                    "" if tower.used in (None, tower.sessions) else f" ({tower.used} used)"),
                 "-" if tower.heartbeat_age is None else f"{_duration(tower.heartbeat_age)} ago",
                 "-" if tower.usage is None else _duration(tower.usage.cpu_seconds),
                 "-" if tower.usage is None else f"{tower.usage.resident_bytes / 2**20:.0f} MiB",
@@ -1338,6 +1342,7 @@ def _tower_json(tower: TowerView, now: float) -> dict[str, Any]:
         "name": tower.name,
         "state": tower.state,
         "sessions": tower.sessions,
+        "used": tower.sessions if tower.used is None else tower.used,
         "capacity": tower.capacity,
         "heartbeat_age": tower.heartbeat_age,
         "cpu_seconds": None if tower.usage is None else tower.usage.cpu_seconds,

@@ -115,6 +115,7 @@ class LiveView:
                 heartbeat_age=None if reported_at is None else now - reported_at,
                 certificate_expires=connection.certificate_expires,
                 usage=directory.usage.get(connection.name),
+                used=load.taken if load else 0,
             ))
         return sorted(views, key=lambda view: view.name)
 

@@ -37,7 +37,7 @@ import stat
 import sys
 import tomllib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,7 @@ from ..pki import (
     server_ssl_context,
     write_secret,
 )
-from .peer import Peer, PeerSettings
+from .peer import Peer, PeerSettings, SendsVideo
 
 logger = logging.getLogger(__name__)
 
@@ -122,12 +122,15 @@ class AgentSettings:
     reload: tuple[str, ...] = ()
     key_type: KeyType = "ec"
     capacity: int = Settings.tower_capacity
+    video_weight: int = Settings.video_weight
     load_interval: float = Settings.tower_load_interval
     peer: PeerSettings = PeerSettings()
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
             raise ValueError(f"capacity must be at least 1, not {self.capacity}")
+        if self.video_weight < 1:
+            raise ValueError(f"video_weight must be at least 1, not {self.video_weight}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"the port must be a port number (0-65535), not {self.port}")
         check_seconds("load_interval", self.load_interval)
@@ -159,6 +162,7 @@ class PeerEntry:
     negotiation: int
     ref: ActorRef
     opened_by: object
+    sends_video: bool = False
 
 
 class CommunicationServer(Actor):
@@ -287,6 +291,7 @@ class CommunicationServer(Actor):
             await self.uplink.send(TowerLoadReport(
                 len(self.peers_by_session), self.settings.capacity,
                 cpu_seconds=usage.cpu_seconds, resident_bytes=usage.resident_bytes,
+                used=self._used(),
             ))
             await trio.sleep(self.settings.load_interval)
 
@@ -341,7 +346,7 @@ class CommunicationServer(Actor):
                     f"whose peer is at negotiation {previous.negotiation}: not taken"))
                 return
             self._close(request.session, previous.negotiation)
-        elif len(self.peers_by_session) >= self.settings.capacity:
+        elif self._used() >= self.settings.capacity:
             # The broker places by this tower's reports, which lag: the offer goes
             # elsewhere, and the peers here are not overloaded.
             await self.uplink.send(PeerRejected(
@@ -355,7 +360,8 @@ class CommunicationServer(Actor):
         # The offer goes in a message, not in the factory: the supervisor keeps a
         # child's spec as long as the child lives.
         make = functools.partial(
-            Peer, request.session, request.negotiation, self.uplink.send, self.settings.peer
+            Peer, request.session, request.negotiation, self.uplink.send, self.settings.peer,
+            self.ref,
         )
         # Started, given its offer and recorded as one step: a link replaced half-way
         # (its reader cancelled) would leave a peer that nobody tracks, counts or closes.
@@ -377,7 +383,19 @@ class CommunicationServer(Actor):
         if refused is not None:
             await self.uplink.send(LinkError(f"cannot open {name}: {refused}"))
 
+    def _used(self) -> int:
+        """How much of the capacity the peers take: one each, a video_weight with video
+        (drawing and encoding a stream costs a core's share that many data sessions
+        would not)."""
+        video = sum(entry.sends_video for entry in self.peers_by_session.values())
+        return len(self.peers_by_session) + (self.settings.video_weight - 1) * video
+
     async def receive(self, message: object) -> None:
+        if isinstance(message, SendsVideo):
+            entry = self.peers_by_session.get(message.session)
+            if entry is not None and entry.negotiation == message.negotiation:
+                self.peers_by_session[message.session] = replace(entry, sends_video=True)
+            return None
         if not isinstance(message, Down):
             return await super().receive(message)
         session = self.session_of_peer.pop(message.ref, None)
@@ -559,6 +577,8 @@ def load_agent_config(path: Path) -> AgentSettings:
             reload=tuple(str(word) for word in values["reload"]),
             key_type=_key_type(values.get("key_type", "ec")),
             capacity=int(values["capacity"]),
+            # Absent from the files of towers provisioned before it was written there.
+            video_weight=int(values.get("video_weight", Settings.video_weight)),
             load_interval=float(values["load_interval"]),
             peer=peer,
         )

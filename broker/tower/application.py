@@ -225,6 +225,8 @@ class TowerPeer:
     """
 
     answer_sdp: str
+    # Whether the application sends the client video (known once answered).
+    sends_video: bool
 
     def __init__(
         self,
@@ -236,6 +238,7 @@ class TowerPeer:
         heartbeat_timeout: float,
     ) -> None:
         self.answer_sdp = ""
+        self.sends_video = False
         self._configuration = configuration
         self._connection = peer_connection(configuration)
         self._application = application
@@ -321,6 +324,7 @@ class TowerPeer:
             bundle_acknowledgements(sctp)
         for track in self._application.media(kinds):
             self._connection.addTrack(track)
+            self.sends_video = self.sends_video or track.kind == "video"
         await self._connection.setLocalDescription(await self._connection.createAnswer())
         for candidate in later:
             if candidate is not None:

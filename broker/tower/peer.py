@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import trio
 
-from actors import Actor
+from actors import Actor, ActorRef
 from actors.bridge import call_asyncio, post_to
 
 from ..config import Settings, check_seconds
@@ -53,9 +53,14 @@ class Peer(Actor):
 
     runs_tasks = True
 
-    def __init__(self, session: str, negotiation: int, send: Send, settings: PeerSettings) -> None:
+    def __init__(
+        self, session: str, negotiation: int, send: Send, settings: PeerSettings,
+        server: ActorRef | None = None,
+    ) -> None:
         self.session = session
         self.negotiation = negotiation
+        # The agent's link server, told when this peer sends video (which weighs more).
+        self.server = server
         # The OpenPeer, from the first message until it is answered: a session lasts
         # for hours, its offer need not.
         self.request: OpenPeer | None = None
@@ -75,6 +80,8 @@ class Peer(Actor):
         if self.tower_peer is None:
             return
         try:
+            if self.tower_peer.sends_video and self.server is not None:
+                await self.server.tell(SendsVideo(self.session, self.negotiation))
             await self.send(PeerAnswer(self.session, self.negotiation, self.tower_peer.answer_sdp))
             # Those that arrive meanwhile join the queue, behind the earlier ones.
             while self.early_candidates:
@@ -168,6 +175,14 @@ class Peer(Actor):
         await self.send(PeerRejected(self.session, self.negotiation, code, message))
         self.ended = True
         await self.ref.tell(_End())
+
+
+@dataclass(frozen=True)
+class SendsVideo:
+    """Told by a peer to its link server once its answer sends the client video."""
+
+    session: str
+    negotiation: int
 
 
 class _End:

@@ -82,9 +82,23 @@ def test_used_share_counts_fresh_serving_towers():
     assert placement.used_share(now=10.0) == 0.0
 
 
+def test_what_sessions_take_of_the_capacity_counts_not_how_many_they_are():
+    # Ten sessions with video, each weighing 25, against 100 with data only.
+    video = TowerLoad("video", 10, 500, used=250)
+    placement = placement_with(video, TowerLoad("data", 100, 500))
+    assert {placement.choose(now=0.5) for _ in range(5)} == {"data"}
+    assert placement.used_share(now=0.5) == pytest.approx((250 + 105) / 1000)
+    # Shown with the sessions placed since its report, each one until it is weighed.
+    placement.choose(now=0.5, exclude={"data"})
+    assert placement.load_of("video") == TowerLoad("video", 11, 500, used=251)
+    full = placement_with(TowerLoad("full", 20, 500, used=500))
+    assert full.choose(now=0.5) is None
+
+
 @pytest.mark.parametrize("arguments", [
     {"tower": "", "sessions": 0, "capacity": 1},
     {"tower": "a", "sessions": -1, "capacity": 1},
+    {"tower": "a", "sessions": 2, "capacity": 10, "used": 1},
 ])
 def test_load_reports_are_checked(arguments):
     with pytest.raises(ValueError):

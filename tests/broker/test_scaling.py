@@ -439,7 +439,7 @@ async def test_a_retiring_tower_gone_stale_still_holds_back_a_second_scale_in(
         directory.report(name, TowerLoadReport(0, 100))
     # h1's reports lag: stale, but still retiring, and not known to be empty.
     [retiring] = [figures for figures in scaler.view().towers if figures.name == "h1"]
-    assert retiring.retiring and retiring.sessions >= 1
+    assert retiring.retiring and retiring.used >= 1
     scale = policy()
     scale.decide(scaler.view())
     assert actions(scale.decide(view(1000, scaler.view().towers))) == []

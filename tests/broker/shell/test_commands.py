@@ -143,7 +143,7 @@ class SystemView(LiveView):
         self.tower_list = [
             TowerView("tower-2", "draining", 0, 500, None, None),
             TowerView("tower-1", "ready", 12, 500, 0.4, CERTIFICATE_EXPIRES,
-                      ProcessUsage(83.5, 150 * 2**20)),
+                      ProcessUsage(83.5, 150 * 2**20), used=60),
         ]
         self.session_list = [
             SessionView("s1", "connected", "tower-1", 1, 1, "", 12.5),
@@ -541,16 +541,18 @@ async def test_text_from_the_system_cannot_drive_the_terminal(autojump_clock, br
 async def test_towers_table_and_json(autojump_clock, broker):
     shell = broker.shell()
     assert lines(await shell.run("towers")) == [
-        "NAME     STATE     SESSIONS  HEARTBEAT  CPU TIME   MEMORY  CERTIFICATE EXPIRES",
-        "tower-1  ready       12/500   0.4s ago     1m23s  150 MiB  "
+        "NAME     STATE             SESSIONS  HEARTBEAT  CPU TIME   MEMORY  "
+        "CERTIFICATE EXPIRES",
+        "tower-1  ready     12/500 (60 used)   0.4s ago     1m23s  150 MiB  "
         "2023-12-15 00:13 UTC (in 30d02h)",
-        "tower-2  draining     0/500          -         -        -  -",
+        "tower-2  draining             0/500          -         -        -  -",
     ]
     towers = parsed(await shell.run("towers --json"))
     assert towers[0] == {
         "name": "tower-1",
         "state": "ready",
         "sessions": 12,
+        "used": 60,
         "capacity": 500,
         "heartbeat_age": 0.4,
         "cpu_seconds": 83.5,

@@ -8,6 +8,7 @@ when one is needed.
 
 from __future__ import annotations
 
+import functools
 import ssl
 import subprocess
 import sys
@@ -235,9 +236,9 @@ async def say_hello(agent: RunningAgent, context: ssl.SSLContext) -> TowerHello:
 
 
 @asynccontextmanager
-async def client_peer() -> AsyncIterator[ClientPeer]:
-    """A client's peer connection, closed on the way out."""
-    peer = await bridge.call_asyncio(new_peer)
+async def client_peer(*, video: bool = False) -> AsyncIterator[ClientPeer]:
+    """A client's peer connection (asking for video, or not), closed on the way out."""
+    peer = await bridge.call_asyncio(functools.partial(new_peer, video=video))
     try:
         yield peer
     finally:
@@ -245,11 +246,11 @@ async def client_peer() -> AsyncIterator[ClientPeer]:
             await bridge.call_asyncio(peer.close)
 
 
-async def offer_over(link: WebSocketConnection, peer: ClientPeer, negotiation: int = 1
-                     ) -> PeerAnswer:
-    """Open session s-1 for ``peer`` over ``link``; the client takes the tower's answer."""
+async def offer_over(link: WebSocketConnection, peer: ClientPeer, negotiation: int = 1, *,
+                     session: str = "s-1", application: str = "echo") -> PeerAnswer:
+    """Open ``session`` for ``peer`` over ``link``; the client takes the tower's answer."""
     offer = await bridge.call_asyncio(peer.offer)
-    await link.send_message(codec.encode(OpenPeer("s-1", negotiation, offer, "echo")))
+    await link.send_message(codec.encode(OpenPeer(session, negotiation, offer, application)))
     answer = await receive(link, PeerAnswer)
     await bridge.call_asyncio(peer.accept, answer.sdp)
     return answer
@@ -443,6 +444,42 @@ def test_an_offer_past_the_towers_capacity_is_refused_as_tower_full(agent_of_one
             await link.send_message(codec.encode(OpenPeer("s-2", 2, offer, "echo")))
             answer = await receive(link, PeerAnswer)
             assert (answer.session, answer.negotiation) == ("s-2", 2)
+
+    run(main)
+
+
+@pytest.fixture
+def agent_for_video(credentials, tmp_path) -> Iterator[RunningAgent]:
+    yield from running_agent(credentials, tmp_path, "--capacity", "26", "--video-weight", "25")
+
+
+def test_a_session_sent_video_takes_the_video_weight_of_the_capacity(
+        agent_for_video, credentials):
+    """Drawing and encoding a stream costs the tower far more than a data session: the
+    load it reports and what it admits count that."""
+
+    async def main():
+        async with client_peer(video=True) as watcher, client_peer() as chat, \
+                client_peer() as another, \
+                open_link(agent_for_video, credentials.context(credentials.broker)) as link:
+            await receive(link, TowerHello)
+            await offer_over(link, watcher, application="demo")
+            await receive(link, PeerState, where=lambda m: m.state == "connected")
+            report = await receive(link, TowerLoadReport, where=lambda m: m.sessions == 1)
+            assert report.used == 25
+            # Room for one data session, then none.
+            await offer_over(link, chat, session="s-2")
+            await receive(link, PeerState, where=lambda m: m.state == "connected")
+            report = await receive(link, TowerLoadReport, where=lambda m: m.sessions == 2)
+            assert report.used == 26
+            offer = await bridge.call_asyncio(another.offer)
+            await link.send_message(codec.encode(OpenPeer("s-3", 1, offer, "echo")))
+            rejected = await receive(link, PeerRejected)
+            assert (rejected.session, rejected.code) == ("s-3", "tower_full")
+            # The video session leaves: its whole weight is free again.
+            await link.send_message(codec.encode(ClosePeer("s-1", 1)))
+            report = await receive(link, TowerLoadReport, where=lambda m: m.sessions == 1)
+            assert report.used == 1
 
     run(main)
 
