@@ -377,7 +377,8 @@ class BrokerApi:
             sessions = standing.sessions if standing else 0
             towers[connection.name] = TowerRow(
                 self.towers.state_of(connection.name, now), sessions,
-                self.towers.usage.get(connection.name))
+                self.towers.usage.get(connection.name),
+                standing.taken / standing.capacity if standing and standing.capacity else 0.0)
         return render(self.counters, towers, self.system.statistics(),
                       process_usage(self.process))
 

@@ -113,12 +113,14 @@ def process_usage(process: psutil.Process) -> ProcessUsage:
 @dataclass(frozen=True)
 class TowerRow:
     """A linked tower on the metrics page: its state (``ready``, ``draining``,
-    ``stale``), its sessions, and its agent process's usage as it last reported it
-    (None before its first report, or from a tower that does not report it)."""
+    ``stale``), its sessions, its agent process's usage as it last reported it (None
+    before its first report, or from a tower that does not report it), and the share of
+    its capacity its sessions take (a session with video counting as several)."""
 
     state: str
     sessions: int
     usage: ProcessUsage | None = None
+    capacity_used: float = 0.0
 
 
 def _escape(value: str) -> str:
@@ -177,6 +179,13 @@ def render(
         _family(
             "broker_tower_sessions", "gauge", "Sessions each tower reported.",
             ((f'{{tower="{_escape(name)}"}}', row.sessions)
+             for name, row in sorted(towers.items())),
+        ),
+        _family(
+            "broker_tower_capacity_used_ratio", "gauge",
+            "The share of each tower's capacity its sessions take (a session with video "
+            "counts as video_weight sessions).",
+            ((f'{{tower="{_escape(name)}"}}', row.capacity_used)
              for name, row in sorted(towers.items())),
         ),
         _family(

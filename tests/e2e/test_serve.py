@@ -120,6 +120,7 @@ def test_metrics_are_prometheus_text(tmp_path):
     for tower in ("tower-1", "tower-2"):
         assert float(samples[f'broker_tower_cpu_seconds_total{{tower="{tower}"}}']) > 0
         assert float(samples[f'broker_tower_resident_memory_bytes{{tower="{tower}"}}']) > 2**20
+        assert samples[f'broker_tower_capacity_used_ratio{{tower="{tower}"}}'] == "0.0"
     assert float(samples["process_cpu_seconds_total"]) > 0
     assert float(samples["process_resident_memory_bytes"]) > 2**20
     for family in ("broker_sessions", "broker_negotiations_total", "broker_actor_restarts_total",
