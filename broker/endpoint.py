@@ -51,7 +51,7 @@ from actors import (
 )
 from .config import Settings
 from .lifecycle import OFFER_REFUSALS
-from .link import APPLICATIONS
+from .link import APPLICATIONS, session_weight
 from .metrics import SessionCounters, TowerRow, process_usage, render
 from .outbox import WRITE_TIMEOUT
 from .sessions import (
@@ -292,7 +292,8 @@ class BrokerApi:
         if live >= self.settings.max_sessions_per_key:
             raise ApiError(429, "too_many_sessions",
                            f"this API key already has {live} live sessions")
-        tower = self.towers.choose()
+        tower = self.towers.choose(
+            weight=session_weight(application, self.settings.video_weight))
         if tower is None:
             raise ApiError(503, "no_tower", "no tower is ready to take a session; retry later")
         session_id = new_session_id()

@@ -37,12 +37,21 @@ codec = Codec(version=LINK_VERSION, max_frame_bytes=MAX_FRAME_BYTES)
 # How long either end waits for the other's close handshake before dropping the link.
 CLOSE_TIMEOUT = 1.0
 
-# The session applications every tower runs (``broker.tower.application.APPLICATIONS``).
-APPLICATIONS = ("echo", "demo")
+# The session applications every tower runs (``broker.tower.application.APPLICATIONS``),
+# and whether each may send the client video.
+APPLICATIONS = {"echo": False, "demo": True}
 
 # The most ICE candidates an offer may carry in its SDP, and the most a client may
 # trickle after it: each is an address the tower's ICE checks (PROTOCOL.md).
 MAX_CANDIDATES = 100
+
+
+def session_weight(application: str, video_weight: int) -> int:
+    """What a session of ``application`` counts for against a tower's capacity until its
+    tower has answered it and knows: ``video_weight`` if the application may send video.
+    Once answered, a session with video counts as ``video_weight``, one without as one.
+    """
+    return video_weight if APPLICATIONS.get(application, False) else 1
 
 
 # Tower to broker.

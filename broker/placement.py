@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections import Counter
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DEFAULT_STALE_AFTER = 5.0
 
@@ -51,27 +50,40 @@ class TowerLoad:
 
 
 @dataclass
+class _Count:
+    """Sessions, and how much of a tower's capacity they take."""
+
+    sessions: int = 0
+    weight: int = 0
+
+    def add(self, weight: int, sessions: int = 1) -> None:
+        self.sessions += sessions
+        self.weight += sessions * weight
+
+
+_NONE = _Count()
+
+
+@dataclass
 class _Standing:
     load: TowerLoad
     reported_at: float
-    assigned: Counter[str]
-    placed_since_report: int = 0
+    assigned: dict[str, _Count]
+    placed_since_report: _Count = field(default_factory=_Count)
 
-    @property
-    def unreported(self) -> int:
-        # The report counts peers; the sessions that have not offered are not among
-        # them. Those placed since the report are among the assigned ones, or have
-        # offered since (their peers are in the next report). Each counts as one until
-        # the tower weighs it.
-        return max(self.placed_since_report, self.assigned[self.load.tower])
+    # The report counts peers; the sessions that have not offered are not among them.
+    # Those placed since the report are among the assigned ones, or have offered since
+    # (their peers are in the next report).
 
     @property
     def sessions(self) -> int:
-        return self.load.sessions + self.unreported
+        assigned = self.assigned.get(self.load.tower, _NONE)
+        return self.load.sessions + max(self.placed_since_report.sessions, assigned.sessions)
 
     @property
     def taken(self) -> int:
-        return self.load.taken + self.unreported
+        assigned = self.assigned.get(self.load.tower, _NONE)
+        return self.load.taken + max(self.placed_since_report.weight, assigned.weight)
 
     @property
     def share_used(self) -> float:
@@ -94,20 +106,24 @@ class Placement:
         self.stale_after = stale_after
         self._chooser = chooser or random.Random()
         self._towers: dict[str, _Standing] = {}
-        self._assigned: Counter[str] = Counter()
+        self._assigned: dict[str, _Count] = {}
 
     def report(self, load: TowerLoad, now: float) -> None:
         """Record a tower's load as of ``now``; it replaces what was known before."""
         self._towers[load.tower] = _Standing(load, now, self._assigned)
 
-    def assign(self, tower: str) -> None:
-        """One of this broker's sessions is on ``tower`` now (until ``unassign``)."""
-        self._assigned[tower] += 1
+    def assign(self, tower: str, weight: int = 1) -> None:
+        """One of this broker's sessions is on ``tower`` now (until ``unassign``), taking
+        ``weight`` of its capacity."""
+        self._assigned.setdefault(tower, _Count()).add(weight)
 
-    def unassign(self, tower: str) -> None:
+    def unassign(self, tower: str, weight: int = 1) -> None:
         """That session left ``tower`` (moved, or ended)."""
-        self._assigned[tower] -= 1
-        if self._assigned[tower] <= 0:
+        assigned = self._assigned.get(tower)
+        if assigned is None:
+            return
+        assigned.add(weight, sessions=-1)
+        if assigned.sessions <= 0:
             del self._assigned[tower]
 
     def forget(self, tower: str) -> None:
@@ -133,25 +149,27 @@ class Placement:
         standing = self._towers.get(tower)
         return standing is not None and now - standing.reported_at < self.stale_after
 
-    def ready(self, now: float, exclude: Collection[str] = ()) -> list[str]:
-        """Towers that may take a session now: fresh, not draining, not full, not excluded."""
+    def ready(self, now: float, exclude: Collection[str] = (), weight: int = 1) -> list[str]:
+        """Towers that may take a session of ``weight`` now: fresh, not draining, with
+        room for it, not excluded."""
         return [
             name
             for name, standing in self._towers.items()
             if name not in exclude
             and self.is_fresh(name, now)
             and not standing.load.draining
-            and standing.taken < standing.load.capacity
+            and standing.taken + weight <= standing.load.capacity
         ]
 
-    def choose(self, now: float, exclude: Collection[str] = ()) -> str | None:
-        """Place one session: the less loaded of two ready towers drawn at random.
+    def choose(self, now: float, exclude: Collection[str] = (), weight: int = 1) -> str | None:
+        """Place one session taking ``weight`` of a tower's capacity: the less loaded of
+        two ready towers drawn at random.
 
         ``exclude`` names towers the session must not go to (e.g. the one it is being
         repaired away from). Returns None when no tower is ready. The chosen tower's
-        count goes up by one until its next report.
+        count goes up by one session of ``weight`` until its next report.
         """
-        candidates = self.ready(now, exclude)
+        candidates = self.ready(now, exclude, weight)
         if not candidates:
             return None
         if len(candidates) == 1:
@@ -161,7 +179,7 @@ class Placement:
             first_share = self._towers[first].share_used
             second_share = self._towers[second].share_used
             chosen = first if first_share <= second_share else second
-        self._towers[chosen].placed_since_report += 1
+        self._towers[chosen].placed_since_report.add(weight)
         return chosen
 
     def used_share(self, now: float) -> float:

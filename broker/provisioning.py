@@ -60,9 +60,11 @@ from actors import (
     ActorRef,
     Backoff,
     ActorState,
+    ActorStopped,
     ChildSpec,
     Down,
     Exit,
+    MailboxFull,
     Restart,
     Supervisor,
     SupervisorFlags,
@@ -229,6 +231,13 @@ class _CancelJob:
     pass
 
 
+@dataclass(frozen=True)
+class _Unfinished:
+    """A provisioning job ended without its host ready (its certificates revoked)."""
+
+    host: str
+
+
 class Provisioning(Actor):
     """Starts and cancels jobs (children of the ``jobs`` supervisor), one per host."""
 
@@ -251,9 +260,10 @@ class Provisioning(Actor):
         if isinstance(message, Down):
             # A job ended for good; one killed from the shell left its host working.
             with contextlib.suppress(LookupError):  # a host no longer in the inventory
-                record = self.board.get(message.ref.path.rsplit("/job:", 1)[1])
-                self._forget_lost_job(record)
-                await self._unlink_unfinished(record)
+                self._forget_lost_job(self.board.get(message.ref.path.rsplit("/job:", 1)[1]))
+            return None
+        if isinstance(message, _Unfinished):
+            await self._unlink(message.host)
             return None
         raise TypeError(f"provisioning does not take {type(message).__name__}")
 
@@ -286,17 +296,14 @@ class Provisioning(Actor):
             self.board.set(record.host.name, HostState.CANCELLED,
                            f"its job is gone (at {record.step or 'start'})")
 
-    async def _unlink_unfinished(self, record: HostRecord) -> None:
-        """A provisioning that ended with its host not ready (cancelled or failed while
-        its hand-over waited to be retried) had its certificates revoked: the tower its
-        hand-over started stops trying to link with them."""
-        name = record.host.name
-        if record.plan != "provision" or record.state is HostState.READY:
-            return
+    async def _unlink(self, host: str) -> None:
+        """A provisioning that ended unfinished (cancelled, or failed while its hand-over
+        waited to be retried) had its certificates revoked: the tower its hand-over
+        started stops trying to link with them."""
         towers = self.system.lookup(TOWERS_PATH)
-        if self._job(name) is None and isinstance(towers, SupervisorRef):
+        if isinstance(towers, SupervisorRef):
             with contextlib.suppress(LookupError):  # never handed over
-                await towers.terminate_child(f"tower:{name}")
+                await towers.terminate_child(f"tower:{host}")
 
     async def _start(self, request: Provision | Decommission) -> Answer:
         try:
@@ -384,6 +391,10 @@ class Job(Supervisor):
         name, board = self.host.name, self.context.board
         if self.plan != "provision" or board.get(name).state is HostState.READY:
             return
+        provisioning = self.system.lookup(f"{self.path.split('/jobs/')[0]}/provisioning")
+        if provisioning is not None:
+            with contextlib.suppress(ActorStopped, MailboxFull):  # the broker stopping
+                provisioning.tell_nowait(_Unfinished(name))
         try:
             revoked = self.context.issuer.revoke(name)
         except (OSError, CertificateError) as error:

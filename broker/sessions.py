@@ -53,6 +53,7 @@ from .link import (
     PeerAnswer,
     PeerRejected,
     PeerState,
+    session_weight,
 )
 from .metrics import SessionCounters
 from .towers import TowerConnection, TowerDirectory, TowerGone
@@ -173,6 +174,8 @@ class Session(Supervisor):
         self.session_id = session_id
         self.api_key = api_key
         self.application = application
+        # What it takes of a tower's capacity until its tower has weighed it.
+        self.weight = session_weight(application, settings.video_weight)
         self.towers = towers
         self.settings = settings
         self.counters = counters
@@ -311,9 +314,9 @@ class Session(Supervisor):
             return
         placement = self.towers.placement
         if self.counted_on is not None:
-            placement.unassign(self.counted_on)
+            placement.unassign(self.counted_on, self.weight)
         if tower is not None:
-            placement.assign(tower)
+            placement.assign(tower, self.weight)
         self.counted_on = tower
 
     def _move(self) -> TowerConnection | None:
@@ -321,7 +324,7 @@ class Session(Supervisor):
         if not lifecycle.may_move():
             self._fail("no placements left")
             return None
-        tower = self.towers.choose(exclude=frozenset(lifecycle.towers_tried))
+        tower = self.towers.choose(frozenset(lifecycle.towers_tried), self.weight)
         if tower is None:
             self._fail("no other tower is ready")
             return None

@@ -236,9 +236,12 @@ class TowerDirectory:
             return "draining"
         return "ready" if self.placement.is_fresh(name, now) else "stale"
 
-    def choose(self, exclude: frozenset[str] = frozenset()) -> TowerConnection | None:
-        """A linked tower for a new session (two choices), or None if none is ready."""
-        name = self.placement.choose(trio.current_time(), exclude=exclude | self.draining)
+    def choose(
+        self, exclude: frozenset[str] = frozenset(), weight: int = 1
+    ) -> TowerConnection | None:
+        """A linked tower for a new session taking ``weight`` of its capacity (two
+        choices), or None if none has room for it."""
+        name = self.placement.choose(trio.current_time(), exclude | self.draining, weight)
         return None if name is None else self._connections.get(name)
 
     def ready_count(self) -> int:

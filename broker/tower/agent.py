@@ -80,6 +80,7 @@ from ..link import (
     TowerHello,
     TowerLoadReport,
     codec,
+    session_weight,
 )
 from ..collector import Collector
 from ..metrics import process_usage
@@ -91,7 +92,7 @@ from ..pki import (
     server_ssl_context,
     write_secret,
 )
-from .peer import Peer, PeerSettings, SendsVideo
+from .peer import Answered, Peer, PeerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +163,9 @@ class PeerEntry:
     negotiation: int
     ref: ActorRef
     opened_by: object
-    sends_video: bool = False
+    # What it takes of the tower's capacity (``link.session_weight``): as much as its
+    # application may need until answered, then what its media does.
+    weight: int = 1
 
 
 class CommunicationServer(Actor):
@@ -337,6 +340,7 @@ class CommunicationServer(Actor):
                 await self.uplink.send(LinkError(f"a tower does not take {type(message).__name__}"))
 
     async def _open(self, request: OpenPeer, opened_by: object) -> None:
+        weight = session_weight(request.application, self.settings.video_weight)
         previous = self.peers_by_session.get(request.session)
         if previous is not None:
             if request.negotiation < previous.negotiation:
@@ -346,7 +350,7 @@ class CommunicationServer(Actor):
                     f"whose peer is at negotiation {previous.negotiation}: not taken"))
                 return
             self._close(request.session, previous.negotiation)
-        elif self._used() >= self.settings.capacity:
+        elif self._used() + weight > self.settings.capacity:
             # The broker places by this tower's reports, which lag: the offer goes
             # elsewhere, and the peers here are not overloaded.
             await self.uplink.send(PeerRejected(
@@ -376,7 +380,7 @@ class CommunicationServer(Actor):
                 refused = None
                 await ref.tell(request)
                 self.peers_by_session[request.session] = PeerEntry(
-                    request.negotiation, ref, opened_by)
+                    request.negotiation, ref, opened_by, weight)
                 self.session_of_peer[ref] = request.session
                 self.collector.opened()
                 self.monitor(ref)
@@ -384,17 +388,18 @@ class CommunicationServer(Actor):
             await self.uplink.send(LinkError(f"cannot open {name}: {refused}"))
 
     def _used(self) -> int:
-        """How much of the capacity the peers take: one each, a video_weight with video
-        (drawing and encoding a stream costs a core's share that many data sessions
-        would not)."""
-        video = sum(entry.sends_video for entry in self.peers_by_session.values())
-        return len(self.peers_by_session) + (self.settings.video_weight - 1) * video
+        """How much of the capacity the peers take: one each, ``video_weight`` for one
+        with video (drawing and encoding a stream costs the tower far more than a data
+        session) or that may have it (not answered yet)."""
+        return sum(entry.weight for entry in self.peers_by_session.values())
 
     async def receive(self, message: object) -> None:
-        if isinstance(message, SendsVideo):
-            entry = self.peers_by_session.get(message.session)
-            if entry is not None and entry.negotiation == message.negotiation:
-                self.peers_by_session[message.session] = replace(entry, sends_video=True)
+        if isinstance(message, Answered):
+            session = self.session_of_peer.get(message.peer)
+            entry = None if session is None else self.peers_by_session.get(session)
+            if entry is not None and entry.ref == message.peer:
+                weight = self.settings.video_weight if message.sends_video else 1
+                self.peers_by_session[session] = replace(entry, weight=weight)
             return None
         if not isinstance(message, Down):
             return await super().receive(message)

@@ -59,7 +59,7 @@ class Peer(Actor):
     ) -> None:
         self.session = session
         self.negotiation = negotiation
-        # The agent's link server, told when this peer sends video (which weighs more).
+        # The agent's link server, told once answered whether this peer sends video.
         self.server = server
         # The OpenPeer, from the first message until it is answered: a session lasts
         # for hours, its offer need not.
@@ -80,8 +80,8 @@ class Peer(Actor):
         if self.tower_peer is None:
             return
         try:
-            if self.tower_peer.sends_video and self.server is not None:
-                await self.server.tell(SendsVideo(self.session, self.negotiation))
+            if self.server is not None:
+                await self.server.tell(Answered(self.ref, self.tower_peer.sends_video))
             await self.send(PeerAnswer(self.session, self.negotiation, self.tower_peer.answer_sdp))
             # Those that arrive meanwhile join the queue, behind the earlier ones.
             while self.early_candidates:
@@ -178,11 +178,12 @@ class Peer(Actor):
 
 
 @dataclass(frozen=True)
-class SendsVideo:
-    """Told by a peer to its link server once its answer sends the client video."""
+class Answered:
+    """Told by a peer to its link server once it has answered: whether it sends the
+    client video (a session with video weighs more on the tower)."""
 
-    session: str
-    negotiation: int
+    peer: ActorRef
+    sends_video: bool
 
 
 class _End:

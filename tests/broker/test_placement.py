@@ -95,6 +95,21 @@ def test_what_sessions_take_of_the_capacity_counts_not_how_many_they_are():
     assert full.choose(now=0.5) is None
 
 
+def test_a_session_goes_where_its_weight_fits_and_counts_with_it():
+    placement = placement_with(TowerLoad("a", 19, 500, used=480))
+    assert placement.choose(now=0.5, weight=25) is None  # 505 of 500
+    assert placement.choose(now=0.5, weight=1) == "a"
+    placement.report(TowerLoad("a", 10, 500, used=250), now=1.0)
+    assert placement.choose(now=1.0, weight=25) == "a"
+    assert placement.load_of("a") == TowerLoad("a", 11, 500, used=275)
+    # Created without an offer, a session counts with its weight until it offers.
+    placement.assign("a", 25)
+    placement.report(TowerLoad("a", 10, 500, used=250), now=2.0)
+    assert placement.load_of("a") == TowerLoad("a", 11, 500, used=275)
+    placement.unassign("a", 25)
+    assert placement.load_of("a") == TowerLoad("a", 10, 500, used=250)
+
+
 @pytest.mark.parametrize("arguments", [
     {"tower": "", "sessions": 0, "capacity": 1},
     {"tower": "a", "sessions": -1, "capacity": 1},

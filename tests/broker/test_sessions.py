@@ -134,11 +134,12 @@ class Broker:
     towers: dict[str, FakeTower]
 
     async def open_session(
-        self, session_id: str = "s-1", tower: str = "tower-1", outbox_size: int = 64
+        self, session_id: str = "s-1", tower: str = "tower-1", outbox_size: int = 64,
+        application: str = "echo",
     ) -> Client:
         """Start a session as the endpoint does and attach a client to it."""
-        session = Session(session_id, "key", "echo", tower, self.directory, self.settings,
-                          self.counters)
+        session = Session(session_id, "key", application, tower, self.directory,
+                          self.settings, self.counters)
         sessions = self.system.lookup("/broker/sessions")
         assert isinstance(sessions, SupervisorRef)
         ref = await sessions.start_child(session_spec(session))
@@ -459,6 +460,19 @@ def counted_on(broker: Broker) -> dict[str, int]:
     placement = broker.directory.placement
     loads = {name: placement.load_of(name) for name in broker.towers}
     return {name: load.sessions for name, load in loads.items() if load is not None}
+
+
+async def test_a_session_that_may_get_video_counts_so_until_its_tower_weighs_it(
+    autojump_clock, broker
+):
+    client = await broker.open_session(application="demo")
+    await client.new_frames()
+    await trio.sleep(1)  # a load report since the session was placed
+    load = broker.directory.placement.load_of("tower-1")
+    assert (load.sessions, load.taken) == (1, broker.settings.video_weight)
+    await connect(client, broker.towers["tower-1"], 1)
+    load = broker.directory.placement.load_of("tower-1")
+    assert (load.sessions, load.taken) == (0, 0)  # the fake tower reports no peer
 
 
 async def test_a_lost_tower_moves_the_session_at_once(autojump_clock, broker):

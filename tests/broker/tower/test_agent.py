@@ -455,33 +455,56 @@ def agent_for_video(credentials, tmp_path) -> Iterator[RunningAgent]:
 
 def test_a_session_sent_video_takes_the_video_weight_of_the_capacity(
         agent_for_video, credentials):
-    """Drawing and encoding a stream costs the tower far more than a data session: the
-    load it reports and what it admits count that."""
+    """Drawing and encoding a stream costs the tower far more than a data session: what it
+    admits and the load it reports count that, from the offer on."""
 
     async def main():
-        async with client_peer(video=True) as watcher, client_peer() as chat, \
-                client_peer() as another, \
+        async with client_peer(video=True) as watcher, client_peer(video=True) as second, \
+                client_peer() as chat, client_peer() as another, client_peer() as quiet, \
                 open_link(agent_for_video, credentials.context(credentials.broker)) as link:
             await receive(link, TowerHello)
-            await offer_over(link, watcher, application="demo")
+            # The first video offer is not answered yet when the second comes: it already
+            # counts as video, so the second finds no room.
+            offers = [await bridge.call_asyncio(peer.offer) for peer in (watcher, second)]
+            for session, offer in zip(("s-1", "s-2"), offers):
+                await link.send_message(codec.encode(OpenPeer(session, 1, offer, "demo")))
+            answer, rejected = await answer_and_refusal(link)
+            assert answer.session == "s-1"
+            assert (rejected.session, rejected.code) == ("s-2", "tower_full")
+            await bridge.call_asyncio(watcher.accept, answer.sdp)
             await receive(link, PeerState, where=lambda m: m.state == "connected")
             report = await receive(link, TowerLoadReport, where=lambda m: m.sessions == 1)
             assert report.used == 25
             # Room for one data session, then none.
-            await offer_over(link, chat, session="s-2")
+            await offer_over(link, chat, session="s-3")
             await receive(link, PeerState, where=lambda m: m.state == "connected")
             report = await receive(link, TowerLoadReport, where=lambda m: m.sessions == 2)
             assert report.used == 26
             offer = await bridge.call_asyncio(another.offer)
-            await link.send_message(codec.encode(OpenPeer("s-3", 1, offer, "echo")))
+            await link.send_message(codec.encode(OpenPeer("s-4", 1, offer, "echo")))
             rejected = await receive(link, PeerRejected)
-            assert (rejected.session, rejected.code) == ("s-3", "tower_full")
-            # The video session leaves: its whole weight is free again.
+            assert (rejected.session, rejected.code) == ("s-4", "tower_full")
+            # The video session leaves: its whole weight is free again. A session of the
+            # video application that asked for none counts as one once answered.
             await link.send_message(codec.encode(ClosePeer("s-1", 1)))
-            report = await receive(link, TowerLoadReport, where=lambda m: m.sessions == 1)
-            assert report.used == 1
+            await receive(link, TowerLoadReport, where=lambda m: m.sessions == 1)
+            await offer_over(link, quiet, session="s-5", application="demo")
+            await receive(link, PeerState, where=lambda m: m.state == "connected")
+            report = await receive(link, TowerLoadReport, where=lambda m: m.sessions == 2)
+            assert report.used == 2
 
     run(main)
+
+
+async def answer_and_refusal(link: WebSocketConnection) -> tuple[PeerAnswer, PeerRejected]:
+    """The next ``PeerAnswer`` and ``PeerRejected``, in whichever order they come."""
+    found: dict[type, object] = {}
+    with trio.fail_after(DEADLINE):
+        while len(found) < 2:
+            message = codec.decode(await link.get_message())
+            if isinstance(message, (PeerAnswer, PeerRejected)):
+                found[type(message)] = message
+    return found[PeerAnswer], found[PeerRejected]
 
 
 async def refusals_until(link: WebSocketConnection, enough: Callable[[list], bool],
