@@ -293,7 +293,8 @@ class BrokerApi:
             raise ApiError(429, "too_many_sessions",
                            f"this API key already has {live} live sessions")
         tower = self.towers.choose(
-            weight=session_weight(application, self.settings.video_weight))
+            weight=session_weight(application, self.settings.video_weight,
+                                  self.settings.tower_capacity))
         if tower is None:
             raise ApiError(503, "no_tower", "no tower is ready to take a session; retry later")
         session_id = new_session_id()

@@ -46,12 +46,13 @@ APPLICATIONS = {"echo": False, "demo": True}
 MAX_CANDIDATES = 100
 
 
-def session_weight(application: str, video_weight: int) -> int:
-    """What a session of ``application`` counts for against a tower's capacity until its
-    tower has answered it and knows: ``video_weight`` if the application may send video.
-    Once answered, a session with video counts as ``video_weight``, one without as one.
+def session_weight(application: str, video_weight: int, capacity: int) -> int:
+    """What a session of ``application`` counts for against a tower's ``capacity`` until
+    its tower has answered it and knows: ``video_weight`` if the application may send
+    video (at most the whole capacity: alone, a session always fits). Once answered, a
+    session with video counts as that, one without as one.
     """
-    return video_weight if APPLICATIONS.get(application, False) else 1
+    return min(video_weight, capacity) if APPLICATIONS.get(application, False) else 1
 
 
 # Tower to broker.

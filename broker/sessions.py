@@ -175,7 +175,8 @@ class Session(Supervisor):
         self.api_key = api_key
         self.application = application
         # What it takes of a tower's capacity until its tower has weighed it.
-        self.weight = session_weight(application, settings.video_weight)
+        self.weight = session_weight(application, settings.video_weight,
+                                     settings.tower_capacity)
         self.towers = towers
         self.settings = settings
         self.counters = counters

@@ -340,7 +340,8 @@ class CommunicationServer(Actor):
                 await self.uplink.send(LinkError(f"a tower does not take {type(message).__name__}"))
 
     async def _open(self, request: OpenPeer, opened_by: object) -> None:
-        weight = session_weight(request.application, self.settings.video_weight)
+        weight = session_weight(request.application, self.settings.video_weight,
+                                self.settings.capacity)
         previous = self.peers_by_session.get(request.session)
         if previous is not None:
             if request.negotiation < previous.negotiation:
@@ -398,7 +399,8 @@ class CommunicationServer(Actor):
             session = self.session_of_peer.get(message.peer)
             entry = None if session is None else self.peers_by_session.get(session)
             if entry is not None and entry.ref == message.peer:
-                weight = self.settings.video_weight if message.sends_video else 1
+                weight = (min(self.settings.video_weight, self.settings.capacity)
+                          if message.sends_video else 1)
                 self.peers_by_session[session] = replace(entry, weight=weight)
             return None
         if not isinstance(message, Down):
