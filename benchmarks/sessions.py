@@ -51,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -78,6 +79,7 @@ STOP_TIMEOUT = 15.0
 # After the server itself has exited, how long its children may take to follow it.
 GROUP_GRACE = 5.0
 GONE_TIMEOUT = 10.0
+ROUND_TIMEOUT = 4 * SESSION_TIMEOUT
 BROKER_TRANSPORT = f"HTTPS POST + WSS signaling (TLS), broker process + {TOWERS} tower agents"
 FLOOR_TRANSPORT = "plain HTTP POST on 127.0.0.1, no TLS, no WebSocket, one server process"
 
@@ -114,12 +116,22 @@ def log_tail(log: Path, characters: int = 3000) -> str:
         return ""
 
 
+def _interrupted(signal_number: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signal_number}")
+
+
 def start_server(name: str, command: list[str], log: Path) -> Server:
     """Start ``command`` and read the JSON line it prints once it listens.
+
+    The server runs in a session of its own (no terminal's signal reaches it), so this
+    process turns SIGTERM into ``KeyboardInterrupt``, as Ctrl-C is: either way the
+    ``finally`` that stops the server runs.
 
     Raises:
         RuntimeError: the process ended, or said nothing within ``START_TIMEOUT``.
     """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupted)
     with open(log, "wb") as log_file:
         process = subprocess.Popen(
             command, cwd=ROOT, stdout=subprocess.PIPE, stderr=log_file, start_new_session=True
@@ -321,9 +333,11 @@ async def one_round(path: SessionPath, concurrency: int) -> list[Setup]:
     setups: list[Setup] = []
     all_ready, all_echoed = Countdown(concurrency), Countdown(concurrency)
     gc.collect()
-    async with trio.open_nursery() as nursery:
-        for _ in range(concurrency):
-            nursery.start_soon(path.session, setups, all_ready, all_echoed)
+    # A server that takes a request and never answers fails the round, not hangs it.
+    with trio.fail_after(ROUND_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            for _ in range(concurrency):
+                nursery.start_soon(path.session, setups, all_ready, all_echoed)
     await path.settle()
     return setups
 

@@ -342,7 +342,7 @@ def _tower_run(arguments: argparse.Namespace) -> int:
 
 def _loadtest(arguments: argparse.Namespace) -> int:
     from .config import default_state_dir
-    from .loadtest.run import LoadPlan, plot, print_report, run_load
+    from .loadtest.run import MAX_MESSAGE_SIZE, MAX_WORKERS, LoadPlan, plot, print_report, run_load
 
     state = arguments.state_dir or default_state_dir()
     try:
@@ -366,6 +366,11 @@ def _loadtest(arguments: argparse.Namespace) -> int:
     if problems:
         print(f"broker loadtest: {', '.join(problems)} must be positive", file=sys.stderr)
         return 2
+    for name, value, most in (("--message-size", arguments.message_size, MAX_MESSAGE_SIZE),
+                              ("--workers", arguments.workers, MAX_WORKERS)):
+        if value > most:
+            print(f"broker loadtest: {name} is at most {most}", file=sys.stderr)
+            return 2
     usable = os.sched_getaffinity(0)
     if not set(arguments.generator_cpus) <= usable:
         print(f"broker loadtest: --generator-cpus: this process may use CPUs "
@@ -381,6 +386,10 @@ def _loadtest(arguments: argparse.Namespace) -> int:
         kill_tower_at=arguments.kill_tower_at,
         generator_cpus=tuple(arguments.generator_cpus),
     )
+    if plan.kill_tower_at is not None and plan.kill_tower_at >= plan.end:
+        print(f"broker loadtest: --kill-tower-at must come before the run ends "
+              f"({plan.end:g} s)", file=sys.stderr)
+        return 2
     try:
         report = run_load(plan, show_progress=not arguments.json)
     except KeyboardInterrupt:
@@ -391,7 +400,8 @@ def _loadtest(arguments: argparse.Namespace) -> int:
         print_report(report)
     if arguments.plot:
         plot(report, arguments.plot)
-    return 0
+    # Figures that miss a worker's sessions are not a result.
+    return 1 if report["workers"]["failed"] else 0
 
 
 def _tower_csr(arguments: argparse.Namespace) -> int:

@@ -12,14 +12,17 @@ JSON document, and can draw the time series with matplotlib.
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import math
 import os
 import select
 import signal
+import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -35,6 +38,14 @@ WORKER_START_TIMEOUT = 30.0
 METRICS_TIMEOUT = 2.0
 # After the planned end, how long workers have to close their sessions and report.
 WIND_DOWN = 20.0
+# A worker reports every second: one silent this long is hung.
+WORKER_SILENCE = 15.0
+# A reading of the servers older than this is none.
+READING_STALE = 3.0
+# The largest message a tower takes (PROTOCOL.md, "Data channels").
+MAX_MESSAGE_SIZE = 262_144
+# More worker processes than this would be the machine's limit, not the server's.
+MAX_WORKERS = 64
 
 
 @dataclass(frozen=True)
@@ -186,12 +197,43 @@ def parse_metrics(page: str) -> dict[str, float]:
     return samples
 
 
+class Sampler:
+    """Reads the servers' figures about once a second, on a thread of its own.
+
+    A slow ``/metrics`` then never holds up the reading of the workers' reports: held
+    up, their pipes would fill, and their event loops stall on the writes, a delay that
+    would show as the server's round trips."""
+
+    def __init__(self, servers: BrokerMetrics | LocalProcess) -> None:
+        self.servers = servers
+        self.latest: tuple[float, Reading | None] | None = None
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="metrics", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            self.latest = (time.monotonic(), self.servers.sample())
+            self.stopping.wait(1.0)
+
+    def take(self) -> Reading | None:
+        """The latest reading, or None when there is no recent one."""
+        latest = self.latest
+        if latest is None or time.monotonic() - latest[0] > READING_STALE:
+            return None
+        return latest[1]
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(METRICS_TIMEOUT)  # a daemon: one stuck in a read is left
+
+
 class LocalProcess:
     """The process listening on the URL's port on this machine: the floor, which has no
     metrics page."""
 
     def __init__(self, url: str) -> None:
-        self.process = _listener(urlsplit(url).port or 443)
+        self.process = _listener(url)
         self.shares = CpuShares()
 
     def sample(self) -> Reading | None:
@@ -209,7 +251,7 @@ class LocalProcess:
 def local_towers(url: str) -> list[tuple[psutil.Process, list[str]]]:
     """The tower agents the broker on the URL's port runs on this machine, with their
     command lines (for chaos)."""
-    broker = _listener(urlsplit(url).port or 443)
+    broker = _listener(url)
     if broker is None:
         return []
     found = []
@@ -223,7 +265,19 @@ def local_towers(url: str) -> list[tuple[psutil.Process, list[str]]]:
     return found
 
 
-def _listener(port: int) -> psutil.Process | None:
+def _listener(url: str) -> psutil.Process | None:
+    """The process listening on the URL's port, when the URL's host is this machine."""
+    parts = urlsplit(url)
+    port = parts.port or 443
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(parts.hostname, port)}
+    except (OSError, UnicodeError):
+        return None
+    mine = {address.address.split("%")[0]
+            for addresses_of in psutil.net_if_addrs().values() for address in addresses_of}
+    if not any(ipaddress.ip_address(address.split("%")[0]).is_loopback or address in mine
+               for address in addresses):
+        return None
     for connection in psutil.net_connections("tcp"):
         if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port:
             if connection.pid is not None:
@@ -240,12 +294,16 @@ class WorkerLines:
         self.fd = worker.stdout.fileno()
         self.buffer = b""
         self.done = False
+        # Whether its final report came (a worker that ends without it has died).
+        self.finished = False
+        self.heard_at = time.monotonic()
 
     def read(self) -> list[bytes]:
         chunk = os.read(self.fd, 1 << 20)
         if not chunk:
             self.done = True
             return []
+        self.heard_at = time.monotonic()
         self.buffer += chunk
         *complete, self.buffer = self.buffer.split(b"\n")
         return [line for line in complete if line.strip()]
@@ -264,11 +322,13 @@ class Run:
         self.chaos: dict[str, Any] | None = None
         self.worker_cpu: dict[int, float] = {}
         self.generator_cpu_seen = 0.0
+        # Workers that died, hung or failed, and how: their sessions are missing.
+        self.worker_failures: dict[int, str] = {}
 
     def execute(self) -> dict[str, Any]:
         plan = self.plan
-        self.servers = (LocalProcess(plan.url) if plan.floor
-                        else BrokerMetrics(plan.url, plan.certificate))
+        self.sampler = Sampler(LocalProcess(plan.url) if plan.floor
+                               else BrokerMetrics(plan.url, plan.certificate))
         workers = self._start_workers()
         began = self.last_close = time.monotonic()
         self.latest: dict[int, dict[str, Any]] = {}
@@ -281,6 +341,7 @@ class Run:
                 if now - began > self.plan.end + WIND_DOWN:
                     break
                 self._read(lines, max(0.0, next_tick - now))
+                self._drop_hung(lines, workers)
                 if time.monotonic() >= next_tick:
                     self._close_second(self.current, self.latest, began)
                     self.current = Second(at=round(time.monotonic() - began))
@@ -299,12 +360,19 @@ class Run:
                 if time.monotonic() > deadline:
                     break
                 self._read(lines, 0.5)
-            for worker in workers:
+            for index, worker in enumerate(workers):
                 try:
                     worker.wait(10)
                 except subprocess.TimeoutExpired:
                     worker.kill()
                     worker.wait()
+                    self.worker_failures.setdefault(index, "killed: it did not stop")
+                if worker.returncode:
+                    self.worker_failures.setdefault(index, f"exit code {worker.returncode}")
+            for index, reader in lines.items():
+                if not reader.finished:
+                    self._worker_ended(index, "ended without its final report")
+            self.sampler.stop()
             if self.show_progress:
                 print(file=sys.stderr)
         self._close_second(self.current, self.latest, began)
@@ -321,7 +389,28 @@ class Run:
                 self._take(index, figures, self.current)
                 self.latest[index] = figures
                 if figures["final"]:
-                    reader.done = True
+                    reader.done = reader.finished = True
+            if reader.done and not reader.finished:
+                self._worker_ended(index, "ended without its final report")
+
+    def _drop_hung(self, lines: dict[int, WorkerLines], workers: list[subprocess.Popen]
+                   ) -> None:
+        for index, reader in lines.items():
+            if not reader.done and time.monotonic() - reader.heard_at > WORKER_SILENCE:
+                reader.done = True
+                workers[index].kill()
+                self._worker_ended(index, f"said nothing for {WORKER_SILENCE:g} s")
+
+    def _worker_ended(self, index: int, why: str) -> None:
+        """A worker that died or hung: its sessions are no longer up, and count as lost."""
+        if index in self.worker_failures:
+            return
+        self.worker_failures[index] = why
+        figures = self.latest.get(index)
+        if figures is not None and figures["up"]:
+            lost = dict(figures["lost"])
+            lost["with its worker"] = lost.get("with its worker", 0) + figures["up"]
+            self.latest[index] = {**figures, "up": 0, "lost": lost}
 
 
     def _start_workers(self) -> list[subprocess.Popen]:
@@ -384,7 +473,7 @@ class Run:
         second.generator_cpu = (cpu - self.generator_cpu_seen) / second.seconds
         self.generator_cpu_seen = cpu
         (second.broker_cpu, second.towers_cpu,
-         second.broker_rss, second.towers_rss) = self.servers.sample() or (None,) * 4
+         second.broker_rss, second.towers_rss) = self.sampler.take() or (None,) * 4
         self.seconds.append(second)
         if self.show_progress:
             rtt = percentile(second.rtt, 99)
@@ -416,10 +505,11 @@ class Run:
 
     def report(self, seconds: float) -> dict[str, Any]:
         # With every session up: from the second after the ramp, or after the last late
-        # setup if later, to the second before the end.
+        # setup if later, to the second before the end. (A second's ``up`` is counted as
+        # it closes: the second whose close first sees them all still had setups in it.)
         peak_up = max((second.up for second in self.seconds), default=0)
         full_at = next((second.at for second in self.seconds if second.up == peak_up), 0)
-        start = max(self.plan.ramp + 1, full_at)
+        start = max(self.plan.ramp + 1, full_at + 1)
         # None at all (setups still landing until the end): the "with all up" figures are
         # then empty, and say so (steady_seconds 0), rather than the ramp's averages.
         steady = [second for second in self.seconds
@@ -456,6 +546,9 @@ class Run:
             "video": self._video(steady),
             "repairs": {"count": len(self.repairs), **_percentiles(self.repairs, (50, 100))},
             "chaos": self.chaos,
+            "workers": {"count": self.plan.workers,
+                        "failed": {str(index): why
+                                   for index, why in sorted(self.worker_failures.items())}},
             # Seconds whose servers could not be read are left out.
             "cpu_share_of_a_core_steady": {
                 "generator": _over_time(steady, "generator_cpu"),
@@ -597,6 +690,11 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"repairs      {repairs['count']}  p50 {_ms(repairs['p50'])}  max {_ms(repairs['max'])}")
     if report["chaos"] is not None:
         print(f"chaos        {report['chaos']}")
+    failed = report["workers"]["failed"]
+    if failed:
+        print(f"workers      {len(failed)} of {report['workers']['count']} failed, their "
+              f"sessions missing from these figures: "
+              + "; ".join(f"worker {index} {why}" for index, why in failed.items()))
     print(f"cpu (cores)  generator {cpu['generator']:.2f}  broker {cpu['broker']:.2f}  "
           f"towers {cpu['towers']:.2f}  (mean with all up)")
     if not report["steady_seconds"]:

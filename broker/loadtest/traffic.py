@@ -11,6 +11,7 @@ reports; both sides run on the one thread of the asyncio loop).
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -88,13 +89,14 @@ async def send_steadily(
     The messages go on a fixed timetable (open loop): each when its time comes, whether
     or not the earlier ones are back, so a slow server is offered the same load as a
     quick one and its slowness shows in every round trip it caused. A message not back
-    within ``ECHO_TIMEOUT`` counts as a timeout, and as a round trip of that long.
+    within ``ECHO_TIMEOUT`` counts as a timeout, and as a round trip of that long; so
+    does one still in flight when the session is lost (this is cancelled).
     """
     interval = 1.0 / rate
     echoes = Echoes(tally)
     video, video_next = VideoCount(tally), 0.0
     # Spread the sessions' sends over the interval, so they do not all send at once.
-    await asyncio.sleep(random.uniform(0, interval))
+    await asyncio.sleep(min(random.uniform(0, interval), max(0.0, until - time.monotonic())))
     due = time.monotonic()
     try:
         while due < until:
@@ -106,13 +108,14 @@ async def send_steadily(
                 echoes.send(peer, size)
             echoes.expire()
             due += interval
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            await asyncio.sleep(max(0.0, min(due, until) - time.monotonic()))
         # The last ones may still come back: counted either way.
         await echoes.settle()
         if holder.peer is not None:
             await video.look(holder.peer)
     finally:
         echoes.stop()
+        echoes.expire(everything=True)
 
 
 class Echoes:
@@ -140,8 +143,10 @@ class Echoes:
         self.tally.sent += 1
         peer.echo_channel.send(payload)
 
-    def expire(self) -> None:
-        oldest = time.perf_counter() - ECHO_TIMEOUT
+    def expire(self, *, everything: bool = False) -> None:
+        """Count the messages not back within ``ECHO_TIMEOUT`` as timeouts; with
+        ``everything``, all still in flight (their session is over)."""
+        oldest = math.inf if everything else time.perf_counter() - ECHO_TIMEOUT
         for sequence, (sent_at, _) in list(self.in_flight.items()):
             if sent_at > oldest:
                 break  # in order of sending

@@ -115,6 +115,9 @@ def test_a_tower_agent_refuses_settings_that_make_no_sense(tmp_path, options, re
     (["--rate", "nan"], "--rate must be positive"),
     (["--kill-tower-at", "-5"], "--kill-tower-at must be positive"),
     (["--generator-cpus", "9999"], "--generator-cpus: this process may use CPUs"),
+    (["--message-size", "262145"], "--message-size is at most 262144"),
+    (["--workers", "65"], "--workers is at most 64"),
+    (["--kill-tower-at", "60"], "--kill-tower-at must come before the run ends (35 s)"),
 ])
 def test_a_load_test_refuses_figures_that_make_no_sense(options, refused):
     result = subprocess.run([BROKER, "loadtest", "https://127.0.0.1:9", "--api-key", "k",

@@ -1,15 +1,26 @@
-"""The load test's arithmetic and report, from figures made up here (no processes)."""
+"""The load test's arithmetic and report, from figures made up here; its coordinator
+with stand-in workers."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
+
 import pytest
 
+from broker.loadtest import run as run_module
 from broker.loadtest.run import (
     BrokerMetrics,
     CpuShares,
     LoadPlan,
     Run,
+    Sampler,
     Second,
+    _listener,
+    local_towers,
     parse_metrics,
     percentile,
     print_report,
@@ -53,6 +64,7 @@ def test_the_video_report_gives_loss_bitrate_per_session_and_jitter():
     run = Run(plan, show_progress=False)
     run.seconds = [
         Second(at=0, up=1, video_bytes=10_000, video_jitter=[0.050]),
+        Second(at=1, up=2),  # the last setups: not yet steady
         Second(at=2, up=2, video_frames=60, video_bytes=100_000, video_jitter=[0.001, 0.003]),
         Second(at=3, up=2, video_frames=60, video_bytes=150_000, video_jitter=[0.002]),
         Second(at=4, up=0),
@@ -68,7 +80,7 @@ def test_the_video_report_gives_loss_bitrate_per_session_and_jitter():
     assert video["kbit_per_second_per_session_steady"] == 500
     assert video["jitter_ms"] == {"p50": 2.0, "p99": 50.0}
     assert [second["video_kbit_per_session"] for second in report["series"]] == [
-        80.0, 400.0, 600.0, None]
+        80.0, 0.0, 400.0, 600.0, None]
 
 
 def test_a_run_without_video_reports_no_loss_rather_than_zero():
@@ -93,6 +105,7 @@ def test_the_report_counts_outcomes_and_uses_the_seconds_with_all_up(monkeypatch
     run = Run(plan, show_progress=False)
     run.seconds = [
         Second(at=0, up=0, rtt=[0.100]),   # the ramp: slow, not counted as steady
+        Second(at=1, up=4),  # the last setups: not yet steady
         Second(at=2, up=4, rtt=[0.001, 0.002], echoed=4, bytes=400, towers_cpu=0.5),
         Second(at=3, up=4, rtt=[0.003], echoed=4, bytes=400, towers_cpu=0.5),
         Second(at=5, up=0),
@@ -110,7 +123,8 @@ def test_the_report_counts_outcomes_and_uses_the_seconds_with_all_up(monkeypatch
     assert report["messages"]["echoed_per_second_steady"] == 4
     assert report["repairs"] == {"count": 2, "p50": 300.0, "max": 400.0}
     assert report["cpu_share_of_a_core_steady"]["towers"] == 0.5
-    assert [second["rtt_p50_ms"] for second in report["series"]] == [100.0, 1.0, 3.0, None]
+    assert [second["rtt_p50_ms"] for second in report["series"]] == [
+        100.0, None, 1.0, 3.0, None]
 
 
 def test_seconds_before_the_last_late_setup_are_not_steady():
@@ -134,6 +148,7 @@ def test_a_second_held_up_counts_its_echoes_over_the_time_it_covered():
     run = Run(plan, show_progress=False)
     run.seconds = [
         Second(at=0, up=0),
+        Second(at=1, up=4),
         Second(at=2, up=4, echoed=200, bytes=20_000, generator_cpu=1.0),
         Second(at=3, seconds=1.6, up=4, echoed=320, bytes=32_000, generator_cpu=1.0),
         Second(at=4, seconds=0.4, up=4, echoed=80, bytes=8_000, generator_cpu=0.25),
@@ -200,6 +215,7 @@ def test_seconds_whose_servers_could_not_be_read_are_left_out_of_the_means():
     run = Run(plan, show_progress=False)
     run.seconds = [
         Second(at=0, up=1),
+        Second(at=1, up=2),
         Second(at=2, up=2, towers_cpu=0.5, towers_rss=100 * 2**20),
         Second(at=3, up=2, broker_cpu=None, towers_cpu=None, broker_rss=None,
                towers_rss=None),
@@ -208,3 +224,100 @@ def test_seconds_whose_servers_could_not_be_read_are_left_out_of_the_means():
     report = run.report(6.0)
     assert report["cpu_share_of_a_core_steady"]["towers"] == 0.6
     assert report["rss_mib_peak"]["towers"] == 120.0
+
+
+def test_the_second_that_first_sees_every_session_up_is_not_steady():
+    # Its "up" is counted as it closes: the last setups ran inside it.
+    plan = LoadPlan("https://127.0.0.1:9", "secret", "c", sessions=4, rate=8, duration=5)
+    run = Run(plan, show_progress=False)
+    run.seconds = [
+        Second(at=0, up=1),
+        Second(at=1, up=3),
+        Second(at=2, up=4, rtt=[0.500]),
+        Second(at=3, up=4, rtt=[0.002]),
+        Second(at=4, up=4, rtt=[0.002]),
+    ]
+    assert run.report(6.0)["round_trip_steady_ms"] == {"p50": 2.0, "p99": 2.0}
+
+
+FAKE_WORKER = """
+import json, os, sys, time
+mode = sys.argv[1]
+sys.stdin.readline()
+def report(second, final=False):
+    print(json.dumps({
+        "final": final, "elapsed": second, "requested": 5, "connected": 5,
+        "up": 0 if final else 5, "failed": {}, "lost": {},
+        "setup": [0.01] * 5 if second == 0 else [], "repairs": [], "cpu": 0.01 * second,
+        "sent": 5, "echoed": 5, "bytes": 500, "timeouts": 0, "rtt": [0.001] * 5,
+        "video_frames": 0, "video_packets": 0, "video_packets_lost": 0, "video_bytes": 0,
+        "video_jitter": []}), flush=True)
+for second in range(4):
+    if second == 1 and mode == "dies":
+        os._exit(1)
+    if second == 1 and mode == "hangs":
+        time.sleep(600)
+    report(second)
+    time.sleep(1)
+report(4, final=True)
+"""
+
+
+def test_a_worker_that_dies_or_hangs_is_reported_and_its_sessions_are_lost(
+        tmp_path, monkeypatch, capsys):
+    script = tmp_path / "worker.py"
+    script.write_text(FAKE_WORKER)
+
+    def start_workers(self):
+        workers = []
+        for mode in ("runs", "dies", "hangs"):
+            worker = subprocess.Popen([sys.executable, str(script), mode],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            worker.stdin.write("{}\n")
+            worker.stdin.flush()
+            workers.append(worker)
+        self.started_workers = workers
+        return workers
+
+    monkeypatch.setattr(Run, "_start_workers", start_workers)
+    monkeypatch.setattr(run_module, "WORKER_SILENCE", 2.0)
+    plan = LoadPlan("http://127.0.0.1:9", "secret", "c", sessions=15, rate=15,
+                    duration=3, workers=3, floor=True)
+    run = Run(plan, show_progress=False)
+    report = run.execute()
+    assert report["workers"]["failed"] == {"1": "ended without its final report",
+                                           "2": "said nothing for 2 s"}
+    assert report["sessions"]["lost_by_state"] == {"with its worker": 10}
+    assert report["series"][-1]["up"] == 0
+    assert all(worker.returncode is not None for worker in run.started_workers)
+    print_report(report)
+    assert "2 of 3 failed, their sessions missing" in capsys.readouterr().out
+
+
+class SlowServers:
+    def sample(self):
+        time.sleep(5)
+        return (0.1, 0.2, 3, 4)
+
+
+def test_a_slow_metrics_page_never_holds_up_the_run():
+    sampler = Sampler(SlowServers())
+    started = time.monotonic()
+    assert sampler.take() is None  # nothing read yet: no figures, and no wait
+    sampler.stop()
+    assert time.monotonic() - started < 3
+
+
+def test_only_a_url_on_this_machine_names_a_local_process():
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        port = listening.getsockname()[1]
+        assert _listener(f"https://127.0.0.1:{port}").pid == os.getpid()
+        # A remote broker on the same port number is not a process here to kill.
+        assert _listener(f"https://192.0.2.7:{port}") is None
+        assert local_towers(f"https://192.0.2.7:{port}") == []
+
+
+def test_the_largest_message_asked_for_is_the_largest_a_tower_takes():
+    from broker.tower.application import MAX_MESSAGE_SIZE
+
+    assert run_module.MAX_MESSAGE_SIZE == MAX_MESSAGE_SIZE

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -90,6 +91,47 @@ def test_messages_go_on_their_timetable_whatever_the_round_trip():
                                 until=time.monotonic() + 1.0)
             assert tally.sent >= 9 and tally.echoed == tally.sent and tally.timeouts == 0
             assert min(tally.round_trips) >= 0.3
+        finally:
+            await tower.close()
+            await client.close()
+
+    run(scenario)
+
+
+def test_messages_in_flight_when_a_session_is_lost_count_as_timeouts():
+    # Lost to a killed tower, a session's last messages never come back: left out, they
+    # made a chaos run's round trips look better than they were.
+    async def scenario():
+        client, tower = await answered_by(Deaf())
+        try:
+            tally = Tally()
+            sending = asyncio.ensure_future(send_steadily(
+                SimpleNamespace(peer=client), tally, rate=10, size=10,
+                until=time.monotonic() + 60))
+            await asyncio.sleep(0.5)
+            sending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sending
+            assert tally.sent >= 3
+            assert tally.timeouts == tally.sent
+            assert tally.round_trips == [traffic.ECHO_TIMEOUT] * tally.sent
+        finally:
+            await tower.close()
+            await client.close()
+
+    run(scenario)
+
+
+def test_a_slow_message_rate_does_not_send_past_the_end():
+    # One message every 20 s for 0.3 s: the first wait used to be up to the whole 20 s.
+    async def scenario():
+        client, tower = await answered_by(Slow())
+        try:
+            tally = Tally()
+            until = time.monotonic() + 0.3
+            await send_steadily(SimpleNamespace(peer=client), tally, rate=0.05, size=10,
+                                until=until)
+            assert time.monotonic() - until < 1.0
         finally:
             await tower.close()
             await client.close()
