@@ -67,6 +67,15 @@ logger = logging.getLogger(__name__)
 
 HEARTBEAT_LABEL = "heartbeat"
 MAX_MDNS_CANDIDATES = 16
+# The most data channels a client may open in one session (PROTOCOL.md asks for two), and
+# the longest label and protocol each: every one is kept for the session's life.
+MAX_CHANNELS = 16
+MAX_CHANNEL_NAMING = 1024
+# The most SCTP streams a client may send on, and message fragments the tower holds for
+# it at once (a largest message is about 220 of them): aiortc keeps each, and looks
+# through all of them again for each one that arrives.
+MAX_INBOUND_STREAMS = 2 * MAX_CHANNELS
+MAX_FRAGMENTS_HELD = 1024
 # The largest message a client may send: what the tower's answer advertises
 # (a=max-message-size).
 MAX_MESSAGE_SIZE = LOCAL_MAX_MESSAGE_SIZE
@@ -103,18 +112,20 @@ class Application(Protocol):
         ...
 
 
-# What a data channel may hold unsent before the application gives up on it: a client
-# that sends and never reads would otherwise grow the tower's memory without end.
+# What a session's data channels may hold unsent, together, before the application
+# gives up on a channel: a client that sends and never reads would otherwise grow the
+# tower's memory without end.
 CHANNEL_BUFFER_LIMIT = 1024 * 1024
 
 
 def send_or_close(channel: RTCDataChannel, message: str | bytes) -> None:
     """Send ``message`` on ``channel``, or close the channel if the client cannot take it:
-    more than ``CHANNEL_BUFFER_LIMIT`` unsent already (the client does not read), or a
-    message over the client's own ``max-message-size``."""
-    if channel.bufferedAmount > CHANNEL_BUFFER_LIMIT:
+    more than ``CHANNEL_BUFFER_LIMIT`` unsent already on the session's channels (the
+    client does not read), or a message over the client's own ``max-message-size``."""
+    unsent = sum(other.bufferedAmount for other in channel.transport._data_channels.values())
+    if unsent > CHANNEL_BUFFER_LIMIT:
         logger.info("closed channel %r: the client left %d bytes unread", channel.label,
-                    channel.bufferedAmount)
+                    unsent)
         channel.close()
         return
     try:
@@ -259,6 +270,7 @@ class TowerPeer:
         # Each mDNS name costs a multicast query on the tower's network: a few per
         # session are real (one per interface), more are someone's flood.
         self._mdns_candidates = 0
+        self._channels = 0
         self._connection.on("connectionstatechange", self._connection_state_changed)
         self._connection.on("datachannel", self._channel_opened)
 
@@ -325,7 +337,16 @@ class TowerPeer:
         for track in self._application.media(kinds):
             self._connection.addTrack(track)
             self.sends_video = self.sends_video or track.kind == "video"
-        await self._connection.setLocalDescription(await self._connection.createAnswer())
+        for transceiver in self._connection.getTransceivers():
+            # The tower takes no media from a client: what it does not send is inactive.
+            # Received, a client's video would be decoded into a queue nobody reads.
+            has_track = transceiver.sender.track is not None
+            transceiver.direction = "sendonly" if has_track else "inactive"
+        try:
+            await self._connection.setLocalDescription(await self._connection.createAnswer())
+        except Exception as error:  # e.g. a BUNDLE group naming a section that is not there
+            raise ValueError(f"the offer could not be answered ({type(error).__name__}: "
+                             f"{str(error)[:200]})") from None
         for candidate in later:
             if candidate is not None:
                 if self._mdns_candidates == MAX_MDNS_CANDIDATES:
@@ -364,7 +385,18 @@ class TowerPeer:
         async def guarded(chunk: Any) -> None:
             if failing():
                 return  # on its way out: nothing more is reassembled
+            if not chunk.user_data:
+                # RFC 9260, 6.2: an error. Taking no window, it slipped past the rest.
+                fail("the client sent a DATA chunk with no data")
+                return
             await receive(chunk)
+            streams = sctp._inbound_streams
+            if len(streams) > MAX_INBOUND_STREAMS:
+                fail(f"the client sent on more than {MAX_INBOUND_STREAMS} streams")
+                return
+            if sum(len(stream.reassembly) for stream in streams.values()) > MAX_FRAGMENTS_HELD:
+                fail(f"the client left more than {MAX_FRAGMENTS_HELD} fragments unfinished")
+                return
             held = window - sctp._advertised_rwnd
             if held <= MAX_MESSAGE_SIZE:
                 return  # the usual case: less than one message's worth held in all
@@ -405,7 +437,10 @@ class TowerPeer:
     async def _close(self) -> None:
         self._stop_heartbeat()
         await _close_application(self._application)
-        await self._connection.close()
+        try:
+            await self._connection.close()
+        except Exception as error:  # one its offer left half made: closed as far as it goes
+            logger.info("closing a peer connection raised %s", type(error).__name__)
 
     def _report(self, event: PeerEvent) -> None:
         if self._closed or event.kind in self._reported:
@@ -440,6 +475,16 @@ class TowerPeer:
 
     def _channel_opened(self, channel: RTCDataChannel) -> None:
         if self._closed:
+            return
+        self._channels += 1
+        naming = len(channel.label) + len(channel.protocol)
+        if self._channels > MAX_CHANNELS or naming > MAX_CHANNEL_NAMING:
+            self._stop_heartbeat()
+            self._report(PeerEvent("failed", (
+                f"the client opened more than {MAX_CHANNELS} data channels"
+                if self._channels > MAX_CHANNELS else
+                f"the client named a data channel in more than {MAX_CHANNEL_NAMING} "
+                "characters")))
             return
         channel.on("message", self._heard)
         if channel.label == HEARTBEAT_LABEL:
@@ -545,7 +590,7 @@ def _set_mdns_candidates_aside(offer_sdp: str) -> tuple[str, list[RTCIceCandidat
         if line.startswith("m="):
             index += 1
             set_aside_in_section = False
-        if index >= 0 and line.startswith("a=candidate:") and ".local " in line:
+        if index >= 0 and line.startswith("a=candidate:") and _is_mdns(line):
             try:
                 candidate = candidate_from_sdp(line[len("a=candidate:"):])
             except (AssertionError, IndexError, ValueError):
@@ -566,6 +611,13 @@ def _set_mdns_candidates_aside(offer_sdp: str) -> tuple[str, list[RTCIceCandidat
     return "\r\n".join(lines) + "\r\n", later
 
 
+def _is_mdns(candidate_line: str) -> bool:
+    """Whether an ``a=candidate`` line's address is an mDNS name (fields split on any
+    white space, as aiortc splits them)."""
+    fields = candidate_line.split()
+    return len(fields) > 4 and fields[4].endswith(".local")
+
+
 def _mid_of(description: SessionDescription, index: int) -> str | None:
     return description.media[index].rtp.muxId if index < len(description.media) else None
 
@@ -579,6 +631,12 @@ def _check_offer(offer_sdp: str) -> None:
         raise ValueError("the offer is not valid SDP: it has no media sections")
     if sum(len(media.ice_candidates) for media in description.media) > MAX_CANDIDATES:
         raise ValueError(f"more than {MAX_CANDIDATES} candidates in the offer")
+    mids = {media.rtp.muxId for media in description.media}
+    for group in description.group:
+        unknown = [str(mid) for mid in group.items if str(mid) not in mids]
+        if group.semantic == "BUNDLE" and unknown:
+            raise ValueError(f"the offer bundles media sections it does not have: "
+                             f"{' '.join(unknown)[:100]}")
     for index, media in enumerate(description.media):
         if media.dtls is None:
             raise ValueError(f"the offer's media section {index} has no a=setup attribute")
