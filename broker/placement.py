@@ -90,6 +90,12 @@ class _Standing:
         return self.taken / self.load.capacity if self.load.capacity else math.inf
 
 
+def _within(weight: int, load: TowerLoad) -> int:
+    """A session's weight on a tower: never more than all of it (alone, a session fits;
+    the tower weighs it so too)."""
+    return min(weight, max(load.capacity, 1))
+
+
 class Placement:
     """Chooses towers for new sessions from the towers' load reports.
 
@@ -158,7 +164,7 @@ class Placement:
             if name not in exclude
             and self.is_fresh(name, now)
             and not standing.load.draining
-            and standing.taken + weight <= standing.load.capacity
+            and standing.taken + _within(weight, standing.load) <= standing.load.capacity
         ]
 
     def choose(self, now: float, exclude: Collection[str] = (), weight: int = 1) -> str | None:
@@ -179,7 +185,8 @@ class Placement:
             first_share = self._towers[first].share_used
             second_share = self._towers[second].share_used
             chosen = first if first_share <= second_share else second
-        self._towers[chosen].placed_since_report.add(weight)
+        standing = self._towers[chosen]
+        standing.placed_since_report.add(_within(weight, standing.load))
         return chosen
 
     def used_share(self, now: float) -> float:

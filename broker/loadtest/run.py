@@ -34,11 +34,12 @@ import psutil
 from ..metrics import process_usage
 from .traffic import ECHO_TIMEOUT
 
+# A worker's first report may wait for its imports; later ones come every second, and a
+# worker silent for WORKER_SILENCE is hung.
 WORKER_START_TIMEOUT = 30.0
 METRICS_TIMEOUT = 2.0
 # After the planned end, how long workers have to close their sessions and report.
 WIND_DOWN = 20.0
-# A worker reports every second: one silent this long is hung.
 WORKER_SILENCE = 15.0
 # A reading of the servers older than this is none.
 READING_STALE = 3.0
@@ -296,7 +297,8 @@ class WorkerLines:
         self.done = False
         # Whether its final report came (a worker that ends without it has died).
         self.finished = False
-        self.heard_at = time.monotonic()
+        self.started_at = time.monotonic()
+        self.heard_at: float | None = None
 
     def read(self) -> list[bytes]:
         chunk = os.read(self.fd, 1 << 20)
@@ -360,18 +362,21 @@ class Run:
                 if time.monotonic() > deadline:
                     break
                 self._read(lines, 0.5)
+            killed = set()
             for index, worker in enumerate(workers):
                 try:
                     worker.wait(10)
                 except subprocess.TimeoutExpired:
                     worker.kill()
                     worker.wait()
-                    self.worker_failures.setdefault(index, "killed: it did not stop")
-                if worker.returncode:
-                    self.worker_failures.setdefault(index, f"exit code {worker.returncode}")
+                    killed.add(index)
             for index, reader in lines.items():
                 if not reader.finished:
-                    self._worker_ended(index, "ended without its final report")
+                    self._worker_ended(index, "killed: it did not stop" if index in killed
+                                       else "ended without its final report")
+                elif workers[index].returncode:  # its figures are all in: said, not failed
+                    print(f"worker {index} exited with status {workers[index].returncode} "
+                          "after its final report", file=sys.stderr)
             self.sampler.stop()
             if self.show_progress:
                 print(file=sys.stderr)
@@ -396,10 +401,16 @@ class Run:
     def _drop_hung(self, lines: dict[int, WorkerLines], workers: list[subprocess.Popen]
                    ) -> None:
         for index, reader in lines.items():
-            if not reader.done and time.monotonic() - reader.heard_at > WORKER_SILENCE:
+            if reader.done:
+                continue
+            if reader.heard_at is None:
+                since, limit = reader.started_at, WORKER_START_TIMEOUT
+            else:
+                since, limit = reader.heard_at, WORKER_SILENCE
+            if time.monotonic() - since > limit:
                 reader.done = True
                 workers[index].kill()
-                self._worker_ended(index, f"said nothing for {WORKER_SILENCE:g} s")
+                self._worker_ended(index, f"said nothing for {limit:g} s")
 
     def _worker_ended(self, index: int, why: str) -> None:
         """A worker that died or hung: its sessions are no longer up, and count as lost."""

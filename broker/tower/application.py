@@ -67,15 +67,21 @@ logger = logging.getLogger(__name__)
 
 HEARTBEAT_LABEL = "heartbeat"
 MAX_MDNS_CANDIDATES = 16
-# The most data channels a client may open in one session (PROTOCOL.md asks for two), and
-# the longest label and protocol each: every one is kept for the session's life.
+# The most data channels a client may have open in one session (PROTOCOL.md asks for
+# two), and the longest label and protocol each: every one is kept while it is open.
 MAX_CHANNELS = 16
 MAX_CHANNEL_NAMING = 1024
-# The most SCTP streams a client may send on, and message fragments the tower holds for
-# it at once (a largest message is about 220 of them): aiortc keeps each, and looks
-# through all of them again for each one that arrives.
+# The most SCTP streams a client may send on. Then what the tower holds for a client at
+# once, waiting to be delivered: chunks in all (each costs memory whatever its size, and
+# the receive window counts only bytes: a burst of small messages behind one lost packet
+# is a few thousand), and fragments of unfinished messages (aiortc looks through all of
+# them again for each one that arrives; the receive window lets a largest message in
+# fragments of a packet hold about 900).
 MAX_INBOUND_STREAMS = 2 * MAX_CHANNELS
+MAX_CHUNKS_HELD = 8192
 MAX_FRAGMENTS_HELD = 1024
+# With more chunks held than that, the fragments are counted again this often.
+_FRAGMENT_COUNT_EVERY = 64
 # The largest message a client may send: what the tower's answer advertises
 # (a=max-message-size).
 MAX_MESSAGE_SIZE = LOCAL_MAX_MESSAGE_SIZE
@@ -326,9 +332,10 @@ class TowerPeer:
             await self._connection.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
         except Exception as error:
             raise ValueError(f"the offer was not accepted: {error}") from None
+        # What the client offered to receive (its recvonly is the tower's sendonly).
         kinds = frozenset(
             transceiver.kind for transceiver in self._connection.getTransceivers()
-            if transceiver.direction in ("recvonly", "sendrecv")
+            if transceiver._offerDirection in ("sendonly", "sendrecv")
         )
         sctp = self._connection.sctp
         if sctp is not None:  # an offer with data channels
@@ -374,6 +381,7 @@ class TowerPeer:
         receive, deliver = sctp._receive_data_chunk, sctp._receive
         window = sctp._advertised_rwnd
         too_large = f"the client sent a message over {MAX_MESSAGE_SIZE} bytes"
+        count_fragments_at = MAX_FRAGMENTS_HELD
 
         def fail(why: str) -> None:
             self._stop_heartbeat()
@@ -383,6 +391,7 @@ class TowerPeer:
             return self._closed or bool(self._reported & {"failed", "closed"})
 
         async def guarded(chunk: Any) -> None:
+            nonlocal count_fragments_at
             if failing():
                 return  # on its way out: nothing more is reassembled
             if not chunk.user_data:
@@ -394,9 +403,20 @@ class TowerPeer:
             if len(streams) > MAX_INBOUND_STREAMS:
                 fail(f"the client sent on more than {MAX_INBOUND_STREAMS} streams")
                 return
-            if sum(len(stream.reassembly) for stream in streams.values()) > MAX_FRAGMENTS_HELD:
-                fail(f"the client left more than {MAX_FRAGMENTS_HELD} fragments unfinished")
+            chunks = sum(len(stream.reassembly) for stream in streams.values())
+            if chunks > MAX_CHUNKS_HELD:
+                fail(f"the client left more than {MAX_CHUNKS_HELD} chunks waiting")
                 return
+            if chunks <= MAX_FRAGMENTS_HELD:
+                count_fragments_at = MAX_FRAGMENTS_HELD
+            elif chunks >= count_fragments_at:
+                count_fragments_at = chunks + _FRAGMENT_COUNT_EVERY
+                whole = SCTP_DATA_FIRST_FRAG | SCTP_DATA_LAST_FRAG
+                fragments = sum((held.flags & whole) != whole for stream in streams.values()
+                                for held in stream.reassembly)
+                if fragments > MAX_FRAGMENTS_HELD:
+                    fail(f"the client left more than {MAX_FRAGMENTS_HELD} fragments unfinished")
+                    return
             held = window - sctp._advertised_rwnd
             if held <= MAX_MESSAGE_SIZE:
                 return  # the usual case: less than one message's worth held in all
@@ -477,11 +497,12 @@ class TowerPeer:
         if self._closed:
             return
         self._channels += 1
+        channel.on("close", self._channel_closed)
         naming = len(channel.label) + len(channel.protocol)
         if self._channels > MAX_CHANNELS or naming > MAX_CHANNEL_NAMING:
             self._stop_heartbeat()
             self._report(PeerEvent("failed", (
-                f"the client opened more than {MAX_CHANNELS} data channels"
+                f"the client had more than {MAX_CHANNELS} data channels open"
                 if self._channels > MAX_CHANNELS else
                 f"the client named a data channel in more than {MAX_CHANNEL_NAMING} "
                 "characters")))
@@ -501,6 +522,9 @@ class TowerPeer:
             logger.warning(
                 "session application failed to take a channel: %s", type(error).__name__
             )
+
+    def _channel_closed(self) -> None:
+        self._channels -= 1
 
     def _heard(self, message: object) -> None:
         self._last_heard = self._loop.time()

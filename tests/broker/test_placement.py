@@ -110,6 +110,15 @@ def test_a_session_goes_where_its_weight_fits_and_counts_with_it():
     assert placement.load_of("a") == TowerLoad("a", 10, 500, used=250)
 
 
+def test_a_session_weighs_at_most_its_whole_tower():
+    # A tower given less capacity than the video weight still takes one, as it would.
+    small = placement_with(TowerLoad("small", 0, 20))
+    assert small.choose(now=0.5, weight=25) == "small"
+    assert small.load_of("small") == TowerLoad("small", 1, 20, used=20)
+    assert small.choose(now=0.5, weight=1) is None
+    assert placement_with(TowerLoad("none", 0, 0)).choose(now=0.5, weight=25) is None
+
+
 @pytest.mark.parametrize("arguments", [
     {"tower": "", "sessions": 0, "capacity": 1},
     {"tower": "a", "sessions": -1, "capacity": 1},

@@ -796,13 +796,13 @@ def test_fragments_that_cost_more_than_they_weigh_fail_the_peer(count, payload, 
     run(scenario)
 
 
-def test_a_client_opening_more_than_16_data_channels_fails_its_peer():
+def test_a_client_with_more_than_16_data_channels_open_fails_its_peer():
     async def scenario():
         async with session() as (client, peer, events):
             for number in range(20):
                 client.connection.createDataChannel(f"extra {number}")
             failed = await events.wait_for("failed")
-            assert failed.detail == "the client opened more than 16 data channels"
+            assert failed.detail == "the client had more than 16 data channels open"
 
     run(scenario)
 
@@ -831,5 +831,80 @@ def test_an_offer_bundling_a_section_it_does_not_have_is_refused():
         offer = (await _offer_from_a_client()).replace("a=group:BUNDLE ", "a=group:BUNDLE zz ")
         with pytest.raises(ValueError, match="bundles media sections it does not have: zz"):
             await answer_offer(offer, application=EchoApplication(), on_event=Events())
+
+    run(scenario)
+
+
+def _complete_messages(client: Client, count: int) -> list[DataChunk]:
+    """``count`` small whole messages on the echo channel, in order, with TSNs and
+    sequence numbers the client will not use again."""
+    sctp = client.connection.sctp
+    stream = client.echo.id
+    first, sequence = sctp._local_tsn, sctp._outbound_stream_seq.get(stream, 0)
+    sctp._local_tsn = (first + count) % 2**32
+    sctp._outbound_stream_seq[stream] = (sequence + count) % 65536
+    chunks = []
+    for index in range(count):
+        chunk = DataChunk(flags=SCTP_DATA_FIRST_FRAG | SCTP_DATA_LAST_FRAG)
+        chunk.tsn, chunk.stream_id, chunk.protocol = first + index, stream, WEBRTC_BINARY
+        chunk.stream_seq = (sequence + index) % 65536
+        chunk.user_data = b"m%d" % index
+        chunks.append(chunk)
+    return chunks
+
+
+@pytest.mark.parametrize(("count", "why"), [
+    (1100, None),  # a browser's burst behind one lost packet: delivered once it comes
+    (8300, "the client left more than 8192 chunks waiting"),
+], ids=["burst", "endless"])
+def test_small_messages_behind_a_lost_packet_wait_up_to_a_bound(count, why):
+    async def scenario():
+        async with session() as (client, peer, events):
+            sctp = client.connection.sctp
+            lost, *rest = _complete_messages(client, count)
+            for at in range(0, len(rest), 40):
+                await sctp.transport._send_data(packet(sctp, *rest[at:at + 40]))
+                await asyncio.sleep(0)
+            if why is not None:
+                assert (await events.wait_for("failed")).detail == why
+                return
+            await sctp.transport._send_data(packet(sctp, lost))  # its retransmission
+            await client.wait_for_echoes(count)
+            assert "failed" not in events.kinds()
+
+    run(scenario)
+
+
+def test_data_channels_closed_make_room_for_new_ones():
+    async def scenario():
+        async with session() as (client, peer, events):
+            for number in range(20):
+                extra = client.connection.createDataChannel(f"request {number}")
+                opened = asyncio.Event()
+                extra.on("open", opened.set)
+                async with asyncio.timeout(WAIT):
+                    await opened.wait()
+                extra.close()
+                await asyncio.sleep(0.05)
+            client.echo.send("still here")
+            await client.wait_for_echoes(1)
+            assert "failed" not in events.kinds()
+
+    run(scenario)
+
+
+def test_a_client_that_sends_video_and_asks_for_none_is_sent_none():
+    async def scenario():
+        client = Client()
+        client.connection.addTransceiver(VideoStreamTrack(), direction="sendonly")
+        peer = await answer_offer(await client.offer(), application=APPLICATIONS["demo"](),
+                                  on_event=Events())
+        try:
+            assert not peer.sends_video
+            video = peer.answer_sdp.split("m=video", 1)[1].split("m=", 1)[0]
+            assert "a=inactive" in video.split("\r\n")
+        finally:
+            await peer.close()
+            await client.connection.close()
 
     run(scenario)
