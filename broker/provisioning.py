@@ -391,7 +391,7 @@ class Job(Supervisor):
         name, board = self.host.name, self.context.board
         if self.plan != "provision" or board.get(name).state is HostState.READY:
             return
-        provisioning = self.system.lookup(f"{self.path.split('/jobs/')[0]}/provisioning")
+        provisioning = _provisioning_of(self)
         if provisioning is not None:
             with contextlib.suppress(ActorStopped, MailboxFull):  # the broker stopping
                 provisioning.tell_nowait(_Unfinished(name))
@@ -408,6 +408,11 @@ class Job(Supervisor):
         _give_up(self.context.board, self.host.name)
         self.stop()
         return False
+
+
+def _provisioning_of(actor: Actor) -> ActorRef | None:
+    """The ``provisioning`` actor beside the ``jobs`` supervisor a job's actor is under."""
+    return actor.system.lookup(f"{actor.path.split('/jobs/')[0]}/provisioning")
 
 
 def _give_up(board: HostBoard, name: str) -> None:
@@ -634,7 +639,7 @@ class JobSteps(Actor):
         host = self.host
         links = self.context.links
         towers = self._towers()
-        provisioning = self.system.lookup(f"{self.path.split('/jobs/')[0]}/provisioning")
+        provisioning = _provisioning_of(self)
         assert provisioning is not None
 
         def lost(name: str, reason: str) -> None:

@@ -880,12 +880,13 @@ def test_data_channels_closed_make_room_for_new_ones():
         async with session() as (client, peer, events):
             for number in range(20):
                 extra = client.connection.createDataChannel(f"request {number}")
-                opened = asyncio.Event()
+                opened, closed = asyncio.Event(), asyncio.Event()
                 extra.on("open", opened.set)
+                extra.on("close", closed.set)
                 async with asyncio.timeout(WAIT):
                     await opened.wait()
-                extra.close()
-                await asyncio.sleep(0.05)
+                    extra.close()  # closed once the tower has reset its stream too
+                    await closed.wait()
             client.echo.send("still here")
             await client.wait_for_echoes(1)
             assert "failed" not in events.kinds()
