@@ -180,6 +180,11 @@ class CommunicationServer(Actor):
         self.listeners = listeners
         self.uplink = Uplink()
         self.peers_by_session: dict[str, PeerEntry] = {}
+        # How much of the capacity the peers take: one each, ``video_weight`` for one
+        # with video (drawing and encoding a stream costs the tower far more than a data
+        # session) or that may have it (not answered yet). Kept as peers come and go
+        # (``_record``, ``_forget``), not added up per offer.
+        self.used = 0
         # Each peer is watched (a Down message when it ends), not waited on by a task.
         self.session_of_peer: dict[ActorRef, str] = {}
         self.connection_scope: trio.CancelScope | None = None
@@ -294,7 +299,7 @@ class CommunicationServer(Actor):
             await self.uplink.send(TowerLoadReport(
                 len(self.peers_by_session), self.settings.capacity,
                 cpu_seconds=usage.cpu_seconds, resident_bytes=usage.resident_bytes,
-                used=self._used(),
+                used=self.used,
             ))
             await trio.sleep(self.settings.load_interval)
 
@@ -351,7 +356,7 @@ class CommunicationServer(Actor):
                     f"whose peer is at negotiation {previous.negotiation}: not taken"))
                 return
             self._close(request.session, previous.negotiation)
-        elif self._used() + weight > self.settings.capacity:
+        elif self.used + weight > self.settings.capacity:
             # The broker places by this tower's reports, which lag: the offer goes
             # elsewhere, and the peers here are not overloaded.
             await self.uplink.send(PeerRejected(
@@ -380,19 +385,21 @@ class CommunicationServer(Actor):
             else:
                 refused = None
                 await ref.tell(request)
-                self.peers_by_session[request.session] = PeerEntry(
-                    request.negotiation, ref, opened_by, weight)
+                self._record(request.session,
+                             PeerEntry(request.negotiation, ref, opened_by, weight))
                 self.session_of_peer[ref] = request.session
                 self.collector.opened()
                 self.monitor(ref)
         if refused is not None:
             await self.uplink.send(LinkError(f"cannot open {name}: {refused}"))
 
-    def _used(self) -> int:
-        """How much of the capacity the peers take: one each, ``video_weight`` for one
-        with video (drawing and encoding a stream costs the tower far more than a data
-        session) or that may have it (not answered yet)."""
-        return sum(entry.weight for entry in self.peers_by_session.values())
+    def _record(self, session: str, entry: PeerEntry) -> None:
+        previous = self.peers_by_session.get(session)
+        self.used += entry.weight - (0 if previous is None else previous.weight)
+        self.peers_by_session[session] = entry
+
+    def _forget(self, session: str) -> None:
+        self.used -= self.peers_by_session.pop(session).weight
 
     async def receive(self, message: object) -> None:
         if isinstance(message, Answered):
@@ -401,7 +408,7 @@ class CommunicationServer(Actor):
             if entry is not None and entry.ref == message.peer:
                 weight = (min(self.settings.video_weight, self.settings.capacity)
                           if message.sends_video else 1)
-                self.peers_by_session[session] = replace(entry, weight=weight)
+                self._record(session, replace(entry, weight=weight))
             return None
         if not isinstance(message, Down):
             return await super().receive(message)
@@ -411,13 +418,13 @@ class CommunicationServer(Actor):
         self.collector.closed_one()
         entry = self.peers_by_session.get(session)
         if entry is not None and entry.ref == message.ref:
-            del self.peers_by_session[session]
+            self._forget(session)
 
     def _close(self, session: str, negotiation: int) -> None:
         entry = self.peers_by_session.get(session)
         if entry is None or entry.negotiation != negotiation:
             return
-        del self.peers_by_session[session]
+        self._forget(session)
         # In a task of its own: closing a peer connection can take a while, and the
         # link's other sessions must not wait behind it.
         self.start_soon(self._terminate, entry.ref.path.rsplit("/", 1)[1])
