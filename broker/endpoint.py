@@ -292,10 +292,17 @@ class BrokerApi:
         if live >= self.settings.max_sessions_per_key:
             raise ApiError(429, "too_many_sessions",
                            f"this API key already has {live} live sessions")
-        tower = self.towers.choose(
-            weight=session_weight(application, self.settings.video_weight,
-                                  self.settings.tower_capacity))
+        weight = session_weight(application, self.settings.video_weight,
+                                self.settings.tower_capacity)
+        tower = self.towers.choose(weight=weight,
+                                   setups_below=self.settings.max_setups_per_tower)
+        if tower is None and self.towers.has_room(weight):
+            self.counters.refused["towers_busy"] += 1
+            raise ApiError(503, "towers_busy",
+                           "every tower with room is setting up as many sessions as it may "
+                           "at once; retry in a second", {"retry-after": "1"})
         if tower is None:
+            self.counters.refused["no_tower"] += 1
             raise ApiError(503, "no_tower", "no tower is ready to take a session; retry later")
         session_id = new_session_id()
         session = Session(session_id, key, application, tower.name, self.towers,
@@ -312,6 +319,7 @@ class BrokerApi:
         except (ActorCrashed, ActorStopped) as error:
             if not session.released:  # it never ran at all
                 self.counters.by_key[key] -= 1
+                session.done_setting_up()
             why = error.error if isinstance(error, ActorCrashed) else "the broker is stopping"
             raise ApiError(503, "no_tower", f"the session could not start: {why}") from None
         created = {"id": session_id, "state": session.state.value, "tower": tower.name}
@@ -380,7 +388,8 @@ class BrokerApi:
             towers[connection.name] = TowerRow(
                 self.towers.state_of(connection.name, now), sessions,
                 self.towers.usage.get(connection.name),
-                standing.taken / standing.capacity if standing and standing.capacity else 0.0)
+                standing.taken / standing.capacity if standing and standing.capacity else 0.0,
+                self.towers.placement.setting_up(connection.name))
         return render(self.counters, towers, self.system.statistics(),
                       process_usage(self.process))
 

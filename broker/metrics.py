@@ -39,6 +39,8 @@ class SessionCounters:
         self.negotiations = 0
         self.failed = 0
         self.failures: Counter[FailureReason] = Counter()
+        # New sessions refused for want of a tower: no_tower, towers_busy.
+        self.refused: Counter[str] = Counter()
         # Live sessions by API key: taken when a session is created, given back at its end.
         self.by_key: Counter[str] = Counter()
         # The last word of each session that ended, by id, oldest first: (when, API key,
@@ -121,6 +123,8 @@ class TowerRow:
     sessions: int
     usage: ProcessUsage | None = None
     capacity_used: float = 0.0
+    # This broker's sessions setting up there (placed, not yet connected).
+    setting_up: int = 0
 
 
 def _escape(value: str) -> str:
@@ -164,6 +168,12 @@ def render(
                 [("", counters.created)]),
         _family("broker_sessions_failed_total", "counter", "Sessions that failed for good.",
                 [("", counters.failed)]),
+        _family(
+            "broker_sessions_refused_total", "counter",
+            "New sessions refused for want of a tower, by reason.",
+            ((f'{{reason="{reason}"}}', counters.refused[reason])
+             for reason in ("no_tower", "towers_busy")),
+        ),
         _family("broker_negotiations_total", "counter", "Negotiations started.",
                 [("", counters.negotiations)]),
         _family(
@@ -186,6 +196,12 @@ def render(
             "The share of each tower's capacity its sessions take (a session with video "
             "counts as video_weight sessions).",
             ((f'{{tower="{_escape(name)}"}}', row.capacity_used)
+             for name, row in sorted(towers.items())),
+        ),
+        _family(
+            "broker_tower_setups", "gauge",
+            "Sessions setting up on each tower (placed there, not yet connected).",
+            ((f'{{tower="{_escape(name)}"}}', row.setting_up)
              for name, row in sorted(towers.items())),
         ),
         _family(

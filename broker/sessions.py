@@ -191,6 +191,10 @@ class Session(Supervisor):
         # has offered.
         self.counted_on: str | None = None
         self.offered = False
+        # The tower it is setting up on (``Placement.setup_started``), until its peer
+        # connects there or it ends: from its making, as the endpoint places it.
+        self.setting_up_on: str | None = None
+        self._set_up_on(tower)
         # Whether it gave back its API key's count (see ``release``).
         self.released = False
         self.answer_reply: tuple[int, trio.MemorySendChannel[dict[str, Any]]] | None = None
@@ -256,7 +260,10 @@ class Session(Supervisor):
                 lifecycle.offer_rejected(message.number, message.code, message.message)
             )
         if isinstance(message, Connected):
-            return await self._carry_out(lifecycle.connected(message.number))
+            await self._carry_out(lifecycle.connected(message.number))
+            if lifecycle.state is SessionState.CONNECTED:
+                self.done_setting_up()
+            return None
         if isinstance(message, Failed):
             return await self._negotiation_failed(message.number, message.reason,
                                                   message.detail)
@@ -299,6 +306,7 @@ class Session(Supervisor):
                 return None
         if not self.offered:
             self._count_on(tower.name)
+        self._set_up_on(tower.name)
         decisions = lifecycle.negotiation_started(number)
         self.counters.negotiation_started()
         self._send_all(decisions)
@@ -319,6 +327,21 @@ class Session(Supervisor):
         if tower is not None:
             placement.assign(tower, self.weight)
         self.counted_on = tower
+
+    def _set_up_on(self, tower: str | None) -> None:
+        """Count this session as setting up on ``tower`` (None: on none), not the last."""
+        if tower == self.setting_up_on:
+            return
+        placement = self.towers.placement
+        if self.setting_up_on is not None:
+            placement.setup_ended(self.setting_up_on)
+        if tower is not None:
+            placement.setup_started(tower)
+        self.setting_up_on = tower
+
+    def done_setting_up(self) -> None:
+        """Its peer connected, or it ended (or never ran): no tower counts its setup."""
+        self._set_up_on(None)
 
     def _move(self) -> TowerConnection | None:
         lifecycle = self.lifecycle
@@ -439,6 +462,7 @@ class Session(Supervisor):
         # its client's socket must not wait for a close that will never come.
         self.released = True
         self._count_on(None)
+        self.done_setting_up()
         if not self.lifecycle.state.ended:  # killed: stopping did not run
             self._send_all(self.lifecycle.close(_stop_reason(exit, self.system.shutting_down)))
         self.counters.remember_end(

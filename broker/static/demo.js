@@ -44,6 +44,8 @@ const MESSAGES = {
   too_many_sessions: () => "Too many sessions (429): this API key already has all the live "
     + "sessions it may have. End one, or wait for one to end, and try again.",
   no_tower: () => "No tower is ready to take a session (503). Try again in a moment.",
+  towers_busy: () => "The towers are setting up many sessions at once (503). Try again in "
+    + "a second.",
   unreachable: (error) => `The broker cannot be reached. Is it running? (${error.message})`,
   replaced: () => "Another signaling connection took over this session; this page stopped "
     + "following it.",

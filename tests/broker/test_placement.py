@@ -167,3 +167,30 @@ def test_sessions_that_have_not_offered_count_on_top_of_the_towers_peers():
     placement.unassign("a")
     placement.report(TowerLoad("a", 7, 10), now=4.0)
     assert placement.load_of("a").sessions == 10
+
+
+def test_a_new_session_goes_only_to_a_tower_setting_up_fewer_than_its_limit():
+    placement = placement_with(TowerLoad("a", 0, 100), TowerLoad("b", 0, 100))
+    for _ in range(2):
+        placement.setup_started("a")
+    placement.setup_started("b")
+    assert placement.setting_up("a") == 2
+    assert {placement.choose(now=0.0, setups_below=2) for _ in range(5)} == {"b"}
+    placement.setup_started("b")
+    assert placement.choose(now=0.0, setups_below=2) is None
+    # Without a limit (a session already placed, moving): room is all that counts.
+    assert placement.choose(now=0.0) in ("a", "b")
+    assert placement.ready(now=0.0) == ["a", "b"]
+    placement.setup_ended("a")
+    assert placement.choose(now=0.0, setups_below=2) == "a"
+
+
+def test_setups_ended_never_count_below_nothing():
+    placement = placement_with(TowerLoad("a", 0, 10))
+    placement.setup_started("a")
+    placement.setup_ended("a")
+    placement.setup_ended("a")
+    placement.setup_ended("never-started")
+    assert (placement.setting_up("a"), placement.setting_up("never-started")) == (0, 0)
+    placement.setup_started("a")
+    assert placement.choose(now=0.0, setups_below=1) is None

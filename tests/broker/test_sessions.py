@@ -7,6 +7,7 @@ tower by delivering ``PeerAnswer`` and ``PeerState`` to the connection.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -513,6 +514,45 @@ async def test_a_lost_tower_moves_the_session_at_once(autojump_clock, broker):
     assert counted_on(broker) == {"tower-2": 0}
 
 
+def setting_up(broker: Broker) -> dict[str, int]:
+    placement = broker.directory.placement
+    return {name: placement.setting_up(name) for name in broker.towers}
+
+
+async def test_a_session_sets_up_on_its_tower_until_its_peer_connects_there(
+        autojump_clock, broker):
+    first, second = broker.towers["tower-1"], broker.towers["tower-2"]
+    client = await broker.open_session()
+    await client.new_frames()
+    assert setting_up(broker) == {"tower-1": 1, "tower-2": 0}
+    await offer(client, first, 1)
+    assert setting_up(broker) == {"tower-1": 1, "tower-2": 0}
+    first.answer("s-1", 1)
+    first.peer("s-1", 1, "connected")
+    await client.new_frames()
+    assert setting_up(broker) == {"tower-1": 0, "tower-2": 0}
+
+    # Repaired on the same tower: setting up there again, until connected again.
+    first.peer("s-1", 1, "silent", "nothing heard from the client for 5 s")
+    await client.new_frames()
+    await trio.sleep(0.5)
+    await client.new_frames()
+    assert setting_up(broker) == {"tower-1": 1, "tower-2": 0}
+    # Moved off a lost tower: it sets up on the new one only.
+    broker.lose("tower-1")
+    await trio.sleep(0.5)
+    await client.new_frames()
+    assert setting_up(broker) == {"tower-1": 0, "tower-2": 1}
+    await connect(client, second, 3)
+    assert setting_up(broker) == {"tower-1": 0, "tower-2": 0}
+
+    # One that ends before it connects gives its setup back.
+    waiting = await broker.open_session("s-2", "tower-2")
+    assert setting_up(broker) == {"tower-1": 0, "tower-2": 1}
+    await waiting.tell(CloseSession("closed by the client"))
+    assert setting_up(broker) == {"tower-1": 0, "tower-2": 0}
+
+
 async def test_a_full_tower_moves_the_session_at_once(autojump_clock, broker):
     first, second = broker.towers["tower-1"], broker.towers["tower-2"]
     client = await broker.open_session()
@@ -832,6 +872,43 @@ async def test_a_post_whose_session_fails_before_its_answer_is_answered_at_once(
     assert outcome["took"] < 1
     await trio.testing.wait_all_tasks_blocked()
     assert broker.counters.by_key["key"] == 0
+
+
+async def test_a_post_past_what_the_towers_may_set_up_at_once_is_refused_busy(
+        autojump_clock, broker):
+    # A burst of arrivals past what the towers can answer had every setup queue behind
+    # the others (and time out), and slowed the sessions already up on those towers.
+    broker.settings = dataclasses.replace(broker.settings, max_setups_per_tower=2)
+    api = api_for(broker)
+    await trio.testing.wait_all_tasks_blocked()  # the towers' first load reports
+    created = [await api._create("key", {}) for _ in range(4)]
+    assert sorted(session["tower"] for session in created) == [
+        "tower-1", "tower-1", "tower-2", "tower-2"]
+    with pytest.raises(endpoint.ApiError) as refused:
+        await api._create("key", {})
+    error = refused.value
+    assert (error.status, error.code, error.headers) == (503, "towers_busy",
+                                                         {"retry-after": "1"})
+    assert broker.counters.by_key["key"] == 4  # nothing left behind
+    assert broker.counters.refused == {"towers_busy": 1}
+
+    # One connects: its tower takes the next.
+    first = broker.towers[created[0]["tower"]]
+    session = broker.session(created[0]["id"])
+    await session.tell(ClientOffer(OFFER))
+    await trio.testing.wait_all_tasks_blocked()
+    first.answer(created[0]["id"], 1)
+    first.peer(created[0]["id"], 1, "connected")
+    await trio.testing.wait_all_tasks_blocked()
+    assert (await api._create("key", {}))["tower"] == first.name
+
+    # With no room anywhere, it is no_tower, as before.
+    broker.lose("tower-1")
+    broker.lose("tower-2")
+    with pytest.raises(endpoint.ApiError) as refused:
+        await api._create("key", {})
+    assert (refused.value.status, refused.value.code) == (503, "no_tower")
+    assert broker.counters.refused == {"towers_busy": 1, "no_tower": 1}
 
 
 async def test_a_post_as_the_broker_stops_is_refused_at_once(autojump_clock, broker, monkeypatch):
