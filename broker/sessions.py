@@ -515,6 +515,7 @@ class Negotiation(Actor):
         self.tower = tower
         self.settings = settings
         self.connected = False
+        self.failed = False
         self.deadline: trio.CancelScope | None = None
 
     async def started(self) -> None:
@@ -575,6 +576,12 @@ class Negotiation(Actor):
             await self._fail(FailureReason.TOWER_LOST, f"{self.tower.name} went away")
 
     async def _fail(self, reason: FailureReason, detail: str) -> None:
+        """End this negotiation as failed (each caller does nothing after it). Once: a
+        second way of noticing the same end (its tower gone both to the watch and to a
+        send) adds nothing, and is not logged as an error raised too late."""
+        if self.failed:
+            return
+        self.failed = True
         await self.session.tell(Failed(self.number, reason, detail))
         raise NegotiationFailed(reason, detail)
 

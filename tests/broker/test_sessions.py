@@ -17,7 +17,9 @@ import pytest
 import trio
 import trio.testing
 
-from actors import ActorCrashed, ActorRef, ActorSystem, SupervisorRef, open_system
+from actors import (
+    Actor, ActorCrashed, ActorRef, ActorSystem, ChildSpec, Restart, SupervisorRef, open_system,
+)
 from broker.collector import Collector
 from broker.config import Settings
 from broker.link import (
@@ -42,6 +44,7 @@ from broker.sessions import (
     CloseSession,
     Describe,
     DetachClient,
+    Failed,
     Negotiation,
     Session,
     session_spec,
@@ -819,7 +822,7 @@ async def test_the_last_failure_is_told_even_when_its_end_overtakes_its_message(
     assert sum(broker.counters.failures.values()) - before == 1
 
 
-async def test_a_negotiation_failing_twice_over_counts_once(autojump_clock, broker):
+async def test_a_negotiation_failing_twice_over_counts_once(autojump_clock, broker, caplog):
     # Its tower goes away as a candidate is forwarded to it: the send and the watch on
     # the tower both fail it.
     tower = broker.towers["tower-1"]
@@ -834,6 +837,46 @@ async def test_a_negotiation_failing_twice_over_counts_once(autojump_clock, brok
     broker.lose("tower-1")
     await trio.sleep(1)
     assert broker.counters.failures == {FailureReason.TOWER_LOST: 20}
+    # Nor is the second way of noticing it logged, with its traceback, as an error.
+    assert "raised after its end was decided" not in caplog.text
+
+
+class BusySession(Actor):
+    """A session that takes one message at a time, each when let through."""
+
+    mailbox_capacity = 1
+
+    def __init__(self) -> None:
+        self.got: list[Any] = []
+        self.let_through = trio.Event()
+
+    async def receive(self, message: Any) -> None:
+        await self.let_through.wait()
+        self.got.append(message)
+
+
+async def test_a_negotiation_that_fails_two_ways_at_once_fails_once(
+        autojump_clock, broker, caplog):
+    # Its deadline passes while its session is too busy to hear of it, and meanwhile its
+    # tower goes: both waited to tell the session, and the second, once through, was
+    # logged with its traceback as an error raised after the end (hundreds at a time on
+    # an overloaded broker).
+    busy = BusySession()
+    session = await broker.system.spawn(ChildSpec("busy", lambda: busy))
+    await session.tell("filling its one message in hand")
+    await session.tell("and its mailbox")
+    tower = broker.towers["tower-1"]
+    negotiation = await broker.system.spawn(ChildSpec("negotiation", lambda: Negotiation(
+        session, "s-1", 1, "echo", tower.connection, broker.settings), Restart.TEMPORARY))
+    await trio.sleep(broker.settings.negotiation_deadline + 1)  # it waits to tell
+    broker.lose("tower-1")
+    await trio.sleep(1)
+    busy.let_through.set()
+    await trio.sleep(1)
+    assert not negotiation.alive
+    assert [message.reason for message in busy.got if isinstance(message, Failed)] == [
+        FailureReason.DEADLINE]
+    assert "raised after its end was decided" not in caplog.text
 
 
 # The POST with an offer (BrokerApi._create and _answer over these sessions).
