@@ -122,9 +122,9 @@ class Settings:
     tower_capacity: int = 500
     # A session a tower sends video to counts as this many against its capacity.
     video_weight: int = 25
-    # Sessions a tower sets up at once (placed there, not yet connected); a new session
-    # finding every tower with room at this is refused (503 towers_busy).
-    max_setups_per_tower: int = 32
+    # Offers a tower has not answered yet; a new session finding every tower with room
+    # at this is refused (503 towers_busy).
+    max_unanswered_offers: int = 32
     max_sessions_per_key: int = 50
     token_lifetime: float = 60.0
     negotiation_deadline: float = 10.0
@@ -201,7 +201,7 @@ class Settings:
                 raise ConfigError(f"{name} cannot be negative")
         if self.local_towers > MAX_LOCAL_TOWERS:
             raise ConfigError(f"local_towers is at most {MAX_LOCAL_TOWERS}")
-        for name in ("tower_capacity", "video_weight", "max_setups_per_tower",
+        for name in ("tower_capacity", "video_weight", "max_unanswered_offers",
                      "max_sessions_per_key", "placements_per_session"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")

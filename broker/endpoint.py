@@ -295,18 +295,18 @@ class BrokerApi:
         weight = session_weight(application, self.settings.video_weight,
                                 self.settings.tower_capacity)
         tower = self.towers.choose(weight=weight,
-                                   setups_below=self.settings.max_setups_per_tower)
+                                   unanswered_below=self.settings.max_unanswered_offers)
         if tower is None and self.towers.has_room(weight):
             self.counters.refused["towers_busy"] += 1
             raise ApiError(503, "towers_busy",
-                           "every tower with room is setting up as many sessions as it may "
-                           "at once; retry in a second", {"retry-after": "1"})
+                           "every tower with room has as many offers to answer as it may; "
+                           "retry in a second", {"retry-after": "1"})
         if tower is None:
             self.counters.refused["no_tower"] += 1
             raise ApiError(503, "no_tower", "no tower is ready to take a session; retry later")
         session_id = new_session_id()
         session = Session(session_id, key, application, tower.name, self.towers,
-                          self.settings, self.counters)
+                          self.settings, self.counters, offer_coming=offer is not None)
         sessions = self.system.lookup(SESSIONS_PATH)
         if not isinstance(sessions, SupervisorRef) or self.system.shutting_down:
             # Starting, or stopping: the endpoint stops after the sessions.
@@ -319,7 +319,7 @@ class BrokerApi:
         except (ActorCrashed, ActorStopped) as error:
             if not session.released:  # it never ran at all
                 self.counters.by_key[key] -= 1
-                session.done_setting_up()
+                session.settle_offer()
             why = error.error if isinstance(error, ActorCrashed) else "the broker is stopping"
             raise ApiError(503, "no_tower", f"the session could not start: {why}") from None
         created = {"id": session_id, "state": session.state.value, "tower": tower.name}
@@ -389,7 +389,7 @@ class BrokerApi:
                 self.towers.state_of(connection.name, now), sessions,
                 self.towers.usage.get(connection.name),
                 standing.taken / standing.capacity if standing and standing.capacity else 0.0,
-                self.towers.placement.setting_up(connection.name))
+                self.towers.placement.unanswered(connection.name))
         return render(self.counters, towers, self.system.statistics(),
                       process_usage(self.process))
 

@@ -123,8 +123,8 @@ class TowerRow:
     sessions: int
     usage: ProcessUsage | None = None
     capacity_used: float = 0.0
-    # This broker's sessions setting up there (placed, not yet connected).
-    setting_up: int = 0
+    # Offers of this broker's sessions it has not answered yet.
+    unanswered_offers: int = 0
 
 
 def _escape(value: str) -> str:
@@ -199,9 +199,9 @@ def render(
              for name, row in sorted(towers.items())),
         ),
         _family(
-            "broker_tower_setups", "gauge",
-            "Sessions setting up on each tower (placed there, not yet connected).",
-            ((f'{{tower="{_escape(name)}"}}', row.setting_up)
+            "broker_tower_unanswered_offers", "gauge",
+            "Offers each tower has not answered yet.",
+            ((f'{{tower="{_escape(name)}"}}', row.unanswered_offers)
              for name, row in sorted(towers.items())),
         ),
         _family(

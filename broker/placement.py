@@ -12,12 +12,15 @@ arrivals spreads out. A tower reports the sessions that have offered (its peers)
 broker's sessions there that have not offered yet (``assign``, ``unassign``) count on
 top of those.
 
-A tower also sets up only so many sessions at once: a session counts as setting up on
-its tower from its placement until its peer connects there or it leaves (``setup_started``,
-``setup_ended``). A new session goes only to a tower below the limit it is given
-(``setups_below``), so that a burst of arrivals past what the towers can answer is
-refused at the door rather than slowing every setup, and the sessions already up, on an
-overloaded tower. A session already placed (moved, repaired) is never held to it.
+A tower also answers only so many offers at once: an offer counts against its tower from
+when it is sent there until the tower's answer (or refusal) comes back, or the session
+gives up on it (``offer_sent``, ``offer_settled``). A new session goes only to a tower
+with fewer offers unanswered than the limit it is given (``unanswered_below``), so that
+a burst of arrivals past what the towers can answer is refused at the door rather than
+slowing every setup, and the sessions already up, on an overloaded tower. Answering
+takes a tower's own work alone (a client slow to connect after its answer holds
+nothing), so the count is the tower's backlog. A session already placed (moved,
+repaired) is never held to the limit.
 """
 
 from __future__ import annotations
@@ -120,7 +123,7 @@ class Placement:
         self._chooser = chooser or random.Random()
         self._towers: dict[str, _Standing] = {}
         self._assigned: dict[str, _Count] = {}
-        self._setting_up: dict[str, int] = {}
+        self._unanswered: dict[str, int] = {}
 
     def report(self, load: TowerLoad, now: float) -> None:
         """Record a tower's load as of ``now``; it replaces what was known before."""
@@ -140,21 +143,21 @@ class Placement:
         if assigned.sessions <= 0:
             del self._assigned[tower]
 
-    def setup_started(self, tower: str) -> None:
-        """One of this broker's sessions is setting up on ``tower`` (until ``setup_ended``)."""
-        self._setting_up[tower] = self._setting_up.get(tower, 0) + 1
+    def offer_sent(self, tower: str) -> None:
+        """One of this broker's sessions sent ``tower`` an offer (until ``offer_settled``)."""
+        self._unanswered[tower] = self._unanswered.get(tower, 0) + 1
 
-    def setup_ended(self, tower: str) -> None:
-        """That session's peer connected on ``tower``, or it left."""
-        left = self._setting_up.get(tower, 0) - 1
+    def offer_settled(self, tower: str) -> None:
+        """``tower`` answered or refused that offer, or its session gave up on it."""
+        left = self._unanswered.get(tower, 0) - 1
         if left > 0:
-            self._setting_up[tower] = left
+            self._unanswered[tower] = left
         else:
-            self._setting_up.pop(tower, None)
+            self._unanswered.pop(tower, None)
 
-    def setting_up(self, tower: str) -> int:
-        """How many of this broker's sessions are setting up on ``tower``."""
-        return self._setting_up.get(tower, 0)
+    def unanswered(self, tower: str) -> int:
+        """How many offers of this broker's sessions ``tower`` has not answered yet."""
+        return self._unanswered.get(tower, 0)
 
     def forget(self, tower: str) -> None:
         """The tower is gone (down, decommissioned): never choose it again until it reports."""
@@ -181,11 +184,11 @@ class Placement:
 
     def ready(
         self, now: float, exclude: Collection[str] = (), weight: int = 1,
-        setups_below: int | None = None,
+        unanswered_below: int | None = None,
     ) -> list[str]:
         """Towers that may take a session of ``weight`` now: fresh, not draining, with
-        room for it, not excluded, and (with ``setups_below``) setting up fewer sessions
-        than that."""
+        room for it, not excluded, and (with ``unanswered_below``) with fewer offers
+        unanswered than that."""
         return [
             name
             for name, standing in self._towers.items()
@@ -193,22 +196,22 @@ class Placement:
             and self.is_fresh(name, now)
             and not standing.load.draining
             and standing.taken + _within(weight, standing.load) <= standing.load.capacity
-            and (setups_below is None or self.setting_up(name) < setups_below)
+            and (unanswered_below is None or self.unanswered(name) < unanswered_below)
         ]
 
     def choose(
         self, now: float, exclude: Collection[str] = (), weight: int = 1,
-        setups_below: int | None = None,
+        unanswered_below: int | None = None,
     ) -> str | None:
         """Place one session taking ``weight`` of a tower's capacity: the less loaded of
         two ready towers drawn at random.
 
         ``exclude`` names towers the session must not go to (e.g. the one it is being
-        repaired away from); ``setups_below`` leaves out towers setting up that many
-        sessions or more. Returns None when no tower is ready. The chosen tower's count
+        repaired away from); ``unanswered_below`` leaves out towers with that many offers
+        unanswered or more. Returns None when no tower is ready. The chosen tower's count
         goes up by one session of ``weight`` until its next report.
         """
-        candidates = self.ready(now, exclude, weight, setups_below)
+        candidates = self.ready(now, exclude, weight, unanswered_below)
         if not candidates:
             return None
         if len(candidates) == 1:

@@ -164,6 +164,7 @@ class Session(Supervisor):
         towers: TowerDirectory,
         settings: Settings,
         counters: SessionCounters,
+        offer_coming: bool = False,
     ) -> None:
         flags = SupervisorFlags(
             intensity=settings.negotiation_restarts,
@@ -191,10 +192,12 @@ class Session(Supervisor):
         # has offered.
         self.counted_on: str | None = None
         self.offered = False
-        # The tower it is setting up on (``Placement.setup_started``), until its peer
-        # connects there or it ends: from its making, as the endpoint places it.
-        self.setting_up_on: str | None = None
-        self._set_up_on(tower)
+        # The tower its offer waits on for an answer (``Placement.offer_sent``). With
+        # ``offer_coming`` (the request that makes it carries its first offer), from its
+        # making: the endpoint placed it with that count in mind.
+        self.offer_on: str | None = None
+        if offer_coming:
+            self._offer_on(tower)
         # Whether it gave back its API key's count (see ``release``).
         self.released = False
         self.answer_reply: tuple[int, trio.MemorySendChannel[dict[str, Any]]] | None = None
@@ -239,9 +242,11 @@ class Session(Supervisor):
         lifecycle = self.lifecycle
         if isinstance(message, ClientOffer):
             decisions = lifecycle.offer(message.sdp, message.negotiation)
-            if isinstance(decisions[0], ForwardOffer) and not self.offered:
-                self.offered = True
-                self._count_on(None)
+            if isinstance(decisions[0], ForwardOffer):
+                self._offer_on(lifecycle.tower)
+                if not self.offered:
+                    self.offered = True
+                    self._count_on(None)
             if message.reply is not None:
                 if isinstance(decisions[0], ForwardOffer):
                     self.answer_reply = (lifecycle.negotiation, message.reply)
@@ -254,16 +259,15 @@ class Session(Supervisor):
                 message.candidate, message.sdp_mid, message.sdp_mline_index, message.negotiation
             ))
         if isinstance(message, Answered):
+            self._settled(message.number)
             return await self._carry_out(lifecycle.answer(message.number, message.sdp))
         if isinstance(message, Rejected):
+            self._settled(message.number)
             return await self._carry_out(
                 lifecycle.offer_rejected(message.number, message.code, message.message)
             )
         if isinstance(message, Connected):
-            await self._carry_out(lifecycle.connected(message.number))
-            if lifecycle.state is SessionState.CONNECTED:
-                self.done_setting_up()
-            return None
+            return await self._carry_out(lifecycle.connected(message.number))
         if isinstance(message, Failed):
             return await self._negotiation_failed(message.number, message.reason,
                                                   message.detail)
@@ -292,6 +296,7 @@ class Session(Supervisor):
         if number <= self.last_failed:
             return
         self.last_failed = number
+        self._settled(number)
         self.counters.negotiation_failed(reason)
         await self._carry_out(self.lifecycle.negotiation_failed(number, reason, detail))
 
@@ -306,7 +311,6 @@ class Session(Supervisor):
                 return None
         if not self.offered:
             self._count_on(tower.name)
-        self._set_up_on(tower.name)
         decisions = lifecycle.negotiation_started(number)
         self.counters.negotiation_started()
         self._send_all(decisions)
@@ -328,20 +332,27 @@ class Session(Supervisor):
             placement.assign(tower, self.weight)
         self.counted_on = tower
 
-    def _set_up_on(self, tower: str | None) -> None:
-        """Count this session as setting up on ``tower`` (None: on none), not the last."""
-        if tower == self.setting_up_on:
+    def _offer_on(self, tower: str | None) -> None:
+        """Count this session's offer as unanswered on ``tower`` (None: on none), not on
+        the last."""
+        if tower == self.offer_on:
             return
         placement = self.towers.placement
-        if self.setting_up_on is not None:
-            placement.setup_ended(self.setting_up_on)
+        if self.offer_on is not None:
+            placement.offer_settled(self.offer_on)
         if tower is not None:
-            placement.setup_started(tower)
-        self.setting_up_on = tower
+            placement.offer_sent(tower)
+        self.offer_on = tower
 
-    def done_setting_up(self) -> None:
-        """Its peer connected, or it ended (or never ran): no tower counts its setup."""
-        self._set_up_on(None)
+    def _settled(self, negotiation: int) -> None:
+        # An earlier negotiation's late word says nothing of the current offer.
+        if negotiation == self.lifecycle.negotiation:
+            self.settle_offer()
+
+    def settle_offer(self) -> None:
+        """Its offer was answered, refused or given up (or it ended, or never ran): no
+        tower counts it any more."""
+        self._offer_on(None)
 
     def _move(self) -> TowerConnection | None:
         lifecycle = self.lifecycle
@@ -375,6 +386,7 @@ class Session(Supervisor):
             self.answer_reply = None
 
     async def escalate(self, child: str, exit: Exit) -> bool:
+        self.settle_offer()  # whatever ended the negotiation, its offer goes with it
         if isinstance(exit.error, NegotiationFailed):
             # Its end can overtake its Failed message (client frames queued before it):
             # the failure is taken first, so that the client hears it and its reason.
@@ -462,7 +474,7 @@ class Session(Supervisor):
         # its client's socket must not wait for a close that will never come.
         self.released = True
         self._count_on(None)
-        self.done_setting_up()
+        self.settle_offer()
         if not self.lifecycle.state.ended:  # killed: stopping did not run
             self._send_all(self.lifecycle.close(_stop_reason(exit, self.system.shutting_down)))
         self.counters.remember_end(

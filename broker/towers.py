@@ -238,18 +238,18 @@ class TowerDirectory:
 
     def choose(
         self, exclude: frozenset[str] = frozenset(), weight: int = 1,
-        setups_below: int | None = None,
+        unanswered_below: int | None = None,
     ) -> TowerConnection | None:
         """A linked tower for a session taking ``weight`` of its capacity (two choices),
-        or None if none has room for it (or, with ``setups_below``, none with room sets
-        up fewer sessions than that)."""
+        or None if none has room for it (or, with ``unanswered_below``, none with room
+        has fewer offers unanswered than that)."""
         name = self.placement.choose(trio.current_time(), exclude | self.draining, weight,
-                                     setups_below)
+                                     unanswered_below)
         return None if name is None else self._connections.get(name)
 
     def has_room(self, weight: int = 1) -> bool:
         """Whether a linked tower has room for a session of ``weight``, however many
-        sessions it is setting up."""
+        offers it has not answered."""
         return bool(self.placement.ready(trio.current_time(), self.draining, weight))
 
     def ready_count(self) -> int:

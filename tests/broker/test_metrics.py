@@ -30,7 +30,7 @@ async def test_towers_usage_and_the_brokers_own_are_on_the_page(autojump_clock):
                    "_memory_" in name)
     assert found['broker_tower_sessions{tower="tower-2"}'] == "0"
     assert found['broker_tower_capacity_used_ratio{tower="tower-1"}'] == "0.125"
-    assert found['broker_tower_setups{tower="tower-1"}'] == "2"
+    assert found['broker_tower_unanswered_offers{tower="tower-1"}'] == "2"
     assert found['broker_sessions_refused_total{reason="towers_busy"}'] == "0"
     assert found["process_cpu_seconds_total"] == "2.5"
     assert found["process_resident_memory_bytes"] == str(64 * 2**20)

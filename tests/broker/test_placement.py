@@ -169,28 +169,28 @@ def test_sessions_that_have_not_offered_count_on_top_of_the_towers_peers():
     assert placement.load_of("a").sessions == 10
 
 
-def test_a_new_session_goes_only_to_a_tower_setting_up_fewer_than_its_limit():
+def test_a_new_session_goes_only_to_a_tower_with_fewer_offers_unanswered_than_its_limit():
     placement = placement_with(TowerLoad("a", 0, 100), TowerLoad("b", 0, 100))
     for _ in range(2):
-        placement.setup_started("a")
-    placement.setup_started("b")
-    assert placement.setting_up("a") == 2
-    assert {placement.choose(now=0.0, setups_below=2) for _ in range(5)} == {"b"}
-    placement.setup_started("b")
-    assert placement.choose(now=0.0, setups_below=2) is None
+        placement.offer_sent("a")
+    placement.offer_sent("b")
+    assert placement.unanswered("a") == 2
+    assert {placement.choose(now=0.0, unanswered_below=2) for _ in range(5)} == {"b"}
+    placement.offer_sent("b")
+    assert placement.choose(now=0.0, unanswered_below=2) is None
     # Without a limit (a session already placed, moving): room is all that counts.
     assert placement.choose(now=0.0) in ("a", "b")
     assert placement.ready(now=0.0) == ["a", "b"]
-    placement.setup_ended("a")
-    assert placement.choose(now=0.0, setups_below=2) == "a"
+    placement.offer_settled("a")
+    assert placement.choose(now=0.0, unanswered_below=2) == "a"
 
 
-def test_setups_ended_never_count_below_nothing():
+def test_offers_settled_never_count_below_nothing():
     placement = placement_with(TowerLoad("a", 0, 10))
-    placement.setup_started("a")
-    placement.setup_ended("a")
-    placement.setup_ended("a")
-    placement.setup_ended("never-started")
-    assert (placement.setting_up("a"), placement.setting_up("never-started")) == (0, 0)
-    placement.setup_started("a")
-    assert placement.choose(now=0.0, setups_below=1) is None
+    placement.offer_sent("a")
+    placement.offer_settled("a")
+    placement.offer_settled("a")
+    placement.offer_settled("never-sent")
+    assert (placement.unanswered("a"), placement.unanswered("never-sent")) == (0, 0)
+    placement.offer_sent("a")
+    assert placement.choose(now=0.0, unanswered_below=1) is None

@@ -139,11 +139,11 @@ class Broker:
 
     async def open_session(
         self, session_id: str = "s-1", tower: str = "tower-1", outbox_size: int = 64,
-        application: str = "echo",
+        application: str = "echo", offer_coming: bool = False,
     ) -> Client:
         """Start a session as the endpoint does and attach a client to it."""
         session = Session(session_id, "key", application, tower, self.directory,
-                          self.settings, self.counters)
+                          self.settings, self.counters, offer_coming)
         sessions = self.system.lookup("/broker/sessions")
         assert isinstance(sessions, SupervisorRef)
         ref = await sessions.start_child(session_spec(session))
@@ -517,43 +517,51 @@ async def test_a_lost_tower_moves_the_session_at_once(autojump_clock, broker):
     assert counted_on(broker) == {"tower-2": 0}
 
 
-def setting_up(broker: Broker) -> dict[str, int]:
+def unanswered(broker: Broker) -> dict[str, int]:
     placement = broker.directory.placement
-    return {name: placement.setting_up(name) for name in broker.towers}
+    return {name: placement.unanswered(name) for name in broker.towers}
 
 
-async def test_a_session_sets_up_on_its_tower_until_its_peer_connects_there(
-        autojump_clock, broker):
+async def test_an_offer_counts_against_its_tower_until_answered(autojump_clock, broker):
     first, second = broker.towers["tower-1"], broker.towers["tower-2"]
     client = await broker.open_session()
     await client.new_frames()
-    assert setting_up(broker) == {"tower-1": 1, "tower-2": 0}
+    assert unanswered(broker) == {"tower-1": 0, "tower-2": 0}
     await offer(client, first, 1)
-    assert setting_up(broker) == {"tower-1": 1, "tower-2": 0}
+    assert unanswered(broker) == {"tower-1": 1, "tower-2": 0}
     first.answer("s-1", 1)
+    await client.new_frames()
+    # Answered: what is left of the setup (ICE, DTLS) waits on the client as much.
+    assert unanswered(broker) == {"tower-1": 0, "tower-2": 0}
     first.peer("s-1", 1, "connected")
     await client.new_frames()
-    assert setting_up(broker) == {"tower-1": 0, "tower-2": 0}
 
-    # Repaired on the same tower: setting up there again, until connected again.
+    # Repaired on the same tower: its new offer counts there until answered.
     first.peer("s-1", 1, "silent", "nothing heard from the client for 5 s")
     await client.new_frames()
     await trio.sleep(0.5)
     await client.new_frames()
-    assert setting_up(broker) == {"tower-1": 1, "tower-2": 0}
-    # Moved off a lost tower: it sets up on the new one only.
+    assert unanswered(broker) == {"tower-1": 0, "tower-2": 0}
+    await offer(client, first, 2)
+    assert unanswered(broker) == {"tower-1": 1, "tower-2": 0}
+    # Its tower lost before it answered: moved, and counted where it offers next.
     broker.lose("tower-1")
     await trio.sleep(0.5)
     await client.new_frames()
-    assert setting_up(broker) == {"tower-1": 0, "tower-2": 1}
-    await connect(client, second, 3)
-    assert setting_up(broker) == {"tower-1": 0, "tower-2": 0}
+    assert unanswered(broker) == {"tower-1": 0, "tower-2": 0}
+    await offer(client, second, 3)
+    assert unanswered(broker) == {"tower-1": 0, "tower-2": 1}
+    second.connection.deliver(PeerRejected("s-1", 3, "invalid_sdp", "no"))
+    await client.new_frames()
+    assert unanswered(broker) == {"tower-1": 0, "tower-2": 0}
 
-    # One that ends before it connects gives its setup back.
-    waiting = await broker.open_session("s-2", "tower-2")
-    assert setting_up(broker) == {"tower-1": 0, "tower-2": 1}
+    # Made by a request carrying its offer: counted from its making, until it ends.
+    waiting = await broker.open_session("s-2", "tower-2", offer_coming=True)
+    assert unanswered(broker) == {"tower-1": 0, "tower-2": 1}
+    await offer(waiting, second, 1)
+    assert unanswered(broker) == {"tower-1": 0, "tower-2": 1}
     await waiting.tell(CloseSession("closed by the client"))
-    assert setting_up(broker) == {"tower-1": 0, "tower-2": 0}
+    assert unanswered(broker) == {"tower-1": 0, "tower-2": 0}
 
 
 async def test_a_full_tower_moves_the_session_at_once(autojump_clock, broker):
@@ -917,33 +925,47 @@ async def test_a_post_whose_session_fails_before_its_answer_is_answered_at_once(
     assert broker.counters.by_key["key"] == 0
 
 
-async def test_a_post_past_what_the_towers_may_set_up_at_once_is_refused_busy(
-        autojump_clock, broker):
+async def test_a_post_past_the_offers_the_towers_may_answer_at_once_is_refused_busy(
+        autojump_clock, broker, monkeypatch):
     # A burst of arrivals past what the towers can answer had every setup queue behind
     # the others (and time out), and slowed the sessions already up on those towers.
-    broker.settings = dataclasses.replace(broker.settings, max_setups_per_tower=2)
+    monkeypatch.setattr(endpoint, "check_offer_sdp", lambda sdp: None)
+    broker.settings = dataclasses.replace(broker.settings, max_unanswered_offers=2)
     api = api_for(broker)
     await trio.testing.wait_all_tasks_blocked()  # the towers' first load reports
-    created = [await api._create("key", {}) for _ in range(4)]
-    assert sorted(session["tower"] for session in created) == [
-        "tower-1", "tower-1", "tower-2", "tower-2"]
-    with pytest.raises(endpoint.ApiError) as refused:
-        await api._create("key", {})
-    error = refused.value
-    assert (error.status, error.code, error.headers) == (503, "towers_busy",
-                                                         {"retry-after": "1"})
-    assert broker.counters.by_key["key"] == 4  # nothing left behind
-    assert broker.counters.refused == {"towers_busy": 1}
+    created: list[dict[str, Any]] = []
 
-    # One connects: its tower takes the next.
-    first = broker.towers[created[0]["tower"]]
-    session = broker.session(created[0]["id"])
-    await session.tell(ClientOffer(OFFER))
-    await trio.testing.wait_all_tasks_blocked()
-    first.answer(created[0]["id"], 1)
-    first.peer(created[0]["id"], 1, "connected")
-    await trio.testing.wait_all_tasks_blocked()
-    assert (await api._create("key", {}))["tower"] == first.name
+    async def post() -> None:
+        created.append(await api._create("key", {"offer": OFFER}))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(post)
+        await trio.testing.wait_all_tasks_blocked()
+        assert unanswered(broker) == {"tower-1": 2, "tower-2": 2}
+        for body in ({"offer": OFFER}, {}):
+            with pytest.raises(endpoint.ApiError) as refused:
+                await api._create("key", body)
+            error = refused.value
+            assert (error.status, error.code, error.headers) == (
+                503, "towers_busy", {"retry-after": "1"})
+        assert broker.counters.by_key["key"] == 4  # nothing left behind
+        assert broker.counters.refused == {"towers_busy": 2}
+
+        # One answered: its tower takes the next.
+        first = broker.towers["tower-1"]
+        answered = first.got(OpenPeer)[0]
+        first.answer(answered.session, 1)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(post)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(first.got(OpenPeer)) == 3
+        assert unanswered(broker) == {"tower-1": 2, "tower-2": 2}
+    # The rest got no answer within the deadline: given up on (the negotiations failed,
+    # at the same moment), and no longer counted.
+    await trio.sleep(1)
+    assert unanswered(broker) == {"tower-1": 0, "tower-2": 0}
+    assert [session["answer"] is not None for session in created].count(True) == 1
 
     # With no room anywhere, it is no_tower, as before.
     broker.lose("tower-1")
@@ -951,7 +973,7 @@ async def test_a_post_past_what_the_towers_may_set_up_at_once_is_refused_busy(
     with pytest.raises(endpoint.ApiError) as refused:
         await api._create("key", {})
     assert (refused.value.status, refused.value.code) == (503, "no_tower")
-    assert broker.counters.refused == {"towers_busy": 1, "no_tower": 1}
+    assert broker.counters.refused == {"towers_busy": 2, "no_tower": 1}
 
 
 async def test_a_post_as_the_broker_stops_is_refused_at_once(autojump_clock, broker, monkeypatch):
