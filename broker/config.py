@@ -124,7 +124,7 @@ class Settings:
     video_weight: int = 25
     # Offers a tower has not answered yet; a new session finding every tower with room
     # at this is refused (503 towers_busy).
-    max_unanswered_offers: int = 32
+    max_unanswered_offers: int = 64
     max_sessions_per_key: int = 50
     token_lifetime: float = 60.0
     negotiation_deadline: float = 10.0
