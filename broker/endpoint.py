@@ -280,6 +280,11 @@ class BrokerApi:
         application = options.get("application", "echo")
         if application not in APPLICATIONS:
             raise ApiError(400, "bad_request", f"application must be one of {list(APPLICATIONS)}")
+        live = self.counters.by_key[key]
+        if live >= self.settings.max_sessions_per_key:
+            # Before the offer is parsed: a key at its limit costs no more than this.
+            raise ApiError(429, "too_many_sessions",
+                           f"this API key already has {live} live sessions")
         offer = options.get("offer")
         if offer is not None:
             if not isinstance(offer, str):
@@ -288,10 +293,6 @@ class BrokerApi:
                 check_offer_sdp(offer)
             except SignalingError as error:
                 raise ApiError(400, error.code, error.message) from None
-        live = self.counters.by_key[key]
-        if live >= self.settings.max_sessions_per_key:
-            raise ApiError(429, "too_many_sessions",
-                           f"this API key already has {live} live sessions")
         weight = session_weight(application, self.settings.video_weight,
                                 self.settings.tower_capacity)
         tower = self.towers.choose(weight=weight,

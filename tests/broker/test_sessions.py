@@ -976,6 +976,19 @@ async def test_a_post_past_the_offers_the_towers_may_answer_at_once_is_refused_b
     assert broker.counters.refused == {"towers_busy": 2, "no_tower": 1}
 
 
+async def test_a_post_from_a_key_at_its_limit_is_refused_before_its_offer_is_parsed(
+        autojump_clock, broker, monkeypatch):
+    def parse(sdp: str) -> None:
+        raise AssertionError("the offer was parsed")
+
+    monkeypatch.setattr(endpoint, "check_offer_sdp", parse)
+    api = api_for(broker)
+    broker.counters.by_key["key"] = broker.settings.max_sessions_per_key
+    with pytest.raises(endpoint.ApiError) as refused:
+        await api._create("key", {"offer": "v=0 and 16 KiB more"})
+    assert (refused.value.status, refused.value.code) == (429, "too_many_sessions")
+
+
 async def test_a_post_as_the_broker_stops_is_refused_at_once(autojump_clock, broker, monkeypatch):
     # The endpoint stops after the sessions: a session asked for meanwhile waited on a
     # supervisor busy stopping its children, then failed with a 500.
