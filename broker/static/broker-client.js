@@ -13,6 +13,10 @@ const HEARTBEAT_LABEL = "heartbeat";
 const APPLICATION_LABEL = "echo";
 const RECONNECT_FIRST_DELAY_MS = 500;
 const RECONNECT_MAX_DELAY_MS = 5000;
+// POSTs of a new session while the towers are busy answering others (`towers_busy`):
+// each after the broker's Retry-After, drawn up to half as long again so that the
+// clients refused together do not all come back together.
+const BUSY_ATTEMPTS = 5;
 const ENDED_STATES = new Set(["failed", "closed"]);
 // The session is gone: no token or reconnection will bring it back.
 const GONE_CODES = new Set(["not_found", "session_not_found"]);
@@ -32,15 +36,17 @@ export class BrokerError extends Error {
    *   `http_<status>` for an error body that is not the protocol's; `unreachable` when
    *   the broker could not be reached or did not answer in time.
    * @param {string} message - for people.
-   * @param {{status?: number|null, fatal?: boolean}} [options] - the HTTP status (null on
-   *   the socket); the socket frame's `fatal` flag, always true for an HTTP error.
+   * @param {{status?: number|null, fatal?: boolean, retryAfter?: number|null}} [options] -
+   *   the HTTP status (null on the socket); the socket frame's `fatal` flag, always true
+   *   for an HTTP error; the seconds of an HTTP error's `Retry-After`, if it had one.
    */
-  constructor(code, message, { status = null, fatal = true } = {}) {
+  constructor(code, message, { status = null, fatal = true, retryAfter = null } = {}) {
     super(message || code);
     this.name = "BrokerError";
     this.code = code;
     this.status = status;
     this.fatal = fatal;
+    this.retryAfter = retryAfter;
   }
 }
 
@@ -88,7 +94,9 @@ export class BrokerClient {
     const payload = text ? parseJson(text) : null;
     const error = payload?.error;
     if (!response.ok && typeof error?.code === "string") {
-      throw new BrokerError(error.code, error.message || error.code, { status });
+      const retryAfter = Number.parseInt(response.headers.get("retry-after") ?? "", 10);
+      throw new BrokerError(error.code, error.message || error.code,
+        { status, retryAfter: Number.isFinite(retryAfter) ? retryAfter : null });
     }
     if (!response.ok || payload === undefined) {
       throw new BrokerError(`http_${status}`, `${method} ${path}: ${status} ${text.slice(0, 200)}`,
@@ -109,6 +117,8 @@ export class BrokerClient {
   /**
    * `POST /v1/sessions`: places a session on a tower. With `offer` (an SDP) the grant
    * carries the tower's `answer` (null if too late: it then comes on the socket).
+   * Refused `towers_busy` (every tower busy answering other offers), it asks again after
+   * the broker's `Retry-After` (1 s), up to 5 times in all.
    * @param {{application?: string, offer?: string}} [options]
    * @returns {Promise<object>} the grant: `id`, `state`, `tower`, `signaling_url`,
    *   `token`, `token_expires_in`, `ice_servers` (and `answer`).
@@ -116,7 +126,15 @@ export class BrokerClient {
   async createSession({ application = "echo", offer } = {}) {
     const body = { application };
     if (offer !== undefined && offer !== null) body.offer = offer;
-    return this.request("POST", "/v1/sessions", body);
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.request("POST", "/v1/sessions", body);
+      } catch (error) {
+        if (error.code !== "towers_busy" || attempt >= BUSY_ATTEMPTS) throw error;
+        const seconds = (error.retryAfter ?? 1) * (1 + Math.random() / 2);
+        await new Promise((resolve) => setTimeout(resolve, seconds * 1000));
+      }
+    }
   }
 
   /** `GET /v1/sessions/{id}`: the session as it is now. @param {string} id */

@@ -261,6 +261,49 @@ def test_a_session_whose_key_is_refused_stops_asking_for_tokens(broker, page):
     assert outcome["reason"].startswith("unauthorized: ")
 
 
+def test_a_session_refused_while_the_towers_are_busy_is_asked_for_again(broker, page):
+    """towers_busy says to come back in a second (Retry-After): the client does, a few
+    times, before it gives up with that error."""
+    open_demo(page, broker)
+    posts = {"refused": 0, "passed": 0}
+    refuse_all = {"on": False}
+
+    def busy(route):
+        if route.request.method != "POST":
+            route.continue_()
+        elif refuse_all["on"] or posts["refused"] < 2:
+            posts["refused"] += 1
+            route.fulfill(status=503, headers={"retry-after": "1"}, json={"error": {
+                "code": "towers_busy", "message": "every tower is busy"}})
+        else:
+            posts["passed"] += 1
+            route.continue_()
+
+    page.route("**/v1/sessions", busy)
+    outcome = page.evaluate("""async () => {
+        const started = performance.now();
+        const session = await window.demo.client.startSession({ application: 'echo' });
+        await new Promise((resolve, reject) => {
+            session.addEventListener('open', resolve, { once: true });
+            setTimeout(() => reject(new Error('never opened')), 15000);
+        });
+        const took = performance.now() - started;
+        await session.close();
+        return { took };
+    }""")
+    assert posts == {"refused": 2, "passed": 1}
+    assert 2000 <= outcome["took"] < 15000  # two waits of 1-1.5 s
+
+    refuse_all["on"] = True
+    code = page.evaluate("""async () => {
+        try { await window.demo.client.createSession({ application: 'echo' }); }
+        catch (error) { return error.code; }
+        return 'created';
+    }""")
+    assert code == "towers_busy"
+    assert posts == {"refused": 2 + 5, "passed": 1}
+
+
 def test_a_close_as_the_signaling_socket_connects_goes_over_that_socket(broker, page):
     """Right after openSession: a second socket for the close would replace the first
     (a false 'replaced' error), or be replaced (and its close go nowhere)."""
