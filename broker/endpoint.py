@@ -293,6 +293,10 @@ class BrokerApi:
                 check_offer_sdp(offer)
             except SignalingError as error:
                 raise ApiError(400, error.code, error.message) from None
+        sessions = self.system.lookup(SESSIONS_PATH)
+        if not isinstance(sessions, SupervisorRef) or self.system.shutting_down:
+            # Starting, or stopping: the endpoint stops after the sessions.
+            raise ApiError(503, "no_tower", "the broker is not taking sessions; retry later")
         weight = session_weight(application, self.settings.video_weight,
                                 self.settings.tower_capacity)
         tower = self.towers.choose(weight=weight,
@@ -307,11 +311,7 @@ class BrokerApi:
             raise ApiError(503, "no_tower", "no tower is ready to take a session; retry later")
         session_id = new_session_id()
         session = Session(session_id, key, application, tower.name, self.towers,
-                          self.settings, self.counters, offer_coming=offer is not None)
-        sessions = self.system.lookup(SESSIONS_PATH)
-        if not isinstance(sessions, SupervisorRef) or self.system.shutting_down:
-            # Starting, or stopping: the endpoint stops after the sessions.
-            raise ApiError(503, "no_tower", "the broker is not taking sessions; retry later")
+                          self.settings, self.counters)
         # Counted before the wait, so concurrent requests cannot all pass the limit; the
         # session gives its count back when it ends, also one that failed to start.
         self.counters.by_key[key] += 1

@@ -13,8 +13,9 @@ broker's sessions there that have not offered yet (``assign``, ``unassign``) cou
 top of those.
 
 A tower also answers only so many offers at once: an offer counts against its tower from
-when it is sent there until the tower's answer (or refusal) comes back, or the session
-gives up on it (``offer_sent``, ``offer_settled``). A new session goes only to a tower
+the placement of its session (its first offer is coming) or from when it is sent there,
+until the tower's answer (or refusal) comes back, or the session gives up on it
+(``offer_sent``, ``offer_settled``). A new session goes only to a tower
 with fewer offers unanswered than the limit it is given (``unanswered_below``), so that
 a burst of arrivals past what the towers can answer is refused at the door rather than
 slowing every setup, and the sessions already up, on an overloaded tower. Answering

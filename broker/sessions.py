@@ -164,7 +164,6 @@ class Session(Supervisor):
         towers: TowerDirectory,
         settings: Settings,
         counters: SessionCounters,
-        offer_coming: bool = False,
     ) -> None:
         flags = SupervisorFlags(
             intensity=settings.negotiation_restarts,
@@ -192,12 +191,11 @@ class Session(Supervisor):
         # has offered.
         self.counted_on: str | None = None
         self.offered = False
-        # The tower its offer waits on for an answer (``Placement.offer_sent``). With
-        # ``offer_coming`` (the request that makes it carries its first offer), from its
-        # making: the endpoint placed it with that count in mind.
+        # The tower its offer waits on for an answer (``Placement.offer_sent``); from its
+        # making, as the endpoint placed it with its first offer coming (in the request,
+        # or on the socket), until that offer is answered or given up.
         self.offer_on: str | None = None
-        if offer_coming:
-            self._offer_on(tower)
+        self._offer_on(tower)
         # Whether it gave back its API key's count (see ``release``).
         self.released = False
         self.answer_reply: tuple[int, trio.MemorySendChannel[dict[str, Any]]] | None = None
@@ -573,8 +571,10 @@ class Negotiation(Actor):
         deadline = self.settings.negotiation_deadline
         with trio.CancelScope() as self.deadline:
             await trio.sleep(deadline)
-            if not self.connected:
-                await self._fail(FailureReason.DEADLINE, f"not connected within {deadline:g} s")
+        # Outside the scope: a peer connecting as the failure is told cannot cut the
+        # telling short (``_fail`` does its work once).
+        if not self.connected:
+            await self._fail(FailureReason.DEADLINE, f"not connected within {deadline:g} s")
 
     async def _watch_tower(self, tower: TowerConnection) -> None:
         await tower.closed.wait()

@@ -139,11 +139,11 @@ class Broker:
 
     async def open_session(
         self, session_id: str = "s-1", tower: str = "tower-1", outbox_size: int = 64,
-        application: str = "echo", offer_coming: bool = False,
+        application: str = "echo",
     ) -> Client:
         """Start a session as the endpoint does and attach a client to it."""
         session = Session(session_id, "key", application, tower, self.directory,
-                          self.settings, self.counters, offer_coming)
+                          self.settings, self.counters)
         sessions = self.system.lookup("/broker/sessions")
         assert isinstance(sessions, SupervisorRef)
         ref = await sessions.start_child(session_spec(session))
@@ -526,7 +526,8 @@ async def test_an_offer_counts_against_its_tower_until_answered(autojump_clock, 
     first, second = broker.towers["tower-1"], broker.towers["tower-2"]
     client = await broker.open_session()
     await client.new_frames()
-    assert unanswered(broker) == {"tower-1": 0, "tower-2": 0}
+    # From its making: its first offer is coming (in the POST, or on the socket).
+    assert unanswered(broker) == {"tower-1": 1, "tower-2": 0}
     await offer(client, first, 1)
     assert unanswered(broker) == {"tower-1": 1, "tower-2": 0}
     first.answer("s-1", 1)
@@ -555,12 +556,17 @@ async def test_an_offer_counts_against_its_tower_until_answered(autojump_clock, 
     await client.new_frames()
     assert unanswered(broker) == {"tower-1": 0, "tower-2": 0}
 
-    # Made by a request carrying its offer: counted from its making, until it ends.
-    waiting = await broker.open_session("s-2", "tower-2", offer_coming=True)
+    # One that ends before its offer is answered gives it back.
+    waiting = await broker.open_session("s-2", "tower-2")
     assert unanswered(broker) == {"tower-1": 0, "tower-2": 1}
     await offer(waiting, second, 1)
     assert unanswered(broker) == {"tower-1": 0, "tower-2": 1}
     await waiting.tell(CloseSession("closed by the client"))
+    assert unanswered(broker) == {"tower-1": 0, "tower-2": 0}
+    # One whose client never offers gives it back when its negotiation gives up.
+    await broker.open_session("s-3", "tower-2")
+    assert unanswered(broker) == {"tower-1": 0, "tower-2": 1}
+    await trio.sleep(broker.settings.negotiation_deadline + 1)
     assert unanswered(broker) == {"tower-1": 0, "tower-2": 0}
 
 
@@ -887,6 +893,28 @@ async def test_a_negotiation_that_fails_two_ways_at_once_fails_once(
     assert "raised after its end was decided" not in caplog.text
 
 
+async def test_a_negotiation_past_its_deadline_fails_even_if_its_peer_connects_meanwhile(
+        autojump_clock, broker):
+    # Its deadline's failure waited to be told, the peer's connected cancelled that
+    # wait, and the negotiation, marked failed but never failing, let a later tower
+    # loss pass unheard: a session "connected" on a tower that was gone.
+    busy = BusySession()
+    session = await broker.system.spawn(ChildSpec("busy", lambda: busy))
+    await session.tell("filling its one message in hand")
+    await session.tell("and its mailbox")
+    tower = broker.towers["tower-1"]
+    negotiation = await broker.system.spawn(ChildSpec("negotiation", lambda: Negotiation(
+        session, "s-1", 1, "echo", tower.connection, broker.settings), Restart.TEMPORARY))
+    await trio.sleep(broker.settings.negotiation_deadline + 1)  # it waits to tell
+    tower.peer("s-1", 1, "connected")
+    await trio.sleep(1)
+    busy.let_through.set()
+    await trio.sleep(1)
+    assert not negotiation.alive
+    assert [message.reason for message in busy.got if isinstance(message, Failed)] == [
+        FailureReason.DEADLINE]
+
+
 # The POST with an offer (BrokerApi._create and _answer over these sessions).
 
 
@@ -995,10 +1023,12 @@ async def test_a_post_as_the_broker_stops_is_refused_at_once(autojump_clock, bro
     api = api_for(broker)
     await trio.testing.wait_all_tasks_blocked()  # the towers' first load reports
     monkeypatch.setattr(type(broker.system), "shutting_down", property(lambda system: True))
+    monkeypatch.setattr(endpoint, "check_offer_sdp", lambda sdp: None)
     with pytest.raises(endpoint.ApiError) as refused:
-        await api._create("key", {})
+        await api._create("key", {"offer": OFFER})
     assert (refused.value.status, refused.value.code) == (503, "no_tower")
     assert broker.counters.by_key["key"] == 0
+    assert unanswered(broker) == {"tower-1": 0, "tower-2": 0}
 
 
 async def test_the_token_of_a_post_with_an_offer_lives_its_whole_lifetime_from_the_answer(
