@@ -869,12 +869,9 @@ class BusySession(Actor):
         self.got.append(message)
 
 
-async def test_a_negotiation_that_fails_two_ways_at_once_fails_once(
-        autojump_clock, broker, caplog):
-    # Its deadline passes while its session is too busy to hear of it, and meanwhile its
-    # tower goes: both waited to tell the session, and the second, once through, was
-    # logged with its traceback as an error raised after the end (hundreds at a time on
-    # an overloaded broker).
+async def negotiation_telling_a_busy_session(broker: Broker) -> tuple[BusySession, ActorRef]:
+    """A negotiation on tower-1 whose session's mailbox is full, past its deadline: it
+    waits to tell the session it failed."""
     busy = BusySession()
     session = await broker.system.spawn(ChildSpec("busy", lambda: busy))
     await session.tell("filling its one message in hand")
@@ -882,7 +879,17 @@ async def test_a_negotiation_that_fails_two_ways_at_once_fails_once(
     tower = broker.towers["tower-1"]
     negotiation = await broker.system.spawn(ChildSpec("negotiation", lambda: Negotiation(
         session, "s-1", 1, "echo", tower.connection, broker.settings), Restart.TEMPORARY))
-    await trio.sleep(broker.settings.negotiation_deadline + 1)  # it waits to tell
+    await trio.sleep(broker.settings.negotiation_deadline + 1)
+    return busy, negotiation
+
+
+async def test_a_negotiation_that_fails_two_ways_at_once_fails_once(
+        autojump_clock, broker, caplog):
+    # Its deadline passes while its session is too busy to hear of it, and meanwhile its
+    # tower goes: both waited to tell the session, and the second, once through, was
+    # logged with its traceback as an error raised after the end (hundreds at a time on
+    # an overloaded broker).
+    busy, negotiation = await negotiation_telling_a_busy_session(broker)
     broker.lose("tower-1")
     await trio.sleep(1)
     busy.let_through.set()
@@ -898,15 +905,8 @@ async def test_a_negotiation_past_its_deadline_fails_even_if_its_peer_connects_m
     # Its deadline's failure waited to be told, the peer's connected cancelled that
     # wait, and the negotiation, marked failed but never failing, let a later tower
     # loss pass unheard: a session "connected" on a tower that was gone.
-    busy = BusySession()
-    session = await broker.system.spawn(ChildSpec("busy", lambda: busy))
-    await session.tell("filling its one message in hand")
-    await session.tell("and its mailbox")
-    tower = broker.towers["tower-1"]
-    negotiation = await broker.system.spawn(ChildSpec("negotiation", lambda: Negotiation(
-        session, "s-1", 1, "echo", tower.connection, broker.settings), Restart.TEMPORARY))
-    await trio.sleep(broker.settings.negotiation_deadline + 1)  # it waits to tell
-    tower.peer("s-1", 1, "connected")
+    busy, negotiation = await negotiation_telling_a_busy_session(broker)
+    broker.towers["tower-1"].peer("s-1", 1, "connected")
     await trio.sleep(1)
     busy.let_through.set()
     await trio.sleep(1)
