@@ -292,7 +292,7 @@ def test_a_session_refused_while_the_towers_are_busy_is_asked_for_again(broker, 
         return { took };
     }""")
     assert posts == {"refused": 2, "passed": 1}
-    assert 2000 <= outcome["took"] < 15000  # two waits of 1-1.5 s
+    assert outcome["took"] >= 2000  # it waited out both Retry-Afters (1 s each)
 
     refuse_all["on"] = True
     code = page.evaluate("""async () => {
