@@ -50,8 +50,7 @@ from actors import (
     SupervisorRef,
 )
 from .config import Settings
-from .lifecycle import OFFER_REFUSALS
-from .link import APPLICATIONS, session_weight
+from .link import APPLICATIONS, OFFER_REFUSALS, session_weight
 from .metrics import SessionCounters, TowerRow, process_usage, render
 from .outbox import WRITE_TIMEOUT
 from .sessions import (
@@ -390,7 +389,8 @@ class BrokerApi:
                 self.towers.state_of(connection.name, now), sessions,
                 self.towers.usage.get(connection.name),
                 standing.taken / standing.capacity if standing and standing.capacity else 0.0,
-                self.towers.placement.unanswered(connection.name))
+                self.towers.placement.unanswered(connection.name),
+                connection.waiting_offers())
         return render(self.counters, towers, self.system.statistics(),
                       process_usage(self.process))
 

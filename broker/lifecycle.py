@@ -25,7 +25,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
-from .link import MAX_CANDIDATES
+from .link import MAX_CANDIDATES, OFFER_REFUSALS
 
 
 class SessionState(enum.Enum):
@@ -97,10 +97,6 @@ class ForwardCandidate:
 
 
 Decision = SendToClient | ForwardOffer | ForwardCandidate
-
-
-# The tower's codes for an offer it cannot answer (others are about a candidate).
-OFFER_REFUSALS = frozenset({"invalid_sdp", "unknown_application"})
 
 
 def error_frame(code: str, message: str, *, fatal: bool = False) -> dict[str, Any]:

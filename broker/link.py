@@ -117,6 +117,10 @@ class PeerRejected:
 # the broker places the session again, elsewhere.
 TOWER_FULL = "tower_full"
 
+# The codes of a PeerRejected for an offer the tower cannot answer (others are about a
+# candidate).
+OFFER_REFUSALS = frozenset({"invalid_sdp", "unknown_application"})
+
 
 @codec.message("peer.state")
 @dataclass(frozen=True)

@@ -123,8 +123,10 @@ class TowerRow:
     sessions: int
     usage: ProcessUsage | None = None
     capacity_used: float = 0.0
-    # Offers of this broker's sessions it has not answered yet.
+    # Offers of this broker's sessions it has not answered yet, and of those, how many
+    # wait their turn to be sent (``TowerConnection.send_offer``).
     unanswered_offers: int = 0
+    waiting_offers: int = 0
 
 
 def _escape(value: str) -> str:
@@ -202,6 +204,12 @@ def render(
             "broker_tower_unanswered_offers", "gauge",
             "Offers each tower has not answered yet.",
             ((f'{{tower="{_escape(name)}"}}', row.unanswered_offers)
+             for name, row in sorted(towers.items())),
+        ),
+        _family(
+            "broker_tower_waiting_offers", "gauge",
+            "Offers waiting their turn to be sent to each tower.",
+            ((f'{{tower="{_escape(name)}"}}', row.waiting_offers)
              for name, row in sorted(towers.items())),
         ),
         _family(

@@ -21,7 +21,8 @@ a burst of arrivals past what the towers can answer is refused at the door rathe
 slowing every setup, and the sessions already up, on an overloaded tower. Answering
 takes a tower's own work alone (a client slow to connect after its answer holds
 nothing), so the count is the tower's backlog. A session already placed (moved,
-repaired) is never held to the limit.
+repaired) is never held to the limit: its offer waits its turn on the tower's link
+instead (``TowerConnection.send_offer``).
 """
 
 from __future__ import annotations

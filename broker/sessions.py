@@ -582,8 +582,9 @@ class Negotiation(Actor):
 
     async def _send(self, message: object) -> None:
         assert self.tower is not None
+        send = self.tower.send_offer if isinstance(message, OpenPeer) else self.tower.send
         try:
-            await self.tower.send(message)
+            await send(message)
         except TowerGone:
             await self._fail(FailureReason.TOWER_LOST, f"{self.tower.name} went away")
 

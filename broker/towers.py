@@ -57,6 +57,9 @@ from .link import (
     RenewCertificate,
     MAX_FRAME_BYTES,
     LinkError,
+    OFFER_REFUSALS,
+    TOWER_FULL,
+    OpenPeer,
     PeerAnswer,
     PeerRejected,
     PeerState,
@@ -93,8 +96,21 @@ class AgentExited(Exception):
     """A local tower agent process ended."""
 
 
+# The refusals of an offer (the others are of a candidate): each settles its offer, as
+# its answer or its peer's end does.
+_OFFER_REFUSALS = OFFER_REFUSALS | {TOWER_FULL}
+
+
 class TowerConnection:
-    """One live link to a tower: send to it, and route its session messages back."""
+    """One live link to a tower: send to it, and route its session messages back.
+
+    At most ``offers_at_once`` offers are on the link unanswered: past that, an offer
+    waits its turn, first come first served, until one of them is answered, refused or
+    given up. A tower answers its offers one after another, between its sessions' media
+    and messages: a burst of offers sent together (hundreds of sessions repaired onto it
+    when another tower fails) would stall those sessions until the last was answered,
+    and every offer of the burst would wait for all the others.
+    """
 
     def __init__(
         self,
@@ -102,6 +118,7 @@ class TowerConnection:
         websocket: WebSocketConnection,
         hello: TowerHello,
         certificate_expires: datetime | None = None,
+        offers_at_once: int = Settings.max_unanswered_offers,
     ) -> None:
         self.name = name
         self.capacity = hello.capacity
@@ -110,6 +127,38 @@ class TowerConnection:
         self.undeliverable = 0
         self.outbox = Outbox(websocket)
         self._routes: dict[str, ActorRef] = {}
+        self.offers_at_once = offers_at_once
+        # The offers sent and not settled: each session's negotiation.
+        self.offers_out: dict[str, int] = {}
+        # Turns taken: the offers out, and each turn handed to a waiting offer (its
+        # negotiation about to send it).
+        self._turns = 0
+        self._waiting_offers = trio.lowlevel.ParkingLot()
+
+    async def send_offer(self, offer: OpenPeer) -> None:
+        """Send an offer, once it has its turn (see the class).
+
+        Raises:
+            TowerGone: as ``send``.
+        """
+        if self._turns < self.offers_at_once:
+            self._turns += 1
+        else:
+            await self._waiting_offers.park()  # woken with a turn handed over
+        self._offer_settled(offer.session)  # a session has one offer out at most
+        self.offers_out[offer.session] = offer.negotiation
+        await self.send(offer)
+
+    def waiting_offers(self) -> int:
+        return self._waiting_offers.statistics().tasks_waiting
+
+    def _offer_settled(self, session: str, negotiation: int | None = None) -> None:
+        out = self.offers_out.get(session)
+        if out is None or negotiation not in (None, out):
+            return
+        del self.offers_out[session]
+        if not self._waiting_offers.unpark():
+            self._turns -= 1
 
     async def send(self, message: object) -> None:
         """Send one message to the tower.
@@ -143,8 +192,11 @@ class TowerConnection:
     def unroute(self, session: str, ref: ActorRef) -> None:
         if self._routes.get(session) == ref:
             del self._routes[session]
+            self._offer_settled(session)
 
     def deliver(self, message: PeerAnswer | PeerRejected | PeerState) -> None:
+        if not (isinstance(message, PeerRejected) and message.code not in _OFFER_REFUSALS):
+            self._offer_settled(message.session, message.negotiation)
         ref = self._routes.get(message.session)
         if ref is None:
             # A peer's last words after its negotiation ended: expected, not an error.
@@ -339,7 +391,8 @@ class TowerLink(Actor):
                     f"{self.name}: its hello claims a capacity of {hello.capacity}, more "
                     f"than the {self.settings.tower_capacity} of tower_capacity")
             self._check_not_revoked()
-            connection = TowerConnection(self.name, websocket, hello, self.certificate_expires)
+            connection = TowerConnection(self.name, websocket, hello, self.certificate_expires,
+                                         self.settings.max_unanswered_offers)
             self.directory.connected(connection)
             send, receive = trio.open_memory_channel[object](1)
             self.renewal_replies = send

@@ -17,7 +17,7 @@ async def test_towers_usage_and_the_brokers_own_are_on_the_page(autojump_clock):
     counters = SessionCounters()
     counters.session_started(SessionState.NEGOTIATING)
     towers = {
-        "tower-1": TowerRow("ready", 3, ProcessUsage(12345.678901, 123_456_789), 0.125, 2),
+        "tower-1": TowerRow("ready", 3, ProcessUsage(12345.678901, 123_456_789), 0.125, 2, 1),
         "tower-2": TowerRow("stale", 0),  # nothing reported yet
     }
     async with open_system("broker") as system:
@@ -31,6 +31,7 @@ async def test_towers_usage_and_the_brokers_own_are_on_the_page(autojump_clock):
     assert found['broker_tower_sessions{tower="tower-2"}'] == "0"
     assert found['broker_tower_capacity_used_ratio{tower="tower-1"}'] == "0.125"
     assert found['broker_tower_unanswered_offers{tower="tower-1"}'] == "2"
+    assert found['broker_tower_waiting_offers{tower="tower-1"}'] == "1"
     assert found['broker_sessions_refused_total{reason="towers_busy"}'] == "0"
     assert found["process_cpu_seconds_total"] == "2.5"
     assert found["process_resident_memory_bytes"] == str(64 * 2**20)

@@ -570,6 +570,36 @@ async def test_an_offer_counts_against_its_tower_until_answered(autojump_clock, 
     assert unanswered(broker) == {"tower-1": 0, "tower-2": 0}
 
 
+async def test_offers_repaired_onto_a_tower_past_its_window_wait_their_turn(
+        autojump_clock, broker):
+    first, second = broker.towers["tower-1"], broker.towers["tower-2"]
+    second.connection.offers_at_once = 1
+    clients = []
+    for number in range(3):
+        client = await broker.open_session(f"s-{number}")
+        await client.new_frames()
+        await connect(client, first, 1)
+        clients.append(client)
+    broker.lose("tower-1")
+    await trio.sleep(0.5)
+    for client in clients:
+        await client.new_frames()
+        await client.tell(ClientOffer(OFFER))
+    # Each offer goes once the one before it is answered, in the order they came; all
+    # three count against the tower meanwhile, so no new session is sent there.
+    assert unanswered(broker)["tower-2"] == 3
+    for number, client in enumerate(clients):
+        assert [opened.session for opened in second.got(OpenPeer)] == [
+            f"s-{before}" for before in range(number + 1)]
+        second.answer(client.session_id, 2)
+        second.peer(client.session_id, 2, "connected")
+        answer, connected = await client.new_frames()
+        assert answer["type"] == "answer"
+        assert state(connected) == ("connected", 2, "tower-2")
+    assert unanswered(broker)["tower-2"] == 0
+    assert second.connection.waiting_offers() == 0
+
+
 async def test_a_full_tower_moves_the_session_at_once(autojump_clock, broker):
     first, second = broker.towers["tower-1"], broker.towers["tower-2"]
     client = await broker.open_session()

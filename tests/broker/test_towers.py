@@ -43,6 +43,9 @@ from broker import towers
 from broker.link import (
     LINK_VERSION,
     LinkError,
+    OpenPeer,
+    PeerAnswer,
+    PeerRejected,
     PeerState,
     RenewCertificate,
     TowerHello,
@@ -62,6 +65,8 @@ from broker.towers import (
     renewal_delay,
     sleep_until_renewal,
 )
+
+from .test_sessions import RecordingSocket
 
 TOWER = "tower-5"
 DEADLINE = 15.0
@@ -280,6 +285,54 @@ def linked_directory() -> tuple[TowerDirectory, TowerConnection]:
     connection = TowerConnection(TOWER, None, TowerHello(TOWER, 100, "test"))
     directory.connected(connection)
     return directory, connection
+
+
+def opened(socket: RecordingSocket) -> list[str]:
+    return [message.session for message in socket.received if isinstance(message, OpenPeer)]
+
+
+async def test_offers_past_the_window_wait_their_turn_in_order(autojump_clock):
+    socket = RecordingSocket()
+    connection = TowerConnection(TOWER, socket, TowerHello(TOWER, 100, "test"),
+                                 offers_at_once=2)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection.outbox.write_all)
+        for session in "abcd":
+            nursery.start_soon(connection.send_offer, OpenPeer(session, 1, "v=0", "echo"))
+            await trio.sleep(0.1)
+        late = trio.CancelScope()
+
+        async def give_up() -> None:
+            with late:
+                await connection.send_offer(OpenPeer("e", 1, "v=0", "echo"))
+
+        nursery.start_soon(give_up)
+        await trio.sleep(1)
+        assert opened(socket) == ["a", "b"]
+        assert connection.waiting_offers() == 3
+        late.cancel()  # its negotiation ended: it leaves the queue, taking no turn
+        # A candidate refused, and an earlier negotiation's last word: neither settles.
+        connection.deliver(PeerRejected("a", 1, "invalid_message", "a bad candidate"))
+        connection.deliver(PeerState("b", 0, "closed"))
+        await trio.sleep(1)
+        assert opened(socket) == ["a", "b"]
+        connection.deliver(PeerAnswer("a", 1, "v=0"))
+        await trio.sleep(1)
+        assert opened(socket) == ["a", "b", "c"]
+        connection.deliver(PeerRejected("b", 1, "invalid_sdp", "not an offer"))
+        await trio.sleep(1)
+        assert opened(socket) == ["a", "b", "c", "d"]
+        assert connection.waiting_offers() == 0
+        # An answered offer settles once; a negotiation gone before its answer settles too.
+        connection.deliver(PeerAnswer("a", 1, "v=0"))
+        negotiation = object()
+        connection.route("c", negotiation)
+        connection.unroute("c", negotiation)
+        assert set(connection.offers_out) == {"d"}
+        nursery.start_soon(connection.send_offer, OpenPeer("f", 1, "v=0", "echo"))
+        await trio.sleep(1)
+        assert opened(socket)[-1] == "f" and connection.waiting_offers() == 0
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_towers_reported_usage_is_kept_while_it_is_linked(autojump_clock):
