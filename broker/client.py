@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import random
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -38,6 +39,10 @@ from .client_peer import ClientPeer, new_peer
 RECONNECT_FIRST_DELAY = 0.5
 RECONNECT_MAX_DELAY = 5.0
 CLOSE_TIMEOUT = 2.0
+# POSTs of a new session while the towers are busy answering others (``towers_busy``):
+# each after the broker's Retry-After, drawn up to half as long again so that the
+# clients refused together do not all come back together (as the browser client).
+BUSY_ATTEMPTS = 5
 # Fatal signaling errors after which following the session cannot go on (as the browser
 # client has them): the session is gone, or another connection follows it now.
 FINAL_CODES = frozenset({"session_not_found", "replaced", "origin_not_allowed"})
@@ -47,11 +52,14 @@ ENDED_STATES = frozenset({"failed", "closed"})
 class ApiError(Exception):
     """The broker answered with an error (see the table in PROTOCOL.md)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str,
+                 retry_after: float | None = None) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
+        # Seconds to wait before asking again, when the broker said (``Retry-After``).
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -91,19 +99,27 @@ class BrokerClient:
         raw_body: bytes | None = None,
     ) -> tuple[int, Any]:
         """One HTTP/1.1 request; returns the status and the decoded JSON body (or text)."""
+        status, _, payload = await self._exchange(method, path, body, api_key, raw_body)
+        return status, payload
+
+    async def _exchange(
+        self, method: str, path: str, body: Any, api_key: str | None = None,
+        raw_body: bytes | None = None,
+    ) -> tuple[int, dict[str, str], Any]:
+        """``request``, with the response's headers too."""
         data = raw_body if raw_body is not None else (
             b"" if body is None else json.dumps(body).encode())
-        headers = [("host", f"{self.host}:{self.port}"), ("content-length", str(len(data)))]
+        fields = [("host", f"{self.host}:{self.port}"), ("content-length", str(len(data)))]
         key = self.api_key if api_key is None else api_key
         if key:
-            headers.append(("authorization", f"Bearer {key}"))
+            fields.append(("authorization", f"Bearer {key}"))
         if data:
-            headers.append(("content-type", "application/json"))
-        request = h11.Request(method=method, target=path, headers=headers)
+            fields.append(("content-type", "application/json"))
+        request = h11.Request(method=method, target=path, headers=fields)
         while self._idle:
             connection = self._idle.pop()
             try:
-                status, payload = await connection.exchange(request, data)
+                status, headers, payload = await connection.exchange(request, data)
                 break
             except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
                 # The server closed it while idle: try the next one, or a new one.
@@ -113,17 +129,17 @@ class BrokerClient:
                 self.host, self.port, ssl_context=self.ssl_context
             )
             connection = _HttpConnection(stream)
-            status, payload = await connection.exchange(request, data)
+            status, headers, payload = await connection.exchange(request, data)
         if connection.reusable():
             self._idle.append(connection)
         else:
             await trio.aclose_forcefully(connection.stream)
         if not payload:
-            return status, None
+            return status, headers, None
         try:
-            return status, json.loads(payload)
+            return status, headers, json.loads(payload)
         except ValueError:
-            return status, payload.decode(errors="replace")
+            return status, headers, payload.decode(errors="replace")
 
     async def aclose(self) -> None:
         """Close the kept-alive connections."""
@@ -131,20 +147,37 @@ class BrokerClient:
             await trio.aclose_forcefully(self._idle.pop().stream)
 
     async def _call(self, method: str, path: str, body: Any = None) -> Any:
-        status, payload = await self.request(method, path, body)
+        status, headers, payload = await self._exchange(method, path, body)
         if status >= 400:
             error = (payload or {}).get("error", {}) if isinstance(payload, dict) else {}
-            raise ApiError(status, error.get("code", "unknown"), error.get("message", ""))
+            retry_after = headers.get("retry-after", "")
+            raise ApiError(status, error.get("code", "unknown"), error.get("message", ""),
+                           int(retry_after) if retry_after.isdigit() else None)
         return payload
 
     async def create_session(
-        self, application: str = "echo", offer: str | None = None
+        self, application: str = "echo", offer: str | None = None, *,
+        busy_attempts: int = BUSY_ATTEMPTS,
     ) -> SessionGrant:
-        """``POST /v1/sessions``; with ``offer``, the grant carries the tower's answer."""
+        """``POST /v1/sessions``; with ``offer``, the grant carries the tower's answer.
+
+        Refused ``towers_busy`` (every tower busy answering other offers), it asks again
+        after the broker's ``Retry-After`` (1 s), up to ``busy_attempts`` times in all;
+        the last refusal is raised (``ApiError``).
+        """
+        if busy_attempts < 1:
+            raise ValueError(f"busy_attempts must be at least 1, not {busy_attempts}")
         body: dict[str, Any] = {"application": application}
         if offer is not None:
             body["offer"] = offer
-        created = await self._call("POST", "/v1/sessions", body)
+        for attempt in range(1, busy_attempts + 1):
+            try:
+                created = await self._call("POST", "/v1/sessions", body)
+                break
+            except ApiError as error:
+                if error.code != "towers_busy" or attempt >= busy_attempts:
+                    raise
+                await trio.sleep((error.retry_after or 1) * random.uniform(1, 1.5))
         return SessionGrant(
             id=created["id"],
             tower=created["tower"],
@@ -177,11 +210,15 @@ class _HttpConnection:
         self.stream = stream
         self.h11 = h11.Connection(h11.CLIENT)
 
-    async def exchange(self, request: h11.Request, data: bytes) -> tuple[int, bytes]:
+    async def exchange(
+        self, request: h11.Request, data: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        """Send ``request``; returns the response's status, headers (names in lower
+        case) and body."""
         connection, stream = self.h11, self.stream
         await stream.send_all(connection.send(request) + connection.send(h11.Data(data=data))
                               + connection.send(h11.EndOfMessage()))
-        status, payload = 0, b""
+        status, headers, payload = 0, {}, b""
         while True:
             event = connection.next_event()
             if event is h11.NEED_DATA:
@@ -191,10 +228,12 @@ class _HttpConnection:
                 connection.receive_data(chunk)
             elif isinstance(event, h11.Response):
                 status = event.status_code
+                headers = {name.decode(): value.decode(errors="replace")
+                           for name, value in event.headers}
             elif isinstance(event, h11.Data):
                 payload += event.data
             elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                return status, payload
+                return status, headers, payload
 
     def reusable(self) -> bool:
         if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
@@ -389,12 +428,13 @@ async def start_session(
     application: str = "echo",
     answer_heartbeats: bool = True,
     video: bool = False,
+    busy_attempts: int = BUSY_ATTEMPTS,
 ) -> AsyncIterator[ClientSession]:
     """Create a session with the offer in the ``POST`` and follow it: the quickest way in.
 
     The peer connection starts connecting as soon as the ``POST`` returns with the answer;
     the signaling socket opens meanwhile. ``video`` asks for the tower's video (the demo
-    application sends it).
+    application sends it); ``busy_attempts`` is ``create_session``'s.
     """
     ice_servers = await client.ice_servers()
     peer = await call_asyncio(
@@ -402,7 +442,8 @@ async def start_session(
                           video=video)
     )
     try:
-        grant = await client.create_session(application, offer=await call_asyncio(peer.offer))
+        grant = await client.create_session(application, offer=await call_asyncio(peer.offer),
+                                            busy_attempts=busy_attempts)
         answered_at = None
         if grant.answer is not None:
             answered_at = time.perf_counter()

@@ -15,7 +15,7 @@ from actors import bridge
 from broker.client import ApiError, open_session, start_session, trusting
 from broker.client_peer import new_peer
 
-from .conftest import wait_for_towers
+from .conftest import start_broker, stop_broker, wait_for_towers
 
 
 def run(main, *args):
@@ -213,6 +213,48 @@ def test_an_offer_in_the_post_is_answered_in_the_response(broker):
         await client.aclose()
 
     run(main)
+
+
+def test_a_session_refused_while_the_towers_are_busy_is_asked_for_again(tmp_path):
+    # One tower that takes one unanswered offer at a time: a session placed without its
+    # offer holds it until it offers, ends or gives up.
+    broker = start_broker(tmp_path, towers=1, max_unanswered_offers=1)
+    try:
+        wait_for_towers(broker, 1)
+
+        async def main():
+            client = broker.client()
+            holder = await client.create_session()
+            with pytest.raises(ApiError) as refused:
+                await client.create_session(busy_attempts=1)
+            assert (refused.value.status, refused.value.code) == (503, "towers_busy")
+            assert refused.value.retry_after == 1
+
+            async def let_go_after_a_refusal():
+                while refusals(await client.request("GET", "/metrics")) < 2:
+                    await trio.sleep(0.05)
+                await client.delete_session(holder.id)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(let_go_after_a_refusal)
+                started = trio.current_time()
+                async with start_session(client) as session:
+                    # It waited out the broker's Retry-After before asking again.
+                    assert trio.current_time() - started >= 1
+                    await session.echo("after a refusal")
+                    await client.delete_session(session.grant.id)
+            await client.aclose()
+
+        run(main)
+    finally:
+        stop_broker(broker)
+
+
+def refusals(metrics: tuple[int, str]) -> int:
+    for line in metrics[1].splitlines():
+        if line.startswith('broker_sessions_refused_total{reason="towers_busy"}'):
+            return int(float(line.split()[-1]))
+    return 0
 
 
 def test_a_client_that_connects_late_offers_for_the_negotiation_it_missed(broker):
