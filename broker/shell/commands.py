@@ -84,7 +84,8 @@ class TowerView:
     link certificate expires (a naive datetime is taken as UTC); ``usage`` is what its
     agent process costs, as it last reported (None: not reported); ``used`` how much of
     its capacity the sessions take, a session with video counting as several (None: one
-    each).
+    each); ``unanswered_offers`` the offers of this broker's sessions it has not answered,
+    of which ``waiting_offers`` wait their turn to be sent.
     """
 
     name: str
@@ -95,6 +96,8 @@ class TowerView:
     certificate_expires: datetime | None
     usage: ProcessUsage | None = None
     used: int | None = None
+    unanswered_offers: int = 0
+    waiting_offers: int = 0
 
 
 @dataclass(frozen=True)
@@ -828,6 +831,8 @@ class Shell:
                 tower.state,
                 f"{tower.sessions}/{tower.capacity}" + (
                     "" if tower.used in (None, tower.sessions) else f" ({tower.used} used)"),
+                f"{tower.unanswered_offers}" + (
+                    f" ({tower.waiting_offers} waiting)" if tower.waiting_offers else ""),
                 "-" if tower.heartbeat_age is None else f"{_duration(tower.heartbeat_age)} ago",
                 "-" if tower.usage is None else _duration(tower.usage.cpu_seconds),
                 "-" if tower.usage is None else f"{tower.usage.resident_bytes / 2**20:.0f} MiB",
@@ -835,9 +840,9 @@ class Shell:
             ]
             for tower in towers
         ]
-        headers = ["NAME", "STATE", "SESSIONS", "HEARTBEAT", "CPU TIME", "MEMORY",
+        headers = ["NAME", "STATE", "SESSIONS", "OFFERS", "HEARTBEAT", "CPU TIME", "MEMORY",
                    "CERTIFICATE EXPIRES"]
-        return _text(_table(headers, rows, right={2, 3, 4, 5}))
+        return _text(_table(headers, rows, right={2, 3, 4, 5, 6}))
 
     async def _stats(self, arguments: dict[str, Any]) -> Output:
         actors = list(self._view.tree().walk())
@@ -1344,6 +1349,8 @@ def _tower_json(tower: TowerView, now: float) -> dict[str, Any]:
         "sessions": tower.sessions,
         "used": tower.sessions if tower.used is None else tower.used,
         "capacity": tower.capacity,
+        "unanswered_offers": tower.unanswered_offers,
+        "waiting_offers": tower.waiting_offers,
         "heartbeat_age": tower.heartbeat_age,
         "cpu_seconds": None if tower.usage is None else tower.usage.cpu_seconds,
         "resident_bytes": None if tower.usage is None else tower.usage.resident_bytes,

@@ -116,6 +116,8 @@ class LiveView:
                 certificate_expires=connection.certificate_expires,
                 usage=directory.usage.get(connection.name),
                 used=load.taken if load else 0,
+                unanswered_offers=directory.placement.unanswered(connection.name),
+                waiting_offers=connection.waiting_offers(),
             ))
         return sorted(views, key=lambda view: view.name)
 

@@ -143,7 +143,8 @@ class SystemView(LiveView):
         self.tower_list = [
             TowerView("tower-2", "draining", 0, 500, None, None),
             TowerView("tower-1", "ready", 12, 500, 0.4, CERTIFICATE_EXPIRES,
-                      ProcessUsage(83.5, 150 * 2**20), used=60),
+                      ProcessUsage(83.5, 150 * 2**20), used=60, unanswered_offers=64,
+                      waiting_offers=436),
         ]
         self.session_list = [
             SessionView("s1", "connected", "tower-1", 1, 1, "", 12.5),
@@ -541,11 +542,11 @@ async def test_text_from_the_system_cannot_drive_the_terminal(autojump_clock, br
 async def test_towers_table_and_json(autojump_clock, broker):
     shell = broker.shell()
     assert lines(await shell.run("towers")) == [
-        "NAME     STATE             SESSIONS  HEARTBEAT  CPU TIME   MEMORY  "
+        "NAME     STATE             SESSIONS            OFFERS  HEARTBEAT  CPU TIME   MEMORY  "
         "CERTIFICATE EXPIRES",
-        "tower-1  ready     12/500 (60 used)   0.4s ago     1m23s  150 MiB  "
+        "tower-1  ready     12/500 (60 used)  64 (436 waiting)   0.4s ago     1m23s  150 MiB  "
         "2023-12-15 00:13 UTC (in 30d02h)",
-        "tower-2  draining             0/500          -         -        -  -",
+        "tower-2  draining             0/500                 0          -         -        -  -",
     ]
     towers = parsed(await shell.run("towers --json"))
     assert towers[0] == {
@@ -554,6 +555,8 @@ async def test_towers_table_and_json(autojump_clock, broker):
         "sessions": 12,
         "used": 60,
         "capacity": 500,
+        "unanswered_offers": 64,
+        "waiting_offers": 436,
         "heartbeat_age": 0.4,
         "cpu_seconds": 83.5,
         "resident_bytes": 150 * 2**20,
