@@ -53,7 +53,7 @@ class ApiError(Exception):
     """The broker answered with an error (see the table in PROTOCOL.md)."""
 
     def __init__(self, status: int, code: str, message: str,
-                 retry_after: float | None = None) -> None:
+                 retry_after: int | None = None) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
@@ -152,7 +152,8 @@ class BrokerClient:
             error = (payload or {}).get("error", {}) if isinstance(payload, dict) else {}
             retry_after = headers.get("retry-after", "")
             raise ApiError(status, error.get("code", "unknown"), error.get("message", ""),
-                           int(retry_after) if retry_after.isdigit() else None)
+                           int(retry_after) if retry_after.isascii() and retry_after.isdigit()
+                           else None)
         return payload
 
     async def create_session(
@@ -177,7 +178,8 @@ class BrokerClient:
             except ApiError as error:
                 if error.code != "towers_busy" or attempt >= busy_attempts:
                     raise
-                await trio.sleep((error.retry_after or 1) * random.uniform(1, 1.5))
+                wait = 1 if error.retry_after is None else error.retry_after
+                await trio.sleep(wait * random.uniform(1, 1.5))
         return SessionGrant(
             id=created["id"],
             tower=created["tower"],

@@ -527,6 +527,9 @@ class Negotiation(Actor):
         self.connected = False
         self.failed = False
         self.deadline: trio.CancelScope | None = None
+        # While its offer waits its turn on the tower's link, what follows it (the
+        # candidates), to be sent after it in order.
+        self.held: list[AddCandidate] | None = None
 
     async def started(self) -> None:
         if self.tower is None:
@@ -541,11 +544,19 @@ class Negotiation(Actor):
         if self.tower is None or getattr(message, "negotiation", self.number) != self.number:
             return
         if isinstance(message, ForwardOffer):
-            await self._send(OpenPeer(self.session_id, self.number, message.sdp,
-                                      self.application, tuple(self.settings.ice_servers)))
+            # Its turn is waited for in a task: the negotiation goes on taking messages
+            # (a stop among them) meanwhile.
+            self.held = []
+            self.start_soon(self._offer, OpenPeer(
+                self.session_id, self.number, message.sdp, self.application,
+                tuple(self.settings.ice_servers)), self.held)
         elif isinstance(message, ForwardCandidate):
-            await self._send(AddCandidate(self.session_id, self.number, message.candidate,
-                                          message.sdp_mid, message.sdp_mline_index))
+            candidate = AddCandidate(self.session_id, self.number, message.candidate,
+                                     message.sdp_mid, message.sdp_mline_index)
+            if self.held is not None:
+                self.held.append(candidate)
+            else:
+                await self._send(candidate)
         elif isinstance(message, PeerAnswer):
             await self.session.tell(Answered(self.number, message.sdp))
         elif isinstance(message, PeerRejected) and message.code == TOWER_FULL:
@@ -579,6 +590,13 @@ class Negotiation(Actor):
     async def _watch_tower(self, tower: TowerConnection) -> None:
         await tower.closed.wait()
         await self._fail(FailureReason.TOWER_LOST, f"{tower.name} went away")
+
+    async def _offer(self, offer: OpenPeer, held: list[AddCandidate]) -> None:
+        await self._send(offer)
+        while held:
+            await self._send(held.pop(0))
+        if self.held is held:
+            self.held = None
 
     async def _send(self, message: object) -> None:
         assert self.tower is not None

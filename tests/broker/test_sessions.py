@@ -600,6 +600,42 @@ async def test_offers_repaired_onto_a_tower_past_its_window_wait_their_turn(
     assert second.connection.waiting_offers() == 0
 
 
+async def test_a_session_whose_offer_waits_its_turn_closes_at_once(autojump_clock, broker):
+    first = broker.towers["tower-1"]
+    first.connection.offers_at_once = 1
+    sent = await broker.open_session("s-1")
+    await offer(sent, first, 1)
+    waiting = await broker.open_session("s-2")
+    await waiting.tell(ClientOffer(OFFER))
+    await waiting.tell(ClientCandidate("candidate:1 1 udp 1 192.0.2.1 9 typ host", "0", 0))
+    assert first.got(OpenPeer, "s-2") == [] and first.connection.waiting_offers() == 1
+    # Its negotiation is not held up by the wait: stopped at once, not killed after
+    # the shutdown deadline, and what the session held is given back.
+    closed_at = trio.current_time()
+    assert await waiting.ref.ask(CloseSession("closed by the client")) is True
+    await trio.testing.wait_all_tasks_blocked()
+    assert broker.session("s-2") is None
+    assert trio.current_time() == closed_at
+    assert first.connection.waiting_offers() == 0
+    assert first.got(OpenPeer, "s-2") == [] and first.got(AddCandidate, "s-2") == []
+    assert unanswered(broker)["tower-1"] == 1
+
+    # A waiting offer's candidates follow it, in order, once it has its turn.
+    third = await broker.open_session("s-3")
+    await third.tell(ClientOffer(OFFER))
+    for port in (9, 10):
+        await third.tell(ClientCandidate(f"candidate:1 1 udp 1 192.0.2.1 {port} typ host",
+                                         "0", 0))
+    assert first.got(OpenPeer, "s-3") == []
+    first.answer("s-1", 1)
+    await trio.testing.wait_all_tasks_blocked()
+    assert [type(message).__name__ for message in first.socket.received
+            if getattr(message, "session", None) == "s-3"] == [
+        "OpenPeer", "AddCandidate", "AddCandidate"]
+    assert [candidate.candidate.split()[-3] for candidate in first.got(AddCandidate, "s-3")
+            ] == ["9", "10"]
+
+
 async def test_a_full_tower_moves_the_session_at_once(autojump_clock, broker):
     first, second = broker.towers["tower-1"], broker.towers["tower-2"]
     client = await broker.open_session()

@@ -332,6 +332,10 @@ async def test_offers_past_the_window_wait_their_turn_in_order(autojump_clock):
         nursery.start_soon(connection.send_offer, OpenPeer("f", 1, "v=0", "echo"))
         await trio.sleep(1)
         assert opened(socket)[-1] == "f" and connection.waiting_offers() == 0
+        # The turns handed over along the way kept the window full: two out, one waits.
+        nursery.start_soon(connection.send_offer, OpenPeer("g", 1, "v=0", "echo"))
+        await trio.sleep(1)
+        assert opened(socket)[-1] == "f" and connection.waiting_offers() == 1
         nursery.cancel_scope.cancel()
 
 

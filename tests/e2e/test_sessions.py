@@ -217,8 +217,9 @@ def test_an_offer_in_the_post_is_answered_in_the_response(broker):
 
 def test_a_session_refused_while_the_towers_are_busy_is_asked_for_again(tmp_path):
     # One tower that takes one unanswered offer at a time: a session placed without its
-    # offer holds it until it offers, ends or gives up.
-    broker = start_broker(tmp_path, towers=1, max_unanswered_offers=1)
+    # offer holds it until it offers, ends or gives up (at its negotiation deadline).
+    broker = start_broker(tmp_path, towers=1, max_unanswered_offers=1,
+                          negotiation_deadline=60)
     try:
         wait_for_towers(broker, 1)
 
@@ -235,14 +236,15 @@ def test_a_session_refused_while_the_towers_are_busy_is_asked_for_again(tmp_path
                     await trio.sleep(0.05)
                 await client.delete_session(holder.id)
 
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(let_go_after_a_refusal)
-                started = trio.current_time()
-                async with start_session(client) as session:
-                    # It waited out the broker's Retry-After before asking again.
-                    assert trio.current_time() - started >= 1
-                    await session.echo("after a refusal")
-                    await client.delete_session(session.grant.id)
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(let_go_after_a_refusal)
+                    started = trio.current_time()
+                    async with start_session(client) as session:
+                        # It waited out the broker's Retry-After before asking again.
+                        assert trio.current_time() - started >= 1
+                        await session.echo("after a refusal")
+                        await client.delete_session(session.grant.id)
             await client.aclose()
 
         run(main)
