@@ -13,7 +13,7 @@ messages at the planned rate and size until the end, follows repairs (timing eac
 
 from __future__ import annotations
 
-import asyncio
+import gc
 import json
 import math
 import os
@@ -21,13 +21,10 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import aiortc
 import h11
 import trio
-from OpenSSL import SSL
 
 from actors import bridge
 from actors.bridge import call_asyncio
@@ -35,11 +32,10 @@ from actors.bridge import call_asyncio
 from ..collector import Collector
 from ..client import BrokerClient, ClientSession, start_session, trusting
 from ..client_peer import new_peer
-from .traffic import Tally, send_steadily
+from .traffic import ClosedSends, Tally, send_steadily
 
 SETUP_TIMEOUT = 30.0
 REPORT_INTERVAL = 1.0
-AIORTC = Path(aiortc.__file__).parent
 
 
 @dataclass(frozen=True)
@@ -73,11 +69,11 @@ class Worker:
         self.ssl_context = None if plan.floor else trusting(plan.certificate)
         # The browsers' peer connections are long-lived objects too.
         self.collector = Collector()
+        self.closed_sends = ClosedSends()
 
     async def run(self) -> None:
         self.started = time.monotonic()
-        closed_sends = ClosedSends()
-        asyncio.get_running_loop().set_exception_handler(closed_sends)
+        await call_asyncio(self.closed_sends.install)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.collector.run)
@@ -90,7 +86,6 @@ class Worker:
         finally:
             # Also when stopped early: what was measured is not lost.
             self._report(final=True)
-            closed_sends.say()
 
     async def _browser(self, arrival: float) -> None:
         await trio.sleep_until(trio.current_time() + arrival - self._elapsed())
@@ -240,36 +235,6 @@ class Worker:
         scope.cancel()
 
 
-class ClosedSends:
-    """The asyncio loop's exception handler for a worker.
-
-    aiortc leaves each of its tasks that sends a data channel's data to fail on its own
-    when the connection closes under it (a simulated browser closing its peer as a
-    message goes out, or a tower killed under it), and asyncio prints each as "Task
-    exception was never retrieved" with its traceback (aiortc/aiortc#1040): hundreds of
-    lines after a large run. Those are counted and said in one line at the end; anything
-    else goes to the loop's default handler.
-    """
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        error, task = context.get("exception"), context.get("future")
-        code = getattr(task.get_coro(), "cr_code", None) if isinstance(task, asyncio.Task) \
-            else None
-        if (isinstance(error, (ConnectionError, SSL.Error)) and code is not None
-                and Path(code.co_filename).is_relative_to(AIORTC)):
-            self.count += 1
-            return
-        loop.default_exception_handler(context)
-
-    def say(self) -> None:
-        if self.count:
-            print(f"aiortc: {self.count} sends failed as their connection closed "
-                  "(aiortc/aiortc#1040)", file=sys.stderr, flush=True)
-
-
 @dataclass
 class FloorSession:
     """A browser of the floor: one peer, never repaired."""
@@ -323,11 +288,14 @@ def _reason(error: BaseException) -> str:
 
 
 def main() -> None:
-    plan = Plan(**json.loads(sys.stdin.readline()))
+    worker = Worker(Plan(**json.loads(sys.stdin.readline())))
     try:
-        bridge.run(Worker(plan).run, handle_signals=False)
+        bridge.run(worker.run, handle_signals=False)
     except KeyboardInterrupt:
         pass
+    finally:
+        gc.collect()  # the tasks that failed as the loop closed are reported as they go
+        worker.closed_sends.say()
 
 
 if __name__ == "__main__":

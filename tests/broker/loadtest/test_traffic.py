@@ -1,9 +1,11 @@
-"""A simulated browser's traffic against a tower's real peer, in one process."""
+"""A simulated browser's traffic against a tower's real peer, in one process; and the
+worker's count of aiortc's failed sends."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -11,7 +13,7 @@ from typing import Any
 from broker.client_peer import ClientPeer
 from broker.loadtest import traffic
 from broker.tower.application import EchoApplication, answer_offer
-from broker.loadtest.traffic import Tally, send_steadily
+from broker.loadtest.traffic import ClosedSends, Tally, send_steadily
 from tests.broker.test_client_peer import connected, run
 
 
@@ -137,3 +139,38 @@ def test_a_slow_message_rate_does_not_send_past_the_end():
             await client.close()
 
     run(scenario)
+
+
+def test_aiortc_sends_failing_as_their_connection_closes_are_counted_not_printed(
+        capsys, caplog):
+    from aiortc import RTCCertificate, RTCDtlsTransport, RTCIceGatherer, RTCIceTransport
+
+    async def main() -> ClosedSends:
+        handler = ClosedSends()
+        await handler.install()
+        dtls = RTCDtlsTransport(RTCIceTransport(RTCIceGatherer()),
+                                [RTCCertificate.generateCertificate()])
+        # A send on a connection that is not up, left to fail in a task of its own, as
+        # aiortc's data channels do.
+        task = asyncio.ensure_future(dtls._send_data(b"x"))
+        await asyncio.sleep(0)
+        assert task.done()
+        del task
+        gc.collect()
+
+        async def ours() -> None:
+            raise ConnectionError("not aiortc's")
+
+        other = asyncio.ensure_future(ours())
+        await asyncio.sleep(0)
+        del other
+        gc.collect()
+        handler.say()
+        return handler
+
+    handler = asyncio.run(main())
+    assert handler.count == 1
+    assert "aiortc: 1 sends failed as their connection closed" in capsys.readouterr().err
+    # Anything else is still logged in full, as asyncio does.
+    logged = caplog.text
+    assert "not aiortc's" in logged and "Cannot send encrypted data" not in logged

@@ -3,15 +3,13 @@ counts as."""
 
 from __future__ import annotations
 
-import asyncio
-import gc
 import time
 
 import trio
 import trio.testing
 
 from actors import bridge
-from broker.loadtest.worker import ClosedSends, Plan, Worker, _reason
+from broker.loadtest.worker import Plan, Worker, _reason
 
 
 def test_a_failure_is_named_by_its_first_clause():
@@ -67,38 +65,3 @@ def test_a_session_lost_before_the_end_stops_there_and_counts_as_lost_only():
     assert bridge.run(main, handle_signals=False) is False
     assert worker.lost == {"failed": 1}
 
-
-def test_aiortc_sends_failing_as_their_connection_closes_are_counted_not_printed(
-        capsys, caplog):
-    from aiortc import RTCCertificate, RTCDtlsTransport, RTCIceGatherer, RTCIceTransport
-
-    async def main() -> ClosedSends:
-        loop = asyncio.get_running_loop()
-        handler = ClosedSends()
-        loop.set_exception_handler(handler)
-        dtls = RTCDtlsTransport(RTCIceTransport(RTCIceGatherer()),
-                                [RTCCertificate.generateCertificate()])
-        # A send on a connection that is not up, left to fail in a task of its own, as
-        # aiortc's data channels do.
-        task = asyncio.ensure_future(dtls._send_data(b"x"))
-        await asyncio.sleep(0)
-        assert task.done()
-        del task
-        gc.collect()
-
-        async def ours() -> None:
-            raise ConnectionError("not aiortc's")
-
-        other = asyncio.ensure_future(ours())
-        await asyncio.sleep(0)
-        del other
-        gc.collect()
-        handler.say()
-        return handler
-
-    handler = asyncio.run(main())
-    assert handler.count == 1
-    assert "aiortc: 1 sends failed as their connection closed" in capsys.readouterr().err
-    # Anything else is still logged in full, as asyncio does.
-    logged = caplog.text
-    assert "not aiortc's" in logged and "Cannot send encrypted data" not in logged
