@@ -195,7 +195,7 @@ class TowerConnection:
             self._offer_settled(session)
 
     def deliver(self, message: PeerAnswer | PeerRejected | PeerState) -> None:
-        if not (isinstance(message, PeerRejected) and message.code not in _OFFER_REFUSALS):
+        if not isinstance(message, PeerRejected) or message.code in _OFFER_REFUSALS:
             self._offer_settled(message.session, message.negotiation)
         ref = self._routes.get(message.session)
         if ref is None:

@@ -64,4 +64,3 @@ def test_a_session_lost_before_the_end_stops_there_and_counts_as_lost_only():
 
     assert bridge.run(main, handle_signals=False) is False
     assert worker.lost == {"failed": 1}
-
