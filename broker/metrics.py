@@ -124,7 +124,7 @@ class TowerRow:
     usage: ProcessUsage | None = None
     capacity_used: float = 0.0
     # Offers of this broker's sessions it has not answered yet, and of those, how many
-    # wait their turn to be sent (``TowerConnection.send_offer``).
+    # wait their turn to be sent (``TowerConnection.offer_turn``).
     unanswered_offers: int = 0
     waiting_offers: int = 0
 

@@ -22,7 +22,7 @@ slowing every setup, and the sessions already up, on an overloaded tower. Answer
 takes a tower's own work alone (a client slow to connect after its answer holds
 nothing), so the count is the tower's backlog. A session already placed (moved,
 repaired) is never held to the limit: its offer waits its turn on the tower's link
-instead (``TowerConnection.send_offer``).
+instead (``TowerConnection.offer_turn``).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ it tells its session what the client must hear.
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -526,7 +527,9 @@ class Negotiation(Actor):
         self.settings = settings
         self.connected = False
         self.failed = False
-        self.deadline: trio.CancelScope | None = None
+        # Its deadline (``_watch_deadline``): cancelled once the peer is connected, and
+        # stopped while its offer waits its turn (``_offer``).
+        self.deadline = trio.CancelScope()
         # While its offer waits its turn on the tower's link, what follows it (the
         # candidates), to be sent after it in order.
         self.held: list[AddCandidate] | None = None
@@ -537,6 +540,7 @@ class Negotiation(Actor):
             self.stop()
             return
         self.tower.route(self.session_id, self.ref)
+        self.deadline.deadline = trio.current_time() + self.settings.negotiation_deadline
         self.start_soon(self._watch_deadline)
         self.start_soon(self._watch_tower, self.tower)
 
@@ -571,27 +575,33 @@ class Negotiation(Actor):
     async def _peer_state(self, message: PeerState) -> None:
         if message.state == "connected":
             self.connected = True
-            if self.deadline is not None:
-                self.deadline.cancel()
+            self.deadline.cancel()
             await self.session.tell(Connected(self.number))
             return
         reason = FailureReason.SILENT if message.state == "silent" else FailureReason.PEER_FAILED
         await self._fail(reason, message.detail or f"the peer connection {message.state}")
 
     async def _watch_deadline(self) -> None:
-        deadline = self.settings.negotiation_deadline
-        with trio.CancelScope() as self.deadline:
-            await trio.sleep(deadline)
+        with self.deadline:
+            await trio.sleep_forever()
         # Outside the scope: a peer connecting as the failure is told cannot cut the
         # telling short (``_fail`` does its work once).
         if not self.connected:
-            await self._fail(FailureReason.DEADLINE, f"not connected within {deadline:g} s")
+            await self._fail(FailureReason.DEADLINE,
+                             f"not connected within {self.settings.negotiation_deadline:g} s")
 
     async def _watch_tower(self, tower: TowerConnection) -> None:
         await tower.closed.wait()
         await self._fail(FailureReason.TOWER_LOST, f"{tower.name} went away")
 
     async def _offer(self, offer: OpenPeer, held: list[AddCandidate]) -> None:
+        assert self.tower is not None
+        # The deadline is the client's and the tower's: the broker's own queue stops its
+        # clock.
+        left = self.deadline.deadline - trio.current_time()
+        self.deadline.deadline = math.inf
+        await self.tower.offer_turn(offer.session, offer.negotiation)
+        self.deadline.deadline = trio.current_time() + left
         await self._send(offer)
         while held:
             await self._send(held.pop(0))
@@ -600,9 +610,8 @@ class Negotiation(Actor):
 
     async def _send(self, message: object) -> None:
         assert self.tower is not None
-        send = self.tower.send_offer if isinstance(message, OpenPeer) else self.tower.send
         try:
-            await send(message)
+            await self.tower.send(message)
         except TowerGone:
             await self._fail(FailureReason.TOWER_LOST, f"{self.tower.name} went away")
 

@@ -59,7 +59,6 @@ from .link import (
     LinkError,
     OFFER_REFUSALS,
     TOWER_FULL,
-    OpenPeer,
     PeerAnswer,
     PeerRejected,
     PeerState,
@@ -135,19 +134,15 @@ class TowerConnection:
         self._turns = 0
         self._waiting_offers = trio.lowlevel.ParkingLot()
 
-    async def send_offer(self, offer: OpenPeer) -> None:
-        """Send an offer, once it has its turn (see the class).
-
-        Raises:
-            TowerGone: as ``send``.
-        """
+    async def offer_turn(self, session: str, negotiation: int) -> None:
+        """Wait for the turn of ``session``'s offer for ``negotiation`` (see the class),
+        then count it as out until it is settled: the offer is to be sent at once."""
         if self._turns < self.offers_at_once:
             self._turns += 1
         else:
             await self._waiting_offers.park()  # woken with a turn handed over
-        self._offer_settled(offer.session)  # a session has one offer out at most
-        self.offers_out[offer.session] = offer.negotiation
-        await self.send(offer)
+        self._offer_settled(session)  # a session has one offer out at most
+        self.offers_out[session] = negotiation
 
     def waiting_offers(self) -> int:
         return self._waiting_offers.statistics().tasks_waiting

@@ -636,6 +636,29 @@ async def test_a_session_whose_offer_waits_its_turn_closes_at_once(autojump_cloc
             ] == ["9", "10"]
 
 
+async def test_the_wait_for_an_offers_turn_does_not_count_against_its_deadline(
+        autojump_clock, broker):
+    # A repair waiting behind hundreds of others would fail at its deadline, and queue
+    # again at the back: the deadline is the client's and the tower's time.
+    first = broker.towers["tower-1"]
+    first.connection.offers_at_once = 1
+    holder = await broker.open_session("s-1")
+    await offer(holder, first, 1)  # never answered: given up at its deadline, at 10 s
+    await trio.sleep(5)
+    waiting = await broker.open_session("s-2")
+    await waiting.new_frames()
+    await waiting.tell(ClientOffer(OFFER))
+    await trio.sleep(5.5)
+    assert first.got(OpenPeer, "s-2")  # sent at 10 s, after waiting 5 s
+    await trio.sleep(7)  # 12.5 s after its negotiation started
+    assert (await waiting.ref.ask(Describe("key")))["negotiation"] == 1
+    await waiting.new_frames()
+    await trio.sleep(3)  # 10.5 s since its offer went: its deadline, stopped meanwhile
+    repairing = (await waiting.new_frames())[0]
+    assert state(repairing)[:2] == ("repairing", 1)
+    assert repairing["reason"].startswith("deadline")
+
+
 async def test_a_full_tower_moves_the_session_at_once(autojump_clock, broker):
     first, second = broker.towers["tower-1"], broker.towers["tower-2"]
     client = await broker.open_session()

@@ -291,6 +291,12 @@ def opened(socket: RecordingSocket) -> list[str]:
     return [message.session for message in socket.received if isinstance(message, OpenPeer)]
 
 
+async def offer(connection: TowerConnection, session: str) -> None:
+    """As a negotiation offers: its turn, then its offer."""
+    await connection.offer_turn(session, 1)
+    await connection.send(OpenPeer(session, 1, "v=0", "echo"))
+
+
 async def test_offers_past_the_window_wait_their_turn_in_order(autojump_clock):
     socket = RecordingSocket()
     connection = TowerConnection(TOWER, socket, TowerHello(TOWER, 100, "test"),
@@ -298,13 +304,13 @@ async def test_offers_past_the_window_wait_their_turn_in_order(autojump_clock):
     async with trio.open_nursery() as nursery:
         nursery.start_soon(connection.outbox.write_all)
         for session in "abcd":
-            nursery.start_soon(connection.send_offer, OpenPeer(session, 1, "v=0", "echo"))
+            nursery.start_soon(offer, connection, session)
             await trio.sleep(0.1)
         late = trio.CancelScope()
 
         async def give_up() -> None:
             with late:
-                await connection.send_offer(OpenPeer("e", 1, "v=0", "echo"))
+                await offer(connection, "e")
 
         nursery.start_soon(give_up)
         await trio.sleep(1)
@@ -329,11 +335,11 @@ async def test_offers_past_the_window_wait_their_turn_in_order(autojump_clock):
         connection.route("c", negotiation)
         connection.unroute("c", negotiation)
         assert set(connection.offers_out) == {"d"}
-        nursery.start_soon(connection.send_offer, OpenPeer("f", 1, "v=0", "echo"))
+        nursery.start_soon(offer, connection, "f")
         await trio.sleep(1)
         assert opened(socket)[-1] == "f" and connection.waiting_offers() == 0
         # The turns handed over along the way kept the window full: two out, one waits.
-        nursery.start_soon(connection.send_offer, OpenPeer("g", 1, "v=0", "echo"))
+        nursery.start_soon(offer, connection, "g")
         await trio.sleep(1)
         assert opened(socket)[-1] == "f" and connection.waiting_offers() == 1
         nursery.cancel_scope.cancel()
