@@ -41,8 +41,10 @@ RECONNECT_MAX_DELAY = 5.0
 CLOSE_TIMEOUT = 2.0
 # POSTs of a new session while the towers are busy answering others (``towers_busy``):
 # each after the broker's Retry-After, drawn up to half as long again so that the
-# clients refused together do not all come back together (as the browser client).
+# clients refused together do not all come back together (as the browser client). A
+# Retry-After past BUSY_WAIT_MAX (a broker misconfigured, or not ours) is waited as that.
 BUSY_ATTEMPTS = 5
+BUSY_WAIT_MAX = 30
 # Fatal signaling errors after which following the session cannot go on (as the browser
 # client has them): the session is gone, or another connection follows it now.
 FINAL_CODES = frozenset({"session_not_found", "replaced", "origin_not_allowed"})
@@ -178,7 +180,7 @@ class BrokerClient:
             except ApiError as error:
                 if error.code != "towers_busy" or attempt >= busy_attempts:
                     raise
-                wait = 1 if error.retry_after is None else error.retry_after
+                wait = 1 if error.retry_after is None else min(error.retry_after, BUSY_WAIT_MAX)
                 await trio.sleep(wait * random.uniform(1, 1.5))
         return SessionGrant(
             id=created["id"],

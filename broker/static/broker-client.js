@@ -15,8 +15,10 @@ const RECONNECT_FIRST_DELAY_MS = 500;
 const RECONNECT_MAX_DELAY_MS = 5000;
 // POSTs of a new session while the towers are busy answering others (`towers_busy`):
 // each after the broker's Retry-After, drawn up to half as long again so that the
-// clients refused together do not all come back together.
+// clients refused together do not all come back together. A Retry-After past
+// BUSY_WAIT_MAX_S (a broker misconfigured, or not ours) is waited as that.
 const BUSY_ATTEMPTS = 5;
+const BUSY_WAIT_MAX_S = 30;
 const ENDED_STATES = new Set(["failed", "closed"]);
 // The session is gone: no token or reconnection will bring it back.
 const GONE_CODES = new Set(["not_found", "session_not_found"]);
@@ -131,7 +133,7 @@ export class BrokerClient {
         return await this.request("POST", "/v1/sessions", body);
       } catch (error) {
         if (error.code !== "towers_busy" || attempt >= BUSY_ATTEMPTS) throw error;
-        const seconds = (error.retryAfter ?? 1) * (1 + Math.random() / 2);
+        const seconds = Math.min(error.retryAfter ?? 1, BUSY_WAIT_MAX_S) * (1 + Math.random() / 2);
         await new Promise((resolve) => setTimeout(resolve, seconds * 1000));
       }
     }
