@@ -2,8 +2,11 @@
 
 The ``Issuer`` signs every tower certificate the broker hands out (at provisioning, at
 each renewal over a link, and for local towers) and records it in ``ca/ledger.json`` in
-the state directory: serial, tower, expiry, and whether it is revoked. Revoking a tower
-revokes every unexpired certificate it holds; a link presenting a revoked certificate is
+the state directory: serial, tower, expiry, and whether it is revoked. A tower has one
+key in use: a certificate for a new key revokes the tower's earlier ones in the same step
+(a renewal over a link leaves the one it replaces to expire, since the link still runs on
+it). Revoking a tower revokes every unexpired certificate it holds; a link presenting a
+revoked certificate is
 closed, and its renewal refused. The ledger is re-read when another process (``broker ca
 revoke``) changed it; each link checks it every load interval, whatever its tower sends.
 """
@@ -80,7 +83,10 @@ class Issuer:
 
         ``replacing`` is the serial of the certificate a renewal replaces: checked in the
         same step as the new one is recorded, so that a revocation in between (another
-        process's) cannot be outlived by the new certificate.
+        process's) cannot be outlived by the new certificate. Without it the request is
+        for a new key (provisioning, a local tower), and the tower's earlier certificates
+        are revoked in that step: those of a provisioning's failed attempts, or of a key
+        the host no longer has.
 
         Raises:
             CertificateError: the request is refused (see ``sign_tower_csr``), or the
@@ -96,6 +102,8 @@ class Issuer:
                 record = self._records.get(_serial(replacing))
                 if record is not None and record.revoked:
                     raise CertificateError(f"the certificate {replacing:x} it replaces is revoked")
+            else:
+                self._revoke_unexpired(tower)
             self._records[_serial(parsed.serial_number)] = Issued(
                 _serial(parsed.serial_number), tower, parsed.not_valid_after_utc.isoformat()
             )
@@ -105,14 +113,18 @@ class Issuer:
     def revoke(self, tower: str) -> list[str]:
         """Revoke every unexpired certificate of ``tower``; returns their serials."""
         with self._locked():
-            now = datetime.now(timezone.utc)
-            serials = [
-                serial for serial, record in self._records.items()
-                if record.tower == tower and not record.revoked and record.expires > now
-            ]  # fmt: skip
-            for serial in serials:
-                self._records[serial] = Issued(**{**asdict(self._records[serial]), "revoked": True})
+            serials = self._revoke_unexpired(tower)
             self._write()
+        return serials
+
+    def _revoke_unexpired(self, tower: str) -> list[str]:
+        now = datetime.now(timezone.utc)
+        serials = [
+            serial for serial, record in self._records.items()
+            if record.tower == tower and not record.revoked and record.expires > now
+        ]  # fmt: skip
+        for serial in serials:
+            self._records[serial] = Issued(**{**asdict(self._records[serial]), "revoked": True})
         return serials
 
     @contextlib.contextmanager

@@ -30,8 +30,9 @@ backoff spread over ``provision_restart_period`` (the first wait a 40th of it, e
 twice as long: 15, 30, 60 s by default), so that a host rebooting under a ready tower
 is provisioned again once it is back. Past ``provision_restarts`` restarts, however
 long each attempt took, the host is marked failed with the reason. A host key that
-is not the pinned one fails the host at once: retrying cannot fix it. A provisioning
-that does not finish revokes the tower's certificates. Jobs are independent: one
+is not the pinned one fails the host at once: retrying cannot fix it. Each attempt's
+certificate revokes those of the attempts before it, and a provisioning that does not
+finish revokes the tower's certificates. Jobs are independent: one
 failing, hanging or cancelled job does nothing to another, or to the towers already
 linked.
 

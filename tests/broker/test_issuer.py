@@ -29,6 +29,12 @@ def sign(issuer: Issuer, tower: str) -> x509.Certificate:
     return x509.load_pem_x509_certificate(issuer.sign(csr, tower))
 
 
+def renew(issuer: Issuer, tower: str, current: x509.Certificate) -> x509.Certificate:
+    _, csr = generate_key_and_csr(tower)
+    return x509.load_pem_x509_certificate(
+        issuer.sign(csr, tower, replacing=current.serial_number))
+
+
 def ledger(issuer: Issuer) -> list[dict]:
     return json.loads(issuer.path.read_text())
 
@@ -114,7 +120,7 @@ def test_the_certificate_carries_the_addresses(issuer):
 
 def test_revoke_marks_only_that_tower_s_certificates_and_returns_their_serials(issuer):
     first = sign(issuer, "tower-1")
-    second = sign(issuer, "tower-1")
+    second = renew(issuer, "tower-1", first)
     other = sign(issuer, "tower-2")
     serials = issuer.revoke("tower-1")
     assert sorted(serials) == sorted(
@@ -129,6 +135,35 @@ def test_revoke_marks_only_that_tower_s_certificates_and_returns_their_serials(i
         format(second.serial_number, "x"): True,
         format(other.serial_number, "x"): False,
     }
+
+
+def test_a_certificate_for_a_new_key_revokes_the_tower_s_earlier_ones(issuer):
+    # A provisioning's failed attempt, then the one that succeeds: the host holds the
+    # second key only, and the first certificate must not link any more.
+    failed_attempt = sign(issuer, "tower-1")
+    renewed = renew(issuer, "tower-1", failed_attempt)
+    other = sign(issuer, "tower-2")
+    provisioned = sign(issuer, "tower-1")
+    assert issuer.is_revoked(failed_attempt.serial_number)
+    assert issuer.is_revoked(renewed.serial_number)
+    assert not issuer.is_revoked(provisioned.serial_number)
+    assert not issuer.is_revoked(other.serial_number)
+    assert issuer.newest("tower-1").serial == format(provisioned.serial_number, "x")
+    on_disk = {entry["serial"]: entry["revoked"] for entry in ledger(issuer)}
+    assert on_disk == {
+        format(failed_attempt.serial_number, "x"): True,
+        format(renewed.serial_number, "x"): True,
+        format(other.serial_number, "x"): False,
+        format(provisioned.serial_number, "x"): False,
+    }
+
+
+def test_a_renewal_leaves_the_certificate_it_replaces_to_expire(issuer):
+    # The link that asked for the renewal still runs on the old one.
+    current = sign(issuer, "tower-1")
+    renewed = renew(issuer, "tower-1", current)
+    assert not issuer.is_revoked(current.serial_number)
+    assert not issuer.is_revoked(renewed.serial_number)
 
 
 def test_revoking_again_or_an_unknown_tower_returns_nothing(issuer):

@@ -109,6 +109,30 @@ async def test_a_host_failing_at_any_pace_is_failed_past_its_restarts(autojump_c
     assert len(issued) == 4 and all(certificate.revoked for certificate in issued)
 
 
+async def test_a_host_provisioned_after_a_failed_attempt_keeps_one_valid_certificate(
+    autojump_clock, jobs, plan
+):
+    attempts = 0
+
+    async def certificate() -> None:
+        _key, csr = generate_key_and_csr("tower-a")
+        jobs.issuer.sign(csr, "tower-a")
+
+    async def check_in() -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise StepFailed("check-in: the tower did not answer")
+
+    plan(lambda steps: [("certificate", certificate), ("check-in", check_in)])
+    assert (await jobs.provisioning.ask(Provision("tower-a"))).ok
+    await trio.sleep(600)
+    assert jobs.board.get("tower-a").state is HostState.READY
+    first, second = jobs.issuer.records()
+    assert (first.revoked, second.revoked) == (True, False)
+    assert jobs.issuer.newest("tower-a") == second
+
+
 # A job that ends without saying how.
 
 
