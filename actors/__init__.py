@@ -34,6 +34,7 @@ from ._restart import ChildSpec as ChildSpec
 from ._restart import Restart as Restart
 from ._restart import Strategy as Strategy
 from ._restart import SupervisorFlags as SupervisorFlags
+from ._snapshot import ActorActivity as ActorActivity
 from ._snapshot import ActorSnapshot as ActorSnapshot
 from ._snapshot import ActorState as ActorState
 from ._snapshot import SupervisorInfo as SupervisorInfo

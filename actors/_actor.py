@@ -254,7 +254,9 @@ class Actor:
             return None
         raise TypeError(f"{cell.path} got an unexpected system message {item!r}")
 
-    def _introspect(self) -> tuple[tuple[ActorSnapshot, ...], SupervisorInfo | None]:
+    def _introspect(
+        self, subtree: bool
+    ) -> tuple[tuple[ActorSnapshot, ...], SupervisorInfo | None]:
         return (), None
 
     async def _serve(self) -> Exit:
@@ -590,9 +592,10 @@ class ActorRef:
             return await reply.wait()
         raise AskTimeout(self._cell.path, timeout)
 
-    def snapshot(self) -> ActorSnapshot:
-        """The actor (and, for a supervisor, its subtree) as data, now."""
-        return self._cell.snapshot()
+    def snapshot(self, *, subtree: bool = True) -> ActorSnapshot:
+        """The actor (and, for a supervisor, its subtree) as data, now. Without
+        ``subtree``, a supervisor's snapshot has no ``children``."""
+        return self._cell.snapshot(subtree)
 
     def kill(self, reason: str = "killed") -> None:
         """Cancel the actor's current run at once; its supervisor sees it as killed."""
@@ -849,12 +852,12 @@ class _Cell:
         recent = self.failures[-(FAILURES_KEPT - 1) :] if FAILURES_KEPT > 1 else ()
         self.failures = (*recent, Failure.of(exit, trio.current_time()))
 
-    def snapshot(self) -> ActorSnapshot:
+    def snapshot(self, subtree: bool = True) -> ActorSnapshot:
         actor = self.actor
         children: tuple[ActorSnapshot, ...] = ()
         supervisor = None
         if actor is not None:
-            children, supervisor = actor._introspect()
+            children, supervisor = actor._introspect(subtree)
         incarnation = self.incarnation
         uptime = 0.0
         if (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ._exit import Failure
 
@@ -72,3 +73,16 @@ class ActorSnapshot:
         yield self
         for child in self.children:
             yield from child.walk()
+
+
+class ActorActivity(NamedTuple):
+    """One live actor's counters (those of its snapshot), cheap enough to take for every
+    actor of a large system at once: what ``ps`` and ``top`` sort on before they take
+    the snapshots of the few they show."""
+
+    path: str
+    state: ActorState
+    mailbox_depth: int
+    messages_handled: int
+    messages_dropped: int
+    restarts: int

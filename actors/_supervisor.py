@@ -152,8 +152,10 @@ class Supervisor(Actor):
             return None
         return await super()._system_message(item)
 
-    def _introspect(self) -> tuple[tuple[ActorSnapshot, ...], SupervisorInfo | None]:
-        children = tuple(cell.snapshot() for cell in self._children.values())
+    def _introspect(
+        self, subtree: bool
+    ) -> tuple[tuple[ActorSnapshot, ...], SupervisorInfo | None]:
+        children = tuple(cell.snapshot() for cell in self._children.values()) if subtree else ()
         flags = self.flags
         return children, SupervisorInfo(flags.strategy.value, flags.intensity, flags.period)
 

@@ -14,7 +14,7 @@ from ._errors import ActorCrashed, ActorError, ActorStopped
 from ._exit import SYSTEM_SHUTDOWN, Exit, ExitKind
 from ._mailbox import DeadLetters
 from ._restart import ChildSpec, SupervisorFlags, validate_name
-from ._snapshot import ActorSnapshot
+from ._snapshot import ActorActivity, ActorSnapshot
 from ._supervisor import Supervisor
 
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
@@ -77,6 +77,15 @@ class ActorSystem:
         """The paths of the live actors, in no particular order: what a snapshot of the
         whole tree would walk, without the snapshot's cost."""
         return list(self._registry)
+
+    def activity(self) -> list[ActorActivity]:
+        """Every live actor's counters, in no particular order: a few microseconds an
+        actor, where a snapshot of the whole tree costs several times that."""
+        return [
+            ActorActivity(cell.path, cell.state, len(cell.mailbox), cell.handled,
+                          cell.mailbox.dropped, cell.restarts)
+            for cell in self._registry.values()
+        ]
 
     def snapshot(self) -> ActorSnapshot:
         """The whole tree as data, from the root."""

@@ -17,6 +17,10 @@ What it measures:
 5. crash to restart: an actor records the time just before it raises, its next
    incarnation records the time its ``started`` hook runs (no backoff); median and
    99th percentile in microseconds.
+6. reading a large system (20,000 idle actors; 1,000 with ``--quick``): milliseconds for
+   ``system.snapshot()`` of the whole tree (what the shell's ``ps``, ``top`` and
+   ``stats`` took on every refresh), and for ``system.activity()`` plus the snapshots of
+   the 20 actors with the most messages handled (what they take now); best of rounds.
 
 Throughput figures are the best of several rounds, actor and bare measured alternately
 so that noise hits both. Wall time is ``time.perf_counter``.
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import heapq
 import json
 import os
 import platform
@@ -72,13 +77,18 @@ class Sizes:
     spawns: int
     idle_actors: int
     crashes: int
+    read_actors: int
     rounds: int
 
 
 FULL = Sizes(
-    messages=200_000, asks=50_000, spawns=20_000, idle_actors=100_000, crashes=2_000, rounds=5
+    messages=200_000, asks=50_000, spawns=20_000, idle_actors=100_000, crashes=2_000,
+    read_actors=20_000, rounds=5,
 )
-QUICK = Sizes(messages=10_000, asks=2_000, spawns=1_000, idle_actors=2_000, crashes=100, rounds=2)
+QUICK = Sizes(messages=10_000, asks=2_000, spawns=1_000, idle_actors=2_000, crashes=100,
+              read_actors=1_000, rounds=2)
+# The rows the shell's ``ps`` and ``top`` show by default.
+SHOWN = 20
 
 
 # Actors and bare trio counterparts
@@ -291,12 +301,38 @@ async def restart_latencies(count: int) -> list[float]:
     return latencies
 
 
+async def reading_times(count: int, rounds: int) -> tuple[float, float]:
+    """Best seconds for a whole-tree snapshot, and for every actor's activity plus the
+    snapshots of the ``SHOWN`` busiest, over ``count`` actors that have handled messages."""
+    async with open_system("read", flags=NEVER_GIVE_UP) as system:
+        refs = [await system.spawn(ChildSpec(f"a{number}", Idle)) for number in range(count)]
+        for number, ref in enumerate(refs):
+            for _ in range(number % 3):
+                ref.tell_nowait(number)
+        await trio.sleep(0.1)
+        gc.collect()
+        whole = busiest = float("inf")
+        for _ in range(rounds):
+            started = time.perf_counter()
+            tree = system.snapshot()
+            assert sum(1 for _ in tree.walk()) == count + 1
+            whole = min(whole, time.perf_counter() - started)
+            started = time.perf_counter()
+            activity = system.activity()
+            top = heapq.nsmallest(SHOWN, activity, key=lambda actor: -actor.messages_handled)
+            shown = [system.lookup(actor.path).snapshot(subtree=False) for actor in top]
+            assert len(shown) == SHOWN and len(activity) == count + 1
+            busiest = min(busiest, time.perf_counter() - started)
+    return whole, busiest
+
+
 async def run_all(sizes: Sizes) -> dict[str, Any]:
     # Memory first, while the process heap has not yet been grown and freed by others.
     idle_bytes, idle_alive = await idle_actor_memory(sizes.idle_actors)
     spawn_rate, stop_rate = await spawn_and_stop_rates(sizes.spawns, rounds=3)
     latencies = await restart_latencies(sizes.crashes)
     rates = await throughput(sizes)
+    whole, busiest = await reading_times(sizes.read_actors, sizes.rounds)
     return {
         "tell_per_second": round(rates["tell"]),
         "bare_tell_per_second": round(rates["bare_tell"]),
@@ -310,6 +346,9 @@ async def run_all(sizes: Sizes) -> dict[str, Any]:
         "idle_actors_alive": idle_alive,
         "restart_median_us": round(statistics.median(latencies) * 1e6, 1),
         "restart_p99_us": round(statistics.quantiles(latencies, n=100)[98] * 1e6, 1),
+        "snapshot_whole_tree_ms": round(whole * 1000, 2),
+        "activity_and_busiest_ms": round(busiest * 1000, 2),
+        "reading_ratio": round(busiest / whole, 3),
         "python": platform.python_version(),
         "trio": trio.__version__,
         "mailbox_capacity": MAILBOX_CAPACITY,
@@ -319,6 +358,7 @@ async def run_all(sizes: Sizes) -> dict[str, Any]:
             "spawns": sizes.spawns,
             "idle_actors": sizes.idle_actors,
             "crashes": sizes.crashes,
+            "read_actors": sizes.read_actors,
             "rounds": sizes.rounds,
         },
     }
@@ -387,6 +427,18 @@ def print_table(results: dict[str, Any], quick: bool) -> None:
         f"and {sizes['asks']:,} asks, best of {sizes['rounds']} rounds; "
         f"{sizes['spawns']:,} spawns; {sizes['idle_actors']:,} idle actors; "
         f"{sizes['crashes']:,} crashes"
+    )
+    print()
+    print_rows(
+        (f"reading {sizes['read_actors']:,} actors", "ms", "ratio"),
+        [
+            ("a snapshot of the whole tree", f"{results['snapshot_whole_tree_ms']:,.2f}", ""),
+            (
+                f"the activity of each, the snapshots of the {SHOWN} busiest",
+                f"{results['activity_and_busiest_ms']:,.2f}",
+                f"{results['reading_ratio']:.2f}",
+            ),
+        ],
     )
 
 

@@ -24,6 +24,7 @@ Times: the runtime stamps failures and traced messages with trio's clock
 from __future__ import annotations
 
 import enum
+import heapq
 import json
 import math
 import shlex
@@ -37,7 +38,14 @@ from typing import Any, Protocol
 
 import trio
 
-from actors import ActorCrashed, ActorSnapshot, ActorState, ActorStopped, AskTimeout
+from actors import (
+    ActorActivity,
+    ActorCrashed,
+    ActorSnapshot,
+    ActorState,
+    ActorStopped,
+    AskTimeout,
+)
 from broker.lifecycle import SessionState
 from broker.metrics import ProcessUsage
 
@@ -162,8 +170,13 @@ class BrokerView(Protocol):
         """The whole system's snapshot, from the root supervisor."""
         ...
 
-    def snapshot_of(self, path: str) -> ActorSnapshot | None:
-        """The snapshot of the live actor at ``path`` and what is under it, or None."""
+    def snapshot_of(self, path: str, subtree: bool = True) -> ActorSnapshot | None:
+        """The snapshot of the live actor at ``path`` and, with ``subtree``, what is under
+        it; or None."""
+        ...
+
+    def activity(self) -> list[ActorActivity]:
+        """Every live actor's counters, without a snapshot of each."""
         ...
 
     def towers(self) -> list[TowerView]: ...
@@ -693,11 +706,20 @@ class Shell:
         return _text("\n".join(lines))
 
     async def _ps(self, arguments: dict[str, Any]) -> Output:
-        actors = _sorted_actors(list(self._view.tree().walk()), arguments["sort"], {})
-        shown = actors[: arguments["limit"]]
+        actors = self._view.activity()
+        shown = self._busiest(actors, arguments["sort"], {}, arguments["limit"])
         if arguments["json"]:
             return _json([_actor_json(actor) for actor in shown])
         return _text(_actor_table(shown, None) + _more(len(shown), len(actors)))
+
+    def _busiest(self, actors: list[ActorActivity], order: str, rates: dict[str, float],
+                 limit: int) -> list[ActorSnapshot]:
+        """The snapshots of the first ``limit`` actors in ``order``: only those are taken,
+        as a snapshot of every actor would cost the broker's thread milliseconds for each
+        thousand."""
+        shown = (self._view.snapshot_of(actor.path, subtree=False)
+                 for actor in _sorted_actors(actors, order, rates, limit))
+        return [snapshot for snapshot in shown if snapshot is not None]
 
     async def _top(self, arguments: dict[str, Any]) -> AsyncIterator[str]:
         interval, count = arguments["interval"], arguments["count"]
@@ -709,7 +731,7 @@ class Shell:
                 await trio.sleep(interval)
             refresh += 1
             now = trio.current_time()
-            actors = list(self._view.tree().walk())
+            actors = self._view.activity()
             rates: dict[str, float] = {}
             if previous_at is not None and now > previous_at:
                 for actor in actors:
@@ -719,7 +741,7 @@ class Shell:
                     rates[actor.path] = delta / (now - previous_at)
             previous = {actor.path: actor.messages_handled for actor in actors}
             previous_at = now
-            shown = _sorted_actors(actors, arguments["sort"], rates)[: arguments["limit"]]
+            shown = self._busiest(actors, arguments["sort"], rates, arguments["limit"])
             wall = self._clock()
             if arguments["json"]:
                 document = {
@@ -845,7 +867,7 @@ class Shell:
         return _text(_table(headers, rows, right={2, 3, 4, 5, 6}))
 
     async def _stats(self, arguments: dict[str, Any]) -> Output:
-        actors = list(self._view.tree().walk())
+        actors = self._view.activity()
         sessions = await self._view.sessions()
         towers = self._view.towers()
         actor_states = Counter(actor.state.value for actor in actors)
@@ -1277,9 +1299,9 @@ def _tree_json(actor: ActorSnapshot, depth: int | None, level: int) -> dict[str,
 
 
 def _sorted_actors(
-    actors: list[ActorSnapshot], order: str, rates: dict[str, float]
-) -> list[ActorSnapshot]:
-    def key(actor: ActorSnapshot) -> tuple[Any, ...]:
+    actors: list[ActorActivity], order: str, rates: dict[str, float], limit: int
+) -> list[ActorActivity]:
+    def key(actor: ActorActivity) -> tuple[Any, ...]:
         depth, handled = -actor.mailbox_depth, -actor.messages_handled
         if order == "handled":
             return (handled, depth, actor.path)
@@ -1289,7 +1311,7 @@ def _sorted_actors(
             return (-rates.get(actor.path, 0.0), depth, handled, actor.path)
         return (depth, handled, actor.path)
 
-    return sorted(actors, key=key)
+    return heapq.nsmallest(limit, actors, key=key)
 
 
 def _actor_table(actors: list[ActorSnapshot], rates: dict[str, float] | None) -> str:

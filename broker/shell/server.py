@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-from actors import Actor, ActorError, ActorSnapshot, ActorStopped, SupervisorRef
+from actors import Actor, ActorActivity, ActorError, ActorSnapshot, ActorStopped, SupervisorRef
 from actors.bridge import call_asyncio, post_to
 
 from ..pki import write_secret
@@ -81,9 +81,12 @@ class LiveView:
     def tree(self) -> Any:
         return self.system.snapshot()
 
-    def snapshot_of(self, path: str) -> ActorSnapshot | None:
+    def snapshot_of(self, path: str, subtree: bool = True) -> ActorSnapshot | None:
         ref = self.system.lookup(path)
-        return None if ref is None else ref.snapshot()
+        return None if ref is None else ref.snapshot(subtree=subtree)
+
+    def activity(self) -> list[ActorActivity]:
+        return self.system.activity()
 
     def refresh(self) -> None:
         """Take what tab completion will offer while the next line is typed."""

@@ -27,9 +27,9 @@ from ..pki import write_secret
 MAX_LINE = 4096
 CLOSE_TIMEOUT = 2.0
 # Bounds on what operators' clients may hold of the broker's process: sessions open in
-# all and per connection (each streaming view costs the broker's thread a snapshot of
-# the tree per refresh), connections not yet logged in, and how long one may take to log
-# in or to read what it is sent.
+# all and per connection (each streaming view costs the broker's thread a read of every
+# actor's counters per refresh), connections not yet logged in, and how long one may take
+# to log in or to read what it is sent.
 MAX_SESSIONS = 32
 ADMIN_RESERVE = 8  # of MAX_SESSIONS, that read-only keys cannot take
 MAX_SESSIONS_PER_CONNECTION = 8

@@ -3,6 +3,7 @@
 import actors
 
 PUBLIC = {
+    "ActorActivity",
     "Actor",
     "ActorCrashed",
     "ActorError",

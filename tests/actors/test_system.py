@@ -128,6 +128,37 @@ async def test_snapshot_of_the_whole_tree(autojump_clock, system, log):
     assert [node.state for node in tree.walk()] == [ActorState.RUNNING] * 3
 
 
+async def test_activity_has_each_live_actor_s_counters_as_its_snapshot_does(
+    autojump_clock, system, log
+):
+    await system.spawn(ChildSpec("group", lambda: Supervisor([recorder("leaf", log)])))
+    leaf = system.lookup("/test/group/leaf")
+    await leaf.tell("crash")
+    await trio.sleep(1)  # restarted
+    await leaf.tell("hang")
+    await leaf.tell("waiting")
+    await trio.sleep(0)
+    activity = {actor.path: actor for actor in system.activity()}
+    snapshots = {actor.path: actor for actor in system.snapshot().walk()}
+    assert activity.keys() == snapshots.keys() == {"/test", "/test/group", "/test/group/leaf"}
+    for path, actor in activity.items():
+        snapshot = snapshots[path]
+        assert actor == (path, snapshot.state, snapshot.mailbox_depth,
+                         snapshot.messages_handled, snapshot.messages_dropped, snapshot.restarts)
+    assert (activity["/test/group/leaf"].restarts, activity["/test/group/leaf"].mailbox_depth) \
+        == (1, 1)
+
+
+async def test_a_snapshot_without_its_subtree_has_the_supervisor_but_no_children(
+    autojump_clock, system, log
+):
+    group = await system.spawn(ChildSpec("group", lambda: Supervisor([recorder("leaf", log)])))
+    alone = group.snapshot(subtree=False)
+    assert alone.children == () and alone.supervisor is not None
+    assert alone.supervisor == group.snapshot().supervisor
+    assert [child.name for child in group.snapshot().children] == ["leaf"]
+
+
 def test_system_rejects_a_bad_name():
     async def main():
         async with open_system("a/b"):

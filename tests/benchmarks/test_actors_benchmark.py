@@ -17,5 +17,7 @@ def test_quick_run_prints_one_json_object_with_every_figure():
         "idle_actors_alive",
         "restart_median_us",
         "restart_p99_us",
+        "snapshot_whole_tree_ms",
+        "activity_and_busiest_ms",
     ):
         assert figures[key] > 0, key

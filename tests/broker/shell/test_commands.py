@@ -417,6 +417,41 @@ async def test_top_json_and_its_bounds(autojump_clock, broker):
     assert lines(too_fast)[0] == "top: --interval: must be at least 0.2 seconds, not 0.1"
 
 
+async def test_ps_top_and_stats_snapshot_only_the_actors_they_show(
+    autojump_clock, broker, monkeypatch
+):
+    # A snapshot of a large tree costs the broker's thread milliseconds for each thousand
+    # actors, on every refresh: these read each actor's counters, then snapshot the rows.
+    taken: list[tuple[str, bool]] = []
+    snapshot_of = broker.view.snapshot_of
+
+    def counted(path: str, subtree: bool = True) -> Any:
+        taken.append((path, subtree))
+        return snapshot_of(path, subtree)
+
+    def whole_tree() -> Any:
+        raise AssertionError("the whole tree was snapshot")
+
+    monkeypatch.setattr(broker.view, "snapshot_of", counted)
+    monkeypatch.setattr(broker.view, "tree", whole_tree)
+    shell = broker.shell()
+    ps = await shell.run("ps --limit 2 --sort handled")
+    assert [line.split()[0] for line in lines(ps)[1:3]] == [
+        "/broker/towers/tower-1", "/broker/sessions/session:s1"]
+    assert taken == [("/broker/towers/tower-1", False), ("/broker/sessions/session:s1", False)]
+    taken.clear()
+    top = await shell.run("top --count 2 --interval 0.5 --limit 3 --json")
+    assert [len(json.loads(frame)["actors"]) for frame in lines(top)] == [3, 3]
+    assert len(taken) == 6 and not any(subtree for _, subtree in taken)
+    taken.clear()
+    assert lines(await shell.run("stats"))[0] == "actors     7: 7 running"
+    assert taken == []
+    # A supervisor's row is its own, without its children's snapshots.
+    rows = {row["path"]: row for row in parsed(await shell.run("ps --json"))}
+    assert rows["/broker/sessions"]["supervisor"] == {
+        "strategy": "one_for_one", "intensity": 3, "period": 10}
+
+
 # inspect
 
 
