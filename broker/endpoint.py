@@ -428,10 +428,15 @@ class BrokerApi:
             except ActorStopped:
                 raise SignalingError("session_not_found", "the session has ended") from None
             except AskTimeout:
-                frames.close()  # so the session, when it comes to the attach, passes it by
-                raise SignalingError(
-                    "busy", "the session did not take the connection in time; connect again"
-                ) from None
+                # The session may have taken it as the ask ran out: its state frame then
+                # waits in the outbox, and the connection is served. Otherwise it is closed
+                # in this same step, so that the session, when it comes to the attach,
+                # passes it by (and keeps the connection it has, if any).
+                if not frames.statistics().current_buffer_used:
+                    frames.close()
+                    raise SignalingError(
+                        "busy", "the session did not take the connection in time; connect again"
+                    ) from None
         except SignalingError as error:
             await send_frame(error.frame())
             await close(error.close_code)

@@ -423,3 +423,38 @@ async def test_a_session_too_busy_to_take_the_socket_is_not_called_ended(autojum
     # The session, coming to the attach later, finds nobody reading.
     [outbox] = attaching
     assert outbox.statistics().open_receive_channels == 0
+
+
+async def test_a_socket_the_session_took_as_its_ask_ran_out_is_served(autojump_clock):
+    # The session attached it (telling the connection it had before "replaced") just as
+    # the ask gave up: told "busy" too, both clients would have had to connect again.
+    told = []
+
+    class LateSession:
+        async def ask(self, message):
+            message.outbox.send_nowait({"type": "state", "state": "connected"})
+            raise AskTimeout("/broker/sessions/session:s-1", 5.0)
+
+        def tell_nowait(self, message):
+            told.append(message)
+
+    session = LateSession()
+    api = SimpleNamespace(_signaling_session=lambda scope: session)
+    api._write = functools.partial(endpoint.BrokerApi._write, api)
+    api._read = functools.partial(endpoint.BrokerApi._read, api)
+    events = [{"type": "websocket.connect"}, {"type": "websocket.disconnect"}]
+    sent = []
+
+    async def receive():
+        await trio.sleep(1)
+        return events.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    await endpoint.BrokerApi._websocket(api, {"scheme": "wss"}, receive, send)
+    accept, state = sent
+    assert accept["type"] == "websocket.accept"
+    assert json.loads(state["text"]) == {"type": "state", "state": "connected"}
+    [detach] = told
+    assert isinstance(detach, endpoint.DetachClient)
