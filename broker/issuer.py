@@ -78,7 +78,7 @@ class Issuer:
         self._refresh()
 
     def sign(self, csr_pem: bytes, tower: str, addresses: Sequence[str] = (),
-             replacing: int | None = None) -> bytes:
+             replacing: int | None = None, in_use: int | None = None) -> bytes:
         """Check and sign a tower's request, and record the certificate.
 
         ``replacing`` is the serial of the certificate a renewal replaces: checked in the
@@ -86,7 +86,8 @@ class Issuer:
         process's) cannot be outlived by the new certificate. Without it the request is
         for a new key (provisioning, a local tower), and the tower's earlier certificates
         are revoked in that step: those of a provisioning's failed attempts, or of a key
-        the host no longer has.
+        the host no longer has; all but ``in_use``, the serial of the one a live link
+        still runs on (a retried provisioning of a tower linked meanwhile).
 
         Raises:
             CertificateError: the request is refused (see ``sign_tower_csr``), or the
@@ -103,7 +104,7 @@ class Issuer:
                 if record is not None and record.revoked:
                     raise CertificateError(f"the certificate {replacing:x} it replaces is revoked")
             else:
-                self._revoke_unexpired(tower)
+                self._revoke_unexpired(tower, keeping=in_use)
             self._records[_serial(parsed.serial_number)] = Issued(
                 _serial(parsed.serial_number), tower, parsed.not_valid_after_utc.isoformat()
             )
@@ -117,11 +118,13 @@ class Issuer:
             self._write()
         return serials
 
-    def _revoke_unexpired(self, tower: str) -> list[str]:
+    def _revoke_unexpired(self, tower: str, keeping: int | None = None) -> list[str]:
         now = datetime.now(timezone.utc)
+        kept = None if keeping is None else _serial(keeping)
         serials = [
             serial for serial, record in self._records.items()
             if record.tower == tower and not record.revoked and record.expires > now
+            and serial != kept
         ]  # fmt: skip
         for serial in serials:
             self._records[serial] = Issued(**{**asdict(self._records[serial]), "revoked": True})
@@ -135,7 +138,13 @@ class Issuer:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX)
             self._refresh()
-            yield
+            read = dict(self._records)
+            try:
+                yield
+            except BaseException:
+                # Not written (a full disk, say): what is in force is still what was read.
+                self._records = read
+                raise
         finally:
             os.close(descriptor)
 

@@ -559,7 +559,11 @@ class JobSteps(Actor):
             f" --key-type {issuer.key_type}"
         )
         addresses = [host.link_address] if is_ip_address(host.link_address) else []
-        certificate = issuer.sign(csr.encode(), host.name, addresses)
+        # A retried job's tower may be linked already, with its sessions: its link stays.
+        linked = self.context.links.directory.get(host.name)
+        in_use = None if linked is None or linked.certificate is None else (
+            linked.certificate.serial_number)
+        certificate = issuer.sign(csr.encode(), host.name, addresses, in_use=in_use)
         await self._put(f"{paths.tls}/certificate.pem", certificate)
         await self._put(paths.ca, issuer.authority.certificate_pem)
         await self._run_remote(

@@ -116,12 +116,13 @@ class TowerConnection:
         name: str,
         websocket: WebSocketConnection,
         hello: TowerHello,
-        certificate_expires: datetime | None = None,
+        certificate: x509.Certificate | None = None,
         offers_at_once: int = Settings.max_unanswered_offers,
     ) -> None:
         self.name = name
         self.capacity = hello.capacity
-        self.certificate_expires = certificate_expires
+        # The certificate the link runs on: the one the tower showed, then each renewed.
+        self.certificate = certificate
         self.closed = trio.Event()
         self.undeliverable = 0
         self.outbox = Outbox(websocket)
@@ -134,6 +135,10 @@ class TowerConnection:
         self._turns = 0
         self._waiting_offers = trio.lowlevel.ParkingLot()
 
+    @property
+    def certificate_expires(self) -> datetime | None:
+        return None if self.certificate is None else self.certificate.not_valid_after_utc
+
     async def offer_turn(self, session: str, negotiation: int) -> None:
         """Wait for the turn of ``session``'s offer for ``negotiation`` (see the class),
         then count it as out until it is settled: the offer is to be sent at once."""
@@ -143,7 +148,6 @@ class TowerConnection:
             await self._waiting_offers.park()  # woken with a turn handed over
         self._offer_settled(session)  # a session has one offer out at most
         self.offers_out[session] = negotiation
-
     def waiting_offers(self) -> int:
         return self._waiting_offers.statistics().tasks_waiting
 
@@ -386,7 +390,7 @@ class TowerLink(Actor):
                     f"{self.name}: its hello claims a capacity of {hello.capacity}, more "
                     f"than the {self.settings.tower_capacity} of tower_capacity")
             self._check_not_revoked()
-            connection = TowerConnection(self.name, websocket, hello, self.certificate_expires,
+            connection = TowerConnection(self.name, websocket, hello, self.certificate,
                                          self.settings.max_unanswered_offers)
             self.directory.connected(connection)
             send, receive = trio.open_memory_channel[object](1)
@@ -565,8 +569,7 @@ class TowerLink(Actor):
             raise TowerLinkLost(f"{self.name}: no new certificate: {error}") from None
         await connection.send(CertificateIssued(certificate))
         await _reply(replies, CertificateInstalled)
-        self.certificate = x509.load_pem_x509_certificate(certificate)
-        connection.certificate_expires = self.certificate_expires
+        self.certificate = connection.certificate = x509.load_pem_x509_certificate(certificate)
         self.renewals += 1
         logger.info("%s: certificate renewed, valid until %s", self.name,
                     self.certificate_expires)

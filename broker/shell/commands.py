@@ -872,7 +872,7 @@ class Shell:
         towers = self._view.towers()
         actor_states = Counter(actor.state.value for actor in actors)
         by_state = {state.value: actor_states[state.value] for state in ActorState}
-        deepest = max(actors, key=lambda actor: actor.mailbox_depth)
+        deepest = min(actors, key=lambda actor: (-actor.mailbox_depth, actor.path))
         document = {
             "actors": {"total": len(actors), "by_state": by_state},
             "restarts": sum(actor.restarts for actor in actors),

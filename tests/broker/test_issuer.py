@@ -158,6 +158,35 @@ def test_a_certificate_for_a_new_key_revokes_the_tower_s_earlier_ones(issuer):
     }
 
 
+def test_a_certificate_for_a_new_key_keeps_the_one_a_live_link_runs_on(issuer):
+    # A retried provisioning, its tower linked meanwhile on the first attempt's
+    # certificate: that link, and its sessions, stay.
+    failed_attempt = sign(issuer, "tower-1")
+    linked = sign(issuer, "tower-1")
+    _, csr = generate_key_and_csr("tower-1")
+    retried = x509.load_pem_x509_certificate(
+        issuer.sign(csr, "tower-1", in_use=linked.serial_number))
+    assert issuer.is_revoked(failed_attempt.serial_number)
+    assert not issuer.is_revoked(linked.serial_number)
+    assert not issuer.is_revoked(retried.serial_number)
+
+
+def test_a_signature_whose_ledger_cannot_be_written_revokes_nothing(issuer, monkeypatch):
+    earlier = sign(issuer, "tower-1")
+
+    def full_disk(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("broker.issuer.write_secret", full_disk)
+    _, csr = generate_key_and_csr("tower-1")
+    with pytest.raises(OSError):
+        issuer.sign(csr, "tower-1")
+    # What is in force is what the ledger says, in this process too.
+    assert not issuer.is_revoked(earlier.serial_number)
+    assert [record.serial for record in issuer.records()] == [
+        format(earlier.serial_number, "x")]
+
+
 def test_a_renewal_leaves_the_certificate_it_replaces_to_expire(issuer):
     # The link that asked for the renewal still runs on the old one.
     current = sign(issuer, "tower-1")

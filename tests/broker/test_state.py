@@ -89,6 +89,16 @@ def test_a_local_towers_identity_is_its_key_and_a_recorded_certificate(tmp_path)
     assert record.serial == format(certificate.serial_number, "x")
 
 
+def test_a_local_tower_started_again_revokes_its_earlier_certificate(tmp_path):
+    # Its new key is the only one it has: the last start's certificate must not link.
+    files, issuer = prepare(Settings(state_dir=tmp_path / "state"))
+    prepare_local_tower(files.directory, issuer, "tower-1", "127.0.0.1")
+    prepare_local_tower(files.directory, issuer, "tower-2", "127.0.0.1")
+    prepare_local_tower(files.directory, issuer, "tower-1", "127.0.0.1")
+    states = [(record.tower, record.revoked) for record in issuer.records()]
+    assert sorted(states) == [("tower-1", False), ("tower-1", True), ("tower-2", False)]
+
+
 def test_the_provisioning_identity_is_made_once(tmp_path):
     key = provisioning_identity(tmp_path)
     public = key.with_name("id_ed25519.pub").read_text()
