@@ -65,7 +65,7 @@ async def hold_traces(connection: Any, count: int) -> list[Any]:
 
 
 def test_sessions_past_the_cap_of_a_connection_are_refused(tmp_path, monkeypatch):
-    # Each streaming view costs the broker's one thread a snapshot of the actor tree per
+    # Each streaming view costs the broker's one thread a read of every actor per
     # refresh; sessions also queue in the shell's mailbox, which drops past its capacity.
     monkeypatch.setattr(ssh, "MAX_SESSIONS_PER_CONNECTION", 2)
     seen = {}
