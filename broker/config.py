@@ -228,8 +228,9 @@ class Settings:
             raise ConfigError("tower_certificate_lifetime must be at least 10 seconds")
         if bool(self.https_certificate) != bool(self.https_key):
             raise ConfigError("https_certificate and https_key go together")
-        if not 0 < self.scale_out_threshold <= 1:
-            raise ConfigError("scale_out_threshold is a share of capacity: above 0, at most 1")
+        # Scaling out when the share used stays above it: never, at 1 (nothing is above).
+        if not 0 < self.scale_out_threshold < 1:
+            raise ConfigError("scale_out_threshold is a share of capacity: above 0, below 1")
         try:
             inventory = parse_hosts(self.hosts)
         except InventoryError as error:

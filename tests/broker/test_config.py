@@ -498,3 +498,14 @@ def test_an_inventory_host_may_not_take_a_local_towers_name():
         settings_from_mapping({"local_towers": 2, "hosts": [host]})
     settings = settings_from_mapping({"local_towers": 1, "hosts": [host]})
     assert settings.inventory[0].name == "tower-2"
+
+
+@pytest.mark.parametrize("value", [0, -0.5, 1, 1.0, 1.5, math.nan])
+def test_scale_out_threshold_is_a_share_a_load_can_stay_above(value):
+    # At 1 nothing is above it: the scaler would never scale out.
+    with pytest.raises(ConfigError, match="scale_out_threshold"):
+        Settings(scale_out_threshold=value)
+
+
+def test_scale_out_threshold_may_be_just_below_full():
+    assert Settings(scale_out_threshold=0.99).scale_out_threshold == 0.99
