@@ -322,16 +322,17 @@ class BrokerApi:
                 session.settle_offer()
             why = error.error if isinstance(error, ActorCrashed) else "the broker is stopping"
             raise ApiError(503, "no_tower", f"the session could not start: {why}") from None
-        created = {"id": session_id, "state": session.state.value, "tower": tower.name}
-        if offer is not None:
-            if not session.state.ended:  # (it may have had nowhere to go from its start)
-                created["answer"] = await self._answer(session_id, offer)
-            if session.state.ended:
-                # Its tower full or gone and no other ready, or the broker stopping:
-                # as if no tower had been ready in the first place.
-                raise ApiError(503, "no_tower",
-                               f"the session ended before its answer: {session.lifecycle.reason}")
-            created["state"] = session.state.value
+        created: dict[str, Any] = {"id": session_id}
+        if offer is not None and not session.state.ended:
+            created["answer"] = await self._answer(session_id, offer)
+        if session.state.ended:
+            # Its tower full or gone and no other ready (from its start, or before its
+            # answer), or the broker stopping: as if no tower had been ready.
+            raise ApiError(503, "no_tower",
+                           f"the session ended as it started: {session.lifecycle.reason}")
+        # Where it is now: a tower full at its offer has moved it.
+        created["state"] = session.state.value
+        created["tower"] = session.lifecycle.tower
         # Issued once the answer is in: its lifetime is the client's from the response.
         created.update(self._token(session_id))
         created["ice_servers"] = list(self.settings.ice_servers)
@@ -449,6 +450,9 @@ class BrokerApi:
                 await self._read(receive, session, frames, send_frame, close)
                 nursery.cancel_scope.cancel()
         finally:
+            # Closed first: a frame the session sends before it takes the detach (an
+            # answer, say) fails to go, and it keeps the answer for the next connection.
+            frames.close()
             try:
                 session.tell_nowait(DetachClient(outbox))
             except MailboxFull:

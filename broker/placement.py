@@ -8,9 +8,11 @@ the rest, two are drawn at random and the less loaded wins ("power of two choice
 LiveKit places rooms): nearly as even as always taking the least loaded tower, without
 every broker piling onto the same one between two reports. A session placed since a
 tower's last report counts against that tower until its next report, so a burst of
-arrivals spreads out. A tower reports the sessions that have offered (its peers); the
-broker's sessions there that have not offered yet (``assign``, ``unassign``) count on
-top of those.
+arrivals spreads out. A tower reports the sessions it has made a peer for; each of the
+broker's sessions there counts on top of those from the start of its negotiation until
+its offer is answered (``assign``, ``unassign``: its offer may wait its turn through
+many reports), then as answered until the tower's next report, which has its peer
+(``answered``).
 
 A tower also answers only so many offers at once: an offer counts against its tower from
 the placement of its session (its first offer is coming) or from when it is sent there,
@@ -82,20 +84,25 @@ class _Standing:
     reported_at: float
     assigned: dict[str, _Count]
     placed_since_report: _Count = field(default_factory=_Count)
+    answered_since_report: _Count = field(default_factory=_Count)
 
-    # The report counts peers; the sessions that have not offered are not among them.
-    # Those placed since the report are among the assigned ones, or have offered since
-    # (their peers are in the next report).
+    # The report counts peers. The sessions whose offer is not answered yet are not
+    # among them, nor those answered since. Those placed since the report are among
+    # these two, or are about to be assigned.
 
     @property
     def sessions(self) -> int:
         assigned = self.assigned.get(self.load.tower, _NONE)
-        return self.load.sessions + max(self.placed_since_report.sessions, assigned.sessions)
+        return self.load.sessions + max(
+            self.placed_since_report.sessions,
+            assigned.sessions + self.answered_since_report.sessions)
 
     @property
     def taken(self) -> int:
         assigned = self.assigned.get(self.load.tower, _NONE)
-        return self.load.taken + max(self.placed_since_report.weight, assigned.weight)
+        return self.load.taken + max(
+            self.placed_since_report.weight,
+            assigned.weight + self.answered_since_report.weight)
 
     @property
     def share_used(self) -> float:
@@ -132,12 +139,21 @@ class Placement:
         self._towers[load.tower] = _Standing(load, now, self._assigned)
 
     def assign(self, tower: str, weight: int = 1) -> None:
-        """One of this broker's sessions is on ``tower`` now (until ``unassign``), taking
-        ``weight`` of its capacity."""
+        """One of this broker's sessions negotiates with ``tower`` now, taking ``weight``
+        of its capacity, and the tower has not answered its offer yet (until
+        ``unassign``)."""
         self._assigned.setdefault(tower, _Count()).add(weight)
 
+    def answered(self, tower: str, weight: int = 1) -> None:
+        """``tower`` answered that session's offer: it counts until the tower's next
+        report, which counts its peer."""
+        standing = self._towers.get(tower)
+        if standing is not None:
+            standing.answered_since_report.add(weight)
+
     def unassign(self, tower: str, weight: int = 1) -> None:
-        """That session left ``tower`` (moved, or ended)."""
+        """That session's offer was answered (``answered`` follows) or refused, or its
+        negotiation there ended, or the session did."""
         assigned = self._assigned.get(tower)
         if assigned is None:
             return

@@ -47,6 +47,7 @@ from .lifecycle import (
     error_frame,
 )
 from .link import (
+    OFFER_REFUSALS,
     TOWER_FULL,
     AddCandidate,
     ClosePeer,
@@ -188,10 +189,10 @@ class Session(Supervisor):
         self.negotiation: ActorRef | None = None
         self.counted_state = self.lifecycle.state
         self.counting = False
-        # The tower whose load counts this session (``Placement.assign``), until it
-        # has offered.
+        # The tower whose load counts this session (``Placement.assign``): from the
+        # start of each negotiation until its offer is answered, refused or given up
+        # (then the tower's reports count it, by its peer).
         self.counted_on: str | None = None
-        self.offered = False
         # The tower its offer waits on for an answer (``Placement.offer_sent``); from its
         # making, as the endpoint placed it with its first offer coming (in the request,
         # or on the socket), until that offer is answered or given up.
@@ -242,10 +243,9 @@ class Session(Supervisor):
         if isinstance(message, ClientOffer):
             decisions = lifecycle.offer(message.sdp, message.negotiation)
             if isinstance(decisions[0], ForwardOffer):
+                # Also an offer sent again, corrected, after its tower refused the last.
                 self._offer_on(lifecycle.tower)
-                if not self.offered:
-                    self.offered = True
-                    self._count_on(None)
+                self._count_on(lifecycle.tower)
             if message.reply is not None:
                 if isinstance(decisions[0], ForwardOffer):
                     self.answer_reply = (lifecycle.negotiation, message.reply)
@@ -258,10 +258,11 @@ class Session(Supervisor):
                 message.candidate, message.sdp_mid, message.sdp_mline_index, message.negotiation
             ))
         if isinstance(message, Answered):
-            self._settled(message.number)
+            self._settled(message.number, answered=True)
             return await self._carry_out(lifecycle.answer(message.number, message.sdp))
         if isinstance(message, Rejected):
-            self._settled(message.number)
+            if message.code in OFFER_REFUSALS:  # not a candidate's
+                self._settled(message.number)
             return await self._carry_out(
                 lifecycle.offer_rejected(message.number, message.code, message.message)
             )
@@ -308,20 +309,14 @@ class Session(Supervisor):
             tower = self._move()
             if tower is None:
                 return None
-        if not self.offered:
-            self._count_on(tower.name)
+        self._count_on(tower.name)
         decisions = lifecycle.negotiation_started(number)
         self.counters.negotiation_started()
         self._send_all(decisions)
         return tower
 
     def _count_on(self, tower: str | None) -> None:
-        """Count this session on ``tower``'s load (None: on no tower's), not the last's.
-
-        Until its first offer: from then on its tower counts it, by its peer. (Counted
-        after that, a session whose client left without a word would hold a place on its
-        tower until its repairs ran out.)
-        """
+        """Count this session on ``tower``'s load (None: on no tower's), not the last's."""
         if tower == self.counted_on:
             return
         placement = self.towers.placement
@@ -343,10 +338,13 @@ class Session(Supervisor):
             placement.offer_sent(tower)
         self.offer_on = tower
 
-    def _settled(self, negotiation: int) -> None:
+    def _settled(self, negotiation: int, answered: bool = False) -> None:
         # An earlier negotiation's late word says nothing of the current offer.
         if negotiation == self.lifecycle.negotiation:
             self.settle_offer()
+            if answered and self.counted_on is not None:
+                self.towers.placement.answered(self.counted_on, self.weight)
+            self._count_on(None)
 
     def settle_offer(self) -> None:
         """Its offer was answered, refused or given up (or it ended, or never ran): no

@@ -425,20 +425,9 @@ async def test_a_session_too_busy_to_take_the_socket_is_not_called_ended(autojum
     assert outbox.statistics().open_receive_channels == 0
 
 
-async def test_a_socket_the_session_took_as_its_ask_ran_out_is_served(autojump_clock):
-    # The session attached it (telling the connection it had before "replaced") just as
-    # the ask gave up: told "busy" too, both clients would have had to connect again.
-    told = []
-
-    class LateSession:
-        async def ask(self, message):
-            message.outbox.send_nowait({"type": "state", "state": "connected"})
-            raise AskTimeout("/broker/sessions/session:s-1", 5.0)
-
-        def tell_nowait(self, message):
-            told.append(message)
-
-    session = LateSession()
+async def serve_signaling(session) -> list[dict]:
+    """The endpoint's signaling handler, with ``session`` standing in for the session
+    actor, for a client that connects, stays a second and leaves: what it was sent."""
     api = SimpleNamespace(_signaling_session=lambda scope: session)
     api._write = functools.partial(endpoint.BrokerApi._write, api)
     api._read = functools.partial(endpoint.BrokerApi._read, api)
@@ -453,8 +442,44 @@ async def test_a_socket_the_session_took_as_its_ask_ran_out_is_served(autojump_c
         sent.append(message)
 
     await endpoint.BrokerApi._websocket(api, {"scheme": "wss"}, receive, send)
-    accept, state = sent
+    return sent
+
+
+async def test_a_socket_the_session_took_as_its_ask_ran_out_is_served(autojump_clock):
+    # The session attached it (telling the connection it had before "replaced") just as
+    # the ask gave up: told "busy" too, both clients would have had to connect again.
+    told = []
+
+    class LateSession:
+        async def ask(self, message):
+            message.outbox.send_nowait({"type": "state", "state": "connected"})
+            raise AskTimeout("/broker/sessions/session:s-1", 5.0)
+
+        def tell_nowait(self, message):
+            told.append(message)
+
+    accept, state = await serve_signaling(LateSession())
     assert accept["type"] == "websocket.accept"
     assert json.loads(state["text"]) == {"type": "state", "state": "connected"}
     [detach] = told
     assert isinstance(detach, endpoint.DetachClient)
+
+
+async def test_a_closed_socket_takes_no_more_frames_from_its_session(autojump_clock):
+    # Until the session took the detach, what it sent (an answer, say) went into the
+    # ended connection's outbox and was lost; refused, the session keeps the answer.
+    attached, told = [], []
+
+    class Session:
+        async def ask(self, message):
+            attached.append(message.outbox)
+            message.outbox.send_nowait({"type": "state", "state": "negotiating"})
+
+        def tell_nowait(self, message):
+            told.append(message)
+
+    await serve_signaling(Session())
+    [outbox] = attached
+    assert [type(message) for message in told] == [endpoint.DetachClient]
+    with pytest.raises(trio.BrokenResourceError):
+        outbox.send_nowait({"type": "answer", "negotiation": 1, "sdp": "v=0"})

@@ -152,9 +152,10 @@ def test_sessions_assigned_here_count_whatever_the_tower_reports():
     assert placement.load_of("a").sessions == 2
 
 
-def test_sessions_that_have_not_offered_count_on_top_of_the_towers_peers():
-    # Six peers on the tower, and four of this broker's sessions that have not offered:
-    # the tower is full, report after report.
+def test_sessions_not_answered_yet_count_on_top_of_the_towers_peers():
+    # Six peers on the tower, and four of this broker's sessions with no peer there yet:
+    # not offered, or their offers waiting their turn, through any number of reports
+    # (counted by the reports alone, the tower would be given twice its capacity).
     placement = placement_with(TowerLoad("a", 6, 10))
     for _ in range(4):
         assert placement.choose(now=0.0) == "a"
@@ -163,10 +164,18 @@ def test_sessions_that_have_not_offered_count_on_top_of_the_towers_peers():
         placement.report(TowerLoad("a", 6, 10), now=now)
         assert placement.load_of("a").sessions == 10
         assert placement.choose(now=now) is None
-    # One offers: its peer is in the next report, and it is no longer assigned.
+    # One is answered: it counts as answered until the next report, which has its peer.
     placement.unassign("a")
+    placement.answered("a")
+    assert placement.load_of("a").sessions == 10
     placement.report(TowerLoad("a", 7, 10), now=4.0)
     assert placement.load_of("a").sessions == 10
+    # Answered, then ended before that report: room again from the report on.
+    placement.unassign("a")
+    placement.answered("a")
+    assert placement.choose(now=4.0) is None
+    placement.report(TowerLoad("a", 7, 10), now=5.0)
+    assert placement.choose(now=5.0) == "a"
 
 
 def test_a_new_session_goes_only_to_a_tower_with_fewer_offers_unanswered_than_its_limit():

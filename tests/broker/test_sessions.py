@@ -475,8 +475,44 @@ async def test_a_session_that_may_get_video_counts_so_until_its_tower_weighs_it(
     load = broker.directory.placement.load_of("tower-1")
     assert (load.sessions, load.taken) == (1, broker.settings.video_weight)
     await connect(client, broker.towers["tower-1"], 1)
+    # Answered, it counts until the tower's next report, which would have its peer.
+    load = broker.directory.placement.load_of("tower-1")
+    assert (load.sessions, load.taken) == (1, broker.settings.video_weight)
+    await trio.sleep(1.5)  # past the next report
     load = broker.directory.placement.load_of("tower-1")
     assert (load.sessions, load.taken) == (0, 0)  # the fake tower reports no peer
+
+
+async def test_a_session_counts_on_its_tower_until_its_offer_is_answered(
+    autojump_clock, broker
+):
+    client = await broker.open_session()
+    await client.new_frames()
+    await offer(client, broker.towers["tower-1"], 1)
+    await trio.sleep(3)  # reports in which the tower has no peer for it: not answered
+    assert counted_on(broker) == {"tower-1": 1, "tower-2": 0}
+    broker.towers["tower-1"].answer(client.session_id, 1)
+    broker.towers["tower-1"].peer(client.session_id, 1, "connected")
+    await client.new_frames()
+    await trio.sleep(1.5)  # past the next report
+    assert counted_on(broker) == {"tower-1": 0, "tower-2": 0}
+    # A repair on the same tower counts again until its new offer is answered: the
+    # tower has let go of the old peer.
+    broker.towers["tower-1"].peer(client.session_id, 1, "failed", "ICE failed")
+    await client.wait_for_repair()
+    await trio.sleep(1.5)
+    assert counted_on(broker) == {"tower-1": 1, "tower-2": 0}
+    await connect(client, broker.towers["tower-1"], 2)
+    await trio.sleep(1.5)
+    assert counted_on(broker) == {"tower-1": 0, "tower-2": 0}
+    # An offer refused, then sent again corrected: counted again until answered.
+    refused = await broker.open_session("s-2", "tower-2")
+    await offer(refused, broker.towers["tower-2"], 1)
+    broker.towers["tower-2"].connection.deliver(PeerRejected("s-2", 1, "invalid_sdp", "no"))
+    await refused.new_frames()
+    await offer(refused, broker.towers["tower-2"], 1)
+    await trio.sleep(1.5)
+    assert counted_on(broker) == {"tower-1": 0, "tower-2": 1}
 
 
 async def test_a_lost_tower_moves_the_session_at_once(autojump_clock, broker):
@@ -484,10 +520,11 @@ async def test_a_lost_tower_moves_the_session_at_once(autojump_clock, broker):
     client = await broker.open_session()
     await client.new_frames()
     await trio.sleep(1)  # a load report since the session was placed
-    # Before it even offers, the session counts on its tower's load; from its offer on,
-    # the tower's reports count it (its peer: the fake towers report none).
+    # Before its offer is answered, the session counts on its tower's load; from the
+    # tower's next report on, the reports count it (its peer: the fake towers report none).
     assert counted_on(broker) == {"tower-1": 1, "tower-2": 0}
     await connect(client, first, 1)
+    await trio.sleep(1.5)  # past the next report
     assert counted_on(broker) == {"tower-1": 0, "tower-2": 0}
 
     broker.lose("tower-1")
@@ -511,7 +548,7 @@ async def test_a_lost_tower_moves_the_session_at_once(autojump_clock, broker):
 
     # One that never offers counts until it ends.
     waiting = await broker.open_session("s-2", "tower-2")
-    await trio.sleep(1)
+    await trio.sleep(1.5)  # past a report, which would have s-1's peer
     assert counted_on(broker) == {"tower-2": 1}  # tower-1 is gone
     await waiting.tell(CloseSession("closed by the client"))
     assert counted_on(broker) == {"tower-2": 0}
@@ -1028,8 +1065,53 @@ async def test_a_post_whose_session_fails_before_its_answer_is_answered_at_once(
         tower.connection.deliver(PeerRejected(opened.session, 1, "tower_full", "full"))
     error = outcome["error"]
     assert (error.status, error.code) == (503, "no_tower")
-    assert "tower_full: full" in error.message and "ended before its answer" in error.message
+    assert "tower_full: full" in error.message and "ended as it started" in error.message
     assert outcome["took"] < 1
+    await trio.testing.wait_all_tasks_blocked()
+    assert broker.counters.by_key["key"] == 0
+
+
+async def test_a_post_whose_tower_was_full_names_the_tower_it_moved_to(
+        autojump_clock, broker, monkeypatch):
+    monkeypatch.setattr(endpoint, "check_offer_sdp", lambda sdp: None)
+    api = api_for(broker)
+    await trio.testing.wait_all_tasks_blocked()  # the towers' first load reports
+    outcome: dict[str, Any] = {}
+
+    async def post() -> None:
+        outcome["created"] = await api._create("key", {"offer": OFFER})
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(post)
+        await trio.testing.wait_all_tasks_blocked()
+        [full] = [tower for tower in broker.towers.values() if tower.got(OpenPeer)]
+        [opened] = full.got(OpenPeer)
+        full.connection.deliver(PeerRejected(opened.session, 1, "tower_full", "full"))
+    [other] = [name for name in broker.towers if name != full.name]
+    created = outcome["created"]
+    assert (created["tower"], created["state"], created["answer"]) == (
+        other, "negotiating", None)
+
+
+async def test_a_post_with_nowhere_to_go_from_its_start_is_refused(
+        autojump_clock, broker, monkeypatch):
+    # A session whose tower was gone before it started, with no other ready, was
+    # returned 201 "failed" with a token.
+    api = api_for(broker)
+    await trio.testing.wait_all_tasks_blocked()
+    choose = broker.directory.choose
+
+    def choose_then_lose_every_tower(*args: Any, **kwargs: Any) -> Any:
+        chosen = choose(*args, **kwargs)
+        for name in broker.towers:
+            broker.lose(name)
+        return chosen
+
+    monkeypatch.setattr(broker.directory, "choose", choose_then_lose_every_tower)
+    with pytest.raises(endpoint.ApiError) as refused:
+        await api._create("key", {})
+    assert (refused.value.status, refused.value.code) == (503, "no_tower")
+    assert "ended as it started" in refused.value.message
     await trio.testing.wait_all_tasks_blocked()
     assert broker.counters.by_key["key"] == 0
 
