@@ -33,6 +33,7 @@ from typing import Any
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 # Characters that would need quoting in a remote shell, or break a config file line.
 _UNSAFE = re.compile(r"[\s'\"\\$`;&|<>(){}\[\]*?!#~]")
+_NOT_A_SPACE = re.compile(r"[^\S ]")  # whitespace other than a space
 
 
 def is_plain(text: str) -> bool:
@@ -76,10 +77,12 @@ def parse_hosts(entries: Sequence[Any]) -> tuple[Host, ...]:
         for other in hosts:
             if other.name == host.name:
                 raise InventoryError(f"hosts[{index}]: the name {host.name!r} is used twice")
-            if _directory(other) == _directory(host):
-                # One directory, one tower: two would keep replacing each other's files.
+            if _nested(_directory(other), _directory(host)):
+                # One directory, one tower: two would keep replacing each other's files,
+                # and taking out one would remove the other's (in it) too.
                 raise InventoryError(f"hosts[{index}] ({host.name}): {other.name} has its "
-                                     "tower in the same directory of the same machine")
+                                     "tower in the same directory of the same machine, or "
+                                     "in one inside the other")
             if (other.link_address, other.tower_port) == (host.link_address, host.tower_port):
                 raise InventoryError(f"hosts[{index}] ({host.name}): {other.name} listens "
                                      f"on the same address and tower_port")
@@ -91,6 +94,14 @@ def _directory(host: Host) -> tuple[str, int, str, str]:
     """Where the host's tower lives: a relative root is in its user's home."""
     root = posixpath.normpath(host.root)
     return (host.address, host.ssh_port, "" if root.startswith("/") else host.user, root)
+
+
+def _nested(one: tuple[str, int, str, str], other: tuple[str, int, str, str]) -> bool:
+    """Whether two towers' directories are one, or one is inside the other."""
+    if one[:3] != other[:3]:
+        return False
+    first, second = one[3].rstrip("/"), other[3].rstrip("/")
+    return first == second or first.startswith(second + "/") or second.startswith(first + "/")
 
 
 # System directories a tower's root must not be, nor be in: provisioning makes its root
@@ -143,7 +154,9 @@ def parse_host(entry: Any, where: str = "host") -> Host:
             # A zone (fe80::1%eth0) takes any text, and NGINX's listen takes none.
             raise InventoryError(f"{where}: tower_address must be an IP address without "
                                  "a zone")
-    if not host.tower_command.strip() or any(
+    # Words apart by spaces only: a newline would end the command it is put in on the
+    # host, and start another.
+    if not host.tower_command.strip() or _NOT_A_SPACE.search(host.tower_command) or any(
         _UNSAFE.search(word) for word in host.tower_command.split()
     ):
         raise InventoryError(f"{where}: tower_command must be plain words")
@@ -162,6 +175,10 @@ def parse_host(entry: Any, where: str = "host") -> Host:
         import asyncssh  # only to check keys: the command line loads without it
 
         try:
+            if any(end in host.host_key.strip() for end in "\r\n"):
+                # Only the first would be checked, and every line pinned: another key, or
+                # a certificate authority the host could then show a certificate of.
+                raise ValueError("more than one line")
             asyncssh.import_public_key(host.host_key)
         except (asyncssh.KeyImportError, ValueError):
             raise InventoryError(

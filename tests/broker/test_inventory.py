@@ -158,14 +158,25 @@ def test_a_name_used_twice_is_refused_naming_the_second_entry():
     assert "used twice" in config_refusal(*entries)
 
 
-@pytest.mark.parametrize("second", [
-    entry(name="tower-eu-2", tower_port=8444),  # the same user's home, the same root
-    entry(name="tower-eu-2", tower_port=8444, user="other", root="/opt/tower"),
+@pytest.mark.parametrize("first, second", [
+    # The same user's home, the same root.
+    (entry(), entry(name="tower-eu-2", tower_port=8444)),
+    (entry(root="/opt/tower"),
+     entry(name="tower-eu-2", tower_port=8444, user="other", root="/opt/tower")),
+    # One inside the other: taking out the first would remove the second's directory.
+    (entry(root="towers"), entry(name="tower-eu-2", tower_port=8444, root="towers/nginx")),
+    (entry(root="/opt/towers/eu-2/x"),
+     entry(name="tower-eu-2", tower_port=8444, root="/opt/towers/eu-2")),
 ])
-def test_two_towers_in_one_directory_of_one_machine_are_refused(second):
-    first = entry(root="/opt/tower") if second["user"] == "other" else entry()
+def test_two_towers_in_one_directory_of_one_machine_are_refused(first, second):
     message = config_refusal(first, second)
     assert "hosts[1] (tower-eu-2): tower-eu-1 has its tower in the same directory" in message
+
+
+def test_towers_in_directories_side_by_side_are_taken():
+    hosts = parse_hosts([entry(root="/opt/towers/eu-1"),
+                         entry(name="tower-eu-2", tower_port=8444, root="/opt/towers/eu-10")])
+    assert len(hosts) == 2
 
 
 def test_two_towers_on_one_machine_need_their_own_directory_and_port():
@@ -229,6 +240,8 @@ def test_a_root_with_a_colon_is_refused():
 @pytest.mark.parametrize("command", [
     "broker; rm -rf /", "broker $(id)", "broker `id`", "'broker'", 'broker "x"',
     "broker && id", "broker | tee", "", "   ",
+    # A newline ends the command on the host, and the next line runs on its own.
+    "broker\nrm -rf x", "broker\trm", "broker\r",
 ])
 def test_an_unsafe_or_empty_tower_command_is_refused(command):
     assert "tower_command must be plain words" in refusal(entry(tower_command=command))
@@ -269,3 +282,10 @@ def test_a_host_key_must_be_a_type_and_a_key(key):
 @pytest.mark.parametrize("key", ["ssh-ed25519 not-base64!!", "10.0.0.7 " + KEY, "hello world"])
 def test_a_host_key_that_is_no_public_key_is_refused(key):
     refusal(entry(host_key=key))
+
+
+@pytest.mark.parametrize("extra", ["\n@cert-authority * " + KEY, "\n* " + KEY, "\r\n" + KEY])
+def test_a_host_key_of_more_than_one_line_is_refused(extra):
+    # Only its first line was checked, and every line pinned: a second key, or a CA
+    # whose certificates the host could then show.
+    assert "host_key is a public key line" in refusal(entry(host_key=KEY + extra))
