@@ -125,6 +125,8 @@ class HostState(Enum):
 
 _WORKING = (HostState.PROVISIONING, HostState.DECOMMISSIONING)
 _TOO_LATE_TO_CANCEL = ("hand-over", "done")
+# A decommission's steps once its tower is unlinked (see ``JobSteps._plan``).
+_AFTER_UNLINK = ("revoke", "connect", "stop")
 
 
 @dataclass
@@ -388,21 +390,27 @@ class Job(Supervisor):
 
     def release(self, exit: Exit) -> None:
         # A provisioning that did not finish (failed, cancelled, killed, cut short) leaves
-        # the tower no valid certificate: each attempt may have had one issued.
+        # the tower no valid certificate: each attempt may have had one issued. So does
+        # a decommission stopped once its tower was unlinked: the agent may run on.
         name, board = self.host.name, self.context.board
-        if self.plan != "provision" or board.get(name).state is HostState.READY:
+        record = board.get(name)
+        if self.plan == "provision":
+            if record.state is HostState.READY:
+                return
+            provisioning = _provisioning_of(self)
+            if provisioning is not None:
+                with contextlib.suppress(ActorStopped, MailboxFull):  # the broker stopping
+                    provisioning.tell_nowait(_Unfinished(name))
+        elif record.state is HostState.FREE or record.step not in _AFTER_UNLINK:
             return
-        provisioning = _provisioning_of(self)
-        if provisioning is not None:
-            with contextlib.suppress(ActorStopped, MailboxFull):  # the broker stopping
-                provisioning.tell_nowait(_Unfinished(name))
         try:
             revoked = self.context.issuer.revoke(name)
         except (OSError, CertificateError) as error:
             board.event(f"{name}: its certificates could not be revoked: {error}")
             return
         if revoked:
-            board.event(f"{name}: revoked {len(revoked)} certificate(s): its provisioning "
+            job = "provisioning" if self.plan == "provision" else "decommission"
+            board.event(f"{name}: revoked {len(revoked)} certificate(s): its {job} "
                         "did not finish")
 
     async def escalate(self, child: str, exit: Exit) -> bool:

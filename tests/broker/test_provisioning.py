@@ -202,6 +202,42 @@ async def test_a_tower_whose_job_ended_unfinished_stops_linking(autojump_clock, 
     assert jobs.system.lookup("/broker/towers/tower:tower-a") is None
 
 
+async def test_a_decommission_cancelled_once_its_tower_is_unlinked_revokes_it(
+    autojump_clock, jobs, plan
+):
+    # The tower no longer linked, its agent running on: its certificate must not link.
+    _key, csr = generate_key_and_csr("tower-a")
+    jobs.issuer.sign(csr, "tower-a")
+    jobs.board.set("tower-a", HostState.READY)
+
+    async def unlink() -> None:
+        pass
+
+    plan(lambda steps: [("unlink", unlink), ("revoke", trio.sleep_forever)])
+    assert (await jobs.provisioning.ask(Decommission("tower-a"))).ok
+    await trio.sleep(1)
+    assert (await jobs.provisioning.ask(Cancel("tower-a"))).ok
+    await trio.sleep(1)
+    assert jobs.board.get("tower-a").state is HostState.CANCELLED
+    [record] = jobs.issuer.records()
+    assert record.revoked
+
+
+async def test_a_decommission_cancelled_before_its_tower_is_unlinked_keeps_it(
+    autojump_clock, jobs, plan
+):
+    _key, csr = generate_key_and_csr("tower-a")
+    jobs.issuer.sign(csr, "tower-a")
+    jobs.board.set("tower-a", HostState.READY)
+    plan(lambda steps: [("unlink", trio.sleep_forever)])
+    assert (await jobs.provisioning.ask(Decommission("tower-a"))).ok
+    await trio.sleep(1)
+    assert (await jobs.provisioning.ask(Cancel("tower-a"))).ok
+    await trio.sleep(1)
+    [record] = jobs.issuer.records()
+    assert not record.revoked
+
+
 class Linking(Actor):
     """Stands in for a remote tower that keeps trying to link."""
 
