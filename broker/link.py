@@ -44,6 +44,9 @@ APPLICATIONS = {"echo": False, "demo": True}
 # The most ICE candidates an offer may carry in its SDP, and the most a client may
 # trickle after it: each is an address the tower's ICE checks (PROTOCOL.md).
 MAX_CANDIDATES = 100
+# The most media and data sections an offer may have: the tower answers each, and an
+# answer must fit one link frame (a browser offers a few).
+MAX_MEDIA_SECTIONS = 16
 
 
 def session_weight(application: str, video_weight: int, capacity: int) -> int:

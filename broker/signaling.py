@@ -19,7 +19,7 @@ from typing import Any
 
 from aiortc.sdp import SessionDescription
 
-from .link import MAX_CANDIDATES
+from .link import MAX_CANDIDATES, MAX_MEDIA_SECTIONS
 from .sessions import ClientCandidate, ClientOffer, CloseSession
 
 MAX_FRAME_BYTES = 64 * 1024
@@ -125,6 +125,9 @@ def check_offer_sdp(sdp: str) -> None:
         raise SignalingError("invalid_sdp", f"the SDP does not parse: {error}") from None
     if not description.media:
         raise SignalingError("invalid_sdp", "the SDP has no media or data section")
+    if len(description.media) > MAX_MEDIA_SECTIONS:
+        raise SignalingError(
+            "invalid_sdp", f"more than {MAX_MEDIA_SECTIONS} media and data sections")
     for media in description.media:
         if media.kind == "application" and not (media.dtls and media.dtls.fingerprints):
             raise SignalingError("invalid_sdp", "the data section has no DTLS fingerprint")

@@ -30,6 +30,7 @@ import contextlib
 import fcntl
 import functools
 import logging
+import math
 import os
 import socket
 import ssl
@@ -576,24 +577,25 @@ def load_agent_config(path: Path) -> AgentSettings:
     try:
         with open(path, "rb") as file:
             values = tomllib.load(file)
+        # Absent from the files of towers provisioned before they were written there.
+        values.setdefault("negotiation_deadline", PeerSettings.negotiation_deadline)
+        values.setdefault("video_weight", Settings.video_weight)
+        values.setdefault("check", [])
         peer = PeerSettings(
-            float(values["heartbeat_interval"]), float(values["heartbeat_timeout"]),
-            tower=str(values["name"]),
-            # Absent from the files of towers provisioned before it was written there.
-            negotiation_deadline=float(
-                values.get("negotiation_deadline", PeerSettings.negotiation_deadline)),
+            _seconds(values, "heartbeat_interval"), _seconds(values, "heartbeat_timeout"),
+            tower=_text(values, "name"),
+            negotiation_deadline=_seconds(values, "negotiation_deadline"),
         )
         return AgentSettings(
-            name=str(values["name"]),
-            identity=Path(values["identity"]),
-            socket=Path(values["socket"]),
-            check=tuple(str(word) for word in values.get("check", ())),
-            reload=tuple(str(word) for word in values["reload"]),
+            name=_text(values, "name"),
+            identity=Path(_text(values, "identity")),
+            socket=Path(_text(values, "socket")),
+            check=_command(values, "check"),
+            reload=_command(values, "reload"),
             key_type=_key_type(values.get("key_type", "ec")),
-            capacity=int(values["capacity"]),
-            # Absent from the files of towers provisioned before it was written there.
-            video_weight=int(values.get("video_weight", Settings.video_weight)),
-            load_interval=float(values["load_interval"]),
+            capacity=_count(values, "capacity"),
+            video_weight=_count(values, "video_weight"),
+            load_interval=_seconds(values, "load_interval"),
             peer=peer,
         )
     except OSError as error:
@@ -604,6 +606,39 @@ def load_agent_config(path: Path) -> AgentSettings:
         raise ValueError(f"{path} has no {error.args[0]!r}") from None
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: {error}") from None
+
+
+# The agent's settings by type: a value of another kind (a command as one string, a
+# capacity of 2.9) is refused by name, not turned into something else.
+
+
+def _text(values: dict[str, Any], key: str) -> str:
+    value = values[key]
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{key} must be a non-empty string, not {value!r}")
+    return value
+
+
+def _command(values: dict[str, Any], key: str) -> tuple[str, ...]:
+    value = values[key]
+    if not isinstance(value, list) or not all(isinstance(word, str) for word in value):
+        raise ValueError(f"{key} must be a command as a list of words, not {value!r}")
+    return tuple(value)
+
+
+def _count(values: dict[str, Any], key: str) -> int:
+    value = values[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key} must be a whole number of at least 1, not {value!r}")
+    return value
+
+
+def _seconds(values: dict[str, Any], key: str) -> float:
+    value = values[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            math.isfinite(value) and value > 0):
+        raise ValueError(f"{key} must be a number of seconds above 0, not {value!r}")
+    return float(value)
 
 
 def _key_type(value: Any) -> KeyType:

@@ -47,10 +47,10 @@ from aiortc.rtcsctptransport import (
 from aiortc.sdp import SessionDescription, candidate_from_sdp
 
 from ..config import check_ice_servers
-from ..link import MAX_CANDIDATES
+from ..link import MAX_CANDIDATES, MAX_MEDIA_SECTIONS
 from .dtls import peer_connection
 from .media import SyntheticVideoTrack
-from .sctp import bundle_acknowledgements
+from .sctp import bundle_acknowledgements, track_received_tsns
 
 __all__ = [
     "APPLICATIONS",
@@ -79,6 +79,9 @@ MAX_CHANNEL_NAMING = 1024
 # fragments of a packet hold about 900).
 MAX_INBOUND_STREAMS = 2 * MAX_CHANNELS
 MAX_CHUNKS_HELD = 8192
+# Chunks received past a TSN the client has not sent (delivered if unordered, but each
+# acknowledgement lists them all): the same few thousand behind one lost packet.
+MAX_CHUNKS_PAST_A_GAP = 4096
 MAX_FRAGMENTS_HELD = 1024
 # With more chunks held than that, the fragments are counted again this often.
 _FRAGMENT_COUNT_EVERY = 64
@@ -340,6 +343,7 @@ class TowerPeer:
         sctp = self._connection.sctp
         if sctp is not None:  # an offer with data channels
             self._guard_messages(sctp)
+            track_received_tsns(sctp)
             bundle_acknowledgements(sctp)
         for track in self._application.media(kinds):
             self._connection.addTrack(track)
@@ -379,8 +383,10 @@ class TowerPeer:
         endless message took the whole tower's CPU and memory.
         """
         receive, deliver = sctp._receive_data_chunk, sctp._receive
+        forward = sctp._receive_forward_tsn_chunk
         window = sctp._advertised_rwnd
         too_large = f"the client sent a message over {MAX_MESSAGE_SIZE} bytes"
+        too_many_streams = f"the client sent on more than {MAX_INBOUND_STREAMS} streams"
         count_fragments_at = MAX_FRAGMENTS_HELD
 
         def fail(why: str) -> None:
@@ -401,7 +407,11 @@ class TowerPeer:
             await receive(chunk)
             streams = sctp._inbound_streams
             if len(streams) > MAX_INBOUND_STREAMS:
-                fail(f"the client sent on more than {MAX_INBOUND_STREAMS} streams")
+                fail(too_many_streams)
+                return
+            if len(sctp._sack_misordered) > MAX_CHUNKS_PAST_A_GAP:
+                fail(f"the client sent more than {MAX_CHUNKS_PAST_A_GAP} chunks past one "
+                     "it has not sent")
                 return
             chunks = sum(len(stream.reassembly) for stream in streams.values())
             if chunks > MAX_CHUNKS_HELD:
@@ -433,7 +443,20 @@ class TowerPeer:
             if not failing():
                 await deliver(stream_id, pp_id, data)
 
+        async def guarded_forward(chunk: Any) -> None:
+            # A FORWARD-TSN opens a stream for each it names, as a DATA chunk does, and
+            # aiortc then goes through every stream for each one that comes.
+            if failing():
+                return
+            streams = sctp._inbound_streams
+            named = {stream_id for stream_id, _ in chunk.streams}
+            if len(streams.keys() | named) > MAX_INBOUND_STREAMS:
+                fail(too_many_streams)
+                return
+            await forward(chunk)
+
         sctp._receive_data_chunk = guarded
+        sctp._receive_forward_tsn_chunk = guarded_forward
         sctp._receive = checked
 
     async def _add_quietly(self, candidate: RTCIceCandidate | None) -> None:
@@ -653,6 +676,9 @@ def _check_offer(offer_sdp: str) -> None:
         raise ValueError(f"the offer is not valid SDP ({type(error).__name__})") from None
     if not description.media:
         raise ValueError("the offer is not valid SDP: it has no media sections")
+    if len(description.media) > MAX_MEDIA_SECTIONS:
+        # Answered, more would not fit the link's frame (300 sections: 314 KB).
+        raise ValueError(f"more than {MAX_MEDIA_SECTIONS} media and data sections")
     if sum(len(media.ice_candidates) for media in description.media) > MAX_CANDIDATES:
         raise ValueError(f"more than {MAX_CANDIDATES} candidates in the offer")
     mids = {media.rtp.muxId for media in description.media}

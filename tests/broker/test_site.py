@@ -342,8 +342,15 @@ def test_nginx_refuses_the_configuration_without_the_tower_identity(home, author
 
 @pytest.mark.parametrize("line, complaint", [
     ('key_type = "dsa"', "key_type is 'ec' or 'rsa'"),
-    ("capacity = [1]", "int()"),
-    ('load_interval = "soon"', "could not convert"),
+    ("capacity = [1]", "capacity must be a whole number of at least 1"),
+    ('load_interval = "soon"', "load_interval must be a number of seconds"),
+    # Of another type, a value was turned into something else: a command of one
+    # letter each, a capacity rounded down, true taken as 1.
+    ('reload = "systemctl reload nginx"', "reload must be a command as a list of words"),
+    ('check = "nginx -t"', "check must be a command as a list of words"),
+    ("capacity = 2.9", "capacity must be a whole number of at least 1, not 2.9"),
+    ("video_weight = true", "video_weight must be a whole number of at least 1, not True"),
+    ('name = ""', "name must be a non-empty string"),
     ("negotiation_deadline = 0.0", "negotiation_deadline must be a number of seconds"),
     ("heartbeat_timeout = nan", "heartbeat_timeout must be a number of seconds"),
 ])

@@ -23,8 +23,10 @@ from aiortc import (
 from aiortc.rtcsctptransport import (
     SCTP_DATA_FIRST_FRAG,
     SCTP_DATA_LAST_FRAG,
+    SCTP_DATA_UNORDERED,
     WEBRTC_BINARY,
     DataChunk,
+    ForwardTsnChunk,
 )
 
 from broker.tower import application as tower_application
@@ -41,7 +43,7 @@ from broker.tower.application import (
     rtc_configuration,
 )
 
-from ..test_signaling import with_candidates
+from ..test_signaling import with_candidates, with_sections
 
 INTERVAL = 0.2
 TIMEOUT = 1.0
@@ -825,6 +827,17 @@ def test_an_mdns_candidate_is_known_whatever_the_white_space():
     assert [candidate.port for candidate in later if candidate is not None] == [54321]
 
 
+def test_an_offer_of_more_sections_than_an_answer_can_carry_is_refused():
+    # Answered, 300 sections made 314 KB, over the link's largest frame: the peer
+    # crashed sending it, and no refusal reached the broker.
+    async def scenario():
+        offer = with_sections(await _offer_from_a_client(), 17)
+        with pytest.raises(ValueError, match="more than 16 media and data sections"):
+            await answer_offer(offer, application=EchoApplication(), on_event=Events())
+
+    run(scenario)
+
+
 def test_an_offer_bundling_a_section_it_does_not_have_is_refused():
     # aiortc failed on it inside createAnswer, past the refusals a broker expects.
     async def scenario():
@@ -835,9 +848,9 @@ def test_an_offer_bundling_a_section_it_does_not_have_is_refused():
     run(scenario)
 
 
-def _complete_messages(client: Client, count: int) -> list[DataChunk]:
+def _complete_messages(client: Client, count: int, flags: int = 0) -> list[DataChunk]:
     """``count`` small whole messages on the echo channel, in order, with TSNs and
-    sequence numbers the client will not use again."""
+    sequence numbers the client will not use again (``flags``: also these)."""
     sctp = client.connection.sctp
     stream = client.echo.id
     first, sequence = sctp._local_tsn, sctp._outbound_stream_seq.get(stream, 0)
@@ -845,7 +858,7 @@ def _complete_messages(client: Client, count: int) -> list[DataChunk]:
     sctp._outbound_stream_seq[stream] = (sequence + count) % 65536
     chunks = []
     for index in range(count):
-        chunk = DataChunk(flags=SCTP_DATA_FIRST_FRAG | SCTP_DATA_LAST_FRAG)
+        chunk = DataChunk(flags=SCTP_DATA_FIRST_FRAG | SCTP_DATA_LAST_FRAG | flags)
         chunk.tsn, chunk.stream_id, chunk.protocol = first + index, stream, WEBRTC_BINARY
         chunk.stream_seq = (sequence + index) % 65536
         chunk.user_data = b"m%d" % index
@@ -853,24 +866,69 @@ def _complete_messages(client: Client, count: int) -> list[DataChunk]:
     return chunks
 
 
-@pytest.mark.parametrize(("count", "why"), [
-    (1100, None),  # a browser's burst behind one lost packet: delivered once it comes
-    (8300, "the client left more than 8192 chunks waiting"),
-], ids=["burst", "endless"])
-def test_small_messages_behind_a_lost_packet_wait_up_to_a_bound(count, why):
+async def _send_in_packets(client: Client, chunks: list[DataChunk]) -> None:
+    """Send ``chunks`` from the client's association, 40 to a packet."""
+    sctp = client.connection.sctp
+    for at in range(0, len(chunks), 40):
+        await sctp.transport._send_data(packet(sctp, *chunks[at:at + 40]))
+        await asyncio.sleep(0)
+
+
+PAST_A_GAP = "the client sent more than 4096 chunks past one it has not sent"
+
+
+@pytest.mark.parametrize(("count", "flags", "why"), [
+    # A browser's burst behind one lost packet: delivered once it comes.
+    (1100, 0, None),
+    (1100, SCTP_DATA_UNORDERED, None),
+    # Held, or delivered at once if unordered: each chunk past the gap is listed in
+    # every acknowledgement, and aiortc went through all of them again for each chunk
+    # (3 ms a chunk at 30,000, on the loop of every session of the tower).
+    (4200, 0, PAST_A_GAP),
+    (4200, SCTP_DATA_UNORDERED, PAST_A_GAP),
+], ids=["burst", "unordered burst", "endless", "endless unordered"])
+def test_small_messages_behind_a_lost_packet_wait_up_to_a_bound(count, flags, why):
     async def scenario():
         async with session() as (client, peer, events):
             sctp = client.connection.sctp
-            lost, *rest = _complete_messages(client, count)
-            for at in range(0, len(rest), 40):
-                await sctp.transport._send_data(packet(sctp, *rest[at:at + 40]))
-                await asyncio.sleep(0)
+            lost, *rest = _complete_messages(client, count, flags)
+            await _send_in_packets(client, rest)
             if why is not None:
                 assert (await events.wait_for("failed")).detail == why
                 return
             await sctp.transport._send_data(packet(sctp, lost))  # its retransmission
             await client.wait_for_echoes(count)
             assert "failed" not in events.kinds()
+
+    run(scenario)
+
+
+def test_messages_held_behind_one_never_finished_fail_the_peer_past_a_bound():
+    # In order, no gap: the stream waits for a message whose last fragment never comes.
+    async def scenario():
+        async with session() as (client, peer, events):
+            unfinished, *rest = _complete_messages(client, 8300)
+            unfinished.flags = SCTP_DATA_FIRST_FRAG
+            await _send_in_packets(client, [unfinished, *rest])
+            failed = await events.wait_for("failed")
+            assert failed.detail == "the client left more than 8192 chunks waiting"
+
+    run(scenario)
+
+
+def test_a_forward_tsn_naming_more_streams_than_a_client_may_use_fails_the_peer():
+    # Each stream it names is opened, past the cap DATA chunks are held to, and aiortc
+    # then goes through every stream for each FORWARD-TSN (36 ms each at 60,000).
+    async def scenario():
+        async with session() as (client, peer, events):
+            sctp = client.connection.sctp
+            forward = ForwardTsnChunk()
+            forward.cumulative_tsn = sctp._local_tsn
+            forward.streams = [(stream, 0) for stream in range(100, 400)]
+            await sctp.transport._send_data(packet(sctp, forward))
+            failed = await events.wait_for("failed")
+            assert failed.detail == "the client sent on more than 32 streams"
+            assert len(peer._connection.sctp._inbound_streams) <= 32
 
     run(scenario)
 
