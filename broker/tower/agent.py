@@ -349,21 +349,24 @@ class CommunicationServer(Actor):
         weight = session_weight(request.application, self.settings.video_weight,
                                 self.settings.capacity)
         previous = self.peers_by_session.get(request.session)
-        if previous is not None:
-            if request.negotiation < previous.negotiation:
-                # Never from a broker that works: its negotiations only count up.
-                await self.uplink.send(LinkError(
-                    f"an offer for negotiation {request.negotiation} of {request.session}, "
-                    f"whose peer is at negotiation {previous.negotiation}: not taken"))
-                return
-            self._close(request.session, previous.negotiation)
-        elif self.used + weight > self.settings.capacity:
+        if previous is not None and request.negotiation < previous.negotiation:
+            # Never from a broker that works: its negotiations only count up.
+            await self.uplink.send(LinkError(
+                f"an offer for negotiation {request.negotiation} of {request.session}, "
+                f"whose peer is at negotiation {previous.negotiation}: not taken"))
+            return
+        # A session negotiating again gives back what its last peer took (a session of
+        # the video application answered without video took one place, not its weight).
+        freed = 0 if previous is None else previous.weight
+        if self.used - freed + weight > self.settings.capacity:
             # The broker places by this tower's reports, which lag: the offer goes
             # elsewhere, and the peers here are not overloaded.
             await self.uplink.send(PeerRejected(
                 request.session, request.negotiation, TOWER_FULL,
                 f"{self.settings.name} is full (capacity {self.settings.capacity})"))
             return
+        if previous is not None:
+            self._close(request.session, previous.negotiation)
         self.opened += 1
         # Unique even when a refused offer's peer is still on its way out.
         name = f"peer:{request.session}:{request.negotiation}:{self.opened}"

@@ -461,6 +461,7 @@ def test_a_session_sent_video_takes_the_video_weight_of_the_capacity(
     async def main():
         async with client_peer(video=True) as watcher, client_peer(video=True) as second, \
                 client_peer() as chat, client_peer() as another, client_peer() as quiet, \
+                client_peer() as fourth, \
                 open_link(agent_for_video, credentials.context(credentials.broker)) as link:
             await receive(link, TowerHello)
             # The first video offer is not answered yet when the second comes: it already
@@ -492,6 +493,17 @@ def test_a_session_sent_video_takes_the_video_weight_of_the_capacity(
             await receive(link, PeerState, where=lambda m: m.state == "connected")
             report = await receive(link, TowerLoadReport, where=lambda m: m.sessions == 2)
             assert report.used == 2
+            # Negotiating again, it may get video: 25, with the data session's 1 and
+            # another's, is past 26. It is refused; its peer stays until it moves.
+            await offer_over(link, fourth, session="s-6")
+            await receive(link, PeerState, where=lambda m: m.state == "connected")
+            offer = await bridge.call_asyncio(quiet.offer)
+            await link.send_message(codec.encode(OpenPeer("s-5", 2, offer, "demo")))
+            rejected = await receive(link, PeerRejected)
+            assert (rejected.session, rejected.negotiation, rejected.code) == (
+                "s-5", 2, "tower_full")
+            report = await receive(link, TowerLoadReport, where=lambda m: m.sessions == 3)
+            assert report.used == 3
 
     run(main)
 
