@@ -175,7 +175,8 @@ def parse_host(entry: Any, where: str = "host") -> Host:
         import asyncssh  # only to check keys: the command line loads without it
 
         try:
-            if any(end in host.host_key.strip() for end in "\r\n"):
+            # Any line break Python knows (known_hosts is read with splitlines).
+            if len(host.host_key.strip().splitlines()) != 1:
                 # Only the first would be checked, and every line pinned: another key, or
                 # a certificate authority the host could then show a certificate of.
                 raise ValueError("more than one line")

@@ -74,7 +74,8 @@ class TowerHello:
 @codec.message("tower.load")
 @dataclass(frozen=True)
 class TowerLoadReport:
-    """Sessions open on the tower now; also the link's heartbeat.
+    """Sessions open on the tower now, those whose offers it has answered (the broker
+    counts its own until their answer); also the link's heartbeat.
 
     ``used`` is how much of the capacity they take: a session the tower sends video to
     counts as the tower's ``video_weight`` sessions, one with data only as one. A tower

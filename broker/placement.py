@@ -8,11 +8,11 @@ the rest, two are drawn at random and the less loaded wins ("power of two choice
 LiveKit places rooms): nearly as even as always taking the least loaded tower, without
 every broker piling onto the same one between two reports. A session placed since a
 tower's last report counts against that tower until its next report, so a burst of
-arrivals spreads out. A tower reports the sessions it has made a peer for; each of the
-broker's sessions there counts on top of those from the start of its negotiation until
-its offer is answered (``assign``, ``unassign``: its offer may wait its turn through
-many reports), then as answered until the tower's next report, which has its peer
-(``answered``).
+arrivals spreads out. A tower reports the sessions whose offers it has answered; each
+of the broker's sessions there counts on top of those from its start (or from its
+offer, once it has offered) until its offer is answered (``assign``, ``unassign``: the
+offer may wait its turn through many reports), then as answered until the tower's next
+report, which counts it (``answered``).
 
 A tower also answers only so many offers at once: an offer counts against its tower from
 the placement of its session (its first offer is coming) or from when it is sent there,
@@ -86,9 +86,9 @@ class _Standing:
     placed_since_report: _Count = field(default_factory=_Count)
     answered_since_report: _Count = field(default_factory=_Count)
 
-    # The report counts peers. The sessions whose offer is not answered yet are not
-    # among them, nor those answered since. Those placed since the report are among
-    # these two, or are about to be assigned.
+    # The report counts the sessions answered before it. Those whose offer is not
+    # answered yet are not among them, nor those answered since. Those placed since the
+    # report are among these two, or are about to be assigned.
 
     @property
     def sessions(self) -> int:

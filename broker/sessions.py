@@ -189,10 +189,13 @@ class Session(Supervisor):
         self.negotiation: ActorRef | None = None
         self.counted_state = self.lifecycle.state
         self.counting = False
-        # The tower whose load counts this session (``Placement.assign``): from the
-        # start of each negotiation until its offer is answered, refused or given up
-        # (then the tower's reports count it, by its peer).
+        # The tower whose load counts this session (``Placement.assign``): from its start
+        # (or from each offer, once it has offered) until the tower answers the offer,
+        # refuses it or the negotiation ends; then the tower's reports count it. (Counted
+        # from each repair's start, a client gone without a word would hold its place
+        # through every restart on every tower it is moved to.)
         self.counted_on: str | None = None
+        self.offered = False
         # The tower its offer waits on for an answer (``Placement.offer_sent``); from its
         # making, as the endpoint placed it with its first offer coming (in the request,
         # or on the socket), until that offer is answered or given up.
@@ -244,6 +247,7 @@ class Session(Supervisor):
             decisions = lifecycle.offer(message.sdp, message.negotiation)
             if isinstance(decisions[0], ForwardOffer):
                 # Also an offer sent again, corrected, after its tower refused the last.
+                self.offered = True
                 self._offer_on(lifecycle.tower)
                 self._count_on(lifecycle.tower)
             if message.reply is not None:
@@ -309,7 +313,8 @@ class Session(Supervisor):
             tower = self._move()
             if tower is None:
                 return None
-        self._count_on(tower.name)
+        if not self.offered:
+            self._count_on(tower.name)
         decisions = lifecycle.negotiation_started(number)
         self.counters.negotiation_started()
         self._send_all(decisions)

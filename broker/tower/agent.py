@@ -167,6 +167,9 @@ class PeerEntry:
     # What it takes of the tower's capacity (``link.session_weight``): as much as its
     # application may need until answered, then what its media does.
     weight: int = 1
+    # Whether its offer has been answered: reported from then on (until then its
+    # broker counts it, and a report counting it too would count it twice).
+    answered: bool = False
 
 
 class CommunicationServer(Actor):
@@ -297,10 +300,11 @@ class CommunicationServer(Actor):
         process = psutil.Process()
         while True:
             usage = process_usage(process)
+            answered = [entry for entry in self.peers_by_session.values() if entry.answered]
             await self.uplink.send(TowerLoadReport(
-                len(self.peers_by_session), self.settings.capacity,
+                len(answered), self.settings.capacity,
                 cpu_seconds=usage.cpu_seconds, resident_bytes=usage.resident_bytes,
-                used=self.used,
+                used=sum(entry.weight for entry in answered),
             ))
             await trio.sleep(self.settings.load_interval)
 
@@ -412,7 +416,7 @@ class CommunicationServer(Actor):
             if entry is not None and entry.ref == message.peer:
                 weight = (min(self.settings.video_weight, self.settings.capacity)
                           if message.sends_video else 1)
-                self._record(session, replace(entry, weight=weight))
+                self._record(session, replace(entry, weight=weight, answered=True))
             return None
         if not isinstance(message, Down):
             return await super().receive(message)

@@ -284,7 +284,11 @@ def test_a_host_key_that_is_no_public_key_is_refused(key):
     refusal(entry(host_key=key))
 
 
-@pytest.mark.parametrize("extra", ["\n@cert-authority * " + KEY, "\n* " + KEY, "\r\n" + KEY])
+@pytest.mark.parametrize("extra", [
+    "\n@cert-authority * " + KEY, "\n* " + KEY, "\r\n" + KEY,
+    # Line breaks to str.splitlines, which reads the known hosts, if not to a shell.
+    " c\x0b@cert-authority * " + KEY, " c\x0c* " + KEY, " c\x1c* " + KEY, " c\u2028* " + KEY,
+])
 def test_a_host_key_of_more_than_one_line_is_refused(extra):
     # Only its first line was checked, and every line pinned: a second key, or a CA
     # whose certificates the host could then show.

@@ -5,6 +5,7 @@ agent process over TLS."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -92,6 +93,34 @@ def test_a_link_replaced_while_a_peer_starts_leaves_no_peer_behind(monkeypatch):
                     with trio.fail_after(DEADLINE):
                         while peer_actors(system):
                             await trio.sleep(0.05)
+        await bridge.call_asyncio(client.close)
+
+    bridge.run(main, handle_signals=False)
+
+
+def test_a_session_is_reported_once_its_offer_is_answered(monkeypatch):
+    """Until its answer the broker counts the session itself: counted in the tower's
+    reports too, it would be counted twice (a video session 50 of a tower's places)."""
+    answer_offer = tower_peer.answer_offer
+
+    async def slow_answer(*args, **kwargs):
+        await asyncio.sleep(1.0)  # a second of load reports, every 0.2 s
+        return await answer_offer(*args, **kwargs)
+
+    monkeypatch.setattr(tower_peer, "answer_offer", slow_answer)
+
+    async def main():
+        client = await bridge.call_asyncio(new_peer)
+        offer = await bridge.call_asyncio(client.offer)
+        async with agent() as (system, port), link(port) as broker:
+            await receive(broker, TowerHello)
+            await broker.send_message(codec.encode(OpenPeer("s-1", 1, offer, "echo")))
+            for _ in range(3):  # reports while the offer is being answered
+                report = await receive(broker, TowerLoadReport)
+                assert (report.sessions, report.used) == (0, 0)
+            await receive(broker, PeerAnswer)
+            report = await receive(broker, TowerLoadReport, where=lambda m: m.sessions == 1)
+            assert report.used == 1
         await bridge.call_asyncio(client.close)
 
     bridge.run(main, handle_signals=False)
