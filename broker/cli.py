@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--duration", type=float, default=30.0,
                       help="seconds with every session up, after the ramp")
     load.add_argument("--message-rate", type=float, default=1.0,
-                      help="data channel messages per session per second")
+                      help="data channel messages per session per second (a tower "
+                           "fails a client's peer past 256)")
     load.add_argument("--message-size", type=int, default=100, help="bytes per message")
     load.add_argument("--workers", type=int, default=2, help="load generator processes")
     load.add_argument("--media", action="store_true",

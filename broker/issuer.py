@@ -6,9 +6,9 @@ the state directory: serial, tower, expiry, and whether it is revoked. A tower h
 key in use: a certificate for a new key revokes the tower's earlier ones in the same step
 (a renewal over a link leaves the one it replaces to expire, since the link still runs on
 it). Revoking a tower revokes every unexpired certificate it holds; a link presenting a
-revoked certificate is
-closed, and its renewal refused. The ledger is re-read when another process (``broker ca
-revoke``) changed it; each link checks it every load interval, whatever its tower sends.
+revoked certificate is closed, and its renewal refused. The ledger is re-read when
+another process (``broker ca revoke``) changed it; each link checks it every load
+interval, whatever its tower sends.
 """
 
 from __future__ import annotations

@@ -90,6 +90,12 @@ _FRAGMENT_COUNT_EVERY = 64
 # The largest message a client may send: what the tower's answer advertises
 # (a=max-message-size).
 MAX_MESSAGE_SIZE = LOCAL_MAX_MESSAGE_SIZE
+# What a client may send, as in the signaling's frames: a message takes one, and one more
+# per 16 KiB; a bucket of MESSAGE_BURST, refilled at MESSAGES_PER_SECOND. All of a
+# tower's sessions share its loop: past that, one client would take it from the others
+# (echoing a message costs a tower about a quarter of a millisecond).
+MESSAGES_PER_SECOND = 256
+MESSAGE_BURST = 4096
 
 
 
@@ -378,7 +384,8 @@ class TowerPeer:
 
     def _guard_messages(self, sctp: RTCSctpTransport) -> None:
         """Fail the peer when its client sends a message over the tower's advertised
-        ``max-message-size`` or ignores the SCTP receive window.
+        ``max-message-size``, ignores the SCTP receive window, or sends faster than
+        ``MESSAGES_PER_SECOND``.
 
         aiortc enforces neither on receipt: it keeps every fragment of an unfinished
         message, and looks through all of them again for each one that arrives, so one
@@ -390,6 +397,8 @@ class TowerPeer:
         too_large = f"the client sent a message over {MAX_MESSAGE_SIZE} bytes"
         too_many_streams = f"the client sent on more than {MAX_INBOUND_STREAMS} streams"
         count_fragments_at = MAX_FRAGMENTS_HELD
+        loop = asyncio.get_running_loop()
+        allowance, counted_at = float(MESSAGE_BURST), loop.time()
 
         def fail(why: str) -> None:
             self._stop_heartbeat()
@@ -439,9 +448,17 @@ class TowerPeer:
                 fail(too_large)
 
         async def checked(stream_id: int, pp_id: int, data: bytes) -> None:
+            nonlocal allowance, counted_at
             # One whose last fragment took it over: whole, but still too large.
             if len(data) > MAX_MESSAGE_SIZE:
                 fail(too_large)
+            now = loop.time()
+            allowance = min(float(MESSAGE_BURST),
+                            allowance + (now - counted_at) * MESSAGES_PER_SECOND)
+            counted_at = now
+            allowance -= 1 + len(data) // 16384
+            if allowance < 0 and not failing():
+                fail(f"the client sent faster than {MESSAGES_PER_SECOND} messages a second")
             if not failing():
                 await deliver(stream_id, pp_id, data)
 

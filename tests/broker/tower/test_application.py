@@ -798,6 +798,18 @@ def test_fragments_that_cost_more_than_they_weigh_fail_the_peer(count, payload, 
     run(scenario)
 
 
+def test_a_client_sending_faster_than_its_share_of_the_tower_fails_its_peer():
+    # Echoing is a quarter of a millisecond of the loop every session shares: one client
+    # sending as fast as it can took the tower from the others.
+    async def scenario():
+        async with session() as (client, peer, events):
+            await _send_in_packets(client, _complete_messages(client, 4500))
+            failed = await events.wait_for("failed")
+            assert failed.detail == "the client sent faster than 256 messages a second"
+
+    run(scenario)
+
+
 def test_a_client_with_more_than_16_data_channels_open_fails_its_peer():
     async def scenario():
         async with session() as (client, peer, events):
