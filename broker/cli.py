@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds with every session up, after the ramp")
     load.add_argument("--message-rate", type=float, default=1.0,
                       help="data channel messages per session per second (a tower "
-                           "fails a client's peer past 256)")
+                           "fails a client's peer past 256, fewer for messages of 16 KiB "
+                           "or more: PROTOCOL.md)")
     load.add_argument("--message-size", type=int, default=100, help="bytes per message")
     load.add_argument("--workers", type=int, default=2, help="load generator processes")
     load.add_argument("--media", action="store_true",

@@ -224,7 +224,10 @@ class Scaler(Actor):
             record = self.board.records.get(connection.name)
             provisioned = record is not None and record.state is HostState.READY
             retiring = record is not None and record.state is HostState.DRAINING
-            figures.append(TowerFigures(connection.name, load.taken, load.capacity,
+            # A session repaired there, waiting for its client's offer, counts in no
+            # load: the tower is not empty while it negotiates there.
+            used = max(load.taken, connection.negotiating)
+            figures.append(TowerFigures(connection.name, used, load.capacity,
                                         provisioned, draining, retiring))
         seen = {figure.name for figure in figures}
         for name in self.board.in_state(HostState.DRAINING):

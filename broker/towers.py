@@ -139,6 +139,13 @@ class TowerConnection:
     def certificate_expires(self) -> datetime | None:
         return None if self.certificate is None else self.certificate.not_valid_after_utc
 
+    @property
+    def negotiating(self) -> int:
+        """This broker's sessions with a negotiation on the tower now (routed here):
+        whether counted in its load or not (one being repaired, waiting for its client's
+        offer, is not)."""
+        return len(self._routes)
+
     async def offer_turn(self, session: str, negotiation: int) -> None:
         """Wait for the turn of ``session``'s offer for ``negotiation`` (see the class),
         then count it as out until it is settled: the offer is to be sent at once."""
@@ -354,6 +361,13 @@ class TowerLink(Actor):
     @property
     def certificate_expires(self) -> datetime | None:
         return None if self.certificate is None else self.certificate.not_valid_after_utc
+
+    @property
+    def negotiating(self) -> int:
+        """This broker's sessions with a negotiation on the tower now (routed here):
+        whether counted in its load or not (one being repaired, waiting for its client's
+        offer, is not)."""
+        return len(self._routes)
 
     async def started(self) -> None:
         self.start_soon(self._run)

@@ -419,6 +419,29 @@ async def test_a_host_ready_again_after_a_while_elsewhere_is_coming_from_then(
     assert scaler.view().on_the_way == 1
 
 
+async def test_a_retiring_tower_with_a_session_negotiating_there_is_not_empty(
+    autojump_clock, tmp_path
+):
+    # Repaired on it and waiting for its client's offer, a session counts in no load:
+    # decommissioned then, the tower would take the session's repair with it.
+    board = HostBoard((Host("h1", "10.0.0.1", "tower"),))
+    board.set("h1", HostState.DRAINING)
+    directory = TowerDirectory(stale_after=5.0)
+    connection = TowerConnection("h1", None, TowerHello("h1", 100, "test"))
+    directory.connected(connection)
+    directory.report("h1", TowerLoadReport(0, 100))
+    scaler = Scaler(Settings(state_dir=tmp_path, local_towers=0), directory, board)
+    policy = ScalePolicy(threshold=0.8, out_after=0, in_after=600, floor=0)
+    negotiation = object()
+    connection.route("s-1", negotiation)  # type: ignore[arg-type]
+    [figures] = scaler.view().towers
+    assert figures.used == 1
+    assert not [d for d in policy.decide(scaler.view()) if d.action == "decommission"]
+    connection.unroute("s-1", negotiation)  # type: ignore[arg-type]
+    assert [(d.action, d.host) for d in policy.decide(scaler.view())] == [
+        ("decommission", "h1")]
+
+
 async def test_a_retiring_tower_gone_stale_still_holds_back_a_second_scale_in(
     autojump_clock, tmp_path
 ):
