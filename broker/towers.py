@@ -358,17 +358,6 @@ class TowerLink(Actor):
         self.certificate: x509.Certificate | None = None
         self.renewal_replies: trio.MemorySendChannel[object] | None = None
 
-    @property
-    def certificate_expires(self) -> datetime | None:
-        return None if self.certificate is None else self.certificate.not_valid_after_utc
-
-    @property
-    def negotiating(self) -> int:
-        """This broker's sessions with a negotiation on the tower now (routed here):
-        whether counted in its load or not (one being repaired, waiting for its client's
-        offer, is not)."""
-        return len(self._routes)
-
     async def started(self) -> None:
         self.start_soon(self._run)
 
@@ -586,7 +575,7 @@ class TowerLink(Actor):
         self.certificate = connection.certificate = x509.load_pem_x509_certificate(certificate)
         self.renewals += 1
         logger.info("%s: certificate renewed, valid until %s", self.name,
-                    self.certificate_expires)
+                    connection.certificate_expires)
 
 
 async def dial_tower(

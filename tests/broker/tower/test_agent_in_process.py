@@ -102,12 +102,17 @@ def test_a_session_is_reported_once_its_offer_is_answered(monkeypatch):
     """Until its answer the broker counts the session itself: counted in the tower's
     reports too, it would be counted twice (a video session 50 of a tower's places)."""
     answer_offer = tower_peer.answer_offer
+    answering, answer = asyncio.Event(), asyncio.Event()
 
-    async def slow_answer(*args, **kwargs):
-        await asyncio.sleep(1.0)  # a second of load reports, every 0.2 s
+    async def held_answer(*args, **kwargs):
+        answering.set()
+        await answer.wait()
         return await answer_offer(*args, **kwargs)
 
-    monkeypatch.setattr(tower_peer, "answer_offer", slow_answer)
+    async def let_it_answer() -> None:
+        answer.set()
+
+    monkeypatch.setattr(tower_peer, "answer_offer", held_answer)
 
     async def main():
         client = await bridge.call_asyncio(new_peer)
@@ -115,9 +120,11 @@ def test_a_session_is_reported_once_its_offer_is_answered(monkeypatch):
         async with agent() as (system, port), link(port) as broker:
             await receive(broker, TowerHello)
             await broker.send_message(codec.encode(OpenPeer("s-1", 1, offer, "echo")))
+            await bridge.call_asyncio(answering.wait)  # its peer taken, not answered
             for _ in range(3):  # reports while the offer is being answered
                 report = await receive(broker, TowerLoadReport)
                 assert (report.sessions, report.used) == (0, 0)
+            await bridge.call_asyncio(let_it_answer)
             await receive(broker, PeerAnswer)
             report = await receive(broker, TowerLoadReport, where=lambda m: m.sessions == 1)
             assert report.used == 1
