@@ -28,8 +28,10 @@ Every step is idempotent and has a deadline (``provision_step_timeout``); a fail
 crashes the steps actor and its job restarts it (all steps again) with exponential
 backoff spread over ``provision_restart_period`` (the first wait a 40th of it, each next
 twice as long: 15, 30, 60 s by default), so that a host rebooting under a ready tower
-is provisioned again once it is back. Past ``provision_restarts`` restarts, however
-long each attempt took, the host is marked failed with the reason. A host key that
+is provisioned again once it is back. A command on the host ends there with its step's
+time (``remote.run``) even when the broker's side is gone, and an attempt begins only
+once every command of the one before has ended. Past ``provision_restarts`` restarts,
+however long each attempt took, the host is marked failed with the reason. A host key that
 is not the pinned one fails the host at once: retrying cannot fix it. Each attempt's
 certificate revokes those of the attempts before it, and a provisioning that does not
 finish revokes the tower's certificates. Jobs are independent: one
@@ -45,11 +47,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +146,9 @@ class HostRecord:
     job_started_at: float | None = None
     # Seconds each step of the last attempt took.
     step_seconds: dict[str, float] = field(default_factory=dict)
+    # When every command an attempt cut off has ended on the host at the latest (on
+    # trio's clock): the next attempt waits for it.
+    scripts_end_by: float = -math.inf
 
 
 @dataclass(frozen=True)
@@ -489,6 +496,14 @@ class JobSteps(Actor):
         record.attempts += 1
         record.step_seconds = {}
         failure: StepFailed | None = None
+        # A command of the last attempt may run on after its step: a cancelled job's
+        # connection was dropped, not its command (``remote.run``). It could undo what
+        # this attempt does (a decommission's stop removes the tower's directory).
+        if (wait := record.scripts_end_by - trio.current_time()) > 0:
+            record.step = "wait"
+            self.board.event(f"{name}: waiting {wait:.0f} s for the last attempt's commands "
+                             "to end on the host")
+            await trio.sleep(wait)
         try:
             for step, action in self._plan():
                 record.step = step
@@ -720,8 +735,21 @@ class JobSteps(Actor):
         return towers
 
     async def _run_remote(self, command: str) -> str:
+        """Run ``command`` on the host for what is left of the step's time. One cut off
+        here (cancelled, or its connection broken) may run on there until then: noted on
+        the host's record for the next attempt."""
         assert self.connection is not None
-        return await call_asyncio(remote.run, self.connection, command)
+        now = trio.current_time()
+        left = trio.current_effective_deadline() - now
+        within = max(1, math.ceil(min(left, self.settings.provision_step_timeout)))
+        try:
+            return await call_asyncio(partial(remote.run, within=within), self.connection,
+                                      command)
+        except (trio.Cancelled, remote.CutOff):
+            record = self.board.get(self.host.name)
+            ends_by = now + within + remote.KILL_GRACE
+            record.scripts_end_by = max(record.scripts_end_by, ends_by)
+            raise
 
     async def _put(self, path: str, data: bytes) -> None:
         assert self.connection is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shlex
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,10 @@ OUTPUT_TAIL = 600
 # The most a command may write on its output or its errors; what provisioning reads is
 # a few KiB (a certificate request, NGINX's test): more is a host out of order.
 MAX_OUTPUT = 1 << 20
+# A command past its time gets SIGTERM, and SIGKILL this many seconds later if it is
+# still there (``timeout``: it exits with ``TIMED_OUT``, or dies of the SIGKILL).
+KILL_GRACE = 2
+TIMED_OUT = 124
 
 
 class HostKeyRefused(Exception):
@@ -37,6 +42,10 @@ class HostKeyRefused(Exception):
 
 class RemoteError(Exception):
     """A connection or command on the host failed; retrying may help."""
+
+
+class CutOff(RemoteError):
+    """The connection broke while a command ran: it may run on there, until its time."""
 
 
 @dataclass
@@ -99,17 +108,27 @@ async def connect(host: Host, identity: Path, known_hosts: Path) -> HostConnecti
     return HostConnection(host, connection)
 
 
-async def run(host: HostConnection, command: str, stdin: bytes | None = None) -> str:
-    """Run a shell command; returns its standard output.
+async def run(
+    host: HostConnection, command: str, *, within: int, stdin: bytes | None = None
+) -> str:
+    """Run a shell command (``sh``) for at most ``within`` seconds; returns its output.
+
+    The host ends it there, with everything it started in its process group (SIGTERM,
+    then SIGKILL ``KILL_GRACE`` seconds later), whether or not this connection is still
+    there to see it: OpenSSH signals nothing to a command without a terminal when its
+    connection drops, so a cancelled command would otherwise run on.
 
     Raises:
         RemoteError: it exited with a status other than 0 (its output is in the message),
-            or the connection broke.
+            or ran past ``within``.
+        CutOff: the connection broke first.
     """
+    bounded = (f"timeout --kill-after={KILL_GRACE} {within}"
+               f" sh -c {shlex.quote(command)}")
     try:
-        result = await _abort_if_cancelled(host, _run(host.connection, command, stdin))
+        result = await _abort_if_cancelled(host, _run(host.connection, bounded, stdin))
     except (OSError, asyncssh.Error) as error:
-        raise RemoteError(f"{host.host.name}: the connection broke: {error}") from None
+        raise CutOff(f"{host.host.name}: the connection broke: {error}") from None
     stdout = result.stdout.decode(errors="replace")
     if result.status != 0:
         stderr = result.stderr.decode(errors="replace")
@@ -117,7 +136,9 @@ async def run(host: HostConnection, command: str, stdin: bytes | None = None) ->
         if result.signal:
             raise RemoteError(f"killed by SIG{result.signal}: {output}")
         if result.status is None:
-            raise RemoteError(f"the channel closed before the command finished: {output}")
+            raise CutOff(f"the channel closed before the command finished: {output}")
+        if result.status == TIMED_OUT:
+            raise RemoteError(f"ran past {within} s and was stopped on the host: {output}")
         raise RemoteError(f"exited with {result.status}: {output}")
     return stdout
 

@@ -25,7 +25,7 @@ from actors import (
     SupervisorRef,
     open_system,
 )
-from broker import provisioning
+from broker import provisioning, remote
 from broker.config import Settings
 from broker.inventory import Host
 from broker.issuer import Issuer
@@ -161,6 +161,46 @@ async def test_a_job_restarted_from_the_shell_keeps_its_host_provisioning(
     await trio.sleep(1)
     assert jobs.board.get("tower-a").state is HostState.PROVISIONING
     assert jobs.job() is not None
+
+
+# Commands cut off on the broker's side.
+
+
+async def test_an_attempt_begins_once_the_last_one_s_commands_have_ended_on_the_host(
+    autojump_clock, jobs, plan, monkeypatch
+):
+    """A job cancelled while a command of its ran on a host that does not answer: the
+    host ends that command at the step's time, and the next job waits until then."""
+    commands: list[tuple[float, int]] = []
+
+    async def host_not_answering(function, *args):
+        if getattr(function, "func", None) is remote.run:
+            commands.append((trio.current_time(), function.keywords["within"]))
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(provisioning, "call_asyncio", host_not_answering)
+
+    def steps_running_a_command(steps: JobSteps) -> Plan:
+        async def connect() -> None:
+            steps.connection = object()  # type: ignore[assignment]
+            await trio.sleep(10)
+            await steps._run_remote("true")
+
+        return [("connect", connect)]
+
+    plan(steps_running_a_command)
+    assert (await jobs.provisioning.ask(Provision("tower-a"))).ok
+    await trio.sleep(20)
+    assert (await jobs.provisioning.ask(Cancel("tower-a"))).ok
+    await trio.sleep(5)
+    assert (await jobs.provisioning.ask(Provision("tower-a"))).ok
+    await trio.sleep(1)
+    assert jobs.board.get("tower-a").step == "wait"
+    await trio.sleep(120)
+    (first, within), (second, _) = commands
+    # What was left of the step's 60 s, then the host's grace between SIGTERM and SIGKILL.
+    assert within == 50
+    assert second == pytest.approx(first + within + remote.KILL_GRACE + 10)
 
 
 # Cancelling at hand-over.

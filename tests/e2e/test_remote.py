@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import stat
+import time
 
 import asyncssh
 import pytest
@@ -38,18 +40,20 @@ def test_commands_files_and_failures(tmp_path, make_host, identity):  # noqa: F8
     async def main():
         connection = await remote.connect(host_entry(host), identity, tmp_path / "known")
         try:
-            assert (await remote.run(connection, "echo hello")).strip() == "hello"
+            assert (await remote.run(connection, "echo hello", within=30)).strip() == "hello"
             await remote.put(connection, str(host.directory / "settings.toml"), b"a = 1\n")
             with pytest.raises(remote.RemoteError, match="exited with 3: broken"):
-                await remote.run(connection, "echo broken >&2; exit 3")
-            assert await remote.run(connection, "cat", stdin=b"given") == "given"
+                await remote.run(connection, "echo broken >&2; exit 3", within=30)
+            assert await remote.run(connection, "cat", within=30, stdin=b"given") == "given"
             with pytest.raises(remote.RemoteError, match="killed by SIGKILL: last words"):
-                await remote.run(connection, "echo last words >&2; kill -9 $$")
+                await remote.run(connection, "echo last words >&2; kill -9 $$", within=30)
             # A host that floods: refused past the cap, not kept in the broker's memory.
             for stream in ("", ">&2"):
                 with pytest.raises(remote.RemoteError, match="more than 1024 KiB"):
-                    await remote.run(connection, f"head -c 400000000 /dev/zero {stream}")
-            assert (await remote.run(connection, "echo still here")).strip() == "still here"
+                    await remote.run(connection, f"head -c 400000000 /dev/zero {stream}",
+                                     within=30)
+            still = await remote.run(connection, "echo still here", within=30)
+            assert still.strip() == "still here"
         finally:
             await remote.close(connection)
 
@@ -57,6 +61,41 @@ def test_commands_files_and_failures(tmp_path, make_host, identity):  # noqa: F8
     written = host.directory / "settings.toml"
     assert written.read_bytes() == b"a = 1\n"
     assert stat.S_IMODE(written.stat().st_mode) == 0o600
+
+
+def test_a_command_ends_on_the_host_at_its_time_even_once_its_connection_is_gone(
+    tmp_path, make_host, identity  # noqa: F811
+):
+    host = make_host("host-1", public(identity))
+    started, late = host.directory / "started", host.directory / "late"
+    # What a step's script does: work that has to end before the next attempt begins.
+    script = f"echo $$ > {started}.new && mv {started}.new {started}; sleep 600; touch {late}"
+
+    async def main() -> None:
+        connection = await remote.connect(host_entry(host), identity, tmp_path / "known")
+        try:
+            with pytest.raises(remote.RemoteError, match="ran past 1 s and was stopped"):
+                await remote.run(connection, "sleep 600", within=1)
+            # Cut off here (a step's deadline, a cancelled job): the host still ends it.
+            command = asyncio.ensure_future(remote.run(connection, script, within=2))
+            while not started.exists():
+                await asyncio.sleep(0.05)
+            command.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await command
+            assert connection.connection.is_closed()
+        finally:
+            await remote.close(connection)
+
+    asyncio.run(main())
+    shell = int(started.read_text())
+    for _ in range(300):
+        if not os.path.exists(f"/proc/{shell}"):
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the command's shell outlived its time on the host")
+    assert not late.exists()
 
 
 def test_trust_on_first_use_pins_the_first_key_and_refuses_another_after(
