@@ -98,9 +98,12 @@ def _directory(host: Host) -> tuple[str, int, str, str]:
 
 def _nested(one: tuple[str, int, str, str], other: tuple[str, int, str, str]) -> bool:
     """Whether two towers' directories are one, or one is inside the other."""
-    if one[:3] != other[:3]:
-        return False
-    first, second = one[3].rstrip("/"), other[3].rstrip("/")
+    return one[:3] == other[:3] and nested(one[3], other[3])
+
+
+def nested(first: str, second: str) -> bool:
+    """Whether two normalised paths are one directory, or one is inside the other."""
+    first, second = first.rstrip("/"), second.rstrip("/")
     return first == second or first.startswith(second + "/") or second.startswith(first + "/")
 
 

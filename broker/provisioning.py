@@ -79,7 +79,7 @@ from actors.bridge import call_asyncio
 
 from . import remote
 from .config import Settings
-from .inventory import Host
+from .inventory import Host, nested
 from .issuer import Issuer
 from .pki import CertificateError
 from .site import (
@@ -149,6 +149,9 @@ class HostRecord:
     # When every command an attempt cut off has ended on the host at the latest (on
     # trio's clock): the next attempt waits for it.
     scripts_end_by: float = -math.inf
+    # Where its tower's directory is, once its job has connected: the machine (the key
+    # its SSH server showed) and the directory's absolute path there.
+    site: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,28 @@ class HostBoard:
 
     def in_state(self, *states: HostState) -> list[str]:
         return [name for name, record in self.records.items() if record.state in states]
+
+    def claim_site(self, name: str, host_key: str, root: str) -> None:
+        """Record that ``name``'s tower directory is ``root`` on the machine whose SSH
+        server shows ``host_key``.
+
+        Raises:
+            SiteTaken: another host's tower is there, or in or around it. The inventory
+                checks what it can from names alone; this is what it cannot: one machine
+                under two addresses, or one directory written as an absolute path and as
+                one relative to the home.
+        """
+        for other, record in self.records.items():
+            if other != name and record.site is not None and record.site[0] == host_key \
+                    and nested(record.site[1], root):
+                raise SiteTaken(f"its tower's directory {root} is {other}'s ({record.site[1]}),"
+                                " or in or around it, on the same machine (the same host "
+                                "key): give one of them another root")
+        self.get(name).site = (host_key, root)
+
+
+class SiteTaken(Exception):
+    """Two inventory hosts would put their towers in one directory of one machine."""
 
 
 @dataclass(frozen=True)
@@ -496,16 +521,10 @@ class JobSteps(Actor):
         record.attempts += 1
         record.step_seconds = {}
         failure: StepFailed | None = None
-        # A command of the last attempt may run on after its step: a cancelled job's
-        # connection was dropped, not its command (``remote.run``). It could undo what
-        # this attempt does (a decommission's stop removes the tower's directory).
-        if (wait := record.scripts_end_by - trio.current_time()) > 0:
-            record.step = "wait"
-            self.board.event(f"{name}: waiting {wait:.0f} s for the last attempt's commands "
-                             "to end on the host")
-            await trio.sleep(wait)
         try:
             for step, action in self._plan():
+                if step == "connect":
+                    await self._after_earlier_commands(record)
                 record.step = step
                 self.waiting_for = ""
                 began = trio.current_time()
@@ -516,7 +535,7 @@ class JobSteps(Actor):
                     waiting = f" (waiting for: {self.waiting_for})" if self.waiting_for else ""
                     raise StepFailed(f"{step}: no progress within "
                                      f"{self.settings.provision_step_timeout:g} s{waiting}")
-        except remote.HostKeyRefused as error:
+        except (remote.HostKeyRefused, SiteTaken) as error:  # retrying cannot help
             self.board.set(name, HostState.FAILED, f"{record.step}: {error}")
             self.job.tell_nowait(_JobDone())
             return
@@ -559,6 +578,7 @@ class JobSteps(Actor):
         except ValueError as error:
             raise StepFailed(f"connect: {error}") from None
         self.paths = tower_paths(self.host, login)
+        self.board.claim_site(self.host.name, self.connection.host_key, self.paths.root)
         if len(self.paths.socket.encode()) > MAX_SOCKET_PATH:
             raise StepFailed(f"connect: the agent's socket {self.paths.socket} is longer than "
                              f"a Unix socket path may be ({MAX_SOCKET_PATH} bytes); "
@@ -725,6 +745,17 @@ class JobSteps(Actor):
 
     # Helpers.
 
+    async def _after_earlier_commands(self, record: HostRecord) -> None:
+        """Wait until every command an earlier attempt cut off has ended on the host: a
+        cancelled job's connection was dropped, not its commands (``remote.run``), and
+        one could undo what this attempt does (a decommission's stop removes the
+        tower's directory)."""
+        if (wait := record.scripts_end_by - trio.current_time()) > 0:
+            record.step = "wait"
+            self.board.event(f"{record.host.name}: waiting {wait:.0f} s for the last "
+                             "attempt's commands to end on the host")
+            await trio.sleep(wait)
+
     def _paths(self) -> TowerPaths:
         assert self.paths is not None
         return self.paths
@@ -739,15 +770,18 @@ class JobSteps(Actor):
         here (cancelled, or its connection broken) may run on there until then: noted on
         the host's record for the next attempt."""
         assert self.connection is not None
+        await trio.lowlevel.checkpoint_if_cancelled()  # its deadline may have passed
         now = trio.current_time()
-        left = trio.current_effective_deadline() - now
+        left = max(0.0, trio.current_effective_deadline() - now)
         within = max(1, math.ceil(min(left, self.settings.provision_step_timeout)))
         try:
             return await call_asyncio(partial(remote.run, within=within), self.connection,
                                       command)
         except (trio.Cancelled, remote.CutOff):
             record = self.board.get(self.host.name)
-            ends_by = now + within + remote.KILL_GRACE
+            # Its time runs from its start there: a channel opened and a login shell run
+            # after this moment, within the connection's own timeout.
+            ends_by = now + remote.CONNECT_TIMEOUT + within + remote.KILL_GRACE
             record.scripts_end_by = max(record.scripts_end_by, ends_by)
             raise
 

@@ -31,7 +31,7 @@ OUTPUT_TAIL = 600
 # a few KiB (a certificate request, NGINX's test): more is a host out of order.
 MAX_OUTPUT = 1 << 20
 # A command past its time gets SIGTERM, and SIGKILL this many seconds later if it is
-# still there (``timeout``: it exits with ``TIMED_OUT``, or dies of the SIGKILL).
+# still there (coreutils' ``timeout``).
 KILL_GRACE = 2
 TIMED_OUT = 124
 
@@ -52,6 +52,13 @@ class CutOff(RemoteError):
 class HostConnection:
     host: Host
     connection: asyncssh.SSHClientConnection
+
+    @property
+    def host_key(self) -> str:
+        """The key the host showed, as one ``type base64`` line: which machine it is."""
+        shown = self.connection.get_server_host_key()
+        assert shown is not None
+        return " ".join(shown.export_public_key().decode().split()[:2])
 
 
 async def connect(host: Host, identity: Path, known_hosts: Path) -> HostConnection:
@@ -123,8 +130,9 @@ async def run(
             or ran past ``within``.
         CutOff: the connection broke first.
     """
-    bounded = (f"timeout --kill-after={KILL_GRACE} {within}"
-               f" sh -c {shlex.quote(command)}")
+    bounded = f"timeout -k {KILL_GRACE} {within} sh -c {shlex.quote(command)}"
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     try:
         result = await _abort_if_cancelled(host, _run(host.connection, bounded, stdin))
     except (OSError, asyncssh.Error) as error:
@@ -133,12 +141,15 @@ async def run(
     if result.status != 0:
         stderr = result.stderr.decode(errors="replace")
         output = (stderr.strip() or stdout.strip())[-OUTPUT_TAIL:]
+        # ``timeout`` exits with TIMED_OUT, or dies of its SIGKILL; a command may do
+        # either of its own accord, sooner.
+        if (result.status == TIMED_OUT or result.signal == "KILL") and (
+                loop.time() - started >= within):
+            raise RemoteError(f"ran past {within} s and was stopped on the host: {output}")
         if result.signal:
             raise RemoteError(f"killed by SIG{result.signal}: {output}")
         if result.status is None:
             raise CutOff(f"the channel closed before the command finished: {output}")
-        if result.status == TIMED_OUT:
-            raise RemoteError(f"ran past {within} s and was stopped on the host: {output}")
         raise RemoteError(f"exited with {result.status}: {output}")
     return stdout
 

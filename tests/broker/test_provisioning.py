@@ -163,6 +163,24 @@ async def test_a_job_restarted_from_the_shell_keeps_its_host_provisioning(
     assert jobs.job() is not None
 
 
+# Where towers go.
+
+
+def test_two_hosts_cannot_put_their_towers_in_one_directory_of_one_machine():
+    first, second = tower_host(), replace(tower_host(), name="tower-b", address="192.0.2.8")
+    board = HostBoard((first, second))
+    machine, other_machine = "ssh-ed25519 AAAAone", "ssh-ed25519 AAAAtwo"
+    board.claim_site("tower-a", machine, "/home/tower/session-tower")
+    board.claim_site("tower-a", machine, "/home/tower/session-tower")  # its own, again
+    # The same machine by another address: the same directory, one inside it, around it.
+    for root in ("/home/tower/session-tower", "/home/tower/session-tower/b", "/home/tower"):
+        with pytest.raises(provisioning.SiteTaken, match="is tower-a's"):
+            board.claim_site("tower-b", machine, root)
+    assert board.get("tower-b").site is None
+    board.claim_site("tower-b", machine, "/home/tower/session-tower-b")
+    board.claim_site("tower-b", other_machine, "/home/tower/session-tower")
+
+
 # Commands cut off on the broker's side.
 
 
@@ -200,7 +218,33 @@ async def test_an_attempt_begins_once_the_last_one_s_commands_have_ended_on_the_
     (first, within), (second, _) = commands
     # What was left of the step's 60 s, then the host's grace between SIGTERM and SIGKILL.
     assert within == 50
-    assert second == pytest.approx(first + within + remote.KILL_GRACE + 10)
+    assert second == pytest.approx(
+        first + remote.CONNECT_TIMEOUT + within + remote.KILL_GRACE + 10)
+
+
+async def test_a_command_after_its_step_s_time_is_up_is_not_run(autojump_clock, jobs, plan,
+                                                                monkeypatch):
+    run: list[object] = []
+
+    async def host(function, *args):
+        run.append(function)
+
+    monkeypatch.setattr(provisioning, "call_asyncio", host)
+
+    def late_step(steps: JobSteps) -> Plan:
+        async def connect() -> None:
+            steps.connection = object()  # type: ignore[assignment]
+            with trio.CancelScope(shield=True):  # an operation that finished anyway
+                await trio.sleep(70)
+            await steps._run_remote("true")
+
+        return [("connect", connect)]
+
+    plan(late_step)
+    assert (await jobs.provisioning.ask(Provision("tower-a"))).ok
+    await trio.sleep(75)
+    assert jobs.board.get("tower-a").error == "connect: no progress within 60 s"
+    assert not [function for function in run if getattr(function, "func", None) is remote.run]
 
 
 # Cancelling at hand-over.

@@ -155,7 +155,7 @@ def test_faults_stay_within_their_own_job(tmp_path, make_host):  # noqa: F811
     (lock_held.root).mkdir(parents=True)
     holder = subprocess.Popen(
         ["flock", str(lock_held.root / "agent.lock"), "sleep", "600"],
-        stdin=subprocess.DEVNULL)
+        stdin=subprocess.DEVNULL, start_new_session=True)  # flock's sleep goes with it
     # A step that hangs: writing the agent's settings blocks (a FIFO nobody reads).
     (hung.root).mkdir(parents=True)
     os.mkfifo(hung.root / "tower.toml.new")
@@ -226,7 +226,7 @@ def test_faults_stay_within_their_own_job(tmp_path, make_host):  # noqa: F811
     finally:
         stop_broker(broker)
         squatter.close()
-        holder.kill()
+        os.killpg(holder.pid, signal.SIGKILL)
         holder.wait()
         if (hung.root / "tower.toml.new").exists():
             release(hung.root / "tower.toml.new")

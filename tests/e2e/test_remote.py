@@ -69,15 +69,18 @@ def test_a_command_ends_on_the_host_at_its_time_even_once_its_connection_is_gone
     host = make_host("host-1", public(identity))
     started, late = host.directory / "started", host.directory / "late"
     # What a step's script does: work that has to end before the next attempt begins.
-    script = f"echo $$ > {started}.new && mv {started}.new {started}; sleep 600; touch {late}"
+    script = f"echo $$ > {started}.new && mv {started}.new {started}; sleep 4; touch {late}"
 
     async def main() -> None:
         connection = await remote.connect(host_entry(host), identity, tmp_path / "known")
         try:
-            with pytest.raises(remote.RemoteError, match="ran past 1 s and was stopped"):
-                await remote.run(connection, "sleep 600", within=1)
+            for stubborn in ("sleep 600", "trap '' TERM; sleep 600"):
+                with pytest.raises(remote.RemoteError, match="ran past 1 s and was stopped"):
+                    await remote.run(connection, stubborn, within=1)
+            with pytest.raises(remote.RemoteError, match="exited with 124"):
+                await remote.run(connection, "exit 124", within=30)
             # Cut off here (a step's deadline, a cancelled job): the host still ends it.
-            command = asyncio.ensure_future(remote.run(connection, script, within=2))
+            command = asyncio.ensure_future(remote.run(connection, script, within=1))
             while not started.exists():
                 await asyncio.sleep(0.05)
             command.cancel()
