@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import resource
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         "shell", help="open the operators' shell of the local broker (over ssh)"
     )
     shell.add_argument("--state-dir", type=Path, help="the broker's state directory")
-    shell.add_argument("--host", default="127.0.0.1")
+    shell.add_argument("--host", help="the shell's address (default: the one it listens on)")
     shell.add_argument("line", nargs=argparse.REMAINDER,
                        help="a command to run instead of the interactive shell")
 
@@ -256,17 +257,20 @@ def _shell(arguments: argparse.Namespace) -> int:
     try:
         port = int((shell / "port").read_text())
         host_key = (shell / "host-key.pub").read_text().split()
+        host = arguments.host or (shell / "address").read_text().strip()
     except (OSError, ValueError, IndexError):
         print(f"broker shell: no running broker found in {shell.parent}", file=sys.stderr)
         return 2
     known_hosts = shell / "known_hosts"
-    known_hosts.write_text(f"[{arguments.host}]:{port} {host_key[0]} {host_key[1]}\n")
+    known_hosts.write_text(f"[{host}]:{port} {host_key[0]} {host_key[1]}\n")
     known_hosts.chmod(0o600)
     command = [
         "ssh", "-q", "-p", str(port), "-i", str(shell / "operator-key"),
         "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={known_hosts}",
         "-o", "StrictHostKeyChecking=yes",
-        f"operator@{arguments.host}", *arguments.line,
+        # The command as one word, as the shell splits it: ssh would join its words with
+        # spaces, and their quoting would be lost.
+        "--", f"operator@{host}", *([shlex.join(arguments.line)] if arguments.line else []),
     ]
     try:
         os.execvp("ssh", command)

@@ -219,8 +219,13 @@ class Settings:
         self._check_public_host()
         for origin in self.allowed_origins:
             _check_origin(origin)
+        shell_keys: dict[str, int] = {}
         for index, entry in enumerate(self.shell_keys):
-            _check_shell_key(index, entry)
+            key = _check_shell_key(index, entry)
+            if key in shell_keys:
+                raise ConfigError(f"shell key {index} is shell key {shell_keys[key]} again: "
+                                  "give each key once, with its role")
+            shell_keys[key] = index
         for name in ("ca_key_type", "tower_key_type"):
             if getattr(self, name) not in ("ec", "rsa"):
                 raise ConfigError(f"{name} is 'ec' (ECDSA P-256) or 'rsa' (RSA-2048)")
@@ -300,7 +305,8 @@ def _check_origin(origin: Any) -> None:
                           "'https://app.example.com' or 'https://app.example.com:8443'")
 
 
-def _check_shell_key(index: int, entry: Any) -> None:
+def _check_shell_key(index: int, entry: Any) -> str:
+    """Returns the key as OpenSSH writes it (type and data)."""
     if not isinstance(entry, Mapping) or not isinstance(entry.get("key"), str):
         raise ConfigError(f"shell key {index} needs 'key', not {entry!r}")
     unknown = set(entry) - _SHELL_KEY_KEYS
@@ -311,11 +317,13 @@ def _check_shell_key(index: int, entry: Any) -> None:
     import asyncssh  # here: the command line reads settings without it
 
     try:
-        asyncssh.import_public_key(entry["key"])
+        key = asyncssh.import_public_key(entry["key"])
     except (asyncssh.KeyImportError, ValueError) as error:
         raise ConfigError(
-            f"shell key {index} is not an OpenSSH public key ('type base64'): {error}"
+            f"shell key {index} is not a public key (OpenSSH's 'type base64', RFC 4716 or "
+            f"PEM): {error}"
         ) from None
+    return " ".join(key.export_public_key().decode().split()[:2])
 
 
 # Settings that name files: relative ones in a configuration file are taken from the

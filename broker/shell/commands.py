@@ -27,6 +27,7 @@ import enum
 import heapq
 import json
 import math
+import re
 import shlex
 import time
 from collections import Counter
@@ -336,11 +337,15 @@ DEFAULT_KILL_REASON = "killed from the operators' shell"
 PS_LIMIT = 20
 TOP_INTERVAL = 1.0
 TOP_MINIMUM_INTERVAL = 0.2
+TOP_MAXIMUM_INTERVAL = 3600.0
 TRACE_SECONDS = 10.0
 TRACE_MAXIMUM_SECONDS = 60.0
 TRACE_LIMIT = 1000
 TRACE_MAXIMUM_LIMIT = 10_000
 INSPECT_CHILDREN_SHOWN = 50
+# Children ``tree`` shows of each actor unless told: a broker's sessions supervisor may
+# have tens of thousands, a megabyte of text.
+TREE_CHILDREN_SHOWN = 50
 NO_INVENTORY = "not available: this broker has no host inventory"
 JOBS_EVENTS = 10
 JOBS_ERROR_WIDTH = 60
@@ -351,12 +356,17 @@ TOP_ORDERS = (*PS_ORDERS, "rate")
 # Options and arguments: a small parser that never exits and never prints.
 
 
+# Numbers as an operator types them: ASCII digits (int() and float() also take other
+# scripts' digits, underscores, a plus sign, and float() "nan" and "inf").
+_WHOLE = re.compile(r"-?[0-9]+")
+_DECIMAL = re.compile(r"-?([0-9]+\.?[0-9]*|\.[0-9]+)(e[-+]?[0-9]+)?", re.IGNORECASE)
+
+
 def _whole_number(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise ValueError(f"expected a whole number, not {text!r}") from None
+        if not _WHOLE.fullmatch(text):
+            raise ValueError(f"expected a whole number, not {text!r}")
+        value = int(text)
         if value < minimum or (maximum is not None and value > maximum):
             raise ValueError(f"must be {_bounds(minimum, maximum)}, not {value}")
         return value
@@ -366,10 +376,9 @@ def _whole_number(minimum: int, maximum: int | None = None) -> Callable[[str], i
 
 def _seconds(minimum: float, maximum: float | None = None) -> Callable[[str], float]:
     def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"expected a number of seconds, not {text!r}") from None
+        if not _DECIMAL.fullmatch(text):
+            raise ValueError(f"expected a number of seconds, not {text!r}")
+        value = float(text)
         if not math.isfinite(value) or value < minimum or (maximum is not None and value > maximum):
             raise ValueError(f"must be {_bounds(minimum, maximum)} seconds, not {text}")
         return value
@@ -698,11 +707,11 @@ class Shell:
     async def _tree(self, arguments: dict[str, Any]) -> Output:
         path = arguments["path"]
         top = self._view.tree() if path is None else self._find(_actor_path(path))
-        depth = arguments["depth"]
+        shape = _TreeShape(arguments["depth"], arguments["children"])
         if arguments["json"]:
-            return _json(_tree_json(top, depth, 0))
-        lines = [_tree_label(top, top.path, _hidden_children(top, depth, 0))]
-        _tree_lines(top, depth, 0, "", lines)
+            return _json(_tree_json(top, shape, 0))
+        lines = [_tree_label(top, top.path, shape.hidden(top, 0))]
+        _tree_lines(top, shape, 0, "", lines)
         return _text("\n".join(lines))
 
     async def _ps(self, arguments: dict[str, Any]) -> Output:
@@ -805,7 +814,8 @@ class Shell:
             lines += ["  " + row for row in table.splitlines()]
             hidden = len(actor.children) - INSPECT_CHILDREN_SHOWN
             if hidden > 0:
-                lines.append(f"  and {hidden} more (tree {actor.path} --depth 1)")
+                lines.append(f"  and {hidden} more (tree {actor.path} --depth 1 "
+                             f"--children {len(actor.children)})")
         now = trio.current_time()
         for number, failure in enumerate(actor.failures, start=1):
             when = _date_time(self._wall(failure.time))
@@ -1254,9 +1264,20 @@ def _actor_json(actor: ActorSnapshot) -> dict[str, Any]:
     }
 
 
-def _hidden_children(actor: ActorSnapshot, depth: int | None, level: int) -> int:
-    """How many children ``--depth`` hides below an actor at ``level`` (the top is 0)."""
-    return len(actor.children) if depth is not None and level >= depth else 0
+@dataclass(frozen=True)
+class _TreeShape:
+    """What ``tree`` shows: ``depth`` levels below the top (None: all), and at most
+    ``children`` of each actor."""
+
+    depth: int | None
+    children: int
+
+    def hidden(self, actor: ActorSnapshot, level: int) -> int:
+        """How many children ``--depth`` hides below an actor at ``level`` (the top is 0)."""
+        return len(actor.children) if self.depth is not None and level >= self.depth else 0
+
+    def shown(self, actor: ActorSnapshot, level: int) -> tuple[ActorSnapshot, ...]:
+        return () if self.hidden(actor, level) else actor.children[:self.children]
 
 
 def _tree_label(actor: ActorSnapshot, label: str, hidden: int) -> str:
@@ -1275,26 +1296,27 @@ def _tree_label(actor: ActorSnapshot, label: str, hidden: int) -> str:
 
 
 def _tree_lines(
-    actor: ActorSnapshot, depth: int | None, level: int, prefix: str, lines: list[str]
+    actor: ActorSnapshot, shape: _TreeShape, level: int, prefix: str, lines: list[str]
 ) -> None:
-    if _hidden_children(actor, depth, level):
-        return
-    for index, child in enumerate(actor.children):
-        last = index == len(actor.children) - 1
-        hidden = _hidden_children(child, depth, level + 1)
+    shown = shape.shown(actor, level)
+    more = len(actor.children) - len(shown) if shown else 0
+    for index, child in enumerate(shown):
+        last = index == len(shown) - 1 and not more
+        hidden = shape.hidden(child, level + 1)
         lines.append(prefix + ("└── " if last else "├── ") + _tree_label(child, child.name, hidden))
-        _tree_lines(child, depth, level + 1, prefix + ("    " if last else "│   "), lines)
+        _tree_lines(child, shape, level + 1, prefix + ("    " if last else "│   "), lines)
+    if more:
+        lines.append(f"{prefix}└── and {more} more (tree {_printable(actor.path)} --depth 1 "
+                     f"--children {len(actor.children)})")
 
 
-def _tree_json(actor: ActorSnapshot, depth: int | None, level: int) -> dict[str, Any]:
+def _tree_json(actor: ActorSnapshot, shape: _TreeShape, level: int) -> dict[str, Any]:
     document = _actor_json(actor)
     document["failures"] = len(actor.failures)
     document["last_failure"] = actor.last_failure.reason if actor.last_failure else None
     document["child_count"] = len(actor.children)
-    if _hidden_children(actor, depth, level):
-        document["children"] = []
-    else:
-        document["children"] = [_tree_json(child, depth, level + 1) for child in actor.children]
+    document["children"] = [_tree_json(child, shape, level + 1)
+                            for child in shape.shown(actor, level)]
     return document
 
 
@@ -1510,7 +1532,12 @@ _COMMANDS: dict[str, _Command] = {
             "subtree.",
             Shell._tree,
             (_Argument("PATH", required=False, completes="actor"),),
-            (_Option("--depth", "N", "levels shown below the top", _whole_number(0)),),
+            (
+                _Option("--depth", "N", "levels shown below the top", _whole_number(0)),
+                _Option("--children", "N",
+                        f"children shown of each actor (default {TREE_CHILDREN_SHOWN})",
+                        _whole_number(1), TREE_CHILDREN_SHOWN),
+            ),
         ),
         _Command(
             "ps",
@@ -1541,9 +1568,9 @@ _COMMANDS: dict[str, _Command] = {
                 _Option(
                     "--interval",
                     "SECONDS",
-                    f"between refreshes (default {TOP_INTERVAL:g}, at least "
-                    f"{TOP_MINIMUM_INTERVAL:g})",
-                    _seconds(TOP_MINIMUM_INTERVAL),
+                    f"between refreshes (default {TOP_INTERVAL:g}, from "
+                    f"{TOP_MINIMUM_INTERVAL:g} to {TOP_MAXIMUM_INTERVAL:g})",
+                    _seconds(TOP_MINIMUM_INTERVAL, TOP_MAXIMUM_INTERVAL),
                     TOP_INTERVAL,
                 ),
                 _Option("--count", "N", "refreshes, then stop", _whole_number(1)),

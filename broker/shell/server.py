@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
 import logging
 from dataclasses import dataclass
 from datetime import datetime
@@ -63,6 +64,11 @@ class ShellFiles:
     operator_key: Path
     known_hosts: Path
     port_file: Path
+
+    @property
+    def address_file(self) -> Path:
+        """Where ``broker shell`` finds the address to connect to, beside the port."""
+        return self.port_file.with_name("address")
 
 
 class LiveView:
@@ -301,6 +307,7 @@ class ShellServer(Actor):
         try:
             port = server.get_port()
             write_secret(self.files.port_file, f"{port}\n".encode())
+            write_secret(self.files.address_file, f"{_reachable(self.host)}\n".encode())
             task_status.started(port)
             await trio.sleep_forever()
         finally:
@@ -415,3 +422,12 @@ def authorized_keys(
     for entry in configured:
         authorized[entry["key"]] = entry.get("role", "read-only")
     return authorized
+
+
+def _reachable(host: str) -> str:
+    """The address to reach a server listening on ``host`` (an IP address) from this
+    machine: for a wildcard, the loopback of its family."""
+    address = ipaddress.ip_address(host)
+    if not address.is_unspecified:
+        return host
+    return "127.0.0.1" if address.version == 4 else "::1"

@@ -337,8 +337,9 @@ class OperatorServer:
 
 
 def _key_id(text: str) -> str:
-    """An OpenSSH public key's type and data, without its comment."""
-    return " ".join(text.split()[:2])
+    """A public key's type and data as OpenSSH writes them (whatever form it was given
+    in: OpenSSH, RFC 4716, PEM), without its comment."""
+    return " ".join(asyncssh.import_public_key(text).export_public_key().decode().split()[:2])
 
 
 def ensure_host_key(path: Path) -> None:

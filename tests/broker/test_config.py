@@ -5,6 +5,7 @@ import math
 import os
 from pathlib import Path
 
+import asyncssh
 import pytest
 
 from broker.config import (
@@ -466,14 +467,21 @@ def test_shell_keys_are_public_keys_with_a_role():
 
 @pytest.mark.parametrize("entry, refused", [
     ({"key": ED25519, "rol": "admin"}, "shell key 0: unknown keys ['rol']"),
-    ({"key": "foo bar"}, "shell key 0 is not an OpenSSH public key"),
-    ({"key": ED25519[:40]}, "shell key 0 is not an OpenSSH public key"),
+    ({"key": "foo bar"}, "shell key 0 is not a public key"),
+    ({"key": ED25519[:40]}, "shell key 0 is not a public key"),
     ({"key": ED25519, "role": "root"}, "shell key 0: the role is 'admin' or 'read-only'"),
     ({"role": "admin"}, "shell key 0 needs 'key'"),
 ])
 def test_a_wrong_shell_key_is_refused_not_ignored(entry, refused):
     # A typo in "role" gave the key read-only access; a bad key locked its operator out.
     assert refused in refusal(shell_keys=[entry])
+
+
+def test_a_shell_key_given_twice_is_refused_in_whatever_form():
+    # With two roles, which one it had depended on the order.
+    rfc4716 = asyncssh.import_public_key(ED25519).export_public_key("rfc4716").decode()
+    twice = [{"key": ED25519 + " alice", "role": "admin"}, {"key": rfc4716}]
+    assert "shell key 1 is shell key 0 again" in refusal(shell_keys=twice)
 
 
 def test_relative_paths_in_a_file_are_taken_from_its_directory(tmp_path, monkeypatch):

@@ -204,6 +204,13 @@ def test_the_system_ssh_client_through_broker_shell(broker):
     )
     assert result.returncode == 0, result.stderr
     assert "/broker" in result.stdout
+    # Its words reach the shell as they were quoted.
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "shell", "--state-dir", str(broker.state_dir),
+         "kill", "/broker/none", "it's stuck; really"],
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+    )
+    assert "no actor at /broker/none" in result.stdout + result.stderr, result
 
 
 def test_trace_streams_the_messages_an_actor_receives(broker):

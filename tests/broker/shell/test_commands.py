@@ -315,6 +315,21 @@ async def test_tree_depth_and_subtree(autojump_clock, broker):
     ]
 
 
+async def test_tree_shows_so_many_children_of_each_actor(autojump_clock, broker):
+    shell = broker.shell()
+    capped = await shell.run("tree --children 1")
+    assert lines(capped) == [
+        "/broker (Supervisor, running)  [one_for_one, intensity 100 in 5s]",
+        "├── towers (Supervisor, running)  [one_for_one, intensity 10 in 5s]",
+        "│   ├── tower-1 (Worker, running)",
+        "│   └── and 1 more (tree /broker/towers --depth 1 --children 2)",
+        "└── and 1 more (tree /broker --depth 1 --children 2)",
+    ]
+    document = parsed(await shell.run("tree /broker/towers --children 1 --json"))
+    assert document["child_count"] == 2 and len(document["children"]) == 1
+    assert (await shell.run("tree --children 0")).status == Status.USAGE
+
+
 async def test_tree_json_is_the_nested_snapshot(autojump_clock, broker):
     tree = parsed(await broker.shell().run("tree --json"))
     assert tree["path"] == "/broker"
@@ -414,7 +429,10 @@ async def test_top_json_and_its_bounds(autojump_clock, broker):
     assert second["refresh"] == 2 and all(row["rate"] == 0.0 for row in second["actors"])
     too_fast = await shell.run("top --interval 0.1")
     assert too_fast.status == Status.USAGE
-    assert lines(too_fast)[0] == "top: --interval: must be at least 0.2 seconds, not 0.1"
+    assert lines(too_fast)[0] == "top: --interval: must be from 0.2 to 3600 seconds, not 0.1"
+    # Past the maximum, a shell without a terminal would never refresh again.
+    too_slow = await shell.run("top --interval 1e300 --count 2")
+    assert lines(too_slow)[0] == "top: --interval: must be from 0.2 to 3600 seconds, not 1e300"
 
 
 async def test_ps_top_and_stats_snapshot_only_the_actors_they_show(
@@ -970,7 +988,11 @@ async def test_unknown_commands_and_paths(autojump_clock, broker):
         ("inspect /broker /broker/towers", "inspect: unexpected argument '/broker/towers'"),
         ("top --count 0", "top: --count: must be at least 1, not 0"),
         ("top --interval soon", "top: --interval: expected a number of seconds, not 'soon'"),
-        ("trace / --seconds nan", "trace: --seconds: must be from 0.1 to 60 seconds, not nan"),
+        ("trace / --seconds nan", "trace: --seconds: expected a number of seconds, not 'nan'"),
+        ("trace / --seconds 1_0", "trace: --seconds: expected a number of seconds, not '1_0'"),
+        ("ps --limit \u0663", "ps: --limit: expected a whole number, not '\u0663'"),
+        ("ps --limit +3", "ps: --limit: expected a whole number, not '+3'"),
+        ("scale \u00b2", "scale: N: expected a whole number, not '\u00b2'"),
         ("drain", "drain: missing TOWER"),
         ("provision", "provision: missing HOST"),
         ("provision --json", "provision: missing HOST"),

@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncio
 import asyncssh
+import pytest
 import trio
 
 from actors import Actor, ChildSpec, Supervisor, SupervisorFlags, bridge, open_system
@@ -26,13 +27,16 @@ class Worker(Actor):
         pass
 
 
-def run_with_shell(tmp: Path, test: Callable[[Any, int, Path], Awaitable[None]]) -> None:
-    """``test(system, port, key)`` with a real shell listening; ``key`` is read-only."""
+def run_with_shell(
+    tmp: Path, test: Callable[[Any, int, Path], Awaitable[None]], key_format: str = "openssh"
+) -> None:
+    """``test(system, port, key)`` with a real shell listening; ``key`` is read-only (and
+    authorized as written in ``key_format``)."""
     host_key, key = tmp / "host-key", tmp / "operator"
     ssh.ensure_host_key(host_key)
     private = asyncssh.generate_private_key("ssh-ed25519")
     private.write_private_key(str(key))
-    authorized = {private.export_public_key().decode().strip(): "read-only"}
+    authorized = {private.export_public_key(key_format).decode().strip(): "read-only"}
     files = ShellFiles(host_key, tmp / "operator-key", tmp / "known_hosts", tmp / "port")
 
     async def main() -> None:
@@ -187,3 +191,18 @@ def test_read_only_keys_leave_admins_their_reserve(tmp_path, monkeypatch):
 
     run_with_shell(tmp_path, test)
     assert seen["third"] == 1  # the last place is an admin's
+
+
+@pytest.mark.parametrize("key_format", ["openssh", "rfc4716", "pkcs8-pem"])
+def test_a_key_authorized_in_any_form_the_configuration_takes_logs_in(tmp_path, key_format):
+    seen = {}
+
+    async def test(system, port, key):
+        async def client() -> None:
+            async with connect(port, key) as connection:
+                seen["ps"] = (await connection.run("ps")).exit_status
+
+        await call_asyncio(client)
+
+    run_with_shell(tmp_path, test, key_format)
+    assert seen["ps"] == 0
