@@ -96,8 +96,9 @@ def level(
         duration=duration, workers=WORKERS, floor=floor,
         generator_cpus=tuple(others) if pin else (),
     )
-    report = run_load(plan, show_progress=False)
-    peak_rss = max(report["rss_mib_peak"]["broker" if floor else "towers"] * 2**20, idle_rss)
+    report = complete(run_load(plan, show_progress=False))
+    peak_rss = max((report["rss_mib_peak"]["broker" if floor else "towers"] or 0) * 2**20,
+                   idle_rss)
     cpu = report["cpu_share_of_a_core_steady"]["broker" if floor else "towers"]
     echoed = report["messages"]["echoed_per_second_steady"]
     return {
@@ -117,6 +118,16 @@ def level(
         "generator_cores": report["cpu_share_of_a_core_steady"]["generator"],
         "broker_cores": None if floor else report["cpu_share_of_a_core_steady"]["broker"],
     }
+
+
+def complete(report: dict[str, Any]) -> dict[str, Any]:
+    """The report of a run that had all its sessions: figures missing a worker's are not a
+    result (raises RuntimeError)."""
+    failed = report["workers"]["failed"]
+    if failed:
+        raise RuntimeError("load generator workers failed, their sessions missing: "
+                           + "; ".join(f"worker {index} {why}" for index, why in failed.items()))
+    return report
 
 
 def side_by_side(
@@ -151,7 +162,7 @@ def chaos(sessions: int, rate: float, duration: float) -> dict[str, Any]:
                 duration=duration, workers=WORKERS,
                 kill_tower_at=sessions / rate + duration / 2,
             )
-            report = run_load(plan, show_progress=False)
+            report = complete(run_load(plan, show_progress=False))
         finally:
             stop_server(server)
     return {"sessions": report["sessions"], "repairs": report["repairs"],

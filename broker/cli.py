@@ -348,7 +348,17 @@ def _tower_run(arguments: argparse.Namespace) -> int:
 
 def _loadtest(arguments: argparse.Namespace) -> int:
     from .config import default_state_dir
-    from .loadtest.run import MAX_MESSAGE_SIZE, MAX_WORKERS, LoadPlan, plot, print_report, run_load
+    from .loadtest.run import (
+        MAX_MESSAGE_SIZE,
+        MAX_WORKERS,
+        REPAIR_TIME,
+        LoadPlan,
+        check_target,
+        plot,
+        print_report,
+        run_load,
+    )
+    from .tower.application import MESSAGES_PER_SECOND
 
     state = arguments.state_dir or default_state_dir()
     try:
@@ -359,24 +369,36 @@ def _loadtest(arguments: argparse.Namespace) -> int:
     certificate = arguments.certificate or str(state / "https" / "certificate.pem")
     # Written so that NaN fails each test, as it fails every comparison.
     problems = [
-        name for name, value in (("--sessions", arguments.sessions), ("--workers",
-                                 arguments.workers), ("--message-size", arguments.message_size))
+        f"{name} must be at least 1" for name, value in (
+            ("--sessions", arguments.sessions), ("--workers", arguments.workers),
+            ("--message-size", arguments.message_size))
         if not value >= 1
-    ] + [name for name, value in (("--rate", arguments.rate),
-                                  ("--message-rate", arguments.message_rate))
+    ] + [f"{name} must be above 0" for name, value in (
+            ("--rate", arguments.rate), ("--message-rate", arguments.message_rate))
          if not 0 < value < math.inf]
-    if not 0 <= arguments.duration < math.inf:
-        problems.append("--duration")
-    if arguments.kill_tower_at is not None and not 0 <= arguments.kill_tower_at < math.inf:
-        problems.append("--kill-tower-at")
+    problems += [f"{name} must be 0 or more" for name, value in (
+        ("--duration", arguments.duration), ("--kill-tower-at", arguments.kill_tower_at))
+        if value is not None and not 0 <= value < math.inf]
+    problems += [f"{name} is at most {most:g}" for name, value, most in (
+        ("--message-size", arguments.message_size, MAX_MESSAGE_SIZE),
+        ("--workers", arguments.workers, MAX_WORKERS),
+        # What a tower takes from one client (PROTOCOL.md): past it, it fails the peer.
+        ("--message-rate", arguments.message_rate, MESSAGES_PER_SECOND))
+        if value > most]
+    if not problems and not arguments.sessions / arguments.rate < math.inf:
+        problems.append("--rate is too small for --sessions ever to arrive")
     if problems:
-        print(f"broker loadtest: {', '.join(problems)} must be positive", file=sys.stderr)
+        print(f"broker loadtest: {'; '.join(problems)}", file=sys.stderr)
         return 2
-    for name, value, most in (("--message-size", arguments.message_size, MAX_MESSAGE_SIZE),
-                              ("--workers", arguments.workers, MAX_WORKERS)):
-        if value > most:
-            print(f"broker loadtest: {name} is at most {most}", file=sys.stderr)
-            return 2
+    try:
+        check_target(arguments.url, certificate, api_key)
+    except ValueError as error:
+        print(f"broker loadtest: {error}", file=sys.stderr)
+        return 2
+    if arguments.plot and not os.access(Path(arguments.plot).resolve().parent, os.W_OK):
+        print(f"broker loadtest: --plot: cannot write in the directory of {arguments.plot}",
+              file=sys.stderr)
+        return 2
     usable = os.sched_getaffinity(0)
     if not set(arguments.generator_cpus) <= usable:
         print(f"broker loadtest: --generator-cpus: this process may use CPUs "
@@ -392,22 +414,24 @@ def _loadtest(arguments: argparse.Namespace) -> int:
         kill_tower_at=arguments.kill_tower_at,
         generator_cpus=tuple(arguments.generator_cpus),
     )
-    if plan.kill_tower_at is not None and plan.kill_tower_at >= plan.end:
-        print(f"broker loadtest: --kill-tower-at must come before the run ends "
-              f"({plan.end:g} s)", file=sys.stderr)
+    if plan.kill_tower_at is not None and plan.kill_tower_at > plan.end - REPAIR_TIME:
+        print(f"broker loadtest: --kill-tower-at must leave the sessions {REPAIR_TIME:g} s "
+              f"to be repaired before the run ends ({plan.end:g} s)", file=sys.stderr)
         return 2
-    try:
-        report = run_load(plan, show_progress=not arguments.json)
-    except KeyboardInterrupt:
-        return 130
+    report = run_load(plan, show_progress=not arguments.json)
     if arguments.json:
         print(json.dumps(report))
     else:
         print_report(report)
     if arguments.plot:
         plot(report, arguments.plot)
-    # Figures that miss a worker's sessions are not a result.
-    return 1 if report["workers"]["failed"] else 0
+    if report["interrupted"]:
+        return 130
+    # Figures that miss a worker's sessions are not a result, nor a run where none
+    # connected (the report says why).
+    if report["workers"]["failed"] or not report["sessions"]["connected"]:
+        return 1
+    return 0
 
 
 def _tower_csr(arguments: argparse.Namespace) -> int:

@@ -33,13 +33,15 @@ import psutil
 
 from ..metrics import process_usage
 from .traffic import ECHO_TIMEOUT
+from .worker import SETUP_TIMEOUT
 
 # A worker's first report may wait for its imports; later ones come every second, and a
 # worker silent for WORKER_SILENCE is hung.
 WORKER_START_TIMEOUT = 30.0
 METRICS_TIMEOUT = 2.0
-# After the planned end, how long workers have to close their sessions and report.
-WIND_DOWN = 20.0
+# After the planned end, how long workers have to close their sessions and report: a
+# setup that began just before the end has its whole time, then its DELETE.
+WIND_DOWN = SETUP_TIMEOUT + 10.0
 WORKER_SILENCE = 15.0
 # A reading of the servers older than this is none.
 READING_STALE = 3.0
@@ -47,6 +49,11 @@ READING_STALE = 3.0
 MAX_MESSAGE_SIZE = 262_144
 # More worker processes than this would be the machine's limit, not the server's.
 MAX_WORKERS = 64
+# Why sessions of a worker that died or hung count as failed or lost.
+WITH_ITS_WORKER = "with its worker"
+# Chaos: what a run leaves after the kill for its sessions' repairs to be seen (a repair
+# takes a few seconds at 1,000 sessions, BENCHMARKS.md "Chaos").
+REPAIR_TIME = 10.0
 
 
 @dataclass(frozen=True)
@@ -104,8 +111,8 @@ class Second:
 
 
 # One reading of the servers: CPU of the broker and of its towers (shares of one core
-# since the previous reading) and their resident bytes.
-Reading = tuple[float | None, float, int, int]
+# since the previous reading; None when not known yet) and their resident bytes.
+Reading = tuple[float | None, float | None, int | None, int]
 
 
 class CpuShares:
@@ -149,16 +156,19 @@ class BrokerMetrics:
             return None
         samples = parse_metrics(page)
         now = time.monotonic()
-        towers_cpu = towers_rss = 0.0
+        towers_cpu: float | None = None  # until a tower's counter has moved once
+        towers_rss = 0.0
         for name, value in samples.items():
             if name.startswith("broker_tower_cpu_seconds_total{"):
-                towers_cpu += self.shares.share(name, value, now) or 0.0
+                share = self.shares.share(name, value, now)
+                if share is not None:
+                    towers_cpu = (towers_cpu or 0.0) + share
             elif name.startswith("broker_tower_resident_memory_bytes{"):
                 towers_rss += value
         broker_cpu = samples.get("process_cpu_seconds_total")
+        broker_rss = samples.get("process_resident_memory_bytes")
         return (None if broker_cpu is None else self.shares.share("broker", broker_cpu, now),
-                towers_cpu, int(samples.get("process_resident_memory_bytes", 0)),
-                int(towers_rss))
+                towers_cpu, None if broker_rss is None else int(broker_rss), int(towers_rss))
 
     def _page(self) -> str | None:
         # Once more on a new connection when a kept-alive one was closed meanwhile.
@@ -196,6 +206,45 @@ def parse_metrics(page: str) -> dict[str, float]:
         if math.isfinite(number):
             samples[name] = number
     return samples
+
+
+def check_target(url: str, certificate: str, api_key: str) -> None:
+    """That ``url`` is a broker's HTTPS root this machine reaches, trusting
+    ``certificate``, which takes ``api_key``: one ``GET /v1/ice-servers``, before any
+    worker starts.
+
+    Raises:
+        ValueError: what is wrong, said for the command line.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 443
+    except ValueError as error:
+        raise ValueError(f"{url!r} is not a URL: {error}") from None
+    if parts.scheme != "https" or not parts.hostname or parts.path.strip("/") or (
+            parts.query or parts.fragment):
+        raise ValueError(f"{url!r} is not a broker's HTTPS URL, such as "
+                         "https://127.0.0.1:8443")
+    try:
+        context = ssl.create_default_context(cafile=certificate)
+    except (OSError, ssl.SSLError) as error:
+        raise ValueError(f"cannot use the certificate {certificate}: {error}") from None
+    connection = http.client.HTTPSConnection(parts.hostname, port, context=context,
+                                             timeout=METRICS_TIMEOUT * 5)
+    try:
+        connection.request("GET", "/v1/ice-servers",
+                           headers={"Authorization": f"Bearer {api_key}"})
+        response = connection.getresponse()
+        response.read()
+    except (OSError, http.client.HTTPException) as error:
+        raise ValueError(f"cannot reach a broker at {url}: {error}") from None
+    finally:
+        connection.close()
+    if response.status in (401, 403):
+        raise ValueError(f"the broker at {url} refused the API key ({response.status})")
+    if response.status != 200:
+        raise ValueError(f"{url} answered GET /v1/ice-servers with {response.status}: "
+                         "not a broker's API")
 
 
 class Sampler:
@@ -318,6 +367,7 @@ class Run:
         self.seconds: list[Second] = []
         self.failed: Counter[str] = Counter()
         self.lost: Counter[str] = Counter()
+        self.not_closed: Counter[str] = Counter()
         self.setups: list[float] = []
         self.repairs: list[float] = []
         self.totals = Counter()
@@ -326,6 +376,10 @@ class Run:
         self.generator_cpu_seen = 0.0
         # Workers that died, hung or failed, and how: their sessions are missing.
         self.worker_failures: dict[int, str] = {}
+        # Each worker's share of the sessions.
+        self.planned: dict[int, int] = {}
+        # Whether the run was stopped early (Ctrl-C): its figures are those until then.
+        self.interrupted = False
 
     def execute(self) -> dict[str, Any]:
         plan = self.plan
@@ -352,6 +406,10 @@ class Run:
                     while next_tick <= time.monotonic():
                         next_tick += 1.0
                     self._chaos_if_due(time.monotonic() - began)
+        except KeyboardInterrupt:
+            # Stopped by its user: the workers (which ignore it) close their sessions and
+            # say their last figures, which the report has.
+            self.interrupted = True
         finally:
             # Closing their stdin stops workers still running; each still says its last.
             for worker in workers:
@@ -413,15 +471,22 @@ class Run:
                 self._worker_ended(index, f"said nothing for {limit:g} s")
 
     def _worker_ended(self, index: int, why: str) -> None:
-        """A worker that died or hung: its sessions are no longer up, and count as lost."""
+        """A worker that died or hung: its sessions that were up count as lost, and
+        those it was setting up, or had not started yet, as failed."""
         if index in self.worker_failures:
             return
         self.worker_failures[index] = why
-        figures = self.latest.get(index)
-        if figures is not None and figures["up"]:
-            lost = dict(figures["lost"])
-            lost["with its worker"] = lost.get("with its worker", 0) + figures["up"]
-            self.latest[index] = {**figures, "up": 0, "lost": lost}
+        figures = self.latest.get(index) or {
+            "requested": 0, "connected": 0, "up": 0, "failed": {}, "lost": {}}
+        planned = self.planned[index]
+        settled = figures["connected"] + sum(figures["failed"].values())
+        failed, lost = dict(figures["failed"]), dict(figures["lost"])
+        if planned > settled:
+            failed[WITH_ITS_WORKER] = failed.get(WITH_ITS_WORKER, 0) + planned - settled
+        if figures["up"]:
+            lost[WITH_ITS_WORKER] = lost.get(WITH_ITS_WORKER, 0) + figures["up"]
+        self.latest[index] = {**figures, "requested": planned, "up": 0, "failed": failed,
+                              "lost": lost}
 
 
     def _start_workers(self) -> list[subprocess.Popen]:
@@ -430,6 +495,7 @@ class Run:
         workers = []
         for number in range(plan.workers):
             mine = arrivals[number::plan.workers]
+            self.planned[number] = len(mine)
             worker = subprocess.Popen(
                 [sys.executable, "-m", "broker.loadtest.worker"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -475,11 +541,11 @@ class Run:
         second.arrivals = requested - self.totals["requested"]
         self.totals["requested"] = requested
         self.totals["connected"] = connected
-        self.failed = Counter()
-        self.lost = Counter()
+        self.failed, self.lost, self.not_closed = Counter(), Counter(), Counter()
         for figures in latest.values():
             self.failed.update(figures["failed"])
             self.lost.update(figures["lost"])
+            self.not_closed.update(figures.get("not_closed", {}))
         cpu = sum(self.worker_cpu.values())
         second.generator_cpu = (cpu - self.generator_cpu_seen) / second.seconds
         self.generator_cpu_seen = cpu
@@ -530,6 +596,7 @@ class Run:
         generator_cpu = sum(self.worker_cpu.values())
         report: dict[str, Any] = {
             "plan": asdict(self.plan) | {"api_key": "(hidden)"},
+            "interrupted": self.interrupted,
             "run_seconds": round(seconds, 1),
             "steady_seconds": round(sum(second.seconds for second in steady), 1),
             "sessions": {
@@ -539,6 +606,9 @@ class Run:
                 "failed_by_reason": dict(self.failed),
                 "lost": sum(self.lost.values()),
                 "lost_by_state": dict(self.lost),
+                # Their DELETE at the end failed (they were up until then).
+                "not_closed": sum(self.not_closed.values()),
+                "not_closed_by_reason": dict(self.not_closed),
                 "peak_up": peak_up,
             },
             "setup_ms": _percentiles(self.setups, (50, 95, 99)),
@@ -620,13 +690,13 @@ def _kbit_per_session(second: Second) -> float | None:
     return round(second.video_bytes * 8 / 1000 / second.seconds / second.up, 1)
 
 
-def _over_time(seconds: list[Second], share: str) -> float:
+def _over_time(seconds: list[Second], share: str) -> float | None:
     """The mean of a share (of a core) over ``seconds``, each weighed by the time it
-    covered; seconds without a reading (None) are left out."""
+    covered; seconds without a reading (None) are left out. None: no reading at all."""
     known = [(getattr(second, share), second.seconds) for second in seconds
              if getattr(second, share) is not None]
     elapsed = sum(covered for _, covered in known)
-    return round(sum(value * covered for value, covered in known) / elapsed, 2) if elapsed else 0.0
+    return round(sum(value * covered for value, covered in known) / elapsed, 2) if elapsed else None
 
 
 def _rate(seconds: list[Second], count: str) -> float:
@@ -640,12 +710,21 @@ def _mean(values: list[float | None]) -> float:
     return round(sum(known) / len(known), 2) if known else 0.0
 
 
-def _mib_peak(values: list[int | None]) -> float:
-    return round(max((value for value in values if value is not None), default=0) / 2**20, 1)
+def _mib_peak(values: list[int | None]) -> float | None:
+    peak = max((value for value in values if value is not None), default=None)
+    return None if peak is None else round(peak / 2**20, 1)
 
 
 def _share(value: float | None) -> str:
     return "-" if value is None else f"{value:.0%}"
+
+
+def _cores(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:g} MiB"
 
 
 def _round(value: float | None) -> float | None:
@@ -679,6 +758,9 @@ def print_report(report: dict[str, Any]) -> None:
           f"failed {sessions['failed']}{_reasons(sessions['failed_by_reason'])}, "
           f"lost {sessions['lost']}{_reasons(sessions['lost_by_state'])}, "
           f"peak up {sessions['peak_up']}")
+    if sessions["not_closed"]:
+        print(f"             {sessions['not_closed']} could not be deleted at the end"
+              f"{_reasons(sessions['not_closed_by_reason'])}")
     print(f"first echo   p50 {_ms(setup['p50'])}  p95 {_ms(setup['p95'])}  "
           f"p99 {_ms(setup['p99'])}")
     print(f"round trip   p50 {_ms(rtt['p50'])}  p99 {_ms(rtt['p99'])}   "
@@ -706,12 +788,15 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"workers      {len(failed)} of {report['workers']['count']} failed, their "
               f"sessions missing from these figures: "
               + "; ".join(f"worker {index} {why}" for index, why in failed.items()))
-    print(f"cpu (cores)  generator {cpu['generator']:.2f}  broker {cpu['broker']:.2f}  "
-          f"towers {cpu['towers']:.2f}  (mean with all up)")
+    print(f"cpu (cores)  generator {_cores(cpu['generator'])}  broker {_cores(cpu['broker'])}"
+          f"  towers {_cores(cpu['towers'])}  (mean with all up; -: not read)")
     if not report["steady_seconds"]:
         print("             (no second had every session up: the 'all up' figures are empty)")
-    print(f"memory       broker {report['rss_mib_peak']['broker']} MiB, "
-          f"towers {report['rss_mib_peak']['towers']} MiB (peak resident)")
+    memory = report["rss_mib_peak"]
+    print(f"memory       broker {_mib(memory['broker'])}, towers {_mib(memory['towers'])} "
+          "(peak resident)")
+    if report["interrupted"]:
+        print("interrupted  the run was stopped early: these are its figures until then")
 
 
 def plot(report: dict[str, Any], path: str) -> None:

@@ -17,6 +17,7 @@ import gc
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections import Counter
@@ -36,6 +37,8 @@ from .traffic import ClosedSends, Tally, send_steadily
 
 SETUP_TIMEOUT = 30.0
 REPORT_INTERVAL = 1.0
+# Why a session counts as lost though its client saw no end: a repair was under way.
+REPAIRING_AT_THE_END = "repairing at the end"
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,8 @@ class Worker:
         self.lost: Counter[str] = Counter()
         self.setups: list[float] = []
         self.repairs: list[float] = []
+        # Sessions whose DELETE at the end failed, by reason.
+        self.not_closed: Counter[str] = Counter()
         self.ssl_context = None if plan.floor else trusting(plan.certificate)
         # The browsers' peer connections are long-lived objects too.
         self.collector = Collector()
@@ -94,6 +99,7 @@ class Worker:
             await self._floor_browser()
             return
         client = BrokerClient(self.plan.url, self.plan.api_key, self.ssl_context)
+        connected = False
         try:
             # The deadline covers the setup only; it is lifted once the first echo is back.
             with trio.CancelScope(deadline=trio.current_time() + SETUP_TIMEOUT) as setup:
@@ -110,6 +116,7 @@ class Worker:
                     setup.deadline = math.inf
                     self.setups.append(time.perf_counter() - started)
                     self.connected += 1
+                    connected = True
                     self.up += 1
                     self.collector.opened()
                     try:
@@ -118,21 +125,30 @@ class Worker:
                         self.up -= 1
                         self.collector.closed_one()
                     if kept:  # a lost one is gone already: counted as lost, not failed
-                        with trio.move_on_after(5):
-                            await client.delete_session(session.grant.id)
+                        await self._close(client, session)
             if setup.cancelled_caught:
                 self.failed["setup timeout"] += 1
         except Exception as error:
-            self.failed[_reason(error)] += 1
+            # Once connected, a session that breaks is lost, not a failed setup.
+            (self.lost if connected else self.failed)[_reason(error)] += 1
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await client.aclose()
 
+    async def _close(self, client: BrokerClient, session: ClientSession) -> None:
+        """Delete the session at the end of the run; a refusal is counted, not lost."""
+        try:
+            with trio.fail_after(5):
+                await client.delete_session(session.grant.id)
+        except Exception as error:
+            self.not_closed[_reason(error)] += 1
+
     async def _floor_browser(self) -> None:
         started = time.perf_counter()
-        floor = FloorClient(self.plan.url)
-        holder = FloorSession(await call_asyncio(new_peer))
+        holder: FloorSession | None = None
         try:
+            floor = FloorClient(self.plan.url)
+            holder = FloorSession(await call_asyncio(new_peer))
             with trio.fail_after(SETUP_TIMEOUT):
                 _, created = await floor.request(
                     "POST", "/peers", {"sdp": await call_asyncio(holder.peer.offer)})
@@ -157,19 +173,22 @@ class Worker:
         except Exception as error:
             self.failed[_reason(error)] += 1
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                await call_asyncio(holder.peer.close)
+            if holder is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    await call_asyncio(holder.peer.close)
 
     async def _live(self, session: ClientSession) -> bool:
         """Echo until the end of the run; False if the session was lost before it (its
-        sends stop then, and it no longer counts as up)."""
+        sends stop then, and it no longer counts as up). One still repairing at the end
+        counts as lost too: nothing says it would have come back."""
         until = time.monotonic() + max(0.0, self.plan.end - self._elapsed())
         lost = False
+        repair = _Repair()
         async with trio.open_nursery() as nursery:
 
             async def follow() -> None:
                 nonlocal lost
-                await self._follow_repairs(session)
+                await self._follow_repairs(session, repair)
                 lost = True
                 nursery.cancel_scope.cancel()
 
@@ -177,23 +196,24 @@ class Worker:
             await call_asyncio(send_steadily, session, self.tally, self.plan.message_rate,
                                self.plan.message_size, until)
             nursery.cancel_scope.cancel()
+        if not lost and repair.since is not None:
+            self.lost[REPAIRING_AT_THE_END] += 1
         return not lost
 
-    async def _follow_repairs(self, session: ClientSession) -> None:
+    async def _follow_repairs(self, session: ClientSession, repair: _Repair) -> None:
         """Time each repair, from "repairing" to "connected" again; count losses."""
         position = len(session.frames)
-        repairing_since: float | None = None
         while True:
             await session.wait_for(lambda _: len(session.frames) > position, timeout=math.inf)
             while position < len(session.frames):
                 frame = session.frames[position]
                 position += 1
                 state = frame.get("state") if frame.get("type") == "state" else None
-                if state == "repairing" and repairing_since is None:
-                    repairing_since = time.perf_counter()
-                elif state == "connected" and repairing_since is not None:
-                    self.repairs.append(time.perf_counter() - repairing_since)
-                    repairing_since = None
+                if state == "repairing" and repair.since is None:
+                    repair.since = time.perf_counter()
+                elif state == "connected" and repair.since is not None:
+                    self.repairs.append(time.perf_counter() - repair.since)
+                    repair.since = None
                 elif state in ("failed", "closed"):
                     self.lost[state] += 1
                     return
@@ -216,6 +236,7 @@ class Worker:
             "up": self.up,
             "failed": dict(self.failed),
             "lost": dict(self.lost),
+            "not_closed": dict(self.not_closed),
             "setup": self.setups,
             "repairs": self.repairs,
             "cpu": times.user + times.system,
@@ -233,6 +254,13 @@ class Worker:
             except (OSError, trio.BrokenResourceError):
                 pass
         scope.cancel()
+
+
+@dataclass
+class _Repair:
+    """When the session's repair under way began (None: none is)."""
+
+    since: float | None = None
 
 
 @dataclass
@@ -288,6 +316,9 @@ def _reason(error: BaseException) -> str:
 
 
 def main() -> None:
+    # Ctrl-C reaches the whole process group: the coordinator takes it, and closes this
+    # worker's stdin, which ends its sessions in order and sends its last figures.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     worker = Worker(Plan(**json.loads(sys.stdin.readline())))
     try:
         bridge.run(worker.run, handle_signals=False)

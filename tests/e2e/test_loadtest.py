@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+
+import pytest
+
+from broker.pki import CertificateAuthority
 
 from .conftest import start_broker, stop_broker, wait_for_towers
 
@@ -42,6 +49,28 @@ def test_a_load_test_reports_sessions_latency_cpu_and_draws_them(tmp_path):
         assert text.returncode == 0, text.stderr
         assert "connected 4" in text.stdout and "round trip" in text.stdout
 
+        # Refused before any session starts: a wrong key, a plot that cannot be written.
+        wrong = subprocess.run(
+            [sys.executable, "-m", "broker", "loadtest", broker.url, "--api-key", "wrong",
+             "--certificate", broker.certificate], capture_output=True, text=True, timeout=60)
+        assert wrong.returncode == 2 and "refused the API key (401)" in wrong.stderr
+        unwritable = loadtest(broker, "--plot", str(tmp_path / "none" / "load.png"))
+        assert unwritable.returncode == 2 and "--plot: cannot write" in unwritable.stderr
+
+        # Ctrl-C (to the whole process group, as a terminal sends it): the figures until
+        # then, and no traceback from the workers.
+        interrupted = subprocess.Popen(
+            [sys.executable, "-m", "broker", "loadtest", broker.url, "--api-key",
+             broker.api_key, "--certificate", broker.certificate, "--sessions", "4",
+             "--rate", "4", "--duration", "600", "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        time.sleep(5)
+        os.killpg(interrupted.pid, signal.SIGINT)
+        out, errors = interrupted.communicate(timeout=120)
+        assert interrupted.returncode == 130, errors
+        assert json.loads(out)["interrupted"] is True
+        assert "Traceback" not in errors
+
         # With media: the tower's video arrives (the demo application draws it), counted
         # as frames, RTP packets and their loss, bitrate and jitter.
         media = loadtest(broker, "--sessions", "3", "--rate", "10", "--duration", "3",
@@ -62,10 +91,32 @@ def test_a_load_test_reports_sessions_latency_cpu_and_draws_them(tmp_path):
         stop_broker(broker)
 
 
-def test_bad_arguments_are_refused_before_anything_starts(tmp_path):
-    for arguments in (["--sessions", "0"], ["--rate", "-1"], ["--message-size", "0"]):
-        result = subprocess.run(
-            [sys.executable, "-m", "broker", "loadtest", "https://127.0.0.1:9",
-             "--api-key", "k", *arguments], capture_output=True, text=True, timeout=60)
-        assert result.returncode == 2, (arguments, result.stderr)
-        assert "must be positive" in result.stderr
+@pytest.mark.parametrize(("arguments", "refused"), [
+    (["--sessions", "0"], "--sessions must be at least 1"),
+    (["--rate", "-1"], "--rate must be above 0"),
+    (["--message-size", "0"], "--message-size must be at least 1"),
+    (["--duration", "-1"], "--duration must be 0 or more"),
+    (["--message-rate", "300"], "--message-rate is at most 256"),
+    (["--rate", "1e-320"], "--rate is too small for --sessions ever to arrive"),
+    # A URL without its scheme lost its port (443 was used), and http:// meant https.
+    (["--url", "127.0.0.1:8443"], "'127.0.0.1:8443' is not a broker's HTTPS URL"),
+    (["--url", "http://127.0.0.1:8443"], "is not a broker's HTTPS URL"),
+    (["--url", "https://127.0.0.1:port"], "'https://127.0.0.1:port' is not a URL"),
+    (["--certificate", "/nonexistent.pem"], "cannot use the certificate /nonexistent.pem"),
+    # Nothing listens there: said at once, rather than a report of every session failed.
+    ([], "cannot reach a broker at https://127.0.0.1:9"),
+])
+def test_bad_arguments_are_refused_before_anything_starts(tmp_path, arguments, refused):
+    certificate = tmp_path / "ca.pem"
+    certificate.write_bytes(CertificateAuthority.load_or_create(tmp_path / "ca")
+                            .certificate_pem)
+    url = "https://127.0.0.1:9"
+    if arguments[:1] == ["--url"]:
+        url, arguments = arguments[1], arguments[2:]
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "loadtest", url, "--api-key", "k",
+         "--certificate", str(certificate), *arguments],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, (arguments, result.stderr)
+    assert refused in result.stderr
+    assert "Traceback" not in result.stderr

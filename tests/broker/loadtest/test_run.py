@@ -224,6 +224,13 @@ def test_seconds_whose_servers_could_not_be_read_are_left_out_of_the_means():
     report = run.report(6.0)
     assert report["cpu_share_of_a_core_steady"]["towers"] == 0.6
     assert report["rss_mib_peak"]["towers"] == 120.0
+    # None read at all: not known, rather than none used.
+    assert report["cpu_share_of_a_core_steady"]["broker"] == 0.0
+    run.seconds = [Second(at=at, up=2, broker_cpu=None, towers_cpu=None, broker_rss=None,
+                          towers_rss=None) for at in range(5)]
+    report = run.report(6.0)
+    assert report["cpu_share_of_a_core_steady"]["towers"] is None
+    assert report["rss_mib_peak"] == {"broker": None, "towers": None}
 
 
 def test_the_second_that_first_sees_every_session_up_is_not_steady():
@@ -244,6 +251,8 @@ FAKE_WORKER = """
 import json, os, sys, time
 mode = sys.argv[1]
 sys.stdin.readline()
+if mode == "dies at once":
+    os._exit(1)
 def report(second, final=False):
     print(json.dumps({
         "final": final, "elapsed": second, "requested": 5, "connected": 5,
@@ -270,28 +279,35 @@ def test_a_worker_that_dies_or_hangs_is_reported_and_its_sessions_are_lost(
 
     def start_workers(self):
         workers = []
-        for mode in ("runs", "dies", "hangs"):
+        for number, mode in enumerate(("runs", "dies", "hangs", "dies at once")):
             worker = subprocess.Popen([sys.executable, str(script), mode],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             worker.stdin.write("{}\n")
             worker.stdin.flush()
             workers.append(worker)
+            self.planned[number] = 5
         self.started_workers = workers
         return workers
 
     monkeypatch.setattr(Run, "_start_workers", start_workers)
     monkeypatch.setattr(run_module, "WORKER_SILENCE", 2.0)
-    plan = LoadPlan("http://127.0.0.1:9", "secret", "c", sessions=15, rate=15,
-                    duration=3, workers=3, floor=True)
+    plan = LoadPlan("http://127.0.0.1:9", "secret", "c", sessions=20, rate=20,
+                    duration=3, workers=4, floor=True)
     run = Run(plan, show_progress=False)
     report = run.execute()
     assert report["workers"]["failed"] == {"1": "ended without its final report",
-                                           "2": "said nothing for 2 s"}
-    assert report["sessions"]["lost_by_state"] == {"with its worker": 10}
+                                           "2": "said nothing for 2 s",
+                                           "3": "ended without its final report"}
+    # Those up count as lost; those a worker had not set up yet (none here, but all of
+    # the one that died at once), as failed: every session planned is accounted for.
+    sessions = report["sessions"]
+    assert sessions["lost_by_state"] == {"with its worker": 10}
+    assert sessions["failed_by_reason"] == {"with its worker": 5}
+    assert sessions["requested"] == 20 and sessions["connected"] == 15
     assert report["series"][-1]["up"] == 0
     assert all(worker.returncode is not None for worker in run.started_workers)
     print_report(report)
-    assert "2 of 3 failed, their sessions missing" in capsys.readouterr().out
+    assert "3 of 4 failed, their sessions missing" in capsys.readouterr().out
 
 
 class SlowServers:

@@ -64,3 +64,44 @@ def test_a_session_lost_before_the_end_stops_there_and_counts_as_lost_only():
 
     assert bridge.run(main, handle_signals=False) is False
     assert worker.lost == {"failed": 1}
+
+
+class RepairingSession:
+    """A session as a browser follows it, without a peer, whose broker starts repairing it
+    once ``repair`` is called, and never says it is back."""
+
+    peer = None
+
+    def __init__(self) -> None:
+        self.frames: list[dict] = [{"type": "state", "state": "connected"}]
+        self.changed = trio.Event()
+
+    def repair(self) -> None:
+        self.frames.append({"type": "state", "state": "repairing"})
+        self.changed.set()
+
+    async def wait_for(self, predicate, timeout: float) -> None:
+        while not predicate(None):
+            await self.changed.wait()
+            self.changed = trio.Event()
+
+
+def test_a_session_still_repairing_at_the_end_counts_as_lost():
+    # It used to count nowhere: neither repaired nor lost, as if all had gone well.
+    worker = Worker(Plan("http://127.0.0.1:9", "", "", arrivals=[0.0], end=1.0,
+                         message_rate=1.0, message_size=10, floor=True))
+    worker.started = time.monotonic()
+    session = RepairingSession()
+
+    async def main() -> bool:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                async def repair_soon() -> None:
+                    await trio.testing.wait_all_tasks_blocked()
+                    session.repair()
+
+                nursery.start_soon(repair_soon)
+                return await worker._live(session)
+
+    assert bridge.run(main, handle_signals=False) is True  # still to be deleted
+    assert worker.lost == {"repairing at the end": 1} and worker.repairs == []
