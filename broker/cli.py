@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 import resource
 import shlex
 import sys
@@ -308,7 +309,7 @@ def _tower_run(arguments: argparse.Namespace) -> int:
         missing = [flag for flag in ("name", "listen", "identity", "ca")
                    if getattr(arguments, flag) is None]
         host, _, port = (arguments.listen or "").rpartition(":")
-        if missing or not host or not port.isdigit():
+        if missing or not host or not re.fullmatch(r"[0-9]{1,5}", port):
             print("broker tower run: give --config, or --name, --listen HOST:PORT, "
                   "--identity and --ca", file=sys.stderr)
             return 2
@@ -385,24 +386,27 @@ def _loadtest(arguments: argparse.Namespace) -> int:
         # What a tower takes from one client (PROTOCOL.md): past it, it fails the peer.
         ("--message-rate", arguments.message_rate, MESSAGES_PER_SECOND))
         if value > most]
-    if not problems and not arguments.sessions / arguments.rate < math.inf:
-        problems.append("--rate is too small for --sessions ever to arrive")
-    if problems:
-        print(f"broker loadtest: {'; '.join(problems)}", file=sys.stderr)
-        return 2
-    try:
-        check_target(arguments.url, certificate, api_key)
-    except ValueError as error:
-        print(f"broker loadtest: {error}", file=sys.stderr)
-        return 2
-    if arguments.plot and not os.access(Path(arguments.plot).resolve().parent, os.W_OK):
-        print(f"broker loadtest: --plot: cannot write in the directory of {arguments.plot}",
-              file=sys.stderr)
-        return 2
+    if not problems:
+        end = arguments.sessions / arguments.rate + arguments.duration
+        if not end < math.inf:
+            problems.append("--rate is too small for --sessions ever to arrive")
+        elif arguments.kill_tower_at is not None and (
+                arguments.kill_tower_at > end - REPAIR_TIME):
+            problems.append(f"--kill-tower-at must leave the sessions {REPAIR_TIME:g} s to "
+                            f"be repaired before the run ends ({end:g} s)")
     usable = os.sched_getaffinity(0)
     if not set(arguments.generator_cpus) <= usable:
-        print(f"broker loadtest: --generator-cpus: this process may use CPUs "
-              f"{', '.join(map(str, sorted(usable)))}", file=sys.stderr)
+        problems.append(f"--generator-cpus: this process may use CPUs "
+                        f"{', '.join(map(str, sorted(usable)))}")
+    if arguments.plot and not os.access(Path(arguments.plot).resolve().parent, os.W_OK):
+        problems.append(f"--plot: cannot write in the directory of {arguments.plot}")
+    if not problems:
+        try:
+            check_target(arguments.url, certificate, api_key)
+        except ValueError as error:
+            problems.append(str(error))
+    if problems:
+        print(f"broker loadtest: {'; '.join(problems)}", file=sys.stderr)
         return 2
     _open_files()
     plan = LoadPlan(
@@ -414,10 +418,6 @@ def _loadtest(arguments: argparse.Namespace) -> int:
         kill_tower_at=arguments.kill_tower_at,
         generator_cpus=tuple(arguments.generator_cpus),
     )
-    if plan.kill_tower_at is not None and plan.kill_tower_at > plan.end - REPAIR_TIME:
-        print(f"broker loadtest: --kill-tower-at must leave the sessions {REPAIR_TIME:g} s "
-              f"to be repaired before the run ends ({plan.end:g} s)", file=sys.stderr)
-        return 2
     report = run_load(plan, show_progress=not arguments.json)
     if arguments.json:
         print(json.dumps(report))

@@ -260,7 +260,9 @@ class Settings:
         try:
             ipaddress.ip_address(host)
         except ValueError:
-            if not _HOSTNAME.fullmatch(host.lower()):
+            last_label = host.rstrip(".").rsplit(".", 1)[-1]
+            # One of digits alone reads as an IPv4 address to browsers ("1.2.3").
+            if not _HOSTNAME.fullmatch(host.lower()) or last_label.isdigit():
                 raise ConfigError(
                     f"public_host must be a DNS name or an IP address, not {host!r}") from None
         # Browsers send their origin's host in lower case.
@@ -371,8 +373,9 @@ def settings_from_mapping(values: dict[str, Any]) -> Settings:
 
 def _convert(name: str, expected: str, value: Any) -> Any:
     if expected == "Path":
-        if not isinstance(value, (str, Path)):
-            raise ConfigError(f"{name} must be a path")
+        # (An empty one would be the broker's working directory, whatever it is.)
+        if not isinstance(value, (str, Path)) or not str(value):
+            raise ConfigError(f"{name} must be a path, not {value!r}")
         return Path(value).expanduser()
     if expected == "int":
         if isinstance(value, bool) or not isinstance(value, int):

@@ -347,6 +347,9 @@ INSPECT_CHILDREN_SHOWN = 50
 # have tens of thousands, a megabyte of text.
 TREE_CHILDREN_SHOWN = 50
 NO_INVENTORY = "not available: this broker has no host inventory"
+# The state ``sessions`` lists a session in that did not answer in time.
+UNANSWERED = "unanswered"
+SESSION_STATES = (*(state.value for state in SessionState), UNANSWERED)
 JOBS_EVENTS = 10
 JOBS_ERROR_WIDTH = 60
 PS_ORDERS = ("depth", "handled", "restarts")
@@ -1607,8 +1610,8 @@ _COMMANDS: dict[str, _Command] = {
                     "--state",
                     "STATE",
                     "only sessions in this state",
-                    _one_of(tuple(state.value for state in SessionState)),
-                    choices=tuple(state.value for state in SessionState),
+                    _one_of(SESSION_STATES),
+                    choices=SESSION_STATES,
                 ),
             ),
         ),

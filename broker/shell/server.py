@@ -41,7 +41,7 @@ from ..scaling import ScaleTo
 from ..sessions import SESSIONS_PATH, Describe, session_id_of
 from ..towers import TowerDirectory
 from . import ssh
-from .commands import HostView, Role, SessionView, Shell, Status, TowerView
+from .commands import UNANSWERED, HostView, Role, SessionView, Shell, Status, TowerView
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class LiveView:
                     return  # ended meanwhile
                 except ActorError as error:
                     views.append(SessionView(
-                        id=session_id_of(child.name), state="unanswered",
+                        id=session_id_of(child.name), state=UNANSWERED,
                         tower="", negotiation=0, placements=0, age=child.uptime,
                         reason=f"did not answer: {type(error).__name__}",
                     ))

@@ -96,6 +96,7 @@ def test_a_broker_that_cannot_start_says_why_without_a_traceback(tmp_path):
     (["--heartbeat-interval", "10", "--heartbeat-timeout", "1"],
      "heartbeat_timeout must be longer than heartbeat_interval"),
     (["--listen", "127.0.0.1:99999"], "the port must be a port number (0-65535), not 99999"),
+    (["--listen", "127.0.0.1:\u00b2"], "give --config, or --name, --listen HOST:PORT"),
     (["--identity", "/nonexistent/identity.pem"], "/nonexistent/identity.pem: no such file"),
 ])
 def test_a_tower_agent_refuses_settings_that_make_no_sense(tmp_path, options, refused):
@@ -112,12 +113,13 @@ def test_a_tower_agent_refuses_settings_that_make_no_sense(tmp_path, options, re
 
 
 @pytest.mark.parametrize("options, refused", [
-    (["--rate", "nan"], "--rate must be positive"),
-    (["--kill-tower-at", "-5"], "--kill-tower-at must be positive"),
+    (["--rate", "nan"], "--rate must be above 0"),
+    (["--kill-tower-at", "-5"], "--kill-tower-at must be 0 or more"),
     (["--generator-cpus", "9999"], "--generator-cpus: this process may use CPUs"),
     (["--message-size", "262145"], "--message-size is at most 262144"),
     (["--workers", "65"], "--workers is at most 64"),
-    (["--kill-tower-at", "60"], "--kill-tower-at must come before the run ends (35 s)"),
+    (["--kill-tower-at", "26"],
+     "--kill-tower-at must leave the sessions 10 s to be repaired before the run ends (35 s)"),
 ])
 def test_a_load_test_refuses_figures_that_make_no_sense(options, refused):
     result = subprocess.run([BROKER, "loadtest", "https://127.0.0.1:9", "--api-key", "k",

@@ -166,6 +166,16 @@ def test_the_public_host_may_be_a_name():
     )
 
 
+@pytest.mark.parametrize("host", ["1.2.3", "999.1.1.1", "broker.7"])
+def test_a_public_host_that_browsers_would_read_as_an_address_is_refused(host):
+    assert f"public_host must be a DNS name or an IP address, not {host!r}" in refusal(
+        public_host=host)
+
+
+def test_an_empty_state_dir_is_refused_not_the_working_directory():
+    assert "state_dir must be a path, not ''" in refusal(state_dir="")
+
+
 def test_the_public_host_is_taken_in_lower_case_as_browsers_send_it():
     settings = settings_from_mapping({"public_host": "Broker.Example.com"})
     assert settings.public_host == "broker.example.com"

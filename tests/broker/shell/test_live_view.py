@@ -241,6 +241,8 @@ async def test_sessions_are_asked_at_once_and_a_busy_one_is_shown_not_left_out(
         assert (busy.state, busy.reason) == ("unanswered", "did not answer: AskTimeout")
         output = await Shell(view, Role.ADMIN).run("stats")
         assert "sessions   102: 101 connected, 1 unanswered" in output.text
+        listed = await Shell(view, Role.ADMIN).run("sessions --state unanswered")
+        assert listed.status == Status.OK and "did not answer" in listed.text
 
 
 async def test_the_root_is_neither_killed_nor_restarted_from_the_shell(autojump_clock, live):
