@@ -123,6 +123,8 @@ def level(
 def complete(report: dict[str, Any]) -> dict[str, Any]:
     """The report of a run that had all its sessions: figures missing a worker's are not a
     result (raises RuntimeError)."""
+    if report["interrupted"]:
+        raise KeyboardInterrupt
     failed = report["workers"]["failed"]
     if failed:
         raise RuntimeError("load generator workers failed, their sessions missing: "
@@ -183,7 +185,7 @@ def print_levels(results: dict[str, Any]) -> None:
                 f"{figures['setup_p50_ms']} ms",
                 str(figures["echoed_per_core_second"]),
                 f"{figures['kib_per_session']}",
-                f"{figures['server_cores']:.2f}", f"{figures['generator_cores']:.2f}",
+                _cores(figures["server_cores"]), _cores(figures["generator_cores"]),
             ])
     print_rows(["sessions", "up", "rtt p50", "rtt p99", "setup p50", "echoes/core-s",
                 "KiB/session", "server cores", "generator cores"], rows)
@@ -194,6 +196,10 @@ def print_levels(results: dict[str, Any]) -> None:
                 reasons = ", ".join(f"{reason}: {count}"
                                     for reason, count in figures["failed_by_reason"].items())
                 print(f"{figures['sessions']} {name} failed: {reasons}")
+
+
+def _cores(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def main(arguments: list[str] | None = None) -> None:

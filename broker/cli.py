@@ -359,7 +359,7 @@ def _loadtest(arguments: argparse.Namespace) -> int:
         print_report,
         run_load,
     )
-    from .tower.application import MESSAGES_PER_SECOND
+    from .tower.application import MESSAGES_PER_SECOND, message_cost
 
     state = arguments.state_dir or default_state_dir()
     try:
@@ -382,10 +382,15 @@ def _loadtest(arguments: argparse.Namespace) -> int:
         if value is not None and not 0 <= value < math.inf]
     problems += [f"{name} is at most {most:g}" for name, value, most in (
         ("--message-size", arguments.message_size, MAX_MESSAGE_SIZE),
-        ("--workers", arguments.workers, MAX_WORKERS),
-        # What a tower takes from one client (PROTOCOL.md): past it, it fails the peer.
-        ("--message-rate", arguments.message_rate, MESSAGES_PER_SECOND))
+        ("--workers", arguments.workers, MAX_WORKERS))
         if value > most]
+    # What a tower takes from one client (PROTOCOL.md): past it, it fails the peer.
+    cost = message_cost(min(arguments.message_size, MAX_MESSAGE_SIZE))
+    if arguments.message_rate * cost > MESSAGES_PER_SECOND:
+        problems.append(f"--message-rate is at most {MESSAGES_PER_SECOND // cost} for "
+                        f"messages of {arguments.message_size} bytes (a tower takes "
+                        f"{MESSAGES_PER_SECOND} a second from a client, a message counting "
+                        "once and once more per 16 KiB)")
     if not problems:
         end = arguments.sessions / arguments.rate + arguments.duration
         if not end < math.inf:
@@ -400,11 +405,13 @@ def _loadtest(arguments: argparse.Namespace) -> int:
                         f"{', '.join(map(str, sorted(usable)))}")
     if arguments.plot and not os.access(Path(arguments.plot).resolve().parent, os.W_OK):
         problems.append(f"--plot: cannot write in the directory of {arguments.plot}")
-    if not problems:
-        try:
+    try:
+        if not problems:
             check_target(arguments.url, certificate, api_key)
-        except ValueError as error:
-            problems.append(str(error))
+    except ValueError as error:
+        problems.append(str(error))
+    except KeyboardInterrupt:
+        return 130
     if problems:
         print(f"broker loadtest: {'; '.join(problems)}", file=sys.stderr)
         return 2
@@ -418,7 +425,11 @@ def _loadtest(arguments: argparse.Namespace) -> int:
         kill_tower_at=arguments.kill_tower_at,
         generator_cpus=tuple(arguments.generator_cpus),
     )
-    report = run_load(plan, show_progress=not arguments.json)
+    try:
+        report = run_load(plan, show_progress=not arguments.json)
+    except KeyboardInterrupt:  # a second Ctrl-C: the workers are stopped, with no report
+        print("broker loadtest: stopped", file=sys.stderr)
+        return 130
     if arguments.json:
         print(json.dumps(report))
     else:

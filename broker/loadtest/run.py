@@ -33,7 +33,7 @@ import psutil
 
 from ..metrics import process_usage
 from .traffic import ECHO_TIMEOUT
-from .worker import SETUP_TIMEOUT
+from .worker import SETUP_TIMEOUT, STOP_GRACE
 
 # A worker's first report may wait for its imports; later ones come every second, and a
 # worker silent for WORKER_SILENCE is hung.
@@ -104,15 +104,15 @@ class Second:
     video_jitter: list[float] = field(default_factory=list)
     generator_cpu: float = 0.0  # share of one core
     # None: the servers could not be read that second.
-    broker_cpu: float | None = 0.0
-    towers_cpu: float | None = 0.0
-    broker_rss: int | None = 0
-    towers_rss: int | None = 0
+    broker_cpu: float | None = None
+    towers_cpu: float | None = None
+    broker_rss: int | None = None
+    towers_rss: int | None = None
 
 
 # One reading of the servers: CPU of the broker and of its towers (shares of one core
 # since the previous reading; None when not known yet) and their resident bytes.
-Reading = tuple[float | None, float | None, int | None, int]
+Reading = tuple[float | None, float | None, int | None, int | None]
 
 
 class CpuShares:
@@ -218,10 +218,10 @@ def check_target(url: str, certificate: str, api_key: str) -> None:
     """
     try:
         parts = urlsplit(url)
-        port = parts.port or 443
+        port = 443 if parts.port is None else parts.port
     except ValueError as error:
         raise ValueError(f"{url!r} is not a URL: {error}") from None
-    if parts.scheme != "https" or not parts.hostname or parts.path.strip("/") or (
+    if parts.scheme != "https" or not parts.hostname or not port or parts.path.strip("/") or (
             parts.query or parts.fragment):
         raise ValueError(f"{url!r} is not a broker's HTTPS URL, such as "
                          "https://127.0.0.1:8443")
@@ -295,7 +295,7 @@ class LocalProcess:
         except psutil.Error:
             return None
         share = self.shares.share("server", usage.cpu_seconds, time.monotonic())
-        return share, 0.0, usage.resident_bytes, 0
+        return share, None, usage.resident_bytes, None
 
 
 def local_towers(url: str) -> list[tuple[psutil.Process, list[str]]]:
@@ -378,8 +378,9 @@ class Run:
         self.worker_failures: dict[int, str] = {}
         # Each worker's share of the sessions.
         self.planned: dict[int, int] = {}
-        # Whether the run was stopped early (Ctrl-C): its figures are those until then.
-        self.interrupted = False
+        # When the run was stopped early (Ctrl-C), in seconds from its start: its figures
+        # are those until then.
+        self.interrupted_at: float | None = None
 
     def execute(self) -> dict[str, Any]:
         plan = self.plan
@@ -391,10 +392,24 @@ class Run:
         lines = {index: WorkerLines(worker) for index, worker in enumerate(workers)}
         next_tick = began + 1.0
         self.current = Second(at=0.0)
+
+        def interrupt(signum: int, frame: Any) -> None:
+            if self.interrupted_at is not None:
+                raise KeyboardInterrupt  # a second time: stop waiting for the workers
+            self.interrupted_at = time.monotonic() - began
+
+        # The workers run in process groups of their own, so Ctrl-C reaches this one
+        # alone: they close their sessions once their stdin closes, then report.
+        previous = signal.signal(signal.SIGINT, interrupt)
         try:
             while any(not reader.done for reader in lines.values()):
                 now = time.monotonic()
                 if now - began > self.plan.end + WIND_DOWN:
+                    break
+                if self.interrupted_at is not None:
+                    # What was measured until now, apart from the wind-down's second.
+                    self._close_second(self.current, self.latest, began)
+                    self.current = Second(at=round(time.monotonic() - began))
                     break
                 self._read(lines, max(0.0, next_tick - now))
                 self._drop_hung(lines, workers)
@@ -406,40 +421,46 @@ class Run:
                     while next_tick <= time.monotonic():
                         next_tick += 1.0
                     self._chaos_if_due(time.monotonic() - began)
-        except KeyboardInterrupt:
-            # Stopped by its user: the workers (which ignore it) close their sessions and
-            # say their last figures, which the report has.
-            self.interrupted = True
         finally:
-            # Closing their stdin stops workers still running; each still says its last.
-            for worker in workers:
-                if worker.stdin is not None and not worker.stdin.closed:
-                    worker.stdin.close()
-            deadline = time.monotonic() + 15
-            while any(not reader.done for reader in lines.values()):
-                if time.monotonic() > deadline:
-                    break
-                self._read(lines, 0.5)
-            killed = set()
-            for index, worker in enumerate(workers):
-                try:
-                    worker.wait(10)
-                except subprocess.TimeoutExpired:
+            try:
+                self._wind_down(workers, lines)
+            except KeyboardInterrupt:
+                for worker in workers:
                     worker.kill()
-                    worker.wait()
-                    killed.add(index)
-            for index, reader in lines.items():
-                if not reader.finished:
-                    self._worker_ended(index, "killed: it did not stop" if index in killed
-                                       else "ended without its final report")
-                elif workers[index].returncode:  # its figures are all in: said, not failed
-                    print(f"worker {index} exited with status {workers[index].returncode} "
-                          "after its final report", file=sys.stderr)
-            self.sampler.stop()
-            if self.show_progress:
-                print(file=sys.stderr)
+                raise
+            finally:
+                signal.signal(signal.SIGINT, previous)
+                self.sampler.stop()
+                if self.show_progress:
+                    print(file=sys.stderr)
         self._close_second(self.current, self.latest, began)
         return self.report(time.monotonic() - began)
+
+    def _wind_down(self, workers: list[subprocess.Popen], lines: dict[int, WorkerLines]
+                   ) -> None:
+        # Closing their stdin stops workers still running; each still says its last.
+        for worker in workers:
+            if worker.stdin is not None and not worker.stdin.closed:
+                worker.stdin.close()
+        deadline = time.monotonic() + STOP_GRACE + 5
+        while any(not reader.done for reader in lines.values()):
+            if time.monotonic() > deadline:
+                break
+            self._read(lines, 0.5)
+        killed = set()
+        for index, worker in enumerate(workers):
+            try:
+                worker.wait(10)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+                killed.add(index)
+        for index, reader in lines.items():
+            if not reader.finished:
+                self._worker_ended(index, "killed: it did not stop" if index in killed
+                                   else "ended without its final report")
+            elif workers[index].returncode:  # it crashed: its sessions may not all have run
+                self._worker_ended(index, f"exited with status {workers[index].returncode}")
 
     def _read(self, lines: dict[int, WorkerLines], timeout: float) -> None:
         open_readers = {reader.fd: (index, reader) for index, reader in lines.items()
@@ -499,6 +520,7 @@ class Run:
             worker = subprocess.Popen(
                 [sys.executable, "-m", "broker.loadtest.worker"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                process_group=0,  # Ctrl-C is the coordinator's to take (``execute``)
             )
             assert worker.stdin is not None
             if plan.generator_cpus:
@@ -587,16 +609,18 @@ class Run:
         peak_up = max((second.up for second in self.seconds), default=0)
         full_at = next((second.at for second in self.seconds if second.up == peak_up), 0)
         start = max(self.plan.ramp + 1, full_at + 1)
+        # To the second before the end, or before the run was stopped.
+        last = self.plan.end if self.interrupted_at is None else min(
+            self.plan.end, self.interrupted_at)
         # None at all (setups still landing until the end): the "with all up" figures are
         # then empty, and say so (steady_seconds 0), rather than the ramp's averages.
-        steady = [second for second in self.seconds
-                  if start <= second.at <= self.plan.end - 1]
+        steady = [second for second in self.seconds if start <= second.at <= last - 1]
         all_rtt = [value for second in self.seconds for value in second.rtt]
         steady_rtt = [value for second in steady for value in second.rtt]
         generator_cpu = sum(self.worker_cpu.values())
         report: dict[str, Any] = {
             "plan": asdict(self.plan) | {"api_key": "(hidden)"},
-            "interrupted": self.interrupted,
+            "interrupted": self.interrupted_at is not None,
             "run_seconds": round(seconds, 1),
             "steady_seconds": round(sum(second.seconds for second in steady), 1),
             "sessions": {
@@ -606,7 +630,7 @@ class Run:
                 "failed_by_reason": dict(self.failed),
                 "lost": sum(self.lost.values()),
                 "lost_by_state": dict(self.lost),
-                # Their DELETE at the end failed (they were up until then).
+                # Their DELETE at the end failed.
                 "not_closed": sum(self.not_closed.values()),
                 "not_closed_by_reason": dict(self.not_closed),
                 "peak_up": peak_up,
@@ -785,8 +809,8 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"chaos        {report['chaos']}")
     failed = report["workers"]["failed"]
     if failed:
-        print(f"workers      {len(failed)} of {report['workers']['count']} failed, their "
-              f"sessions missing from these figures: "
+        print(f"workers      {len(failed)} of {report['workers']['count']} failed (their "
+              f"sessions count as failed or lost, 'with its worker'): "
               + "; ".join(f"worker {index} {why}" for index, why in failed.items()))
     print(f"cpu (cores)  generator {_cores(cpu['generator'])}  broker {_cores(cpu['broker'])}"
           f"  towers {_cores(cpu['towers'])}  (mean with all up; -: not read)")

@@ -2,8 +2,9 @@
 
 Started by the coordinator (``python -m broker.loadtest.worker``) with its plan as one
 JSON line on stdin; prints one JSON line of figures every second on stdout, and a last
-one when its sessions are over. It stops early when its stdin closes (the coordinator
-is gone or Ctrl-C).
+one when its sessions are over. When its stdin closes (the coordinator is gone, or was
+stopped) it ends its sessions early, deleting them, and gives up on those still at it
+after ``STOP_GRACE``.
 
 Each simulated browser arrives at its planned moment, creates a session with the offer
 in the POST (``broker.client.start_session``), times it to its first echo, then echoes
@@ -17,10 +18,10 @@ import gc
 import json
 import math
 import os
-import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,11 @@ SETUP_TIMEOUT = 30.0
 REPORT_INTERVAL = 1.0
 # Why a session counts as lost though its client saw no end: a repair was under way.
 REPAIRING_AT_THE_END = "repairing at the end"
+# The states a session ends in on the broker.
+ENDED = ("failed", "closed")
+# Once the coordinator asks it to stop (its stdin closes), how long a worker has to end
+# its sessions (DELETE) before it gives up on them.
+STOP_GRACE = 10.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,8 @@ class Worker:
         # The browsers' peer connections are long-lived objects too.
         self.collector = Collector()
         self.closed_sends = ClosedSends()
+        # Set when the run is stopped early: browsers end their sessions, in order.
+        self.ending = trio.Event()
 
     async def run(self) -> None:
         self.started = time.monotonic()
@@ -93,13 +101,16 @@ class Worker:
             self._report(final=True)
 
     async def _browser(self, arrival: float) -> None:
-        await trio.sleep_until(trio.current_time() + arrival - self._elapsed())
+        with trio.move_on_after(max(0.0, arrival - self._elapsed())):
+            await self.ending.wait()
+        if self.ending.is_set():
+            return  # the run was stopped before this browser came
         self.requested += 1
         if self.plan.floor:
             await self._floor_browser()
             return
         client = BrokerClient(self.plan.url, self.plan.api_key, self.ssl_context)
-        connected = False
+        connected = settled = False
         try:
             # The deadline covers the setup only; it is lifted once the first echo is back.
             with trio.CancelScope(deadline=trio.current_time() + SETUP_TIMEOUT) as setup:
@@ -114,94 +125,113 @@ class Worker:
                                          video=video, busy_attempts=1) as session:
                     await session.echo("first", timeout=SETUP_TIMEOUT)
                     setup.deadline = math.inf
-                    self.setups.append(time.perf_counter() - started)
-                    self.connected += 1
-                    connected = True
-                    self.up += 1
-                    self.collector.opened()
+                    connected = self._connected(started)
                     try:
-                        kept = await self._live(session)
+                        lost = await self._live(session)
                     finally:
-                        self.up -= 1
-                        self.collector.closed_one()
-                    if kept:  # a lost one is gone already: counted as lost, not failed
-                        await self._close(client, session)
+                        self._gone()
+                    if lost is not None:
+                        self.lost[lost] += 1
+                        settled = True
+                    if lost not in ENDED:  # the broker has it still: deleted
+                        await self._close(client.delete_session(session.grant.id))
+                    settled = True
             if setup.cancelled_caught:
                 self.failed["setup timeout"] += 1
         except Exception as error:
-            # Once connected, a session that breaks is lost, not a failed setup.
-            (self.lost if connected else self.failed)[_reason(error)] += 1
+            # Once connected, a session that breaks is lost, not a failed setup; once
+            # counted, it is not counted again.
+            if not settled:
+                (self.lost if connected else self.failed)[_reason(error)] += 1
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await client.aclose()
 
-    async def _close(self, client: BrokerClient, session: ClientSession) -> None:
+    def _connected(self, started: float) -> bool:
+        self.setups.append(time.perf_counter() - started)
+        self.connected += 1
+        self.up += 1
+        self.collector.opened()
+        return True
+
+    def _gone(self) -> None:
+        self.up -= 1
+        self.collector.closed_one()
+
+    async def _close(self, deleting: Awaitable[Any]) -> None:
         """Delete the session at the end of the run; a refusal is counted, not lost."""
         try:
             with trio.fail_after(5):
-                await client.delete_session(session.grant.id)
+                await deleting
         except Exception as error:
             self.not_closed[_reason(error)] += 1
 
     async def _floor_browser(self) -> None:
         started = time.perf_counter()
         holder: FloorSession | None = None
+        connected = False
         try:
             floor = FloorClient(self.plan.url)
             holder = FloorSession(await call_asyncio(new_peer))
-            with trio.fail_after(SETUP_TIMEOUT):
+            with trio.move_on_after(SETUP_TIMEOUT) as setup:
                 _, created = await floor.request(
                     "POST", "/peers", {"sdp": await call_asyncio(holder.peer.offer)})
                 await call_asyncio(holder.peer.accept, created["sdp"])
                 await call_asyncio(holder.peer.wait_open)
                 await call_asyncio(holder.peer.echo, "first")
-            self.setups.append(time.perf_counter() - started)
-            self.connected += 1
-            self.up += 1
-            self.collector.opened()
+            if setup.cancelled_caught:
+                self.failed["setup timeout"] += 1
+                return
+            connected = self._connected(started)
             try:
-                until = time.monotonic() + max(0.0, self.plan.end - self._elapsed())
-                await call_asyncio(send_steadily, holder, self.tally, self.plan.message_rate,
-                                   self.plan.message_size, until)
+                await self._send_steadily(holder)
             finally:
-                self.up -= 1
-                self.collector.closed_one()
-            with trio.move_on_after(5):
-                await floor.request("DELETE", f"/peers/{created['id']}")
-        except trio.TooSlowError:
-            self.failed["setup timeout"] += 1
+                self._gone()
+            await self._close(floor.request("DELETE", f"/peers/{created['id']}"))
         except Exception as error:
-            self.failed[_reason(error)] += 1
+            (self.lost if connected else self.failed)[_reason(error)] += 1
         finally:
             if holder is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
                     await call_asyncio(holder.peer.close)
 
-    async def _live(self, session: ClientSession) -> bool:
-        """Echo until the end of the run; False if the session was lost before it (its
-        sends stop then, and it no longer counts as up). One still repairing at the end
-        counts as lost too: nothing says it would have come back."""
+    async def _send_steadily(self, session: Any) -> None:
+        """Send on the timetable until the end of the run, or until it is stopped."""
         until = time.monotonic() + max(0.0, self.plan.end - self._elapsed())
-        lost = False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._cancel_when_ending, nursery.cancel_scope)
+            await call_asyncio(send_steadily, session, self.tally, self.plan.message_rate,
+                               self.plan.message_size, until)
+            nursery.cancel_scope.cancel()
+
+    async def _cancel_when_ending(self, scope: trio.CancelScope) -> None:
+        await self.ending.wait()
+        scope.cancel()
+
+    async def _live(self, session: ClientSession) -> str | None:
+        """Echo until the end of the run (or until it is stopped); why the session was
+        lost before then (its sends stop there, and it no longer counts as up), or None.
+        One still repairing at the end is lost too: nothing says it would have come
+        back."""
+        lost: str | None = None
         repair = _Repair()
         async with trio.open_nursery() as nursery:
 
             async def follow() -> None:
                 nonlocal lost
-                await self._follow_repairs(session, repair)
-                lost = True
+                lost = await self._follow_repairs(session, repair)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(follow)
-            await call_asyncio(send_steadily, session, self.tally, self.plan.message_rate,
-                               self.plan.message_size, until)
+            await self._send_steadily(session)
             nursery.cancel_scope.cancel()
-        if not lost and repair.since is not None:
-            self.lost[REPAIRING_AT_THE_END] += 1
-        return not lost
+        if lost is None and repair.since is not None:
+            lost = REPAIRING_AT_THE_END
+        return lost
 
-    async def _follow_repairs(self, session: ClientSession, repair: _Repair) -> None:
-        """Time each repair, from "repairing" to "connected" again; count losses."""
+    async def _follow_repairs(self, session: ClientSession, repair: _Repair) -> str:
+        """Time each repair, from "repairing" to "connected" again; returns the state
+        the session ended in."""
         position = len(session.frames)
         while True:
             await session.wait_for(lambda _: len(session.frames) > position, timeout=math.inf)
@@ -214,9 +244,8 @@ class Worker:
                 elif state == "connected" and repair.since is not None:
                     self.repairs.append(time.perf_counter() - repair.since)
                     repair.since = None
-                elif state in ("failed", "closed"):
-                    self.lost[state] += 1
-                    return
+                elif state in ENDED:
+                    return state
 
     def _elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -253,6 +282,9 @@ class Worker:
                     pass
             except (OSError, trio.BrokenResourceError):
                 pass
+        # Sessions up end, and are deleted; the rest give up after the grace.
+        self.ending.set()
+        await trio.sleep(STOP_GRACE)
         scope.cancel()
 
 
@@ -316,9 +348,6 @@ def _reason(error: BaseException) -> str:
 
 
 def main() -> None:
-    # Ctrl-C reaches the whole process group: the coordinator takes it, and closes this
-    # worker's stdin, which ends its sessions in order and sends its last figures.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     worker = Worker(Plan(**json.loads(sys.stdin.readline())))
     try:
         bridge.run(worker.run, handle_signals=False)

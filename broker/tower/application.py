@@ -98,6 +98,11 @@ MESSAGES_PER_SECOND = 256
 MESSAGE_BURST = 4096
 
 
+def message_cost(size: int) -> int:
+    """What a message of ``size`` bytes takes from its client's bucket."""
+    return 1 + size // 16384
+
+
 
 class Application(Protocol):
     """A session application: what the tower does with a session's data channels, and
@@ -456,7 +461,7 @@ class TowerPeer:
             allowance = min(float(MESSAGE_BURST),
                             allowance + (now - counted_at) * MESSAGES_PER_SECOND)
             counted_at = now
-            allowance -= 1 + len(data) // 16384
+            allowance -= message_cost(len(data))
             if allowance < 0 and not failing():
                 fail(f"the client sent faster than {MESSAGES_PER_SECOND} messages a second")
             if not failing():

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -22,6 +24,14 @@ def loadtest(broker, *arguments: str) -> subprocess.CompletedProcess:
          "--certificate", broker.certificate, *arguments],
         capture_output=True, text=True, timeout=180,
     )
+
+
+def live_sessions(broker) -> int:
+    context = ssl.create_default_context(cafile=broker.certificate)
+    with urllib.request.urlopen(broker.url + "/metrics", context=context) as response:
+        page = response.read().decode()
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in page.splitlines()
+               if line.startswith("broker_sessions{"))
 
 
 def test_a_load_test_reports_sessions_latency_cpu_and_draws_them(tmp_path):
@@ -68,8 +78,11 @@ def test_a_load_test_reports_sessions_latency_cpu_and_draws_them(tmp_path):
         os.killpg(interrupted.pid, signal.SIGINT)
         out, errors = interrupted.communicate(timeout=120)
         assert interrupted.returncode == 130, errors
-        assert json.loads(out)["interrupted"] is True
+        report = json.loads(out)
+        assert report["interrupted"] is True and report["sessions"]["not_closed"] == 0
         assert "Traceback" not in errors
+        # Its sessions were deleted, not left for the broker to find gone.
+        assert live_sessions(broker) == 0
 
         # With media: the tower's video arrives (the demo application draws it), counted
         # as frames, RTP packets and their loss, bitrate and jitter.
@@ -96,7 +109,9 @@ def test_a_load_test_reports_sessions_latency_cpu_and_draws_them(tmp_path):
     (["--rate", "-1"], "--rate must be above 0"),
     (["--message-size", "0"], "--message-size must be at least 1"),
     (["--duration", "-1"], "--duration must be 0 or more"),
-    (["--message-rate", "300"], "--message-rate is at most 256"),
+    (["--message-rate", "300"], "--message-rate is at most 256 for messages of 100 bytes"),
+    (["--message-rate", "20", "--message-size", "262144"],
+     "--message-rate is at most 15 for messages of 262144 bytes"),
     (["--rate", "1e-320"], "--rate is too small for --sessions ever to arrive"),
     # A URL without its scheme lost its port (443 was used), and http:// meant https.
     (["--url", "127.0.0.1:8443"], "'127.0.0.1:8443' is not a broker's HTTPS URL"),

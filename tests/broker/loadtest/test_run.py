@@ -225,7 +225,7 @@ def test_seconds_whose_servers_could_not_be_read_are_left_out_of_the_means():
     assert report["cpu_share_of_a_core_steady"]["towers"] == 0.6
     assert report["rss_mib_peak"]["towers"] == 120.0
     # None read at all: not known, rather than none used.
-    assert report["cpu_share_of_a_core_steady"]["broker"] == 0.0
+    assert report["cpu_share_of_a_core_steady"]["broker"] is None
     run.seconds = [Second(at=at, up=2, broker_cpu=None, towers_cpu=None, broker_rss=None,
                           towers_rss=None) for at in range(5)]
     report = run.report(6.0)
@@ -253,10 +253,10 @@ mode = sys.argv[1]
 sys.stdin.readline()
 if mode == "dies at once":
     os._exit(1)
-def report(second, final=False):
+def report(second, final=False, requested=5):
     print(json.dumps({
-        "final": final, "elapsed": second, "requested": 5, "connected": 5,
-        "up": 0 if final else 5, "failed": {}, "lost": {},
+        "final": final, "elapsed": second, "requested": requested, "connected": requested,
+        "up": 0 if final else requested, "failed": {}, "lost": {},
         "setup": [0.01] * 5 if second == 0 else [], "repairs": [], "cpu": 0.01 * second,
         "sent": 5, "echoed": 5, "bytes": 500, "timeouts": 0, "rtt": [0.001] * 5,
         "video_frames": 0, "video_packets": 0, "video_packets_lost": 0, "video_bytes": 0,
@@ -264,6 +264,9 @@ def report(second, final=False):
 for second in range(4):
     if second == 1 and mode == "dies":
         os._exit(1)
+    if second == 1 and mode == "crashes":  # its last words, then a traceback
+        report(second, final=True, requested=2)
+        sys.exit(1)
     if second == 1 and mode == "hangs":
         time.sleep(600)
     report(second)
@@ -279,7 +282,7 @@ def test_a_worker_that_dies_or_hangs_is_reported_and_its_sessions_are_lost(
 
     def start_workers(self):
         workers = []
-        for number, mode in enumerate(("runs", "dies", "hangs", "dies at once")):
+        for number, mode in enumerate(("runs", "dies", "hangs", "dies at once", "crashes")):
             worker = subprocess.Popen([sys.executable, str(script), mode],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             worker.stdin.write("{}\n")
@@ -291,23 +294,25 @@ def test_a_worker_that_dies_or_hangs_is_reported_and_its_sessions_are_lost(
 
     monkeypatch.setattr(Run, "_start_workers", start_workers)
     monkeypatch.setattr(run_module, "WORKER_SILENCE", 2.0)
-    plan = LoadPlan("http://127.0.0.1:9", "secret", "c", sessions=20, rate=20,
-                    duration=3, workers=4, floor=True)
+    plan = LoadPlan("http://127.0.0.1:9", "secret", "c", sessions=25, rate=25,
+                    duration=3, workers=5, floor=True)
     run = Run(plan, show_progress=False)
     report = run.execute()
     assert report["workers"]["failed"] == {"1": "ended without its final report",
                                            "2": "said nothing for 2 s",
-                                           "3": "ended without its final report"}
-    # Those up count as lost; those a worker had not set up yet (none here, but all of
-    # the one that died at once), as failed: every session planned is accounted for.
+                                           "3": "ended without its final report",
+                                           "4": "exited with status 1"}
+    # Those up count as lost; those a worker had not set up yet (all of the one that
+    # died at once, 3 of the one that crashed), as failed: every session planned is
+    # accounted for.
     sessions = report["sessions"]
     assert sessions["lost_by_state"] == {"with its worker": 10}
-    assert sessions["failed_by_reason"] == {"with its worker": 5}
-    assert sessions["requested"] == 20 and sessions["connected"] == 15
+    assert sessions["failed_by_reason"] == {"with its worker": 8}
+    assert sessions["requested"] == 25 and sessions["connected"] == 17
     assert report["series"][-1]["up"] == 0
     assert all(worker.returncode is not None for worker in run.started_workers)
     print_report(report)
-    assert "3 of 4 failed, their sessions missing" in capsys.readouterr().out
+    assert "4 of 5 failed (their sessions count as failed or lost" in capsys.readouterr().out
 
 
 class SlowServers:

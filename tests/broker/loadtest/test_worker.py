@@ -55,15 +55,13 @@ def test_a_session_lost_before_the_end_stops_there_and_counts_as_lost_only():
         await trio.testing.wait_all_tasks_blocked()  # sending, and following the session
         session.lose()
 
-    async def main() -> bool:
+    async def main() -> str | None:
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(lose_soon)
-                kept = await worker._live(session)
-        return kept
+                return await worker._live(session)
 
-    assert bridge.run(main, handle_signals=False) is False
-    assert worker.lost == {"failed": 1}
+    assert bridge.run(main, handle_signals=False) == "failed"
 
 
 class RepairingSession:
@@ -93,7 +91,7 @@ def test_a_session_still_repairing_at_the_end_counts_as_lost():
     worker.started = time.monotonic()
     session = RepairingSession()
 
-    async def main() -> bool:
+    async def main() -> str | None:
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
                 async def repair_soon() -> None:
@@ -103,5 +101,5 @@ def test_a_session_still_repairing_at_the_end_counts_as_lost():
                 nursery.start_soon(repair_soon)
                 return await worker._live(session)
 
-    assert bridge.run(main, handle_signals=False) is True  # still to be deleted
-    assert worker.lost == {"repairing at the end": 1} and worker.repairs == []
+    assert bridge.run(main, handle_signals=False) == "repairing at the end"
+    assert worker.repairs == []
