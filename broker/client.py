@@ -357,7 +357,9 @@ class ClientSession:
             return False
         delay = RECONNECT_FIRST_DELAY
         while True:
-            await trio.sleep(delay)
+            # Drawn up to half as long again: the clients a broker dropped together do
+            # not all come back together.
+            await trio.sleep(delay * (1 + random.random() / 2))
             try:
                 self.websocket = await self.reconnect()
             except ApiError as error:

@@ -428,7 +428,19 @@ export class Session extends EventTarget {
       return this._scheduleReconnect();
     }
     let fatal = null; // the fatal error frame, if one came before the close
+    // A socket that neither opens nor closes (its connection lost on the way, say) is
+    // given up as if it had closed: how long it would hang is up to the browser.
+    const opening = setTimeout(() => {
+      if (socket !== this._socket || socket.readyState !== WebSocket.CONNECTING) return;
+      socket.onopen = socket.onmessage = socket.onclose = null;
+      this._socket = null;
+      socket.close();
+      if (this._done || this._closing) return;
+      this._emit("signaling", { connected: false });
+      this._scheduleReconnect();
+    }, this._client.requestTimeout);
     socket.onopen = () => {
+      clearTimeout(opening);
       if (socket !== this._socket) return;
       this._emit("signaling", { connected: true });
       const queue = this._queue.splice(0);
@@ -443,6 +455,7 @@ export class Session extends EventTarget {
       this._onFrame(frame);
     };
     socket.onclose = (event) => {
+      clearTimeout(opening);
       if (socket !== this._socket) return;
       this._socket = null;
       if (this._done || this._closing) return;
@@ -463,7 +476,9 @@ export class Session extends EventTarget {
     if (this._done || this._closing) return;
     const delay = this._reconnectDelay;
     this._reconnectDelay = Math.min(delay * 2, RECONNECT_MAX_DELAY_MS);
-    this._reconnectTimer = setTimeout(() => this._reconnect(), delay);
+    // Drawn up to half as long again: the clients a broker dropped together do not all
+    // ask for their tokens and sockets together.
+    this._reconnectTimer = setTimeout(() => this._reconnect(), delay * (1 + Math.random() / 2));
   }
 
   async _reconnect() {
@@ -472,7 +487,8 @@ export class Session extends EventTarget {
     let url = null, error = null;
     try {
       if (this._getToken) {
-        const granted = await this._getToken(this.id);
+        const granted = await withinTime(Promise.resolve(this._getToken(this.id)),
+          this._client.requestTimeout, "getToken did not answer");
         url = typeof granted === "string" ? granted : granted?.signaling_url;
       } else if (this._client.apiKey) {
         url = (await this._client.newToken(this.id)).signaling_url;

@@ -8,7 +8,7 @@ const KEY_STORAGE = "session-broker-demo-key";
 const LOG_LIMIT = 300;
 // Errors after which this page no longer follows the session.
 const FINAL_CODES = new Set(["replaced", "session_not_found", "not_found", "origin_not_allowed",
-  "no_credentials"]);
+  "no_credentials", "unauthorized"]);
 
 const byId = (id) => document.getElementById(id);
 const view = {
@@ -352,7 +352,12 @@ view.keyForm.addEventListener("submit", (event) => {
 view.end.addEventListener("click", end);
 view.chatForm.addEventListener("submit", sendChat);
 window.addEventListener("pagehide", () => {
-  if (phase === "live") demo.session?.close();
+  const session = demo.session;
+  if (phase !== "live" || !session) return;
+  // Its close frame goes only over a socket that is open; the DELETE (a keepalive
+  // request, which outlives the page) ends it whatever state its socket is in.
+  session.close();
+  if (session.id && demo.client.apiKey) demo.client.deleteSession(session.id).catch(() => {});
 });
 
 const { autostart } = takeKey();

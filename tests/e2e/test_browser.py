@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -381,3 +382,118 @@ def test_a_broker_that_crashes_and_comes_back_is_shown(tmp_path, page):
         assert page.text_content("#error").strip()
     finally:
         stop_broker(again)
+
+
+def test_a_token_that_does_not_come_is_asked_for_again(broker, page):
+    """A getToken that never settles (a backend that hangs) used to stop reconnection for
+    good: the page said "reconnecting" while the broker's re-offers went unheard."""
+    open_demo(page, broker)
+    outcome = page.evaluate("""async () => {
+        const { BrokerClient } = await import('/client/broker-client.js');
+        const backend = new BrokerClient({ apiKey: window.demo.client.apiKey });
+        const grant = await backend.createSession({ application: 'echo' });
+        const keyless = new BrokerClient({ apiKey: null, requestTimeout: 1000 });
+        let asked = 0;
+        const session = keyless.openSession(grant, { getToken: id => {
+            asked++;
+            return asked === 1 ? new Promise(() => {}) : backend.newToken(id);
+        } });
+        const errors = [];
+        session.addEventListener('error', e => errors.push(e.detail.error.code));
+        await new Promise((resolve, reject) => {
+            session.addEventListener('open', resolve, { once: true });
+            setTimeout(() => reject(new Error('never opened')), 15000);
+        });
+        const back = new Promise((resolve, reject) => {
+            session.addEventListener(
+                'signaling', e => { if (e.detail.connected) resolve(); });
+            setTimeout(() => reject(new Error('never reconnected')), 15000);
+        });
+        session._socket.close();
+        await back;
+        await session.close();
+        await backend.deleteSession(grant.id).catch(() => {});
+        return { asked, errors };
+    }""")
+    assert outcome["asked"] == 2
+    assert outcome["errors"] == ["unreachable"]
+
+
+def test_a_signaling_socket_that_never_opens_is_given_up_and_opened_again(broker, page):
+    """A socket stuck connecting (its connection lost on the way) is not waited for as
+    long as the browser would: the client opens another with a fresh token."""
+    # Takes connections and never answers: a TLS handshake that does not finish.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        open_demo(page, broker)
+        outcome = page.evaluate("""async (port) => {
+            const { BrokerClient } = await import('/client/broker-client.js');
+            const backend = new BrokerClient({ apiKey: window.demo.client.apiKey });
+            const grant = await backend.createSession({ application: 'echo' });
+            const keyless = new BrokerClient({ apiKey: null, requestTimeout: 1000 });
+            let asked = 0;
+            const session = keyless.openSession(grant, { getToken: async id => {
+                asked++;
+                const granted = await backend.newToken(id);
+                return asked === 1 ? `wss://127.0.0.1:${port}/v1/signaling` : granted;
+            } });
+            await new Promise((resolve, reject) => {
+                session.addEventListener('open', resolve, { once: true });
+                setTimeout(() => reject(new Error('never opened')), 15000);
+            });
+            let connected = 0;
+            const back = new Promise((resolve, reject) => {
+                session.addEventListener('signaling', e => {
+                    if (e.detail.connected && ++connected === 1) resolve();
+                });
+                setTimeout(() => reject(new Error('never reconnected')), 15000);
+            });
+            session._socket.close();
+            await back;
+            await session.close();
+            await backend.deleteSession(grant.id).catch(() => {});
+            return { asked };
+        }""", port)
+    assert outcome["asked"] == 2
+
+
+def test_a_key_refused_while_reconnecting_is_shown_as_final(broker, page):
+    """The client stops following once its key is refused; the page said it was
+    reconnecting, then nothing."""
+    open_demo(page, broker)
+    start(page)
+    page.evaluate("""() => {
+        window.demo.client.apiKey = 'bk_revoked';
+        window.demo.session._socket.close();
+    }""")
+    page.wait_for_function("() => document.querySelector('#error').textContent.length > 0")
+    assert "unauthorized" in page.text_content("#error").lower() or (
+        "key" in page.text_content("#error").lower())
+    assert "Reconnecting" not in page.text_content("#notice")
+
+
+def test_a_page_closed_while_its_socket_connects_ends_its_session(broker, page):
+    """Its close waits for the socket to open, which a page going away never sees: the
+    DELETE, a keepalive request that outlives the page, ends the session rather than the
+    broker's repairs running out."""
+    open_demo(page, broker)
+    start(page)
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # a socket that never opens
+        session_id = page.evaluate("""(port) => {
+            const session = window.demo.session;
+            session._socket.onclose = null;
+            session._socket.close();
+            session._socket = new WebSocket(`wss://127.0.0.1:${port}/`);
+            return session.id;
+        }""", silent.getsockname()[1])
+        page.close(run_before_unload=True)
+    client_page = page.context.new_page()
+    try:
+        open_demo(client_page, broker)
+        shown = client_page.evaluate("""async (id) => {""" + UNTIL_ENDED + """
+            const { BrokerClient } = await import('/client/broker-client.js');
+            return untilEnded(new BrokerClient({ apiKey: window.demo.client.apiKey }), id);
+        }""", session_id)
+    finally:
+        client_page.close()
+    assert (shown["state"], shown["reason"]) == ("closed", "deleted through the API"), shown
