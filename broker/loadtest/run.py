@@ -33,7 +33,7 @@ import psutil
 
 from ..metrics import process_usage
 from .traffic import ECHO_TIMEOUT
-from .worker import SETUP_TIMEOUT, STOP_GRACE
+from .worker import CLOSE_TIMEOUT, SETUP_TIMEOUT, STOP_GRACE
 
 # A worker's first report may wait for its imports; later ones come every second, and a
 # worker silent for WORKER_SILENCE is hung.
@@ -41,7 +41,7 @@ WORKER_START_TIMEOUT = 30.0
 METRICS_TIMEOUT = 2.0
 # After the planned end, how long workers have to close their sessions and report: a
 # setup that began just before the end has its whole time, then its DELETE.
-WIND_DOWN = SETUP_TIMEOUT + 10.0
+WIND_DOWN = SETUP_TIMEOUT + CLOSE_TIMEOUT + 5.0
 WORKER_SILENCE = 15.0
 # A reading of the servers older than this is none.
 READING_STALE = 3.0
