@@ -20,9 +20,9 @@ A provisioning plan takes a host from the inventory to a linked tower:
    its hello.
 7. ``hand-over``: the tower joins the towers supervisor and takes sessions.
 
-A decommission plan does the reverse for a drained tower: the link is dropped, the agent
-and NGINX stopped, the tower's directory removed (site, credentials, the agent's log),
-the certificates revoked.
+A decommission plan does the reverse for a drained tower: the link is dropped and the
+certificates revoked (one step, never cut in between), the agent and NGINX stopped, the
+tower's directory removed (site, credentials, the agent's log).
 
 Every step is idempotent and has a deadline (``provision_step_timeout``); a failed step
 crashes the steps actor and its job restarts it (all steps again) with exponential
@@ -130,7 +130,7 @@ class HostState(Enum):
 _WORKING = (HostState.PROVISIONING, HostState.DECOMMISSIONING)
 _TOO_LATE_TO_CANCEL = ("hand-over", "done")
 # A decommission's steps once its tower is unlinked (see ``JobSteps._plan``).
-_AFTER_UNLINK = ("revoke", "connect", "stop")
+_AFTER_UNLINK = ("connect", "stop")
 
 
 @dataclass
@@ -510,7 +510,6 @@ class JobSteps(Actor):
         # Revoked first: a host that cannot be reached keeps no valid certificate.
         return [
             ("unlink", self._unlink),
-            ("revoke", self._revoke),
             ("connect", self._connect),
             ("stop", self._stop_tower),
         ]
@@ -711,10 +710,15 @@ class JobSteps(Actor):
             await trio.sleep(HAND_OVER_POLL)
 
     async def _unlink(self) -> None:
-        try:
-            await self._towers().terminate_child(f"tower:{self.host.name}")
-        except LookupError:
-            pass
+        """Take the tower out of the towers, then revoke its certificates: one step, not
+        to be cut in between (a cancel lands once both are done). Once asked, the
+        supervisor takes the tower out whether or not this step is there to see it, and
+        an agent unlinked but not revoked could link again."""
+        with trio.CancelScope(shield=True):
+            with contextlib.suppress(LookupError):
+                await self._towers().terminate_child(f"tower:{self.host.name}")
+            revoked = self.context.issuer.revoke(self.host.name)
+        self.board.event(f"{self.host.name}: revoked {len(revoked)} certificate(s)")
 
     async def _stop_tower(self) -> None:
         paths, host = self._paths(), self.host
@@ -738,10 +742,6 @@ class JobSteps(Actor):
             f" {paths.log} {paths.root}/agent.lock {paths.settings}.new",
             f"rmdir {paths.root} 2>/dev/null || true",  # unless something else is there
         ]))  # fmt: skip
-
-    async def _revoke(self) -> None:
-        revoked = self.context.issuer.revoke(self.host.name)
-        self.board.event(f"{self.host.name}: revoked {len(revoked)} certificate(s)")
 
     # Helpers.
 

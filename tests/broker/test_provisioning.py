@@ -297,7 +297,7 @@ async def test_a_decommission_cancelled_once_its_tower_is_unlinked_revokes_it(
     async def unlink() -> None:
         pass
 
-    plan(lambda steps: [("unlink", unlink), ("revoke", trio.sleep_forever)])
+    plan(lambda steps: [("unlink", unlink), ("connect", trio.sleep_forever)])
     assert (await jobs.provisioning.ask(Decommission("tower-a"))).ok
     await trio.sleep(1)
     assert (await jobs.provisioning.ask(Cancel("tower-a"))).ok
@@ -320,6 +320,42 @@ async def test_a_decommission_cancelled_before_its_tower_is_unlinked_keeps_it(
     await trio.sleep(1)
     [record] = jobs.issuer.records()
     assert not record.revoked
+
+
+class SlowToStop(Actor):
+    """A linked tower whose link takes a while to close."""
+
+    async def finishing(self, exit) -> None:
+        await trio.sleep(5)
+
+
+async def test_a_decommission_cancelled_while_its_tower_is_unlinked_revokes_it(
+    autojump_clock, tmp_path, plan
+):
+    # The unlink goes on once asked for: cut off before the revoke, it left the agent a
+    # valid certificate to link again with.
+    ca = CertificateAuthority.load_or_create(tmp_path / "ca")
+    issuer = Issuer(ca, tmp_path / "ca", timedelta(hours=24))
+    board = HostBoard((tower_host(),))
+    context = ProvisioningContext(Settings(state_dir=tmp_path), board, tmp_path / "id",
+                                  tmp_path / "known_hosts", issuer, None)  # type: ignore[arg-type]
+    _key, csr = generate_key_and_csr("tower-a")
+    issuer.sign(csr, "tower-a")
+    board.set("tower-a", HostState.READY)
+    plan(lambda steps: [("unlink", steps._unlink), ("connect", trio.sleep_forever)])
+    towers = ChildSpec("towers", lambda: Supervisor([ChildSpec("tower:tower-a", SlowToStop)],
+                                                    SupervisorFlags()))
+    async with open_system("broker", children=[towers, *provisioning_specs(context)],
+                           flags=SupervisorFlags(intensity=100)) as system:
+        provisioning_ref = system.lookup("/broker/provisioning")
+        assert (await provisioning_ref.ask(Decommission("tower-a"))).ok
+        await trio.sleep(1)
+        assert board.get("tower-a").step == "unlink"
+        assert (await provisioning_ref.ask(Cancel("tower-a"))).ok
+        await trio.sleep(10)
+        assert system.lookup("/broker/towers/tower:tower-a") is None
+        [record] = issuer.records()
+        assert record.revoked
 
 
 class Linking(Actor):
