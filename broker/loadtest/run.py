@@ -42,6 +42,9 @@ METRICS_TIMEOUT = 2.0
 # After the planned end, how long workers have to close their sessions and report: a
 # setup that began just before the end has its whole time, then its DELETE.
 WIND_DOWN = SETUP_TIMEOUT + CLOSE_TIMEOUT + 5.0
+# Once asked to stop and past its grace, what a worker has to close its clients and
+# peer connections, and report.
+WORKER_EXIT = 10.0
 WORKER_SILENCE = 15.0
 # A reading of the servers older than this is none.
 READING_STALE = 3.0
@@ -394,13 +397,17 @@ class Run:
         self.current = Second(at=0.0)
 
         def interrupt(signum: int, frame: Any) -> None:
-            if self.interrupted_at is not None:
-                raise KeyboardInterrupt  # a second time: stop waiting for the workers
+            if self.interrupted_at is not None:  # a second time: no more waiting
+                for worker in workers:
+                    worker.kill()
+                raise KeyboardInterrupt
             self.interrupted_at = time.monotonic() - began
 
         # The workers run in process groups of their own, so Ctrl-C reaches this one
-        # alone: they close their sessions once their stdin closes, then report.
-        previous = signal.signal(signal.SIGINT, interrupt)
+        # alone: they close their sessions once their stdin closes, then report. (Only
+        # the main thread may take signals; run elsewhere, Ctrl-C is the caller's.)
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, interrupt) if in_main_thread else None
         try:
             while any(not reader.done for reader in lines.values()):
                 now = time.monotonic()
@@ -424,12 +431,9 @@ class Run:
         finally:
             try:
                 self._wind_down(workers, lines)
-            except KeyboardInterrupt:
-                for worker in workers:
-                    worker.kill()
-                raise
             finally:
-                signal.signal(signal.SIGINT, previous)
+                if in_main_thread:
+                    signal.signal(signal.SIGINT, previous)
                 self.sampler.stop()
                 if self.show_progress:
                     print(file=sys.stderr)
@@ -442,7 +446,9 @@ class Run:
         for worker in workers:
             if worker.stdin is not None and not worker.stdin.closed:
                 worker.stdin.close()
-        deadline = time.monotonic() + STOP_GRACE + 5
+        # A worker ends its sessions (STOP_GRACE at most), closes its clients and peer
+        # connections, then says its last and exits.
+        deadline = time.monotonic() + STOP_GRACE + WORKER_EXIT
         while any(not reader.done for reader in lines.values()):
             if time.monotonic() > deadline:
                 break
@@ -450,19 +456,26 @@ class Run:
         killed = set()
         for index, worker in enumerate(workers):
             try:
-                worker.wait(10)
+                worker.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait()
                 killed.add(index)
+        # What the pipes still hold: a last report written as the deadline passed.
+        while any(not reader.done for reader in lines.values()) and self._read(lines, 0.1):
+            pass
         for index, reader in lines.items():
             if not reader.finished:
                 self._worker_ended(index, "killed: it did not stop" if index in killed
                                    else "ended without its final report")
+            elif index in killed:  # its figures are all in
+                print(f"worker {index} was killed after its final report", file=sys.stderr)
             elif workers[index].returncode:  # it crashed: its sessions may not all have run
                 self._worker_ended(index, f"exited with status {workers[index].returncode}")
 
-    def _read(self, lines: dict[int, WorkerLines], timeout: float) -> None:
+    def _read(self, lines: dict[int, WorkerLines], timeout: float) -> bool:
+        """Take what the workers wrote within ``timeout``; whether any pipe had something
+        (or its end)."""
         open_readers = {reader.fd: (index, reader) for index, reader in lines.items()
                         if not reader.done}
         readable, _, _ = select.select(list(open_readers), [], [], timeout)
@@ -476,6 +489,7 @@ class Run:
                     reader.done = reader.finished = True
             if reader.done and not reader.finished:
                 self._worker_ended(index, "ended without its final report")
+        return bool(readable)
 
     def _drop_hung(self, lines: dict[int, WorkerLines], workers: list[subprocess.Popen]
                    ) -> None:

@@ -47,8 +47,11 @@ ENDED = ("failed", "closed")
 # saw a third of 1,000 DELETEs cut off on this 2-core machine, the broker answering).
 CLOSE_TIMEOUT = 20.0
 # Once the coordinator asks it to stop (its stdin closes), how long a worker has to end
-# its sessions (DELETE) before it gives up on them.
-STOP_GRACE = 10.0
+# its sessions (DELETE) before it gives up on them: as long as a DELETE may take.
+STOP_GRACE = CLOSE_TIMEOUT
+# Why a session counts as failed (setting up) or not closed (its DELETE under way) when
+# the worker gave up on it past its grace.
+STOPPED = "stopped"
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class Worker:
         self.closed_sends = ClosedSends()
         # Set when the run is stopped early: browsers end their sessions, in order.
         self.ending = trio.Event()
+        self.coordinator_gone = False
 
     async def run(self) -> None:
         self.started = time.monotonic()
@@ -147,6 +151,10 @@ class Worker:
             # counted, it is not counted again.
             if not settled:
                 (self.lost if connected else self.failed)[_reason(error)] += 1
+        except trio.Cancelled:
+            if not settled:
+                (self.not_closed if connected else self.failed)[STOPPED] += 1
+            raise
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await client.aclose()
@@ -194,6 +202,9 @@ class Worker:
             await self._close(floor.request("DELETE", f"/peers/{created['id']}"))
         except Exception as error:
             (self.lost if connected else self.failed)[_reason(error)] += 1
+        except trio.Cancelled:
+            (self.not_closed if connected else self.failed)[STOPPED] += 1
+            raise
         finally:
             if holder is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
@@ -276,7 +287,15 @@ class Worker:
             **self.tally.take(),
         }
         self.setups, self.repairs = [], []
-        print(json.dumps(figures), flush=True)
+        if self.coordinator_gone:
+            return
+        try:
+            print(json.dumps(figures), flush=True)
+        except OSError:
+            # The coordinator is gone (its stdin, closing too, ends the sessions in
+            # order): nobody to report to any more.
+            self.coordinator_gone = True
+            sys.stdout = open(os.devnull, "w")
 
     async def _stop_when_stdin_closes(self, scope: trio.CancelScope) -> None:
         stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))

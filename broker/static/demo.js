@@ -353,7 +353,7 @@ view.end.addEventListener("click", end);
 view.chatForm.addEventListener("submit", sendChat);
 window.addEventListener("pagehide", () => {
   const session = demo.session;
-  if (phase !== "live" || !session) return;
+  if ((phase !== "live" && phase !== "ending") || !session) return;
   // Its close frame goes only over a socket that is open; the DELETE (a keepalive
   // request, which outlives the page) ends it whatever state its socket is in.
   session.close();

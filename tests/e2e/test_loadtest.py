@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 
+import psutil
 import pytest
 
 from broker.pki import CertificateAuthority
@@ -24,6 +25,16 @@ def loadtest(broker, *arguments: str) -> subprocess.CompletedProcess:
          "--certificate", broker.certificate, *arguments],
         capture_output=True, text=True, timeout=180,
     )
+
+
+def long_load_test(broker) -> subprocess.Popen:
+    """A load test of 4 sessions for 10 minutes, in a session of its own (as a terminal
+    runs it: Ctrl-C goes to its process group)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "broker", "loadtest", broker.url, "--api-key", broker.api_key,
+         "--certificate", broker.certificate, "--sessions", "4", "--rate", "4",
+         "--duration", "600", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def live_sessions(broker) -> int:
@@ -69,11 +80,7 @@ def test_a_load_test_reports_sessions_latency_cpu_and_draws_them(tmp_path):
 
         # Ctrl-C (to the whole process group, as a terminal sends it): the figures until
         # then, and no traceback from the workers.
-        interrupted = subprocess.Popen(
-            [sys.executable, "-m", "broker", "loadtest", broker.url, "--api-key",
-             broker.api_key, "--certificate", broker.certificate, "--sessions", "4",
-             "--rate", "4", "--duration", "600", "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        interrupted = long_load_test(broker)
         time.sleep(5)
         os.killpg(interrupted.pid, signal.SIGINT)
         out, errors = interrupted.communicate(timeout=120)
@@ -83,6 +90,20 @@ def test_a_load_test_reports_sessions_latency_cpu_and_draws_them(tmp_path):
         assert "Traceback" not in errors
         # Its sessions were deleted, not left for the broker to find gone.
         assert live_sessions(broker) == 0
+
+        # Twice: no waiting for the workers, and none left running.
+        twice = long_load_test(broker)
+        time.sleep(5)
+        workers = psutil.Process(twice.pid).children()
+        assert workers
+        os.killpg(twice.pid, signal.SIGINT)
+        time.sleep(0.2)
+        os.killpg(twice.pid, signal.SIGINT)
+        out, errors = twice.communicate(timeout=60)
+        assert twice.returncode == 130 and out == "", errors
+        assert "Traceback" not in errors
+        psutil.wait_procs(workers, timeout=10)
+        assert not any(worker.is_running() for worker in workers)
 
         # With media: the tower's video arrives (the demo application draws it), counted
         # as frames, RTP packets and their loss, bitrate and jitter.

@@ -3,6 +3,8 @@ counts as."""
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 import trio
@@ -103,3 +105,18 @@ def test_a_session_still_repairing_at_the_end_counts_as_lost():
 
     assert bridge.run(main, handle_signals=False) == "repairing at the end"
     assert worker.repairs == []
+
+
+def test_a_worker_whose_coordinator_is_gone_stops_reporting_rather_than_crashing(
+        monkeypatch):
+    # Its next report raised BrokenPipeError and took every session down unended; the
+    # stdin closing with it ends them in order instead.
+    reading, writing = os.pipe()
+    os.close(reading)
+    monkeypatch.setattr(sys, "stdout", os.fdopen(writing, "w"))
+    worker = Worker(Plan("http://127.0.0.1:9", "", "", arrivals=[], end=1.0,
+                         message_rate=1.0, message_size=10, floor=True))
+    worker.started = time.monotonic()
+    worker._report()
+    worker._report(final=True)
+    assert worker.coordinator_gone
