@@ -4,9 +4,11 @@ with stand-in workers."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -313,6 +315,45 @@ def test_a_worker_that_dies_or_hangs_is_reported_and_its_sessions_are_lost(
     assert all(worker.returncode is not None for worker in run.started_workers)
     print_report(report)
     assert "4 of 5 failed (their sessions count as failed or lost" in capsys.readouterr().out
+
+
+def test_a_second_ctrl_c_kills_the_workers_rather_than_waiting_for_them(
+        tmp_path, monkeypatch):
+    script = tmp_path / "worker.py"
+    script.write_text(FAKE_WORKER)
+
+    def start_workers(self):
+        workers = []
+        for number in range(2):
+            worker = subprocess.Popen([sys.executable, str(script), "hangs"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      text=True, process_group=0)
+            worker.stdin.write("{}\n")
+            worker.stdin.flush()
+            workers.append(worker)
+            self.planned[number] = 5
+        self.started_workers = workers
+        return workers
+
+    def press_ctrl_c_twice() -> None:
+        time.sleep(2)  # the workers hang after their first report
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(Run, "_start_workers", start_workers)
+    plan = LoadPlan("http://127.0.0.1:9", "secret", "c", sessions=10, rate=10,
+                    duration=600, workers=2, floor=True)
+    run = Run(plan, show_progress=False)
+    presser = threading.Thread(target=press_ctrl_c_twice)
+    presser.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run.execute()  # the first waits for the workers (30 s); the second does not
+    finally:
+        presser.join()
+    # Killed, not left to hang (they would sleep for 10 minutes).
+    assert [worker.wait(timeout=10) for worker in run.started_workers] == [-9, -9]
 
 
 class SlowServers:
