@@ -277,16 +277,18 @@ report(4, final=True)
 """
 
 
-def test_a_worker_that_dies_or_hangs_is_reported_and_its_sessions_are_lost(
-        tmp_path, monkeypatch, capsys):
+def stand_in_workers(tmp_path, monkeypatch, *modes: str) -> None:
+    """Runs start ``FAKE_WORKER``s in these modes (5 sessions each), in process groups
+    of their own as the real ones; ``run.started_workers`` are their processes."""
     script = tmp_path / "worker.py"
     script.write_text(FAKE_WORKER)
 
     def start_workers(self):
         workers = []
-        for number, mode in enumerate(("runs", "dies", "hangs", "dies at once", "crashes")):
+        for number, mode in enumerate(modes):
             worker = subprocess.Popen([sys.executable, str(script), mode],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      text=True, process_group=0)
             worker.stdin.write("{}\n")
             worker.stdin.flush()
             workers.append(worker)
@@ -295,6 +297,11 @@ def test_a_worker_that_dies_or_hangs_is_reported_and_its_sessions_are_lost(
         return workers
 
     monkeypatch.setattr(Run, "_start_workers", start_workers)
+
+
+def test_a_worker_that_dies_or_hangs_is_reported_and_its_sessions_are_lost(
+        tmp_path, monkeypatch, capsys):
+    stand_in_workers(tmp_path, monkeypatch, "runs", "dies", "hangs", "dies at once", "crashes")
     monkeypatch.setattr(run_module, "WORKER_SILENCE", 2.0)
     plan = LoadPlan("http://127.0.0.1:9", "secret", "c", sessions=25, rate=25,
                     duration=3, workers=5, floor=True)
@@ -319,21 +326,7 @@ def test_a_worker_that_dies_or_hangs_is_reported_and_its_sessions_are_lost(
 
 def test_a_second_ctrl_c_kills_the_workers_rather_than_waiting_for_them(
         tmp_path, monkeypatch):
-    script = tmp_path / "worker.py"
-    script.write_text(FAKE_WORKER)
-
-    def start_workers(self):
-        workers = []
-        for number in range(2):
-            worker = subprocess.Popen([sys.executable, str(script), "hangs"],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      text=True, process_group=0)
-            worker.stdin.write("{}\n")
-            worker.stdin.flush()
-            workers.append(worker)
-            self.planned[number] = 5
-        self.started_workers = workers
-        return workers
+    stand_in_workers(tmp_path, monkeypatch, "hangs", "hangs")
 
     def press_ctrl_c_twice() -> None:
         time.sleep(2)  # the workers hang after their first report
@@ -341,7 +334,6 @@ def test_a_second_ctrl_c_kills_the_workers_rather_than_waiting_for_them(
         time.sleep(0.5)
         os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(Run, "_start_workers", start_workers)
     plan = LoadPlan("http://127.0.0.1:9", "secret", "c", sessions=10, rate=10,
                     duration=600, workers=2, floor=True)
     run = Run(plan, show_progress=False)
