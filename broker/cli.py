@@ -258,7 +258,9 @@ def _shell(arguments: argparse.Namespace) -> int:
     try:
         port = int((shell / "port").read_text())
         host_key = (shell / "host-key.pub").read_text().split()
-        host = arguments.host or (shell / "address").read_text().strip()
+        address = shell / "address"  # (a broker that wrote none listens on 127.0.0.1)
+        host = arguments.host or (address.read_text().strip() if address.exists()
+                                  else "127.0.0.1")
     except (OSError, ValueError, IndexError):
         print(f"broker shell: no running broker found in {shell.parent}", file=sys.stderr)
         return 2
@@ -269,9 +271,9 @@ def _shell(arguments: argparse.Namespace) -> int:
         "ssh", "-q", "-p", str(port), "-i", str(shell / "operator-key"),
         "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={known_hosts}",
         "-o", "StrictHostKeyChecking=yes",
-        # The command as one word, as the shell splits it: ssh would join its words with
-        # spaces, and their quoting would be lost.
-        "--", f"operator@{host}", *([shlex.join(arguments.line)] if arguments.line else []),
+        # The command as one word: ssh would join several with spaces, and their quoting
+        # would be lost. One word is a whole line already (broker shell 'tree --depth 1').
+        "--", f"operator@{host}", *_remote_command(arguments.line),
     ]
     try:
         os.execvp("ssh", command)
@@ -279,6 +281,14 @@ def _shell(arguments: argparse.Namespace) -> int:
         print(f"broker shell: cannot run ssh: {error.strerror}", file=sys.stderr)
         return 2
     return 0
+
+
+def _remote_command(words: list[str]) -> list[str]:
+    """What ``broker shell`` gives ssh to run: nothing, a line given whole, or the words
+    quoted as the broker's shell splits them."""
+    if len(words) <= 1:
+        return words
+    return [shlex.join(words)]
 
 
 def _tower_run(arguments: argparse.Namespace) -> int:

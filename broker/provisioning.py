@@ -20,9 +20,9 @@ A provisioning plan takes a host from the inventory to a linked tower:
    its hello.
 7. ``hand-over``: the tower joins the towers supervisor and takes sessions.
 
-A decommission plan does the reverse for a drained tower: the link is dropped and the
-certificates revoked (one step, never cut in between), the agent and NGINX stopped, the
-tower's directory removed (site, credentials, the agent's log).
+A decommission plan does the reverse for a drained tower: the certificates are revoked
+and the link dropped (in that order: a cancel cannot land in between), the agent and
+NGINX stopped, the tower's directory removed (site, credentials, the agent's log).
 
 Every step is idempotent and has a deadline (``provision_step_timeout``); a failed step
 crashes the steps actor and its job restarts it (all steps again) with exponential
@@ -562,6 +562,7 @@ class JobSteps(Actor):
             record.provisioned_in = trio.current_time() - record.job_started_at
             self.board.set(name, HostState.READY)
         else:
+            record.site = None  # its directory is gone: another entry may use it
             self.board.set(name, HostState.FREE)
         self.job.tell_nowait(_JobDone())
 
@@ -710,15 +711,14 @@ class JobSteps(Actor):
             await trio.sleep(HAND_OVER_POLL)
 
     async def _unlink(self) -> None:
-        """Take the tower out of the towers, then revoke its certificates: one step, not
-        to be cut in between (a cancel lands once both are done). Once asked, the
-        supervisor takes the tower out whether or not this step is there to see it, and
-        an agent unlinked but not revoked could link again."""
-        with trio.CancelScope(shield=True):
-            with contextlib.suppress(LookupError):
-                await self._towers().terminate_child(f"tower:{self.host.name}")
-            revoked = self.context.issuer.revoke(self.host.name)
+        """Revoke the tower's certificates, then take it out of the towers. In that order:
+        the revoke takes no time, so a cancel lands in the taking out only, which the
+        supervisor finishes once asked whether or not this step is there to see it; an
+        agent taken out with a valid certificate could link again."""
+        revoked = self.context.issuer.revoke(self.host.name)
         self.board.event(f"{self.host.name}: revoked {len(revoked)} certificate(s)")
+        with contextlib.suppress(LookupError):
+            await self._towers().terminate_child(f"tower:{self.host.name}")
 
     async def _stop_tower(self) -> None:
         paths, host = self._paths(), self.host
@@ -779,9 +779,9 @@ class JobSteps(Actor):
                                       command)
         except (trio.Cancelled, remote.CutOff):
             record = self.board.get(self.host.name)
-            # Its time runs from its start there: a channel opened and a login shell run
-            # after this moment, within the connection's own timeout.
-            ends_by = now + remote.CONNECT_TIMEOUT + within + remote.KILL_GRACE
+            # Its time runs from its start there, at the latest just after this moment
+            # (a request already on its way): with a margin for that.
+            ends_by = trio.current_time() + remote.CONNECT_TIMEOUT + within + remote.KILL_GRACE
             record.scripts_end_by = max(record.scripts_end_by, ends_by)
             raise
 

@@ -194,8 +194,8 @@ async def _read_at_most(
     while chunk := await stream.read(65536):
         data += chunk
         if len(data) > MAX_OUTPUT:
-            process.close()
-            raise RemoteError(f"the command wrote more than {MAX_OUTPUT // 1024} KiB on its "
+            process.close()  # which need not end it on the host
+            raise CutOff(f"the command wrote more than {MAX_OUTPUT // 1024} KiB on its "
                               f"{name}; the host is not as provisioning expects it")
     return bytes(data)
 

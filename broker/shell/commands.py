@@ -362,7 +362,8 @@ TOP_ORDERS = (*PS_ORDERS, "rate")
 # Numbers as an operator types them: ASCII digits (int() and float() also take other
 # scripts' digits, underscores, a plus sign, and float() "nan" and "inf").
 _WHOLE = re.compile(r"-?[0-9]+")
-_DECIMAL = re.compile(r"-?([0-9]+\.?[0-9]*|\.[0-9]+)(e[-+]?[0-9]+)?", re.IGNORECASE)
+# (Each digit matched one way only: an ambiguous pattern takes quadratic time.)
+_DECIMAL = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e[-+]?[0-9]+)?", re.IGNORECASE)
 
 
 def _whole_number(minimum: int, maximum: int | None = None) -> Callable[[str], int]:

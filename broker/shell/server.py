@@ -327,6 +327,10 @@ class ShellServer(Actor):
             shell = Shell(self.view, Role(session.role))
             if session.interactive:
                 await self._interact(session, shell)
+            elif len(session.command or "") > ssh.MAX_LINE:  # as an interactive line
+                await call_asyncio(session.write_error,
+                                   f"line too long: at most {ssh.MAX_LINE} characters\n")
+                status = Status.USAGE
             else:
                 status = await run_line(session, shell, session.command or "")
         except ssh.SessionGone:

@@ -181,6 +181,24 @@ def test_two_hosts_cannot_put_their_towers_in_one_directory_of_one_machine():
     board.claim_site("tower-b", other_machine, "/home/tower/session-tower")
 
 
+async def test_a_decommissioned_tower_s_directory_may_be_another_host_s(
+    autojump_clock, jobs, plan
+):
+    jobs.board.set("tower-a", HostState.READY)
+
+    def connect(steps: JobSteps) -> Plan:
+        async def claim() -> None:
+            jobs.board.claim_site("tower-a", "ssh-ed25519 AAAAone", "/home/tower/t")
+
+        return [("connect", claim)]
+
+    plan(connect)
+    assert (await jobs.provisioning.ask(Decommission("tower-a"))).ok
+    await trio.sleep(1)
+    record = jobs.board.get("tower-a")
+    assert record.state is HostState.FREE and record.site is None
+
+
 # Commands cut off on the broker's side.
 
 
@@ -209,17 +227,19 @@ async def test_an_attempt_begins_once_the_last_one_s_commands_have_ended_on_the_
     plan(steps_running_a_command)
     assert (await jobs.provisioning.ask(Provision("tower-a"))).ok
     await trio.sleep(20)
+    cancelled_at = trio.current_time()
     assert (await jobs.provisioning.ask(Cancel("tower-a"))).ok
     await trio.sleep(5)
     assert (await jobs.provisioning.ask(Provision("tower-a"))).ok
     await trio.sleep(1)
     assert jobs.board.get("tower-a").step == "wait"
     await trio.sleep(120)
-    (first, within), (second, _) = commands
-    # What was left of the step's 60 s, then the host's grace between SIGTERM and SIGKILL.
+    (_, within), (second, _) = commands
+    # What was left of the step's 60 s, from the cut-off (with a margin for a command
+    # asked for just before it), then the host's grace between SIGTERM and SIGKILL.
     assert within == 50
     assert second == pytest.approx(
-        first + remote.CONNECT_TIMEOUT + within + remote.KILL_GRACE + 10)
+        cancelled_at + remote.CONNECT_TIMEOUT + within + remote.KILL_GRACE + 10)
 
 
 async def test_a_command_after_its_step_s_time_is_up_is_not_run(autojump_clock, jobs, plan,

@@ -211,6 +211,13 @@ def test_the_system_ssh_client_through_broker_shell(broker):
         capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
     )
     assert "no actor at /broker/none" in result.stdout + result.stderr, result
+    # A line given as one word, as to ssh.
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "shell", "--state-dir", str(broker.state_dir),
+         "tree --depth 0"],
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0 and "children" in result.stdout, result
 
 
 def test_trace_streams_the_messages_an_actor_receives(broker):

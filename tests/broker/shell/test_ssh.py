@@ -206,3 +206,20 @@ def test_a_key_authorized_in_any_form_the_configuration_takes_logs_in(tmp_path, 
 
     run_with_shell(tmp_path, test, key_format)
     assert seen["ps"] == 0
+
+
+def test_a_command_given_on_the_ssh_line_is_held_to_the_line_limit(tmp_path):
+    # An interactive line was; one given with the connection could be 256 KiB.
+    seen = {}
+
+    async def test(system, port, key):
+        async def client() -> None:
+            async with connect(port, key) as connection:
+                result = await connection.run("ps --limit " + "1" * (ssh.MAX_LINE + 1))
+                seen["status"], seen["errors"] = result.exit_status, result.stderr
+
+        await call_asyncio(client)
+
+    run_with_shell(tmp_path, test)
+    assert seen["status"] == 2
+    assert seen["errors"] == f"line too long: at most {ssh.MAX_LINE} characters\n"
