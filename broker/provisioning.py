@@ -711,13 +711,16 @@ class JobSteps(Actor):
             await trio.sleep(HAND_OVER_POLL)
 
     async def _unlink(self) -> None:
-        """Revoke the tower's certificates, then take it out of the towers. In that order:
-        the revoke takes no time, so a cancel lands in the taking out only, which the
-        supervisor finishes once asked whether or not this step is there to see it; an
-        agent taken out with a valid certificate could link again."""
+        """Revoke the tower's certificates, then take it out of the towers. In that order,
+        and never the first without the second: the supervisor finishes taking a tower
+        out once asked, whether or not this step is there to see it, and an agent taken
+        out with a valid certificate could link again."""
         revoked = self.context.issuer.revoke(self.host.name)
         self.board.event(f"{self.host.name}: revoked {len(revoked)} certificate(s)")
-        with contextlib.suppress(LookupError):
+        # Asked for even if a cancel is already pending (it would be checked before the
+        # asking): the tower's own shutdown deadline bounds the wait, and this one too.
+        with trio.CancelScope(shield=True), trio.move_on_after(
+                self.settings.provision_step_timeout), contextlib.suppress(LookupError):
             await self._towers().terminate_child(f"tower:{self.host.name}")
 
     async def _stop_tower(self) -> None:

@@ -45,7 +45,8 @@ class RemoteError(Exception):
 
 
 class CutOff(RemoteError):
-    """The connection broke while a command ran: it may run on there, until its time."""
+    """The broker stopped following a command (its connection broke, or it wrote too
+    much): it may run on there, until its time."""
 
 
 @dataclass

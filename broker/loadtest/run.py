@@ -462,7 +462,8 @@ class Run:
                 worker.wait()
                 killed.add(index)
         # What the pipes still hold: a last report written as the deadline passed.
-        while any(not reader.done for reader in lines.values()) and self._read(lines, 0.1):
+        while any(not reader.done for reader in lines.values()) and self._read(
+                lines, 0.1, judge=False):
             pass
         for index, reader in lines.items():
             if not reader.finished:
@@ -473,9 +474,10 @@ class Run:
             elif workers[index].returncode:  # it crashed: its sessions may not all have run
                 self._worker_ended(index, f"exited with status {workers[index].returncode}")
 
-    def _read(self, lines: dict[int, WorkerLines], timeout: float) -> bool:
+    def _read(self, lines: dict[int, WorkerLines], timeout: float, judge: bool = True) -> bool:
         """Take what the workers wrote within ``timeout``; whether any pipe had something
-        (or its end)."""
+        (or its end). With ``judge``, a worker whose pipe ended without its final report
+        is counted failed (else the caller says why)."""
         open_readers = {reader.fd: (index, reader) for index, reader in lines.items()
                         if not reader.done}
         readable, _, _ = select.select(list(open_readers), [], [], timeout)
@@ -487,7 +489,7 @@ class Run:
                 self.latest[index] = figures
                 if figures["final"]:
                     reader.done = reader.finished = True
-            if reader.done and not reader.finished:
+            if judge and reader.done and not reader.finished:
                 self._worker_ended(index, "ended without its final report")
         return bool(readable)
 

@@ -118,7 +118,8 @@ class Worker:
             await self._floor_browser()
             return
         client = BrokerClient(self.plan.url, self.plan.api_key, self.ssl_context)
-        connected = settled = False
+        # Set up; counted lost (once); done with (deleted, or ended by the broker).
+        connected = counted = closed = False
         try:
             # The deadline covers the setup only; it is lifted once the first echo is back.
             with trio.CancelScope(deadline=trio.current_time() + SETUP_TIMEOUT) as setup:
@@ -140,20 +141,20 @@ class Worker:
                         self._gone()
                     if lost is not None:
                         self.lost[lost] += 1
-                        settled = True
+                        counted = True
                     if lost not in ENDED:  # the broker has it still: deleted
                         await self._close(client.delete_session(session.grant.id))
-                    settled = True
+                    closed = True
             if setup.cancelled_caught:
                 self.failed["setup timeout"] += 1
         except Exception as error:
             # Once connected, a session that breaks is lost, not a failed setup; once
-            # counted, it is not counted again.
-            if not settled:
+            # counted or done with, it is not counted again.
+            if not (counted or closed):
                 (self.lost if connected else self.failed)[_reason(error)] += 1
-        except trio.Cancelled:
-            if not settled:
-                (self.not_closed if connected else self.failed)[STOPPED] += 1
+        except BaseException:
+            # Cancelled (the worker stopping), bare or through a nursery (a group).
+            self._stopped(connected, closed)
             raise
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
@@ -165,6 +166,14 @@ class Worker:
         self.up += 1
         self.collector.opened()
         return True
+
+    def _stopped(self, connected: bool, closed: bool) -> None:
+        """A session the worker gave up on when it stopped: one still setting up failed,
+        one whose DELETE was under way was not deleted."""
+        if not connected:
+            self.failed[STOPPED] += 1
+        elif not closed:
+            self.not_closed[STOPPED] += 1
 
     def _gone(self) -> None:
         self.up -= 1
@@ -202,8 +211,8 @@ class Worker:
             await self._close(floor.request("DELETE", f"/peers/{created['id']}"))
         except Exception as error:
             (self.lost if connected else self.failed)[_reason(error)] += 1
-        except trio.Cancelled:
-            (self.not_closed if connected else self.failed)[STOPPED] += 1
+        except BaseException:
+            self._stopped(connected, closed=False)
             raise
         finally:
             if holder is not None:

@@ -348,6 +348,19 @@ def test_a_second_ctrl_c_kills_the_workers_rather_than_waiting_for_them(
     assert [worker.wait(timeout=10) for worker in run.started_workers] == [-9, -9]
 
 
+def test_a_worker_that_does_not_stop_is_killed_and_said_so(tmp_path, monkeypatch):
+    stand_in_workers(tmp_path, monkeypatch, "hangs")
+    for name, seconds in (("WIND_DOWN", 1.0), ("STOP_GRACE", 0.5), ("WORKER_EXIT", 0.5)):
+        monkeypatch.setattr(run_module, name, seconds)
+    plan = LoadPlan("http://127.0.0.1:9", "secret", "c", sessions=5, rate=5,
+                    duration=1, workers=1, floor=True)
+    run = Run(plan, show_progress=False)
+    report = run.execute()
+    # (Reading its pipe's end once killed, the coordinator used to call it "ended
+    # without its final report".)
+    assert report["workers"]["failed"] == {"0": "killed: it did not stop"}
+
+
 class SlowServers:
     def sample(self):
         time.sleep(5)

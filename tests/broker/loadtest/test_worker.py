@@ -6,11 +6,14 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import asynccontextmanager
 
+import pytest
 import trio
 import trio.testing
 
 from actors import bridge
+from broker.loadtest import worker as worker_module
 from broker.loadtest.worker import Plan, Worker, _reason
 
 
@@ -120,3 +123,59 @@ def test_a_worker_whose_coordinator_is_gone_stops_reporting_rather_than_crashing
     worker._report()
     worker._report(final=True)
     assert worker.coordinator_gone
+
+
+class StandInClient:
+    """The broker as a browser sees it, whose DELETE never answers when told so."""
+
+    def __init__(self, *args) -> None:
+        pass
+
+    async def ice_servers(self) -> tuple:
+        return ()
+
+    async def delete_session(self, session_id: str) -> None:
+        await trio.sleep_forever()
+
+    async def aclose(self) -> None:
+        pass
+
+
+class StandInSession(RepairingSession):
+    grant = type("Grant", (), {"id": "s-1"})()
+
+    def __init__(self, echoes: bool) -> None:
+        super().__init__()
+        self.echoes = echoes
+
+    async def echo(self, text: str, timeout: float) -> None:
+        if not self.echoes:
+            await trio.sleep_forever()
+
+
+@pytest.mark.parametrize(("echoes", "counted"), [
+    (False, ("failed", {"stopped": 1})),  # still setting up
+    (True, ("not_closed", {"stopped": 1})),  # its DELETE under way
+])
+def test_a_session_a_stopping_worker_gives_up_on_is_counted(monkeypatch, echoes, counted):
+    # The cancel comes through start_session's nursery, as a group: it was counted nowhere.
+    @asynccontextmanager
+    async def start_session(client, **options):
+        async with trio.open_nursery():
+            yield StandInSession(echoes)
+
+    monkeypatch.setattr(worker_module, "BrokerClient", StandInClient)
+    monkeypatch.setattr(worker_module, "start_session", start_session)
+    worker = Worker(Plan("https://127.0.0.1:9", "", "", arrivals=[0.0], end=0.2,
+                         message_rate=1.0, message_size=10))
+    worker.ssl_context = None
+    worker.started = time.monotonic()
+
+    async def main() -> None:
+        with trio.move_on_after(2):  # the worker's grace, run out
+            await worker._browser(0.0)
+
+    bridge.run(main, handle_signals=False)
+    name, figures = counted
+    assert getattr(worker, name) == figures
+    assert worker.lost == {}
