@@ -308,7 +308,7 @@ def _check_origin(origin: Any) -> None:
 
 
 def _check_shell_key(index: int, entry: Any) -> str:
-    """Returns the key as OpenSSH writes it (type and data)."""
+    """Returns the key's ``public_key_id``."""
     if not isinstance(entry, Mapping) or not isinstance(entry.get("key"), str):
         raise ConfigError(f"shell key {index} needs 'key', not {entry!r}")
     unknown = set(entry) - _SHELL_KEY_KEYS
@@ -316,16 +316,25 @@ def _check_shell_key(index: int, entry: Any) -> str:
         raise ConfigError(f"shell key {index}: unknown keys {sorted(unknown)}")
     if entry.get("role", "read-only") not in ("admin", "read-only"):
         raise ConfigError(f"shell key {index}: the role is 'admin' or 'read-only'")
-    import asyncssh  # here: the command line reads settings without it
-
     try:
-        key = asyncssh.import_public_key(entry["key"])
-    except (asyncssh.KeyImportError, ValueError) as error:
+        return public_key_id(entry["key"])
+    except ValueError as error:
         raise ConfigError(
             f"shell key {index} is not a public key (OpenSSH's 'type base64', RFC 4716 or "
             f"PEM): {error}"
         ) from None
-    return " ".join(key.export_public_key().decode().split()[:2])
+
+
+def public_key_id(text: str) -> str:
+    """A public key's type and data as OpenSSH writes them (whatever form it was given
+    in: OpenSSH, RFC 4716, PEM), without its comment: what tells two keys apart.
+
+    Raises:
+        ValueError: ``text`` is no public key (asyncssh's KeyImportError is one).
+    """
+    import asyncssh  # here: the command line reads settings without it
+
+    return " ".join(asyncssh.import_public_key(text).export_public_key().decode().split()[:2])
 
 
 # Settings that name files: relative ones in a configuration file are taken from the

@@ -39,6 +39,8 @@ from .worker import CLOSE_TIMEOUT, SETUP_TIMEOUT, STOP_GRACE
 # worker silent for WORKER_SILENCE is hung.
 WORKER_START_TIMEOUT = 30.0
 METRICS_TIMEOUT = 2.0
+# The one request that checks the target before a run.
+TARGET_TIMEOUT = 10.0
 # After the planned end, how long workers have to close their sessions and report: a
 # setup that began just before the end has its whole time, then its DELETE.
 WIND_DOWN = SETUP_TIMEOUT + CLOSE_TIMEOUT + 5.0
@@ -233,7 +235,7 @@ def check_target(url: str, certificate: str, api_key: str) -> None:
     except (OSError, ssl.SSLError) as error:
         raise ValueError(f"cannot use the certificate {certificate}: {error}") from None
     connection = http.client.HTTPSConnection(parts.hostname, port, context=context,
-                                             timeout=METRICS_TIMEOUT * 5)
+                                             timeout=TARGET_TIMEOUT)
     try:
         connection.request("GET", "/v1/ice-servers",
                            headers={"Authorization": f"Bearer {api_key}"})

@@ -134,7 +134,8 @@ class Worker:
                                          video=video, busy_attempts=1) as session:
                     await session.echo("first", timeout=SETUP_TIMEOUT)
                     setup.deadline = math.inf
-                    connected = self._connected(started)
+                    self._connected(started)
+                    connected = True
                     try:
                         lost = await self._live(session)
                     finally:
@@ -160,12 +161,11 @@ class Worker:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await client.aclose()
 
-    def _connected(self, started: float) -> bool:
+    def _connected(self, started: float) -> None:
         self.setups.append(time.perf_counter() - started)
         self.connected += 1
         self.up += 1
         self.collector.opened()
-        return True
 
     def _stopped(self, connected: bool, closed: bool) -> None:
         """A session the worker gave up on when it stopped: one still setting up failed,
@@ -203,7 +203,8 @@ class Worker:
             if setup.cancelled_caught:
                 self.failed["setup timeout"] += 1
                 return
-            connected = self._connected(started)
+            self._connected(started)
+            connected = True
             try:
                 await self._send_steadily(holder)
             finally:

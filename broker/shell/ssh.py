@@ -22,6 +22,7 @@ from typing import Any
 
 import asyncssh
 
+from ..config import public_key_id
 from ..pki import write_secret
 
 MAX_LINE = 4096
@@ -238,7 +239,7 @@ async def start_server(
     Returns:
         The listening server; ``close()`` it to stop.
     """
-    keys = {_key_id(text): role for text, role in authorized.items()}
+    keys = {public_key_id(text): role for text, role in authorized.items()}
     connections: set[asyncssh.SSHServerConnection] = set()
     logging_in: set[asyncssh.SSHServerConnection] = set()
     sessions: dict[asyncssh.SSHServerConnection, int] = {}
@@ -266,7 +267,7 @@ async def start_server(
             return True
 
         def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-            role = keys.get(_key_id(key.export_public_key().decode()))
+            role = keys.get(public_key_id(key.export_public_key().decode()))
             if role is None:
                 return False
             self.connection.set_extra_info(role=role)
@@ -334,12 +335,6 @@ class OperatorServer:
 
     def get_port(self) -> int:
         return self.acceptor.get_port()
-
-
-def _key_id(text: str) -> str:
-    """A public key's type and data as OpenSSH writes them (whatever form it was given
-    in: OpenSSH, RFC 4716, PEM), without its comment."""
-    return " ".join(asyncssh.import_public_key(text).export_public_key().decode().split()[:2])
 
 
 def ensure_host_key(path: Path) -> None:

@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +129,16 @@ def broker(tmp_path):
     running = start_broker(tmp_path, **FAST_REPAIR)
     yield running
     stop_broker(running)
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    """Poll ``condition`` until it holds; TimeoutError past ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"not within {timeout} s: {what}")
 
 
 def wait_for_towers(broker: RunningBroker, count: int, timeout: float = 20.0) -> None:

@@ -8,14 +8,13 @@ import signal
 import ssl
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
 
 from broker.pki import CertificateAuthority
 
-from .conftest import start_broker, stop_broker, wait_for_towers
+from .conftest import start_broker, stop_broker, wait_for_towers, wait_until
 
 
 def loadtest(broker, *arguments: str) -> subprocess.CompletedProcess:
@@ -80,15 +79,16 @@ def test_a_load_test_reports_sessions_latency_cpu_and_draws_them(tmp_path):
         # Ctrl-C (to the whole process group, as a terminal sends it): the figures until
         # then, and no traceback from the workers.
         interrupted = long_load_test(broker)
-        time.sleep(5)
+        wait_until(lambda: live_sessions(broker) == 4, 60, "the load test's sessions up")
         os.killpg(interrupted.pid, signal.SIGINT)
         out, errors = interrupted.communicate(timeout=120)
         assert interrupted.returncode == 130, errors
         report = json.loads(out)
         assert report["interrupted"] is True and report["sessions"]["not_closed"] == 0
         assert "Traceback" not in errors
-        # Its sessions were deleted, not left for the broker to find gone.
-        assert live_sessions(broker) == 0
+        # Its sessions were deleted, not left for the broker to find gone (its metrics
+        # page is kept for half a second).
+        wait_until(lambda: live_sessions(broker) == 0, 2, "the load test's sessions deleted")
 
     finally:
         stop_broker(broker)

@@ -30,6 +30,7 @@ from broker.state import provisioning_identity
 
 from .conftest import (
     RunningBroker,
+    wait_until,
     run_shell,
     start_broker,
     start_steady_client,
@@ -78,15 +79,6 @@ def events(broker: RunningBroker) -> str:
     """The events ``jobs --json`` lists, one per line."""
     [jobs] = run_shell(broker, "jobs --json")
     return "\n".join(event["text"] for event in json.loads(jobs.stdout)["events"])
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"not within {timeout} s: {what}")
 
 
 def test_three_hosts_become_towers_at_once_and_serve_sessions(tmp_path, make_host):  # noqa: F811

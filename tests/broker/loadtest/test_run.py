@@ -328,10 +328,14 @@ def test_a_second_ctrl_c_kills_the_workers_rather_than_waiting_for_them(
         tmp_path, monkeypatch):
     stand_in_workers(tmp_path, monkeypatch, "hangs", "hangs")
 
+    def until(condition) -> None:
+        while not condition():
+            time.sleep(0.05)
+
     def press_ctrl_c_twice() -> None:
-        time.sleep(2)  # the workers hang after their first report
+        until(lambda: len(getattr(run, "latest", {})) == 2)  # both reported, then hang
         os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.5)
+        until(lambda: run.interrupted_at is not None)  # the first one taken
         os.kill(os.getpid(), signal.SIGINT)
 
     plan = LoadPlan("http://127.0.0.1:9", "secret", "c", sessions=10, rate=10,
