@@ -32,7 +32,7 @@ from broker.site import (
     tower_paths,
 )
 from broker.tower.agent import load_agent_config
-from tests.e2e.hosts import root_tower_traces_removed
+from tests.e2e.hosts import listening_port, root_tower_traces_removed
 
 NGINX = "/usr/sbin/nginx"
 
@@ -248,12 +248,6 @@ def test_an_ipv6_link_address_is_bracketed_in_the_listen_directive():
 # A real NGINX checks the rendered configuration.
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def authority():
     return CertificateAuthority.create()
@@ -284,7 +278,7 @@ def home():
 @pytest.mark.skipif(not os.path.exists(NGINX), reason=f"no NGINX at {NGINX} to check against")
 @pytest.mark.parametrize("uid", [1000, 0])
 def test_nginx_accepts_the_rendered_configuration(home, authority, uid):
-    tower = host(tower_address="127.0.0.1", tower_port=free_port(), nginx=NGINX)
+    tower = host(tower_address="127.0.0.1", tower_port=listening_port(), nginx=NGINX)
     paths = install(tower, home, authority, uid)
     with root_tower_traces_removed():
         if paths.run is not None and os.geteuid() == 0:
@@ -330,7 +324,7 @@ def test_a_tower_directory_another_user_could_swap_is_refused(home, theirs, slas
 @pytest.mark.skipif(not os.path.exists(NGINX), reason=f"no NGINX at {NGINX} to check against")
 def test_nginx_refuses_the_configuration_without_the_tower_identity(home, authority):
     # The check is real: without the identity NGINX fails, naming the file.
-    tower = host(tower_address="127.0.0.1", tower_port=free_port(), nginx=NGINX)
+    tower = host(tower_address="127.0.0.1", tower_port=listening_port(), nginx=NGINX)
     paths = install(tower, home, authority)
     os.unlink(paths.identity)
     result = subprocess.run(
@@ -423,7 +417,7 @@ class AgentStandIn:
 ])
 def test_nginx_lets_only_the_broker_through_to_the_agent(home, authority, client, expected):
     home.chmod(0o755)  # for NGINX's workers, whoever they run as here
-    tower = host(tower_address="127.0.0.1", tower_port=free_port(), nginx=NGINX)
+    tower = host(tower_address="127.0.0.1", tower_port=listening_port(), nginx=NGINX)
     paths = install(tower, home, authority)
     context = ssl.create_default_context(cafile=paths.ca)
     if client == "another CA's broker":

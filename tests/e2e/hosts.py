@@ -39,6 +39,7 @@ from __future__ import annotations
 import getpass
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -93,9 +94,9 @@ class SimulatedHost:
         self.address = ADDRESS
         self.user = getpass.getuser()
         self.root = self.directory / "root"
-        self.port = _free_port()
+        self.port = listening_port()
         # Where the tower's NGINX will listen on this host.
-        self.tower_port = _free_port()
+        self.tower_port = listening_port()
         self.log = self.directory / "sshd.log"
         self._process: subprocess.Popen | None = None
 
@@ -312,10 +313,29 @@ def _account_exists(name: str) -> bool:
     return True
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((ADDRESS, 0))
-        return probe.getsockname()[1]
+_HANDED_OUT: set[int] = set()
+
+
+def listening_port() -> int:
+    """A port free on ``ADDRESS`` now, for a server started later (an sshd, a tower's
+    NGINX): below the ephemeral range, so that no outgoing connection, nor another
+    server given port 0, takes it meanwhile; never the same one twice in a run."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            ephemeral = int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    while True:
+        port = random.randrange(max(1024, ephemeral - 12000), ephemeral)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind((ADDRESS, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
 
 
 def _read(path: str) -> bytes:
