@@ -190,24 +190,33 @@ def _logging() -> None:
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
 
+# The settings ``broker serve`` takes as flags, each with its flag.
+_SERVE_FLAGS = {
+    "state_dir": "--state-dir",
+    "host": "--host",
+    "https_port": "--https-port",
+    "http_port": "--http-port",
+    "local_towers": "--towers",
+    "shell_port": "--shell-port",
+}
+
+
 def _serve(arguments: argparse.Namespace) -> int:
     from actors import ActorCrashed, bridge
 
     from .config import ConfigError, load_settings
     from .serve import NotStarted, serve_broker
 
+    given = {setting: getattr(arguments, setting) for setting in _SERVE_FLAGS}
     try:
-        settings = load_settings(
-            arguments.config,
-            state_dir=arguments.state_dir,
-            host=arguments.host,
-            https_port=arguments.https_port,
-            http_port=arguments.http_port,
-            local_towers=arguments.local_towers,
-            shell_port=arguments.shell_port,
-        )
+        settings = load_settings(arguments.config, **given)
     except ConfigError as error:
-        print(f"broker: {error}", file=sys.stderr)
+        message = str(error)
+        # A value from the command line is named as it was given there.
+        for setting, flag in _SERVE_FLAGS.items():
+            if given[setting] is not None and message.startswith(f"{setting} "):
+                message = flag + message.removeprefix(setting)
+        print(f"broker: {message}", file=sys.stderr)
         return 2
     _logging()
     _open_files()

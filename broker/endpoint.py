@@ -98,10 +98,12 @@ STATIC_FILES = {
     )
     if (_STATIC / name).is_file()
 }
+# The page's policy; its sockets may only go to the broker's own signaling origin.
 PAGE_POLICY = (
-    "default-src 'self'; connect-src 'self' wss:; media-src 'self' blob: mediastream:; "
-    "img-src 'self' data:; style-src 'self'; script-src 'self'; object-src 'none'; "
-    "base-uri 'none'; frame-ancestors 'none'; form-action 'none'"
+    "default-src 'self'; connect-src 'self' {signaling_origin}; "
+    "media-src 'self' blob: mediastream:; img-src 'self' data:; style-src 'self'; "
+    "script-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
+    "form-action 'none'"
 )
 MAX_BODY_BYTES = 16 * 1024
 # A request's body arrives whole within this, or the request ends with 408: a client
@@ -162,7 +164,7 @@ class BrokerApi:
         if page is not None and scope["method"] in ("GET", "HEAD"):
             content, content_type = page
             headers = self._secure_headers({"cache-control": "no-cache",
-                                            "content-security-policy": PAGE_POLICY})
+                                            "content-security-policy": self.page_policy})
             await _respond(send, 200, content, content_type, headers)
             return
         headers = {"cache-control": "no-store"}
@@ -179,7 +181,7 @@ class BrokerApi:
                 # another request: HTTP/1 says so (HTTP/2 ends only the stream).
                 headers["connection"] = "close"
         if isinstance(body, str):
-            await _respond(send, status, body.encode(), "text/plain; version=0.0.4",
+            await _respond(send, status, body.encode(), "text/plain; version=0.0.4; charset=utf-8",
                            self._secure_headers(headers))
         elif body is None:
             await _respond(send, status, b"", None, self._secure_headers(headers))
@@ -206,15 +208,15 @@ class BrokerApi:
     async def _route(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
         method, path = scope["method"], scope["path"]
         if path == "/healthz":
-            _allow(method, "GET")
+            _allow(method, "GET", "HEAD")
             ready = self.towers.ready_count()
             return (200 if ready else 503), {
                 "status": "ok" if ready else "no_tower", "towers_ready": ready}
         if path == "/metrics":
-            _allow(method, "GET")
+            _allow(method, "GET", "HEAD")
             return 200, self.metrics()
         if path == "/v1/ice-servers":
-            _allow(method, "GET")
+            _allow(method, "GET", "HEAD")
             self._authenticate(scope)
             return 200, {"ice_servers": list(self.settings.ice_servers)}
         if path == "/v1/sessions":
@@ -230,9 +232,9 @@ class BrokerApi:
             _allow(method, "POST")
             await self._describe(self._authenticate(scope), session_id)
             return 201, self._token(session_id)
-        _allow(method, "GET", "DELETE")
+        _allow(method, "GET", "HEAD", "DELETE")
         key = self._authenticate(scope)
-        if method == "GET":
+        if method != "DELETE":
             return 200, await self._describe(key, session_id, ended_too=True)
         closed = await _ask(
             self._session(session_id), CloseSession("deleted through the API", key)
@@ -361,10 +363,21 @@ class BrokerApi:
         # No answer in time, or none to come: it will come on the signaling socket.
         return None
 
+    @property
+    def signaling_origin(self) -> str:
+        """Where browsers open signaling sockets: ``wss://`` and the broker's public name."""
+        return "wss" + self.settings.https_origin.removeprefix("https")
+
+    @property
+    def page_policy(self) -> str:
+        # (A policy cannot name an IPv6 address: such a broker's page may open any wss:.)
+        return PAGE_POLICY.format(signaling_origin="wss:" if ":" in self.settings.public_host
+                                  else self.signaling_origin)
+
     def _token(self, session_id: str) -> dict[str, Any]:
         token = self.tokens.issue(session_id, trio.current_time())
         return {
-            "signaling_url": "wss" + self.settings.https_origin.removeprefix("https")
+            "signaling_url": self.signaling_origin
             + f"/v1/sessions/{session_id}/signaling?token={token}",
             "token": token,
             "token_expires_in": self.settings.token_lifetime,

@@ -91,6 +91,23 @@ def test_a_broker_that_cannot_start_says_why_without_a_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("options, refused", [
+    (["--towers", "-1"], "--towers cannot be negative"),
+    (["--https-port", "70000"], "--https-port must be a port number (0-65535), not 70000"),
+])
+def test_a_broker_names_a_bad_flag_as_it_was_given(tmp_path, options, refused):
+    result = subprocess.run([BROKER, "serve", "--state-dir", str(tmp_path), *options],
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (2, f"broker: {refused}\n")
+
+
+def test_a_bad_setting_from_the_file_keeps_its_name(tmp_path):
+    (tmp_path / "broker.toml").write_text("local_towers = -1\n")
+    result = subprocess.run([BROKER, "serve", "--config", str(tmp_path / "broker.toml")],
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (2, "broker: local_towers cannot be negative\n")
+
+
+@pytest.mark.parametrize("options, refused", [
     (["--capacity", "0"], "capacity must be at least 1, not 0"),
     (["--load-interval", "inf"], "load_interval must be a number of seconds"),
     (["--heartbeat-interval", "10", "--heartbeat-timeout", "1"],

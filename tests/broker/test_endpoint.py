@@ -33,6 +33,7 @@ from wsproto.extensions import PerMessageDeflate
 from actors import AskTimeout
 from broker import endpoint
 from broker.client import trusting
+from broker.config import Settings
 from broker.pki import self_signed_server_certificate
 
 KEEP_ALIVE = 5.0
@@ -392,6 +393,17 @@ async def test_a_websocket_turns_down_compression_and_refuses_a_compressed_frame
 ])
 def test_an_origin_is_read_and_a_malformed_one_is_no_hosts(origin, parts):
     assert endpoint._origin(origin) == parts
+
+
+@pytest.mark.parametrize("host, https_port, sockets", [
+    ("sessions.example", 443, "wss://sessions.example"),
+    ("127.0.0.1", 8443, "wss://127.0.0.1:8443"),
+    ("::1", 8443, "wss:"),  # a policy has no way to name an IPv6 address
+])
+def test_the_pages_sockets_may_go_to_the_signaling_origin_only(host, https_port, sockets):
+    settings = Settings(public_host=host, https_port=https_port)
+    api = endpoint.BrokerApi(settings, (), None, None, None, None)
+    assert f"connect-src 'self' {sockets};" in api.page_policy
 
 
 async def test_a_session_too_busy_to_take_the_socket_is_not_called_ended(autojump_clock):

@@ -130,6 +130,28 @@ def test_a_wrong_method_is_405_with_allow(broker):
     assert headers["allow"] == "GET, HEAD"
 
 
+def test_head_answers_wherever_get_does_with_the_same_headers_and_no_body(
+        broker, new_grant):
+    grant = new_grant()
+    for path, headers in (("/", {}), ("/healthz", {}), ("/metrics", {}),
+                          ("/v1/ice-servers", auth(broker)),
+                          (f"/v1/sessions/{grant.id}", auth(broker))):
+        got, got_headers, _ = http(broker, "GET", path, headers=headers)
+        status, head_headers, body = http(broker, "HEAD", path, headers=headers)
+        assert (status, body) == (got, b""), path
+        assert head_headers["content-type"] == got_headers["content-type"], path
+    status, headers, _ = http(broker, "PUT", f"/v1/sessions/{grant.id}", headers=auth(broker))
+    assert status == 405 and headers["allow"] == "GET, HEAD, DELETE"
+
+
+def test_the_pages_sockets_may_go_to_its_signaling_origin_only(broker, new_grant):
+    _, headers, _ = http(broker, "GET", "/")
+    policy = dict(directive.strip().split(" ", 1)
+                  for directive in headers["content-security-policy"].split(";"))
+    signaling = urlsplit(new_grant().signaling_url)
+    assert policy["connect-src"] == f"'self' wss://{signaling.netloc}"
+
+
 def test_the_page_may_submit_no_form_anywhere(broker):
     # Its API key field is in a form: never sent in a URL, whatever the browser does.
     status, headers, page = http(broker, "GET", "/")

@@ -51,15 +51,29 @@ def broker(tmp_path):
     stop_broker(running)
 
 
-@pytest.fixture
-def page(chromium):
+def new_page(chromium, **options):
     context = chromium.new_context(
-        ignore_https_errors=True, viewport={"width": 1280, "height": 900}
+        ignore_https_errors=True, viewport={"width": 1280, "height": 900}, **options
     )
     page = context.new_page()
     page.set_default_timeout(15_000)
+    return page
+
+
+@pytest.fixture
+def page(chromium):
+    page = new_page(chromium)
     yield page
-    context.close()
+    page.context.close()
+
+
+@pytest.fixture
+def page_without_policy(chromium):
+    """The demo page with its sockets let go anywhere: for the client's handling of a
+    server that never answers, which the page's own policy refuses at once."""
+    page = new_page(chromium, bypass_csp=True)
+    yield page
+    page.context.close()
 
 
 def open_demo(page, broker, key=None):
@@ -419,9 +433,23 @@ def test_a_token_that_does_not_come_is_asked_for_again(broker, page):
     assert outcome["errors"] == ["unreachable"]
 
 
-def test_a_signaling_socket_that_never_opens_is_given_up_and_opened_again(broker, page):
+def test_the_page_opens_no_socket_but_to_its_signaling_origin(broker, page):
+    with socket.create_server(("127.0.0.1", 0)) as elsewhere:
+        port = elsewhere.getsockname()[1]
+        open_demo(page, broker)
+        refused = page.evaluate("""(port) => new Promise(resolve => {
+            document.addEventListener('securitypolicyviolation', e => resolve(
+                { directive: e.effectiveDirective, blocked: e.blockedURI }), { once: true });
+            try { new WebSocket(`wss://127.0.0.1:${port}/`); } catch (error) { }
+        })""", port)
+    assert refused == {"directive": "connect-src", "blocked": f"wss://127.0.0.1:{port}/"}
+
+
+def test_a_signaling_socket_that_never_opens_is_given_up_and_opened_again(
+        broker, page_without_policy):
     """A socket stuck connecting (its connection lost on the way) is not waited for as
     long as the browser would: the client opens another with a fresh token."""
+    page = page_without_policy
     # Takes connections and never answers: a TLS handshake that does not finish.
     with socket.create_server(("127.0.0.1", 0)) as silent:
         port = silent.getsockname()[1]

@@ -108,7 +108,7 @@ def test_metrics_are_prometheus_text(tmp_path):
         wait_for_towers(broker, 2)
         context = ssl.create_default_context(cafile=broker.certificate)
         with urllib.request.urlopen(broker.url + "/metrics", context=context) as response:
-            assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+            assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
             text = response.read().decode()
     finally:
         stop_broker(broker)
