@@ -8,11 +8,12 @@ the rest, two are drawn at random and the less loaded wins ("power of two choice
 LiveKit places rooms): nearly as even as always taking the least loaded tower, without
 every broker piling onto the same one between two reports. A session placed since a
 tower's last report counts against that tower until its next report, so a burst of
-arrivals spreads out. A tower reports the sessions whose offers it has answered; each
-of the broker's sessions there counts on top of those from its start (or from its
-offer, once it has offered) until its offer is answered (``assign``, ``unassign``: the
-offer may wait its turn through many reports), then as answered until the tower's next
-report, which counts it (``answered``).
+arrivals spreads out; once the session counts as assigned, its placement no longer does
+(``assign(..., placed=True)``). A tower reports the sessions whose offers it has
+answered; each of the broker's sessions there counts on top of those from its start (or
+from its offer, once it has offered) until its offer is answered (``assign``,
+``unassign``: the offer may wait its turn through many reports), then as answered until
+the tower's next report, which counts it (``answered``).
 
 A tower also answers only so many offers at once: an offer counts against its tower from
 the placement of its session (its first offer is coming) or from when it is sent there,
@@ -87,22 +88,20 @@ class _Standing:
     answered_since_report: _Count = field(default_factory=_Count)
 
     # The report counts the sessions answered before it. Those whose offer is not
-    # answered yet are not among them, nor those answered since. Those placed since the
-    # report are among these two, or are about to be assigned.
+    # answered yet are not among them (assigned), nor those answered since, nor those
+    # placed since it and not assigned yet: the four add up.
 
     @property
     def sessions(self) -> int:
         assigned = self.assigned.get(self.load.tower, _NONE)
-        return self.load.sessions + max(
-            self.placed_since_report.sessions,
-            assigned.sessions + self.answered_since_report.sessions)
+        return (self.load.sessions + self.placed_since_report.sessions + assigned.sessions
+                + self.answered_since_report.sessions)
 
     @property
     def taken(self) -> int:
         assigned = self.assigned.get(self.load.tower, _NONE)
-        return self.load.taken + max(
-            self.placed_since_report.weight,
-            assigned.weight + self.answered_since_report.weight)
+        return (self.load.taken + self.placed_since_report.weight + assigned.weight
+                + self.answered_since_report.weight)
 
     @property
     def share_used(self) -> float:
@@ -138,11 +137,16 @@ class Placement:
         """Record a tower's load as of ``now``; it replaces what was known before."""
         self._towers[load.tower] = _Standing(load, now, self._assigned)
 
-    def assign(self, tower: str, weight: int = 1) -> None:
+    def assign(self, tower: str, weight: int = 1, *, placed: bool = False) -> None:
         """One of this broker's sessions negotiates with ``tower`` now, taking ``weight``
         of its capacity, and the tower has not answered its offer yet (until
-        ``unassign``)."""
+        ``unassign``). ``placed``: ``choose`` placed it there, and it counts as placed no
+        more (unless a report came in between, which ended that count already)."""
         self._assigned.setdefault(tower, _Count()).add(weight)
+        standing = self._towers.get(tower)
+        if placed and standing is not None and standing.placed_since_report.sessions > 0:
+            placed_count = standing.placed_since_report
+            placed_count.add(min(_within(weight, standing.load), placed_count.weight), -1)
 
     def answered(self, tower: str, weight: int = 1) -> None:
         """``tower`` answered that session's offer: it counts until the tower's next

@@ -103,7 +103,8 @@ def test_a_session_goes_where_its_weight_fits_and_counts_with_it():
     assert placement.choose(now=1.0, weight=25) == "a"
     assert placement.load_of("a") == TowerLoad("a", 11, 500, used=275)
     # Created without an offer, a session counts with its weight until it offers.
-    placement.assign("a", 25)
+    placement.assign("a", 25, placed=True)
+    assert placement.load_of("a") == TowerLoad("a", 11, 500, used=275)
     placement.report(TowerLoad("a", 10, 500, used=250), now=2.0)
     assert placement.load_of("a") == TowerLoad("a", 11, 500, used=275)
     placement.unassign("a", 25)
@@ -159,7 +160,8 @@ def test_sessions_not_answered_yet_count_on_top_of_the_towers_peers():
     placement = placement_with(TowerLoad("a", 6, 10))
     for _ in range(4):
         assert placement.choose(now=0.0) == "a"
-        placement.assign("a")
+        placement.assign("a", placed=True)
+        assert placement.load_of("a").sessions == 7 + _
     for now in (1.0, 2.0, 3.0):
         placement.report(TowerLoad("a", 6, 10), now=now)
         assert placement.load_of("a").sessions == 10
@@ -176,6 +178,27 @@ def test_sessions_not_answered_yet_count_on_top_of_the_towers_peers():
     assert placement.choose(now=4.0) is None
     placement.report(TowerLoad("a", 7, 10), now=5.0)
     assert placement.choose(now=5.0) == "a"
+
+
+def test_sessions_placed_since_a_report_count_beside_those_assigned_before_it():
+    # Five offers waiting their turn through a report, then sessions moved there by a
+    # repair, placed, not assigned until their clients offer again: they were counted as
+    # the larger of the two groups, not both, and the tower was given 15 of 10.
+    placement = placement_with(TowerLoad("a", 0, 10))
+    for _ in range(5):
+        placement.choose(now=0.0)
+        placement.assign("a", placed=True)
+    placement.report(TowerLoad("a", 0, 10), now=1.0)
+    assert [placement.choose(now=1.0) for _ in range(6)] == ["a"] * 5 + [None]
+    # As each moved session offers, it counts as assigned instead of as placed.
+    placement.assign("a", placed=True)
+    assert placement.load_of("a").sessions == 10
+    # A session that was not placed here (negotiating again where it is) adds itself.
+    placement.assign("a")
+    assert placement.load_of("a").sessions == 11
+    # The next report ends the count of placements; the offers still wait.
+    placement.report(TowerLoad("a", 0, 10), now=2.0)
+    assert placement.load_of("a").sessions == 7
 
 
 def test_a_new_session_goes_only_to_a_tower_with_fewer_offers_unanswered_than_its_limit():

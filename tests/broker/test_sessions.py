@@ -535,13 +535,18 @@ async def test_a_lost_tower_moves_the_session_at_once(autojump_clock, broker):
     [repairing] = await client.new_frames()
     assert state(repairing) == ("repairing", 1, "tower-1")
     assert repairing["reason"].startswith("tower_lost")
-    await trio.sleep(0.5)
+    await trio.sleep(0.2)  # the restart's backoff (0.1 s), between two load reports
     negotiating, reoffer = await client.new_frames()
     assert state(negotiating) == ("negotiating", 2, "tower-2")
     assert reoffer["type"] == "reoffer"
     assert reoffer["negotiation"] == 2
-
-    await connect(client, second, 2)
+    # Placed there, it counts on its new tower before it offers, and once only after.
+    assert counted_on(broker) == {"tower-2": 1}
+    await offer(client, second, 2)
+    assert counted_on(broker) == {"tower-2": 1}
+    second.answer(client.session_id, 2)
+    second.peer(client.session_id, 2, "connected")
+    assert [frame["type"] for frame in await client.new_frames()] == ["answer", "state"]
     assert negotiations_at(first) == [1]
     assert negotiations_at(second) == [2]
     assert first.got(ClosePeer) == []
