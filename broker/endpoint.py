@@ -279,7 +279,7 @@ class BrokerApi:
         if unknown:
             raise ApiError(400, "bad_request", f"unknown field(s): {', '.join(unknown)[:80]}")
         application = options.get("application", "echo")
-        if application not in APPLICATIONS:
+        if not isinstance(application, str) or application not in APPLICATIONS:
             raise ApiError(400, "bad_request", f"application must be one of {list(APPLICATIONS)}")
         live = self.counters.by_key[key]
         if live >= self.settings.max_sessions_per_key:

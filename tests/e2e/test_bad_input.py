@@ -161,7 +161,8 @@ def test_the_page_may_submit_no_form_anywhere(broker):
 
 
 @pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'{"colour": "red"}',
-                                  b'{"application": "doom"}'])
+                                  b'{"application": "doom"}', b'{"application": []}',
+                                  b'{"application": {}}', b'{"offer": 5}'])
 def test_a_bad_body_is_400(broker, body):
     status, _, response = http(broker, "POST", "/v1/sessions", body, auth(broker))
     assert status == 400 and error_code(response) == "bad_request"
