@@ -27,6 +27,7 @@ import reprlib
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -81,6 +82,11 @@ AGENT_START_TIMEOUT = 30.0
 AGENT_STOP_TIMEOUT = 3.0
 # At most one log line per this long about the frames a tower refused (LinkError).
 REFUSAL_LOG_INTERVAL = 60.0
+# The broker's time a tower's refused frames may take between two of its load reports
+# taken (decoding is the cost: 256 KiB of nested empty maps takes some 17 ms). Past
+# it, the link is dropped: a tower cannot keep the broker's one thread busy with frames
+# it can make cheaply, while a report now and then keeps it linked.
+REFUSED_FRAMES_BUDGET = 0.1
 
 
 class TowerGone(Exception):
@@ -345,9 +351,10 @@ class TowerLink(Actor):
         self.tls = context.tls
         self.settings = context.settings
         self.issuer = context.issuer
-        self.bad_frames = 0
-        # Why the last frame was refused, since the last load report taken.
+        # Why the last frame was refused, and the seconds spent on refused frames, since
+        # the last load report taken.
         self.last_refusal = ""
+        self.spent_on_refused = 0.0
         # The frames the tower refused (its LinkErrors), and the logging of them.
         self.refused_by_tower = 0
         self.refusals_unlogged = 0
@@ -440,21 +447,23 @@ class TowerLink(Actor):
                 continue
             if data is None:
                 raise TowerLinkLost(self._silent(silence))
+            started = time.perf_counter()
             try:
                 message = codec.decode(data)
             except DecodeError as error:
-                self._refuse(connection, str(error))
+                self._refuse(connection, str(error), started)
                 continue
             if isinstance(message, TowerLoadReport):
                 try:
                     self.directory.report(self.name, message)
                 except ValueError as error:
                     # Not taken, not even as the tower's heartbeat for placement.
-                    self._refuse(connection, str(error))
+                    self._refuse(connection, str(error), started)
                 else:
                     deadline = trio.current_time() + silence
                     waited_more = False
                     self.last_refusal = ""
+                    self.spent_on_refused = 0.0
             elif isinstance(message, (PeerAnswer, PeerRejected, PeerState)):
                 connection.deliver(message)
             elif isinstance(message, (CertificateRequest, CertificateInstalled)):
@@ -462,7 +471,8 @@ class TowerLink(Actor):
                 try:
                     self.renewal_replies.send_nowait(message)
                 except trio.WouldBlock:
-                    self.bad_frames += 1
+                    self._refuse(connection, f"a {type(message).__name__} nobody asked for",
+                                 started)
             elif isinstance(message, LinkError):
                 self._refused_by_tower(message)
                 if self.renewing:  # most likely the renewal's own failure: heard at once
@@ -470,12 +480,19 @@ class TowerLink(Actor):
                     with contextlib.suppress(trio.WouldBlock):
                         self.renewal_replies.send_nowait(message)
             else:
-                self.bad_frames += 1
+                self._refuse(connection, f"a tower does not send {type(message).__name__}",
+                             started)
 
-    def _refuse(self, connection: TowerConnection, reason: str) -> None:
-        self.bad_frames += 1
+    def _refuse(self, connection: TowerConnection, reason: str, started: float) -> None:
+        """Refuse a frame whose handling began at ``started`` (``time.perf_counter``)."""
         self.last_refusal = reason
         connection.send_nowait(LinkError(reason))  # best effort: never wait on it
+        self.spent_on_refused += time.perf_counter() - started
+        if self.spent_on_refused > REFUSED_FRAMES_BUDGET:
+            raise TowerLinkLost(
+                f"{self.name}: its frames refused since its last load report taken "
+                f"took the broker over {REFUSED_FRAMES_BUDGET:g} s; the last refused: "
+                f"{reason[:200]}")
 
     def _silent(self, silence: float) -> str:
         """Why the link is dropped for silence: a tower whose reports are all refused

@@ -652,6 +652,62 @@ def test_a_hello_claiming_more_than_tower_capacity_is_refused(authority):
     assert seen["linked"] is None
 
 
+def test_a_tower_whose_refused_frames_keep_the_broker_busy_is_dropped(authority):
+    """Frames cheap to make and costly to decode (a quarter MiB of empty maps), after a
+    load report that keeps the tower from looking silent."""
+    costly = msgpack.packb([LINK_VERSION, "tower.load", [[{}] * 1000] * 255])
+    seen = {}
+
+    async def tower(request) -> None:
+        websocket = await request.accept()
+        await websocket.send_message(codec.encode(TowerHello(TOWER, 100, "test")))
+        try:
+            await websocket.send_message(codec.encode(TowerLoadReport(0, 100)))
+            while True:
+                await websocket.send_message(costly)
+        except ConnectionClosed:
+            pass
+
+    async def main():
+        async with linked_by_hand(authority, tower, flags=PATIENT) as (system, _):
+            seen["failure"] = await first_failure(system)
+
+    run(main)
+    assert (f"{TOWER}: its frames refused since its last load report taken took the broker "
+            f"over {towers.REFUSED_FRAMES_BUDGET:g} s; the last refused: 'tower.load': "
+            "expected a map of fields, got array") in seen["failure"]
+
+
+def test_a_few_refused_frames_between_reports_leave_the_link_up(authority):
+    rounds_done = trio.Event()
+
+    async def tower(request) -> None:
+        websocket = await request.accept()
+        await websocket.send_message(codec.encode(TowerHello(TOWER, 100, "test")))
+        try:
+            for _ in range(10):
+                for _ in range(20):
+                    await websocket.send_message(b"\xc1 not msgpack")
+                await websocket.send_message(codec.encode(TowerLoadReport(0, 100)))
+                await trio.sleep(0.1)
+            rounds_done.set()
+            while True:
+                await websocket.send_message(codec.encode(TowerLoadReport(0, 100)))
+                await trio.sleep(0.1)
+        except ConnectionClosed:
+            pass
+
+    async def main():
+        async with linked_by_hand(authority, tower) as (system, directory):
+            with trio.fail_after(DEADLINE):
+                await rounds_done.wait()
+            await trio.sleep(0.3)  # the last round read
+            assert system.lookup("/broker/link").snapshot().failures == ()
+            assert directory.get(TOWER) is not None
+
+    run(main)
+
+
 def test_a_towers_refusals_are_logged_once_not_per_frame(authority, caplog):
     async def tower(request) -> None:
         websocket = await request.accept()
