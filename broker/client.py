@@ -343,7 +343,8 @@ class ClientSession:
             self.negotiation = frame["negotiation"]
             await self._offer(frame["negotiation"])
         elif kind == "answer" and self.peer is not None:
-            if frame["negotiation"] == self.offered:
+            # (One it has already taken may come again on a new connection.)
+            if frame["negotiation"] == self.offered and self.peer.awaiting_answer:
                 if self.answered_at is None:
                     self.answered_at = time.perf_counter()
                 await call_asyncio(self.peer.accept, frame["sdp"])

@@ -124,6 +124,11 @@ class ClientPeer:
         await self.connection.setLocalDescription(await self.connection.createOffer())
         return self.connection.localDescription.sdp
 
+    @property
+    def awaiting_answer(self) -> bool:
+        """Whether it offered and has no answer yet."""
+        return self.connection.signalingState == "have-local-offer"
+
     async def accept(self, answer_sdp: str) -> None:
         await self.connection.setRemoteDescription(
             RTCSessionDescription(sdp=answer_sdp, type="answer")

@@ -208,7 +208,8 @@ class Session(Supervisor):
         self.answer_reply: tuple[int, trio.MemorySendChannel[dict[str, Any]]] | None = None
         # The last negotiation whose failure was taken (``_negotiation_failed``).
         self.last_failed = 0
-        self.unsent_answer: dict[str, Any] | None = None
+        # The answer last sent towards a signaling socket, while its negotiation lasts.
+        self.answer: dict[str, Any] | None = None
 
     def _negotiation(self) -> Negotiation:
         # The start function of the child: the session's own code, run when its
@@ -417,9 +418,12 @@ class Session(Supervisor):
         self.client = outbox
         state = self.lifecycle.state_frame()
         _send(outbox, state)
-        answer, self.unsent_answer = self.unsent_answer, None
-        if answer is not None and answer["negotiation"] == self.lifecycle.negotiation:
-            # It came while nobody was there to take it (the HTTP request had given up).
+        answer = self.answer
+        if (answer is not None and answer["negotiation"] == self.lifecycle.negotiation
+                and self.lifecycle.state is SessionState.NEGOTIATING):
+            # Every connection while the negotiation lasts gets it: the last may have
+            # ended with it unsent or unread, or nobody was there to take it (the HTTP
+            # request had given up). A client that has it ignores it.
             _send(outbox, answer)
         return state
 
@@ -456,9 +460,10 @@ class Session(Supervisor):
             # A client too slow to take its frames loses its connection, not the session.
             self.client.close()
             self.client = None
-        if self.client is None and frame.get("type") == "answer":
-            # For the next connection: the client may still take it.
-            self.unsent_answer = frame
+        if frame.get("type") == "answer":
+            self.answer = frame
+        elif frame.get("type") == "state" and frame["state"] != "negotiating":
+            self.answer = None
 
     def describe(self) -> dict[str, Any]:
         lifecycle = self.lifecycle

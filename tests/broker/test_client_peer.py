@@ -67,6 +67,26 @@ def test_a_peer_that_did_not_ask_for_video_has_no_video_figures():
     run(scenario)
 
 
+def test_a_peer_awaits_an_answer_from_its_offer_until_it_takes_one():
+    # The broker sends an answer again on each new signaling connection while the
+    # negotiation lasts: a client that has taken it leaves the next alone.
+    async def scenario():
+        client = ClientPeer()
+        assert not client.awaiting_answer
+        offer = await client.offer()
+        assert client.awaiting_answer
+        demo = APPLICATIONS["echo"](session="s-1", tower="tower-1")
+        tower = await answer_offer(offer, application=demo, on_event=lambda _: None)
+        try:
+            await client.accept(tower.answer_sdp)
+            assert not client.awaiting_answer
+        finally:
+            await tower.close()
+            await client.close()
+
+    run(scenario)
+
+
 def test_close_returns_when_another_close_it_waits_on_is_cancelled():
     """aiortc closes a connection itself when the remote end closes it; a close called
     meanwhile waits on that close's future, which a cancelled waiter cancels for all."""

@@ -897,10 +897,10 @@ async def test_a_client_too_slow_to_read_loses_its_outbox(autojump_clock, broker
     assert client.ref.alive
     await client.tell(ClientCandidate("", None, None))
     assert tower.got(AddCandidate) == [AddCandidate("s-1", 1, "", None, None)]
-    # The answer it could not take comes with its next connection.
+    # Connected, the client has its answer: the next connection gets the state alone.
     outbox, frames = trio.open_memory_channel[dict[str, Any]](8)
     await client.ref.ask(AttachClient(outbox))
-    assert [frames.receive_nowait()["type"] for _ in range(2)] == ["state", "answer"]
+    assert [frame["type"] for frame in drain(frames)] == ["state"]
 
 
 async def test_an_attach_whose_connection_stopped_waiting_replaces_nobody(
@@ -937,13 +937,45 @@ async def test_an_answer_nobody_was_there_to_take_comes_with_the_next_attach(
     first, second = frames.receive_nowait(), frames.receive_nowait()
     assert first["type"] == "state" and second["type"] == "answer"
     assert second["negotiation"] == 1
-    # Only once: the next connection does not get it again.
-    again, later = trio.open_memory_channel(64)
-    await client.ref.ask(AttachClient(again))
+
+
+async def test_an_answer_is_sent_again_to_each_connection_while_its_negotiation_lasts(
+    autojump_clock, broker
+):
+    # An answer queued for a connection that then ended, unwritten or unread: the client
+    # offered, and would have waited out the negotiation's deadline for it.
+    tower = broker.towers["tower-1"]
+    client = await broker.open_session()
+    first, first_frames = trio.open_memory_channel(64)
+    await client.ref.ask(AttachClient(first))
+    await offer(client, tower, 1)
+    tower.answer(client.session_id, 1)
     await trio.testing.wait_all_tasks_blocked()
-    assert later.receive_nowait()["type"] == "state"
-    with pytest.raises(trio.WouldBlock):
-        later.receive_nowait()
+    assert [frame["type"] for frame in drain(first_frames)] == ["state", "answer"]
+    first_frames.close()  # the connection ended
+
+    async def attach() -> list[dict[str, Any]]:
+        outbox, frames = trio.open_memory_channel(64)
+        await client.ref.ask(AttachClient(outbox))
+        await trio.testing.wait_all_tasks_blocked()
+        return drain(frames)
+
+    again = await attach()
+    assert [(frame["type"], frame["negotiation"]) for frame in again] == [
+        ("state", 1), ("answer", 1)]
+    # Connected, a connection gets the state alone.
+    tower.peer(client.session_id, 1, "connected")
+    await trio.testing.wait_all_tasks_blocked()
+    assert [frame["type"] for frame in await attach()] == ["state"]
+
+
+def drain(frames: trio.MemoryReceiveChannel[dict[str, Any]]) -> list[dict[str, Any]]:
+    taken = []
+    while True:
+        try:
+            taken.append(frames.receive_nowait())
+        except trio.WouldBlock:
+            return taken
 
 
 # A negotiation's failure, counted and told once.
