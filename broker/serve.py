@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import secrets
 from collections.abc import Callable
 
 from actors import ActorSystem, Backoff, ChildSpec, SupervisorFlags, open_system
@@ -68,7 +69,8 @@ async def serve_broker(
     towers = TowerDirectory(stale_after=settings.tower_silence)
     collector = Collector()
     counters = SessionCounters(collector)
-    tokens = SignalingTokens(files.token_secret, settings.token_lifetime)
+    # Signaling tokens live no longer than this process: its sessions end with it.
+    tokens = SignalingTokens(secrets.token_bytes(32), settings.token_lifetime)
     link_tls = client_ssl_context(
         files.ca_certificate, files.client_certificate, files.client_key
     )

@@ -2,7 +2,6 @@
 
     <state dir>/                    0700
       api-key                       the API key for creating sessions
-      token-secret                  signs signaling tokens
       https/certificate.pem, key.pem    self-signed, for localhost and 127.0.0.1 (unless
                                     the operator supplies https_certificate/https_key)
       ca/ca.pem, ca-key.pem         the CA that signs tower certificates
@@ -69,7 +68,6 @@ def _valid_for(certificate: Path, margin: timedelta,
 class BrokerFiles:
     directory: Path
     api_key: str
-    token_secret: bytes
     https_certificate: Path
     https_key: Path
     ca_certificate: Path
@@ -102,7 +100,6 @@ def prepare(settings: Settings) -> tuple[BrokerFiles, Issuer]:
         # An empty key would let "Authorization: Bearer" with none through.
         raise OSError(errno.EINVAL, "the API key must be one word; remove the file to "
                       "have a new one made", str(directory / "api-key"))
-    token_secret = _read_or_make(directory / "token-secret", lambda: secrets.token_bytes(32))
     https = directory / "https"
     https_certificate, https_key = https / "certificate.pem", https / "key.pem"
     if settings.https_certificate:
@@ -129,7 +126,6 @@ def prepare(settings: Settings) -> tuple[BrokerFiles, Issuer]:
     files = BrokerFiles(
         directory=directory,
         api_key=api_key,
-        token_secret=token_secret,
         https_certificate=https_certificate,
         https_key=https_key,
         ca_certificate=directory / "ca" / "ca.pem",

@@ -121,7 +121,7 @@ def test_an_api_key_file_that_is_not_one_word_is_refused(tmp_path, content):
 def test_secrets_found_readable_by_others_are_made_private(tmp_path):
     settings = Settings(state_dir=tmp_path)
     prepare(settings)
-    secrets = [tmp_path / "api-key", tmp_path / "token-secret", tmp_path / "ca" / "ca-key.pem",
+    secrets = [tmp_path / "api-key", tmp_path / "ca" / "ca-key.pem",
                tmp_path / "https" / "key.pem", tmp_path / "broker" / "key.pem"]
     for path in secrets:
         path.chmod(0o644)
@@ -133,8 +133,8 @@ def test_a_secret_that_is_a_link_is_refused(tmp_path):
     settings = Settings(state_dir=tmp_path)
     prepare(settings)
     elsewhere = tmp_path / "elsewhere"
-    (tmp_path / "token-secret").rename(elsewhere)
-    (tmp_path / "token-secret").symlink_to(elsewhere)
+    (tmp_path / "api-key").rename(elsewhere)
+    (tmp_path / "api-key").symlink_to(elsewhere)
     with pytest.raises(PermissionError, match="plain file"):
         prepare(settings)
 

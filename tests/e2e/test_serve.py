@@ -35,7 +35,7 @@ def test_state_is_made_once_kept_private_and_reused(tmp_path):
         assert stop_broker(first) == []
     state = first.state_dir
     files = [path for path in state.rglob("*") if path.is_file()]
-    assert {"api-key", "token-secret", "ca.pem", "ca-key.pem", "certificate.pem", "key.pem"} <= {
+    assert {"api-key", "ca.pem", "ca-key.pem", "certificate.pem", "key.pem"} <= {
         path.name for path in files}
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
