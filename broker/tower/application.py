@@ -50,7 +50,7 @@ from ..config import check_ice_servers
 from ..link import MAX_CANDIDATES, MAX_MEDIA_SECTIONS
 from .dtls import peer_connection
 from .media import SyntheticVideoTrack
-from .sctp import bundle_acknowledgements, track_received_tsns
+from .sctp import bundle_acknowledgements, received_already, track_received_tsns
 
 __all__ = [
     "APPLICATIONS",
@@ -402,6 +402,7 @@ class TowerPeer:
         too_large = f"the client sent a message over {MAX_MESSAGE_SIZE} bytes"
         too_many_streams = f"the client sent on more than {MAX_INBOUND_STREAMS} streams"
         count_fragments_at = MAX_FRAGMENTS_HELD
+        whole = SCTP_DATA_FIRST_FRAG | SCTP_DATA_LAST_FRAG
         loop = asyncio.get_running_loop()
         allowance, counted_at = float(MESSAGE_BURST), loop.time()
 
@@ -420,7 +421,10 @@ class TowerPeer:
                 # RFC 9260, 6.2: an error. Taking no window, it slipped past the rest.
                 fail("the client sent a DATA chunk with no data")
                 return
+            duplicate = received_already(sctp, chunk.tsn)
             await receive(chunk)
+            if duplicate:
+                return  # nothing held changed: a client may send one again and again
             streams = sctp._inbound_streams
             if len(streams) > MAX_INBOUND_STREAMS:
                 fail(too_many_streams)
@@ -437,7 +441,6 @@ class TowerPeer:
                 count_fragments_at = MAX_FRAGMENTS_HELD
             elif chunks >= count_fragments_at:
                 count_fragments_at = chunks + _FRAGMENT_COUNT_EVERY
-                whole = SCTP_DATA_FIRST_FRAG | SCTP_DATA_LAST_FRAG
                 fragments = sum((held.flags & whole) != whole for stream in streams.values()
                                 for held in stream.reassembly)
                 if fragments > MAX_FRAGMENTS_HELD:
@@ -448,8 +451,20 @@ class TowerPeer:
                 return  # the usual case: less than one message's worth held in all
             if sctp._advertised_rwnd < 0:
                 fail("the client ignored the receive window")
-            elif any(_longest_message(stream.reassembly) > MAX_MESSAGE_SIZE
-                     for stream in sctp._inbound_streams.values()):
+                return
+            # Only the message this chunk is part of can have grown past the limit; a
+            # whole message in one chunk is far below it.
+            stream = streams.get(chunk.stream_id)
+            if stream is None or (chunk.flags & whole) == whole:
+                return
+            fragments = stream.reassembly
+            if fragments and fragments[-1] is chunk:
+                at = len(fragments) - 1  # the usual place: after every TSN before it
+            elif chunk in fragments:
+                at = fragments.index(chunk)
+            else:
+                return  # delivered: whole, and checked as such
+            if _message_held(fragments, at) > MAX_MESSAGE_SIZE:
                 fail(too_large)
 
         async def checked(stream_id: int, pp_id: int, data: bytes) -> None:
@@ -610,26 +625,29 @@ class TowerPeer:
         self._heartbeat = self._loop.call_at(wake_at, self._check_heartbeat)
 
 
-def _longest_message(fragments: Sequence[Any]) -> int:
-    """The bytes held of the longest message among a stream's fragments waiting for
-    reassembly (in order of their TSNs; later messages may wait behind a lost one): a
-    run of consecutive TSNs from a first fragment. A gap ends a run, as the fragments
-    on either side of a lost packet may be two messages'."""
-    longest = 0
-    length: int | None = None  # of the message the run belongs to, if known
-    previous: int | None = None
-    for fragment in fragments:
-        if fragment.flags & SCTP_DATA_FIRST_FRAG:
-            length = 0
-        elif previous is None or fragment.tsn != tsn_plus_one(previous):
-            length = None  # not known to be one message with what came before
-        if length is not None:
-            length += len(fragment.user_data)
-            longest = max(longest, length)
-        if fragment.flags & SCTP_DATA_LAST_FRAG:
-            length = None
-        previous = fragment.tsn
-    return longest
+def _message_held(fragments: Sequence[Any], at: int) -> int:
+    """The bytes held of the message ``fragments[at]`` is part of, among a stream's
+    fragments waiting for reassembly (in order of their TSNs; later messages may wait
+    behind a lost one): the run of consecutive TSNs from its first fragment, counted up
+    to just past ``MAX_MESSAGE_SIZE``. 0 when its first fragment is not held: a gap ends
+    a run, as the fragments on either side of a lost packet may be two messages'."""
+    start = at
+    while not fragments[start].flags & SCTP_DATA_FIRST_FRAG:
+        before = fragments[start - 1] if start else None
+        if (before is None or before.flags & SCTP_DATA_LAST_FRAG
+                or fragments[start].tsn != tsn_plus_one(before.tsn)):
+            return 0
+        start -= 1
+    length = 0
+    for position in range(start, len(fragments)):
+        fragment = fragments[position]
+        if position > start and (fragment.flags & SCTP_DATA_FIRST_FRAG or fragment.tsn
+                                 != tsn_plus_one(fragments[position - 1].tsn)):
+            break
+        length += len(fragment.user_data)
+        if fragment.flags & SCTP_DATA_LAST_FRAG or length > MAX_MESSAGE_SIZE:
+            break
+    return length
 
 
 async def _close_application(application: Application) -> None:

@@ -35,7 +35,7 @@ from aiortc.rtcsctptransport import (
 from aiortc.utils import uint32_gt, uint32_gte
 from google_crc32c import value as crc32c
 
-__all__ = ["bundle_acknowledgements", "packet", "track_received_tsns"]
+__all__ = ["bundle_acknowledgements", "packet", "received_already", "track_received_tsns"]
 
 
 def packet(sctp: RTCSctpTransport, *chunks: Chunk) -> bytes:
@@ -92,6 +92,11 @@ def bundle_acknowledgements(sctp: RTCSctpTransport) -> None:
     sctp._send_sack = sack_with_reply
 
 
+def received_already(sctp: RTCSctpTransport, tsn: int) -> bool:
+    """Whether a DATA chunk of ``tsn`` would be a duplicate: received before."""
+    return uint32_gte(sctp._last_received_tsn, tsn) or tsn in sctp._sack_misordered
+
+
 def track_received_tsns(sctp: RTCSctpTransport) -> None:
     """Have ``sctp`` mark each DATA chunk's TSN received as aiortc does (the same
     cumulative TSN, TSNs past a gap and duplicates, the same answer), without going
@@ -99,7 +104,7 @@ def track_received_tsns(sctp: RTCSctpTransport) -> None:
 
     def mark_received(tsn: int) -> bool:
         misordered = sctp._sack_misordered
-        if uint32_gte(sctp._last_received_tsn, tsn) or tsn in misordered:
+        if received_already(sctp, tsn):
             sctp._sack_duplicates.append(tsn)
             return True
         if tsn != tsn_plus_one(sctp._last_received_tsn):

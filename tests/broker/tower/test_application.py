@@ -326,9 +326,16 @@ def test_fragments_either_side_of_a_lost_packet_are_not_taken_for_one_message():
     # and the second one's first fragment is lost: 398 kB wait, in no message over 256 KiB.
     first, second = _fragments(1, 200_000), _fragments(201, 200_000)
     waiting = first[:-1] + second[1:]
-    assert tower_application._longest_message(waiting) == 199_000
-    # One message over the limit, whole but for its last fragment, is one.
-    assert tower_application._longest_message(_fragments(1, 300_000)[:-1]) == 299_000
+    held = [tower_application._message_held(waiting, at) for at in range(len(waiting))]
+    assert held == [199_000] * 199 + [0] * 199
+    # One message over the limit, whole but for its last fragment, is one; counting
+    # stops past the limit.
+    over = _fragments(1, 300_000)[:-1]
+    assert tower_application._message_held(over, 0) == 263_000
+    assert tower_application._message_held(over, 298) == 263_000
+    # A gap ends the run: what follows a lost fragment is not known to be that message.
+    assert tower_application._message_held(first[:50] + first[51:], 120) == 0
+    assert tower_application._message_held(first[:50] + first[51:], 10) == 50_000
 
 
 def test_a_message_larger_than_the_client_takes_back_closes_its_channel_only():
@@ -924,6 +931,49 @@ def test_messages_held_behind_one_never_finished_fail_the_peer_past_a_bound():
             await _send_in_packets(client, [unfinished, *rest])
             failed = await events.wait_for("failed")
             assert failed.detail == "the client left more than 8192 chunks waiting"
+
+    run(scenario)
+
+
+def test_only_a_chunk_of_an_unfinished_message_has_its_message_measured(monkeypatch):
+    # Past 256 KiB held, every DATA chunk had every chunk held looked through again: a
+    # client holding small messages behind a skipped sequence number, then sending one
+    # old TSN over and over, kept the loop of every session on the tower busy.
+    measured = []
+    measure = tower_application._message_held
+    monkeypatch.setattr(tower_application, "_message_held",
+                        lambda fragments, at: measured.append(at) or measure(fragments, at))
+
+    async def scenario():
+        async with session() as (client, peer, events):
+            sctp, tower = client.connection.sctp, peer._connection.sctp
+            held = _complete_messages(client, 2300)
+            for chunk in held:  # 276 kB in all, waiting for a sequence number never sent
+                chunk.stream_seq, chunk.user_data = (chunk.stream_seq + 1) % 65536, b"x" * 120
+            for at in range(0, len(held), 8):  # within a datagram
+                await sctp.transport._send_data(packet(sctp, *held[at:at + 8]))
+                await asyncio.sleep(0)
+            handled = 0
+            receive = tower._receive_data_chunk
+
+            async def counted(chunk: DataChunk) -> None:
+                nonlocal handled
+                await receive(chunk)
+                handled += 1
+
+            tower._receive_data_chunk = counted
+            for _ in range(5):
+                await sctp.transport._send_data(packet(sctp, *[held[0]] * 8))  # duplicates
+            [fragment] = _complete_messages(client, 1)
+            fragment.flags = SCTP_DATA_FIRST_FRAG
+            await sctp.transport._send_data(packet(sctp, fragment))
+            async with asyncio.timeout(WAIT):
+                while handled < 41:
+                    await asyncio.sleep(0.01)
+            assert sum(len(stream.reassembly) for stream in tower._inbound_streams.values()) \
+                == 2301
+            assert measured == [2300]  # the fragment, at the end of what its stream holds
+            assert events.kinds() == ["connected"]
 
     run(scenario)
 
