@@ -597,6 +597,13 @@ class TowerPeer:
             self._heartbeat.cancel()
             self._heartbeat = None
 
+    def _heartbeat_due(self, due: float) -> None:
+        if self._loop.time() - due > self._heartbeat_interval / 2:
+            # The loop stalled: what the client sent meanwhile may be unread yet, and the
+            # ping due meanwhile was not sent. It has an interval from now, and a ping.
+            self._last_heard = max(self._last_heard, self._loop.time() - self._heartbeat_interval)
+        self._check_heartbeat()
+
     def _check_heartbeat(self) -> None:
         """Ping if the client has been quiet for an interval, report it silent if for
         the timeout; then set the timer for whichever comes next."""
@@ -622,7 +629,7 @@ class TowerPeer:
                 with contextlib.suppress(ValueError, ConnectionError):
                     channel.send(f"ping {self._pings_sent}")
             wake_at = min(ping_at, silent_at)
-        self._heartbeat = self._loop.call_at(wake_at, self._check_heartbeat)
+        self._heartbeat = self._loop.call_at(wake_at, self._heartbeat_due, wake_at)
 
 
 def _message_held(fragments: Sequence[Any], at: int) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -386,6 +387,22 @@ def test_a_client_that_does_not_read_its_echoes_loses_the_channel():
             await flood_while(lambda: loop.time() < until)
             assert echo.readyState in ("closing", "closed")
             assert echo.bufferedAmount <= CHANNEL_BUFFER_LIMIT + 60_000
+
+    run(scenario)
+
+
+def test_a_client_answering_pings_is_not_declared_silent_for_a_stall_of_the_towers_loop():
+    # The timer, late, judged the client before reading what it had sent meanwhile, and
+    # the ping due meanwhile had not gone out: every quiet session on the tower failed.
+    async def scenario():
+        async with session(heartbeat_interval=0.5, heartbeat_timeout=1.2) as (
+                client, _, events):
+            await client.wait_for_pings(1)
+            await asyncio.sleep(0.05)
+            time.sleep(1.3)  # the loop every session of the tower shares stalls
+            await client.wait_for_pings(2)
+            await asyncio.sleep(0.5)
+            assert events.kinds() == ["connected"]
 
     run(scenario)
 
