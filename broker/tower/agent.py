@@ -93,7 +93,7 @@ from ..pki import (
     server_ssl_context,
     write_secret,
 )
-from .peer import Answered, Peer, PeerSettings
+from .peer import Answered, Close, Peer, PeerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -433,9 +433,9 @@ class CommunicationServer(Actor):
         if entry is None or entry.negotiation != negotiation:
             return
         self._forget(session)
-        # In a task of its own: closing a peer connection can take a while, and the
-        # link's other sessions must not wait behind it.
-        self.start_soon(self._terminate, entry.ref.path.rsplit("/", 1)[1])
+        # Each peer closes itself, in its own time: the link's other sessions, and the
+        # peers opened next (started by the same supervisor), do not wait behind it.
+        self.start_soon(entry.ref.tell, Close())
 
     async def _terminate(self, name: str) -> None:
         try:

@@ -31,6 +31,9 @@ from ..link import (
 from .application import APPLICATIONS, PeerEvent, TowerPeer, answer_offer
 
 Send = Callable[[object], Awaitable[None]]
+# How long a peer that ends waits for its connection to close; the rest of the close
+# goes on, on the asyncio loop (releasing a TURN allocation waits for the TURN server).
+CLOSE_WAIT = 2.0
 
 @dataclass(frozen=True)
 class PeerSettings:
@@ -93,7 +96,7 @@ class Peer(Actor):
             await self.ref.tell(_Deadline())
             await trio.sleep_forever()
         finally:
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_WAIT):
                 await call_asyncio(self.tower_peer.close)
 
     async def _answer(self) -> TowerPeer | None:
@@ -141,7 +144,7 @@ class Peer(Actor):
                 deadline = self.settings.negotiation_deadline
                 await self._event(
                     PeerEvent("failed", f"not connected {deadline:g} s after its answer"))
-        elif isinstance(message, _End):
+        elif isinstance(message, (Close, _End)):
             self.stop()
         else:
             raise TypeError(f"a peer does not handle {type(message).__name__}")
@@ -184,6 +187,10 @@ class Answered:
 
     peer: ActorRef
     sends_video: bool
+
+
+class Close:
+    """Told by its server: the broker closed this peer, or gave it up."""
 
 
 class _End:

@@ -17,6 +17,7 @@ from actors import ActorSystem, ChildSpec, Supervisor, SupervisorFlags, bridge, 
 from broker.client_peer import new_peer
 from broker.link import (
     CertificateIssued,
+    ClosePeer,
     CertificateRequest,
     LinkError,
     OpenPeer,
@@ -27,6 +28,7 @@ from broker.link import (
     codec,
 )
 from broker.pki import CertificateAuthority
+from broker.tower import application
 from broker.tower import peer as tower_peer
 from broker.tower.agent import AgentSettings, CommunicationServer
 from broker.tower.peer import PeerSettings
@@ -128,6 +130,50 @@ def test_a_session_is_reported_once_its_offer_is_answered(monkeypatch):
             await receive(broker, PeerAnswer)
             report = await receive(broker, TowerLoadReport, where=lambda m: m.sessions == 1)
             assert report.used == 1
+        await bridge.call_asyncio(client.close)
+
+    bridge.run(main, handle_signals=False)
+
+
+def test_peers_closing_slowly_hold_up_neither_the_link_nor_the_next_peer(monkeypatch):
+    """Closes went one after another through the peers' supervisor, each waited for in
+    full, and the next offer's peer was started behind them on the link's reader (a
+    peer's close waits for its TURN server, where there is one)."""
+    close = application.TowerPeer._close
+    closing, let_close = asyncio.Event(), asyncio.Event()
+
+    async def slow_close(self) -> None:
+        closing.set()
+        await let_close.wait()
+        await close(self)
+
+    async def release() -> None:
+        let_close.set()
+
+    monkeypatch.setattr(application.TowerPeer, "_close", slow_close)
+
+    async def main():
+        client = await bridge.call_asyncio(new_peer)
+        offer = await bridge.call_asyncio(client.offer)
+        async with agent() as (system, port), link(port) as broker:
+            await receive(broker, TowerHello)
+            for session in ("s-1", "s-2"):
+                await broker.send_message(codec.encode(OpenPeer(session, 1, offer, "echo")))
+                await receive(broker, PeerAnswer)
+            try:
+                for session in ("s-1", "s-2"):
+                    await broker.send_message(codec.encode(ClosePeer(session, 1)))
+                await bridge.call_asyncio(closing.wait)
+                await broker.send_message(codec.encode(OpenPeer("s-3", 1, offer, "echo")))
+                answer = await receive(broker, PeerAnswer)
+                assert answer.session == "s-3" and not let_close.is_set()
+                # A peer ends within its wait for the close; the close goes on meanwhile.
+                with trio.fail_after(DEADLINE):
+                    while len(peer_actors(system)) > 1:
+                        await trio.sleep(0.05)
+                assert not let_close.is_set()
+            finally:
+                await bridge.call_asyncio(release)
         await bridge.call_asyncio(client.close)
 
     bridge.run(main, handle_signals=False)
