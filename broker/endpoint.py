@@ -14,6 +14,7 @@ fatal close the connection, and none of them touch the session.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hmac
 import importlib.resources
@@ -26,14 +27,19 @@ from urllib.parse import parse_qs, urlsplit
 
 import h2.errors
 import h2.events
+import h2.exceptions
 import h2.settings
 import psutil
 import trio
 import hypercorn.events
 import hypercorn.protocol
+import hypercorn.protocol.events
+import hypercorn.protocol.h11
 import hypercorn.protocol.h2
+import hypercorn.protocol.http_stream
 import hypercorn.protocol.ws_stream
 import hypercorn.trio.run
+import hypercorn.trio.task_group
 import hypercorn.trio.tcp_server
 from hypercorn.config import Config
 from hypercorn.trio import serve
@@ -112,6 +118,7 @@ BODY_TIMEOUT = 10.0
 CLOSE_DRAIN_TIMEOUT = 2.0
 # How long the connections open as the broker stops may take to end on their own.
 CLOSE_GRACE = 2.0
+TLS_HANDSHAKE_TIMEOUT = 10.0
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost"})
 _SESSION_PATH = re.compile(r"^/v1/sessions/(s-[0-9a-f]{16})(/tokens|/signaling)?$")
 
@@ -595,6 +602,9 @@ async def _read_json(receive: Receive) -> dict[str, Any]:
     with trio.move_on_after(BODY_TIMEOUT) as reading:
         while True:
             event = await receive()
+            if event["type"] == "http.disconnect":
+                # Not an empty body: nobody waits for what the request would make.
+                raise ApiError(400, "bad_request", "the request ended before its body")
             body += event.get("body", b"")
             if len(body) > MAX_BODY_BYTES:
                 raise ApiError(413, "payload_too_large",
@@ -704,13 +714,90 @@ class _HandshakeWithoutCompression(hypercorn.protocol.ws_stream.Handshake):
         self.extensions = None
 
 
+class _AppTaskGroup(hypercorn.trio.task_group.TaskGroup):
+    """hypercorn's task group, whose queue to a request's application takes nothing once
+    the application has ended: hypercorn kept putting a client's events in a queue
+    nobody read, and once ten were there, the connection's reader waited for good."""
+
+    async def spawn_app(self, app: Any, config: Config, scope: Any, send: Any) -> Any:
+        sender, receiver = trio.open_memory_channel[Any](config.max_app_queue_size)
+
+        async def app_send(message: Any) -> None:
+            if message is None:  # the application has ended
+                await receiver.aclose()
+            await send(message)
+
+        async def app_put(event: Any) -> None:
+            with contextlib.suppress(trio.BrokenResourceError):
+                await sender.send(event)
+
+        assert self._nursery is not None
+        self._nursery.start_soon(
+            hypercorn.trio.task_group._handle, app, config, scope, receiver.receive,
+            app_send, trio.to_thread.run_sync, trio.from_thread.run,
+        )
+        return app_put
+
+
+class _MessageBuffer(hypercorn.protocol.ws_stream.WebsocketBuffer):
+    """A WebSocket message being received, refused before it grows past the limit."""
+
+    overflowed = False
+
+    def extend(self, event: Any) -> None:
+        if self.overflowed or self.length + len(event.data) > self.max_length:
+            self.overflowed = True
+            self.clear()
+            raise hypercorn.protocol.ws_stream.FrameTooLargeError()
+        super().extend(event)
+
+
+class _WSStream(hypercorn.protocol.ws_stream.WSStream):
+    """hypercorn's WebSocket stream, which ends its connection at a message over the
+    limit, and answers data before its handshake once.
+
+    hypercorn wrote each part of a message before looking at its length, and went on
+    taking parts after the limit, the connection open: a client with no token had the
+    broker hold 275 MiB in 2 s. Data sent before the handshake's answer got a 400 while
+    the application, accepting meanwhile, sent a second answer (a traceback per
+    connection in the log).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.buffer = _MessageBuffer(self.config.websocket_max_message_size)
+        self.cut = False
+
+    async def handle(self, event: hypercorn.events.Event) -> None:
+        data = (hypercorn.protocol.events.Body, hypercorn.protocol.events.Data)
+        if isinstance(event, data) and not self.closed and not self.handshake.accepted:
+            # A 400, once, and the connection ends: the application hears it has gone.
+            self.closed = True
+            await self._send_error_response(400)
+            await self.send(hypercorn.protocol.events.StreamClosed(stream_id=self.stream_id))
+            if self.app_put is not None:
+                await self.app_put({"type": "websocket.disconnect", "code": 1006})
+            return
+        await super().handle(event)
+        if self.buffer.overflowed and not self.cut:
+            self.cut = True  # hypercorn has sent the close (1009): the connection ends
+            await self.send(hypercorn.protocol.events.StreamClosed(stream_id=self.stream_id))
+
+
 class _H2WithoutWebSockets(hypercorn.protocol.h2.H2Protocol):
     """HTTP/2 without RFC 8441 WebSockets, whose stream handling has that bug: browsers
     open the signaling socket over HTTP/1.1 instead.
 
     The rest of a request answered before its body ended (``408``, ``413``) is dropped,
     its flow-control credit given back: hypercorn would fail the whole connection, and
-    every other request on it, at data for a stream it has closed.
+    every other request on it, at data for a stream it has closed. So is a request's
+    data once its response has begun: nobody reads it.
+
+    A response the client does not take within ``WRITE_TIMEOUT`` (its flow-control
+    window kept shut) ends its stream: hypercorn waited for good, the request's task
+    and the connection with it. At the connection's end, every response still being
+    sent is let go: hypercorn left each application task that was finishing its
+    response waiting for it, and the connection's socket open, for good.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -725,20 +812,54 @@ class _H2WithoutWebSockets(hypercorn.protocol.h2.H2Protocol):
 
     async def _handle_events(self, events: list[h2.events.Event]) -> None:
         for event in events:
-            if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
+            if isinstance(event, h2.events.DataReceived) and not self._reading(event.stream_id):
                 self.connection.acknowledge_received_data(
                     event.flow_controlled_length, event.stream_id)
             elif isinstance(event, h2.events.RequestReceived) and any(
-                name in (b":protocol", ":protocol") for name, _ in event.headers
+                name in (b":method", ":method") and value in (b"CONNECT", "CONNECT")
+                for name, value in event.headers
             ):
-                # An extended CONNECT (a WebSocket) we did not offer: malformed (RFC 8441).
+                # A CONNECT: a tunnel we do not make, or an extended CONNECT (a
+                # WebSocket) we did not offer, malformed (RFC 8441).
                 self.connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
             else:
                 await super()._handle_events([event])
         await self._flush()
 
+    def _reading(self, stream_id: int) -> bool:
+        stream = self.streams.get(stream_id)
+        return stream is not None and not (
+            isinstance(stream, hypercorn.protocol.http_stream.HTTPStream)
+            and stream.state is not hypercorn.protocol.http_stream.ASGIHTTPState.REQUEST)
+
+    async def stream_send(self, event: hypercorn.protocol.events.StreamEvent) -> None:
+        sending = (hypercorn.protocol.events.Body, hypercorn.protocol.events.EndBody,
+                   hypercorn.protocol.events.Data, hypercorn.protocol.events.EndData,
+                   hypercorn.protocol.events.Trailers)
+        if not isinstance(event, sending):
+            await super().stream_send(event)
+            return
+        with trio.move_on_after(WRITE_TIMEOUT) as waiting:
+            await super().stream_send(event)
+        if waiting.cancelled_caught:
+            buffer = self.stream_buffers.get(event.stream_id)
+            if buffer is not None:
+                await buffer.close()  # the sending task ends the stream and forgets it
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.CANCEL)
+            await self._flush()
+            await self._close_stream(event.stream_id)
+
+    async def handle(self, event: hypercorn.events.Event) -> None:
+        await super().handle(event)
+        if isinstance(event, hypercorn.events.Closed):
+            for buffer in list(self.stream_buffers.values()):
+                await buffer.close()
+
 
 hypercorn.trio.run.TCPServer = _ContainedTCPServer  # type: ignore[misc]
+hypercorn.trio.tcp_server.TaskGroup = _AppTaskGroup  # type: ignore[misc]
+hypercorn.protocol.h11.WSStream = _WSStream  # type: ignore[misc]
 hypercorn.protocol.H2Protocol = _H2WithoutWebSockets  # type: ignore[misc]
 hypercorn.protocol.ws_stream.Handshake = _HandshakeWithoutCompression  # type: ignore[misc]
 
@@ -778,6 +899,10 @@ class Endpoint(Actor):
         config.keep_alive_max_requests = 1_000_000
         config.accesslog = None
         config.graceful_timeout = CLOSE_GRACE
+        # A connection that does not finish its TLS handshake is dropped after this (60 s
+        # by default: with no cap on connections, a client could hold them by the
+        # thousand).
+        config.ssl_handshake_timeout = TLS_HANDSHAKE_TIMEOUT
         # Through the logging module once, not also on hypercorn's own stderr handler.
         config.errorlog = logging.getLogger("hypercorn.error")
         return config

@@ -8,17 +8,21 @@ objects go by reference counting alone. The clock is trio's, frozen: the server'
 timeouts pass only when a test moves it.
 """
 
+import contextlib
 import functools
 import gc
 import json
 import weakref
 import zlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from types import SimpleNamespace
 
 import h2.config
 import h2.errors
 import h2.connection
 import h2.events
+import h2.settings
 import hypercorn.trio.run
 import pytest
 import trio
@@ -39,7 +43,6 @@ from broker.pki import self_signed_server_certificate
 KEEP_ALIVE = 5.0
 # More than the sockets between a client and the server hold.
 BIG = b"x" * (64 * 2**20)
-HANDSHAKE_TIMEOUT = 60.0
 
 
 class RecordedConnection(endpoint._ContainedTCPServer):
@@ -85,14 +88,10 @@ def certificate(tmp_path):
 @pytest.fixture
 async def ports(collector_off, certificate):
     """hypercorn as the endpoint runs it: its HTTPS and plain HTTP ports."""
-    config = Config()
-    config.bind = ["127.0.0.1:0"]
-    config.insecure_bind = ["127.0.0.1:0"]
-    config.certfile = str(certificate / "certificate.pem")
-    config.keyfile = str(certificate / "key.pem")
+    config = endpoint.Endpoint(
+        None, str(certificate / "certificate.pem"), str(certificate / "key.pem"), None
+    ).config(Settings(https_port=0, http_port=0))
     config.keep_alive_timeout = KEEP_ALIVE
-    config.ssl_handshake_timeout = HANDSHAKE_TIMEOUT
-    config.accesslog = None
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(functools.partial(serve, ok, config, mode="asgi"))
         yield {bind.split("://")[0]: int(bind.rsplit(":", 1)[1]) for bind in binds}
@@ -195,7 +194,7 @@ async def test_a_tls_connection_that_never_finishes_its_handshake_is_freed(
     stream = await trio.open_tcp_stream("127.0.0.1", https)
     # Nothing sent: the server gives up at its handshake timeout.
     await trio.testing.wait_all_tasks_blocked(cushion=0.01)
-    mock_clock.jump(HANDSHAKE_TIMEOUT)
+    mock_clock.jump(endpoint.TLS_HANDSHAKE_TIMEOUT)
     assert await stream.receive_some(4096) == b""
     await stream.aclose()
     await all_released(collector_off, 1, https)
@@ -230,6 +229,19 @@ async def test_a_body_that_trickles_past_its_time_ends_the_request_with_408(auto
     with pytest.raises(endpoint.ApiError) as refused:
         await endpoint._read_json(receive)
     assert refused.value.status == 408
+
+
+async def test_a_request_whose_client_left_before_its_body_makes_nothing():
+    # Taken for an empty body, a POST cancelled half-way made a session for nobody.
+    parts = [{"type": "http.request", "body": b"", "more_body": True},
+             {"type": "http.disconnect"}]
+
+    async def receive():
+        return parts.pop(0)
+
+    with pytest.raises(endpoint.ApiError) as refused:
+        await endpoint._read_json(receive)
+    assert (refused.value.status, refused.value.code) == (400, "bad_request")
 
 
 async def test_a_body_in_parts_within_its_time_is_read(autojump_clock):
@@ -340,6 +352,110 @@ async def test_an_http2_websocket_we_did_not_offer_is_reset_and_the_connection_s
     await stream.aclose()
 
 
+@asynccontextmanager
+async def served(app, certificate) -> AsyncIterator[int]:
+    """``app`` served as the endpoint serves it; yields its HTTPS port."""
+    config = endpoint.Endpoint(
+        None, str(certificate / "certificate.pem"), str(certificate / "key.pem"), None
+    ).config(Settings(https_port=0, http_port=0))
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(functools.partial(serve, app, config, mode="asgi"))
+        yield int(next(bind for bind in binds if bind.startswith("https")).rsplit(":", 1)[1])
+        nursery.cancel_scope.cancel()
+
+
+def with_window_shut(connection: h2.connection.H2Connection) -> None:
+    """The client takes no response data: its streams' flow-control window is 0."""
+    connection.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+
+
+async def test_an_http2_connection_closed_while_a_response_waits_to_be_sent_lets_it_go(
+    autojump_clock, certificate
+):
+    # The response's task waited for its data to go out, for good, and the connection
+    # with it: its socket was never closed (one descriptor per such client, unbounded).
+    answered = trio.Event()
+
+    async def app(scope, receive, send) -> None:
+        await ok(scope, receive, send)
+        if scope["type"] == "http":
+            answered.set()
+
+    async with served(app, certificate) as port:
+        stream, connection = await h2_connection(port, certificate)
+        with_window_shut(connection)
+        connection.send_headers(1, request_headers("GET"), end_stream=True)
+        await stream.send_all(connection.data_to_send())
+        await h2_events(stream, connection, lambda events: any(
+            isinstance(event, h2.events.ResponseReceived) for event in events))
+        await stream.aclose()
+        with trio.fail_after(endpoint.WRITE_TIMEOUT / 2):
+            await answered.wait()
+
+
+async def test_an_http2_response_the_client_does_not_take_ends_its_stream_only(
+    mock_clock, ports, collector_off, certificate
+):
+    stream, connection = await h2_connection(ports["https"], certificate)
+    with_window_shut(connection)
+    connection.send_headers(1, request_headers("GET"), end_stream=True)
+    await stream.send_all(connection.data_to_send())
+    await h2_events(stream, connection, lambda events: any(
+        isinstance(event, h2.events.ResponseReceived) for event in events))
+    mock_clock.autojump_threshold = 0.01
+    with trio.fail_after(3 * endpoint.WRITE_TIMEOUT):
+        events = await h2_events(stream, connection, lambda events: any(
+            isinstance(event, h2.events.StreamReset) for event in events))
+    [reset] = [event for event in events if isinstance(event, h2.events.StreamReset)]
+    assert (reset.stream_id, reset.error_code) == (1, h2.errors.ErrorCodes.CANCEL)
+    # The connection still serves the client's other requests.
+    connection.ping(b"12345678")
+    await stream.send_all(connection.data_to_send())
+    with trio.fail_after(endpoint.WRITE_TIMEOUT):
+        assert any(isinstance(event, h2.events.PingAckReceived)
+                   for event in await h2_events(stream, connection, lambda events: any(
+                       isinstance(event, h2.events.PingAckReceived) for event in events)))
+    await stream.aclose()
+
+
+async def test_data_for_a_request_already_answered_never_holds_up_its_connection(
+    mock_clock, ports, collector_off, certificate
+):
+    # Put in a queue nobody read, the eleventh DATA frame stopped the connection's reader:
+    # no more pings answered, no other request taken.
+    stream, connection = await h2_connection(ports["https"], certificate)
+    with_window_shut(connection)
+    connection.send_headers(1, request_headers("POST"))
+    await stream.send_all(connection.data_to_send())
+    await h2_events(stream, connection, lambda events: any(
+        isinstance(event, h2.events.ResponseReceived) for event in events))
+    for _ in range(20):
+        connection.send_data(1, b"x")
+    await stream.send_all(connection.data_to_send())
+    mock_clock.autojump_threshold = 0.01
+    await trio.sleep(1)  # all of it read, before the ping
+    connection.ping(b"12345678")
+    await stream.send_all(connection.data_to_send())
+    with trio.fail_after(endpoint.WRITE_TIMEOUT / 2):
+        await h2_events(stream, connection, lambda events: any(
+            isinstance(event, h2.events.PingAckReceived) for event in events))
+    await stream.aclose()
+
+
+async def test_an_http2_connect_is_reset_quietly(
+    mock_clock, ports, collector_off, certificate, caplog
+):
+    stream, connection = await h2_connection(ports["https"], certificate)
+    connection.send_headers(1, [(":method", "CONNECT"), (":authority", "elsewhere:443")])
+    await stream.send_all(connection.data_to_send())
+    events = await h2_events(stream, connection, lambda events: any(
+        isinstance(event, h2.events.StreamReset) for event in events))
+    [reset] = [event for event in events if isinstance(event, h2.events.StreamReset)]
+    assert (reset.stream_id, reset.error_code) == (1, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+    assert caplog.records == []
+    await stream.aclose()
+
+
 async def echo_socket(scope, receive, send) -> None:
     if scope["type"] != "websocket":
         await ok(scope, receive, send)
@@ -381,6 +497,55 @@ async def test_a_websocket_turns_down_compression_and_refuses_a_compressed_frame
         assert received == b""
         await stream.aclose()
         nursery.cancel_scope.cancel()
+
+
+
+
+async def test_a_websocket_message_over_the_limit_ends_the_connection(
+    autojump_clock, certificate
+):
+    # hypercorn kept each part before looking at the length, then kept taking parts: a
+    # client with no token had the broker hold 275 MiB in 2 s.
+    async with served(echo_socket, certificate) as port:
+        client = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+        stream = await tls_connection(port, certificate)
+        await stream.send_all(client.send(wsproto.events.Request(host="localhost", target="/")))
+        client.receive_data(await stream.receive_some(4096))
+        assert isinstance(next(client.events()), wsproto.events.AcceptConnection)
+        # A text frame said to be a TiB long, then its first 2 MiB.
+        await stream.send_all(bytes([0x81, 0xFF]) + (2**40).to_bytes(8, "big") + bytes(4))
+        received = b""
+        with trio.fail_after(60):
+            with contextlib.suppress(trio.BrokenResourceError):
+                for _ in range(32):
+                    await stream.send_all(b"a" * 65536)
+            with contextlib.suppress(trio.BrokenResourceError):
+                while data := await stream.receive_some(65536):
+                    received += data
+        # The connection ended (the close, 1009, may be lost with what the broker did not
+        # read: its socket is reset).
+        client.receive_data(received)
+        closes = [event for event in client.events()
+                  if isinstance(event, wsproto.events.CloseConnection)]
+        assert [close.code for close in closes] in ([], [1009])
+        await stream.aclose()
+
+
+async def test_data_before_a_websockets_answer_gets_one_400_and_no_traceback(
+    autojump_clock, certificate, caplog
+):
+    async with served(echo_socket, certificate) as port:
+        client = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+        stream = await tls_connection(port, certificate)
+        await stream.send_all(client.send(wsproto.events.Request(host="localhost", target="/"))
+                              + b"frames before the answer")
+        received = b""
+        with trio.fail_after(10), contextlib.suppress(trio.BrokenResourceError):
+            while data := await stream.receive_some(4096):
+                received += data
+        assert received.startswith(b"HTTP/1.1 400") and received.count(b"HTTP/1.1") == 1
+        assert "Error in ASGI Framework" not in caplog.text
+        await stream.aclose()
 
 
 @pytest.mark.parametrize("origin, parts", [
