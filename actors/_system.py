@@ -6,6 +6,7 @@ import math
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -119,10 +120,13 @@ class ActorSystem:
         system_scope: trio.CancelScope,
         task_status: trio.TaskStatus[Exit | None],
     ) -> None:
-        # Shielded: when the body of open_system is cancelled, the tree is still stopped
-        # in order, children in reverse, by the shutdown in open_system's finally.
-        with trio.CancelScope(shield=True):
-            started = await run_incarnation(incarnation, 0.0, task_status=task_status)
+        # Shielded once started: when the body of open_system is cancelled, the tree is
+        # still stopped in order, children in reverse, by the shutdown in open_system's
+        # finally. Not before: a start cancelled (Ctrl-C while a child starts) leaves no
+        # body and no shutdown, and a shielded root would never end.
+        with trio.CancelScope() as scope:
+            started = await run_incarnation(
+                incarnation, 0.0, task_status=_ShieldedOnceStarted(scope, task_status))
         exit = incarnation.exit
         assert exit is not None
         incarnation.cell.finish(exit)
@@ -148,6 +152,21 @@ class ActorSystem:
             incarnation.kill_reason = f"missed the system's shutdown deadline of {timeout:g} s"
             incarnation.scope.cancel()
             await incarnation.done.wait()
+
+
+class _ShieldedOnceStarted:
+    """A task status whose ``started`` shields ``scope`` once the task has moved to the
+    nursery that started it (not when that start was cancelled meanwhile: the task then
+    stays where it was, cancelled, and trio lets it end on its own)."""
+
+    def __init__(self, scope: trio.CancelScope, task_status: trio.TaskStatus[Any]) -> None:
+        self.scope = scope
+        self.task_status = task_status
+
+    def started(self, value: Any = None) -> None:
+        self.task_status.started(value)
+        if trio.current_effective_deadline() != -math.inf:
+            self.scope.shield = True
 
 
 @asynccontextmanager

@@ -82,6 +82,24 @@ async def test_cancelling_the_body_still_stops_the_tree_in_order(autojump_clock,
     assert [name for name, event in log if event == "stopping:shutdown"] == ["b", "a"]
 
 
+class SlowToStart(Actor):
+    async def started(self) -> None:
+        await trio.sleep(2)
+
+
+@pytest.mark.parametrize("cancelled_at", [0.0, 1.0])
+async def test_a_system_whose_start_is_cancelled_ends(autojump_clock, cancelled_at):
+    # Ctrl-C while a child starts, or a start in a scope cancelled already: the root,
+    # shielded from the start, never ended, nor did open_system.
+    entered = False
+    with trio.move_on_after(30) as guard:
+        with trio.move_on_after(cancelled_at):
+            async with open_system("app", children=[ChildSpec("slow", SlowToStart)]):
+                entered = True
+    assert not guard.cancelled_caught and not entered
+    assert trio.current_time() == pytest.approx(cancelled_at)
+
+
 async def test_shutdown_timeout_cancels_what_does_not_stop(autojump_clock):
     class Stubborn(Actor):
         async def receive(self, message):
