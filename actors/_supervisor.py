@@ -334,6 +334,7 @@ class Supervisor(Actor):
         cell = self._child(name)
         exit = await self._stop_child(cell, shutdown("terminated on request"))
         self._remove(cell, exit)
+        await self._resume_group_restart()
         return exit
 
     async def _restart_child(self, name: str) -> ActorRef:
@@ -344,7 +345,15 @@ class Supervisor(Actor):
             # Its ChildExited is still queued and decides, as for any crash, what next.
             error = failed.error or RuntimeError(str(failed))
             raise ActorCrashed(cell.path, error, "restarting") from error
+        await self._resume_group_restart()
         return cell.ref
+
+    async def _resume_group_restart(self) -> None:
+        """After an operator's restart or terminate: a group restart that a member failing
+        to start had broken off waited for that member's exit, which the operation took
+        over (``_stop_child``): those after it would have stayed down for good."""
+        if self.flags.strategy is not Strategy.ONE_FOR_ONE:
+            await self._start_left_waiting(trio.current_time())
 
     async def _control(self, request: Control) -> None:
         handler = {

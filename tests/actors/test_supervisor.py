@@ -1,5 +1,6 @@
 """Supervisors with Erlang/OTP semantics, on trio's virtual clock."""
 
+import contextlib
 import math
 
 import pytest
@@ -99,6 +100,35 @@ async def test_a_group_restart_stops_at_a_child_that_fails_to_start(autojump_clo
     await trio.sleep(1)
     # c depends on b: it waits for b's own restart instead of starting without it.
     assert events(log, "started") == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("operation", ["restart_child", "terminate_child"])
+async def test_an_operators_hand_on_the_member_a_group_restart_stopped_at_resumes_it(
+        autojump_clock, system, operation):
+    # The group restart waited for that member's exit, which the operation took over:
+    # those after it stayed down for good.
+    starts = []
+
+    class SlowToFailOnce(Actor):
+        async def started(self):
+            starts.append(trio.current_time())
+            if len(starts) == 2:  # its start with the group
+                await trio.sleep(1)
+                raise RuntimeError("cannot start now")
+
+        async def receive(self, message):
+            raise RuntimeError("crash")
+
+    group = await system.spawn(supervisor_spec(
+        "group", [ChildSpec("a", SlowToFailOnce), ChildSpec("b", Actor), ChildSpec("c", Actor)],
+        strategy=Strategy.REST_FOR_ONE, intensity=10))
+    await system.lookup("/test/group/a").tell("crash")
+    await trio.sleep(0.5)  # a's start with the group is under way
+    with contextlib.suppress(ActorCrashed):
+        await getattr(group, operation)("a")
+    await trio.sleep(10)
+    states = {child.name: child.state for child in group.which_children()}
+    assert states["b"] is states["c"] is ActorState.RUNNING
 
 
 async def test_temporary_siblings_are_not_restarted_with_the_group(autojump_clock, system, log):
