@@ -20,7 +20,9 @@ import hmac
 import importlib.resources
 import logging
 import json
+import math
 import re
+import resource
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -119,6 +121,8 @@ CLOSE_DRAIN_TIMEOUT = 2.0
 # How long the connections open as the broker stops may take to end on their own.
 CLOSE_GRACE = 2.0
 TLS_HANDSHAKE_TIMEOUT = 10.0
+# At most one log line per this long about connections closed past the limit.
+REFUSAL_LOG_INTERVAL = 60.0
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost"})
 _SESSION_PATH = re.compile(r"^/v1/sessions/(s-[0-9a-f]{16})(/tokens|/signaling)?$")
 
@@ -662,7 +666,16 @@ class _ContainedTCPServer(hypercorn.trio.tcp_server.TCPServer):
     checks, refused requests) would pile up at about 21 KiB each. Broken here, a
     connection's memory goes back as it ends; one that failed still leaves its tasks'
     exceptions in cycles, for the full collection.
+
+    At most ``limit`` connections are open at once (three quarters of the files the
+    process may open, set as the endpoint starts); those past it are closed as they
+    come, so that clients, however many, leave files for the towers' links, the state
+    and the sessions already up.
     """
+
+    limit = 1 << 62
+    connections = 0
+    refused_logged_at = -math.inf
 
     async def protocol_send(self, event: hypercorn.events.Event) -> None:
         if not isinstance(event, hypercorn.events.RawData):
@@ -688,11 +701,22 @@ class _ContainedTCPServer(hypercorn.trio.tcp_server.TCPServer):
 
     async def run(self) -> None:
         stream = self.stream
+        server = _ContainedTCPServer
+        if server.connections >= server.limit:
+            if trio.current_time() - server.refused_logged_at >= REFUSAL_LOG_INTERVAL:
+                server.refused_logged_at = trio.current_time()
+                logger.warning("%d HTTP connections are open, the most there may be: "
+                               "connections past them are closed as they come", server.connections)
+            await trio.aclose_forcefully(stream)
+            self.__dict__.clear()
+            return
+        server.connections += 1
         try:
             await super().run()
         except Exception as error:
             logger.warning("an HTTP connection failed: %r", error)
         finally:
+            server.connections -= 1
             await trio.aclose_forcefully(stream)
             self.__dict__.clear()
             if isinstance(stream, trio.SSLStream):
@@ -903,6 +927,9 @@ class Endpoint(Actor):
         # by default: with no cap on connections, a client could hold them by the
         # thousand).
         config.ssl_handshake_timeout = TLS_HANDSHAKE_TIMEOUT
+        files, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if files != resource.RLIM_INFINITY:
+            _ContainedTCPServer.limit = files * 3 // 4
         # Through the logging module once, not also on hypercorn's own stderr handler.
         config.errorlog = logging.getLogger("hypercorn.error")
         return config

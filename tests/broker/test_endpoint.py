@@ -200,6 +200,26 @@ async def test_a_tls_connection_that_never_finishes_its_handshake_is_freed(
     await all_released(collector_off, 1, https)
 
 
+async def test_connections_past_the_limit_are_closed_as_they_come(
+    mock_clock, ports, collector_off, certificate, monkeypatch, caplog
+):
+    # Without a limit, clients could take every file the broker may open.
+    monkeypatch.setattr(endpoint._ContainedTCPServer, "limit", 1)
+    https = ports["https"]
+    first = await tls_connection(https, certificate)
+    assert (await request(first)).startswith(b"HTTP/1.1 200")
+    with pytest.raises(trio.BrokenResourceError):
+        await request(await tls_connection(https, certificate))
+    assert "the most there may be" in caplog.text
+    await first.aclose()
+    while endpoint._ContainedTCPServer.connections:
+        await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+        mock_clock.jump(1)
+    again = await tls_connection(https, certificate)
+    assert (await request(again)).startswith(b"HTTP/1.1 200")
+    await again.aclose()
+
+
 async def test_a_plain_http_connection_is_freed(mock_clock, ports, collector_off):
     http = ports["http"]
     stream = await trio.open_tcp_stream("127.0.0.1", http)
