@@ -31,6 +31,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import priority
 import psutil
 import trio
 import hypercorn.events
@@ -584,6 +585,11 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+def _text(value: bytes | str) -> str:
+    """A header's value as text: h2 gives bytes or str, as it was given."""
+    return value.decode("latin-1") if isinstance(value, bytes) else value
+
+
 def _allow(method: str, *allowed: str) -> None:
     if method not in allowed:
         raise ApiError(405, "method_not_allowed", f"{method[:10]} is not allowed here",
@@ -745,18 +751,34 @@ class _AppTaskGroup(hypercorn.trio.task_group.TaskGroup):
 
     async def spawn_app(self, app: Any, config: Config, scope: Any, send: Any) -> Any:
         sender, receiver = trio.open_memory_channel[Any](config.max_app_queue_size)
+        nursery = self._nursery
+        assert nursery is not None
 
         async def app_send(message: Any) -> None:
             if message is None:  # the application has ended
-                await receiver.aclose()
+                receiver.close()
             await send(message)
 
         async def app_put(event: Any) -> None:
-            with contextlib.suppress(trio.BrokenResourceError):
-                await sender.send(event)
+            if not event["type"].endswith(".disconnect"):
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await sender.send(event)
+                return
+            # Never waited for: it may come from the application's own task (a response
+            # given up on), whose queue is full of what it did not read. The oldest
+            # events not read make way for it: their client has gone.
+            await trio.lowlevel.checkpoint()
+            try:
+                while True:
+                    try:
+                        sender.send_nowait(event)
+                        return
+                    except trio.WouldBlock:
+                        receiver.receive_nowait()
+            except trio.BrokenResourceError:
+                pass
 
-        assert self._nursery is not None
-        self._nursery.start_soon(
+        nursery.start_soon(
             hypercorn.trio.task_group._handle, app, config, scope, receiver.receive,
             app_send, trio.to_thread.run_sync, trio.from_thread.run,
         )
@@ -840,7 +862,7 @@ class _H2WithoutWebSockets(hypercorn.protocol.h2.H2Protocol):
                 self.connection.acknowledge_received_data(
                     event.flow_controlled_length, event.stream_id)
             elif isinstance(event, h2.events.RequestReceived) and any(
-                name in (b":method", ":method") and value in (b"CONNECT", "CONNECT")
+                name in (b":method", ":method") and _text(value).upper() == "CONNECT"
                 for name, value in event.headers
             ):
                 # A CONNECT: a tunnel we do not make, or an extended CONNECT (a
@@ -868,7 +890,11 @@ class _H2WithoutWebSockets(hypercorn.protocol.h2.H2Protocol):
         if waiting.cancelled_caught:
             buffer = self.stream_buffers.get(event.stream_id)
             if buffer is not None:
-                await buffer.close()  # the sending task ends the stream and forgets it
+                await buffer.close()
+                # Woken, the sending task ends the stream and forgets its buffer.
+                with contextlib.suppress(priority.MissingStreamError):
+                    self.priority.unblock(event.stream_id)
+                await self.has_data.set()
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self.connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.CANCEL)
             await self._flush()
@@ -884,6 +910,7 @@ class _H2WithoutWebSockets(hypercorn.protocol.h2.H2Protocol):
 hypercorn.trio.run.TCPServer = _ContainedTCPServer  # type: ignore[misc]
 hypercorn.trio.tcp_server.TaskGroup = _AppTaskGroup  # type: ignore[misc]
 hypercorn.protocol.h11.WSStream = _WSStream  # type: ignore[misc]
+hypercorn.protocol.h2.WSStream = _WSStream  # type: ignore[misc]
 hypercorn.protocol.H2Protocol = _H2WithoutWebSockets  # type: ignore[misc]
 hypercorn.protocol.ws_stream.Handshake = _HandshakeWithoutCompression  # type: ignore[misc]
 

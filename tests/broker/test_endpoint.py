@@ -462,18 +462,61 @@ async def test_data_for_a_request_already_answered_never_holds_up_its_connection
     await stream.aclose()
 
 
+@pytest.mark.parametrize("headers", [
+    [(":method", "CONNECT"), (":authority", "elsewhere:443")],
+    # In lower case, hypercorn took it for a WebSocket, past the broker's own limits.
+    [(":method", "connect"), (":scheme", "https"), (":path", "/"),
+     (":authority", "localhost"), ("sec-websocket-version", "13")],
+], ids=["tunnel", "websocket in lower case"])
 async def test_an_http2_connect_is_reset_quietly(
-    mock_clock, ports, collector_off, certificate, caplog
+    mock_clock, ports, collector_off, certificate, caplog, headers
 ):
     stream, connection = await h2_connection(ports["https"], certificate)
-    connection.send_headers(1, [(":method", "CONNECT"), (":authority", "elsewhere:443")])
+    connection.send_headers(1, headers)
     await stream.send_all(connection.data_to_send())
     events = await h2_events(stream, connection, lambda events: any(
         isinstance(event, h2.events.StreamReset) for event in events))
     [reset] = [event for event in events if isinstance(event, h2.events.StreamReset)]
     assert (reset.stream_id, reset.error_code) == (1, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+    assert not any(isinstance(event, h2.events.ResponseReceived) for event in events)
     assert caplog.records == []
     await stream.aclose()
+
+
+async def test_a_response_given_up_on_ends_its_request_though_its_body_was_never_read(
+    autojump_clock, certificate
+):
+    # Its queue full of the body it did not read, the request's task waited for good
+    # to hear that its stream had ended, and the connection with it.
+    answered = trio.Event()
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await ok(scope, receive, send)
+            return
+        await trio.sleep(1)  # an ask to an actor, say, the body not read
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"5")]})
+        await send({"type": "http.response.body", "body": b"hello"})
+        answered.set()
+
+    async with served(app, certificate) as port:
+        stream, connection = await h2_connection(port, certificate)
+        with_window_shut(connection)
+        connection.send_headers(1, request_headers("GET"))
+        for _ in range(12):
+            connection.send_data(1, b"x")
+        await stream.send_all(connection.data_to_send())
+        with trio.fail_after(3 * endpoint.WRITE_TIMEOUT):
+            await h2_events(stream, connection, lambda events: any(
+                isinstance(event, h2.events.StreamReset) for event in events))
+            await answered.wait()
+        connection.ping(b"12345678")
+        await stream.send_all(connection.data_to_send())
+        with trio.fail_after(endpoint.WRITE_TIMEOUT):
+            await h2_events(stream, connection, lambda events: any(
+                isinstance(event, h2.events.PingAckReceived) for event in events))
+        await stream.aclose()
 
 
 async def echo_socket(scope, receive, send) -> None:
