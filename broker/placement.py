@@ -9,7 +9,7 @@ LiveKit places rooms): nearly as even as always taking the least loaded tower, w
 every broker piling onto the same one between two reports. A session placed since a
 tower's last report counts against that tower until its next report, so a burst of
 arrivals spreads out; once the session counts as assigned, its placement no longer does
-(``assign(..., placed=True)``). A tower reports the sessions whose offers it has
+(``assign(..., placed_under=...)``). A tower reports the sessions whose offers it has
 answered; each of the broker's sessions there counts on top of those from its start (or
 from its offer, once it has offered) until its offer is answered (``assign``,
 ``unassign``: the offer may wait its turn through many reports), then as answered until
@@ -137,14 +137,17 @@ class Placement:
         """Record a tower's load as of ``now``; it replaces what was known before."""
         self._towers[load.tower] = _Standing(load, now, self._assigned)
 
-    def assign(self, tower: str, weight: int = 1, *, placed: bool = False) -> None:
+    def assign(self, tower: str, weight: int = 1, *, placed_under: float | None = None) -> None:
         """One of this broker's sessions negotiates with ``tower`` now, taking ``weight``
         of its capacity, and the tower has not answered its offer yet (until
-        ``unassign``). ``placed``: ``choose`` placed it there, and it counts as placed no
-        more (unless a report came in between, which ended that count already)."""
+        ``unassign``). ``placed_under``: ``choose`` placed it there under the report of
+        that time (``reported_at``), and it counts as placed no more, unless a report has
+        come since, which ended that count (and holds others' placements)."""
         self._assigned.setdefault(tower, _Count()).add(weight)
         standing = self._towers.get(tower)
-        if placed and standing is not None and standing.placed_since_report.sessions > 0:
+        if (placed_under is not None and standing is not None
+                and standing.reported_at == placed_under
+                and standing.placed_since_report.sessions > 0):
             placed_count = standing.placed_since_report
             placed_count.add(min(_within(weight, standing.load), placed_count.weight), -1)
 

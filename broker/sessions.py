@@ -195,8 +195,10 @@ class Session(Supervisor):
         # from each repair's start, a client gone without a word would hold its place
         # through every restart on every tower it is moved to.)
         self.counted_on: str | None = None
-        # The tower that placement last chose for it, until it counts there as assigned.
-        self.placed_on: str | None = tower
+        # The tower that placement last chose for it, and the time of the report it was
+        # placed under, until it counts there as assigned.
+        self.placed: tuple[str, float | None] | None = (
+            tower, towers.placement.reported_at(tower))
         self.offered = False
         # The tower its offer waits on for an answer (``Placement.offer_sent``); from its
         # making, as the endpoint placed it with its first offer coming (in the request,
@@ -331,9 +333,10 @@ class Session(Supervisor):
         if self.counted_on is not None:
             placement.unassign(self.counted_on, self.weight)
         if tower is not None:
-            placement.assign(tower, self.weight, placed=tower == self.placed_on)
-            if tower == self.placed_on:
-                self.placed_on = None
+            placed, under = self.placed or (None, None)
+            placement.assign(tower, self.weight, placed_under=under if placed == tower else None)
+            if placed == tower:
+                self.placed = None
         self.counted_on = tower
 
     def _offer_on(self, tower: str | None) -> None:
@@ -371,7 +374,7 @@ class Session(Supervisor):
             self._fail("no other tower is ready")
             return None
         lifecycle.placed(tower.name)
-        self.placed_on = tower.name
+        self.placed = (tower.name, self.towers.placement.reported_at(tower.name))
         self.forget_restarts()
         return tower
 

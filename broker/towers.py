@@ -82,11 +82,12 @@ AGENT_START_TIMEOUT = 30.0
 AGENT_STOP_TIMEOUT = 3.0
 # At most one log line per this long about the frames a tower refused (LinkError).
 REFUSAL_LOG_INTERVAL = 60.0
-# The broker's time a tower's refused frames may take between two of its load reports
-# taken (decoding is the cost: 256 KiB of nested empty maps takes some 17 ms). Past
-# it, the link is dropped: a tower cannot keep the broker's one thread busy with frames
-# it can make cheaply, while a report now and then keeps it linked.
-REFUSED_FRAMES_BUDGET = 0.1
+# The share of the broker's time a tower's refused frames may take, in bursts of at most
+# REFUSED_FRAMES_BURST seconds (decoding is the cost: 256 KiB of nested empty maps takes
+# some 20 ms). Past it, the link is dropped: a tower cannot keep the broker's one thread
+# busy with frames it can make cheaply, while reports now and then keep it linked.
+REFUSED_FRAMES_SHARE = 0.1
+REFUSED_FRAMES_BURST = 0.5
 
 
 class TowerGone(Exception):
@@ -351,10 +352,11 @@ class TowerLink(Actor):
         self.tls = context.tls
         self.settings = context.settings
         self.issuer = context.issuer
-        # Why the last frame was refused, and the seconds spent on refused frames, since
-        # the last load report taken.
+        # Why the last frame was refused, since the last load report taken.
         self.last_refusal = ""
-        self.spent_on_refused = 0.0
+        # The broker's seconds refused frames may still take, as of (perf_counter) when.
+        self.refused_allowance = REFUSED_FRAMES_BURST
+        self.refused_counted_at: float | None = None
         # The frames the tower refused (its LinkErrors), and the logging of them.
         self.refused_by_tower = 0
         self.refusals_unlogged = 0
@@ -463,7 +465,6 @@ class TowerLink(Actor):
                     deadline = trio.current_time() + silence
                     waited_more = False
                     self.last_refusal = ""
-                    self.spent_on_refused = 0.0
             elif isinstance(message, (PeerAnswer, PeerRejected, PeerState)):
                 connection.deliver(message)
             elif isinstance(message, (CertificateRequest, CertificateInstalled)):
@@ -487,11 +488,16 @@ class TowerLink(Actor):
         """Refuse a frame whose handling began at ``started`` (``time.perf_counter``)."""
         self.last_refusal = reason
         connection.send_nowait(LinkError(reason))  # best effort: never wait on it
-        self.spent_on_refused += time.perf_counter() - started
-        if self.spent_on_refused > REFUSED_FRAMES_BUDGET:
+        now = time.perf_counter()
+        if self.refused_counted_at is not None:
+            self.refused_allowance = min(REFUSED_FRAMES_BURST, self.refused_allowance + (
+                started - self.refused_counted_at) * REFUSED_FRAMES_SHARE)
+        self.refused_counted_at = now
+        self.refused_allowance -= now - started
+        if self.refused_allowance < 0:
             raise TowerLinkLost(
-                f"{self.name}: its frames refused since its last load report taken "
-                f"took the broker over {REFUSED_FRAMES_BUDGET:g} s; the last refused: "
+                f"{self.name}: the frames it sent that were refused took over "
+                f"{REFUSED_FRAMES_SHARE:.0%} of the broker's time; the last refused: "
                 f"{reason[:200]}")
 
     def _silent(self, silence: float) -> str:

@@ -286,6 +286,7 @@ class TowerPeer:
         self._heartbeat: asyncio.TimerHandle | None = None  # pending, if any
         self._heartbeat_channel: RTCDataChannel | None = None
         self._last_heard = 0.0
+        self._heartbeat_late = False
         self._pings_sent = 0
         self._last_ping_sent_at = 0.0
         self._background: set[asyncio.Future[None]] = set()
@@ -598,10 +599,13 @@ class TowerPeer:
             self._heartbeat = None
 
     def _heartbeat_due(self, due: float) -> None:
-        if self._loop.time() - due > self._heartbeat_interval / 2:
+        late = self._loop.time() - due > self._heartbeat_interval / 2
+        if late and not self._heartbeat_late:
             # The loop stalled: what the client sent meanwhile may be unread yet, and the
-            # ping due meanwhile was not sent. It has an interval from now, and a ping.
+            # ping due meanwhile was not sent. It has an interval from now, and a ping
+            # (once: a loop late at every timer does not keep a silent client for ever).
             self._last_heard = max(self._last_heard, self._loop.time() - self._heartbeat_interval)
+        self._heartbeat_late = late
         self._check_heartbeat()
 
     def _check_heartbeat(self) -> None:

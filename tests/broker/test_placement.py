@@ -103,7 +103,7 @@ def test_a_session_goes_where_its_weight_fits_and_counts_with_it():
     assert placement.choose(now=1.0, weight=25) == "a"
     assert placement.load_of("a") == TowerLoad("a", 11, 500, used=275)
     # Created without an offer, a session counts with its weight until it offers.
-    placement.assign("a", 25, placed=True)
+    placement.assign("a", 25, placed_under=1.0)
     assert placement.load_of("a") == TowerLoad("a", 11, 500, used=275)
     placement.report(TowerLoad("a", 10, 500, used=250), now=2.0)
     assert placement.load_of("a") == TowerLoad("a", 11, 500, used=275)
@@ -160,7 +160,7 @@ def test_sessions_not_answered_yet_count_on_top_of_the_towers_peers():
     placement = placement_with(TowerLoad("a", 6, 10))
     for _ in range(4):
         assert placement.choose(now=0.0) == "a"
-        placement.assign("a", placed=True)
+        placement.assign("a", placed_under=placement.reported_at("a"))
         assert placement.load_of("a").sessions == 7 + _
     for now in (1.0, 2.0, 3.0):
         placement.report(TowerLoad("a", 6, 10), now=now)
@@ -187,18 +187,22 @@ def test_sessions_placed_since_a_report_count_beside_those_assigned_before_it():
     placement = placement_with(TowerLoad("a", 0, 10))
     for _ in range(5):
         placement.choose(now=0.0)
-        placement.assign("a", placed=True)
+        placement.assign("a", placed_under=placement.reported_at("a"))
     placement.report(TowerLoad("a", 0, 10), now=1.0)
     assert [placement.choose(now=1.0) for _ in range(6)] == ["a"] * 5 + [None]
     # As each moved session offers, it counts as assigned instead of as placed.
-    placement.assign("a", placed=True)
+    placement.assign("a", placed_under=1.0)
     assert placement.load_of("a").sessions == 10
     # A session that was not placed here (negotiating again where it is) adds itself.
     placement.assign("a")
     assert placement.load_of("a").sessions == 11
+    # One placed before the last report offers: that report ended its count as placed,
+    # and the placements since are others'.
+    placement.assign("a", placed_under=0.0)
+    assert placement.load_of("a").sessions == 12
     # The next report ends the count of placements; the offers still wait.
     placement.report(TowerLoad("a", 0, 10), now=2.0)
-    assert placement.load_of("a").sessions == 7
+    assert placement.load_of("a").sessions == 8
 
 
 def test_a_new_session_goes_only_to_a_tower_with_fewer_offers_unanswered_than_its_limit():
