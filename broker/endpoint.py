@@ -759,27 +759,34 @@ class _AppTaskGroup(hypercorn.trio.task_group.TaskGroup):
                 receiver.close()
             await send(message)
 
+        # A disconnect the queue was too full to take: it comes after what is in it.
+        held: list[Any] = []
+
+        async def receive() -> Any:
+            if held:
+                try:
+                    return receiver.receive_nowait()
+                except trio.WouldBlock:
+                    return held[0]
+            return await receiver.receive()
+
         async def app_put(event: Any) -> None:
             if not event["type"].endswith(".disconnect"):
                 with contextlib.suppress(trio.BrokenResourceError):
                     await sender.send(event)
                 return
             # Never waited for: it may come from the application's own task (a response
-            # given up on), whose queue is full of what it did not read. The oldest
-            # events not read make way for it: their client has gone.
+            # given up on), whose queue is full of what it did not read.
             await trio.lowlevel.checkpoint()
             try:
-                while True:
-                    try:
-                        sender.send_nowait(event)
-                        return
-                    except trio.WouldBlock:
-                        receiver.receive_nowait()
+                sender.send_nowait(event)
+            except trio.WouldBlock:
+                held.append(event)
             except trio.BrokenResourceError:
                 pass
 
         nursery.start_soon(
-            hypercorn.trio.task_group._handle, app, config, scope, receiver.receive,
+            hypercorn.trio.task_group._handle, app, config, scope, receive,
             app_send, trio.to_thread.run_sync, trio.from_thread.run,
         )
         return app_put

@@ -286,7 +286,7 @@ class TowerPeer:
         self._heartbeat: asyncio.TimerHandle | None = None  # pending, if any
         self._heartbeat_channel: RTCDataChannel | None = None
         self._last_heard = 0.0
-        self._heartbeat_late = False
+        self._stall_allowed = False
         self._pings_sent = 0
         self._last_ping_sent_at = 0.0
         self._background: set[asyncio.Future[None]] = set()
@@ -591,6 +591,7 @@ class TowerPeer:
 
     def _heard(self, message: object) -> None:
         self._last_heard = self._loop.time()
+        self._stall_allowed = False
 
     def _stop_heartbeat(self) -> None:
         self._heartbeat_started = True
@@ -599,13 +600,13 @@ class TowerPeer:
             self._heartbeat = None
 
     def _heartbeat_due(self, due: float) -> None:
-        late = self._loop.time() - due > self._heartbeat_interval / 2
-        if late and not self._heartbeat_late:
+        if self._loop.time() - due > self._heartbeat_interval / 2 and not self._stall_allowed:
             # The loop stalled: what the client sent meanwhile may be unread yet, and the
-            # ping due meanwhile was not sent. It has an interval from now, and a ping
-            # (once: a loop late at every timer does not keep a silent client for ever).
+            # ping due meanwhile was not sent. It has an interval from now, and a ping:
+            # once until it is heard from (a loop that is often late does not keep a
+            # client that has gone for ever).
+            self._stall_allowed = True
             self._last_heard = max(self._last_heard, self._loop.time() - self._heartbeat_interval)
-        self._heartbeat_late = late
         self._check_heartbeat()
 
     def _check_heartbeat(self) -> None:

@@ -594,6 +594,40 @@ async def test_a_websocket_message_over_the_limit_ends_the_connection(
         await stream.aclose()
 
 
+async def test_every_message_before_a_clean_close_reaches_a_slow_application(
+    autojump_clock, certificate
+):
+    # The close's disconnect, finding the queue full, must wait its turn, not take the
+    # place of a message (a candidate, an offer) the session has yet to read.
+    got = []
+    done = trio.Event()
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] != "websocket":
+            await ok(scope, receive, send)
+            return
+        await receive()
+        await send({"type": "websocket.accept"})
+        await trio.sleep(2)  # busy: an ask to the session, say
+        while (event := await receive())["type"] == "websocket.receive":
+            got.append(event["text"])
+            await trio.sleep(0.5)
+        done.set()
+
+    async with served(app, certificate) as port:
+        client = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+        stream = await tls_connection(port, certificate)
+        await stream.send_all(client.send(wsproto.events.Request(host="localhost", target="/")))
+        client.receive_data(await stream.receive_some(4096))
+        assert isinstance(next(client.events()), wsproto.events.AcceptConnection)
+        frames = b"".join(client.send(wsproto.events.TextMessage(str(i))) for i in range(15))
+        await stream.send_all(frames + client.send(wsproto.events.CloseConnection(code=1000)))
+        with trio.fail_after(30):
+            await done.wait()
+        assert got == [str(i) for i in range(15)]
+        await stream.aclose()
+
+
 async def test_data_before_a_websockets_answer_gets_one_400_and_no_traceback(
     autojump_clock, certificate, caplog
 ):
