@@ -407,6 +407,58 @@ def test_a_client_answering_pings_is_not_declared_silent_for_a_stall_of_the_towe
     run(scenario)
 
 
+class _LateLoop:
+    """A loop whose timers fire as late as ``lateness`` (of the timer's number) says."""
+
+    def __init__(self, lateness: Callable[[int], float]) -> None:
+        self.now, self.timers, self.lateness = 0.0, 0, lateness
+        self.due: tuple[float, Callable[..., None], tuple] | None = None
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when: float, callback: Callable[..., None], *args) -> "_LateLoop":
+        self.due = (when, callback, args)
+        return self
+
+    def cancel(self) -> None:
+        self.due = None
+
+    def run(self, until: Callable[[], bool], horizon: float) -> None:
+        while not until() and self.now < horizon and self.due is not None:
+            when, callback, args = self.due
+            self.now = when + self.lateness(self.timers)
+            self.timers += 1
+            callback(*args)
+
+
+@pytest.mark.parametrize("lateness", [
+    lambda timer: 0.0, lambda timer: 1.1, lambda timer: 1.1 if timer % 2 else 0.0,
+    lambda timer: 1.1 if timer % 2 == 0 else 0.0,
+], ids=["on time", "always late", "late every other timer", "late every other, first"])
+def test_a_client_that_has_gone_is_declared_silent_however_late_the_loop_is(lateness):
+    # Each late timer forgave the client the stall: a loop late at every other timer
+    # kept a client that had gone for ever.
+    class Channel:
+        readyState = "open"
+
+        def send(self, message: str) -> None:
+            pass
+
+    peer = TowerPeer.__new__(TowerPeer)  # its heartbeat alone, without a connection
+    peer._loop = loop = _LateLoop(lateness)
+    peer._heartbeat_interval, peer._heartbeat_timeout = 2.0, 5.0
+    peer._last_heard, peer._stall_allowed, peer._heartbeat_channel = 0.0, False, Channel()
+    peer._pings_sent, peer._last_ping_sent_at = 0, 0.0
+    silent = []
+    peer._report = lambda event: silent.append((event.kind, loop.now))
+    peer._check_heartbeat()
+    loop.run(until=lambda: bool(silent), horizon=120.0)
+    # At most the timeout, the interval forgiven once, and two timers late.
+    [(kind, at)] = silent
+    assert kind == "silent" and at <= 5.0 + 2.0 + 2 * 1.1 + 1e-9
+
+
 def test_a_client_without_a_heartbeat_channel_is_declared_silent():
     async def scenario():
         async with session(Client(open_heartbeat=False)) as (_, _, events):
