@@ -751,8 +751,6 @@ class _AppTaskGroup(hypercorn.trio.task_group.TaskGroup):
 
     async def spawn_app(self, app: Any, config: Config, scope: Any, send: Any) -> Any:
         sender, receiver = trio.open_memory_channel[Any](config.max_app_queue_size)
-        nursery = self._nursery
-        assert nursery is not None
 
         async def app_send(message: Any) -> None:
             if message is None:  # the application has ended
@@ -785,7 +783,8 @@ class _AppTaskGroup(hypercorn.trio.task_group.TaskGroup):
             except trio.BrokenResourceError:
                 pass
 
-        nursery.start_soon(
+        assert self._nursery is not None
+        self._nursery.start_soon(
             hypercorn.trio.task_group._handle, app, config, scope, receive,
             app_send, trio.to_thread.run_sync, trio.from_thread.run,
         )
@@ -958,12 +957,8 @@ class Endpoint(Actor):
         config.accesslog = None
         config.graceful_timeout = CLOSE_GRACE
         # A connection that does not finish its TLS handshake is dropped after this (60 s
-        # by default: with no cap on connections, a client could hold them by the
-        # thousand).
+        # by default: a client could hold connections, up to the cap, that long).
         config.ssl_handshake_timeout = TLS_HANDSHAKE_TIMEOUT
-        files, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if files != resource.RLIM_INFINITY:
-            _ContainedTCPServer.limit = files * 3 // 4
         # Through the logging module once, not also on hypercorn's own stderr handler.
         config.errorlog = logging.getLogger("hypercorn.error")
         return config
@@ -982,6 +977,9 @@ class Endpoint(Actor):
 
     async def _serve_forever(self, task_status: trio.TaskStatus[None]) -> None:
         app = self.make_app(self.system)
+        files, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if files != resource.RLIM_INFINITY:
+            _ContainedTCPServer.limit = files * 3 // 4
         settings = app.settings
         async with trio.open_nursery() as nursery:
             try:

@@ -564,17 +564,25 @@ async def test_a_websocket_turns_down_compression_and_refuses_a_compressed_frame
 
 
 
+async def websocket_opened(
+    port: int, certificate
+) -> tuple[wsproto.WSConnection, trio.SSLStream]:
+    """A WebSocket to ``port``, its handshake answered."""
+    client = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    stream = await tls_connection(port, certificate)
+    await stream.send_all(client.send(wsproto.events.Request(host="localhost", target="/")))
+    client.receive_data(await stream.receive_some(4096))
+    assert isinstance(next(client.events()), wsproto.events.AcceptConnection)
+    return client, stream
+
+
 async def test_a_websocket_message_over_the_limit_ends_the_connection(
     autojump_clock, certificate
 ):
     # hypercorn kept each part before looking at the length, then kept taking parts: a
     # client with no token had the broker hold 275 MiB in 2 s.
     async with served(echo_socket, certificate) as port:
-        client = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
-        stream = await tls_connection(port, certificate)
-        await stream.send_all(client.send(wsproto.events.Request(host="localhost", target="/")))
-        client.receive_data(await stream.receive_some(4096))
-        assert isinstance(next(client.events()), wsproto.events.AcceptConnection)
+        client, stream = await websocket_opened(port, certificate)
         # A text frame said to be a TiB long, then its first 2 MiB.
         await stream.send_all(bytes([0x81, 0xFF]) + (2**40).to_bytes(8, "big") + bytes(4))
         received = b""
@@ -615,11 +623,7 @@ async def test_every_message_before_a_clean_close_reaches_a_slow_application(
         done.set()
 
     async with served(app, certificate) as port:
-        client = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
-        stream = await tls_connection(port, certificate)
-        await stream.send_all(client.send(wsproto.events.Request(host="localhost", target="/")))
-        client.receive_data(await stream.receive_some(4096))
-        assert isinstance(next(client.events()), wsproto.events.AcceptConnection)
+        client, stream = await websocket_opened(port, certificate)
         frames = b"".join(client.send(wsproto.events.TextMessage(str(i))) for i in range(15))
         await stream.send_all(frames + client.send(wsproto.events.CloseConnection(code=1000)))
         with trio.fail_after(30):

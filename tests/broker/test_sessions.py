@@ -101,12 +101,7 @@ class Client:
     async def new_frames(self) -> list[dict[str, Any]]:
         """The frames that arrived since the last call, once the actors are idle."""
         await trio.testing.wait_all_tasks_blocked()
-        frames = []
-        while True:
-            try:
-                frames.append(self.frames.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
+        frames = drain(self.frames)
         self.seen.extend(frames)
         return frames
 
@@ -970,11 +965,12 @@ async def test_an_answer_is_sent_again_to_each_connection_while_its_negotiation_
 
 
 def drain(frames: trio.MemoryReceiveChannel[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The frames waiting in ``frames``, taken."""
     taken = []
     while True:
         try:
             taken.append(frames.receive_nowait())
-        except trio.WouldBlock:
+        except (trio.WouldBlock, trio.EndOfChannel):
             return taken
 
 
