@@ -108,7 +108,8 @@ class Actor:
 
     async def stopping(self, exit: Exit) -> None:
         """Called when the incarnation ends, unless it was killed: release resources here
-        (what others count on the actor's behalf goes in ``release``)."""
+        (what others count on the actor's behalf goes in ``release``). A supervisor's
+        children have stopped by then."""
 
     def release(self, exit: Exit) -> None:
         """Called last, however the incarnation ended, killed included (``stopping`` then

@@ -4,7 +4,8 @@ Theory of operation: a supervisor runs its children in a nursery of its own; eac
 child's runner catches the child's crash and sends the supervisor a ``ChildExited``
 system message. The supervisor handles those one at a time with the pure decisions of
 ``_restart`` (restart or not, which group, intensity, backoff) and carries them out.
-Children start in order and stop in reverse. When the intensity is exceeded the
+Children start in order and stop in reverse, before the supervisor's own ``stopping``
+runs. When the intensity is exceeded the
 supervisor raises ``RestartIntensityExceeded``: it crashes, stops its children on the
 way out, and its own supervisor decides what comes next.
 
@@ -95,11 +96,7 @@ class Supervisor(Actor):
                         start_failure = error
                         await self._stop_all_children(shutdown(f"{self.path} failed to start"))
                     else:
-                        yield
-                        # Stopped in order, its children stop for the same reason.
-                        incarnation = self._cell.incarnation
-                        why = incarnation.stop_with if incarnation is not None else None
-                        await self._stop_all_children(why or shutdown(f"{self.path} stopped"))
+                        yield  # its children stop in ``_end_tasks``
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
@@ -112,6 +109,16 @@ class Supervisor(Actor):
             self._children.clear()
         if start_failure is not None:
             raise start_failure
+
+    async def _end_tasks(self) -> None:
+        """Stop the children, in reverse order, before its own tasks end and its
+        ``stopping`` runs: as in OTP, a supervisor ends after what it supervises, so that
+        its ``stopping`` sees them gone (stopped in order, they stop for the same reason;
+        crashed, they stop as shut down)."""
+        incarnation = self._cell.incarnation
+        why = incarnation.stop_with if incarnation is not None else None
+        await self._stop_all_children(why or shutdown(f"{self.path} stopped"))
+        await super()._end_tasks()
 
     async def receive(self, message: Any) -> Any:
         """Log a message nobody expects a plain supervisor to get, and carry on, as OTP's

@@ -516,6 +516,30 @@ async def test_supervisor_shutdown_waits_for_grandchildren(autojump_clock, syste
     assert system.statistics().actors == 1
 
 
+@pytest.mark.parametrize("how", ["stopped", "crashed"])
+async def test_a_supervisors_stopping_runs_after_its_children_stopped(
+    autojump_clock, system, log, how
+):
+    class Parent(Supervisor):
+        async def receive(self, message):
+            raise RuntimeError("parent asked to crash")
+
+        async def stopping(self, exit):
+            still = [name for name in "ab" if system.lookup(f"/test/parent/{name}")]
+            log.append(("parent", f"stopping:{exit.kind.value}", still))
+
+    children = [recorder(name, log) for name in "ab"]
+    await system.spawn(ChildSpec("parent", lambda: Parent(children), Restart.TEMPORARY))
+    if how == "stopped":
+        await system.root.terminate_child("parent")
+        expected = ("parent", "stopping:shutdown", [])
+    else:
+        await system.lookup("/test/parent").tell("crash")
+        await trio.sleep(1)
+        expected = ("parent", "stopping:crashed", [])
+    assert log[-3:] == [("b", "stopping:shutdown"), ("a", "stopping:shutdown"), expected]
+
+
 async def test_supervisor_default_shutdown_is_infinite(autojump_clock, system):
     ref = await system.spawn(supervisor_spec("group", []))
     assert ref._cell.shutdown_deadline() == math.inf
