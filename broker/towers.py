@@ -84,8 +84,10 @@ AGENT_STOP_TIMEOUT = 3.0
 REFUSAL_LOG_INTERVAL = 60.0
 # The share of the broker's time a tower's refused frames may take, in bursts of at most
 # REFUSED_FRAMES_BURST seconds (decoding is the cost: 256 KiB of nested empty maps takes
-# some 20 ms). Past it, the link is dropped: a tower cannot keep the broker's one thread
-# busy with frames it can make cheaply, while reports now and then keep it linked.
+# some 20 ms). Their cost is counted in the broker thread's CPU time, so that a pause of
+# the process while one is decoded is not held against the tower. Past it, the link is
+# dropped: a tower cannot keep the broker's one thread busy with frames it can make
+# cheaply, while reports now and then keep it linked.
 REFUSED_FRAMES_SHARE = 0.1
 REFUSED_FRAMES_BURST = 0.5
 
@@ -354,7 +356,8 @@ class TowerLink(Actor):
         self.issuer = context.issuer
         # Why the last frame was refused, since the last load report taken.
         self.last_refusal = ""
-        # The broker's seconds refused frames may still take, as of (perf_counter) when.
+        # The broker's CPU seconds refused frames may still take, as of
+        # ``refused_counted_at`` (``time.perf_counter``).
         self.refused_allowance = REFUSED_FRAMES_BURST
         self.refused_counted_at: float | None = None
         # The frames the tower refused (its LinkErrors), and the logging of them.
@@ -449,7 +452,7 @@ class TowerLink(Actor):
                 continue
             if data is None:
                 raise TowerLinkLost(self._silent(silence))
-            started = time.perf_counter()
+            started = time.thread_time()
             try:
                 message = codec.decode(data)
             except DecodeError as error:
@@ -485,15 +488,15 @@ class TowerLink(Actor):
                              started)
 
     def _refuse(self, connection: TowerConnection, reason: str, started: float) -> None:
-        """Refuse a frame whose handling began at ``started`` (``time.perf_counter``)."""
+        """Refuse a frame whose handling began at ``started`` (``time.thread_time``)."""
         self.last_refusal = reason
         connection.send_nowait(LinkError(reason))  # best effort: never wait on it
         now = time.perf_counter()
         if self.refused_counted_at is not None:
             self.refused_allowance = min(REFUSED_FRAMES_BURST, self.refused_allowance + (
-                started - self.refused_counted_at) * REFUSED_FRAMES_SHARE)
+                now - self.refused_counted_at) * REFUSED_FRAMES_SHARE)
         self.refused_counted_at = now
-        self.refused_allowance -= now - started
+        self.refused_allowance -= time.thread_time() - started
         if self.refused_allowance < 0:
             raise TowerLinkLost(
                 f"{self.name}: the frames it sent that were refused took over "

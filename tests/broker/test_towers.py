@@ -54,6 +54,7 @@ from broker.link import (
 )
 from broker.metrics import ProcessUsage
 from broker.towers import (
+    REFUSED_FRAMES_BURST,
     LinkContext,
     TowerAddress,
     TowerConnection,
@@ -679,14 +680,35 @@ def test_a_tower_whose_refused_frames_keep_the_broker_busy_is_dropped(authority)
 
 
 def test_a_few_refused_frames_between_reports_leave_the_link_up(authority):
+    link_survives(authority, rounds=10, bad_frames=20)
+
+
+def test_a_pause_of_the_broker_while_it_refuses_a_frame_is_not_the_towers(
+        authority, monkeypatch):
+    """The refused frames' budget is the broker's CPU time: a process paused (a VM, swap)
+    while it decodes one bad frame must not cost the tower its link."""
+    decode = codec.decode
+
+    def paused_on_bad_frames(data):
+        if data.startswith(b"\xc1"):
+            time.sleep(REFUSED_FRAMES_BURST + 0.2)  # wall time, no CPU
+        return decode(data)
+
+    monkeypatch.setattr(codec, "decode", paused_on_bad_frames)
+    link_survives(authority, rounds=1, bad_frames=1)
+
+
+def link_survives(authority: Authority, rounds: int, bad_frames: int) -> None:
+    """A tower sends ``rounds`` of ``bad_frames`` frames that are not msgpack, each round
+    followed by a load report: its link is still up after them."""
     rounds_done = trio.Event()
 
     async def tower(request) -> None:
         websocket = await request.accept()
         await websocket.send_message(codec.encode(TowerHello(TOWER, 100, "test")))
         try:
-            for _ in range(10):
-                for _ in range(20):
+            for _ in range(rounds):
+                for _ in range(bad_frames):
                     await websocket.send_message(b"\xc1 not msgpack")
                 await websocket.send_message(codec.encode(TowerLoadReport(0, 100)))
                 await trio.sleep(0.1)
