@@ -1,7 +1,9 @@
 """Supervisors with Erlang/OTP semantics, on trio's virtual clock."""
 
 import contextlib
+import gc
 import math
+import weakref
 
 import pytest
 import trio
@@ -12,6 +14,7 @@ from actors import (
     ActorState,
     Backoff,
     ChildSpec,
+    Down,
     ExitKind,
     Restart,
     SYSTEM_SHUTDOWN,
@@ -538,6 +541,77 @@ async def test_a_supervisors_stopping_runs_after_its_children_stopped(
         await trio.sleep(1)
         expected = ("parent", "stopping:crashed", [])
     assert log[-3:] == [("b", "stopping:shutdown"), ("a", "stopping:shutdown"), expected]
+
+
+@pytest.mark.parametrize("chained", ["context", "group"])
+async def test_an_ended_actors_error_does_not_keep_the_actor(autojump_clock, system, chained):
+    """Its exit lives on in its ref and in ``Down``; the frames its error went through
+    held the actor, and all it held, for as long."""
+    made = []
+
+    class Holding(Actor):
+        def __init__(self):
+            self.held = bytearray(1000)
+            made.append(weakref.ref(self))
+
+        def look_up(self):
+            raise KeyError("first")  # this frame is in the crash's context only
+
+        async def receive(self, message):
+            try:
+                self.look_up()
+            except KeyError as error:
+                if chained == "context":
+                    raise RuntimeError("crashed") from None
+                failure = error
+            raise ExceptionGroup("crashed", [failure])
+
+    downs = []
+
+    class Watcher(Actor):
+        async def receive(self, message):
+            if isinstance(message, Down):
+                downs.append(message)
+            else:
+                self.monitor(message)
+
+    watcher = await system.spawn(ChildSpec("watcher", Watcher))
+    ref = await system.spawn(ChildSpec("holding", Holding, Restart.TEMPORARY))
+    await watcher.ask(ref)
+    await ref.tell("crash")
+    await trio.sleep(1)
+    gc.collect()
+    assert [down.exit.kind for down in downs] == [ExitKind.CRASHED]
+    assert not ref.alive
+    assert made[0]() is None
+
+
+async def test_an_askers_crash_leaves_the_crashed_actor_it_asked_to_end_in_its_time(
+    autojump_clock, system
+):
+    """The asker's error is raised from the other's, whose runner is still in its
+    ``stopping``: letting go of the asker's frames must not touch the other's."""
+    log = []
+
+    class Slow(Actor):
+        async def receive(self, message):
+            raise RuntimeError("asked to crash")
+
+        async def stopping(self, exit):
+            await trio.sleep(1)
+            log.append(("stopped", exit.kind))
+
+    class Asker(Actor):
+        async def receive(self, message):
+            await message.ask("crash")
+
+    slow = await system.spawn(ChildSpec("slow", Slow, Restart.TEMPORARY))
+    asker = await system.spawn(ChildSpec("asker", Asker, Restart.TEMPORARY))
+    await asker.tell(slow)
+    await trio.sleep(0.5)
+    assert not asker.alive and log == []
+    await trio.sleep(1)
+    assert log == [("stopped", ExitKind.CRASHED)]
 
 
 async def test_supervisor_default_shutdown_is_infinite(autojump_clock, system):
