@@ -272,6 +272,7 @@ class ClientSession:
     # ``POST`` (``start_session``) or on the socket.
     answered_at: float | None = None
     _changed: trio.Event = field(default_factory=trio.Event)
+    _on_peer: set[trio.CancelScope] = field(default_factory=set)
 
     async def send(self, frame: dict[str, Any]) -> None:
         await self.websocket.send_message(json.dumps(frame))
@@ -300,12 +301,19 @@ class ClientSession:
         )
 
     async def echo(self, payload: str | bytes, timeout: float = 10.0) -> float:
-        """One echo round trip on the data channel, in seconds."""
+        """One echo round trip on the data channel, in seconds: on the current peer, so
+        that a repair's new peer takes over from one that will never open."""
         with trio.fail_after(timeout):
-            peer = self.peer
-            assert peer is not None
-            await call_asyncio(peer.wait_open)
-            return await call_asyncio(peer.echo, payload)
+            while True:
+                peer = self.peer
+                assert peer is not None
+                with trio.CancelScope() as on_peer:
+                    self._on_peer.add(on_peer)  # cancelled when the peer is replaced
+                    try:
+                        await call_asyncio(peer.wait_open)
+                        return await call_asyncio(peer.echo, payload)
+                    finally:
+                        self._on_peer.discard(on_peer)
 
     async def _offer(self, negotiation: int) -> None:
         if self.peer is not None:
@@ -315,6 +323,8 @@ class ClientSession:
                               answer_heartbeats=self.answer_heartbeats, video=self.video)
         )
         self.peers_made += 1
+        for waiting in self._on_peer:
+            waiting.cancel()
         sdp = await call_asyncio(self.peer.offer)
         # Counted as offered once sent: one lost with its socket is made again, as the
         # broker's state frame on the next socket asks for it.

@@ -92,6 +92,24 @@ def test_a_stopped_tower_is_dropped_its_session_repaired_elsewhere_and_relinked(
     assert broker.tower_pids()[outcome["victim"]] == pids[outcome["victim"]]
 
 
+def test_a_first_echo_waited_for_through_a_repair_comes_on_the_new_peer(broker):
+    """The client's first peer never opens (its tower stopped as it connects): the echo
+    asked of it is taken by the peer the repair makes."""
+    wait_for_towers(broker, 2)
+    pids = broker.tower_pids()
+
+    async def main():
+        client = broker.client()
+        async with start_session(client) as session:
+            with stopped(pids[session.grant.tower]):
+                await session.echo("first", timeout=NOTICE_DEADLINE + 15)
+                assert session.peers_made >= 2
+            await wait_towers_ready(client, 2, RELINK_DEADLINE)
+        await client.aclose()
+
+    run(main)
+
+
 def test_no_session_is_placed_on_a_stopped_tower(broker):
     wait_for_towers(broker, 2)
     pids = broker.tower_pids()
