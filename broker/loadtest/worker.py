@@ -9,11 +9,13 @@ after ``STOP_GRACE``.
 Each simulated browser arrives at its planned moment, creates a session with the offer
 in the POST (``broker.client.start_session``), times it to its first echo, then echoes
 messages at the planned rate and size until the end, follows repairs (timing each from
-"repairing" to "connected"), and deletes its session.
+"repairing" to "connected"), and deletes its session; one whose setup failed is deleted
+too, so that the server does not keep negotiating it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -46,6 +48,8 @@ ENDED = ("failed", "closed")
 # generator's processes are busy closing their peer connections meanwhile (a 5 s bound
 # saw a third of 1,000 DELETEs cut off on this 2-core machine, the broker answering).
 CLOSE_TIMEOUT = 20.0
+# How long a worker waits for the DELETE of a session whose setup failed.
+ABANDON_TIMEOUT = 5.0
 # Once the coordinator asks it to stop (its stdin closes), how long a worker has to end
 # its sessions (DELETE) before it gives up on them: as long as a DELETE may take.
 STOP_GRACE = CLOSE_TIMEOUT
@@ -120,6 +124,7 @@ class Worker:
         client = BrokerClient(self.plan.url, self.plan.api_key, self.ssl_context)
         # Set up; counted lost (once); done with (deleted, or ended by the broker).
         connected = counted = closed = False
+        created: str | None = None
         try:
             # The deadline covers the setup only; it is lifted once the first echo is back.
             with trio.CancelScope(deadline=trio.current_time() + SETUP_TIMEOUT) as setup:
@@ -132,6 +137,7 @@ class Worker:
                 # again: the report says how many the broker turned away.
                 async with start_session(client, application=self.plan.application,
                                          video=video, busy_attempts=1) as session:
+                    created = session.grant.id
                     await session.echo("first", timeout=SETUP_TIMEOUT)
                     setup.deadline = math.inf
                     self._connected(started)
@@ -158,8 +164,11 @@ class Worker:
             self._stopped(connected, closed)
             raise
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await client.aclose()
+            with trio.CancelScope(shield=True):
+                if created is not None and not connected:
+                    await _abandon(client.delete_session(created))
+                with trio.move_on_after(2):
+                    await client.aclose()
 
     def _connected(self, started: float) -> None:
         self.setups.append(time.perf_counter() - started)
@@ -191,6 +200,7 @@ class Worker:
         started = time.perf_counter()
         holder: FloorSession | None = None
         connected = False
+        created: dict[str, Any] | None = None
         try:
             floor = FloorClient(self.plan.url)
             holder = FloorSession(await call_asyncio(new_peer))
@@ -216,9 +226,12 @@ class Worker:
             self._stopped(connected, closed=False)
             raise
         finally:
-            if holder is not None:
-                with trio.CancelScope(shield=True), trio.move_on_after(5):
-                    await call_asyncio(holder.peer.close)
+            with trio.CancelScope(shield=True):
+                if created is not None and not connected:
+                    await _abandon(floor.request("DELETE", f"/peers/{created['id']}"))
+                if holder is not None:
+                    with trio.move_on_after(5):
+                        await call_asyncio(holder.peer.close)
 
     async def _send_steadily(self, session: Any) -> None:
         """Send on the timetable until the end of the run, or until it is stopped."""
@@ -367,6 +380,14 @@ class FloorClient:
         if status >= 400:
             raise RuntimeError(f"{status}: the floor refused {method} {path}")
         return status, json.loads(payload) if payload else None
+
+
+async def _abandon(deleting: Awaitable[Any]) -> None:
+    """Delete a session set up in vain (its setup failed or ran out of time, or the
+    worker stopped first), so that the server does not go on negotiating it on a
+    tower's room. Best effort, and bounded: its failure is counted already."""
+    with trio.move_on_after(ABANDON_TIMEOUT), contextlib.suppress(Exception):
+        await deleting
 
 
 def _reason(error: BaseException) -> str:

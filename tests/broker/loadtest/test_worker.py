@@ -3,6 +3,7 @@ counts as."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import time
@@ -166,6 +167,7 @@ def test_a_session_a_stopping_worker_gives_up_on_is_counted(monkeypatch, echoes,
 
     monkeypatch.setattr(worker_module, "BrokerClient", StandInClient)
     monkeypatch.setattr(worker_module, "start_session", start_session)
+    monkeypatch.setattr(worker_module, "ABANDON_TIMEOUT", 0.1)  # its DELETE never answers
     worker = Worker(Plan("https://127.0.0.1:9", "", "", arrivals=[0.0], end=0.2,
                          message_rate=1.0, message_size=10))
     worker.ssl_context = None
@@ -179,3 +181,74 @@ def test_a_session_a_stopping_worker_gives_up_on_is_counted(monkeypatch, echoes,
     name, figures = counted
     assert getattr(worker, name) == figures
     assert worker.lost == {}
+
+
+@pytest.mark.parametrize("how", ["timeout", "error"])
+def test_a_session_whose_setup_failed_is_deleted(monkeypatch, how):
+    # It was left to the broker, negotiating on a tower's room for its deadlines.
+    deleted = []
+
+    class Deleting(StandInClient):
+        async def delete_session(self, session_id: str) -> None:
+            deleted.append(session_id)
+
+    class Failing(StandInSession):
+        async def echo(self, text: str, timeout: float) -> None:
+            if how == "error":
+                raise ConnectionResetError()
+            await trio.sleep_forever()
+
+    @asynccontextmanager
+    async def start_session(client, **options):
+        yield Failing(echoes=False)
+
+    monkeypatch.setattr(worker_module, "BrokerClient", Deleting)
+    monkeypatch.setattr(worker_module, "start_session", start_session)
+    monkeypatch.setattr(worker_module, "SETUP_TIMEOUT", 0.1)
+    worker = Worker(Plan("https://127.0.0.1:9", "", "", arrivals=[0.0], end=0.2,
+                         message_rate=1.0, message_size=10))
+    worker.ssl_context = None
+    worker.started = time.monotonic()
+    bridge.run(worker._browser, 0.0, handle_signals=False)
+    reason = "setup timeout" if how == "timeout" else "ConnectionResetError"
+    assert worker.failed == {reason: 1}
+    assert deleted == ["s-1"]
+
+
+def test_a_floor_peer_whose_setup_failed_is_deleted(monkeypatch):
+    # The floor kept it, and its memory counted, for the rest of the run.
+    requests = []
+
+    class Floor:
+        def __init__(self, url: str) -> None:
+            pass
+
+        async def request(self, method: str, path: str, body=None):
+            requests.append((method, path))
+            return 201, {"id": "p-1", "sdp": "answer"}
+
+    class NeverOpens:
+        async def offer(self) -> str:
+            return "offer"
+
+        async def accept(self, sdp: str) -> None:
+            pass
+
+        async def wait_open(self) -> None:
+            await asyncio.Event().wait()
+
+        async def close(self) -> None:
+            pass
+
+    async def new_peer() -> NeverOpens:
+        return NeverOpens()
+
+    monkeypatch.setattr(worker_module, "FloorClient", Floor)
+    monkeypatch.setattr(worker_module, "new_peer", new_peer)
+    monkeypatch.setattr(worker_module, "SETUP_TIMEOUT", 0.1)
+    worker = Worker(Plan("http://127.0.0.1:9", "", "", arrivals=[0.0], end=0.2,
+                         message_rate=1.0, message_size=10, floor=True))
+    worker.started = time.monotonic()
+    bridge.run(worker._browser, 0.0, handle_signals=False)
+    assert worker.failed == {"setup timeout": 1}
+    assert requests == [("POST", "/peers"), ("DELETE", "/peers/p-1")]
