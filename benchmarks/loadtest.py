@@ -204,10 +204,13 @@ def _cores(value: float | None) -> str:
 
 def main(arguments: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sessions", type=int, nargs="+", default=[1000, 2000])
+    parser.add_argument("--sessions", type=int, nargs="+",
+                        help="one run per number (default: 1000 2000; with --chaos: 200)")
     parser.add_argument("--rate", type=float, default=20.0)
-    parser.add_argument("--duration", type=float, default=30.0)
-    parser.add_argument("--chaos", action="store_true")
+    parser.add_argument("--duration", type=float,
+                        help="seconds held once all are up (default: 30; with --chaos: 20)")
+    parser.add_argument("--chaos", action="store_true",
+                        help="kill a tower under load: the first --sessions number only")
     parser.add_argument("--pin", action="store_true",
                         help="the tower (or floor) alone on CPU 0, the rest on the others")
     parser.add_argument("--json", action="store_true")
@@ -216,9 +219,12 @@ def main(arguments: list[str] | None = None) -> None:
     raise_open_file_limit()  # for the floor server and the generator, as the broker has
     if options.quick:
         options.sessions, options.rate, options.duration = [50], 25.0, 5.0
+    if options.sessions is None:
+        options.sessions = [200] if options.chaos else [1000, 2000]
+    if options.duration is None:
+        options.duration = 20.0 if options.chaos else 30.0
     if options.chaos:
-        results = chaos(options.sessions[0] if options.quick else 200, options.rate,
-                        options.duration if options.quick else 20.0)
+        results = chaos(options.sessions[0], options.rate, options.duration)
     else:
         results = side_by_side(options.sessions, options.rate, options.duration, options.pin)
     if options.json:

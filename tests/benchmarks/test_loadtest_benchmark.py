@@ -8,6 +8,8 @@ import time
 
 import psutil
 
+from benchmarks import loadtest
+
 from . import ROOT, quick_run
 
 
@@ -56,3 +58,12 @@ def test_a_run_stopped_with_sigterm_stops_the_servers_it_started():
         for server in servers:
             with contextlib.suppress(psutil.Error):
                 server.kill()
+
+
+def test_a_chaos_run_takes_the_sessions_and_duration_it_is_given(monkeypatch, capsys):
+    # It ran 200 sessions for 20 s whatever it was asked, unless --quick.
+    runs = []
+    monkeypatch.setattr(loadtest, "chaos", lambda *arguments: runs.append(arguments) or {})
+    loadtest.main(["--chaos", "--sessions", "1000", "--rate", "50", "--duration", "40"])
+    loadtest.main(["--chaos"])
+    assert runs == [(1000, 50.0, 40.0), (200, 20.0, 20.0)]
