@@ -175,6 +175,18 @@ class BrokerMetrics:
         return (None if broker_cpu is None else self.shares.share("broker", broker_cpu, now),
                 towers_cpu, None if broker_rss is None else int(broker_rss), int(towers_rss))
 
+    def tower_sessions(self, tower: str) -> float | None:
+        """The sessions ``tower`` last reported, or None if the page does not say."""
+        page = self._page()
+        if page is None:
+            return None
+        return parse_metrics(page).get(f'broker_tower_sessions{{tower="{tower}"}}')
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
     def _page(self) -> str | None:
         # Once more on a new connection when a kept-alive one was closed meanwhile.
         for _attempt in range(2):
@@ -581,6 +593,8 @@ class Run:
         second.arrivals = requested - self.totals["requested"]
         self.totals["requested"] = requested
         self.totals["connected"] = connected
+        self.totals["sessions_repaired"] = sum(
+            figures.get("sessions_repaired", 0) for figures in latest.values())
         self.failed, self.lost, self.not_closed = Counter(), Counter(), Counter()
         for figures in latest.values():
             self.failed.update(figures["failed"])
@@ -614,11 +628,21 @@ class Run:
             return
         victim, command = towers[0]
         name = _option(command, "--name")
+        # What the killed tower last reported, read just before: the sessions the kill
+        # takes down, for the repairs and losses to be checked against.
+        on_it = None
+        if name is not None and not self.plan.floor:
+            metrics = BrokerMetrics(self.plan.url, self.plan.certificate)
+            try:
+                on_it = metrics.tower_sessions(name)
+            finally:
+                metrics.close()
         try:
             victim.send_signal(signal.SIGKILL)
         except psutil.Error:
             pass
-        self.chaos = {"at": round(elapsed, 1), "killed": name, "pid": victim.pid}
+        self.chaos = {"at": round(elapsed, 1), "killed": name, "pid": victim.pid,
+                      "sessions_on_it": on_it}
 
     def report(self, seconds: float) -> dict[str, Any]:
         # With every session up: from the second after the ramp, or after the last late
@@ -667,7 +691,10 @@ class Run:
                 "bytes_per_second_steady": _rate(steady, "bytes"),
             },
             "video": self._video(steady),
-            "repairs": {"count": len(self.repairs), **_percentiles(self.repairs, (50, 100))},
+            # Repairs (count), of how many sessions (sessions: one may be repaired twice).
+            "repairs": {"count": len(self.repairs),
+                        "sessions": self.totals["sessions_repaired"],
+                        **_percentiles(self.repairs, (50, 100))},
             "chaos": self.chaos,
             "workers": {"count": self.plan.workers,
                         "failed": {str(index): why
@@ -822,9 +849,16 @@ def print_report(report: dict[str, Any]) -> None:
               f"{'-' if rate is None else f'{rate:g}'} kbit/s per session; "
               f"jitter p50 {_ms(video['jitter_ms']['p50'])}  "
               f"p99 {_ms(video['jitter_ms']['p99'])}")
-    print(f"repairs      {repairs['count']}  p50 {_ms(repairs['p50'])}  max {_ms(repairs['max'])}")
-    if report["chaos"] is not None:
-        print(f"chaos        {report['chaos']}")
+    print(f"repairs      {repairs['count']} of {repairs['sessions']} session(s)  "
+          f"p50 {_ms(repairs['p50'])}  max {_ms(repairs['max'])}")
+    chaos = report["chaos"]
+    if chaos is not None and chaos.get("killed"):
+        on_it = chaos["sessions_on_it"]
+        print(f"chaos        {chaos['killed']} killed at {chaos['at']:g} s, with "
+              f"{'an unknown number of' if on_it is None else int(on_it)} sessions on it "
+              "(its last report)")
+    elif chaos is not None:
+        print(f"chaos        nothing killed: {chaos['why']}")
     failed = report["workers"]["failed"]
     if failed:
         print(f"workers      {len(failed)} of {report['workers']['count']} failed (their "

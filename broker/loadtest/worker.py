@@ -86,6 +86,8 @@ class Worker:
         self.lost: Counter[str] = Counter()
         self.setups: list[float] = []
         self.repairs: list[float] = []
+        # Sessions repaired at least once (a session may be repaired more than once).
+        self.sessions_repaired = 0
         # Sessions whose DELETE at the end failed, by reason.
         self.not_closed: Counter[str] = Counter()
         self.ssl_context = None if plan.floor else trusting(plan.certificate)
@@ -282,6 +284,8 @@ class Worker:
                 elif state == "connected" and repair.since is not None:
                     self.repairs.append(time.perf_counter() - repair.since)
                     repair.since = None
+                    repair.done += 1
+                    self.sessions_repaired += repair.done == 1
                 elif state in ENDED:
                     return state
 
@@ -306,6 +310,7 @@ class Worker:
             "not_closed": dict(self.not_closed),
             "setup": self.setups,
             "repairs": self.repairs,
+            "sessions_repaired": self.sessions_repaired,
             "cpu": times.user + times.system,
             **self.tally.take(),
         }
@@ -336,9 +341,10 @@ class Worker:
 
 @dataclass
 class _Repair:
-    """When the session's repair under way began (None: none is)."""
+    """When the session's repair under way began (None: none is), and how many it had."""
 
     since: float | None = None
+    done: int = 0
 
 
 @dataclass

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 
+import psutil
 import pytest
 
 from broker.loadtest import run as run_module
@@ -114,7 +115,8 @@ def test_the_report_counts_outcomes_and_uses_the_seconds_with_all_up(monkeypatch
     ]
     run.setups = [0.05, 0.06, 0.07, 0.5]
     run.repairs = [0.3, 0.4]
-    run.totals.update({"requested": 5, "connected": 4, "sent": 9, "echoed": 8})
+    run.totals.update({"requested": 5, "connected": 4, "sent": 9, "echoed": 8,
+                       "sessions_repaired": 1})
     run.failed.update({"setup timeout": 1})
     report = run.report(9.0)
     assert report["plan"]["api_key"] == "(hidden)"
@@ -123,7 +125,7 @@ def test_the_report_counts_outcomes_and_uses_the_seconds_with_all_up(monkeypatch
     assert report["round_trip_steady_ms"] == {"p50": 2.0, "p99": 3.0}
     assert report["round_trip_ms"]["p99"] == 100.0
     assert report["messages"]["echoed_per_second_steady"] == 4
-    assert report["repairs"] == {"count": 2, "p50": 300.0, "max": 400.0}
+    assert report["repairs"] == {"count": 2, "sessions": 1, "p50": 300.0, "max": 400.0}
     assert report["cpu_share_of_a_core_steady"]["towers"] == 0.5
     assert [second["rtt_p50_ms"] for second in report["series"]] == [
         100.0, None, 1.0, 3.0, None]
@@ -392,3 +394,32 @@ def test_the_largest_message_asked_for_is_the_largest_a_tower_takes():
     from broker.tower.application import MAX_MESSAGE_SIZE
 
     assert run_module.MAX_MESSAGE_SIZE == MAX_MESSAGE_SIZE
+
+
+def test_chaos_kills_a_tower_and_says_how_many_sessions_it_had(monkeypatch, capsys):
+    # The repairs and losses were whole-run counts, with nothing to check them against.
+    tower = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        monkeypatch.setattr(run_module, "local_towers", lambda url: [
+            (psutil.Process(tower.pid), ["broker", "tower", "--name", "tower-1"])])
+        monkeypatch.setattr(BrokerMetrics, "_page", lambda self: "\n".join([
+            'broker_tower_sessions{tower="tower-1"} 7',
+            'broker_tower_sessions{tower="tower-2"} 6']))
+        plan = LoadPlan("https://127.0.0.1:9", "secret", "", sessions=4, rate=4,
+                        duration=3, kill_tower_at=2.0)
+        run = Run(plan, show_progress=False)
+        run._chaos_if_due(1.0)
+        assert run.chaos is None
+        run._chaos_if_due(2.04)
+        assert tower.wait(10) == -signal.SIGKILL
+        assert run.chaos == {"at": 2.0, "killed": "tower-1", "pid": tower.pid,
+                             "sessions_on_it": 7}
+        run.seconds = [Second(at=0, up=4)]
+        run.repairs, run.totals["sessions_repaired"] = [0.5, 0.7, 0.9], 2
+        print_report(run.report(5.0))
+        out = capsys.readouterr().out
+        assert "repairs      3 of 2 session(s)  p50 700.0 ms  max 900.0 ms" in out
+        assert "chaos        tower-1 killed at 2 s, with 7 sessions on it" in out
+    finally:
+        tower.kill()
+        tower.wait()

@@ -15,7 +15,7 @@ import trio.testing
 
 from actors import bridge
 from broker.loadtest import worker as worker_module
-from broker.loadtest.worker import Plan, Worker, _reason
+from broker.loadtest.worker import Plan, Worker, _reason, _Repair
 
 
 def test_a_failure_is_named_by_its_first_clause():
@@ -252,3 +252,25 @@ def test_a_floor_peer_whose_setup_failed_is_deleted(monkeypatch):
     bridge.run(worker._browser, 0.0, handle_signals=False)
     assert worker.failed == {"setup timeout": 1}
     assert requests == [("POST", "/peers"), ("DELETE", "/peers/p-1")]
+
+
+def test_a_session_repaired_twice_is_two_repairs_of_one_session():
+    worker = Worker(Plan("http://127.0.0.1:9", "", "", arrivals=[0.0], end=60.0,
+                         message_rate=1.0, message_size=10, floor=True))
+    session = RepairingSession()
+
+    async def main() -> str:
+        async def follow_the_broker() -> None:
+            await trio.testing.wait_all_tasks_blocked()
+            for state in ("repairing", "connected", "repairing", "connected", "closed"):
+                session.frames.append({"type": "state", "state": state})
+            session.changed.set()
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(follow_the_broker)
+                return await worker._follow_repairs(session, _Repair())
+
+    assert bridge.run(main, handle_signals=False) == "closed"
+    assert len(worker.repairs) == 2
+    assert worker.sessions_repaired == 1
