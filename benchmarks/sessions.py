@@ -4,9 +4,11 @@ What it measures: the time from asking for a session to the first echo on its da
 channel, at the 50th, 95th and 99th percentile, with 1, 10 and 50 sessions started at
 the same moment (each timed on its own), along two paths:
 
-- broker: the embedded broker (``python -m broker serve ... --towers 2``) in its own
-  process with its two tower agents. The clock starts just before the client's peer
-  connection is made and stops when the first echo comes back; in between,
+- broker: the embedded broker (``python -m broker serve ... --towers 1``) in its own
+  process with one tower agent: one process answers and shakes hands, as the floor's
+  does (two towers would share a round's handshakes between two processes). The clock
+  starts just before the client's peer connection is made and stops when the first
+  echo comes back; in between,
   ``broker.client.start_session``: the offer, ``POST /v1/sessions`` carrying it and
   returning the tower's answer, the WSS signaling socket opening while ICE runs, and
   ``ClientSession.echo``. Each session is one simulated browser that has loaded the page
@@ -70,7 +72,7 @@ from broker.loadtest.worker import FloorClient
 from ._report import print_rows, verdict
 
 ROOT = Path(__file__).resolve().parent.parent
-TOWERS = 2
+TOWERS = 1
 RATIO_TARGET = 1.25
 PAYLOAD = "x" * 100
 SESSION_TIMEOUT = 30.0
@@ -80,7 +82,7 @@ STOP_TIMEOUT = 15.0
 GROUP_GRACE = 5.0
 GONE_TIMEOUT = 10.0
 ROUND_TIMEOUT = 4 * SESSION_TIMEOUT
-BROKER_TRANSPORT = f"HTTPS POST + WSS signaling (TLS), broker process + {TOWERS} tower agents"
+BROKER_TRANSPORT = f"HTTPS POST + WSS signaling (TLS), broker process + {TOWERS} tower agent(s)"
 FLOOR_TRANSPORT = "plain HTTP POST on 127.0.0.1, no TLS, no WebSocket, one server process"
 
 
