@@ -11,6 +11,7 @@ JSON document, and can draw the time series with matplotlib.
 
 from __future__ import annotations
 
+import bisect
 import http.client
 import ipaddress
 import json
@@ -98,6 +99,7 @@ class Second:
     up: int = 0
     arrivals: int = 0
     connected: int = 0
+    # The round trips of the messages sent in this second.
     rtt: list[float] = field(default_factory=list)
     sent: int = 0
     echoed: int = 0
@@ -398,6 +400,11 @@ class Run:
         # When the run was stopped early (Ctrl-C), in seconds from its start: its figures
         # are those until then.
         self.interrupted_at: float | None = None
+        # Every second opened, and when each opened (``time.monotonic``).
+        self.timeline: list[Second] = []
+        self.second_starts: list[float] = []
+        # The round trips heard of since the last second closed (the progress line's).
+        self.heard_rtt: list[float] = []
 
     def execute(self) -> dict[str, Any]:
         plan = self.plan
@@ -408,7 +415,7 @@ class Run:
         self.latest: dict[int, dict[str, Any]] = {}
         lines = {index: WorkerLines(worker) for index, worker in enumerate(workers)}
         next_tick = began + 1.0
-        self.current = Second(at=0.0)
+        self._next_second(began)
 
         def interrupt(signum: int, frame: Any) -> None:
             if self.interrupted_at is not None:  # a second time: no more waiting
@@ -430,13 +437,13 @@ class Run:
                 if self.interrupted_at is not None:
                     # What was measured until now, apart from the wind-down's second.
                     self._close_second(self.current, self.latest, began)
-                    self.current = Second(at=round(time.monotonic() - began))
+                    self._next_second(began)
                     break
                 self._read(lines, max(0.0, next_tick - now))
                 self._drop_hung(lines, workers)
                 if time.monotonic() >= next_tick:
                     self._close_second(self.current, self.latest, began)
-                    self.current = Second(at=round(time.monotonic() - began))
+                    self._next_second(began)
                     # After a hold-up, the next second starts now, rather than several
                     # "seconds" of nothing being closed one after another to catch up.
                     while next_tick <= time.monotonic():
@@ -565,8 +572,22 @@ class Run:
             workers.append(worker)
         return workers
 
+    def _next_second(self, began: float) -> None:
+        """Open the next second, from the close of the last (``time.monotonic``)."""
+        self.current = Second(at=round(self.last_close - began))
+        self.second_starts.append(self.last_close)
+        self.timeline.append(self.current)
+
+    def _sent_in(self, sent: float) -> Second:
+        """The second a message sent at ``sent`` (``time.monotonic``) was sent in."""
+        return self.timeline[max(0, bisect.bisect_right(self.second_starts, sent) - 1)]
+
     def _take(self, index: int, figures: dict[str, Any], second: Second) -> None:
-        second.rtt += figures["rtt"]
+        # A round trip counts in the second its message went out: a timeout, known 5 s
+        # later, is the slowness of that second, as the steady figures need it.
+        for sent, rtt in figures["rtt"]:
+            self._sent_in(sent).rtt.append(rtt)
+            self.heard_rtt.append(rtt)
         second.sent += figures["sent"]
         second.echoed += figures["echoed"]
         second.bytes += figures["bytes"]
@@ -606,8 +627,9 @@ class Run:
         (second.broker_cpu, second.towers_cpu,
          second.broker_rss, second.towers_rss) = self.sampler.take() or (None,) * 4
         self.seconds.append(second)
+        heard, self.heard_rtt = self.heard_rtt, []
         if self.show_progress:
-            rtt = percentile(second.rtt, 99)
+            rtt = percentile(heard, 99)
             line = (f"{time.monotonic() - began:5.0f} s  up {second.up}/{self.plan.sessions}"
                     f"  arrivals {second.arrivals}/s  failed {sum(self.failed.values())}"
                     f"  lost {sum(self.lost.values())}"

@@ -38,7 +38,9 @@ class Tally:
     echoed: int = 0
     bytes_echoed: int = 0
     timeouts: int = 0
-    round_trips: list[float] = field(default_factory=list)
+    # Each message's (``time.monotonic()`` it was sent, round trip in seconds): the
+    # coordinator files it under the second it was sent in.
+    round_trips: list[tuple[float, float]] = field(default_factory=list)
     # The tower's video, for sessions that asked for it.
     video_frames: int = 0
     video_packets: int = 0
@@ -132,7 +134,8 @@ class Echoes:
     def __init__(self, tally: Tally) -> None:
         self.tally = tally
         self.sequence = 0
-        self.in_flight: dict[int, tuple[float, int]] = {}  # sequence: sent at, size
+        # Sequence: sent at (``time.monotonic``), size.
+        self.in_flight: dict[int, tuple[float, int]] = {}
         self.peer: Any = None
         self.reader: asyncio.Task[None] | None = None
         self.changed = asyncio.Event()
@@ -145,14 +148,14 @@ class Echoes:
         self.sequence += 1
         head = f"{self.sequence}:"
         payload = head + "x" * max(0, size - len(head))
-        self.in_flight[self.sequence] = (time.perf_counter(), len(payload))
+        self.in_flight[self.sequence] = (time.monotonic(), len(payload))
         self.tally.sent += 1
         peer.echo_channel.send(payload)
 
     def expire(self, *, everything: bool = False) -> None:
         """Count the messages not back within ``ECHO_TIMEOUT`` as timeouts; with
         ``everything``, all still in flight (their session is over)."""
-        oldest = math.inf if everything else time.perf_counter() - ECHO_TIMEOUT
+        oldest = math.inf if everything else time.monotonic() - ECHO_TIMEOUT
         for sequence, (sent_at, _) in list(self.in_flight.items()):
             if sent_at > oldest:
                 break  # in order of sending
@@ -160,14 +163,14 @@ class Echoes:
             self.tally.timeouts += 1
             # In the round trips too, at the least it took: left out, the slowest
             # messages of an overloaded run would vanish from its percentiles.
-            self.tally.round_trips.append(ECHO_TIMEOUT)
+            self.tally.round_trips.append((sent_at, ECHO_TIMEOUT))
 
     async def settle(self) -> None:
         """Until every message in flight is back or expired."""
         while self.in_flight:
             self.changed.clear()
             oldest = next(iter(self.in_flight.values()))[0]
-            left = oldest + ECHO_TIMEOUT - time.perf_counter()
+            left = oldest + ECHO_TIMEOUT - time.monotonic()
             try:
                 await asyncio.wait_for(self.changed.wait(), max(left, 0.0))
             except asyncio.TimeoutError:
@@ -187,7 +190,7 @@ class Echoes:
             if sent is None:
                 continue  # one that had expired already
             sent_at, size = sent
-            self.tally.round_trips.append(time.perf_counter() - sent_at)
+            self.tally.round_trips.append((sent_at, time.monotonic() - sent_at))
             self.tally.echoed += 1
             self.tally.bytes_echoed += size
             self.changed.set()

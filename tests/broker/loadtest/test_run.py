@@ -49,12 +49,12 @@ def test_the_plan_ramps_then_holds():
 def test_a_tally_hands_over_what_it_counted_once():
     tally = Tally()
     tally.sent, tally.echoed, tally.bytes_echoed = 3, 2, 200
-    tally.round_trips.append(0.001)
+    tally.round_trips.append((100.0, 0.001))
     tally.add_video(VideoReceived(frames=10, packets=12, bytes=9_000, jitter=0.001),
                     VideoReceived(frames=40, packets=50, packets_lost=1, bytes=40_000,
                                   jitter=0.002))
     assert tally.take() == {"sent": 3, "echoed": 2, "bytes": 200, "timeouts": 0,
-                            "rtt": [0.001], "video_frames": 30, "video_packets": 38,
+                            "rtt": [(100.0, 0.001)], "video_frames": 30, "video_packets": 38,
                             "video_packets_lost": 1, "video_bytes": 31_000,
                             "video_jitter": [0.002]}
     emptied = tally.take()
@@ -262,7 +262,8 @@ def report(second, final=False, requested=5):
         "final": final, "elapsed": second, "requested": requested, "connected": requested,
         "up": 0 if final else requested, "failed": {}, "lost": {},
         "setup": [0.01] * 5 if second == 0 else [], "repairs": [], "cpu": 0.01 * second,
-        "sent": 5, "echoed": 5, "bytes": 500, "timeouts": 0, "rtt": [0.001] * 5,
+        "sent": 5, "echoed": 5, "bytes": 500, "timeouts": 0,
+        "rtt": [[time.monotonic() - 0.01, 0.001]] * 5,
         "video_frames": 0, "video_packets": 0, "video_packets_lost": 0, "video_bytes": 0,
         "video_jitter": []}), flush=True)
 for second in range(4):
@@ -423,3 +424,23 @@ def test_chaos_kills_a_tower_and_says_how_many_sessions_it_had(monkeypatch, caps
     finally:
         tower.kill()
         tower.wait()
+
+
+def test_a_round_trip_counts_in_the_second_its_message_was_sent():
+    # A timeout is known 5 s after its message went out: it was filed under the second
+    # it was reported in, and those of the steady seconds' last 5 s fell out of them.
+    run = Run(LoadPlan("https://127.0.0.1:9", "secret", "", sessions=4, rate=4, duration=9),
+              show_progress=False)
+    began = run.last_close = 1000.0
+    run._next_second(began)
+    for close in (1001.0, 1002.5, 1003.5, 1009.0):  # the second at 1 held up 1.5 s
+        run.last_close = close
+        run._next_second(began)
+    figures = {"rtt": [[1000.2, 0.001], [1001.1, 5.0], [1002.49, 0.002], [1009.5, 0.003]],
+               **{key: 0 for key in ("sent", "echoed", "bytes", "timeouts", "video_frames",
+                                     "video_packets", "video_packets_lost", "video_bytes")},
+               "setup": [], "repairs": [], "video_jitter": [], "cpu": 0.0}
+    run._take(0, figures, run.current)
+    assert [(second.at, second.rtt) for second in run.timeline] == [
+        (0, [0.001]), (1, [5.0, 0.002]), (2, []), (4, []), (9, [0.003])]
+    assert run.heard_rtt == [0.001, 5.0, 0.002, 0.003]
