@@ -598,8 +598,8 @@ class Run:
         second.video_jitter += figures["video_jitter"]
         self.setups += figures["setup"]
         self.repairs += figures["repairs"]
-        for key in ("sent", "echoed", "bytes", "timeouts", "video_frames", "video_packets",
-                    "video_packets_lost", "video_bytes"):
+        for key in ("sent", "unsent", "echoed", "bytes", "timeouts", "video_frames",
+                    "video_packets", "video_packets_lost", "video_bytes"):
             self.totals[key] += figures[key]
         self.worker_cpu[index] = figures["cpu"]
 
@@ -706,6 +706,8 @@ class Run:
                 "sent": self.totals["sent"],
                 "echoed": self.totals["echoed"],
                 "timeouts": self.totals["timeouts"],
+                # Due while their channel was not open (repairing, or closed).
+                "unsent": self.totals["unsent"],
                 # What the sessions sent: as planned, unless they were repairing (they
                 # send on a timetable, not after each echo).
                 "sent_per_second_steady": _rate(steady, "sent"),
@@ -857,7 +859,8 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"round trip   p50 {_ms(rtt['p50'])}  p99 {_ms(rtt['p99'])}   "
           f"(all up: p50 {_ms(steady['p50'])}  p99 {_ms(steady['p99'])})")
     print(f"messages     {messages['echoed']} echoed of {messages['sent']}, "
-          f"{messages['timeouts']} timed out (counted as {ECHO_TIMEOUT:g} s round trips); "
+          f"{messages['timeouts']} timed out (counted as {ECHO_TIMEOUT:g} s round trips), "
+          f"{messages['unsent']} not sent (their channel not open); "
           f"{messages['sent_per_second_steady']:g}/s sent, "
           f"{messages['echoed_per_second_steady']:g}/s and "
           f"{messages['bytes_per_second_steady'] / 1024:.1f} KiB/s echoed with all up")

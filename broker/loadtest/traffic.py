@@ -35,6 +35,9 @@ class Tally:
     """What a worker's sessions did since its last report (``take`` empties it)."""
 
     sent: int = 0
+    # Messages whose time came while their session's channel was not open (repairing,
+    # or closed by the server): the load not offered.
+    unsent: int = 0
     echoed: int = 0
     bytes_echoed: int = 0
     timeouts: int = 0
@@ -49,12 +52,13 @@ class Tally:
     video_jitters: list[float] = field(default_factory=list)
 
     def take(self) -> dict[str, Any]:
-        taken = {"sent": self.sent, "echoed": self.echoed, "bytes": self.bytes_echoed,
+        taken = {"sent": self.sent, "unsent": self.unsent, "echoed": self.echoed,
+                 "bytes": self.bytes_echoed,
                  "timeouts": self.timeouts, "rtt": self.round_trips,
                  "video_frames": self.video_frames, "video_packets": self.video_packets,
                  "video_packets_lost": self.video_packets_lost,
                  "video_bytes": self.video_bytes, "video_jitter": self.video_jitters}
-        self.sent = self.echoed = self.bytes_echoed = self.timeouts = 0
+        self.sent = self.unsent = self.echoed = self.bytes_echoed = self.timeouts = 0
         self.video_frames = self.video_packets = self.video_packets_lost = 0
         self.video_bytes = 0
         self.round_trips, self.video_jitters = [], []
@@ -114,6 +118,8 @@ async def send_steadily(
                 await video.look(peer)
             if peer is not None and peer.echo_channel.readyState == "open":
                 echoes.send(peer, size)
+            else:
+                tally.unsent += 1
             echoes.expire()
             due += interval
             await asyncio.sleep(max(0.0, min(due, until) - time.monotonic()))

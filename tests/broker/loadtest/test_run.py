@@ -53,7 +53,7 @@ def test_a_tally_hands_over_what_it_counted_once():
     tally.add_video(VideoReceived(frames=10, packets=12, bytes=9_000, jitter=0.001),
                     VideoReceived(frames=40, packets=50, packets_lost=1, bytes=40_000,
                                   jitter=0.002))
-    assert tally.take() == {"sent": 3, "echoed": 2, "bytes": 200, "timeouts": 0,
+    assert tally.take() == {"sent": 3, "unsent": 0, "echoed": 2, "bytes": 200, "timeouts": 0,
                             "rtt": [(100.0, 0.001)], "video_frames": 30, "video_packets": 38,
                             "video_packets_lost": 1, "video_bytes": 31_000,
                             "video_jitter": [0.002]}
@@ -262,7 +262,7 @@ def report(second, final=False, requested=5):
         "final": final, "elapsed": second, "requested": requested, "connected": requested,
         "up": 0 if final else requested, "failed": {}, "lost": {},
         "setup": [0.01] * 5 if second == 0 else [], "repairs": [], "cpu": 0.01 * second,
-        "sent": 5, "echoed": 5, "bytes": 500, "timeouts": 0,
+        "sent": 5, "unsent": 0, "echoed": 5, "bytes": 500, "timeouts": 0,
         "rtt": [[time.monotonic() - 0.01, 0.001]] * 5,
         "video_frames": 0, "video_packets": 0, "video_packets_lost": 0, "video_bytes": 0,
         "video_jitter": []}), flush=True)
@@ -437,8 +437,9 @@ def test_a_round_trip_counts_in_the_second_its_message_was_sent():
         run.last_close = close
         run._next_second(began)
     figures = {"rtt": [[1000.2, 0.001], [1001.1, 5.0], [1002.49, 0.002], [1009.5, 0.003]],
-               **{key: 0 for key in ("sent", "echoed", "bytes", "timeouts", "video_frames",
-                                     "video_packets", "video_packets_lost", "video_bytes")},
+               **{key: 0 for key in ("sent", "unsent", "echoed", "bytes", "timeouts",
+                                     "video_frames", "video_packets", "video_packets_lost",
+                                     "video_bytes")},
                "setup": [], "repairs": [], "video_jitter": [], "cpu": 0.0}
     run._take(0, figures, run.current)
     assert [(second.at, second.rtt) for second in run.timeline] == [

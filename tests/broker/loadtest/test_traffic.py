@@ -103,6 +103,17 @@ def test_messages_go_on_their_timetable_whatever_the_round_trip():
     run(scenario)
 
 
+def test_messages_due_while_the_channel_is_not_open_count_as_not_sent():
+    # A session whose channel the server closed went on counting as up, offering nothing.
+    async def scenario():
+        tally = Tally()
+        await send_steadily(SimpleNamespace(peer=None), tally, rate=10, size=10,
+                            until=time.monotonic() + 0.5)
+        assert tally.sent == 0 and tally.unsent >= 4
+
+    run(scenario)
+
+
 def test_messages_in_flight_when_a_session_is_lost_count_as_timeouts():
     # Lost to a killed tower, a session's last messages never come back: left out, they
     # made a chaos run's round trips look better than they were.
