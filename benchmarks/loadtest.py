@@ -97,8 +97,9 @@ def level(
         generator_cpus=tuple(others) if pin else (),
     )
     report = complete(run_load(plan, show_progress=False))
-    peak_rss = max((report["rss_mib_peak"]["broker" if floor else "towers"] or 0) * 2**20,
-                   idle_rss)
+    # None: the server's memory was never read (a broker whose page has no tower's).
+    peak_mib = report["rss_mib_peak"]["broker" if floor else "towers"]
+    peak_rss = None if peak_mib is None else max(peak_mib * 2**20, idle_rss)
     cpu = report["cpu_share_of_a_core_steady"]["broker" if floor else "towers"]
     echoed = report["messages"]["echoed_per_second_steady"]
     return {
@@ -114,7 +115,8 @@ def level(
         "echoed_per_core_second": round(echoed / cpu) if cpu else None,
         # Over the sessions that were up together, not those asked for.
         "kib_per_session": (round((peak_rss - idle_rss) / 1024 / report["sessions"]["peak_up"], 1)
-                            if report["sessions"]["peak_up"] else None),
+                            if report["sessions"]["peak_up"] and peak_rss is not None
+                            else None),
         "generator_cores": report["cpu_share_of_a_core_steady"]["generator"],
         "broker_cores": None if floor else report["cpu_share_of_a_core_steady"]["broker"],
     }

@@ -164,18 +164,19 @@ class BrokerMetrics:
         samples = parse_metrics(page)
         now = time.monotonic()
         towers_cpu: float | None = None  # until a tower's counter has moved once
-        towers_rss = 0.0
+        towers_rss: float | None = None  # until a tower has reported its memory
         for name, value in samples.items():
             if name.startswith("broker_tower_cpu_seconds_total{"):
                 share = self.shares.share(name, value, now)
                 if share is not None:
                     towers_cpu = (towers_cpu or 0.0) + share
             elif name.startswith("broker_tower_resident_memory_bytes{"):
-                towers_rss += value
+                towers_rss = (towers_rss or 0.0) + value
         broker_cpu = samples.get("process_cpu_seconds_total")
         broker_rss = samples.get("process_resident_memory_bytes")
         return (None if broker_cpu is None else self.shares.share("broker", broker_cpu, now),
-                towers_cpu, None if broker_rss is None else int(broker_rss), int(towers_rss))
+                towers_cpu, None if broker_rss is None else int(broker_rss),
+                None if towers_rss is None else int(towers_rss))
 
     def tower_sessions(self, tower: str) -> float | None:
         """The sessions ``tower`` last reported, or None if the page does not say."""

@@ -445,3 +445,11 @@ def test_a_round_trip_counts_in_the_second_its_message_was_sent():
     assert [(second.at, second.rtt) for second in run.timeline] == [
         (0, [0.001]), (1, [5.0, 0.002]), (2, []), (4, []), (9, [0.003])]
     assert run.heard_rtt == [0.001, 5.0, 0.002, 0.003]
+
+
+def test_a_page_without_tower_figures_leaves_their_memory_unknown(monkeypatch):
+    # It read as 0 bytes, and the benchmark's memory per session as 0 KiB.
+    monkeypatch.setattr(BrokerMetrics, "_page", lambda self: "\n".join([
+        "process_cpu_seconds_total 12.5", "process_resident_memory_bytes 1048576"]))
+    _, towers_cpu, broker_rss, towers_rss = BrokerMetrics("https://127.0.0.1:9", "").sample()
+    assert (towers_cpu, broker_rss, towers_rss) == (None, 1048576, None)
