@@ -411,7 +411,11 @@ class Run:
         plan = self.plan
         self.sampler = Sampler(LocalProcess(plan.url) if plan.floor
                                else BrokerMetrics(plan.url, plan.certificate))
-        workers = self._start_workers()
+        try:
+            workers = self._start_workers()
+        except BaseException:
+            self.sampler.stop()
+            raise
         began = self.last_close = time.monotonic()
         self.latest: dict[int, dict[str, Any]] = {}
         lines = {index: WorkerLines(worker) for index, worker in enumerate(workers)}
@@ -551,26 +555,33 @@ class Run:
     def _start_workers(self) -> list[subprocess.Popen]:
         plan = self.plan
         arrivals = [index / plan.rate for index in range(plan.sessions)]
-        workers = []
-        for number in range(plan.workers):
-            mine = arrivals[number::plan.workers]
-            self.planned[number] = len(mine)
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "broker.loadtest.worker"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                process_group=0,  # Ctrl-C is the coordinator's to take (``execute``)
-            )
-            assert worker.stdin is not None
-            if plan.generator_cpus:
-                psutil.Process(worker.pid).cpu_affinity(list(plan.generator_cpus))
-            worker.stdin.write(json.dumps({
-                "url": plan.url, "api_key": plan.api_key, "certificate": plan.certificate,
-                "arrivals": mine, "end": plan.end, "message_rate": plan.message_rate,
-                "message_size": plan.message_size, "application": plan.application,
-                "floor": plan.floor,
-            }) + "\n")
-            worker.stdin.flush()
-            workers.append(worker)
+        workers: list[subprocess.Popen] = []
+        try:
+            for number in range(plan.workers):
+                mine = arrivals[number::plan.workers]
+                self.planned[number] = len(mine)
+                worker = subprocess.Popen(
+                    [sys.executable, "-m", "broker.loadtest.worker"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                    process_group=0,  # Ctrl-C is the coordinator's to take (``execute``)
+                )
+                workers.append(worker)
+                assert worker.stdin is not None
+                if plan.generator_cpus:
+                    psutil.Process(worker.pid).cpu_affinity(list(plan.generator_cpus))
+                worker.stdin.write(json.dumps({
+                    "url": plan.url, "api_key": plan.api_key, "certificate": plan.certificate,
+                    "arrivals": mine, "end": plan.end, "message_rate": plan.message_rate,
+                    "message_size": plan.message_size, "application": plan.application,
+                    "floor": plan.floor,
+                }) + "\n")
+                worker.stdin.flush()
+        except BaseException:
+            # Those started already would wait for a plan, or run one, unwatched.
+            for worker in workers:
+                worker.kill()
+                worker.wait()
+            raise
         return workers
 
     def _next_second(self, began: float) -> None:

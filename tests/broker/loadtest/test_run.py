@@ -453,3 +453,22 @@ def test_a_page_without_tower_figures_leaves_their_memory_unknown(monkeypatch):
         "process_cpu_seconds_total 12.5", "process_resident_memory_bytes 1048576"]))
     _, towers_cpu, broker_rss, towers_rss = BrokerMetrics("https://127.0.0.1:9", "").sample()
     assert (towers_cpu, broker_rss, towers_rss) == (None, 1048576, None)
+
+
+def test_a_run_whose_workers_cannot_all_start_leaves_nothing_running(monkeypatch):
+    # The sampler's thread and the workers started before the failure ran on.
+    started = []
+    popen = subprocess.Popen
+
+    def recorded(*arguments, **options):
+        started.append(popen(*arguments, **options))
+        return started[-1]
+
+    monkeypatch.setattr(run_module.subprocess, "Popen", recorded)
+    plan = LoadPlan("http://127.0.0.1:9", "secret", "", sessions=4, workers=2, floor=True,
+                    generator_cpus=(os.cpu_count() + 64,))  # no such CPU
+    run = Run(plan, show_progress=False)
+    with pytest.raises(ValueError):
+        run.execute()
+    assert len(started) == 1 and started[0].returncode is not None
+    assert not run.sampler.thread.is_alive()
