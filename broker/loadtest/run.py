@@ -126,7 +126,9 @@ class CpuShares:
     """Turns CPU-seconds counters into shares of one core since the previous reading.
 
     A tower's counter moves once a second, with its report: one second may see two of its
-    reports and the next none. The mean over many seconds is exact all the same.
+    reports and the next none; the mean over many readings evens that out. (A reading
+    that stays the latest over two of the run's seconds, the page being slow, counts in
+    both: the mean over many seconds is near, not exact.)
     """
 
     def __init__(self) -> None:
@@ -797,11 +799,12 @@ def _kbit_per_session(second: Second) -> float | None:
 
 def _over_time(seconds: list[Second], share: str) -> float | None:
     """The mean of a share (of a core) over ``seconds``, each weighed by the time it
-    covered; seconds without a reading (None) are left out. None: no reading at all."""
+    covered; seconds without a reading (None) are left out. None: no reading at all.
+    To a thousandth of a core: echoes per core-second are divided by it."""
     known = [(getattr(second, share), second.seconds) for second in seconds
              if getattr(second, share) is not None]
     elapsed = sum(covered for _, covered in known)
-    return round(sum(value * covered for value, covered in known) / elapsed, 2) if elapsed else None
+    return round(sum(value * covered for value, covered in known) / elapsed, 3) if elapsed else None
 
 
 def _rate(seconds: list[Second], count: str) -> float:
