@@ -57,6 +57,11 @@ MAX_MESSAGE_SIZE = 262_144
 MAX_WORKERS = 64
 # Why sessions of a worker that died or hung count as failed or lost.
 WITH_ITS_WORKER = "with its worker"
+# Past either, with all sessions up, the load generator is the limit: its busiest
+# worker's share of its one core, and the 99th percentile of how late (seconds) its
+# messages went out against their timetable.
+GENERATOR_BUSY = 0.9
+GENERATOR_LATE = 0.05
 # Chaos: what a run leaves after the kill for its sessions' repairs to be seen (a repair
 # takes a few seconds at 1,000 sessions, BENCHMARKS.md "Chaos").
 REPAIR_TIME = 10.0
@@ -110,6 +115,9 @@ class Second:
     video_bytes: int = 0
     video_jitter: list[float] = field(default_factory=list)
     generator_cpu: float = 0.0  # share of one core
+    # The busiest worker's share of its one core, and how late messages went out.
+    busiest_worker_cpu: float = 0.0
+    late: list[float] = field(default_factory=list)
     # None: the servers could not be read that second.
     broker_cpu: float | None = None
     towers_cpu: float | None = None
@@ -396,6 +404,7 @@ class Run:
         self.chaos: dict[str, Any] | None = None
         self.worker_cpu: dict[int, float] = {}
         self.generator_cpu_seen = 0.0
+        self.worker_cpu_seen: dict[int, float] = {}
         # Workers that died, hung or failed, and how: their sessions are missing.
         self.worker_failures: dict[int, str] = {}
         # Each worker's share of the sessions.
@@ -610,6 +619,7 @@ class Run:
         second.video_packets_lost += figures["video_packets_lost"]
         second.video_bytes += figures["video_bytes"]
         second.video_jitter += figures["video_jitter"]
+        second.late += figures["late"]
         self.setups += figures["setup"]
         self.repairs += figures["repairs"]
         for key in ("sent", "unsent", "echoed", "bytes", "timeouts", "video_frames",
@@ -638,6 +648,10 @@ class Run:
         cpu = sum(self.worker_cpu.values())
         second.generator_cpu = (cpu - self.generator_cpu_seen) / second.seconds
         self.generator_cpu_seen = cpu
+        second.busiest_worker_cpu = max(
+            ((used - self.worker_cpu_seen.get(index, 0.0)) / second.seconds
+             for index, used in self.worker_cpu.items()), default=0.0)
+        self.worker_cpu_seen = dict(self.worker_cpu)
         (second.broker_cpu, second.towers_cpu,
          second.broker_rss, second.towers_rss) = self.sampler.take() or (None,) * 4
         self.seconds.append(second)
@@ -696,6 +710,8 @@ class Run:
         all_rtt = [value for second in self.seconds for value in second.rtt]
         steady_rtt = [value for second in steady for value in second.rtt]
         generator_cpu = sum(self.worker_cpu.values())
+        late = _percentiles([value for second in steady for value in second.late], (50, 99))
+        busiest = _over_time(steady, "busiest_worker_cpu")
         report: dict[str, Any] = {
             "plan": asdict(self.plan) | {"api_key": "(hidden)"},
             "interrupted": self.interrupted_at is not None,
@@ -736,7 +752,14 @@ class Run:
             "chaos": self.chaos,
             "workers": {"count": self.plan.workers,
                         "failed": {str(index): why
-                                   for index, why in sorted(self.worker_failures.items())}},
+                                   for index, why in sorted(self.worker_failures.items())},
+                        # With all up: the busiest worker's share of its core, how late
+                        # messages went out, and whether either says the generator was
+                        # the limit (its lag then counts in the round trips).
+                        "busiest_cpu_share_steady": busiest,
+                        "send_late_ms_steady": late,
+                        "behind": bool((busiest or 0) > GENERATOR_BUSY
+                                       or (late["p99"] or 0) > GENERATOR_LATE * 1000)},
             # Seconds whose servers could not be read are left out.
             "cpu_share_of_a_core_steady": {
                 "generator": _over_time(steady, "generator_cpu"),
@@ -748,7 +771,7 @@ class Run:
                 "broker": _mib_peak([second.broker_rss for second in self.seconds]),
                 "towers": _mib_peak([second.towers_rss for second in self.seconds]),
             },
-            "series": [asdict(second) | {"rtt": None,
+            "series": [asdict(second) | {"rtt": None, "late": None,
                                          "rtt_p50_ms": _round(percentile(second.rtt, 50)),
                                          "rtt_p99_ms": _round(percentile(second.rtt, 99)),
                                          "video_jitter": None,
@@ -906,6 +929,14 @@ def print_report(report: dict[str, Any]) -> None:
               + "; ".join(f"worker {index} {why}" for index, why in failed.items()))
     print(f"cpu (cores)  generator {_cores(cpu['generator'])}  broker {_cores(cpu['broker'])}"
           f"  towers {_cores(cpu['towers'])}  (mean with all up; -: not read)")
+    workers = report["workers"]
+    late = workers["send_late_ms_steady"]
+    print(f"generator    busiest worker {_cores(workers['busiest_cpu_share_steady'])} of its "
+          f"core; messages sent late p50 {_ms(late['p50'])}  p99 {_ms(late['p99'])} "
+          "(against their timetable, with all up)")
+    if workers["behind"]:
+        print("             the load generator was the limit: its own lag counts in the round "
+              "trips (more --workers, or a machine of its own)")
     if not report["steady_seconds"]:
         print("             (no second had every session up: the 'all up' figures are empty)")
     memory = report["rss_mib_peak"]

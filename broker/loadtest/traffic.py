@@ -44,6 +44,9 @@ class Tally:
     # Each message's (``time.monotonic()`` it was sent, round trip in seconds): the
     # coordinator files it under the second it was sent in.
     round_trips: list[tuple[float, float]] = field(default_factory=list)
+    # How late each message went out against its timetable, in seconds: the load
+    # generator's own lag, which would otherwise count in the server's round trips.
+    late: list[float] = field(default_factory=list)
     # The tower's video, for sessions that asked for it.
     video_frames: int = 0
     video_packets: int = 0
@@ -54,14 +57,14 @@ class Tally:
     def take(self) -> dict[str, Any]:
         taken = {"sent": self.sent, "unsent": self.unsent, "echoed": self.echoed,
                  "bytes": self.bytes_echoed,
-                 "timeouts": self.timeouts, "rtt": self.round_trips,
+                 "timeouts": self.timeouts, "rtt": self.round_trips, "late": self.late,
                  "video_frames": self.video_frames, "video_packets": self.video_packets,
                  "video_packets_lost": self.video_packets_lost,
                  "video_bytes": self.video_bytes, "video_jitter": self.video_jitters}
         self.sent = self.unsent = self.echoed = self.bytes_echoed = self.timeouts = 0
         self.video_frames = self.video_packets = self.video_packets_lost = 0
         self.video_bytes = 0
-        self.round_trips, self.video_jitters = [], []
+        self.round_trips, self.late, self.video_jitters = [], [], []
         return taken
 
     def add_video(self, since: VideoReceived, now: VideoReceived) -> None:
@@ -117,6 +120,7 @@ async def send_steadily(
                 video_next = due + VIDEO_INTERVAL
                 await video.look(peer)
             if peer is not None and peer.echo_channel.readyState == "open":
+                tally.late.append(max(0.0, time.monotonic() - due))
                 echoes.send(peer, size)
             else:
                 tally.unsent += 1

@@ -53,8 +53,10 @@ def test_a_tally_hands_over_what_it_counted_once():
     tally.add_video(VideoReceived(frames=10, packets=12, bytes=9_000, jitter=0.001),
                     VideoReceived(frames=40, packets=50, packets_lost=1, bytes=40_000,
                                   jitter=0.002))
-    assert tally.take() == {"sent": 3, "unsent": 0, "echoed": 2, "bytes": 200, "timeouts": 0,
-                            "rtt": [(100.0, 0.001)], "video_frames": 30, "video_packets": 38,
+    assert tally.take() == {"sent": 3, "unsent": 0, "echoed": 2, "bytes": 200,
+                            "timeouts": 0,
+                            "rtt": [(100.0, 0.001)], "late": [], "video_frames": 30,
+                            "video_packets": 38,
                             "video_packets_lost": 1, "video_bytes": 31_000,
                             "video_jitter": [0.002]}
     emptied = tally.take()
@@ -263,7 +265,7 @@ def report(second, final=False, requested=5):
         "up": 0 if final else requested, "failed": {}, "lost": {},
         "setup": [0.01] * 5 if second == 0 else [], "repairs": [], "cpu": 0.01 * second,
         "sent": 5, "unsent": 0, "echoed": 5, "bytes": 500, "timeouts": 0,
-        "rtt": [[time.monotonic() - 0.01, 0.001]] * 5,
+        "rtt": [[time.monotonic() - 0.01, 0.001]] * 5, "late": [0.001] * 5,
         "video_frames": 0, "video_packets": 0, "video_packets_lost": 0, "video_bytes": 0,
         "video_jitter": []}), flush=True)
 for second in range(4):
@@ -440,7 +442,7 @@ def test_a_round_trip_counts_in_the_second_its_message_was_sent():
                **{key: 0 for key in ("sent", "unsent", "echoed", "bytes", "timeouts",
                                      "video_frames", "video_packets", "video_packets_lost",
                                      "video_bytes")},
-               "setup": [], "repairs": [], "video_jitter": [], "cpu": 0.0}
+               "setup": [], "repairs": [], "video_jitter": [], "late": [], "cpu": 0.0}
     run._take(0, figures, run.current)
     assert [(second.at, second.rtt) for second in run.timeline] == [
         (0, [0.001]), (1, [5.0, 0.002]), (2, []), (4, []), (9, [0.003])]
@@ -472,3 +474,19 @@ def test_a_run_whose_workers_cannot_all_start_leaves_nothing_running(monkeypatch
         run.execute()
     assert len(started) == 1 and started[0].returncode is not None
     assert not run.sampler.thread.is_alive()
+
+
+@pytest.mark.parametrize(("busiest", "late", "behind"), [
+    (0.5, 0.002, False), (0.95, 0.002, True), (0.5, 0.2, True)])
+def test_the_report_says_when_the_load_generator_was_the_limit(busiest, late, behind, capsys):
+    run = Run(LoadPlan("https://127.0.0.1:9", "secret", "", sessions=4, rate=4, duration=3),
+              show_progress=False)
+    run.seconds = [Second(at=at, up=4, busiest_worker_cpu=busiest, late=[0.001] * 9 + [late])
+                   for at in range(6)]
+    report = run.report(9.0)
+    workers = report["workers"]
+    assert workers["busiest_cpu_share_steady"] == busiest
+    assert workers["send_late_ms_steady"] == {"p50": 1.0, "p99": late * 1000}
+    assert workers["behind"] is behind
+    print_report(report)
+    assert ("the load generator was the limit" in capsys.readouterr().out) is behind
