@@ -2,9 +2,11 @@
 
 How it is measured: the same load generator (``broker loadtest``: worker processes of
 aiortc clients) runs the same plan against two servers started here, one after the
-other in the same run: the bare aiortc echo server (``benchmarks.echo_floor``, one
-process, plain HTTP) and the embedded broker with one tower agent (HTTPS, WSS
-signaling, the link, and a heartbeat ping to any client quiet for 2 s). Each level
+other in the same run (which goes first alternates from one level to the next, so
+that a machine getting busier does not always fall on the same one): the bare aiortc
+echo server (``benchmarks.echo_floor``, one process, plain HTTP) and the embedded
+broker with one tower agent (HTTPS, WSS signaling, the link, and a heartbeat ping to
+any client quiet for 2 s). Each level
 ramps to N sessions at ``--rate`` per second, holds them for ``--duration`` seconds at
 one 100-byte message per second each, then ends them. Figures with all sessions up:
 round trip p50/p99; echoed messages per second per core of the serving process (the
@@ -140,9 +142,10 @@ def side_by_side(
     results: dict[str, Any] = {"levels": [], "pinned": pin}
     with tempfile.TemporaryDirectory(prefix="loadtest-") as directory:
         base = Path(directory)
-        for count in sessions:
+        for index, count in enumerate(sessions):
             row = {}
-            for name, floor in (("floor", True), ("broker", False)):
+            servers = (("floor", True), ("broker", False))
+            for name, floor in servers if index % 2 == 0 else servers[::-1]:
                 run_directory = base / f"{name}-{count}"
                 run_directory.mkdir()
                 server = start_floor(run_directory) if floor else start_broker(run_directory, 1)
