@@ -102,6 +102,8 @@ class Second:
     at: float
     seconds: float = 1.0
     up: int = 0
+    # Of those up, how many were being repaired.
+    repairing: int = 0
     arrivals: int = 0
     connected: int = 0
     # The round trips of the messages sent in this second.
@@ -559,8 +561,8 @@ class Run:
             failed[WITH_ITS_WORKER] = failed.get(WITH_ITS_WORKER, 0) + planned - settled
         if figures["up"]:
             lost[WITH_ITS_WORKER] = lost.get(WITH_ITS_WORKER, 0) + figures["up"]
-        self.latest[index] = {**figures, "requested": planned, "up": 0, "failed": failed,
-                              "lost": lost}
+        self.latest[index] = {**figures, "requested": planned, "up": 0, "repairing": 0,
+                              "failed": failed, "lost": lost}
 
 
     def _start_workers(self) -> list[subprocess.Popen]:
@@ -632,6 +634,7 @@ class Run:
         second.seconds = max(now - self.last_close, 1e-3)
         self.last_close = now
         second.up = sum(figures["up"] for figures in latest.values())
+        second.repairing = sum(figures.get("repairing", 0) for figures in latest.values())
         connected = sum(figures["connected"] for figures in latest.values())
         requested = sum(figures["requested"] for figures in latest.values())
         second.connected = connected
@@ -659,6 +662,7 @@ class Run:
         if self.show_progress:
             rtt = percentile(heard, 99)
             line = (f"{time.monotonic() - began:5.0f} s  up {second.up}/{self.plan.sessions}"
+                    f" (repairing {second.repairing})"
                     f"  arrivals {second.arrivals}/s  failed {sum(self.failed.values())}"
                     f"  lost {sum(self.lost.values())}"
                     f"  echoes {second.echoed / second.seconds:.0f}/s"
@@ -961,6 +965,7 @@ def plot(report: dict[str, Any], path: str) -> None:
     figure, panels = plt.subplots(3 + media, 1, figsize=(10, 9 + 3 * media), sharex=True)
     sessions, latency, cpu = panels[:3]
     sessions.plot(at, [second["up"] for second in series], label="sessions up")
+    sessions.plot(at, [second["repairing"] for second in series], label="of which repairing")
     sessions.set_ylabel("sessions")
     latency.plot(at, [second["rtt_p50_ms"] for second in series], label="round trip p50")
     latency.plot(at, [second["rtt_p99_ms"] for second in series], label="round trip p99")

@@ -88,6 +88,8 @@ class Worker:
         self.repairs: list[float] = []
         # Sessions repaired at least once (a session may be repaired more than once).
         self.sessions_repaired = 0
+        # Sessions up whose repair is under way (they count as up meanwhile).
+        self.repairing = 0
         # Sessions whose DELETE at the end failed, by reason.
         self.not_closed: Counter[str] = Counter()
         self.ssl_context = None if plan.floor else trusting(plan.certificate)
@@ -255,16 +257,19 @@ class Worker:
         back."""
         lost: str | None = None
         repair = _Repair()
-        async with trio.open_nursery() as nursery:
+        try:
+            async with trio.open_nursery() as nursery:
 
-            async def follow() -> None:
-                nonlocal lost
-                lost = await self._follow_repairs(session, repair)
+                async def follow() -> None:
+                    nonlocal lost
+                    lost = await self._follow_repairs(session, repair)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(follow)
+                await self._send_steadily(session)
                 nursery.cancel_scope.cancel()
-
-            nursery.start_soon(follow)
-            await self._send_steadily(session)
-            nursery.cancel_scope.cancel()
+        finally:
+            self.repairing -= repair.since is not None
         if lost is None and repair.since is not None:
             lost = REPAIRING_AT_THE_END
         return lost
@@ -281,9 +286,11 @@ class Worker:
                 state = frame.get("state") if frame.get("type") == "state" else None
                 if state == "repairing" and repair.since is None:
                     repair.since = time.perf_counter()
+                    self.repairing += 1
                 elif state == "connected" and repair.since is not None:
                     self.repairs.append(time.perf_counter() - repair.since)
                     repair.since = None
+                    self.repairing -= 1
                     repair.done += 1
                     self.sessions_repaired += repair.done == 1
                 elif state in ENDED:
@@ -305,6 +312,7 @@ class Worker:
             "requested": self.requested,
             "connected": self.connected,
             "up": self.up,
+            "repairing": self.repairing,
             "failed": dict(self.failed),
             "lost": dict(self.lost),
             "not_closed": dict(self.not_closed),

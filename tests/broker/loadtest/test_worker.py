@@ -96,6 +96,7 @@ def test_a_session_still_repairing_at_the_end_counts_as_lost():
                          message_rate=1.0, message_size=10, floor=True))
     worker.started = time.monotonic()
     session = RepairingSession()
+    seen = []
 
     async def main() -> str | None:
         with trio.fail_after(10):
@@ -103,12 +104,15 @@ def test_a_session_still_repairing_at_the_end_counts_as_lost():
                 async def repair_soon() -> None:
                     await trio.testing.wait_all_tasks_blocked()
                     session.repair()
+                    await trio.testing.wait_all_tasks_blocked()
+                    seen.append(worker.repairing)
 
                 nursery.start_soon(repair_soon)
                 return await worker._live(session)
 
     assert bridge.run(main, handle_signals=False) == "repairing at the end"
     assert worker.repairs == []
+    assert seen == [1] and worker.repairing == 0  # repairing until its end
 
 
 def test_a_worker_whose_coordinator_is_gone_stops_reporting_rather_than_crashing(
@@ -274,3 +278,4 @@ def test_a_session_repaired_twice_is_two_repairs_of_one_session():
     assert bridge.run(main, handle_signals=False) == "closed"
     assert len(worker.repairs) == 2
     assert worker.sessions_repaired == 1
+    assert worker.repairing == 0
