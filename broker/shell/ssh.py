@@ -33,11 +33,26 @@ CLOSE_TIMEOUT = 2.0
 # to log in or to read what it is sent.
 MAX_SESSIONS = 32
 ADMIN_RESERVE = 8  # of MAX_SESSIONS, that read-only keys cannot take
+# Channels open on one connection, whether or not a shell or command runs in them.
 MAX_SESSIONS_PER_CONNECTION = 8
 MAX_CONNECTIONS_LOGGING_IN = 16
-# Time for a key's passphrase, or a security key's touch, too.
+# Of those, from one address (a shell listening beyond loopback).
+MAX_LOGGING_IN_PER_ADDRESS = 8
+# Connections logged in, in all.
+MAX_CONNECTIONS = 64
+# Time to begin logging in (the key exchange done), and then to log in: for a key's
+# passphrase, or a security key's touch, too.
+HANDSHAKE_TIMEOUT = 10.0
 LOGIN_TIMEOUT = 30.0
 WRITE_TIMEOUT = 10.0
+# What a client may send on a session before the broker takes it in. Keys are taken
+# (and echoed) as they come, so this bounds the work one read of the connection makes
+# the broker's thread do; and a session's input waits while its output does.
+CHANNEL_WINDOW = 8192
+# A client quiet this long is asked whether it is there, and dropped after this many
+# unanswered asks: a vanished one would hold its sessions.
+KEEPALIVE_INTERVAL = 15.0
+KEEPALIVE_COUNT_MAX = 3
 CTRL_C = "\x03"
 
 
@@ -241,27 +256,61 @@ async def start_server(
     """
     keys = {public_key_id(text): role for text, role in authorized.items()}
     connections: set[asyncssh.SSHServerConnection] = set()
-    logging_in: set[asyncssh.SSHServerConnection] = set()
-    sessions: dict[asyncssh.SSHServerConnection, int] = {}
+    logging_in: dict[asyncssh.SSHServerConnection, str] = {}  # and from where
+    # Channels open on each connection, and sessions running (a shell or command).
+    channels: dict[asyncssh.SSHServerConnection, int] = {}
+    running = {"admin": 0, "read-only": 0}
 
     class Server(asyncssh.SSHServer):
+        handshake: asyncio.TimerHandle | None = None
+
         def connection_made(self, connection: asyncssh.SSHServerConnection) -> None:
             self.connection = connection
             connections.add(connection)
-            if len(logging_in) >= MAX_CONNECTIONS_LOGGING_IN:
+            address = str((connection.get_extra_info("peername") or ("",))[0])
+            if (len(logging_in) >= MAX_CONNECTIONS_LOGGING_IN
+                    or list(logging_in.values()).count(address) >= MAX_LOGGING_IN_PER_ADDRESS
+                    or len(connections) > MAX_CONNECTIONS + len(logging_in)):
                 connection.close()  # as OpenSSH's MaxStartups does
                 return
-            logging_in.add(connection)
+            logging_in[connection] = address
+            # Until it begins to log in: a client that connects and says nothing holds a
+            # slot for less long.
+            self.handshake = asyncio.get_running_loop().call_later(
+                HANDSHAKE_TIMEOUT, connection.close)
 
         def auth_completed(self) -> None:
-            logging_in.discard(self.connection)
+            logging_in.pop(self.connection, None)
 
         def connection_lost(self, error: Exception | None) -> None:
             connections.discard(self.connection)
-            logging_in.discard(self.connection)
+            logging_in.pop(self.connection, None)
+            if self.handshake is not None:
+                self.handshake.cancel()
 
         def begin_auth(self, username: str) -> bool:
+            if self.handshake is not None:
+                self.handshake.cancel()
             return True
+
+        def session_requested(self) -> Any:
+            connection = self.connection
+            if channels.get(connection, 0) >= MAX_SESSIONS_PER_CONNECTION:
+                raise asyncssh.ChannelOpenError(
+                    asyncssh.OPEN_RESOURCE_SHORTAGE,
+                    f"at most {MAX_SESSIONS_PER_CONNECTION} sessions per connection")
+            channel = connection.create_server_channel(
+                "utf-8", "replace", CHANNEL_WINDOW, CHANNEL_WINDOW)
+            # Environment variables are not taken (asyncssh would keep every one).
+            channel._process_env_request = _refuse
+            channels[connection] = channels.get(connection, 0) + 1
+
+            def closed() -> None:
+                channels[connection] -= 1
+                if not channels[connection]:
+                    del channels[connection]
+
+            return channel, _OperatorProcess(handle, closed)
 
         def public_key_auth_supported(self) -> bool:
             return True
@@ -279,10 +328,8 @@ async def start_server(
             # Only a key validated above carries a role; anything else gets nothing.
             process.exit(3)
             return
-        connection = process.channel.get_connection()
         room = MAX_SESSIONS - (0 if role == "admin" else ADMIN_RESERVE)
-        if (sum(sessions.values()) >= room
-                or sessions.get(connection, 0) >= MAX_SESSIONS_PER_CONNECTION):
+        if sum(running.values()) >= room:
             process.stderr.write("too many shell sessions are open; close one and retry\n")
             process.exit(1)
             return
@@ -291,25 +338,21 @@ async def start_server(
             process.channel.register_key(CTRL_C, session._interrupt_key)
             if session.interactive:
                 process.channel.register_key("\t", session._complete_key)
-        sessions[connection] = sessions.get(connection, 0) + 1
+        running[role] += 1
         try:
             on_session(session)
             await session.ended.wait()
         finally:
-            sessions[connection] -= 1
-            if not sessions[connection]:
-                del sessions[connection]
+            running[role] -= 1
 
     acceptor = await asyncssh.create_server(
         Server,
         host,
         port,
         server_host_keys=[str(host_key)],
-        process_factory=handle,
-        encoding="utf-8",
-        # A byte that is not UTF-8 is the operator's typo, not a reason to drop the
-        # connection (asyncssh's strict default) with every channel on it.
-        errors="replace",
+        # Sessions are made by ``Server.session_requested``: UTF-8, where a byte that is
+        # not UTF-8 is the operator's typo, not a reason to drop the connection
+        # (asyncssh's strict default) with every channel on it.
         # The shell never needs the operator's keys: no agent socket on this host.
         agent_forwarding=False,
         line_history=200,
@@ -318,10 +361,44 @@ async def start_server(
         password_auth=False,
         kbdint_auth=False,
         login_timeout=LOGIN_TIMEOUT,
+        keepalive_interval=KEEPALIVE_INTERVAL,
+        keepalive_count_max=KEEPALIVE_COUNT_MAX,
         gss_host=None,
         x509_trusted_certs=None,
     )
     return OperatorServer(acceptor, connections)
+
+
+class _OperatorProcess(asyncssh.SSHServerProcess):
+    """An operator's session, whose input waits while its output waits to be sent: keys
+    are echoed as they come, and a client that sent them without reading its output
+    would have the broker keep every echo (and take keys in as fast as they came)."""
+
+    def __init__(self, handle: Callable[..., Any], closed: Callable[[], None]) -> None:
+        super().__init__(handle, None, asyncssh.sftp.MIN_SFTP_VERSION, False)
+        self._closed = closed
+        self._output_held = False
+
+    def _should_pause_reading(self) -> bool:
+        return self._output_held or super()._should_pause_reading()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._output_held = True
+        self._maybe_pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._output_held = False
+        self._maybe_resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._closed()
+
+
+def _refuse(packet: Any) -> bool:
+    return False
 
 
 class OperatorServer:

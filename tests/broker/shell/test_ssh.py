@@ -8,9 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import asyncio
+import contextlib
+
 import asyncssh
 import pytest
 import trio
+from asyncssh.channel import SSHClientChannel
+from asyncssh.packet import String
 
 from actors import Actor, ChildSpec, Supervisor, SupervisorFlags, bridge, open_system
 from actors.bridge import call_asyncio
@@ -78,24 +82,111 @@ def test_sessions_past_the_cap_of_a_connection_are_refused(tmp_path, monkeypatch
         async def client() -> None:
             async with connect(port, key) as connection:
                 held = await hold_traces(connection, 2)
-                refused = await connection.run("ps")
-                seen["refused"] = (refused.exit_status, refused.stderr)
+                try:
+                    await connection.run("ps")
+                except asyncssh.ChannelOpenError as error:
+                    seen["refused"] = error.reason
                 for process in held:
                     process.close()
                     await process.wait_closed()
-                # The shell lets go of a closed session's place once it has ended it.
+                # A closed session's place is free once the broker has seen it close.
                 for _ in range(100):
-                    again = await connection.run("ps")
-                    if again.exit_status == 0:
+                    with contextlib.suppress(asyncssh.ChannelOpenError):
+                        seen["again"] = (await connection.run("ps")).exit_status
                         break
                     await asyncio.sleep(0.05)
-                seen["again"] = again.exit_status
 
         await call_asyncio(client)
 
     run_with_shell(tmp_path, test)
-    assert seen["refused"] == (1, "too many shell sessions are open; close one and retry\n")
+    assert seen["refused"] == "at most 2 sessions per connection"
     assert seen["again"] == 0
+
+
+def test_channels_count_against_the_cap_before_they_run_anything(tmp_path, monkeypatch):
+    # Opened without asking for a shell or a command, they were not counted at all:
+    # 20,000 of them held 150 MB of the broker's memory.
+    monkeypatch.setattr(ssh, "MAX_SESSIONS_PER_CONNECTION", 2)
+    seen = {}
+
+    async def test(system, port, key):
+        async def client() -> None:
+            async with connect(port, key) as connection:
+                idle = [await open_idle_channel(connection) for _ in range(2)]
+                with pytest.raises(asyncssh.ChannelOpenError):
+                    await open_idle_channel(connection)
+                # And an environment variable asked for is refused, not kept.
+                seen["env taken"] = await idle[0]._make_request(
+                    b"env", String("NAME"), String("x" * 30_000))
+                for channel in idle:
+                    channel.close()
+                    await channel.wait_closed()
+                seen["after"] = (await connection.run("ps")).exit_status
+
+        await call_asyncio(client)
+
+    run_with_shell(tmp_path, test)
+    assert seen == {"env taken": False, "after": 0}
+
+
+async def open_idle_channel(connection: Any) -> SSHClientChannel:
+    """A session channel that never asks for a shell or a command, as a hostile client's."""
+    channel = SSHClientChannel(connection, asyncio.get_running_loop(), False, None,
+                               "strict", 2**21, 32768)
+    await channel._open(b"session")
+    return channel
+
+
+def test_keys_sent_without_reading_the_echo_wait_for_it(tmp_path):
+    # Keys are echoed as they come: a client that sent them and never read had the broker
+    # keep every echo (585 MB), its thread busy with a 2 MB window of keys at a time.
+    seen = {}
+
+    async def test(system, port, key):
+        async def client() -> None:
+            async with connect(port, key) as connection:
+                process = await connection.create_process(
+                    term_type="xterm", window=1024)  # and never read
+                process.stdin.write("a\x7f" * 500_000)
+                try:
+                    await asyncio.wait_for(process.stdin.drain(), 3)
+                except TimeoutError:
+                    seen["held"] = True
+                process.close()
+
+        await call_asyncio(client)
+
+    run_with_shell(tmp_path, test)
+    assert seen == {"held": True}
+
+
+def test_a_client_gone_silent_is_dropped_and_its_sessions_freed(tmp_path, monkeypatch):
+    # A client frozen (or a host powered off) held its sessions until TCP gave up on it,
+    # two hours here.
+    monkeypatch.setattr(ssh, "MAX_SESSIONS", 1)
+    monkeypatch.setattr(ssh, "ADMIN_RESERVE", 0)
+    monkeypatch.setattr(ssh, "KEEPALIVE_INTERVAL", 0.2)
+    monkeypatch.setattr(ssh, "KEEPALIVE_COUNT_MAX", 2)
+    seen = {}
+
+    async def test(system, port, key):
+        async def client() -> None:
+            frozen = await connect(port, key)
+            prompt = await frozen.create_process(term_type="xterm")
+            await prompt.stdout.read(1)  # the shell is up, and waits for a line
+            frozen._transport.pause_reading()  # it hears nothing more, answers nothing
+            async with connect(port, key) as other:
+                for _ in range(100):
+                    seen["other"] = (await other.run("ps")).exit_status
+                    if seen["other"] == 0:
+                        break
+                    await asyncio.sleep(0.1)
+            frozen.abort()
+
+        await call_asyncio(client)
+
+    run_with_shell(tmp_path, test)
+    assert seen["other"] == 0
 
 
 async def _turned_away(reader: asyncio.StreamReader) -> bool:
@@ -127,6 +218,59 @@ def test_connections_not_logged_in_are_bounded(tmp_path, monkeypatch):
 
     run_with_shell(tmp_path, test)
     assert seen["turned away"] == [False, False, False, True, True]
+
+
+def test_a_connection_that_does_not_begin_to_log_in_is_closed_early(tmp_path, monkeypatch):
+    # It held its place among those logging in for the whole login timeout (30 s).
+    monkeypatch.setattr(ssh, "HANDSHAKE_TIMEOUT", 0.3)
+    seen = {}
+
+    async def test(system, port, key):
+        async def idle_connection() -> None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            seen["closed"] = await _turned_away(reader)
+            writer.close()
+
+        await call_asyncio(idle_connection)
+
+    run_with_shell(tmp_path, test)
+    assert seen["closed"]
+
+
+def test_one_address_takes_only_its_share_of_the_places_to_log_in(tmp_path, monkeypatch):
+    monkeypatch.setattr(ssh, "MAX_LOGGING_IN_PER_ADDRESS", 2)
+    seen = {}
+
+    async def test(system, port, key):
+        async def idle_connections() -> None:
+            opened = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+            seen["turned away"] = await asyncio.gather(
+                *(_turned_away(reader) for reader, _ in opened))
+            for _, writer in opened:
+                writer.close()
+
+        await call_asyncio(idle_connections)
+
+    run_with_shell(tmp_path, test)
+    assert seen["turned away"] == [False, False, True]
+
+
+def test_connections_logged_in_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(ssh, "MAX_CONNECTIONS", 1)
+    seen = {}
+
+    async def test(system, port, key):
+        async def two_operators() -> None:
+            async with connect(port, key) as first:
+                seen["first"] = (await first.run("ps")).exit_status
+                with pytest.raises((ConnectionError, asyncssh.Error)):
+                    async with connect(port, key):
+                        pass
+
+        await call_asyncio(two_operators)
+
+    run_with_shell(tmp_path, test)
+    assert seen["first"] == 0
 
 
 def test_a_connection_logged_in_no_longer_counts_as_logging_in(tmp_path, monkeypatch):
