@@ -23,6 +23,7 @@ Times: the runtime stamps failures and traced messages with trio's clock
 
 from __future__ import annotations
 
+import bisect
 import enum
 import heapq
 import json
@@ -185,7 +186,7 @@ class BrokerView(Protocol):
     async def sessions(self) -> list[SessionView]: ...
 
     def actor_paths(self) -> list[str]:
-        """The paths of the live actors, for completion."""
+        """The paths of the live actors, sorted, for completion."""
         ...
 
     async def kill(self, path: str, reason: str) -> None:
@@ -193,7 +194,9 @@ class BrokerView(Protocol):
 
         Raises:
             LookupError: no actor at ``path``.
-            ValueError: the actor has no supervisor (the root: the whole system ends).
+            ValueError: the actor has no supervisor (the root: the whole system ends),
+                or it is the shell itself (every operator's session would end); the
+                error says which.
         """
         ...
 
@@ -202,7 +205,7 @@ class BrokerView(Protocol):
 
         Raises:
             LookupError: no actor at ``path``.
-            ValueError: the actor has no supervisor (the root).
+            ValueError: the actor has no supervisor (the root), or it is the shell.
             ActorCrashed: it stopped and did not start again.
             AskTimeout: it is still restarting past the deadline.
             ActorStopped: its supervisor ended.
@@ -723,7 +726,8 @@ class Shell:
         shown = self._busiest(actors, arguments["sort"], {}, arguments["limit"])
         if arguments["json"]:
             return _json([_actor_json(actor) for actor in shown])
-        return _text(_actor_table(shown, None) + _more(len(shown), len(actors)))
+        return _text(_actor_table(shown, None)
+                     + _more(len(shown), len(actors), arguments["limit"]))
 
     def _busiest(self, actors: list[ActorActivity], order: str, rates: dict[str, float],
                  limit: int) -> list[ActorSnapshot]:
@@ -768,7 +772,8 @@ class Shell:
                 continue
             of = f" of {count}" if count is not None else ""
             header = f"top at {_clock_time(wall)}: refresh {refresh}{of}, every {interval:g}s"
-            frame = header + "\n" + _actor_table(shown, rates) + _more(len(shown), len(actors))
+            frame = (header + "\n" + _actor_table(shown, rates)
+                     + _more(len(shown), len(actors), arguments["limit"]))
             yield ("\n" if refresh > 1 else "") + frame + "\n"
 
     async def _inspect(self, arguments: dict[str, Any]) -> Output:
@@ -1017,10 +1022,8 @@ class Shell:
             await self._view.kill(path, reason)
         except LookupError:
             raise _CommandError(f"no actor at {_printable(path)}") from None
-        except ValueError:
-            raise _CommandError(
-                f"cannot kill {_printable(path)}: it has no supervisor"
-            ) from None
+        except ValueError as refused:
+            raise _CommandError(f"cannot kill {_printable(path)}: {refused}") from None
         if arguments["json"]:
             return _json({"killed": path, "reason": reason})
         return _text(f"killed {_printable(path)}: {_printable(reason)}")
@@ -1031,10 +1034,8 @@ class Shell:
             await self._view.restart(path)
         except LookupError:
             raise _CommandError(f"no actor at {_printable(path)}") from None
-        except ValueError:
-            raise _CommandError(
-                f"cannot restart {_printable(path)}: it has no supervisor"
-            ) from None
+        except ValueError as refused:
+            raise _CommandError(f"cannot restart {_printable(path)}: {refused}") from None
         except ActorCrashed as crashed:
             error = crashed.error
             raise _CommandError(
@@ -1235,8 +1236,9 @@ def _breakdown(total: int, by_state: dict[str, int]) -> str:
     return f"{total}: {', '.join(parts)}" if parts else str(total)
 
 
-def _more(shown: int, total: int) -> str:
-    if shown == total:
+def _more(shown: int, total: int, limit: int) -> str:
+    """Says so when ``--limit`` left actors out (not when some ended meanwhile)."""
+    if total <= limit:
         return ""
     return f"\n{shown} of {total} actors shown; --limit shows more"
 
@@ -1479,18 +1481,32 @@ def _command_help(command: _Command) -> str:
 # Completion.
 
 
+# Actor paths looked at for one completion (``_path_segments``).
+COMPLETION_PATHS = 200
+_LAST_CHARACTER = chr(0x10FFFF)
+
+
 def _matching(candidates: list[str], prefix: str) -> list[str]:
     return sorted({shlex.quote(name) for name in candidates if name.startswith(prefix)})
 
 
 def _path_segments(paths: list[str], prefix: str) -> list[str]:
-    """The paths under ``prefix``, cut after their next segment; one with actors under
-    it ends in ``/``, so that completion goes on into them."""
+    """The paths under ``prefix`` (``paths`` sorted), cut after their next segment; one
+    with actors under it ends in ``/``, so that completion goes on into them.
+
+    Only the first ``COMPLETION_PATHS`` of them and the last are looked at: a key must
+    cost the broker's thread little however many actors there are (20,000 sessions under
+    one supervisor), and in sorted order those say what all candidates share, and
+    whether there is only one.
+    """
+    first = bisect.bisect_left(paths, prefix)
+    end = bisect.bisect_left(paths, prefix + _LAST_CHARACTER, first)
+    looked_at = paths[first : min(end, first + COMPLETION_PATHS)]
+    if end > first + COMPLETION_PATHS:
+        looked_at.append(paths[end - 1])
     segments = set()
     start = 0 if prefix else 1
-    for path in paths:
-        if not path.startswith(prefix):
-            continue
+    for path in looked_at:
         rest = path[len(prefix) :]
         cut = rest.find("/", start)
         segments.add(prefix + (rest if cut < 0 else rest[: cut + 1]))

@@ -74,8 +74,13 @@ class ShellFiles:
 class LiveView:
     """The running broker, as the shell sees it (``BrokerView``)."""
 
-    def __init__(self, system: Any, towers: TowerDirectory, board: HostBoard) -> None:
+    def __init__(
+        self, system: Any, towers: TowerDirectory, board: HostBoard, shell: str | None = None
+    ) -> None:
         self.system = system
+        # The shell's own path: killed or restarted, it would end every operator's
+        # session, the one that asked included, without a word.
+        self.shell = shell
         self.towers_directory = towers
         self.board = board
         # Kept current by each session before it reads a line: tab completion runs
@@ -178,13 +183,17 @@ class LiveView:
 
         Raises:
             LookupError: no actor there.
-            ValueError: it has none (the root: the whole system would end).
+            ValueError: it has none (the root: the whole system would end), or it is
+                the shell itself.
         """
         self._ref(path)
+        if path.rstrip("/") == self.shell:
+            raise ValueError("it is the shell itself: every operator's session, this one "
+                             "too, would end with it")
         parent_path, _, name = path.rstrip("/").rpartition("/")
         parent = self.system.lookup(parent_path)
         if not isinstance(parent, SupervisorRef):
-            raise ValueError(f"{path} has no supervisor to restart it")
+            raise ValueError("it has no supervisor")
         return parent, name
 
     async def kill(self, path: str, reason: str) -> None:
@@ -296,7 +305,7 @@ class ShellServer(Actor):
         self.sessions = 0
 
     async def started(self) -> None:
-        self.view = LiveView(self.system, self.towers, self.board)
+        self.view = LiveView(self.system, self.towers, self.board, self.path)
         self.port = await self.start(self._listen)
 
     async def _listen(self, task_status: trio.TaskStatus[int]) -> None:

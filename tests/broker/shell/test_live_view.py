@@ -254,6 +254,20 @@ async def test_the_root_is_neither_killed_nor_restarted_from_the_shell(autojump_
     assert live.system.lookup("/broker/scaler") is not None
 
 
+async def test_the_shell_is_neither_killed_nor_restarted_from_itself(autojump_clock, live):
+    # Every operator's session ended with it, the one that asked included, without a word.
+    view = LiveView(live.system, TowerDirectory(stale_after=3.0), HostBoard(()),
+                    shell="/broker/scaler")
+    shell = Shell(view, Role.ADMIN)
+    for command, verb in (("kill /broker/scaler", "kill"), ("restart /broker/scaler/", "restart")):
+        output = await shell.run(command)
+        assert output.status == Status.ERROR
+        assert output.text.startswith(f"cannot {verb} /broker/scaler")
+        assert output.text.endswith(": it is the shell itself: every operator's session, "
+                                    "this one too, would end with it\n")
+    assert live.system.lookup("/broker/scaler").snapshot().restarts == 0
+
+
 class SlowToStop(Actor):
     async def stopping(self, exit: Any) -> None:
         await trio.sleep(30)
