@@ -256,9 +256,11 @@ class Actor:
         raise TypeError(f"{cell.path} got an unexpected system message {item!r}")
 
     def _introspect(
-        self, subtree: bool
-    ) -> tuple[tuple[ActorSnapshot, ...], SupervisorInfo | None]:
-        return (), None
+        self, depth: int | None, children: int | None
+    ) -> tuple[tuple[ActorSnapshot, ...], int, SupervisorInfo | None]:
+        """Its children's snapshots (``depth`` levels, at most ``children`` of each),
+        how many children it has, and its supervisor flags: none for a worker."""
+        return (), 0, None
 
     async def _serve(self) -> Exit:
         cell = self._cell
@@ -593,10 +595,16 @@ class ActorRef:
             return await reply.wait()
         raise AskTimeout(self._cell.path, timeout)
 
-    def snapshot(self, *, subtree: bool = True) -> ActorSnapshot:
-        """The actor (and, for a supervisor, its subtree) as data, now. Without
-        ``subtree``, a supervisor's snapshot has no ``children``."""
-        return self._cell.snapshot(subtree)
+    def snapshot(self, *, depth: int | None = None, children: int | None = None
+                 ) -> ActorSnapshot:
+        """The actor (and, for a supervisor, its subtree) as data, now.
+
+        ``depth`` levels of children below it (None: all; 0: none), and at most
+        ``children`` of each supervisor's (None: all; the first in start order): a
+        snapshot costs the broker's thread for each actor in it. ``child_count`` still
+        says how many children each has.
+        """
+        return self._cell.snapshot(depth, children)
 
     def kill(self, reason: str = "killed") -> None:
         """Cancel the actor's current run at once; its supervisor sees it as killed."""
@@ -676,8 +684,8 @@ class SupervisorRef(ActorRef):
         return result
 
     def which_children(self) -> tuple[ActorSnapshot, ...]:
-        """Snapshots of the children, in start order."""
-        return self.snapshot().children
+        """Snapshots of the children (without theirs), in start order."""
+        return self.snapshot(depth=1).children
 
     async def _control(self, operation: str, argument: Any, timeout: float) -> Any:
         reply = Reply()
@@ -853,12 +861,14 @@ class _Cell:
         recent = self.failures[-(FAILURES_KEPT - 1) :] if FAILURES_KEPT > 1 else ()
         self.failures = (*recent, Failure.of(exit, trio.current_time()))
 
-    def snapshot(self, subtree: bool = True) -> ActorSnapshot:
+    def snapshot(self, depth: int | None = None, children: int | None = None
+                 ) -> ActorSnapshot:
         actor = self.actor
-        children: tuple[ActorSnapshot, ...] = ()
+        below: tuple[ActorSnapshot, ...] = ()
+        child_count = 0
         supervisor = None
         if actor is not None:
-            children, supervisor = actor._introspect(subtree)
+            below, child_count, supervisor = actor._introspect(depth, children)
         incarnation = self.incarnation
         uptime = 0.0
         if (
@@ -883,7 +893,8 @@ class _Cell:
             restarts=self.restarts,
             uptime=uptime,
             failures=self.failures,
-            children=children,
+            children=below,
+            child_count=child_count,
             supervisor=supervisor,
             restart_in=restart_in,
             traces=len(self.traces),

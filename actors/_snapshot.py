@@ -39,7 +39,8 @@ class ActorSnapshot:
     ``uptime`` is the age of its current run (0 when not running); ``restart_in`` is how
     long until a restart waiting out its backoff begins (None when none waits); ``failures`` are its
     most recent abnormal ends, oldest first; ``children`` are set for supervisors, in
-    start order; ``supervisor`` holds a supervisor's flags and is None for workers;
+    start order (those the snapshot was asked for: ``child_count`` says how many there
+    are); ``supervisor`` holds a supervisor's flags and is None for workers;
     ``traces`` is how many traces of its messages are open (``ActorRef.trace``).
     """
 
@@ -56,6 +57,7 @@ class ActorSnapshot:
     uptime: float
     failures: tuple[Failure, ...]
     children: tuple[ActorSnapshot, ...] = ()
+    child_count: int = 0
     supervisor: SupervisorInfo | None = None
     restart_in: float | None = None
     traces: int = 0

@@ -21,6 +21,7 @@ was built with.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import traceback
@@ -161,11 +162,16 @@ class Supervisor(Actor):
         return await super()._system_message(item)
 
     def _introspect(
-        self, subtree: bool
-    ) -> tuple[tuple[ActorSnapshot, ...], SupervisorInfo | None]:
-        children = tuple(cell.snapshot() for cell in self._children.values()) if subtree else ()
+        self, depth: int | None, children: int | None
+    ) -> tuple[tuple[ActorSnapshot, ...], int, SupervisorInfo | None]:
+        below: tuple[ActorSnapshot, ...] = ()
+        if depth != 0:
+            cells = itertools.islice(self._children.values(), children)
+            deeper = None if depth is None else depth - 1
+            below = tuple(cell.snapshot(deeper, children) for cell in cells)
         flags = self.flags
-        return children, SupervisorInfo(flags.strategy.value, flags.intensity, flags.period)
+        info = SupervisorInfo(flags.strategy.value, flags.intensity, flags.period)
+        return below, len(self._children), info
 
     async def _start_new_child(self, spec: ChildSpec) -> ActorRef:
         if not isinstance(spec, ChildSpec):

@@ -88,10 +88,12 @@ class ActorSystem:
             for cell in self._registry.values()
         ]
 
-    def snapshot(self) -> ActorSnapshot:
-        """The whole tree as data, from the root."""
+    def snapshot(self, depth: int | None = None, children: int | None = None
+                 ) -> ActorSnapshot:
+        """The tree as data, from the root: all of it, or as ``ActorRef.snapshot``
+        bounds it."""
         assert self._root is not None
-        return self._root.snapshot()
+        return self._root.snapshot(depth, children)
 
     def statistics(self) -> SystemStatistics:
         cells = self._registry.values()

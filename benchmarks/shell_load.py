@@ -1,9 +1,9 @@
 """Operators at work, for ``benchmarks.shell``: N SSH sessions, each running ``top``.
 
 ``python -m benchmarks.shell_load PORT KEY COUNT`` opens COUNT connections to the
-broker's shell with the key KEY, runs ``top --interval 1`` in each and reads all it
-prints; prints ``ready`` once every one has printed its first table, and stops when its
-standard input closes.
+broker's shell with the key KEY, one after another (the shell takes 16 logging in at
+once), runs ``top --interval 1`` in each and reads all it prints; prints ``ready`` once
+every one has printed its first table, and stops when its standard input closes.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ import sys
 import asyncssh
 
 
-async def operator(port: int, key: str, ready: asyncio.Event, counter: list[int]) -> None:
-    async with asyncssh.connect(
-        "127.0.0.1", port, username="operator", known_hosts=None, client_keys=[key]
-    ) as connection:
+async def operator(connection: asyncssh.SSHClientConnection, ready: asyncio.Event,
+                   counter: list[int]) -> None:
+    async with connection:
         process = await connection.create_process("top --interval 1")
         first = True
         while True:
@@ -34,7 +33,11 @@ async def operator(port: int, key: str, ready: asyncio.Event, counter: list[int]
 async def main(port: int, key: str, count: int) -> None:
     ready = asyncio.Event()
     counter = [0, count]
-    tasks = [asyncio.create_task(operator(port, key, ready, counter)) for _ in range(count)]
+    tasks = []
+    for _ in range(count):
+        connection = await asyncssh.connect(
+            "127.0.0.1", port, username="operator", known_hosts=None, client_keys=[key])
+        tasks.append(asyncio.create_task(operator(connection, ready, counter)))
     await ready.wait()
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)

@@ -89,12 +89,13 @@ class LiveView:
         self.tower_views: list[TowerView] = []
         self.host_views: list[HostView] = []
 
-    def tree(self) -> Any:
-        return self.system.snapshot()
+    def tree(self, depth: int | None = None, children: int | None = None) -> Any:
+        return self.system.snapshot(depth, children)
 
-    def snapshot_of(self, path: str, subtree: bool = True) -> ActorSnapshot | None:
+    def snapshot_of(self, path: str, depth: int | None = None, children: int | None = None
+                    ) -> ActorSnapshot | None:
         ref = self.system.lookup(path)
-        return None if ref is None else ref.snapshot(subtree=subtree)
+        return None if ref is None else ref.snapshot(depth=depth, children=children)
 
     def activity(self) -> list[ActorActivity]:
         return self.system.activity()

@@ -36,8 +36,6 @@ ADMIN_RESERVE = 8  # of MAX_SESSIONS, that read-only keys cannot take
 # Channels open on one connection, whether or not a shell or command runs in them.
 MAX_SESSIONS_PER_CONNECTION = 8
 MAX_CONNECTIONS_LOGGING_IN = 16
-# Of those, from one address (a shell listening beyond loopback).
-MAX_LOGGING_IN_PER_ADDRESS = 8
 # Connections logged in, in all.
 MAX_CONNECTIONS = 64
 # Time to begin logging in (the key exchange done), and then to log in: for a key's
@@ -256,7 +254,7 @@ async def start_server(
     """
     keys = {public_key_id(text): role for text, role in authorized.items()}
     connections: set[asyncssh.SSHServerConnection] = set()
-    logging_in: dict[asyncssh.SSHServerConnection, str] = {}  # and from where
+    logging_in: set[asyncssh.SSHServerConnection] = set()
     # Channels open on each connection, and sessions running (a shell or command).
     channels: dict[asyncssh.SSHServerConnection, int] = {}
     running = {"admin": 0, "read-only": 0}
@@ -267,24 +265,22 @@ async def start_server(
         def connection_made(self, connection: asyncssh.SSHServerConnection) -> None:
             self.connection = connection
             connections.add(connection)
-            address = str((connection.get_extra_info("peername") or ("",))[0])
             if (len(logging_in) >= MAX_CONNECTIONS_LOGGING_IN
-                    or list(logging_in.values()).count(address) >= MAX_LOGGING_IN_PER_ADDRESS
                     or len(connections) > MAX_CONNECTIONS + len(logging_in)):
                 connection.close()  # as OpenSSH's MaxStartups does
                 return
-            logging_in[connection] = address
+            logging_in.add(connection)
             # Until it begins to log in: a client that connects and says nothing holds a
             # slot for less long.
             self.handshake = asyncio.get_running_loop().call_later(
                 HANDSHAKE_TIMEOUT, connection.close)
 
         def auth_completed(self) -> None:
-            logging_in.pop(self.connection, None)
+            logging_in.discard(self.connection)
 
         def connection_lost(self, error: Exception | None) -> None:
             connections.discard(self.connection)
-            logging_in.pop(self.connection, None)
+            logging_in.discard(self.connection)
             if self.handshake is not None:
                 self.handshake.cancel()
 

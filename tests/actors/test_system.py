@@ -171,10 +171,30 @@ async def test_a_snapshot_without_its_subtree_has_the_supervisor_but_no_children
     autojump_clock, system, log
 ):
     group = await system.spawn(ChildSpec("group", lambda: Supervisor([recorder("leaf", log)])))
-    alone = group.snapshot(subtree=False)
+    alone = group.snapshot(depth=0)
     assert alone.children == () and alone.supervisor is not None
+    assert alone.child_count == 1
     assert alone.supervisor == group.snapshot().supervisor
     assert [child.name for child in group.snapshot().children] == ["leaf"]
+
+
+async def test_a_snapshot_takes_only_the_levels_and_children_asked_for(
+    autojump_clock, system, log
+):
+    # A snapshot costs the broker's thread for every actor in it: the shell's tree shows
+    # 50 children of each, and took every one of 50,000 actors to show them.
+    inner = [ChildSpec(f"inner-{number}", lambda number=number: Supervisor(
+        [recorder(f"leaf-{number}-{leaf}", log) for leaf in range(3)])) for number in range(4)]
+    group = await system.spawn(ChildSpec("group", lambda: Supervisor(inner)))
+    few = group.snapshot(depth=1, children=2)
+    assert [child.name for child in few.children] == ["inner-0", "inner-1"]
+    assert few.child_count == 4
+    assert [(child.children, child.child_count) for child in few.children] == [((), 3)] * 2
+    deep = group.snapshot(children=2)
+    assert [len(child.children) for child in deep.children] == [2, 2]
+    assert sum(1 for _ in group.snapshot().walk()) == 1 + 4 + 12
+    assert [child.child_count for child in group.which_children()] == [3] * 4
+    assert all(child.children == () for child in group.which_children())
 
 
 def test_system_rejects_a_bad_name():

@@ -33,8 +33,10 @@ from actors import (
 )
 from broker.metrics import ProcessUsage
 from broker.provisioning import HostBoard
+from broker.shell import commands
 from broker.shell.commands import (
     COMPLETION_PATHS,
+    INSPECT_CHILDREN_SHOWN,
     HostView,
     Output,
     Role,
@@ -439,17 +441,62 @@ async def test_top_json_and_its_bounds(autojump_clock, broker):
     assert lines(too_slow)[0] == "top: --interval: must be from 0.2 to 3600 seconds, not 1e300"
 
 
+async def test_tree_and_inspect_snapshot_only_what_they_show(
+    autojump_clock, broker, monkeypatch
+):
+    # Each took a snapshot of everything under it: a third of a second of the broker's
+    # thread at 50,000 actors, for a tree of 74 characters.
+    asked: list[tuple] = []
+    tree, snapshot_of = broker.view.tree, broker.view.snapshot_of
+
+    def bounded_tree(depth=None, children=None):
+        asked.append(("tree", depth, children))
+        return tree(depth, children)
+
+    def bounded_snapshot(path, depth=None, children=None):
+        asked.append((path, depth, children))
+        return snapshot_of(path, depth, children)
+
+    monkeypatch.setattr(broker.view, "tree", bounded_tree)
+    monkeypatch.setattr(broker.view, "snapshot_of", bounded_snapshot)
+    shell = broker.shell()
+    assert (await shell.run("tree --depth 0")).status == Status.OK
+    assert (await shell.run("tree /broker/towers --children 1")).status == Status.OK
+    assert (await shell.run("inspect /broker/sessions")).status == Status.OK
+    assert asked == [("tree", 0, 50), ("/broker/towers", None, 1),
+                     ("/broker/sessions", 1, INSPECT_CHILDREN_SHOWN)]
+
+
+async def test_top_views_together_refresh_within_their_share_of_the_broker(
+    autojump_clock, broker, monkeypatch
+):
+    # 24 read-only tops at 0.2 s each read every actor five times a second each: at
+    # 50,000 actors the broker's timers ran 2.6 s late.
+    monkeypatch.setattr(commands, "TOP_COST_PER_ACTOR", 0.1 / 7)  # 7 actors: 0.1 s a read
+    shell = broker.shell()
+    began = trio.current_time()
+    alone = await shell.run("top --count 3 --interval 0.5")
+    assert trio.current_time() - began == pytest.approx(2.0)  # every 1.0 s, not 0.5
+    assert "every 0.5s (every 1.0s for now: 7 actors, 1 top views open)" in alone.text
+    assert commands.Shell.tops_running == 0
+    began = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for _ in range(2):
+            nursery.start_soon(shell.run, "top --count 3 --interval 0.5")
+    assert trio.current_time() - began == pytest.approx(4.0)  # two views: every 2.0 s
+
+
 async def test_ps_top_and_stats_snapshot_only_the_actors_they_show(
     autojump_clock, broker, monkeypatch
 ):
     # A snapshot of a large tree costs the broker's thread milliseconds for each thousand
     # actors, on every refresh: these read each actor's counters, then snapshot the rows.
-    taken: list[tuple[str, bool]] = []
+    taken: list[tuple[str, int | None]] = []
     snapshot_of = broker.view.snapshot_of
 
-    def counted(path: str, subtree: bool = True) -> Any:
-        taken.append((path, subtree))
-        return snapshot_of(path, subtree)
+    def counted(path: str, depth: int | None = None, children: int | None = None) -> Any:
+        taken.append((path, depth))
+        return snapshot_of(path, depth, children)
 
     def whole_tree() -> Any:
         raise AssertionError("the whole tree was snapshot")
@@ -460,11 +507,11 @@ async def test_ps_top_and_stats_snapshot_only_the_actors_they_show(
     ps = await shell.run("ps --limit 2 --sort handled")
     assert [line.split()[0] for line in lines(ps)[1:3]] == [
         "/broker/towers/tower-1", "/broker/sessions/session:s1"]
-    assert taken == [("/broker/towers/tower-1", False), ("/broker/sessions/session:s1", False)]
+    assert taken == [("/broker/towers/tower-1", 0), ("/broker/sessions/session:s1", 0)]
     taken.clear()
     top = await shell.run("top --count 2 --interval 0.5 --limit 3 --json")
     assert [len(json.loads(frame)["actors"]) for frame in lines(top)] == [3, 3]
-    assert len(taken) == 6 and not any(subtree for _, subtree in taken)
+    assert len(taken) == 6 and all(depth == 0 for _, depth in taken)
     taken.clear()
     assert lines(await shell.run("stats"))[0] == "actors     7: 7 running"
     assert taken == []

@@ -237,24 +237,6 @@ def test_a_connection_that_does_not_begin_to_log_in_is_closed_early(tmp_path, mo
     assert seen["closed"]
 
 
-def test_one_address_takes_only_its_share_of_the_places_to_log_in(tmp_path, monkeypatch):
-    monkeypatch.setattr(ssh, "MAX_LOGGING_IN_PER_ADDRESS", 2)
-    seen = {}
-
-    async def test(system, port, key):
-        async def idle_connections() -> None:
-            opened = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
-            seen["turned away"] = await asyncio.gather(
-                *(_turned_away(reader) for reader, _ in opened))
-            for _, writer in opened:
-                writer.close()
-
-        await call_asyncio(idle_connections)
-
-    run_with_shell(tmp_path, test)
-    assert seen["turned away"] == [False, False, True]
-
-
 def test_connections_logged_in_are_bounded(tmp_path, monkeypatch):
     monkeypatch.setattr(ssh, "MAX_CONNECTIONS", 1)
     seen = {}
