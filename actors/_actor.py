@@ -453,6 +453,28 @@ async def _stopping(actor: Actor, exit: Exit) -> Exit:
     return exit
 
 
+def _let_go_of_tracebacks(exit: Exit) -> None:
+    """Drop the traceback of an actor's last error, and those of the errors it was raised
+    while handling and of those it groups: its exit outlives it (in its ref, in a
+    ``Down``), and their frames held the actor and all it had. Its snapshot has the
+    traceback as text (``Failure``), the log too. The frames are not cleared: one may
+    be a coroutine's that still runs (an error caught there, raised again here), which
+    clearing would end. Nor is the error it was raised from followed: that may be
+    another actor's, whose own failure is still to be recorded."""
+    pending = [] if exit.error is None else [exit.error]
+    seen: set[int] = set()
+    while pending:
+        error = pending.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        error.__traceback__ = None
+        if error.__context__ is not None:
+            pending.append(error.__context__)
+        if isinstance(error, BaseExceptionGroup):
+            pending.extend(error.exceptions)
+
+
 # Wakes an actor waiting for mail, to see that one of its tasks asked it to stop.
 _WAKE = object()
 
@@ -834,6 +856,9 @@ class _Cell:
         self.exit = exit
         self.state = ActorState.STOPPED
         self.actor = None
+        _let_go_of_tracebacks(exit)
+        if self.incarnation is not None and self.incarnation.exit is not None:
+            _let_go_of_tracebacks(self.incarnation.exit)
         self.system._forget(self)
         user, system = self.mailbox.close()
         for _message, reply in user:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-import traceback
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -192,9 +191,6 @@ class Supervisor(Actor):
 
     async def _child_exited(self, incarnation: _Incarnation) -> None:
         cell = incarnation.cell
-        assert incarnation.exit is not None
-        if incarnation.exit.error is not None:
-            _let_go_of_frames(incarnation.exit.error)
         if (
             incarnation.handled
             or cell.incarnation is not incarnation
@@ -403,27 +399,3 @@ def _count_restart(cell: _Cell) -> None:
     cell.restarts += 1
     cell.system._restarted()
 
-
-def _let_go_of_frames(error: BaseException) -> None:
-    """Clear the locals of the frames an ended incarnation's error went through: its exit
-    outlives it (in its ref, in a ``Down``), and they held the actor and all it had.
-
-    Those frames have all finished by now (the error left each of them, and the
-    incarnation's runner has returned), and so have those of the errors it was raised
-    while handling (its context) and those it groups. Not those of the error it was
-    raised *from*: that may be another actor's, whose runner may not have finished (the
-    cause of an ask's ``ActorCrashed``), and clearing a suspended coroutine's frame would
-    end it.
-    """
-    seen: set[int] = set()
-    pending = [error]
-    while pending:
-        error = pending.pop()
-        if id(error) in seen:
-            continue
-        seen.add(id(error))
-        traceback.clear_frames(error.__traceback__)
-        if error.__context__ is not None:
-            pending.append(error.__context__)
-        if isinstance(error, BaseExceptionGroup):
-            pending.extend(error.exceptions)

@@ -586,11 +586,13 @@ async def test_an_ended_actors_error_does_not_keep_the_actor(autojump_clock, sys
     assert made[0]() is None
 
 
+@pytest.mark.parametrize("unwrapped", [False, True])
 async def test_an_askers_crash_leaves_the_crashed_actor_it_asked_to_end_in_its_time(
-    autojump_clock, system
+    autojump_clock, system, unwrapped
 ):
-    """The asker's error is raised from the other's, whose runner is still in its
-    ``stopping``: letting go of the asker's frames must not touch the other's."""
+    """The asker's error is raised from the other's (or is the other's), whose runner is
+    still in its ``stopping``: letting go of the asker's error must not touch the
+    other's frames (clearing them ended that runner, and the system with it)."""
     log = []
 
     class Slow(Actor):
@@ -603,7 +605,12 @@ async def test_an_askers_crash_leaves_the_crashed_actor_it_asked_to_end_in_its_t
 
     class Asker(Actor):
         async def receive(self, message):
-            await message.ask("crash")
+            try:
+                await message.ask("crash")
+            except ActorCrashed as crashed:
+                if unwrapped:
+                    raise crashed.error from None
+                raise
 
     slow = await system.spawn(ChildSpec("slow", Slow, Restart.TEMPORARY))
     asker = await system.spawn(ChildSpec("asker", Asker, Restart.TEMPORARY))
@@ -612,6 +619,46 @@ async def test_an_askers_crash_leaves_the_crashed_actor_it_asked_to_end_in_its_t
     assert not asker.alive and log == []
     await trio.sleep(1)
     assert log == [("stopped", ExitKind.CRASHED)]
+
+
+@pytest.mark.parametrize("how", ["raised again", "raised while handling it"])
+async def test_an_error_kept_by_a_task_that_runs_on_is_raised_elsewhere_safely(
+    autojump_clock, system, how
+):
+    """An error caught in a task that goes on running, handed to another actor that
+    crashes with it: its traceback holds the task's frame, still running."""
+    kept, log = [], []
+
+    class Keeper(Actor):
+        runs_tasks = True
+
+        async def started(self):
+            self.start_soon(self.keep)
+
+        async def keep(self):
+            try:
+                raise ValueError("remembered")
+            except ValueError as error:
+                kept.append(error)
+            await trio.sleep(5)
+            log.append("the keeper's task went on")
+
+    class Raiser(Actor):
+        async def receive(self, message):
+            if how == "raised again":
+                raise kept[0]
+            try:
+                raise kept[0]
+            except ValueError:
+                raise RuntimeError("while handling the kept one") from None
+
+    keeper = await system.spawn(ChildSpec("keeper", Keeper))
+    raiser = await system.spawn(ChildSpec("raiser", Raiser, Restart.TEMPORARY))
+    await trio.sleep(0.1)
+    await raiser.tell("go")
+    await trio.sleep(10)
+    assert log == ["the keeper's task went on"]
+    assert keeper.snapshot().restarts == 0 and not raiser.alive
 
 
 async def test_supervisor_default_shutdown_is_infinite(autojump_clock, system):
