@@ -10,6 +10,7 @@ peer connection itself lives on the asyncio side (``client_peer``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import random
@@ -23,6 +24,7 @@ from urllib.parse import urlsplit
 
 import h11
 import trio
+from aiortc.exceptions import InvalidStateError
 from trio_websocket import (
     ConnectionClosed,
     HandshakeError,
@@ -302,7 +304,8 @@ class ClientSession:
 
     async def echo(self, payload: str | bytes, timeout: float = 10.0) -> float:
         """One echo round trip on the data channel, in seconds: on the current peer, so
-        that a repair's new peer takes over from one that will never open."""
+        that a repair's new peer takes over from one that will never open, or whose
+        channel closed under it."""
         with trio.fail_after(timeout):
             while True:
                 peer = self.peer
@@ -312,24 +315,33 @@ class ClientSession:
                     try:
                         await call_asyncio(peer.wait_open)
                         return await call_asyncio(peer.echo, payload)
+                    except InvalidStateError:
+                        if self.state in ENDED_STATES:
+                            raise
+                        await trio.sleep_forever()  # until a repair's peer comes
                     finally:
                         self._on_peer.discard(on_peer)
 
     async def _offer(self, negotiation: int) -> None:
         if self.peer is not None:
             await call_asyncio(self.peer.close)
-        self.peer = await call_asyncio(
+        peer = await call_asyncio(
             functools.partial(new_peer, self.grant.ice_servers,
                               answer_heartbeats=self.answer_heartbeats, video=self.video)
         )
-        self.peers_made += 1
-        for waiting in self._on_peer:
-            waiting.cancel()
-        sdp = await call_asyncio(self.peer.offer)
+        self._take_peer(peer)
+        sdp = await call_asyncio(peer.offer)
         # Counted as offered once sent: one lost with its socket is made again, as the
         # broker's state frame on the next socket asks for it.
         await self.send({"type": "offer", "sdp": sdp, "negotiation": negotiation})
         self.offered = negotiation
+
+    def _take_peer(self, peer: ClientPeer) -> None:
+        """The session's peer from now on: echoes waiting on the last one move to it."""
+        self.peer = peer
+        self.peers_made += 1
+        for waiting in self._on_peer:
+            waiting.cancel()
 
     async def _follow(self) -> None:
         while True:
@@ -451,13 +463,17 @@ async def start_session(
 
     The peer connection starts connecting as soon as the ``POST`` returns with the answer;
     the signaling socket opens meanwhile. ``video`` asks for the tower's video (the demo
-    application sends it); ``busy_attempts`` is ``create_session``'s.
+    application sends it); ``busy_attempts`` is ``create_session``'s. A session created
+    but not handed over (its answer refused by the peer, its socket not opened, a
+    cancel) is deleted, so that the broker does not go on negotiating it.
     """
     ice_servers = await client.ice_servers()
     peer = await call_asyncio(
         functools.partial(new_peer, ice_servers, answer_heartbeats=answer_heartbeats,
                           video=video)
     )
+    grant: SessionGrant | None = None
+    handed_over = False
     try:
         grant = await client.create_session(application, offer=await call_asyncio(peer.offer),
                                             busy_attempts=busy_attempts)
@@ -465,15 +481,20 @@ async def start_session(
         if grant.answer is not None:
             answered_at = time.perf_counter()
             await call_asyncio(peer.accept, grant.answer)
+        new_token = functools.partial(client.new_token, grant.id)
+        async with open_session(grant, client.ssl_context, answer_heartbeats=answer_heartbeats,
+                                peer=peer, video=video, new_token=new_token) as session:
+            session.answered_at = session.answered_at or answered_at
+            handed_over = True
+            yield session
     except BaseException:
-        with trio.CancelScope(shield=True):
-            await call_asyncio(peer.close)
+        if not handed_over:
+            with trio.CancelScope(shield=True):
+                await call_asyncio(peer.close)
+                if grant is not None:
+                    with trio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(Exception):
+                        await client.delete_session(grant.id)
         raise
-    new_token = functools.partial(client.new_token, grant.id)
-    async with open_session(grant, client.ssl_context, answer_heartbeats=answer_heartbeats,
-                            peer=peer, video=video, new_token=new_token) as session:
-        session.answered_at = session.answered_at or answered_at
-        yield session
 
 
 def trusting(certificate_file: str) -> ssl.SSLContext:
