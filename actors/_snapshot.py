@@ -71,7 +71,8 @@ class ActorSnapshot:
         return self.failures[-1] if self.failures else None
 
     def walk(self) -> Iterator[ActorSnapshot]:
-        """This snapshot and all below it, depth first, in start order."""
+        """This snapshot and all below it that it holds (a bounded snapshot holds part
+        of the tree), depth first, in start order."""
         yield self
         for child in self.children:
             yield from child.walk()

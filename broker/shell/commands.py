@@ -611,7 +611,8 @@ class Shell:
 
     def complete(self, line: str) -> list[str]:
         """Candidates for the last word of a partial ``line`` (the empty word after a
-        trailing space), sorted, quoted for the shell when they need it.
+        trailing space), sorted, quoted for the shell when they need it. Of actor paths,
+        a bounded few (``_path_segments``): enough for what all share, and whether one.
 
         The first word completes to the commands the role may run; then a command's
         options (after ``-``), an option's choices, actor paths one segment at a time
@@ -1642,8 +1643,9 @@ _COMMANDS: dict[str, _Command] = {
         _Command(
             "inspect",
             "everything about one actor, its failures with tracebacks",
-            "Every field of the actor's snapshot, its children, its supervisor flags and\n"
-            "its last failures (oldest first), each with its traceback.",
+            "Every field of the actor's snapshot, its first 50 children (and how many it\n"
+            "has), its supervisor flags and its last failures (oldest first), each with\n"
+            "its traceback.",
             Shell._inspect,
             (_PATH,),
         ),

@@ -255,6 +255,7 @@ async def start_server(
     keys = {public_key_id(text): role for text, role in authorized.items()}
     connections: set[asyncssh.SSHServerConnection] = set()
     logging_in: set[asyncssh.SSHServerConnection] = set()
+    logged_in: set[asyncssh.SSHServerConnection] = set()
     # Channels open on each connection, and sessions running (a shell or command).
     channels: dict[asyncssh.SSHServerConnection, int] = {}
     running = {"admin": 0, "read-only": 0}
@@ -266,7 +267,7 @@ async def start_server(
             self.connection = connection
             connections.add(connection)
             if (len(logging_in) >= MAX_CONNECTIONS_LOGGING_IN
-                    or len(connections) > MAX_CONNECTIONS + len(logging_in)):
+                    or len(logged_in) >= MAX_CONNECTIONS):
                 connection.close()  # as OpenSSH's MaxStartups does
                 return
             logging_in.add(connection)
@@ -277,10 +278,15 @@ async def start_server(
 
         def auth_completed(self) -> None:
             logging_in.discard(self.connection)
+            if len(logged_in) >= MAX_CONNECTIONS:  # others logged in meanwhile
+                self.connection.close()
+                return
+            logged_in.add(self.connection)
 
         def connection_lost(self, error: Exception | None) -> None:
             connections.discard(self.connection)
             logging_in.discard(self.connection)
+            logged_in.discard(self.connection)
             if self.handshake is not None:
                 self.handshake.cancel()
 

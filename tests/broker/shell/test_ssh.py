@@ -255,6 +255,39 @@ def test_connections_logged_in_are_bounded(tmp_path, monkeypatch):
     assert seen["first"] == 0
 
 
+def test_connections_logging_in_together_past_the_cap_are_closed_once_in(
+        tmp_path, monkeypatch):
+    # Checked only as they came, all those logging in at once could pass the cap.
+    monkeypatch.setattr(ssh, "MAX_CONNECTIONS", 1)
+    seen = {}
+
+    async def test(system, port, key):
+        async def together() -> None:
+            tried, all_tried = [], asyncio.Event()
+
+            async def operator() -> int | None:
+                status = None
+                try:
+                    async with connect(port, key) as connection:
+                        status = (await connection.run("ps")).exit_status
+                        tried.append(status)
+                        if len(tried) == 3:
+                            all_tried.set()
+                        await all_tried.wait()  # all still connected as the others try
+                except (OSError, asyncssh.Error):
+                    tried.append(None)
+                    if len(tried) == 3:
+                        all_tried.set()
+                return status
+
+            seen["statuses"] = await asyncio.gather(*(operator() for _ in range(3)))
+
+        await call_asyncio(together)
+
+    run_with_shell(tmp_path, test)
+    assert sorted(seen["statuses"], key=str) == [0, None, None]
+
+
 def test_a_connection_logged_in_no_longer_counts_as_logging_in(tmp_path, monkeypatch):
     monkeypatch.setattr(ssh, "MAX_CONNECTIONS_LOGGING_IN", 1)
     seen = {}
