@@ -398,4 +398,3 @@ class _GroupDue:
 def _count_restart(cell: _Cell) -> None:
     cell.restarts += 1
     cell.system._restarted()
-

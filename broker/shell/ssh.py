@@ -258,7 +258,7 @@ async def start_server(
     logged_in: set[asyncssh.SSHServerConnection] = set()
     # Channels open on each connection, and sessions running (a shell or command).
     channels: dict[asyncssh.SSHServerConnection, int] = {}
-    running = {"admin": 0, "read-only": 0}
+    running = 0
 
     class Server(asyncssh.SSHServer):
         handshake: asyncio.TimerHandle | None = None
@@ -325,13 +325,14 @@ async def start_server(
             return True
 
     async def handle(process: asyncssh.SSHServerProcess) -> None:
+        nonlocal running
         role = process.get_extra_info("role")
         if role is None:
             # Only a key validated above carries a role; anything else gets nothing.
             process.exit(3)
             return
         room = MAX_SESSIONS - (0 if role == "admin" else ADMIN_RESERVE)
-        if sum(running.values()) >= room:
+        if running >= room:
             process.stderr.write("too many shell sessions are open; close one and retry\n")
             process.exit(1)
             return
@@ -340,12 +341,12 @@ async def start_server(
             process.channel.register_key(CTRL_C, session._interrupt_key)
             if session.interactive:
                 process.channel.register_key("\t", session._complete_key)
-        running[role] += 1
+        running += 1
         try:
             on_session(session)
             await session.ended.wait()
         finally:
-            running[role] -= 1
+            running -= 1
 
     acceptor = await asyncssh.create_server(
         Server,
