@@ -190,12 +190,12 @@ class BrokerMetrics:
                 towers_cpu, None if broker_rss is None else int(broker_rss),
                 None if towers_rss is None else int(towers_rss))
 
-    def tower_sessions(self, tower: str) -> float | None:
+    def tower_sessions(self, tower: str) -> int | None:
         """The sessions ``tower`` last reported, or None if the page does not say."""
         page = self._page()
-        if page is None:
-            return None
-        return parse_metrics(page).get(f'broker_tower_sessions{{tower="{tower}"}}')
+        count = None if page is None else parse_metrics(page).get(
+            f'broker_tower_sessions{{tower="{tower}"}}')
+        return None if count is None else int(count)
 
     def close(self) -> None:
         if self.connection is not None:
@@ -922,7 +922,7 @@ def print_report(report: dict[str, Any]) -> None:
     if chaos is not None and chaos.get("killed"):
         on_it = chaos["sessions_on_it"]
         print(f"chaos        {chaos['killed']} killed at {chaos['at']:g} s, with "
-              f"{'an unknown number of' if on_it is None else int(on_it)} sessions on it "
+              f"{'an unknown number of' if on_it is None else on_it} sessions on it "
               "(its last report)")
     elif chaos is not None:
         print(f"chaos        nothing killed: {chaos['why']}")
