@@ -122,6 +122,11 @@ CLOSE_DRAIN_TIMEOUT = 2.0
 # How long the connections open as the broker stops may take to end on their own.
 CLOSE_GRACE = 2.0
 TLS_HANDSHAKE_TIMEOUT = 10.0
+# Connections the kernel completes for the broker before it accepts them (capped by
+# net.core.somaxconn). hypercorn's 100 overflowed whenever a burst of browsers arrived
+# or left faster than the loop accepted (351 times as 1,000 sessions ended at once): a
+# dropped handshake costs its browser a SYN retransmission, a second or more.
+LISTEN_BACKLOG = 4096
 # At most one log line per this long about connections closed past the limit.
 REFUSAL_LOG_INTERVAL = 60.0
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost"})
@@ -954,6 +959,7 @@ class Endpoint(Actor):
         # last line of defence far above it.
         config.websocket_max_message_size = 1024 * 1024
         config.keep_alive_max_requests = 1_000_000
+        config.backlog = LISTEN_BACKLOG
         config.accesslog = None
         config.graceful_timeout = CLOSE_GRACE
         # A connection that does not finish its TLS handshake is dropped after this (60 s

@@ -1,5 +1,6 @@
-"""The endpoint's HTTP connections: each lets go of its memory as it ends; a request's
-body, which has a time to arrive in; and HTTP/2 data for a request already answered.
+"""The endpoint's HTTP connections: a burst of them waits for the server rather than
+being dropped; each lets go of its memory as it ends; a request's body, which has a
+time to arrive in; and HTTP/2 data for a request already answered.
 
 The broker freezes what survives a second out of the garbage collector's sight
 (``collector.py``), so a connection whose objects form cycles would wait for a full
@@ -12,10 +13,14 @@ import contextlib
 import functools
 import gc
 import json
+import select
+import socket
+import time
 import weakref
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from types import SimpleNamespace
 
 import h2.config
@@ -218,6 +223,31 @@ async def test_connections_past_the_limit_are_closed_as_they_come(
     again = await tls_connection(https, certificate)
     assert (await request(again)).startswith(b"HTTP/1.1 200")
     await again.aclose()
+
+
+async def test_a_burst_of_connections_waits_for_the_loop_rather_than_being_dropped(ports):
+    # This test holds the server's loop (it does not yield) while more browsers connect
+    # than hypercorn's default backlog of 100 holds: the kernel completes every
+    # handshake, to be accepted once the loop runs. Past a full backlog, a handshake is
+    # dropped, and its browser waits for a SYN retransmission, a second or more.
+    # The kernel holds no more than net.core.somaxconn, whatever the broker asks.
+    burst = min(300, int(Path("/proc/sys/net/core/somaxconn").read_text()))
+    if burst <= 101:
+        pytest.skip(f"net.core.somaxconn is {burst}: no backlog past hypercorn's own")
+    sockets = [socket.socket() for _ in range(burst)]
+    try:
+        for sock in sockets:
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", ports["https"]))
+        waiting, deadline = list(sockets), time.monotonic() + 5
+        while waiting and time.monotonic() < deadline:
+            _, done, _ = select.select([], waiting, [], 0.1)
+            waiting = [sock for sock in waiting if sock not in done]
+        assert len(waiting) == 0, f"{len(waiting)} of {burst} connections not completed"
+        assert {sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) for sock in sockets} == {0}
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 async def test_a_plain_http_connection_is_freed(mock_clock, ports, collector_off):
