@@ -5,7 +5,8 @@ dials the tower's communication server (a WebSocket over mutual TLS: the broker 
 its client certificate, the tower's certificate must name the tower and be issued by
 the broker's CA), waits for ``TowerHello``, then reads frames until the link breaks, the
 tower's certificate is revoked or expires, or no load report of the tower's is taken
-for ``tower_silence`` seconds (whatever else it sends). While a link is up its
+for ``tower_silence`` seconds of the broker's own time (whatever else it sends: see
+``TowerLink._read``). While a link is up its
 ``TowerConnection`` is in the ``TowerDirectory``, where sessions find towers: placement
 reads the load reports, negotiations send their offers and get their answers routed
 back by session id. When a link ends, its connection's ``closed`` event fires and every
@@ -51,6 +52,7 @@ from .issuer import Issuer, LedgerDamaged
 from .outbox import Outbox, OutboxClosed, OutboxStalled
 from .link import (
     CLOSE_TIMEOUT,
+    Bundle,
     CertificateInstalled,
     CertificateIssued,
     CertificateRefused,
@@ -59,6 +61,7 @@ from .link import (
     MAX_FRAME_BYTES,
     LinkError,
     OFFER_REFUSALS,
+    RECEIVE_BYTES,
     TOWER_FULL,
     PeerAnswer,
     PeerRejected,
@@ -78,6 +81,8 @@ RENEWAL_TIMEOUT = 30.0
 # The longest renewal sleeps before it reads the wall clock again.
 RENEWAL_RECHECK = 60.0
 SEND_TIMEOUT = 5.0
+# A tower's silence is counted in waits of at most this long (``TowerLink._read``).
+SILENCE_STEP = 0.1
 AGENT_START_TIMEOUT = 30.0
 AGENT_STOP_TIMEOUT = 3.0
 # At most one log line per this long about the frames a tower refused (LinkError).
@@ -134,7 +139,7 @@ class TowerConnection:
         self.certificate = certificate
         self.closed = trio.Event()
         self.undeliverable = 0
-        self.outbox = Outbox(websocket)
+        self.outbox = Outbox(websocket, bundling=hello.takes_bundles)
         self._routes: dict[str, ActorRef] = {}
         self.offers_at_once = offers_at_once
         # The offers sent and not settled: each session's negotiation.
@@ -440,52 +445,61 @@ class TowerLink(Actor):
         silence = self.settings.tower_silence
         # Only a load report that is taken is the tower's heartbeat: a tower that sends
         # anything else, or reports nothing placement can use, is silent all the same.
-        deadline = trio.current_time() + silence
-        waited_more = False
+        # The silence is counted in steps, each for at most its own length: a wait that
+        # ended late was this process's own delay, not the tower's. A broker paused (a
+        # VM, swapping) or too busy to read its link in time (2,000 sessions ending at
+        # once kept it from the link for 6 s) finds the reports waiting in the socket.
+        silent_for = 0.0
         while True:
-            data = await self._receive(websocket, deadline)
-            if data is None and not waited_more:
-                # One more short wait: after a pause of this very process (a VM paused,
-                # swapping), the tower's reports may be in the socket, not yet read.
-                waited_more = True
-                deadline = trio.current_time() + self.settings.tower_load_interval
-                continue
-            if data is None:
+            started = trio.current_time()
+            data = await self._receive(websocket, started + SILENCE_STEP)
+            silent_for += min(trio.current_time() - started, SILENCE_STEP)
+            if data is not None and self._take(connection, data):
+                silent_for = 0.0
+            elif silent_for >= silence:
                 raise TowerLinkLost(self._silent(silence))
-            started = time.thread_time()
+
+    def _take(self, connection: TowerConnection, data: bytes, bundled: bool = False) -> bool:
+        """Take one frame of the tower's (each of a bundle's in turn); True if a load
+        report was taken among them."""
+        started = time.thread_time()
+        try:
+            message = codec.decode(data)
+        except DecodeError as error:
+            self._refuse(connection, str(error), started)
+            return False
+        if isinstance(message, Bundle) and not bundled:
+            taken = [self._take(connection, frame, bundled=True) for frame in message.frames]
+            return any(taken)
+        if isinstance(message, TowerLoadReport):
             try:
-                message = codec.decode(data)
-            except DecodeError as error:
+                self.directory.report(self.name, message)
+            except ValueError as error:
+                # Not taken, not even as the tower's heartbeat for placement.
                 self._refuse(connection, str(error), started)
-                continue
-            if isinstance(message, TowerLoadReport):
-                try:
-                    self.directory.report(self.name, message)
-                except ValueError as error:
-                    # Not taken, not even as the tower's heartbeat for placement.
-                    self._refuse(connection, str(error), started)
-                else:
-                    deadline = trio.current_time() + silence
-                    waited_more = False
-                    self.last_refusal = ""
-            elif isinstance(message, (PeerAnswer, PeerRejected, PeerState)):
+                return False
+            self.last_refusal = ""
+            return True
+        if isinstance(message, (PeerAnswer, PeerRejected, PeerState)):
                 connection.deliver(message)
-            elif isinstance(message, (CertificateRequest, CertificateInstalled)):
-                assert self.renewal_replies is not None
-                try:
-                    self.renewal_replies.send_nowait(message)
-                except trio.WouldBlock:
-                    self._refuse(connection, f"a {type(message).__name__} nobody asked for",
-                                 started)
-            elif isinstance(message, LinkError):
-                self._refused_by_tower(message)
-                if self.renewing:  # most likely the renewal's own failure: heard at once
-                    assert self.renewal_replies is not None
-                    with contextlib.suppress(trio.WouldBlock):
-                        self.renewal_replies.send_nowait(message)
-            else:
-                self._refuse(connection, f"a tower does not send {type(message).__name__}",
+        elif isinstance(message, (CertificateRequest, CertificateInstalled)):
+            assert self.renewal_replies is not None
+            try:
+                self.renewal_replies.send_nowait(message)
+            except trio.WouldBlock:
+                self._refuse(connection, f"a {type(message).__name__} nobody asked for",
                              started)
+        elif isinstance(message, LinkError):
+            self._refused_by_tower(message)
+            if self.renewing:  # most likely the renewal's own failure: heard at once
+                assert self.renewal_replies is not None
+                with contextlib.suppress(trio.WouldBlock):
+                    self.renewal_replies.send_nowait(message)
+        else:
+            # A bundle in a bundle too: a tower that bundles sends its frames flat.
+            self._refuse(connection, f"a tower does not send {type(message).__name__}"
+                         + (" in a bundle" if bundled else ""), started)
+        return False
 
     def _refuse(self, connection: TowerConnection, reason: str, started: float) -> None:
         """Refuse a frame whose handling began at ``started`` (``time.thread_time``)."""
@@ -624,7 +638,8 @@ async def dial_tower(
             der = tls_stream.getpeercert(binary_form=True)
             assert der is not None  # the context requires a certificate
             websocket = await wrap_client_stream(
-                nursery, tls_stream, name, "/link", max_message_size=MAX_FRAME_BYTES
+                nursery, tls_stream, name, "/link", max_message_size=MAX_FRAME_BYTES,
+                receive_buffer_size=RECEIVE_BYTES,
             )
             return websocket, x509.load_der_x509_certificate(der)
     except BaseException as error:

@@ -67,8 +67,10 @@ from ..config import Settings, check_seconds
 from ..link import (
     CLOSE_TIMEOUT,
     MAX_FRAME_BYTES,
+    RECEIVE_BYTES,
     TOWER_FULL,
     AddCandidate,
+    Bundle,
     CertificateInstalled,
     CertificateIssued,
     CertificateRefused,
@@ -254,7 +256,8 @@ class CommunicationServer(Actor):
         async with trio.open_nursery() as nursery:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 request = await wrap_server_stream(
-                    nursery, stream, max_message_size=MAX_FRAME_BYTES
+                    nursery, stream, max_message_size=MAX_FRAME_BYTES,
+                    receive_buffer_size=RECEIVE_BYTES,
                 )
                 if self.tls is None and _header(request, "x-client-subject") != BROKER_SUBJECT:
                     # NGINX checked the certificate chain; the subject must be the broker's.
@@ -272,11 +275,17 @@ class CommunicationServer(Actor):
             self.connection_scope.cancel()
         with trio.CancelScope() as scope:
             self.connection_scope = scope
-            outbox = Outbox(websocket)
-            self.uplink.outbox = outbox
+            outbox = Outbox(websocket, bundling=True)
             try:
-                await self.uplink.send(TowerHello(self.settings.name, self.settings.capacity,
-                                                  __version__))
+                # The hello goes alone, before the outbox writes: the broker reads it
+                # before it knows that this tower bundles.
+                try:
+                    await websocket.send_message(codec.encode(TowerHello(
+                        self.settings.name, self.settings.capacity, __version__,
+                        takes_bundles=True)))
+                except (ConnectionClosed, trio.BrokenResourceError):
+                    return
+                self.uplink.outbox = outbox
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(outbox.write_all)
                     nursery.start_soon(self._report_load)
@@ -314,40 +323,50 @@ class CommunicationServer(Actor):
                 data = await websocket.get_message()
             except ConnectionClosed:
                 return
-            try:
-                message = codec.decode(data)
-            except DecodeError as error:
-                await self.uplink.send(LinkError(str(error)))
-                continue
-            if isinstance(message, OpenPeer):
-                await self._open(message, websocket)
-            elif isinstance(message, AddCandidate):
-                entry = self.peers_by_session.get(message.session)
-                if entry is not None and entry.negotiation == message.negotiation:
-                    try:
-                        entry.ref.tell_nowait(message)
-                    except MailboxFull:
-                        await self.uplink.send(PeerRejected(
-                            message.session, message.negotiation, "invalid_message",
-                            "too many candidates at once"))
-            elif isinstance(message, ClosePeer):
-                self._close(message.session, message.negotiation)
-            elif isinstance(message, RenewCertificate):
-                # Off the read loop: key generation and NGINX's reload take a while, and
-                # the sessions' frames must not wait behind them.
-                self.start_soon(self._renewal_step, self._request_certificate)
-            elif isinstance(message, CertificateIssued):
-                self.start_soon(self._renewal_step, self._install, message.certificate)
-            elif isinstance(message, CertificateRefused):
-                logger.warning("%s: the broker refused a new certificate: %s",
-                               self.settings.name, message.reason)
-                self.pending_key = None
-            elif isinstance(message, LinkError):
-                # Why the broker refused one of ours (a load report, say): said, not answered.
-                logger.warning("%s: the broker refused a frame: %s", self.settings.name,
-                               message.message[:200])
-            else:
-                await self.uplink.send(LinkError(f"a tower does not take {type(message).__name__}"))
+            await self._take(data, websocket)
+
+    async def _take(self, data: bytes, websocket: WebSocketConnection,
+                    bundled: bool = False) -> None:
+        """Take one frame of the broker's (each of a bundle's in turn)."""
+        try:
+            message = codec.decode(data)
+        except DecodeError as error:
+            await self.uplink.send(LinkError(str(error)))
+            return
+        if isinstance(message, Bundle) and not bundled:
+            for frame in message.frames:
+                await self._take(frame, websocket, bundled=True)
+        elif isinstance(message, OpenPeer):
+            await self._open(message, websocket)
+        elif isinstance(message, AddCandidate):
+            entry = self.peers_by_session.get(message.session)
+            if entry is not None and entry.negotiation == message.negotiation:
+                try:
+                    entry.ref.tell_nowait(message)
+                except MailboxFull:
+                    await self.uplink.send(PeerRejected(
+                        message.session, message.negotiation, "invalid_message",
+                        "too many candidates at once"))
+        elif isinstance(message, ClosePeer):
+            self._close(message.session, message.negotiation)
+        elif isinstance(message, RenewCertificate):
+            # Off the read loop: key generation and NGINX's reload take a while, and
+            # the sessions' frames must not wait behind them.
+            self.start_soon(self._renewal_step, self._request_certificate)
+        elif isinstance(message, CertificateIssued):
+            self.start_soon(self._renewal_step, self._install, message.certificate)
+        elif isinstance(message, CertificateRefused):
+            logger.warning("%s: the broker refused a new certificate: %s",
+                           self.settings.name, message.reason)
+            self.pending_key = None
+        elif isinstance(message, LinkError):
+            # Why the broker refused one of ours (a load report, say): said, not answered.
+            logger.warning("%s: the broker refused a frame: %s", self.settings.name,
+                           message.message[:200])
+        else:
+            # A bundle in a bundle too: a broker that bundles sends its frames flat.
+            await self.uplink.send(LinkError(f"a tower does not take {type(message).__name__}"
+                                             + (" in a bundle" if bundled else "")))
 
     async def _open(self, request: OpenPeer, opened_by: object) -> None:
         weight = session_weight(request.application, self.settings.video_weight,

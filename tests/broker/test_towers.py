@@ -42,6 +42,8 @@ from broker.pki import (
 from broker import towers
 from broker.link import (
     LINK_VERSION,
+    Bundle,
+    ClosePeer,
     LinkError,
     OpenPeer,
     PeerAnswer,
@@ -469,28 +471,33 @@ def test_a_tower_that_stops_reading_is_dropped_not_kept_ready(authority, monkeyp
     assert "the other side does not read" in seen["failure"]
 
 
-def test_a_pause_of_the_broker_itself_is_not_taken_for_its_towers_silence(authority):
-    """The broker's process stops for longer than the towers' silence (a VM paused,
-    swapping): their reports are waiting in the sockets, and the links stay."""
-    seen = {}
+async def paused() -> None:
+    time.sleep(1.5)  # the whole process, trio's loop included, stands still
 
-    async def tower(request) -> None:
-        websocket = await request.accept()
-        await websocket.send_message(codec.encode(TowerHello(TOWER, 100, "test")))
-        try:
-            while True:
-                await websocket.send_message(codec.encode(TowerLoadReport(0, 100)))
-                await trio.sleep(0.1)
-        except ConnectionClosed:
-            pass
+
+async def busy() -> None:
+    for _ in range(10):
+        time.sleep(0.7)  # the whole loop: every task waits this pass out
+        await trio.lowlevel.checkpoint()
+
+
+@pytest.mark.parametrize("delay", [paused, busy], ids=["paused", "busy"])
+def test_the_brokers_own_delay_is_not_taken_for_its_towers_silence(authority, delay):
+    """The broker's process stops for longer than the tower's silence (a VM paused,
+    swapping), or its loop takes 0.7 s a pass for 7 s (2,000 sessions ending at once,
+    say), where its link's reader takes a pass or two per frame: a report less often
+    than the silence, though the tower sends one every 0.2 s. The link stays."""
+    seen = {}
+    report = codec.encode(TowerLoadReport(0, 100))
 
     async def main():
-        async with linked_by_hand(authority, tower, silence=1.0) as (system, directory):
+        async with linked_by_hand(authority, sends_forever(report), silence=1.0) as (
+                system, directory):
             with trio.fail_after(DEADLINE):
                 while (connection := directory.get(TOWER)) is None:
                     await trio.sleep(0.05)
             before = directory.placement.reported_at(TOWER)
-            time.sleep(1.5)  # the whole process, trio's loop included, stands still
+            await delay()
             with trio.fail_after(DEADLINE):  # until a report has been read since
                 while directory.placement.reported_at(TOWER) in (None, before):
                     await trio.sleep(0.05)
@@ -544,7 +551,10 @@ async def linked_then_dropped(directory: TowerDirectory) -> None:
     # A newer tower than this broker: its reports have a field this broker does not know.
     (msgpack.packb([LINK_VERSION, "tower.load", {"sessions": 0, "capacity": 100, "gpu": 1}]),
      "unknown field 'gpu'"),
-], ids=["other frames", "refused reports", "newer agent"])
+    # Its report in a bundle in a bundle: a tower that bundles sends its frames flat.
+    (codec.encode(Bundle((codec.encode(Bundle((codec.encode(TowerLoadReport(0, 100)),))),))),
+     "does not send Bundle in a bundle"),
+], ids=["other frames", "refused reports", "newer agent", "bundle in a bundle"])
 def test_only_a_load_report_taken_keeps_a_tower_linked(authority, frame, why):
     """Whatever else a tower sends, without a load report taken it is as good as silent:
     dropped (its sessions moved), not kept linked but never chosen."""
@@ -559,6 +569,68 @@ def test_only_a_load_report_taken_keeps_a_tower_linked(authority, frame, why):
     run(main)
     assert "silent for 1 s: no load report" in seen["failure"]
     assert why in seen["failure"]
+
+
+def test_a_towers_bundle_is_taken_frame_by_frame(authority):
+    """A report in a bundle keeps the tower linked and is taken; a frame in it that does
+    not decode is refused alone."""
+    seen = {}
+    bundled = codec.encode(Bundle((
+        codec.encode(PeerState("s-1", 1, "closed")),
+        b"\xc1 not a frame",
+        codec.encode(TowerLoadReport(3, 100)),
+    )))
+
+    async def main():
+        async with linked_by_hand(authority, sends_forever(bundled), silence=1.0) as (
+                _, directory):
+            with trio.fail_after(DEADLINE):
+                while (connection := directory.get(TOWER)) is None:
+                    await trio.sleep(0.05)
+            await trio.sleep(2.5)  # past the silence, with a report in every bundle
+            seen["open"] = not connection.closed.is_set()
+            seen["load"] = directory.placement.load_of(TOWER).sessions
+            seen["undeliverable"] = connection.undeliverable
+
+    run(main)
+    assert seen["open"] and seen["load"] == 3
+    assert seen["undeliverable"] > 0  # the state, taken and routed (to no session)
+
+
+@pytest.mark.parametrize("takes_bundles", [True, False], ids=["bundling", "older tower"])
+def test_the_broker_bundles_only_to_a_tower_that_takes_bundles(authority, takes_bundles):
+    """Frames queued together go as one message to a tower whose hello says it takes
+    bundles, and one by one to an older tower; in order either way."""
+    seen: dict = {"messages": 0, "frames": []}
+    queued = trio.Event()
+
+    async def tower(request) -> None:
+        websocket = await request.accept()
+        await websocket.send_message(codec.encode(
+            TowerHello(TOWER, 100, "test", takes_bundles=takes_bundles)))
+        await websocket.send_message(codec.encode(TowerLoadReport(0, 100)))
+        await queued.wait()
+        while len(seen["frames"]) < 50:
+            message = codec.decode(await websocket.get_message())
+            seen["messages"] += 1
+            seen["frames"].extend([codec.decode(frame) for frame in message.frames]
+                                  if isinstance(message, Bundle) else [message])
+        await trio.sleep_forever()  # linked until the test ends
+
+    async def main():
+        async with linked_by_hand(authority, tower) as (_, directory):
+            with trio.fail_after(DEADLINE):
+                while (connection := directory.get(TOWER)) is None:
+                    await trio.sleep(0.05)
+                for number in range(50):  # no checkpoint: all wait for the writer
+                    assert connection.send_nowait(ClosePeer(f"s-{number}", 1))
+                queued.set()
+                while len(seen["frames"]) < 50:
+                    await trio.sleep(0.05)
+
+    run(main)
+    assert seen["frames"] == [ClosePeer(f"s-{number}", 1) for number in range(50)]
+    assert seen["messages"] == (1 if takes_bundles else 50)
 
 
 def test_a_revoked_tower_is_dropped_whatever_it_sends(authority):

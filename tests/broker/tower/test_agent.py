@@ -12,6 +12,8 @@ import functools
 import ssl
 import subprocess
 import sys
+import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_st
 from actors import bridge
 from broker.client_peer import ClientPeer, new_peer
 from broker.link import (
+    Bundle,
     MAX_FRAME_BYTES,
     AddCandidate,
     ClosePeer,
@@ -186,13 +189,27 @@ async def link_over(connect: Callable[[], Awaitable[trio.abc.Stream]], **options
             nursery.cancel_scope.cancel()
 
 
+# What the agent sent in a bundle that a test has not taken yet, per link.
+_unread: weakref.WeakKeyDictionary[WebSocketConnection, deque] = weakref.WeakKeyDictionary()
+
+
+async def next_message(websocket: WebSocketConnection) -> object:
+    """The agent's next message, as the broker takes it: a bundle's frames one by one."""
+    unread = _unread.setdefault(websocket, deque())
+    while not unread:
+        message = codec.decode(await websocket.get_message())
+        unread.extend([codec.decode(frame) for frame in message.frames]
+                      if isinstance(message, Bundle) else [message])
+    return unread.popleft()
+
+
 async def receive(websocket: WebSocketConnection, kind: type, timeout: float = DEADLINE,
                   *, where: Callable[[object], bool] = lambda message: True) -> object:
     """The next message of type ``kind`` (matching ``where``); load reports in between are
     skipped."""
     with trio.fail_after(timeout):
         while True:
-            message = codec.decode(await websocket.get_message())
+            message = await next_message(websocket)
             if isinstance(message, kind) and where(message):
                 return message
             if not isinstance(message, TowerLoadReport):
@@ -260,10 +277,12 @@ def test_the_broker_gets_the_towers_hello_then_load_reports(agent, credentials):
     async def main():
         async with open_link(agent, credentials.context(credentials.broker)) as link:
             with trio.fail_after(DEADLINE):
+                # Alone: the broker reads it before it knows that the tower bundles.
                 hello = codec.decode(await link.get_message())
                 assert isinstance(hello, TowerHello)
                 assert hello.tower == TOWER and hello.capacity == 500 and hello.agent_version
-                reports = [codec.decode(await link.get_message()) for _ in range(3)]
+                assert hello.takes_bundles
+                reports = [await next_message(link) for _ in range(3)]
             assert [(report.sessions, report.capacity) for report in reports] == [(0, 500)] * 3
             # What the agent process costs, as it measures itself.
             assert all(report.resident_bytes > 10 * 2**20 for report in reports)
@@ -325,6 +344,37 @@ def test_bad_frames_are_answered_with_link_errors_and_the_link_stays_open(agent,
             await link.send_message(codec.encode(OpenPeer("s-2", 1, "v=0\r\n", "no-such-app")))
             rejected = await receive(link, PeerRejected)
             assert (rejected.session, rejected.code) == ("s-2", "unknown_application")
+
+    run(main)
+    assert agent.process.poll() is None
+
+
+def test_a_bundle_is_taken_frame_by_frame_and_a_bad_frame_in_it_refused_alone(
+    agent, credentials
+):
+    async def main():
+        async with open_link(agent, credentials.context(credentials.broker)) as link:
+            await receive(link, TowerHello)
+            inner = codec.encode(Bundle((codec.encode(ClosePeer("s-9", 1)),)))
+            await link.send_message(codec.encode(Bundle((
+                b"\x00 not msgpack \xff",
+                codec.encode(OpenPeer("s-1", 1, "v=0\r\ngarbage", "echo")),
+                inner,
+                codec.encode(OpenPeer("s-2", 1, "v=0\r\n", "no-such-app")),
+            ))))
+            # Each frame answered as if it had come alone (the peers answer in their time).
+            answers = set()
+            with trio.fail_after(DEADLINE):
+                while len(answers) < 4:
+                    message = await next_message(link)
+                    if isinstance(message, PeerRejected):
+                        answers.add((message.session, message.code))
+                    elif isinstance(message, LinkError):
+                        answers.add(("refused", "Bundle in a bundle" in message.message))
+            assert answers == {
+                ("refused", False), ("s-1", "invalid_sdp"),
+                ("refused", True), ("s-2", "unknown_application"),
+            }
 
     run(main)
     assert agent.process.poll() is None
@@ -513,7 +563,7 @@ async def answer_and_refusal(link: WebSocketConnection) -> tuple[PeerAnswer, Pee
     found: dict[type, object] = {}
     with trio.fail_after(DEADLINE):
         while len(found) < 2:
-            message = codec.decode(await link.get_message())
+            message = await next_message(link)
             if isinstance(message, (PeerAnswer, PeerRejected)):
                 found[type(message)] = message
     return found[PeerAnswer], found[PeerRejected]
@@ -526,7 +576,7 @@ async def refusals_until(link: WebSocketConnection, enough: Callable[[list], boo
     refusals: list[PeerRejected] = []
     with trio.fail_after(DEADLINE):
         while not enough(refusals):
-            message = codec.decode(await link.get_message())
+            message = await next_message(link)
             if isinstance(message, PeerRejected):
                 refusals.append(message)
             elif done(message):
