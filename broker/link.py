@@ -24,9 +24,9 @@ Frames queued together go as one WebSocket message, a ``Bundle`` of them, each t
 if it had come alone (one that does not decode is refused alone). A busy process reads
 its link a message per pass of its scheduler or two, and a pass can take a second: as
 2,000 sessions ended at once, their 2,000 frames kept the broker from the tower's load
-report for 6 s, and the link was dropped as silent. A tower bundles from its second
-frame on (its hello goes alone), as its broker is never older than it; the broker
-bundles only to a tower whose hello says it takes bundles.
+report for 6 s, and the link was dropped as silent. Both ends bundle when the broker
+offered the WebSocket subprotocol ``BUNDLES`` and the tower took it: an end older than
+bundles neither offers nor takes it, and the link goes frame by frame.
 """
 
 from __future__ import annotations
@@ -78,10 +78,13 @@ class Bundle:
     frames: tuple[bytes, ...]
 
 
+# The WebSocket subprotocol by which both ends of a link agree to send bundles.
+BUNDLES = "link.bundles"
 # A bundle's frames, with room for its own envelope and each frame's length, fit in one
-# frame; more frames than these go in the next bundle.
+# frame; more frames than these go in the next bundle, and a bundle of more is refused
+# whole (each frame taken costs the taker's loop, which one bundle holds throughout).
 BUNDLE_BYTES = MAX_FRAME_BYTES - 64 * 1024
-BUNDLE_FRAMES = 4096
+BUNDLE_FRAMES = 1024
 
 
 def bundle(frames: list[bytes]) -> bytes:
@@ -100,8 +103,6 @@ class TowerHello:
     tower: str
     capacity: int
     agent_version: str
-    # Whether the tower takes a ``Bundle`` (a tower older than it does not).
-    takes_bundles: bool = False
 
 
 @codec.message("tower.load")

@@ -9,7 +9,8 @@ writer gives up and the link must be dropped.
 
 Bundling, the frames waiting when the writer comes round go as one message (a
 ``link.Bundle``), up to what one frame holds: the other side then takes them in one pass
-of its scheduler, not one pass each.
+of its scheduler, not one pass each. The first frame goes alone: a link's first is the
+tower's hello, which the broker reads on its own.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Outbox:
         # A frame taken from the queue that did not fit the last bundle: the next goes
         # with it first.
         self._held: bytes | None = None
+        self._first = True
 
     async def put(self, frame: bytes) -> None:
         """Queue ``frame``; waits while the outbox is full (safe to cancel).
@@ -91,7 +93,7 @@ class Outbox:
         else:
             frames = [await self._receive.receive()]
         size = len(frames[0])
-        while self.bundling and len(frames) < BUNDLE_FRAMES:
+        while self.bundling and not self._first and len(frames) < BUNDLE_FRAMES:
             try:
                 frame = self._receive.receive_nowait()
             except trio.WouldBlock:
@@ -101,4 +103,5 @@ class Outbox:
                 break
             frames.append(frame)
             size += len(frame)
+        self._first = False
         return bundle(frames)

@@ -51,6 +51,8 @@ from .config import Settings
 from .issuer import Issuer, LedgerDamaged
 from .outbox import Outbox, OutboxClosed, OutboxStalled
 from .link import (
+    BUNDLE_FRAMES,
+    BUNDLES,
     CLOSE_TIMEOUT,
     Bundle,
     CertificateInstalled,
@@ -81,8 +83,10 @@ RENEWAL_TIMEOUT = 30.0
 # The longest renewal sleeps before it reads the wall clock again.
 RENEWAL_RECHECK = 60.0
 SEND_TIMEOUT = 5.0
-# A tower's silence is counted in waits of at most this long (``TowerLink._read``).
+# A tower's silence is counted in steps of at most this long (``TowerLink._read``), up
+# to this many silences of the wall clock.
 SILENCE_STEP = 0.1
+SILENCE_CEILING = 3
 AGENT_START_TIMEOUT = 30.0
 AGENT_STOP_TIMEOUT = 3.0
 # At most one log line per this long about the frames a tower refused (LinkError).
@@ -132,6 +136,7 @@ class TowerConnection:
         hello: TowerHello,
         certificate: x509.Certificate | None = None,
         offers_at_once: int = Settings.max_unanswered_offers,
+        bundling: bool = False,
     ) -> None:
         self.name = name
         self.capacity = hello.capacity
@@ -139,7 +144,7 @@ class TowerConnection:
         self.certificate = certificate
         self.closed = trio.Event()
         self.undeliverable = 0
-        self.outbox = Outbox(websocket, bundling=hello.takes_bundles)
+        self.outbox = Outbox(websocket, bundling=bundling)
         self._routes: dict[str, ActorRef] = {}
         self.offers_at_once = offers_at_once
         # The offers sent and not settled: each session's negotiation.
@@ -411,7 +416,8 @@ class TowerLink(Actor):
                     f"than the {self.settings.tower_capacity} of tower_capacity")
             self._check_not_revoked()
             connection = TowerConnection(self.name, websocket, hello, self.certificate,
-                                         self.settings.max_unanswered_offers)
+                                         self.settings.max_unanswered_offers,
+                                         bundling=websocket.subprotocol == BUNDLES)
             self.directory.connected(connection)
             send, receive = trio.open_memory_channel[object](1)
             self.renewal_replies = send
@@ -445,18 +451,23 @@ class TowerLink(Actor):
         silence = self.settings.tower_silence
         # Only a load report that is taken is the tower's heartbeat: a tower that sends
         # anything else, or reports nothing placement can use, is silent all the same.
-        # The silence is counted in steps, each for at most its own length: a wait that
+        # The silence is counted in steps, each for at most its own length: a step that
         # ended late was this process's own delay, not the tower's. A broker paused (a
         # VM, swapping) or too busy to read its link in time (2,000 sessions ending at
         # once kept it from the link for 6 s) finds the reports waiting in the socket.
+        # Time spent taking frames counts (a tower that floods frames without a report
+        # is silent all the same), and SILENCE_CEILING silences of the wall clock end it
+        # whatever the broker's delay.
         silent_for = 0.0
+        counted_to = heard_at = trio.current_time()
         while True:
-            started = trio.current_time()
-            data = await self._receive(websocket, started + SILENCE_STEP)
-            silent_for += min(trio.current_time() - started, SILENCE_STEP)
+            data = await self._receive(websocket, counted_to + SILENCE_STEP)
+            now = trio.current_time()
+            silent_for += min(now - counted_to, SILENCE_STEP)
+            counted_to = now
             if data is not None and self._take(connection, data):
-                silent_for = 0.0
-            elif silent_for >= silence:
+                silent_for, heard_at = 0.0, now
+            elif silent_for >= silence or now - heard_at >= SILENCE_CEILING * silence:
                 raise TowerLinkLost(self._silent(silence))
 
     def _take(self, connection: TowerConnection, data: bytes, bundled: bool = False) -> bool:
@@ -469,6 +480,10 @@ class TowerLink(Actor):
             self._refuse(connection, str(error), started)
             return False
         if isinstance(message, Bundle) and not bundled:
+            if len(message.frames) > BUNDLE_FRAMES:
+                self._refuse(connection, f"a bundle of {len(message.frames)} frames, over "
+                             f"{BUNDLE_FRAMES}", started)
+                return False
             taken = [self._take(connection, frame, bundled=True) for frame in message.frames]
             return any(taken)
         if isinstance(message, TowerLoadReport):
@@ -639,7 +654,7 @@ async def dial_tower(
             assert der is not None  # the context requires a certificate
             websocket = await wrap_client_stream(
                 nursery, tls_stream, name, "/link", max_message_size=MAX_FRAME_BYTES,
-                receive_buffer_size=RECEIVE_BYTES,
+                receive_buffer_size=RECEIVE_BYTES, subprotocols=[BUNDLES],
             )
             return websocket, x509.load_der_x509_certificate(der)
     except BaseException as error:

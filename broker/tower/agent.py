@@ -69,6 +69,7 @@ from ..link import (
     MAX_FRAME_BYTES,
     RECEIVE_BYTES,
     TOWER_FULL,
+    BUNDLES,
     AddCandidate,
     Bundle,
     CertificateInstalled,
@@ -266,7 +267,9 @@ class CommunicationServer(Actor):
                     await request.reject(403)
                     nursery.cancel_scope.cancel()
                     return
-                websocket = await request.accept()
+                # Bundles both ways if the broker offers them (``link.BUNDLES``).
+                websocket = await request.accept(
+                    subprotocol=BUNDLES if BUNDLES in request.proposed_subprotocols else None)
             await self._serve_broker(websocket)
             nursery.cancel_scope.cancel()
 
@@ -275,17 +278,11 @@ class CommunicationServer(Actor):
             self.connection_scope.cancel()
         with trio.CancelScope() as scope:
             self.connection_scope = scope
-            outbox = Outbox(websocket, bundling=True)
+            outbox = Outbox(websocket, bundling=websocket.subprotocol == BUNDLES)
+            self.uplink.outbox = outbox
             try:
-                # The hello goes alone, before the outbox writes: the broker reads it
-                # before it knows that this tower bundles.
-                try:
-                    await websocket.send_message(codec.encode(TowerHello(
-                        self.settings.name, self.settings.capacity, __version__,
-                        takes_bundles=True)))
-                except (ConnectionClosed, trio.BrokenResourceError):
-                    return
-                self.uplink.outbox = outbox
+                await self.uplink.send(TowerHello(self.settings.name, self.settings.capacity,
+                                                  __version__))
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(outbox.write_all)
                     nursery.start_soon(self._report_load)

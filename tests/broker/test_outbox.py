@@ -1,5 +1,5 @@
 """The link's writer: frames in order, and, bundling, those waiting together in one
-message, never past what one frame holds."""
+message, never past what one frame holds; the first alone (the tower's hello)."""
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -53,11 +53,11 @@ def frames_of(message: bytes) -> list[bytes]:
     return list(decoded.frames) if isinstance(decoded, Bundle) else [message]
 
 
-async def test_frames_waiting_together_go_as_one_bundle_in_order():
+async def test_frames_waiting_together_go_as_one_bundle_in_order_after_the_first():
     frames = [codec.encode(ClosePeer(f"s-{number}", 1)) for number in range(100)]
     messages = await written(frames, bundling=True)
-    assert len(messages) == 1
-    assert frames_of(messages[0]) == frames
+    assert messages[0] == frames[0]
+    assert [frames_of(message) for message in messages[1:]] == [frames[1:]]
 
 
 async def test_without_bundling_each_frame_is_a_message():
@@ -66,10 +66,12 @@ async def test_without_bundling_each_frame_is_a_message():
 
 
 async def test_a_frame_past_what_the_bundle_holds_leads_the_next_message():
-    # Three frames of which two fit one bundle: the third goes next, alone, as itself.
+    # After the first, three frames of which two fit one bundle: the third goes next,
+    # alone, as itself.
+    first = codec.encode(ClosePeer("s-first", 1))
     big = [codec.encode(ClosePeer("s-" + str(number) * (BUNDLE_BYTES // 3), 1))
            for number in range(3)]
-    messages = await written(big, bundling=True)
-    assert [frames_of(message) for message in messages] == [big[:2], big[2:]]
-    assert messages[1] == big[2]
+    messages = await written([first, *big], bundling=True)
+    assert [frames_of(message) for message in messages] == [[first], big[:2], big[2:]]
+    assert messages[2] == big[2]
     assert all(len(message) <= MAX_FRAME_BYTES for message in messages)

@@ -41,6 +41,8 @@ from broker.pki import (
 )
 from broker import towers
 from broker.link import (
+    BUNDLE_FRAMES,
+    BUNDLES,
     LINK_VERSION,
     Bundle,
     ClosePeer,
@@ -554,7 +556,10 @@ async def linked_then_dropped(directory: TowerDirectory) -> None:
     # Its report in a bundle in a bundle: a tower that bundles sends its frames flat.
     (codec.encode(Bundle((codec.encode(Bundle((codec.encode(TowerLoadReport(0, 100)),))),))),
      "does not send Bundle in a bundle"),
-], ids=["other frames", "refused reports", "newer agent", "bundle in a bundle"])
+    # Its reports in a bundle of more frames than one may hold: refused whole.
+    (codec.encode(Bundle((codec.encode(TowerLoadReport(0, 100)),) * (BUNDLE_FRAMES + 1))),
+     f"a bundle of {BUNDLE_FRAMES + 1} frames"),
+], ids=["other frames", "refused reports", "newer agent", "bundle in a bundle", "big bundle"])
 def test_only_a_load_report_taken_keeps_a_tower_linked(authority, frame, why):
     """Whatever else a tower sends, without a load report taken it is as good as silent:
     dropped (its sessions moved), not kept linked but never chosen."""
@@ -599,15 +604,16 @@ def test_a_towers_bundle_is_taken_frame_by_frame(authority):
 
 @pytest.mark.parametrize("takes_bundles", [True, False], ids=["bundling", "older tower"])
 def test_the_broker_bundles_only_to_a_tower_that_takes_bundles(authority, takes_bundles):
-    """Frames queued together go as one message to a tower whose hello says it takes
-    bundles, and one by one to an older tower; in order either way."""
+    """Frames queued together go as one message to a tower that took the subprotocol
+    the broker offers, and one by one to an older tower; in order either way. The first
+    goes alone."""
     seen: dict = {"messages": 0, "frames": []}
     queued = trio.Event()
 
     async def tower(request) -> None:
-        websocket = await request.accept()
-        await websocket.send_message(codec.encode(
-            TowerHello(TOWER, 100, "test", takes_bundles=takes_bundles)))
+        seen["offered"] = request.proposed_subprotocols
+        websocket = await request.accept(subprotocol=BUNDLES if takes_bundles else None)
+        await websocket.send_message(codec.encode(TowerHello(TOWER, 100, "test")))
         await websocket.send_message(codec.encode(TowerLoadReport(0, 100)))
         await queued.wait()
         while len(seen["frames"]) < 50:
@@ -629,8 +635,61 @@ def test_the_broker_bundles_only_to_a_tower_that_takes_bundles(authority, takes_
                     await trio.sleep(0.05)
 
     run(main)
+    assert seen["offered"] == (BUNDLES,)
     assert seen["frames"] == [ClosePeer(f"s-{number}", 1) for number in range(50)]
-    assert seen["messages"] == (1 if takes_bundles else 50)
+    assert seen["messages"] == (2 if takes_bundles else 50)
+
+
+def test_a_tower_flooding_frames_without_a_report_is_silent_all_the_same(authority):
+    """Bundles of frames back to back leave the broker's reader no time waiting: the
+    time it spends taking them counts toward the silence too."""
+    seen = {}
+    flood = codec.encode(Bundle((codec.encode(PeerState("s-1", 1, "closed")),) * BUNDLE_FRAMES))
+
+    async def tower(request) -> None:
+        websocket = await request.accept()
+        await websocket.send_message(codec.encode(TowerHello(TOWER, 100, "test")))
+        try:
+            while True:
+                await websocket.send_message(flood)
+        except ConnectionClosed:
+            pass
+
+    async def main():
+        async with linked_by_hand(authority, tower, silence=1.0, flags=PATIENT) as (
+                system, directory):
+            await linked_then_dropped(directory)
+            seen["failure"] = await first_failure(system)
+
+    run(main)
+    assert "silent for 1 s: no load report" in seen["failure"]
+
+
+def test_a_silent_tower_is_dropped_within_three_silences_however_busy_the_broker(authority):
+    """The broker's own delay is not counted against a tower, up to three silences of
+    the wall clock: a tower that went quiet is not kept for as long as the broker is
+    busy (here 0.7 s a pass, in which the silence counts 0.1 s)."""
+    seen = {}
+
+    async def tower(request) -> None:
+        websocket = await request.accept()
+        await websocket.send_message(codec.encode(TowerHello(TOWER, 100, "test")))
+        await websocket.send_message(codec.encode(TowerLoadReport(0, 100)))
+        await trio.sleep_forever()
+
+    async def main():
+        async with linked_by_hand(authority, tower, silence=1.0, flags=PATIENT) as (
+                _, directory):
+            with trio.fail_after(DEADLINE):
+                while (connection := directory.get(TOWER)) is None:
+                    await trio.sleep(0.05)
+            for _ in range(8):  # 5.6 s, in which the silence counts some 0.8 s
+                time.sleep(0.7)
+                await trio.lowlevel.checkpoint()
+            seen["dropped"] = connection.closed.is_set()
+
+    run(main)
+    assert seen["dropped"]
 
 
 def test_a_revoked_tower_is_dropped_whatever_it_sends(authority):

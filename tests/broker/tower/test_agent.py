@@ -26,6 +26,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_st
 from actors import bridge
 from broker.client_peer import ClientPeer, new_peer
 from broker.link import (
+    BUNDLES,
     Bundle,
     MAX_FRAME_BYTES,
     AddCandidate,
@@ -177,9 +178,10 @@ async def link_over(connect: Callable[[], Awaitable[trio.abc.Stream]], **options
     """A link's WebSocket over the stream ``connect`` makes; closed on the way out."""
     async with trio.open_nursery() as nursery:
         with trio.fail_after(DEADLINE):
+            # Offering bundles, as the broker does.
             websocket = await wrap_client_stream(
                 nursery, await connect(), TOWER, "/link", max_message_size=MAX_FRAME_BYTES,
-                **options,
+                subprotocols=[BUNDLES], **options,
             )
         try:
             yield websocket
@@ -277,11 +279,10 @@ def test_the_broker_gets_the_towers_hello_then_load_reports(agent, credentials):
     async def main():
         async with open_link(agent, credentials.context(credentials.broker)) as link:
             with trio.fail_after(DEADLINE):
-                # Alone: the broker reads it before it knows that the tower bundles.
-                hello = codec.decode(await link.get_message())
+                assert link.subprotocol == BUNDLES  # the agent bundles too
+                hello = codec.decode(await link.get_message())  # alone, the first frame
                 assert isinstance(hello, TowerHello)
                 assert hello.tower == TOWER and hello.capacity == 500 and hello.agent_version
-                assert hello.takes_bundles
                 reports = [await next_message(link) for _ in range(3)]
             assert [(report.sessions, report.capacity) for report in reports] == [(0, 500)] * 3
             # What the agent process costs, as it measures itself.
