@@ -83,8 +83,8 @@ RENEWAL_TIMEOUT = 30.0
 # The longest renewal sleeps before it reads the wall clock again.
 RENEWAL_RECHECK = 60.0
 SEND_TIMEOUT = 5.0
-# A tower's silence is counted in steps of at most this long (``TowerLink._read``), up
-# to this many silences of the wall clock.
+# A tower's silence is counted in steps of at most this long (``TowerLink._read``); past
+# this many silences of the wall clock, its link ends once it delivers nothing.
 SILENCE_STEP = 0.1
 SILENCE_CEILING = 3
 AGENT_START_TIMEOUT = 30.0
@@ -456,18 +456,27 @@ class TowerLink(Actor):
         # VM, swapping) or too busy to read its link in time (2,000 sessions ending at
         # once kept it from the link for 6 s) finds the reports waiting in the socket.
         # Time spent taking frames counts (a tower that floods frames without a report
-        # is silent all the same), and SILENCE_CEILING silences of the wall clock end it
-        # whatever the broker's delay.
+        # is silent all the same). Past SILENCE_CEILING silences of the wall clock, two
+        # steps in a row begun then with nothing at all from the tower end the link,
+        # however late the broker: a dead tower is not kept for as long as the broker
+        # is busy, and one whose frames wait in the socket after a pause is read first.
         silent_for = 0.0
         counted_to = heard_at = trio.current_time()
+        empty_past_ceiling = 0
         while True:
-            data = await self._receive(websocket, counted_to + SILENCE_STEP)
+            started = trio.current_time()
+            data = await self._receive(websocket, started + SILENCE_STEP)
             now = trio.current_time()
             silent_for += min(now - counted_to, SILENCE_STEP)
             counted_to = now
-            if data is not None and self._take(connection, data):
-                silent_for, heard_at = 0.0, now
-            elif silent_for >= silence or now - heard_at >= SILENCE_CEILING * silence:
+            if data is None:
+                if started - heard_at >= SILENCE_CEILING * silence:
+                    empty_past_ceiling += 1
+            else:
+                empty_past_ceiling = 0
+                if self._take(connection, data):
+                    silent_for, heard_at = 0.0, now
+            if silent_for >= silence or empty_past_ceiling >= 2:
                 raise TowerLinkLost(self._silent(silence))
 
     def _take(self, connection: TowerConnection, data: bytes, bundled: bool = False) -> bool:

@@ -477,13 +477,18 @@ async def paused() -> None:
     time.sleep(1.5)  # the whole process, trio's loop included, stands still
 
 
+async def paused_past_three_silences() -> None:
+    time.sleep(3.5)  # the reports wait in the socket: read before the link is judged
+
+
 async def busy() -> None:
     for _ in range(10):
         time.sleep(0.7)  # the whole loop: every task waits this pass out
         await trio.lowlevel.checkpoint()
 
 
-@pytest.mark.parametrize("delay", [paused, busy], ids=["paused", "busy"])
+@pytest.mark.parametrize("delay", [paused, paused_past_three_silences, busy],
+                         ids=["paused", "paused long", "busy"])
 def test_the_brokers_own_delay_is_not_taken_for_its_towers_silence(authority, delay):
     """The broker's process stops for longer than the tower's silence (a VM paused,
     swapping), or its loop takes 0.7 s a pass for 7 s (2,000 sessions ending at once,
