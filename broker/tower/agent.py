@@ -69,6 +69,7 @@ from ..link import (
     MAX_FRAME_BYTES,
     RECEIVE_BYTES,
     TOWER_FULL,
+    BUNDLE_FRAMES,
     BUNDLES,
     AddCandidate,
     Bundle,
@@ -331,6 +332,10 @@ class CommunicationServer(Actor):
             await self.uplink.send(LinkError(str(error)))
             return
         if isinstance(message, Bundle) and not bundled:
+            if len(message.frames) > BUNDLE_FRAMES:
+                await self.uplink.send(LinkError(
+                    f"a bundle of {len(message.frames)} frames, over {BUNDLE_FRAMES}"))
+                return
             for frame in message.frames:
                 await self._take(frame, websocket, bundled=True)
         elif isinstance(message, OpenPeer):

@@ -18,15 +18,16 @@ async def websocket_pair() -> AsyncIterator[tuple[WebSocketConnection, WebSocket
     near, far = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         accepted: list[WebSocketConnection] = []
+        done = trio.Event()
 
         async def accept() -> None:
             request = await wrap_server_stream(nursery, far)
             accepted.append(await request.accept())
+            done.set()
 
         nursery.start_soon(accept)
         client = await wrap_client_stream(nursery, near, "tower", "/link")
-        while not accepted:
-            await trio.sleep(0)
+        await done.wait()
         yield client, accepted[0]
         nursery.cancel_scope.cancel()
 

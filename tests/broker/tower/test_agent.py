@@ -26,6 +26,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_st
 from actors import bridge
 from broker.client_peer import ClientPeer, new_peer
 from broker.link import (
+    BUNDLE_FRAMES,
     BUNDLES,
     Bundle,
     MAX_FRAME_BYTES,
@@ -376,6 +377,12 @@ def test_a_bundle_is_taken_frame_by_frame_and_a_bad_frame_in_it_refused_alone(
                 ("refused", False), ("s-1", "invalid_sdp"),
                 ("refused", True), ("s-2", "unknown_application"),
             }
+            # More frames than one bundle may hold: refused whole, none of them taken.
+            await link.send_message(codec.encode(Bundle(
+                (codec.encode(OpenPeer("s-3", 1, "v=0\r\n", "no-such-app")),)
+                * (BUNDLE_FRAMES + 1))))
+            refusal = await receive(link, LinkError)
+            assert f"a bundle of {BUNDLE_FRAMES + 1} frames" in refusal.message
 
     run(main)
     assert agent.process.poll() is None
